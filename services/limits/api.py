@@ -1,0 +1,566 @@
+"""Limits HTTP API: credit checks for order entry, exposure, limits, holds and the portfolio."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from sqlalchemy import and_, func, or_, select
+
+from services.limits import domain, store
+from services.limits import events as ev
+from services.limits.handlers import SOURCE, LimitsService, _Loaded, exposure_body, money
+from shared import eventstore as es
+from shared import metrics
+from shared.auth import Principal, require
+from shared.body import body_schema, json_body
+from shared.events import new_event
+from shared.money import AmountError, is_currency, parse_amount
+from shared.problems import Conflict, Forbidden, NotFound, ValidationFailed
+from shared.runtime import EventCore
+
+MAX_PAGE = 500
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.isoformat().replace("+00:00", "Z") if t is not None else None
+
+
+def _currency(value: object) -> str:
+    if not is_currency(value):
+        raise ValueError(f"unknown ISO 4217 currency code {str(value)[:20]!r}")
+    return str(value)
+
+
+class CheckRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    order_id: str = Field(min_length=1, max_length=255)
+    customer_id: str = Field(min_length=1, max_length=255)
+    currency: str
+    amount: Decimal = Field(json_schema_extra={"type": "string", "example": "1250.00"})
+    reserve: bool = True
+
+    @field_validator("currency", mode="before")
+    @classmethod
+    def _ccy(cls, value: object) -> str:
+        return _currency(value)
+
+    @field_validator("amount", mode="before")
+    @classmethod
+    def _amount(cls, value: object, info: ValidationInfo) -> Decimal:
+        ccy = info.data.get("currency")
+        try:
+            return parse_amount(value, ccy or "XXX", field="amount")
+        except AmountError as exc:
+            if exc.reason == "unknown_currency" and not ccy:
+                # The currency is wrong and reported on its own; judge the number alone.
+                return parse_amount(value, "XAU", field="amount")
+            raise ValueError(exc.detail) from None
+
+
+class LimitRequestBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    requested_limit: Decimal = Field(json_schema_extra={"type": "string", "example": "50000.00"})
+    reason: str = Field(min_length=1, max_length=1000)
+    expires_at: AwareDatetime | None = None
+
+    @field_validator("requested_limit", mode="before")
+    @classmethod
+    def _limit(cls, value: object) -> Decimal:
+        try:
+            # Scale is checked against the customer's currency once it is known.
+            return parse_amount(value, "XAU", field="requested_limit", allow_zero=True)
+        except AmountError as exc:
+            raise ValueError(exc.detail) from None
+
+
+class DecisionNote(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    note: str | None = Field(default=None, max_length=1000)
+
+
+class HoldBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    reason: str = Field(min_length=1, max_length=1000)
+
+
+def encode_cursor(values: list[Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(values, default=str).encode()).decode()
+
+
+def decode_cursor(cursor: str | None) -> list[Any] | None:
+    if not cursor:
+        return None
+    try:
+        value = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+    except (ValueError, TypeError):
+        raise ValidationFailed("cursor: not a cursor this API returned", field="cursor") from None
+    if not isinstance(value, list):
+        raise ValidationFailed("cursor: not a cursor this API returned", field="cursor")
+    return value
+
+
+def build_router(service: LimitsService, core: EventCore) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["limits"])
+    engine = core.engine
+    policy = service.policy
+    clock = core.clock
+
+    async def _customer_row(conn: Any, cid: str) -> Any:
+        row = (await conn.execute(select(store.customers).where(
+            store.customers.c.customer_id == cid))).first()
+        if row is None:
+            raise NotFound(f"customer {cid!r} is not known to the limits service",
+                           field="customer_id")
+        return row
+
+    async def _locked(conn: Any, cid: str) -> tuple[dict[str, _Loaded], Any]:
+        """Lock the customer and its group's parent; returns loaded states and the parent id."""
+        first = (await conn.execute(select(store.customers.c.parent_id).where(
+            store.customers.c.customer_id == cid))).first()
+        parent = first.parent_id if first is not None else None
+        rows = await store.lock_customers(conn, {cid, parent} - {None})
+        row = rows.get(cid)
+        if row is not None and row.parent_id != parent:
+            # Re-parented between the two reads: lock the new parent as well.
+            parent = row.parent_id
+            rows.update(await store.lock_customers(conn, {parent} - {None}))
+        loaded: dict[str, _Loaded] = {}
+        for key, r in rows.items():
+            st = store.load_state(r.state)
+            loaded[key] = _Loaded(st, exposure_body(st, domain.figures(st, policy)), r.last_seq)
+        if cid not in loaded:
+            loaded[cid] = _Loaded(domain.new_customer(cid, policy), None, 0)
+        return loaded, parent
+
+    async def _group_view(conn: Any, loaded: dict[str, _Loaded], cid: str,
+                          parent: str | None, now: datetime) -> domain.GroupView | None:
+        root = parent or cid
+        others, members = await store.group_exposure(conn, root, cid)
+        if parent is None and members == 0:
+            return None
+        root_state = loaded[root].state if root in loaded else None
+        limit = domain.effective_limit(root_state, policy, now)[0] if root_state else Decimal(0)
+        return domain.GroupView(root, limit, others)
+
+    # ---- credit checks --------------------------------------------------------------------
+    @router.post("/credit-checks", openapi_extra=body_schema(CheckRequest),
+                 summary="May this order go out on credit?")
+    async def credit_check(request: Request,
+                           principal: Principal = Depends(require("credit:check"))
+                           ) -> dict[str, Any]:
+        started = time.perf_counter()
+        req = await json_body(request, CheckRequest)
+        now = clock()
+        async with engine.begin() as conn:
+            loaded, parent = await _locked(conn, req.customer_id)
+            prior = await store.latest_check(conn, req.order_id)
+            if prior is not None and prior.customer_id != req.customer_id:
+                raise Conflict(f"order {req.order_id!r} was checked for another customer",
+                               field="order_id")
+            state = loaded[req.customer_id].state
+            if prior is not None and prior.amount == req.amount and \
+                    prior.currency == req.currency and _still_standing(state, prior, now):
+                body: dict[str, Any] = json.loads(prior.body)
+                metrics.CREDIT_CHECKS.labels(body["decision"]).inc()
+                return body
+            group = await _group_view(conn, loaded, req.customer_id, parent, now)
+            outcome = domain.decide_credit_check(
+                state, order_id=req.order_id, amount=req.amount, currency=req.currency,
+                reserve=req.reserve, policy=policy, now=now, group=group)
+            check_id = str(uuid.uuid4())
+            ccy = state.currency
+            body = {
+                "check_id": check_id,
+                "order_id": req.order_id,
+                "customer_id": req.customer_id,
+                "decision": outcome.decision,
+                "reasons": list(outcome.reasons),
+                "amount": money(req.amount, req.currency),
+                "amount_currency": req.currency,
+                "limit": money(outcome.limit, ccy),
+                "exposure": money(outcome.exposure, ccy),
+                "reserved": money(outcome.reserved, ccy),
+                "available": money(outcome.available, ccy),
+                "shortfall": money(outcome.shortfall, ccy),
+                "currency": ccy,
+                "grade": outcome.grade,
+                "reserve": req.reserve,
+                "reservation_expires_at": None,
+                "group": ({k: money(v, ccy) for k, v in outcome.group.items()}
+                          if outcome.group else None),
+                "policy_version": policy.version,
+                "requested_by": principal.name,
+                "evaluated_at": _iso(now),
+            }
+            expires = None
+            if outcome.decision == "approved" and req.reserve:
+                expires = domain.reservation_expiry(now, policy)
+                body["reservation_expires_at"] = _iso(expires)
+            event = ev.CreditCheckDecided(
+                customer_id=req.customer_id, check_id=check_id, order_id=req.order_id,
+                amount=req.amount, currency=req.currency,
+                amount_in_credit_currency=outcome.amount, reserve=req.reserve,
+                decision=outcome.decision, reasons=list(outcome.reasons), expires_at=expires,
+                requested_by=principal.name, response=body)
+            env = new_event(ev.CreditCheckDecided.TYPE, source=SOURCE + "/api",
+                            subject=req.customer_id, data=event, id=f"check-{check_id}",
+                            time=now)
+            await core.submit(conn, [env], scratch={"limits.states": loaded})
+        metrics.CREDIT_CHECKS.labels(outcome.decision).inc()
+        metrics.CREDIT_CHECK_SECONDS.observe(time.perf_counter() - started)
+        return body
+
+    @router.delete("/credit-checks/{order_id}", status_code=204,
+                   summary="Release the order's reservation (order cancelled)")
+    async def release(order_id: str,
+                      principal: Principal = Depends(require("credit:check"))) -> Response:
+        now = clock()
+        async with engine.begin() as conn:
+            prior = await store.latest_check(conn, order_id)
+            if prior is None:
+                raise NotFound(f"no reservation for order {order_id!r}", field="order_id")
+            loaded, _ = await _locked(conn, prior.customer_id)
+            state = loaded[prior.customer_id].state
+            res = state.reservations.get(order_id)
+            live = domain.reserved_amounts(state, now)
+            if res is None or res.status != "active" or order_id not in live:
+                raise NotFound(f"no open reservation for order {order_id!r}", field="order_id")
+            env = new_event(ev.ReservationReleased.TYPE, source=SOURCE + "/api",
+                            subject=prior.customer_id,
+                            data=ev.ReservationReleased(customer_id=prior.customer_id,
+                                                        order_id=order_id,
+                                                        check_id=res.check_id,
+                                                        by=principal.name),
+                            id=f"release-{res.check_id}", time=now)
+            await core.submit(conn, [env], scratch={"limits.states": loaded})
+        return Response(status_code=204)
+
+    @router.get("/credit-checks/{check_id}", summary="A stored credit decision")
+    async def get_check(check_id: str,
+                        _p: Principal = Depends(require("credit:read"))) -> dict[str, Any]:
+        async with engine.connect() as conn:
+            row = (await conn.execute(select(store.checks).where(
+                store.checks.c.check_id == check_id))).first()
+        if row is None:
+            raise NotFound(f"no credit check {check_id!r}", field="check_id")
+        body: dict[str, Any] = json.loads(row.body)
+        return body
+
+    # ---- exposure and limits --------------------------------------------------------------
+    @router.get("/customers/{customer_id}/exposure", summary="Exposure now or as of a time")
+    async def exposure(customer_id: str, as_of: AwareDatetime | None = None,
+                       _p: Principal = Depends(require("credit:read"))) -> dict[str, Any]:
+        async with engine.connect() as conn:
+            if as_of is None:
+                row = await _customer_row(conn, customer_id)
+                state = store.load_state(row.state)
+                at = max(clock(), state.last_time) if state.last_time else clock()
+            else:
+                state = await _fold_until(conn, customer_id, as_of)
+                at = as_of
+            fig = domain.figures(state, policy, at)
+            body = exposure_body(state, fig)
+            body["as_of"] = _iso(at)
+            body["grade"] = state.grade
+            children = (await conn.execute(select(func.count()).select_from(store.customers)
+                                           .where(store.customers.c.parent_id == customer_id))
+                        ).scalar_one()
+            if children:
+                others, members = await store.group_exposure(conn, customer_id, customer_id)
+                ccy = state.currency
+                group_exposure = others + fig.exposure
+                body["group"] = {"members": members + 1, "limit": money(fig.limit, ccy),
+                                 "exposure": money(group_exposure, ccy),
+                                 "available": money(fig.limit - group_exposure, ccy)}
+        return body
+
+    async def _fold_until(conn: Any, cid: str, as_of: datetime) -> domain.CustomerState:
+        state = domain.new_customer(cid, policy)
+        seen = False
+        async for page in es.read_events(conn, store.core, subject=cid, until=as_of):
+            for stored in page:
+                seen = True
+                model = ev.parse_any(stored.envelope)
+                if model is None:
+                    continue
+                e = stored.envelope
+                state = domain.apply(state, e.type, model, e.time, policy)
+        if not seen:
+            raise NotFound(f"customer {cid!r} has no events up to {_iso(as_of)}",
+                           field="customer_id")
+        return state
+
+    @router.get("/customers/{customer_id}/limit", summary="The customer's credit limit")
+    async def limit(customer_id: str,
+                    _p: Principal = Depends(require("credit:read"))) -> dict[str, Any]:
+        async with engine.connect() as conn:
+            row = await _customer_row(conn, customer_id)
+        state = store.load_state(row.state)
+        amount, source, expires = domain.effective_limit(state, policy, clock())
+        return {"customer_id": customer_id, "limit": money(amount, state.currency),
+                "currency": state.currency, "grade": state.grade, "source": source,
+                "expires_at": _iso(expires), "on_hold": state.hold is not None,
+                "hold_reason": state.hold.reason if state.hold else None,
+                "policy_version": policy.version}
+
+    @router.get("/customers/{customer_id}/limit/history", summary="limit.changed, newest first")
+    async def limit_history(customer_id: str,
+                            limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+                            cursor: str | None = None,
+                            _p: Principal = Depends(require("credit:read"))) -> dict[str, Any]:
+        h = store.limit_history
+        after = decode_cursor(cursor)
+        async with engine.connect() as conn:
+            await _customer_row(conn, customer_id)
+            stmt = select(h.c.seq, h.c.body).where(h.c.customer_id == customer_id)
+            if after:
+                stmt = stmt.where(h.c.seq < int(after[0]))
+            rows = list(await conn.execute(stmt.order_by(h.c.seq.desc()).limit(limit + 1)))
+        items = [json.loads(r.body) for r in rows[:limit]]
+        nxt = encode_cursor([rows[limit - 1].seq]) if len(rows) > limit else None
+        return {"items": items, "next_cursor": nxt}
+
+    # ---- limit requests (maker–checker) ---------------------------------------------------
+    @router.post("/customers/{customer_id}/limit-requests", status_code=201,
+                 openapi_extra=body_schema(LimitRequestBody), summary="Request a limit")
+    async def request_limit(customer_id: str, request: Request,
+                            principal: Principal = Depends(require("credit:write"))
+                            ) -> dict[str, Any]:
+        body = await json_body(request, LimitRequestBody)
+        now = clock()
+        async with engine.begin() as conn:
+            await _customer_row(conn, customer_id)
+            loaded, _ = await _locked(conn, customer_id)
+            state = loaded[customer_id].state
+            try:
+                amount = parse_amount(format(body.requested_limit, "f"), state.currency,
+                                      field="requested_limit", allow_zero=True)
+            except AmountError as exc:
+                raise ValidationFailed(str(exc), field="requested_limit") from None
+            if body.expires_at is not None:
+                if body.expires_at <= now:
+                    raise ValidationFailed("expires_at: must be in the future",
+                                           field="expires_at")
+                max_days = policy.limits.temporary_limit_max_days
+                if body.expires_at > now + timedelta(days=max_days):
+                    raise ValidationFailed(
+                        f"expires_at: a temporary limit may last at most {max_days} days",
+                        field="expires_at")
+            request_id = str(uuid.uuid4())
+            event = ev.LimitRequestSubmitted(
+                customer_id=customer_id, request_id=request_id, requested_limit=amount,
+                currency=state.currency, reason=body.reason, expires_at=body.expires_at,
+                requested_by=principal.name)
+            env = new_event(event.TYPE, source=SOURCE + "/api", subject=customer_id,
+                            data=event, id=f"request-{request_id}", time=now)
+            await core.submit(conn, [env], scratch={"limits.states": loaded})
+            status = loaded[customer_id].state.requests[request_id].status
+        return {"request_id": request_id, "status": status, "customer_id": customer_id,
+                "requested_limit": money(amount, state.currency), "currency": state.currency,
+                "requested_by": principal.name,
+                "applied": status == "approved"}
+
+    async def _decide(request_id: str, request: Request, principal: Principal,
+                      approve: bool) -> dict[str, Any]:
+        note = (await json_body(request, DecisionNote)).note if await request.body() else None
+        now = clock()
+        async with engine.begin() as conn:
+            row = (await conn.execute(select(store.requests).where(
+                store.requests.c.request_id == request_id))).first()
+            if row is None:
+                raise NotFound(f"no limit request {request_id!r}", field="request_id")
+            if row.requested_by == principal.name:
+                raise Forbidden("the requester may not decide its own request",
+                                field="request_id")
+            loaded, _ = await _locked(conn, row.customer_id)
+            req = loaded[row.customer_id].state.requests[request_id]
+            if req.status != "pending":
+                raise Conflict(f"limit request {request_id!r} is already {req.status}",
+                               field="request_id")
+            model: ev.LimitRequestApproved | ev.LimitRequestRejected
+            if approve:
+                model = ev.LimitRequestApproved(customer_id=row.customer_id,
+                                                request_id=request_id, by=principal.name,
+                                                note=note)
+            else:
+                model = ev.LimitRequestRejected(customer_id=row.customer_id,
+                                                request_id=request_id, by=principal.name,
+                                                note=note)
+            env = new_event(model.TYPE, source=SOURCE + "/api", subject=row.customer_id,
+                            data=model, id=f"decision-{request_id}", time=now)
+            await core.submit(conn, [env], scratch={"limits.states": loaded})
+            state = loaded[row.customer_id].state
+        decided = state.requests[request_id]
+        return {"request_id": request_id, "status": decided.status,
+                "customer_id": row.customer_id, "decided_by": principal.name, "note": note,
+                "requested_by": decided.requested_by,
+                "requested_limit": money(decided.requested_limit, state.currency),
+                "currency": state.currency}
+
+    @router.post("/limit-requests/{request_id}/approve", summary="Approve (not your own)")
+    async def approve(request_id: str, request: Request,
+                      principal: Principal = Depends(require("credit:approve"))
+                      ) -> dict[str, Any]:
+        return await _decide(request_id, request, principal, True)
+
+    @router.post("/limit-requests/{request_id}/reject", summary="Reject (not your own)")
+    async def reject(request_id: str, request: Request,
+                     principal: Principal = Depends(require("credit:approve"))
+                     ) -> dict[str, Any]:
+        return await _decide(request_id, request, principal, False)
+
+    # ---- holds ------------------------------------------------------------------------------
+    async def _hold(customer_id: str, model: ev.HoldPlaced | ev.HoldReleased) -> dict[str, Any]:
+        now = clock()
+        async with engine.begin() as conn:
+            await _customer_row(conn, customer_id)
+            loaded, _ = await _locked(conn, customer_id)
+            env = new_event(model.TYPE, source=SOURCE + "/api", subject=customer_id,
+                            data=model, id=f"{model.TYPE}-{uuid.uuid4()}", time=now)
+            await core.submit(conn, [env], scratch={"limits.states": loaded})
+            state = loaded[customer_id].state
+        return {"customer_id": customer_id, "on_hold": state.hold is not None,
+                "reason": state.hold.reason if state.hold else None}
+
+    @router.post("/customers/{customer_id}/hold", openapi_extra=body_schema(HoldBody),
+                 summary="Put the customer on hold: every new check is rejected")
+    async def hold(customer_id: str, request: Request,
+                   principal: Principal = Depends(require("credit:write"))) -> dict[str, Any]:
+        body = await json_body(request, HoldBody)
+        return await _hold(customer_id, ev.HoldPlaced(customer_id=customer_id,
+                                                      reason=body.reason, by=principal.name))
+
+    @router.delete("/customers/{customer_id}/hold", summary="Release the hold")
+    async def unhold(customer_id: str,
+                     principal: Principal = Depends(require("credit:write"))) -> dict[str, Any]:
+        return await _hold(customer_id, ev.HoldReleased(customer_id=customer_id,
+                                                        by=principal.name))
+
+    # ---- portfolio --------------------------------------------------------------------------
+    @router.get("/portfolio", summary="Customers with their figures, filtered and sorted")
+    async def portfolio(
+        grade: str | None = None,
+        status: Annotated[str | None, Query(pattern="^(over_limit|on_hold|overdue)$")] = None,
+        sort: Annotated[str, Query(pattern="^-?(utilization|exposure|available|limit|"
+                                           "overdue_amount|customer_id)$")] = "customer_id",
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+        cursor: str | None = None,
+        _p: Principal = Depends(require("credit:read")),
+    ) -> dict[str, Any]:
+        c = store.customers
+        where = []
+        if grade:
+            where.append(c.c.grade == grade)
+        if status == "over_limit":
+            where.append(c.c.over_limit.is_(True))
+        elif status == "on_hold":
+            where.append(c.c.on_hold.is_(True))
+        elif status == "overdue":
+            where.append(c.c.max_days_overdue > 0)
+        desc = sort.startswith("-")
+        key_name = sort.lstrip("-")
+        key = {"utilization": c.c.utilization_ppm, "exposure": c.c.exposure,
+               "available": c.c.available, "limit": c.c.limit_amount,
+               "overdue_amount": c.c.overdue_amount, "customer_id": c.c.customer_id}[key_name]
+        # SQLite keeps amounts as text; sort there on the exact value in Python instead.
+        after = decode_cursor(cursor)
+        async with engine.connect() as conn:
+            totals_row = (await conn.execute(
+                select(func.count(), func.sum(c.c.over_limit.cast(type_=_int())))
+                .where(*where))).first()
+            amounts = list(await conn.execute(
+                select(c.c.currency, c.c.limit_amount, c.c.exposure).where(*where)))
+            if conn.dialect.name == "sqlite" and key_name not in ("customer_id", "utilization"):
+                rows = list(await conn.execute(select(c).where(*where)))
+                rows.sort(key=lambda r: (getattr(r, key.name), r.customer_id), reverse=desc)
+                start = int(after[0]) if after else 0
+                page = rows[start:start + limit]
+                nxt = encode_cursor([start + limit]) if start + limit < len(rows) else None
+            else:
+                stmt = select(c).where(*where)
+                if after:
+                    value, cid = after
+                    if value is not None and key_name != "customer_id":
+                        value = Decimal(value) if key_name != "utilization" else int(value)
+                    if key_name == "customer_id":
+                        cond = c.c.customer_id < cid if desc else c.c.customer_id > cid
+                    elif value is None:
+                        cond = and_(key.is_(None), c.c.customer_id > cid)
+                    elif desc:
+                        cond = or_(key < value, and_(key == value, c.c.customer_id > cid),
+                                   key.is_(None))
+                    else:
+                        cond = or_(key > value, and_(key == value, c.c.customer_id > cid))
+                    stmt = stmt.where(cond)
+                order = [key.desc().nulls_last() if desc else key.asc().nulls_last(),
+                         c.c.customer_id.desc() if desc and key_name == "customer_id"
+                         else c.c.customer_id.asc()]
+                page = list(await conn.execute(stmt.order_by(*order).limit(limit + 1)))
+                nxt = None
+                if len(page) > limit:
+                    last = page[limit - 1]
+                    page = page[:limit]
+                    value = getattr(last, key.name)
+                    nxt = encode_cursor([None if value is None else str(value),
+                                         last.customer_id])
+        items = []
+        for r in page:
+            util = r.utilization_ppm
+            items.append({
+                "customer_id": r.customer_id, "name": r.name, "grade": r.grade,
+                "currency": r.currency,
+                "limit": money(r.limit_amount, r.currency),
+                "exposure": money(r.exposure, r.currency),
+                "available": money(r.available, r.currency),
+                "utilization": (format(Decimal(util) / Decimal(1_000_000), "f")
+                                if util is not None else None),
+                "overdue_amount": money(r.overdue_amount, r.currency),
+                "max_days_overdue": r.max_days_overdue,
+                "on_hold": r.on_hold,
+                "open_alerts": None,
+            })
+        limits_by: dict[str, Decimal] = {}
+        exposure_by: dict[str, Decimal] = {}
+        for r in amounts:
+            limits_by[r.currency] = limits_by.get(r.currency, Decimal(0)) + r.limit_amount
+            exposure_by[r.currency] = exposure_by.get(r.currency, Decimal(0)) + r.exposure
+        single = len(limits_by) <= 1
+        ccy = next(iter(limits_by), policy.base_currency)
+        totals = {
+            "customers": int(totals_row[0] or 0) if totals_row else 0,
+            "over_limit": int(totals_row[1] or 0) if totals_row else 0,
+            "currency": ccy if single else None,
+            "limit": money(limits_by.get(ccy, Decimal(0)), ccy) if single else None,
+            "exposure": money(exposure_by.get(ccy, Decimal(0)), ccy) if single else None,
+            "by_currency": {k: {"limit": money(v, k), "exposure": money(exposure_by[k], k)}
+                            for k, v in sorted(limits_by.items())},
+        }
+        return {"items": items, "totals": totals, "next_cursor": nxt}
+
+    return router
+
+
+def _int() -> Any:
+    from sqlalchemy import Integer
+
+    return Integer()
+
+
+def _still_standing(state: domain.CustomerState, prior: Any, now: datetime) -> bool:
+    """A retry gets the earlier decision unless its reservation was released or expired."""
+    if prior.decision != "approved":
+        return True
+    body = json.loads(prior.body)
+    if not body.get("reserve", True):
+        return True
+    res = state.reservations.get(prior.order_id)
+    return res is not None and res.check_id == prior.check_id and res.status == "active" \
+        and res.expires_at > now

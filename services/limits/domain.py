@@ -1,0 +1,642 @@
+"""Limits domain: a customer's exposure, limit and credit decisions as pure functions.
+
+``apply(state, event, policy)`` folds one event into a ``CustomerState``; ``figures`` derives
+exposure, ageing and reservations from the facts; ``decide_credit_check`` judges an order.
+No I/O and no clock: time always comes in as an argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Literal
+
+from shared.events import DeadLetter
+from shared.money import convert, quantize
+from shared.policy import Policy
+
+ZERO = Decimal(0)
+BUCKETS = ("1-30", "31-60", "61-90", "90+")
+NO_FX_RATE = "no_fx_rate"
+
+LimitSource = Literal["policy", "manual", "temporary", "unrated"]
+
+
+# ---- facts ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Invoice:
+    invoice_id: str
+    amount: Decimal  # in the customer's credit currency
+    issue_date: date
+    due_date: date
+    order_id: str | None = None
+    cancelled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Credit:
+    """Money in the customer's favour: a payment or a credit note, with its allocations."""
+
+    credit_id: str
+    kind: Literal["payment", "credit_note"]
+    amount: Decimal
+    on: date
+    allocations: tuple[tuple[str, Decimal], ...] = ()
+    reversed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Dunning:
+    """The dunning system's view of one invoice (``invoice.overdue``)."""
+
+    as_of: date
+    days_overdue: int
+    amount_overdue: Decimal
+    due_date: date
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    order_id: str
+    check_id: str
+    amount: Decimal  # in the customer's credit currency
+    expires_at: datetime
+    status: Literal["active", "released", "expired"] = "active"
+
+
+@dataclass(frozen=True, slots=True)
+class ManualLimit:
+    amount: Decimal
+    request_id: str
+    changed_by: str
+    requested_by: str
+    expires_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitRequest:
+    request_id: str
+    requested_limit: Decimal
+    reason: str
+    requested_by: str
+    submitted_at: datetime
+    expires_at: datetime | None = None
+    status: Literal["pending", "approved", "rejected"] = "pending"
+    decided_by: str | None = None
+    note: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    reason: str
+    by: str
+    since: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerState:
+    customer_id: str
+    currency: str
+    name: str | None = None
+    registered: bool = False
+    payment_terms_days: int = 30
+    parent_id: str | None = None
+    invoices: Mapping[str, Invoice] = field(default_factory=dict)
+    credits: Mapping[str, Credit] = field(default_factory=dict)
+    dunning: Mapping[str, Dunning] = field(default_factory=dict)
+    reservations: Mapping[str, Reservation] = field(default_factory=dict)
+    requests: Mapping[str, LimitRequest] = field(default_factory=dict)
+    grade: str | None = None
+    manual: ManualLimit | None = None
+    limit_lapsed: bool = False
+    hold: Hold | None = None
+    as_of: date | None = None
+    last_time: datetime | None = None
+
+
+def new_customer(customer_id: str, policy: Policy) -> CustomerState:
+    return CustomerState(customer_id=customer_id, currency=policy.base_currency)
+
+
+# ---- derived figures ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    currency: str
+    open_receivables: Decimal
+    overdue_amount: Decimal
+    overdue_buckets: dict[str, Decimal]
+    max_days_overdue: int
+    reserved: Decimal
+    limit: Decimal
+    limit_source: LimitSource
+    limit_expires_at: datetime | None
+    on_hold: bool
+
+    @property
+    def exposure(self) -> Decimal:
+        return self.open_receivables + self.reserved
+
+    @property
+    def available(self) -> Decimal:
+        return self.limit - self.exposure
+
+    @property
+    def utilization(self) -> Decimal | None:
+        if self.limit == 0:
+            return None
+        return (self.exposure / self.limit).quantize(Decimal("0.0001"))
+
+
+def effective_limit(state: CustomerState, policy: Policy,
+                    at: datetime | None = None) -> tuple[Decimal, LimitSource, datetime | None]:
+    """Manual limit while it stands; else the policy's limit for the grade (or unrated)."""
+    manual = state.manual
+    if manual is not None and (manual.expires_at is None or at is None or manual.expires_at > at):
+        source: LimitSource = "temporary" if manual.expires_at else "manual"
+        return manual.amount, source, manual.expires_at
+    if state.grade is None:
+        amount = policy.limits.unrated_limit
+        return _to_ccy(amount, policy.base_currency, state.currency, policy), "unrated", None
+    amount = policy.limits.by_grade.get(state.grade, ZERO)
+    return _to_ccy(amount, policy.base_currency, state.currency, policy), "policy", None
+
+
+def _to_ccy(amount: Decimal, from_ccy: str, to_ccy: str, policy: Policy) -> Decimal:
+    converted = convert(amount, from_ccy, to_ccy, policy.fx_rates())
+    # A policy without a rate to the customer's currency grants nothing rather than guessing.
+    return converted if converted is not None else ZERO
+
+
+def open_items(state: CustomerState) -> dict[str, Decimal]:
+    """Open amount per active invoice after allocating credits deterministically.
+
+    Explicit allocations first (in arrival order), then the rest of every credit to the
+    oldest open invoices (due date, issue date, id). Cash allocated to an invoice that has
+    not arrived yet waits for it; it still lowers exposure (as unapplied cash) meanwhile.
+    """
+    active = [inv for inv in state.invoices.values() if not inv.cancelled]
+    open_amount = {inv.invoice_id: inv.amount for inv in active}
+    free: list[Decimal] = []
+    for credit in state.credits.values():
+        if credit.reversed:
+            continue
+        left = credit.amount
+        for invoice_id, amount in credit.allocations:
+            if invoice_id in open_amount:
+                take = min(amount, open_amount[invoice_id], left)
+                if take > 0:
+                    open_amount[invoice_id] -= take
+                    left -= take
+        free.append(left)
+    pool = sum(free, ZERO)
+    for inv in sorted(active, key=lambda i: (i.due_date, i.issue_date, i.invoice_id)):
+        if pool <= 0:
+            break
+        take = min(pool, open_amount[inv.invoice_id])
+        if take > 0:
+            open_amount[inv.invoice_id] -= take
+            pool -= take
+    return open_amount
+
+
+def open_receivables(state: CustomerState) -> Decimal:
+    """Invoices − credit notes − payments (cancelled and reversed ones excluded)."""
+    invoiced = sum((i.amount for i in state.invoices.values() if not i.cancelled), ZERO)
+    credited = sum((c.amount for c in state.credits.values() if not c.reversed), ZERO)
+    return invoiced - credited
+
+
+def reserved_amounts(state: CustomerState, at: datetime | None,
+                     exclude_order: str | None = None) -> dict[str, Decimal]:
+    """What each live reservation still holds: its amount less what was invoiced on it."""
+    invoiced: dict[str, Decimal] = {}
+    for inv in state.invoices.values():
+        if inv.order_id and not inv.cancelled:
+            invoiced[inv.order_id] = invoiced.get(inv.order_id, ZERO) + inv.amount
+    out: dict[str, Decimal] = {}
+    for res in state.reservations.values():
+        if res.status != "active" or res.order_id == exclude_order:
+            continue
+        if at is not None and res.expires_at <= at:
+            continue
+        left = res.amount - invoiced.get(res.order_id, ZERO)
+        if left > 0:
+            out[res.order_id] = left
+    return out
+
+
+def bucket_of(days: int) -> str | None:
+    if days <= 0:
+        return None
+    if days <= 30:
+        return "1-30"
+    if days <= 60:
+        return "31-60"
+    if days <= 90:
+        return "61-90"
+    return "90+"
+
+
+def ageing(state: CustomerState, on: date | None) -> tuple[Decimal, dict[str, Decimal], int]:
+    """Overdue amount, buckets and worst days overdue as of business date ``on``.
+
+    The service ages open invoices by due date (due today is not overdue); a dunning record
+    overrides an invoice's days and amount as of its own date and ages on from there.
+    """
+    buckets = dict.fromkeys(BUCKETS, ZERO)
+    worst = 0
+    if on is None:
+        return ZERO, buckets, 0
+    items = open_items(state)
+    seen: set[str] = set()
+    for invoice_id, left in items.items():
+        seen.add(invoice_id)
+        dun = state.dunning.get(invoice_id)
+        if dun is not None and dun.as_of >= state.invoices[invoice_id].due_date:
+            days = dun.days_overdue + max((on - dun.as_of).days, 0)
+            amount = min(dun.amount_overdue, left)
+        else:
+            days = (on - state.invoices[invoice_id].due_date).days
+            amount = left
+        _add(buckets, days, amount)
+        if amount > 0:
+            worst = max(worst, days)
+    # Dunning for invoices we never saw: counted, conservatively, as overdue.
+    for invoice_id, dun in state.dunning.items():
+        if invoice_id in seen or invoice_id in state.invoices:
+            continue
+        days = dun.days_overdue + max((on - dun.as_of).days, 0)
+        _add(buckets, days, dun.amount_overdue)
+        worst = max(worst, days)
+    return sum(buckets.values(), ZERO), buckets, worst
+
+
+def _add(buckets: dict[str, Decimal], days: int, amount: Decimal) -> None:
+    name = bucket_of(days)
+    if name is not None and amount > 0:
+        buckets[name] += amount
+
+
+def figures(state: CustomerState, policy: Policy, at: datetime | None = None) -> Figures:
+    """The exposure picture as of business time ``at`` (default: the last event's time)."""
+    at = at or state.last_time
+    on = at.date() if at is not None else state.as_of
+    if state.as_of is not None and (on is None or state.as_of > on):
+        on = state.as_of
+    overdue, buckets, worst = ageing(state, on)
+    limit, source, expires = effective_limit(state, policy, at)
+    return Figures(
+        currency=state.currency,
+        open_receivables=open_receivables(state),
+        overdue_amount=overdue,
+        overdue_buckets=buckets,
+        max_days_overdue=worst,
+        reserved=sum(reserved_amounts(state, at).values(), ZERO),
+        limit=limit,
+        limit_source=source,
+        limit_expires_at=expires,
+        on_hold=state.hold is not None,
+    )
+
+
+def next_ageing_date(state: CustomerState) -> date | None:
+    """The next business date on which the ageing figures change (None: nothing open)."""
+    items = open_items(state)
+    dates = [state.invoices[i].due_date + timedelta(days=1) for i, left in items.items()
+             if left > 0]
+    dates += [d.as_of + timedelta(days=1) for d in state.dunning.values()]
+    if not dates:
+        return None
+    base = state.as_of or min(dates)
+    upcoming = [d for d in dates if d > base]
+    # While anything is overdue, days overdue move every day.
+    if any(d <= base for d in dates):
+        return base + timedelta(days=1)
+    return min(upcoming) if upcoming else None
+
+
+# ---- the fold -------------------------------------------------------------------------------
+
+
+def _convert(amount: Decimal, ccy: str, state: CustomerState, policy: Policy,
+             field_name: str) -> Decimal:
+    if ccy == state.currency:
+        return amount
+    converted = convert(amount, ccy, state.currency, policy.fx_rates())
+    if converted is None:
+        raise DeadLetter(NO_FX_RATE,
+                         f"data.{field_name}: no rate from {ccy} to {state.currency} in policy "
+                         f"{policy.version}", field_name)
+    return converted
+
+
+def apply(state: CustomerState, event_type: str, data: Any, time: datetime,
+          policy: Policy) -> CustomerState:
+    """Fold one event into the customer's state. Raises ``DeadLetter`` when it cannot apply."""
+    handler = _HANDLERS.get(event_type)
+    if handler is None:
+        return state
+    new = handler(state, data, time, policy)
+    stamp = time.date()
+    as_of = stamp if new.as_of is None or stamp > new.as_of else new.as_of
+    last = time if new.last_time is None or time > new.last_time else new.last_time
+    return replace(new, as_of=as_of, last_time=last)
+
+
+def _customer(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> CustomerState:
+    return replace(state, name=d.name, currency=d.currency, registered=True,
+                   payment_terms_days=d.payment_terms_days, parent_id=d.parent_id)
+
+
+def _invoice_issued(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerState:
+    if d.invoice_id in state.invoices:
+        return state  # the same invoice number twice under another event id: keep the first
+    amount = _convert(d.amount, d.currency, state, p, "amount")
+    inv = Invoice(d.invoice_id, amount, d.issue_date, d.due_date, d.order_id)
+    return replace(state, invoices={**state.invoices, d.invoice_id: inv})
+
+
+def _invoice_cancelled(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> CustomerState:
+    inv = state.invoices.get(d.invoice_id)
+    if inv is None or inv.cancelled:
+        return state
+    return replace(state, invoices={**state.invoices, d.invoice_id: replace(inv, cancelled=True)})
+
+
+def _credit_note(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerState:
+    key = f"credit_note:{d.credit_note_id}"
+    if key in state.credits:
+        return state
+    amount = _convert(d.amount, d.currency, state, p, "amount")
+    alloc = ((d.invoice_id, amount),) if d.invoice_id else ()
+    credit = Credit(key, "credit_note", amount, d.issue_date, alloc)
+    return replace(state, credits={**state.credits, key: credit})
+
+
+def _payment(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerState:
+    key = f"payment:{d.payment_id}"
+    if key in state.credits:
+        return state
+    amount = _convert(d.amount, d.currency, state, p, "amount")
+    alloc = tuple(
+        (a.invoice_id, _convert(a.amount, d.currency, state, p, "allocations.amount"))
+        for a in (d.allocations or ())
+    )
+    credit = Credit(key, "payment", amount, d.received_date, alloc)
+    return replace(state, credits={**state.credits, key: credit})
+
+
+def _payment_reversed(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> CustomerState:
+    key = f"payment:{d.payment_id}"
+    credit = state.credits.get(key)
+    if credit is None or credit.reversed:
+        return state
+    return replace(state, credits={**state.credits, key: replace(credit, reversed=True)})
+
+
+def _overdue(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerState:
+    known = state.dunning.get(d.invoice_id)
+    if known is not None and known.as_of > d.as_of:
+        return state  # an older dunning run arriving late does not override a newer one
+    amount = _convert(d.amount_overdue, d.currency, state, p, "amount_overdue")
+    dun = Dunning(d.as_of, d.days_overdue, amount, d.due_date)
+    return replace(state, dunning={**state.dunning, d.invoice_id: dun},
+                   as_of=max(state.as_of, d.as_of) if state.as_of else d.as_of)
+
+
+def _assessed(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerState:
+    if state.grade is not None and not p.limits.dynamic_adjustment:
+        return state
+    return replace(state, grade=d.grade)
+
+
+def _aged(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> CustomerState:
+    on: date = d.as_of
+    return replace(state, as_of=on if state.as_of is None or on > state.as_of else state.as_of)
+
+
+def _check_decided(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> CustomerState:
+    if d.decision != "approved" or not d.reserve:
+        return state
+    res = Reservation(d.order_id, d.check_id, d.amount_in_credit_currency, d.expires_at)
+    return replace(state, reservations={**state.reservations, d.order_id: res})
+
+
+def _reservation_ended(status: Literal["released", "expired"]) -> Any:
+    def _end(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> CustomerState:
+        res = state.reservations.get(d.order_id)
+        if res is None or res.status != "active" or res.check_id != d.check_id:
+            return state
+        return replace(state, reservations={**state.reservations,
+                                            d.order_id: replace(res, status=status)})
+
+    return _end
+
+
+def _request_submitted(state: CustomerState, d: Any, t: datetime, p: Policy) -> CustomerState:
+    req = LimitRequest(d.request_id, d.requested_limit, d.reason, d.requested_by, t,
+                       d.expires_at)
+    state = replace(state, requests={**state.requests, d.request_id: req})
+    current, _, _ = effective_limit(state, p, t)
+    if d.requested_limit < current:
+        # A decrease needs nobody's approval: less credit is always the safe side.
+        return _grant(state, req, d.requested_by, None, t)
+    return state
+
+
+def _request_decided(approved: bool) -> Any:
+    def _decide(state: CustomerState, d: Any, t: datetime, _p: Policy) -> CustomerState:
+        req = state.requests.get(d.request_id)
+        if req is None or req.status != "pending":
+            return state
+        if approved:
+            return _grant(state, req, d.by, d.note, t)
+        decided = replace(req, status="rejected", decided_by=d.by, note=d.note)
+        return replace(state, requests={**state.requests, req.request_id: decided})
+
+    return _decide
+
+
+def _grant(state: CustomerState, req: LimitRequest, by: str, note: str | None,
+           _t: datetime) -> CustomerState:
+    manual = ManualLimit(req.requested_limit, req.request_id, by, req.requested_by,
+                         req.expires_at)
+    decided = replace(req, status="approved", decided_by=by, note=note)
+    return replace(state, manual=manual, limit_lapsed=False,
+                   requests={**state.requests, req.request_id: decided})
+
+
+def _manual_expired(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> CustomerState:
+    if state.manual is None or state.manual.request_id != d.request_id:
+        return state
+    return replace(state, manual=None, limit_lapsed=True)
+
+
+def _hold_placed(state: CustomerState, d: Any, t: datetime, _p: Policy) -> CustomerState:
+    return replace(state, hold=Hold(d.reason, d.by, t))
+
+
+def _hold_released(state: CustomerState, _d: Any, _t: datetime, _p: Policy) -> CustomerState:
+    return replace(state, hold=None)
+
+
+_HANDLERS: dict[str, Any] = {
+    "customer.registered": _customer,
+    "customer.updated": _customer,
+    "invoice.issued": _invoice_issued,
+    "invoice.cancelled": _invoice_cancelled,
+    "credit_note.issued": _credit_note,
+    "payment.received": _payment,
+    "payment.reversed": _payment_reversed,
+    "invoice.overdue": _overdue,
+    "assessment.completed": _assessed,
+    "ledger.aged": _aged,
+    "credit_check.decided": _check_decided,
+    "reservation.released": _reservation_ended("released"),
+    "reservation.expired": _reservation_ended("expired"),
+    "limit_request.submitted": _request_submitted,
+    "limit_request.approved": _request_decided(True),
+    "limit_request.rejected": _request_decided(False),
+    "limit.expired": _manual_expired,
+    "hold.placed": _hold_placed,
+    "hold.released": _hold_released,
+}
+HANDLED_TYPES = frozenset(_HANDLERS)
+
+
+# ---- credit checks --------------------------------------------------------------------------
+
+Decision = Literal["approved", "rejected", "review"]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupView:
+    """The group a customer belongs to, as seen under the group's lock."""
+
+    parent_id: str
+    limit: Decimal  # the parent's effective limit; 0 = the group has no limit
+    exposure_without_customer: Decimal  # summed exposure of the other members
+
+
+@dataclass(frozen=True, slots=True)
+class CheckOutcome:
+    decision: Decision
+    reasons: tuple[str, ...]
+    amount: Decimal  # in the customer's credit currency
+    limit: Decimal
+    exposure: Decimal
+    reserved: Decimal
+    available: Decimal
+    shortfall: Decimal
+    grade: str | None
+    group: dict[str, Decimal] | None = None
+
+
+def decide_credit_check(state: CustomerState, *, order_id: str, amount: Decimal, currency: str,
+                        reserve: bool, policy: Policy, now: datetime,
+                        group: GroupView | None = None) -> CheckOutcome:
+    """May this order go out on credit? Every applicable reason is listed.
+
+    The order's own earlier reservation never counts against it (amendments); exposure
+    landing exactly on the limit is within it; a shortfall within the policy's tolerance
+    goes to a person (``review``).
+    """
+    lp = policy.limits
+    reasons: list[str] = []
+    hard = False
+    converted = amount if currency == state.currency else convert(
+        amount, currency, state.currency, policy.fx_rates())
+    if converted is None:
+        reasons.append("currency_mismatch")
+        hard = True
+        converted = ZERO
+    fig = figures(state, policy, now)
+    own_reserved = sum(reserved_amounts(state, now, exclude_order=order_id).values(), ZERO)
+    exposure = fig.open_receivables + own_reserved
+    limit, source, _ = effective_limit(state, policy, now)
+    has_own_limit = limit > 0
+    in_group = group is not None and group.limit > 0
+
+    if state.hold is not None:
+        reasons.append("credit_hold")
+        hard = True
+    if state.grade is not None and lp.eligible_grades and state.grade not in lp.eligible_grades:
+        reasons.append("grade_not_eligible")
+        hard = True
+    tolerated = _to_ccy(lp.overdue_tolerance_amount, policy.base_currency, state.currency, policy)
+    if fig.max_days_overdue > lp.overdue_tolerance_days and fig.overdue_amount > tolerated:
+        reasons.append("overdue_beyond_tolerance")
+        hard = True
+    if not has_own_limit and not in_group:
+        manual = state.manual
+        lapsed = state.limit_lapsed or (
+            manual is not None and manual.expires_at is not None and manual.expires_at <= now)
+        reasons.append("limit_expired" if lapsed else "no_credit_limit")
+        hard = True
+
+    review = False
+    available = limit - exposure
+    room = available
+    if has_own_limit:
+        over = converted - available
+        if over > 0:
+            reasons.append("exceeds_available")
+            if over <= lp.review_tolerance * limit:
+                review = True
+            else:
+                hard = True
+    group_figs: dict[str, Decimal] | None = None
+    if group is not None and in_group:
+        group_exposure = group.exposure_without_customer + exposure
+        group_available = group.limit - group_exposure
+        room = group_available if not has_own_limit else min(available, group_available)
+        over = converted - group_available
+        if over > 0:
+            reasons.append("exceeds_group_available")
+            if over <= lp.review_tolerance * group.limit:
+                review = True
+            else:
+                hard = True
+        group_figs = {"limit": group.limit, "exposure": group_exposure,
+                      "available": group_available}
+
+    decision: Decision = "rejected" if hard else ("review" if review else "approved")
+    if decision == "approved":
+        reasons = ["within_limit"]
+    shortfall = max(ZERO, converted - room) if (has_own_limit or in_group) else converted
+    reserved_after = own_reserved
+    if decision == "approved" and reserve:
+        reserved_after += converted
+    exposure_after = fig.open_receivables + reserved_after
+    delta = exposure_after - exposure
+    if group_figs is not None:
+        group_figs = {"limit": group_figs["limit"],
+                      "exposure": group_figs["exposure"] + delta,
+                      "available": group_figs["available"] - delta}
+    shown_limit = limit if has_own_limit or group_figs is None else group_figs["limit"]
+    shown_available = shown_limit - exposure_after if has_own_limit else (
+        group_figs["available"] if group_figs is not None else limit - exposure_after)
+    if has_own_limit and group_figs is not None:
+        shown_available = min(shown_available, group_figs["available"])
+    return CheckOutcome(
+        decision=decision,
+        reasons=tuple(reasons),
+        amount=converted,
+        limit=shown_limit,
+        exposure=exposure_after,
+        reserved=reserved_after,
+        available=shown_available,
+        shortfall=quantize(shortfall, state.currency) if shortfall else ZERO,
+        grade=state.grade,
+        group=group_figs,
+    )
+
+
+def reservation_expiry(now: datetime, policy: Policy) -> datetime:
+    return now + timedelta(hours=int(policy.limits.reservation_ttl_hours))

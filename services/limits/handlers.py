@@ -1,0 +1,257 @@
+"""Limits handlers: a batch of events → per-customer folds → rows, history and output events.
+
+States of the customers a batch touches are loaded (and locked) once, folded in memory with
+the pure domain, and written back once, so a batch costs a handful of statements whatever
+its size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy import MetaData, Table, and_, or_, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from services.limits import domain
+from services.limits import events as ev
+from services.limits import store
+from shared.events import DeadLetter, Envelope, new_event
+from shared.money import quantize
+from shared.policy import Policy
+from shared.runtime import Incoming, Tx
+from shared.settings import Settings
+
+SOURCE = "/creditwatch/limits"
+CONTRACT_TYPES = frozenset({
+    "customer.registered", "customer.updated", "invoice.issued", "invoice.cancelled",
+    "credit_note.issued", "payment.received", "payment.reversed", "invoice.overdue",
+    "assessment.completed",
+})
+LIMIT_REASON = {
+    "assessment.completed": "policy",
+    "customer.registered": "policy",
+    "customer.updated": "policy",
+    "limit.expired": "expired",
+    "hold.placed": "hold",
+    "hold.released": "release",
+}
+
+
+def money(amount: Decimal, currency: str) -> str:
+    return format(quantize(amount, currency), "f")
+
+
+def exposure_body(state: domain.CustomerState, fig: domain.Figures) -> dict[str, Any]:
+    ccy = fig.currency
+    util = fig.utilization
+    return {
+        "customer_id": state.customer_id,
+        "currency": ccy,
+        "open_receivables": money(fig.open_receivables, ccy),
+        "overdue_amount": money(fig.overdue_amount, ccy),
+        "overdue_buckets": {k: money(v, ccy) for k, v in fig.overdue_buckets.items()},
+        "max_days_overdue": fig.max_days_overdue,
+        "reserved": money(fig.reserved, ccy),
+        "exposure": money(fig.exposure, ccy),
+        "limit": money(fig.limit, ccy),
+        "available": money(fig.available, ccy),
+        "utilization": format(util, "f") if util is not None else None,
+        "on_hold": fig.on_hold,
+        "as_of": state.last_time.isoformat().replace("+00:00", "Z") if state.last_time else None,
+    }
+
+
+@dataclass
+class _Loaded:
+    state: domain.CustomerState
+    before: dict[str, Any] | None  # figures body as last stored
+    last_seq: int
+
+
+class LimitsService:
+    """The limits service as the event core sees it."""
+
+    name = "limits"
+    metadata: MetaData = store.metadata
+    core = store.core
+    projection_tables: Sequence[Table] = store.PROJECTIONS
+    consumed_types = CONTRACT_TYPES
+
+    def __init__(self, settings: Settings, policy: Policy) -> None:
+        self.settings = settings
+        self.policy = policy
+
+    def input_topics(self) -> list[str]:
+        s = self.settings
+        return [s.topic_customers, s.topic_invoices, s.topic_payments, s.topic_overdue,
+                s.topic_assessments]
+
+    def parse_stored(self, env: Envelope) -> BaseModel | None:
+        return ev.parse_any(env)
+
+    # ---- the fold -------------------------------------------------------------------------
+    async def handle(self, tx: Tx, events: Sequence[Incoming]) -> None:
+        cached: dict[str, _Loaded] = tx.scratch.setdefault("limits.states", {})
+        missing = {e.envelope.subject for e in events} - cached.keys()
+        if missing:
+            rows = await store.lock_customers(tx.conn, missing)
+            for cid in missing:
+                row = rows.get(cid)
+                if row is None:
+                    cached[cid] = _Loaded(domain.new_customer(cid, self.policy), None, 0)
+                else:
+                    st = store.load_state(row.state)
+                    before = exposure_body(st, domain.figures(st, self.policy))
+                    cached[cid] = _Loaded(st, before, row.last_seq)
+        touched: dict[str, int] = {}
+        checks: list[dict[str, Any]] = []
+        history: list[dict[str, Any]] = []
+        reqs: list[dict[str, Any]] = []
+        for inc in events:
+            env = inc.envelope
+            cid = env.subject
+            loaded = cached[cid]
+            prev = loaded.state
+            try:
+                nxt = domain.apply(prev, env.type, inc.event, env.time, self.policy)
+            except DeadLetter as dl:
+                tx.reject(inc, dl)
+                continue
+            loaded.state = nxt
+            touched[cid] = inc.seq
+            self._record(tx, inc, prev, nxt, checks, history, reqs)
+
+        rows = []
+        for cid, seq in touched.items():
+            loaded = cached[cid]
+            st = loaded.state
+            fig = domain.figures(st, self.policy)
+            rows.append(store.customer_row(st, fig, seq, domain.next_ageing_date(st),
+                                           _next_expiry(st)))
+            body = exposure_body(st, fig)
+            if body != loaded.before:
+                tx.emit(self.settings.topic_exposure, new_event(
+                    "exposure.updated", source=SOURCE, subject=cid, data=body,
+                    id=f"exposure-{cid}-{seq}", time=st.last_time or tx.now))
+                loaded.before = body
+            loaded.last_seq = seq
+        await store.save_customers(tx.conn, rows)
+        await store.record_checks(tx.conn, checks)
+        await store.record_limit_changes(tx.conn, history)
+        await store.record_requests(tx.conn, reqs)
+
+    def _record(self, tx: Tx, inc: Incoming, prev: domain.CustomerState,
+                nxt: domain.CustomerState, checks: list[dict[str, Any]],
+                history: list[dict[str, Any]], reqs: list[dict[str, Any]]) -> None:
+        """The side tables and output events one applied event calls for."""
+        env, data = inc.envelope, inc.event
+        if isinstance(data, ev.CreditCheckDecided):
+            checks.append({
+                "check_id": data.check_id, "order_id": data.order_id,
+                "customer_id": data.customer_id, "seq": inc.seq, "amount": data.amount,
+                "currency": data.currency, "decision": data.decision,
+                "evaluated_at": env.time, "body": store.as_json(data.response),
+            })
+            return
+        if isinstance(data, ev.LimitRequestSubmitted | ev.LimitRequestApproved
+                      | ev.LimitRequestRejected):
+            req = nxt.requests[data.request_id]
+            reqs.append({"request_id": req.request_id, "customer_id": nxt.customer_id,
+                         "status": req.status, "requested_by": req.requested_by})
+        before = domain.effective_limit(prev, self.policy, env.time)
+        after = domain.effective_limit(nxt, self.policy, env.time)
+        hold_changed = (prev.hold is None) != (nxt.hold is None)
+        if before[0] == after[0] and before[1] == after[1] and not hold_changed \
+                and prev.currency == nxt.currency:
+            return
+        reason = LIMIT_REASON.get(env.type) or ("temporary" if after[1] == "temporary"
+                                                 else "manual" if after[1] == "manual"
+                                                 else "policy")
+        request_id = changed_by = requested_by = None
+        if nxt.manual is not None and after[1] in ("manual", "temporary"):
+            request_id = nxt.manual.request_id
+            changed_by = nxt.manual.changed_by
+            requested_by = nxt.manual.requested_by
+        if isinstance(data, ev.HoldPlaced | ev.HoldReleased):
+            changed_by = data.by
+        ccy = nxt.currency
+        body = {
+            "customer_id": nxt.customer_id,
+            "previous_limit": money(before[0], prev.currency),
+            "limit": money(after[0], ccy),
+            "currency": ccy,
+            "reason": reason,
+            "grade": nxt.grade,
+            "request_id": request_id,
+            "changed_by": changed_by or "policy",
+            "requested_by": requested_by,
+            "effective_at": env.time.isoformat().replace("+00:00", "Z"),
+            "expires_at": (after[2].isoformat().replace("+00:00", "Z") if after[2] else None),
+            "source": after[1],
+            "on_hold": nxt.hold is not None,
+            "policy_version": self.policy.version,
+        }
+        history.append({"seq": inc.seq, "customer_id": nxt.customer_id,
+                        "effective_at": env.time, "body": store.as_json(body)})
+        tx.emit(self.settings.topic_limits, new_event(
+            "limit.changed", source=SOURCE, subject=nxt.customer_id, data=body,
+            id=f"limit-{nxt.customer_id}-{inc.seq}", time=env.time))
+
+    # ---- time-driven events ---------------------------------------------------------------
+    async def due_events(self, conn: AsyncConnection, now: datetime) -> list[Envelope]:
+        today = now.date()
+        c = store.customers
+        stmt = select(c.customer_id, c.state, c.next_ageing_on, c.next_expiry_at).where(
+            or_(and_(c.next_ageing_on.is_not(None), c.next_ageing_on <= today),
+                and_(c.next_expiry_at.is_not(None), c.next_expiry_at <= now)),
+        ).order_by(c.customer_id).limit(1000)
+        out: list[Envelope] = []
+        for row in await conn.execute(stmt):
+            st = store.load_state(row.state)
+            out += due_for(st, now, row.next_ageing_on)
+        return out
+
+
+def _next_expiry(st: domain.CustomerState) -> datetime | None:
+    times = [r.expires_at for r in st.reservations.values() if r.status == "active"]
+    if st.manual is not None and st.manual.expires_at is not None:
+        times.append(st.manual.expires_at)
+    return min(times) if times else None
+
+
+def _internal(model: BaseModel, *, id: str, time: datetime, subject: str) -> Envelope:
+    return new_event(str(getattr(model, "TYPE")), source=SOURCE, subject=subject,
+                     data=model, id=id, time=time)
+
+
+def due_for(st: domain.CustomerState, now: datetime,
+            ageing_on: date | None) -> list[Envelope]:
+    """Expiries and ageing due for one customer at ``now``; ids are stable, so recording
+    the same fact twice (two replicas, a retry) has no effect beyond the first."""
+    cid = st.customer_id
+    out: list[Envelope] = []
+    for res in st.reservations.values():
+        if res.status == "active" and res.expires_at <= now:
+            out.append(_internal(
+                ev.ReservationExpired(customer_id=cid, order_id=res.order_id,
+                                      check_id=res.check_id),
+                id=f"reservation-expired-{res.check_id}", time=res.expires_at, subject=cid))
+    manual = st.manual
+    if manual is not None and manual.expires_at is not None and manual.expires_at <= now:
+        out.append(_internal(ev.LimitExpired(customer_id=cid, request_id=manual.request_id),
+                             id=f"limit-expired-{manual.request_id}", time=manual.expires_at,
+                             subject=cid))
+    if ageing_on is not None and ageing_on <= now.date():
+        today = now.date()
+        at = datetime.combine(today, time(0, 0), tzinfo=UTC)
+        out.append(_internal(ev.LedgerAged(customer_id=cid, as_of=today),
+                             id=f"aged-{cid}-{today.isoformat()}", time=at, subject=cid))
+    return sorted(out, key=lambda e: e.time)
+
+
+__all__ = ["LimitsService", "due_for", "exposure_body", "timedelta"]

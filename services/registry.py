@@ -1,0 +1,89 @@
+"""The three services by name: how to build each, migrate its database, create its topics."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from shared.auth import TokenRegistry
+from shared.db import make_engine
+from shared.policy import Policy, load_policy
+from shared.runtime import Clock, EventCore, utcnow
+from shared.service import ServiceHost
+from shared.settings import Settings
+
+SERVICES = ("assessment", "limits", "alerts")
+SERVICE_CLASSES = {
+    "assessment": ("services.assessment.handlers", "AssessmentService"),
+    "limits": ("services.limits.handlers", "LimitsService"),
+    "alerts": ("services.alerts.handlers", "AlertsService"),
+}
+
+
+def build(name: str, settings: Settings, *, tokens: TokenRegistry,
+          policy: Policy | None = None, consume: bool = True,
+          clock: Clock = utcnow) -> tuple[FastAPI, ServiceHost]:
+    module = importlib.import_module(f"services.{name}.app")
+    built: tuple[FastAPI, ServiceHost] = module.build(settings, tokens=tokens, policy=policy,
+                                                      consume=consume, clock=clock)
+    return built
+
+
+def service_for(name: str, settings: Settings, policy: Policy | None = None) -> Any:
+    module_name, cls = SERVICE_CLASSES[name]
+    module = importlib.import_module(module_name)
+    return getattr(module, cls)(settings, policy or load_policy(settings.policy))
+
+
+def core_for(name: str, settings: Settings,
+             policy: Policy | None = None) -> tuple[EventCore, AsyncEngine]:
+    """An event core on the service's database, without loops (replay, verify, tools)."""
+    engine = make_engine(settings.database_url_for(name))
+    core = EventCore(service_for(name, settings, policy), engine, dlq_topic=settings.topic_dlq)
+    return core, engine
+
+
+def upgrade(settings: Settings, names: list[str]) -> list[str]:
+    """Migrate each distinct database the named services use; returns the URLs done."""
+    from services.schema import upgrade_url
+    from shared.settings import redact_url
+
+    done: list[str] = []
+    for name in names:
+        url = settings.database_url_for(name)
+        if url in done:
+            continue
+        upgrade_url(url)
+        done.append(url)
+    return [redact_url(u) for u in done]
+
+
+def all_topics(settings: Settings) -> list[str]:
+    s = settings
+    return [s.topic_customers, s.topic_invoices, s.topic_payments, s.topic_overdue,
+            s.topic_financials, s.topic_credit_reports, s.topic_assessments, s.topic_limits,
+            s.topic_exposure, s.topic_alerts, s.topic_dlq]
+
+
+async def create_topics(settings: Settings, partitions: int | None = None) -> None:
+    """Create every topic the services read or write (existing ones are left alone)."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
+                                **settings.kafka_client_kwargs())
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [t for t in all_topics(settings) if t not in existing]
+        if wanted:
+            count = partitions or settings.topic_partitions
+            try:
+                await admin.create_topics([NewTopic(t, count, 1) for t in wanted])
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        await admin.close()

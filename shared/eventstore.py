@@ -1,0 +1,278 @@
+"""The event store every service keeps for itself: stored events, outbox, offsets, snapshots.
+
+All writes here run inside the caller's transaction, so one consumed batch appends its
+events, updates projections, queues derived events and moves the offsets atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    and_,
+    delete,
+    func,
+    select,
+    tuple_,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from shared.db import BigId, UtcDateTime
+from shared.events import Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class CoreTables:
+    """The four tables of one service's event core, named ``<service>_<table>``."""
+
+    service: str
+    events: Table
+    outbox: Table
+    offsets: Table
+    snapshots: Table
+
+
+def core_tables(metadata: MetaData, service: str) -> CoreTables:
+    p = service
+    events = Table(
+        f"{p}_events",
+        metadata,
+        Column("seq", BigId, primary_key=True, autoincrement=True),
+        Column("source", String(255), nullable=False),
+        Column("event_id", String(255), nullable=False),
+        Column("type", String(100), nullable=False),
+        Column("subject", String(255), nullable=False),
+        Column("time", UtcDateTime, nullable=False),
+        Column("data", Text, nullable=False),
+        Column("topic", String(255)),
+        Column("partition", Integer),
+        Column("offset", BigId),
+        Column("recorded_at", UtcDateTime, nullable=False),
+        UniqueConstraint("source", "event_id", name=f"uq_{p}_events_source_id"),
+    )
+    Index(f"ix_{p}_events_subject_time", events.c.subject, events.c.time)
+    outbox = Table(
+        f"{p}_outbox",
+        metadata,
+        Column("seq", BigId, primary_key=True, autoincrement=True),
+        Column("event_id", String(255), nullable=False),
+        Column("topic", String(255), nullable=False),
+        Column("key", String(255), nullable=False),
+        Column("value", Text, nullable=False),
+        Column("created_at", UtcDateTime, nullable=False),
+    )
+    offsets = Table(
+        f"{p}_offsets",
+        metadata,
+        Column("topic", String(255), primary_key=True),
+        Column("partition", Integer, primary_key=True, autoincrement=False),
+        Column("next_offset", BigId, nullable=False),
+        Column("updated_at", UtcDateTime, nullable=False),
+    )
+    snapshots = Table(
+        f"{p}_snapshots",
+        metadata,
+        Column("subject", String(255), primary_key=True),
+        Column("seq", BigId, primary_key=True, autoincrement=False),
+        Column("time", UtcDateTime, nullable=False),
+        Column("state", Text, nullable=False),
+    )
+    return CoreTables(service, events, outbox, offsets, snapshots)
+
+
+def _insert(conn: AsyncConnection, table: Table) -> Any:
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+@dataclass(slots=True)
+class StoredEvent:
+    """An event as the store holds it: the envelope plus where it came from."""
+
+    seq: int
+    envelope: Envelope
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+
+
+def envelope_row(env: Envelope, *, topic: str | None, partition: int | None,
+                 offset: int | None, recorded_at: datetime) -> dict[str, Any]:
+    return {
+        "source": env.source,
+        "event_id": env.id,
+        "type": env.type,
+        "subject": env.subject,
+        "time": env.time,
+        "data": json.dumps(env.data, default=str, separators=(",", ":")),
+        "topic": topic,
+        "partition": partition,
+        "offset": offset,
+        "recorded_at": recorded_at,
+    }
+
+
+async def append(conn: AsyncConnection, core: CoreTables,
+                 rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], int]:
+    """Insert events, skipping those already stored; returns (source, id) → seq of new ones."""
+    if not rows:
+        return {}
+    stmt = (
+        _insert(conn, core.events)
+        .on_conflict_do_nothing(index_elements=["source", "event_id"])
+        .returning(core.events.c.seq, core.events.c.source, core.events.c.event_id)
+    )
+    result = await conn.execute(stmt, list(rows))
+    return {(r.source, r.event_id): r.seq for r in result}
+
+
+async def forget(conn: AsyncConnection, core: CoreTables, seqs: Iterable[int]) -> None:
+    """Remove events a service rejected, so that a replay does not meet them again."""
+    ids = list(seqs)
+    if ids:
+        await conn.execute(delete(core.events).where(core.events.c.seq.in_(ids)))
+
+
+async def enqueue(conn: AsyncConnection, core: CoreTables,
+                  items: Sequence[tuple[str, Envelope]], now: datetime) -> None:
+    """Queue derived events for the relay; same transaction as the state they describe."""
+    if not items:
+        return
+    await conn.execute(
+        core.outbox.insert(),
+        [
+            {
+                "event_id": env.id,
+                "topic": topic,
+                "key": env.subject,
+                "value": env.to_json().decode(),
+                "created_at": now,
+            }
+            for topic, env in items
+        ],
+    )
+
+
+async def store_offsets(conn: AsyncConnection, core: CoreTables,
+                        positions: dict[tuple[str, int], int], now: datetime) -> None:
+    """Upsert next offsets; never move one backwards (a late, revoked consumer may try)."""
+    if not positions:
+        return
+    ins = _insert(conn, core.offsets)
+    greatest = func.greatest if conn.dialect.name == "postgresql" else func.max
+    stmt = ins.on_conflict_do_update(
+        index_elements=["topic", "partition"],
+        set_={
+            "next_offset": greatest(core.offsets.c.next_offset, ins.excluded.next_offset),
+            "updated_at": ins.excluded.updated_at,
+        },
+    )
+    await conn.execute(
+        stmt,
+        [
+            {"topic": t, "partition": p, "next_offset": o, "updated_at": now}
+            for (t, p), o in sorted(positions.items())
+        ],
+    )
+
+
+async def load_offsets(conn: AsyncConnection, core: CoreTables,
+                       partitions: Iterable[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    wanted = list(partitions)
+    if not wanted:
+        return {}
+    o = core.offsets
+    rows = await conn.execute(
+        select(o.c.topic, o.c.partition, o.c.next_offset).where(
+            tuple_(o.c.topic, o.c.partition).in_(wanted)
+        )
+    )
+    return {(r.topic, r.partition): r.next_offset for r in rows}
+
+
+async def pending_outbox(conn: AsyncConnection, core: CoreTables,
+                         limit: int) -> list[Any]:
+    ob = core.outbox
+    stmt = select(ob.c.seq, ob.c.topic, ob.c.key, ob.c.value).order_by(ob.c.seq).limit(limit)
+    return list(await conn.execute(stmt))
+
+
+async def delete_outbox(conn: AsyncConnection, core: CoreTables, up_to_seq: int,
+                        seqs: Sequence[int]) -> None:
+    ob = core.outbox
+    await conn.execute(delete(ob).where(and_(ob.c.seq <= up_to_seq, ob.c.seq.in_(seqs))))
+
+
+async def count_outbox(conn: AsyncConnection, core: CoreTables) -> int:
+    return int((await conn.execute(select(func.count()).select_from(core.outbox))).scalar_one())
+
+
+def row_to_stored(row: Any) -> StoredEvent:
+    env = Envelope.model_construct(
+        specversion="1.0",
+        id=row.event_id,
+        source=row.source,
+        type=row.type,
+        subject=row.subject,
+        time=row.time,
+        datacontenttype="application/json",
+        data=json.loads(row.data),
+    )
+    return StoredEvent(row.seq, env, row.topic, row.partition, row.offset)
+
+
+async def read_events(conn: AsyncConnection, core: CoreTables, *, after_seq: int = 0,
+                      batch: int = 2000, subject: str | None = None,
+                      until: datetime | None = None) -> AsyncIterator[list[StoredEvent]]:
+    """Stream stored events in store order (the order they were applied), in pages."""
+    ev = core.events
+    last = after_seq
+    while True:
+        stmt = select(ev).where(ev.c.seq > last).order_by(ev.c.seq).limit(batch)
+        if subject is not None:
+            stmt = stmt.where(ev.c.subject == subject)
+        if until is not None:
+            stmt = stmt.where(ev.c.time <= until)
+        rows = list(await conn.execute(stmt))
+        if not rows:
+            return
+        last = rows[-1].seq
+        yield [row_to_stored(r) for r in rows]
+
+
+async def count_events(conn: AsyncConnection, core: CoreTables) -> int:
+    stmt = select(func.count()).select_from(core.events)
+    return int((await conn.execute(stmt)).scalar_one())
+
+
+__all__ = [
+    "CoreTables",
+    "StoredEvent",
+    "append",
+    "core_tables",
+    "count_events",
+    "count_outbox",
+    "delete_outbox",
+    "enqueue",
+    "envelope_row",
+    "forget",
+    "load_offsets",
+    "pending_outbox",
+    "read_events",
+    "row_to_stored",
+    "store_offsets",
+]

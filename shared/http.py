@@ -1,0 +1,125 @@
+"""The FastAPI application every service starts from: errors, limits, metrics and probes.
+
+`create_app` returns an app with ``/healthz``, ``/readyz`` and ``/metrics`` (no token needed),
+problem+json errors, the 64 KiB body limit and HTTP metrics; services add their routers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.responses import JSONResponse, Response
+
+from shared.auth import TokenRegistry
+from shared.metrics import HttpMetrics, metrics_response
+from shared.problems import (
+    DEFAULT_MAX_BODY_BYTES,
+    BodySizeLimit,
+    ServiceUnavailable,
+    install,
+    problem_response,
+)
+from shared.settings import ConfigError, Settings
+
+__all__ = ["READINESS_TIMEOUT_S", "Readiness", "create_app"]
+
+log = logging.getLogger(__name__)
+
+Readiness = Callable[[], Awaitable[dict[str, bool]]]
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[Any]]
+
+# A probe that hangs is a failed probe; Kubernetes would otherwise pile up pending checks.
+READINESS_TIMEOUT_S = 5.0
+
+
+def _package_version() -> str:
+    try:
+        return version("creditwatch")
+    except PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+def create_app(
+    service: str,
+    *,
+    settings: Settings,
+    tokens: TokenRegistry,
+    readiness: Readiness,
+    lifespan: Lifespan | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
+    """The service's app; ``app.state`` carries ``service``, ``settings`` and ``tokens``.
+
+    ``readiness()`` returns named checks (e.g. ``{"database": True, "broker": True,
+    "consumer_assigned": False}``); ``/readyz`` answers 200 when all are true, else 503.
+    """
+    if not tokens and not settings.dev_mode:
+        raise ConfigError(
+            f"{service}: no API tokens configured; outside dev mode the service refuses to start"
+        )
+
+    app = FastAPI(
+        title=f"creditwatch {service}",
+        version=_package_version(),
+        description=(
+            f"The creditwatch {service} service. Calls under /v1 need "
+            "'Authorization: Bearer <token>'; errors are application/problem+json (RFC 9457)."
+        ),
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.state.settings = settings
+    app.state.tokens = tokens
+
+    install(app)
+    # Added last = outermost: metrics also see the 413s the size limit answers.
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.add_middleware(HttpMetrics, service=service)
+
+    @app.get("/healthz", tags=["ops"], summary="Liveness: the process answers")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        tags=["ops"],
+        summary="Readiness: database and broker reachable, consumers assigned",
+        responses={503: {"description": "Not ready; the failing checks are listed"}},
+    )
+    async def readyz() -> Response:
+        try:
+            async with asyncio.timeout(READINESS_TIMEOUT_S):
+                checks = dict(await readiness())
+        except TimeoutError:
+            log.warning("%s: readiness checks timed out after %ss", service, READINESS_TIMEOUT_S)
+            checks = {"readiness": False}
+        except Exception:
+            log.warning("%s: readiness checks failed", service, exc_info=True)
+            checks = {"readiness": False}
+        failing = sorted(name for name, ok in checks.items() if not ok)
+        if not failing:
+            return JSONResponse({"status": "ready", "checks": checks})
+        problem = ServiceUnavailable(
+            f"Not ready: {', '.join(failing)}.",
+            title="Not ready",
+            checks=checks,
+            failing=failing,
+        )
+        return problem_response(problem.to_problem("/readyz"), headers={"Retry-After": "1"})
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response)
+    def metrics() -> Response:
+        # Sync on purpose: FastAPI runs it in the threadpool, so rendering many series does
+        # not stall the event loop that serves the credit checks.
+        return metrics_response()
+
+    return app

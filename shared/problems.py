@@ -1,0 +1,387 @@
+"""The `CreditwatchError` family and its one mapping to RFC 9457 ``application/problem+json``.
+
+`install(app)` registers the handlers; `BodySizeLimit` is the ASGI guard for HTTP bodies over
+64 KiB (contract §5). Every error body has ``type``, ``title``, ``status``, ``detail`` and
+``instance`` (the request path); ``field`` and ``errors`` [{field, message}] are present when
+the error is about particular input fields.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Mapping, Sequence
+from http import HTTPStatus
+from typing import Any, ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = [
+    "PROBLEM_BASE",
+    "PROBLEM_CONTENT_TYPE",
+    "BodySizeLimit",
+    "Conflict",
+    "CreditwatchError",
+    "FieldError",
+    "Forbidden",
+    "NotFound",
+    "PayloadTooLarge",
+    "ServiceUnavailable",
+    "Unauthorized",
+    "ValidationFailed",
+    "install",
+    "problem_response",
+]
+
+log = logging.getLogger(__name__)
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+PROBLEM_BASE = "https://creditwatch.dev/problems/"
+DEFAULT_MAX_BODY_BYTES = 64 * 1024
+
+FieldError = dict[str, str]  # {"field": "amount", "message": "..."}
+
+
+class CreditwatchError(Exception):
+    """An error with an HTTP meaning; raise it anywhere below a route and `install` renders it.
+
+    ``extra`` keyword arguments become RFC 9457 extension members of the problem body, so
+    they must be JSON-serialisable and must not carry secrets.
+    """
+
+    status: ClassVar[int] = 500
+    slug: ClassVar[str] = "internal-error"
+    default_title: ClassVar[str] = "Internal server error"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        field: str | None = None,
+        errors: Sequence[FieldError] | None = None,
+        title: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        self.title = title or self.default_title
+        self.detail = detail or self.title
+        self.field = field
+        if errors is None and field is not None:
+            errors = [{"field": field, "message": self.detail}]
+        self.errors: list[FieldError] | None = list(errors) if errors is not None else None
+        self.headers: dict[str, str] = dict(headers or {})
+        self.extra: dict[str, Any] = extra
+        super().__init__(self.detail)
+
+    @property
+    def type(self) -> str:
+        return PROBLEM_BASE + self.slug
+
+    def to_problem(self, instance: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "type": self.type,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if instance is not None:
+            body["instance"] = instance
+        if self.field is not None:
+            body["field"] = self.field
+        if self.errors is not None:
+            body["errors"] = self.errors
+        for key, value in self.extra.items():
+            body.setdefault(key, value)
+        return body
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.detail!r}, field={self.field!r})"
+
+
+class NotFound(CreditwatchError):
+    status = 404
+    slug = "not-found"
+    default_title = "Not found"
+
+
+class Conflict(CreditwatchError):
+    status = 409
+    slug = "conflict"
+    default_title = "Conflict"
+
+
+class Unauthorized(CreditwatchError):
+    """401; always carries ``WWW-Authenticate: Bearer …`` (RFC 6750)."""
+
+    status = 401
+    slug = "unauthorized"
+    default_title = "Unauthorized"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        error: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        challenge = 'Bearer realm="creditwatch"'
+        if error is not None:
+            challenge += f', error="{error}"'
+        merged = {"WWW-Authenticate": challenge, **(headers or {})}
+        super().__init__(detail, headers=merged, **extra)
+
+
+class Forbidden(CreditwatchError):
+    status = 403
+    slug = "forbidden"
+    default_title = "Forbidden"
+
+
+class ValidationFailed(CreditwatchError):
+    """422 about one input field (``field``) or several (``errors``)."""
+
+    status = 422
+    slug = "validation-failed"
+    default_title = "Validation failed"
+
+
+class PayloadTooLarge(CreditwatchError):
+    status = 413
+    slug = "payload-too-large"
+    default_title = "Payload too large"
+
+
+class ServiceUnavailable(CreditwatchError):
+    status = 503
+    slug = "service-unavailable"
+    default_title = "Service unavailable"
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+
+
+def problem_response(
+    body: Mapping[str, Any], *, headers: Mapping[str, str] | None = None
+) -> Response:
+    """A ``application/problem+json`` response whose status is ``body["status"]``."""
+    return Response(
+        content=json.dumps(body, ensure_ascii=False, separators=(",", ":"), default=str),
+        status_code=int(body["status"]),
+        headers=dict(headers or {}),
+        media_type=PROBLEM_CONTENT_TYPE,
+    )
+
+
+def _status_problem(status: int, detail: str | None, instance: str) -> dict[str, Any]:
+    """A problem for a bare status code (Starlette's 404/405, a stray HTTPException)."""
+    known = _BY_STATUS.get(status)
+    if known is not None:
+        slug, title = known.slug, known.default_title
+    else:
+        try:
+            title = HTTPStatus(status).phrase
+        except ValueError:
+            title = "Error"
+        slug = title.lower().replace(" ", "-").replace("'", "")
+    if status == 404 and (not detail or detail == HTTPStatus.NOT_FOUND.phrase):
+        detail = f"No resource at {instance}"
+    return {
+        "type": PROBLEM_BASE + slug,
+        "title": title,
+        "status": status,
+        "detail": detail or title,
+        "instance": instance,
+    }
+
+
+_BY_STATUS: dict[int, type[CreditwatchError]] = {
+    cls.status: cls
+    for cls in (
+        CreditwatchError,
+        NotFound,
+        Conflict,
+        Unauthorized,
+        Forbidden,
+        ValidationFailed,
+        PayloadTooLarge,
+        ServiceUnavailable,
+    )
+}
+
+
+_LOCATION_SOURCES = frozenset({"body", "query", "path", "header", "cookie"})
+
+
+def _field_of(location: Sequence[Any], error_type: str) -> str:
+    """``("body", "lines", 0, "amount")`` → ``"lines.0.amount"``; bad JSON → ``"body"``."""
+    parts = list(location)
+    if error_type == "json_invalid" or parts in ([], ["body"]):
+        return "body"
+    if parts and parts[0] in _LOCATION_SOURCES:
+        parts = parts[1:]
+    return ".".join(str(part) for part in parts) or "body"
+
+
+def _message_of(error: Mapping[str, Any]) -> str:
+    message = str(error.get("msg", "invalid value"))
+    if error.get("type") == "json_invalid":
+        reason = (error.get("ctx") or {}).get("error")
+        return f"Invalid JSON: {reason}" if reason else "Invalid JSON"
+    # Messages a validator raised with ValueError/AssertionError are passed on verbatim.
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if message.startswith(prefix):
+            return message[len(prefix) :]
+    return message
+
+
+def validation_problem(exc: RequestValidationError, instance: str) -> dict[str, Any]:
+    # Never echo the input: it is the caller's own data at best and a secret at worst.
+    errors: list[FieldError] = [
+        {
+            "field": _field_of(err.get("loc", ()), str(err.get("type", ""))),
+            "message": _message_of(err),
+        }
+        for err in exc.errors()
+    ] or [{"field": "body", "message": "Invalid request"}]
+    first = errors[0]
+    detail = f"{first['field']}: {first['message']}"
+    if len(errors) > 1:
+        detail += f" (and {len(errors) - 1} more)"
+    problem = ValidationFailed(detail, field=first["field"], errors=errors)
+    return problem.to_problem(instance)
+
+
+async def _handle_creditwatch_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, CreditwatchError)
+    if exc.status >= 500:
+        log.warning("%s on %s %s: %s", exc.type, request.method, request.url.path, exc.detail)
+    return problem_response(exc.to_problem(request.url.path), headers=exc.headers)
+
+
+async def _handle_validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    return problem_response(validation_problem(exc, request.url.path))
+
+
+async def _handle_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    detail = exc.detail if isinstance(exc.detail, str) else None
+    body = _status_problem(exc.status_code, detail, request.url.path)
+    if exc.status_code in (204, 304):
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return problem_response(body, headers=exc.headers)
+
+
+async def _handle_unexpected(request: Request, exc: Exception) -> Response:
+    # The id ties the client's report to the log line holding the traceback.
+    error_id = secrets.token_hex(8)
+    log.error(
+        "unhandled %s on %s %s (error_id=%s)",
+        type(exc).__name__,
+        request.method,
+        request.url.path,
+        error_id,
+        exc_info=exc,
+    )
+    body = _status_problem(500, "An unexpected error occurred.", request.url.path)
+    body["error_id"] = error_id
+    return problem_response(body)
+
+
+def install(app: FastAPI) -> None:
+    """Map every error the app can raise to problem+json.
+
+    Unexpected exceptions are answered with a bare 500 by Starlette's
+    ``ServerErrorMiddleware``, which then re-raises them to the server (uvicorn logs them;
+    ``httpx.ASGITransport`` raises them unless ``raise_app_exceptions=False``).
+    """
+    app.add_exception_handler(CreditwatchError, _handle_creditwatch_error)
+    app.add_exception_handler(RequestValidationError, _handle_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _handle_http_exception)
+    app.add_exception_handler(Exception, _handle_unexpected)
+
+
+# --------------------------------------------------------------------------------------------
+# Body size
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodySizeLimit:
+    """Pure-ASGI guard: 413 problem+json for request bodies over ``max_bytes``.
+
+    A declared ``Content-Length`` over the limit is refused before the app runs. A body without
+    one (chunked) is counted as it streams; once it passes the limit the app's ``receive``
+    raises, whatever response the app then tries to send is dropped and the 413 is sent
+    instead, so no more than ``max_bytes`` plus one chunk is ever held.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0  # the server rejects malformed lengths itself
+                if declared > self.max_bytes:
+                    await self._send_413(scope, send)
+                    return
+                break
+
+        received = 0
+        exceeded = False
+        response_started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, exceeded
+            if exceeded:
+                raise _BodyTooLarge
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    exceeded = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal response_started
+            if exceeded and not response_started:
+                return  # the app's answer to a body it never fully saw; ours replaces it
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not exceeded or response_started:
+                raise
+        if exceeded and not response_started:
+            await self._send_413(scope, send)
+
+    async def _send_413(self, scope: Scope, send: Send) -> None:
+        problem = PayloadTooLarge(f"Request bodies are limited to {self.max_bytes} bytes.")
+        response = problem_response(problem.to_problem(scope.get("path", "")))
+        await response(scope, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}

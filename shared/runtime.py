@@ -1,0 +1,590 @@
+"""The event-processing core shared by all services.
+
+One consumed batch = one database transaction: append the decoded events (duplicates
+skipped), let the service fold them into its projections, queue derived events and dead
+letters in the outbox, store the consumer offsets. On partition assignment the consumer
+seeks to the offsets stored in the database, so a crash anywhere replays at most one batch,
+with no effect beyond the first application.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+from sqlalchemy import MetaData, Table, delete, select, text
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from shared import eventstore as es
+from shared import metrics
+from shared.events import DeadLetter, Envelope, dead_letter_record, decode, parse
+
+log = logging.getLogger("creditwatch.runtime")
+
+Clock = Callable[[], datetime]
+PROCESSING_ERROR = "processing_error"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class Incoming:
+    """An event about to be folded: stored position, envelope and its validated data."""
+
+    seq: int
+    envelope: Envelope
+    event: BaseModel
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+
+
+@dataclass(slots=True)
+class Tx:
+    """What a service's handler may do inside the batch transaction."""
+
+    conn: AsyncConnection
+    now: datetime
+    replaying: bool = False
+    outbox: list[tuple[str, Envelope]] = field(default_factory=list)
+    # Service-private scratch space, e.g. states an API command already loaded and locked.
+    scratch: dict[str, Any] = field(default_factory=dict)
+    rejected: list[tuple[Incoming, DeadLetter]] = field(default_factory=list)
+
+    def emit(self, topic: str, envelope: Envelope) -> None:
+        """Queue a derived event; a replay rebuilds state but publishes nothing again."""
+        if not self.replaying:
+            self.outbox.append((topic, envelope))
+
+    def reject(self, incoming: Incoming, error: DeadLetter) -> None:
+        """Set an event aside (dead letter): the service could not apply it."""
+        self.rejected.append((incoming, error))
+
+
+class Service(Protocol):
+    """What a service plugs into the core: its tables, topics and handlers."""
+
+    name: str
+    metadata: MetaData
+    core: es.CoreTables
+    projection_tables: Sequence[Table]
+    consumed_types: frozenset[str]
+
+    def input_topics(self) -> list[str]: ...
+
+    def parse_stored(self, env: Envelope) -> BaseModel | None:
+        """Validate a stored or locally made event: the service's own types and the contract's."""
+        ...
+
+    async def handle(self, tx: Tx, events: Sequence[Incoming]) -> None:
+        """Fold new (never before seen) events into the projections, in order."""
+
+    async def due_events(self, conn: AsyncConnection, now: datetime) -> list[Envelope]:
+        """Time-driven events that are due at ``now`` (expiries, ageing, reviews)."""
+        ...
+
+
+@dataclass(slots=True)
+class Record:
+    """The parts of a Kafka record the core needs (aiokafka's ConsumerRecord has them)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass(slots=True)
+class BatchResult:
+    applied: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    skipped: int = 0
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, OperationalError | OSError | ConnectionError | asyncio.TimeoutError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+class EventCore:
+    """Applies batches of records or local events to one service's store, atomically."""
+
+    def __init__(self, service: Service, engine: AsyncEngine, *, dlq_topic: str = "credit.dlq",
+                 clock: Clock = utcnow) -> None:
+        self.service = service
+        self.engine = engine
+        self.dlq_topic = dlq_topic
+        self.clock = clock
+        self.outbox_ready = asyncio.Event()
+        self._svc = service.name
+
+    # ---- consumed records -------------------------------------------------------------
+    async def process_records(self, records: Sequence[Record]) -> BatchResult:
+        """Apply one consumed batch in one transaction; poison events are isolated."""
+        started = time.perf_counter()
+        try:
+            result = await self._process(records)
+        except Exception as exc:
+            if _is_transient(exc) or len(records) <= 1:
+                if len(records) == 1 and not _is_transient(exc):
+                    log.exception("event could not be processed; dead-lettering it")
+                    result = await self._process(records, poison=exc)
+                else:
+                    raise
+            else:
+                # A bug or an unexpected value in one event must not stop the stream:
+                # apply the batch record by record and dead-letter only what fails.
+                log.warning("batch failed (%s); isolating records", exc)
+                result = BatchResult()
+                for rec in records:
+                    part = await self.process_records([rec])
+                    result.applied += part.applied
+                    result.duplicates += part.duplicates
+                    result.dead_lettered += part.dead_lettered
+                    result.skipped += part.skipped
+                return result
+        metrics.EVENT_PROCESSING_SECONDS.labels(self._svc).observe(time.perf_counter() - started)
+        metrics.BATCHES.labels(self._svc).inc()
+        return result
+
+    async def _process(self, records: Sequence[Record],
+                       poison: BaseException | None = None) -> BatchResult:
+        now = self.clock()
+        result = BatchResult()
+        positions: dict[tuple[str, int], int] = {}
+        dead: list[tuple[str, Envelope]] = []
+        candidates: dict[tuple[str, str], tuple[Record, Envelope, BaseModel]] = {}
+        for rec in records:
+            positions[(rec.topic, rec.partition)] = rec.offset + 1
+            if poison is not None:
+                dead.append(self._dead(rec, DeadLetter(PROCESSING_ERROR, _describe(poison)), now))
+                continue
+            try:
+                env = decode(rec.value)
+                model = parse(env)
+            except DeadLetter as dl:
+                dead.append(self._dead(rec, dl, now))
+                continue
+            if model is None or env.type not in self.service.consumed_types:
+                metrics.EVENTS_SKIPPED.labels(self._svc, rec.topic, "unknown_type").inc()
+                result.skipped += 1
+                continue
+            key = (env.source, env.id)
+            if key in candidates:
+                metrics.EVENTS_SKIPPED.labels(self._svc, rec.topic, "duplicate").inc()
+                result.duplicates += 1
+                continue
+            candidates[key] = (rec, env, model)
+
+        async with self.engine.begin() as conn:
+            rows = [
+                es.envelope_row(env, topic=rec.topic, partition=rec.partition,
+                                offset=rec.offset, recorded_at=now)
+                for rec, env, _ in candidates.values()
+            ]
+            new = await es.append(conn, self.service.core, rows)
+            fresh: list[Incoming] = []
+            for key, (rec, env, model) in candidates.items():
+                seq = new.get(key)
+                if seq is None:
+                    metrics.EVENTS_SKIPPED.labels(self._svc, rec.topic, "duplicate").inc()
+                    result.duplicates += 1
+                    continue
+                fresh.append(Incoming(seq, env, model, rec.topic, rec.partition, rec.offset))
+            tx = Tx(conn, now)
+            if fresh:
+                await self.service.handle(tx, fresh)
+            rejected = {inc.seq for inc, _ in tx.rejected}
+            for inc, dl in tx.rejected:
+                raw = Record(inc.topic or "", inc.partition or 0, inc.offset or 0,
+                             inc.envelope.subject.encode(), inc.envelope.to_json())
+                dead.append(self._dead(raw, dl, now))
+            await es.forget(conn, self.service.core, rejected)
+            await es.enqueue(conn, self.service.core, [*tx.outbox, *dead], now)
+            await es.store_offsets(conn, self.service.core, positions, now)
+
+        for inc in fresh:
+            if inc.seq not in rejected:
+                metrics.EVENTS_CONSUMED.labels(self._svc, inc.topic or "", inc.envelope.type).inc()
+                lag = (now - inc.envelope.time).total_seconds()
+                metrics.EVENT_LAG_SECONDS.labels(self._svc).observe(max(lag, 0.0))
+                result.applied += 1
+        result.dead_lettered = len(dead)
+        if tx.outbox or dead:
+            self.outbox_ready.set()
+        return result
+
+    def _dead(self, rec: Record, dl: DeadLetter, now: datetime) -> tuple[str, Envelope]:
+        metrics.EVENTS_DEAD_LETTERED.labels(self._svc, rec.topic, dl.reason).inc()
+        log.warning("dead letter %s/%s@%s: %s (%s)", rec.topic, rec.partition, rec.offset,
+                    dl.reason, dl.error)
+        env = dead_letter_record(
+            error=dl.error, reason=dl.reason, service=self._svc, topic=rec.topic,
+            partition=rec.partition, offset=rec.offset, key=rec.key, value=rec.value,
+            failed_at=now,
+        )
+        return self.dlq_topic, env
+
+    # ---- local events (API commands, scheduler) ---------------------------------------
+    async def submit(self, conn: AsyncConnection, envelopes: Sequence[Envelope],
+                     scratch: dict[str, Any] | None = None) -> Tx:
+        """Record and apply events made inside the service, in the caller's transaction.
+
+        Each must be valid: an invalid one is a programming error, not a dead letter.
+        """
+        now = self.clock()
+        tx = Tx(conn, now, scratch=scratch or {})
+        parsed: list[tuple[Envelope, BaseModel]] = []
+        for env in envelopes:
+            model = self.service.parse_stored(env)
+            if model is None:
+                raise ValueError(f"unknown event type {env.type!r}")
+            parsed.append((env, model))
+        rows = [es.envelope_row(env, topic=None, partition=None, offset=None, recorded_at=now)
+                for env, _ in parsed]
+        new = await es.append(conn, self.service.core, rows)
+        fresh = [Incoming(new[(env.source, env.id)], env, model)
+                 for env, model in parsed if (env.source, env.id) in new]
+        if fresh:
+            await self.service.handle(tx, fresh)
+        for inc, dl in tx.rejected:
+            raise ValueError(f"service rejected its own event {inc.envelope.id}: {dl.error}")
+        await es.enqueue(conn, self.service.core, tx.outbox, now)
+        if tx.outbox:
+            self.outbox_ready.set()
+        return tx
+
+    async def run_due(self) -> int:
+        """Record the time-driven events due now; returns how many were new."""
+        now = self.clock()
+        async with self.engine.begin() as conn:
+            due = await self.service.due_events(conn, now)
+            if not due:
+                return 0
+            await self.submit(conn, due)
+        return len(due)
+
+    # ---- replay and verify ------------------------------------------------------------
+    async def _refold(self, conn: AsyncConnection,
+                      progress: Callable[[int, int], None] | None = None) -> int:
+        for table in reversed(self.service.projection_tables):
+            await conn.execute(delete(table))
+        total = await es.count_events(conn, self.service.core)
+        done = 0
+        async for page in es.read_events(conn, self.service.core):
+            incoming: list[Incoming] = []
+            for stored in page:
+                model = self.service.parse_stored(stored.envelope)
+                if model is not None:
+                    incoming.append(Incoming(stored.seq, stored.envelope, model, stored.topic,
+                                             stored.partition, stored.offset))
+            tx = Tx(conn, self.clock(), replaying=True)
+            await self.service.handle(tx, incoming)
+            done += len(page)
+            if progress:
+                progress(done, total)
+        return done
+
+    async def replay(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Truncate the projections and refold every stored event, in one transaction."""
+        async with self.engine.begin() as conn:
+            return await self._refold(conn, progress)
+
+    async def verify(self) -> list[str]:
+        """Compare the projections with a replay (rolled back); returns the differences."""
+        async with self.engine.connect() as conn:
+            trans = await conn.begin()
+            try:
+                before = await _dump(conn, self.service.projection_tables)
+                await self._refold(conn)
+                after = await _dump(conn, self.service.projection_tables)
+            finally:
+                await trans.rollback()
+        diffs: list[str] = []
+        for name in before:
+            missing = before[name] - after[name]
+            extra = after[name] - before[name]
+            diffs += [f"{name}: stored row not reproduced by replay: {r}" for r in sorted(missing)]
+            diffs += [f"{name}: replay produced a row not stored: {r}" for r in sorted(extra)]
+        return diffs
+
+
+async def _dump(conn: AsyncConnection, tables: Sequence[Table]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for table in tables:
+        rows = await conn.execute(select(table))
+        out[table.name] = {repr(tuple(_canon(v) for v in row)) for row in rows}
+    return out
+
+
+def _canon(value: Any) -> Any:
+    from decimal import Decimal
+
+    if isinstance(value, Decimal):
+        return format(value.normalize(), "f")
+    return value
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+# ---- the loops ------------------------------------------------------------------------------
+
+
+async def wait_or_stop(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep up to ``seconds``; True when stopping was requested."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    return stop.is_set()
+
+
+class ConsumerLoop:
+    """Kafka → EventCore, seeking to the offsets stored in the database on assignment."""
+
+    def __init__(self, core: EventCore, *, bootstrap: str, topics: list[str],
+                 group_id: str, client_kwargs: dict[str, Any] | None = None,
+                 max_records: int = 500, poll_timeout_ms: int = 200) -> None:
+        self.core = core
+        self.bootstrap = bootstrap
+        self.topics = topics
+        self.group_id = group_id
+        self.client_kwargs = client_kwargs or {}
+        self.max_records = max_records
+        self.poll_timeout_ms = poll_timeout_ms
+        self.assigned = asyncio.Event()
+        self.healthy = False
+        self._consumer: Any = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        from aiokafka import AIOKafkaConsumer  # local: the domain and unit tests never need it
+        from aiokafka.abc import ConsumerRebalanceListener
+
+        loop = self
+
+        class SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
+            async def on_partitions_revoked(self, revoked: Any) -> None:
+                return None
+
+            async def on_partitions_assigned(self, assigned: Any) -> None:
+                await loop._seek(assigned)
+                loop.assigned.set()
+
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self.max_records,
+            session_timeout_ms=30000,
+            heartbeat_interval_ms=3000,
+            **self.client_kwargs,
+        )
+        self._consumer = consumer
+        while not stop.is_set():
+            try:
+                await consumer.start()
+                break
+            except Exception as exc:
+                log.warning("broker not reachable yet (%s); retrying", exc)
+                if await wait_or_stop(stop, 2.0):
+                    return
+        consumer.subscribe(self.topics, listener=SeekToStored())
+        last_commit = 0.0
+        try:
+            while not stop.is_set():
+                batches = await consumer.getmany(timeout_ms=self.poll_timeout_ms,
+                                                 max_records=self.max_records)
+                self.healthy = True
+                records = [
+                    Record(m.topic, m.partition, m.offset, m.key, m.value)
+                    for msgs in batches.values() for m in msgs
+                ]
+                if not records:
+                    continue
+                await self._apply_with_retry(records, stop)
+                self._observe_lag(consumer, batches)
+                if time.monotonic() - last_commit > 1.0:
+                    last_commit = time.monotonic()
+                    await self._commit_for_lag_tools(consumer, batches)
+        finally:
+            # Leave the group cleanly: the batch in hand was committed above.
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+
+    async def _apply_with_retry(self, records: list[Record], stop: asyncio.Event) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self.core.process_records(records)
+                return
+            except Exception as exc:
+                if not _is_transient(exc):
+                    raise
+                # The database is away: keep the batch and try again; nothing is lost.
+                self.healthy = False
+                log.warning("database unavailable (%s); retrying batch in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _seek(self, assigned: Any) -> None:
+        parts = [(tp.topic, tp.partition) for tp in assigned]
+        async with self.core.engine.connect() as conn:
+            stored = await es.load_offsets(conn, self.core.service.core, parts)
+        for tp in assigned:
+            pos = stored.get((tp.topic, tp.partition))
+            if pos is None:
+                await self._consumer.seek_to_beginning(tp)
+            else:
+                self._consumer.seek(tp, pos)
+
+    def _observe_lag(self, consumer: Any, batches: dict[Any, Any]) -> None:
+        for tp, msgs in batches.items():
+            high = consumer.highwater(tp)
+            if high is not None and msgs:
+                metrics.CONSUMER_LAG.labels(self.core.service.name, tp.topic, str(tp.partition)).set(
+                    max(high - (msgs[-1].offset + 1), 0))
+
+    async def _commit_for_lag_tools(self, consumer: Any, batches: dict[Any, Any]) -> None:
+        """Mirror positions to Kafka for lag tooling; the database stays authoritative."""
+        from aiokafka.structs import OffsetAndMetadata
+
+        offsets = {tp: OffsetAndMetadata(msgs[-1].offset + 1, "") for tp, msgs in batches.items()
+                   if msgs}
+        try:
+            await consumer.commit(offsets)
+        except Exception as exc:
+            log.debug("informational offset commit failed: %s", exc)
+
+
+class OutboxRelay:
+    """Publishes queued derived events to Kafka, in order, at least once."""
+
+    def __init__(self, core: EventCore, *, bootstrap: str,
+                 client_kwargs: dict[str, Any] | None = None, batch: int = 500,
+                 poll_interval: float = 0.05) -> None:
+        self.core = core
+        self.bootstrap = bootstrap
+        self.client_kwargs = client_kwargs or {}
+        self.batch = batch
+        self.poll_interval = poll_interval
+        self.healthy = False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        from aiokafka import AIOKafkaProducer
+
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, acks="all", linger_ms=2,
+            enable_idempotence=False,  # the embedded dev broker has no idempotent producers
+            **self.client_kwargs,
+        )
+        while not stop.is_set():
+            try:
+                await producer.start()
+                break
+            except Exception as exc:
+                log.warning("relay: broker not reachable yet (%s); retrying", exc)
+                if await wait_or_stop(stop, 2.0):
+                    return
+        self.healthy = True
+        leader: AsyncConnection | None = None
+        try:
+            while True:
+                if is_pg := self.core.engine.dialect.name == "postgresql":
+                    leader = await self._lead(leader)
+                sent = 0
+                if leader is not None or not is_pg:
+                    try:
+                        sent = await self.publish_pending(producer)
+                    except Exception as exc:
+                        log.warning("relay: publish failed (%s); retrying", exc)
+                        await asyncio.sleep(0.5)
+                if sent:
+                    continue
+                if stop.is_set():
+                    break
+                self.core.outbox_ready.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.core.outbox_ready.wait(), self.poll_interval)
+        finally:
+            if leader is not None:
+                with contextlib.suppress(Exception):
+                    await leader.close()
+            with contextlib.suppress(Exception):
+                await producer.stop()
+
+    async def _lead(self, leader: AsyncConnection | None) -> AsyncConnection | None:
+        """Only one relay per service publishes (a PostgreSQL advisory lock), keeping order."""
+        if leader is not None:
+            return leader
+        conn = await self.core.engine.connect()
+        got = (await conn.execute(text("SELECT pg_try_advisory_lock(hashtext(:k))"),
+                                  {"k": f"creditwatch-relay-{self.core.service.name}"})).scalar()
+        await conn.commit()
+        if got:
+            return conn
+        await conn.close()
+        return None
+
+    async def publish_pending(self, producer: Any) -> int:
+        core = self.core.service.core
+        async with self.core.engine.connect() as conn:
+            rows = await es.pending_outbox(conn, core, self.batch)
+            await conn.rollback()
+        if not rows:
+            metrics.OUTBOX_PENDING.labels(self.core.service.name).set(0)
+            return 0
+        futures = [
+            await producer.send(r.topic, value=r.value.encode(), key=r.key.encode())
+            for r in rows
+        ]
+        await asyncio.gather(*futures)
+        async with self.core.engine.begin() as conn:
+            await es.delete_outbox(conn, core, rows[-1].seq, [r.seq for r in rows])
+        for r in rows:
+            metrics.OUTBOX_PUBLISHED.labels(self.core.service.name, r.topic).inc()
+        return len(rows)
+
+
+class Scheduler:
+    """Records time-driven events (expiries, ageing, reviews) so that replays see them."""
+
+    def __init__(self, core: EventCore, *, interval: float = 1.0) -> None:
+        self.core = core
+        self.interval = interval
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.core.run_due()
+            except Exception:
+                log.exception("scheduler tick failed")
+            if await wait_or_stop(stop, self.interval):
+                return
+
+
+async def run_all(stop: asyncio.Event, *jobs: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run background loops until ``stop``; one crashing loop stops the others."""
+    tasks = [asyncio.create_task(job(stop)) for job in jobs]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception() is not None:
+                stop.set()
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)

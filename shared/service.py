@@ -1,0 +1,105 @@
+"""Hosting one service: its engine, event core and background loops behind a FastAPI app.
+
+Every service's ``app.py`` builds a ``Service`` (tables, topics, handlers) and its routers;
+this module runs the rest the same way for all three: consumer, outbox relay, scheduler,
+readiness, graceful stop (finish the batch in hand, commit, leave the group).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from shared.runtime import (
+    Clock,
+    ConsumerLoop,
+    EventCore,
+    OutboxRelay,
+    Scheduler,
+    Service,
+    run_all,
+    utcnow,
+)
+from shared.settings import Settings
+
+log = logging.getLogger("creditwatch.service")
+
+
+@dataclass
+class ServiceHost:
+    """The running parts of one service, shared by its API routes and its loops."""
+
+    service: Service
+    settings: Settings
+    engine: AsyncEngine
+    core: EventCore
+    consume: bool = True
+    clock: Clock = utcnow
+    consumer: ConsumerLoop | None = None
+    relay: OutboxRelay | None = None
+    scheduler: Scheduler | None = None
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _task: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        kwargs = s.kafka_client_kwargs()
+        if self.consume:
+            self.consumer = ConsumerLoop(
+                self.core, bootstrap=s.kafka_bootstrap, topics=self.service.input_topics(),
+                group_id=f"creditwatch-{self.service.name}", client_kwargs=kwargs,
+                max_records=s.consumer_max_records, poll_timeout_ms=s.consumer_poll_timeout_ms,
+            )
+            self.scheduler = Scheduler(self.core, interval=s.scheduler_interval_s)
+        self.relay = OutboxRelay(self.core, bootstrap=s.kafka_bootstrap, client_kwargs=kwargs,
+                                 poll_interval=s.outbox_poll_interval_s)
+
+    async def start(self) -> None:
+        jobs: list[Callable[[asyncio.Event], Any]] = []
+        for loop in (self.consumer, self.relay, self.scheduler):
+            if loop is not None:
+                jobs.append(loop.run)
+        self._task = asyncio.create_task(run_all(self.stop, *jobs))
+
+    async def close(self) -> None:
+        self.stop.set()
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await self._task
+        await self.engine.dispose()
+
+    async def readiness(self) -> dict[str, bool]:
+        checks = {"database": False, "broker": False}
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            checks["database"] = True
+        except Exception as exc:
+            log.warning("readiness: database unreachable: %s", exc)
+        if self.consumer is not None:
+            checks["broker"] = self.consumer.assigned.is_set() and self.consumer.healthy
+            checks["consumer_assigned"] = self.consumer.assigned.is_set()
+        else:
+            checks["broker"] = self.relay is not None and self.relay.healthy
+        if self._task is not None and self._task.done():
+            checks["loops"] = False
+        return checks
+
+    def lifespan(self) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+        @contextlib.asynccontextmanager
+        async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
+            await self.start()
+            try:
+                yield
+            finally:
+                await self.close()
+
+        return _lifespan
