@@ -42,7 +42,8 @@ def core_for(name: str, settings: Settings,
              policy: Policy | None = None) -> tuple[EventCore, AsyncEngine]:
     """An event core on the service's database, without loops (replay, verify, tools)."""
     engine = make_engine(settings.database_url_for(name))
-    core = EventCore(service_for(name, settings, policy), engine, dlq_topic=settings.topic_dlq)
+    core = EventCore(service_for(name, settings, policy), engine, dlq_topic=settings.topic_dlq,
+                     topic_of_type=settings.topic_of_type())
     return core, engine
 
 
@@ -54,11 +55,9 @@ def upgrade(settings: Settings, names: list[str]) -> list[str]:
     done: list[str] = []
     for name in names:
         url = settings.database_url_for(name)
-        if url in done:
-            continue
-        upgrade_url(url)
-        done.append(url)
-    return [redact_url(u) for u in done]
+        upgrade_url(url, name)
+        done.append(f"{name}: {redact_url(url)}")
+    return done
 
 
 def all_topics(settings: Settings) -> list[str]:

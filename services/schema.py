@@ -1,4 +1,4 @@
-"""Every service's tables, for migrations and for the tests that build a database."""
+"""Migrations per service (``creditwatch db upgrade``), with Alembic driven from code."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.db import make_engine
@@ -15,26 +14,22 @@ from shared.db import make_engine
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def all_metadata() -> list[MetaData]:
-    from services.alerts.store import metadata as alerts
-    from services.assessment.store import metadata as assessment
-    from services.limits.store import metadata as limits
-
-    return [assessment, limits, alerts]
-
-
-def alembic_config(url: str) -> Config:
+def alembic_config(service: str, url: str) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("path_separator", "os")
+    cfg.set_main_option("version_locations", str(MIGRATIONS / "versions" / service))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    cfg.set_main_option("service", service)
+    cfg.attributes["service"] = service
     return cfg
 
 
-async def upgrade(engine: AsyncEngine) -> None:
-    """Bring the database to the newest schema (``creditwatch db upgrade``)."""
+async def upgrade(engine: AsyncEngine, service: str) -> None:
+    """Bring the service's tables in this database to the newest schema."""
 
     def _go(sync_conn: object) -> None:
-        cfg = alembic_config(str(engine.url))
+        cfg = alembic_config(service, str(engine.url))
         cfg.attributes["connection"] = sync_conn
         command.upgrade(cfg, "head")
 
@@ -42,12 +37,18 @@ async def upgrade(engine: AsyncEngine) -> None:
         await conn.run_sync(_go)
 
 
-def upgrade_url(url: str) -> None:
+def upgrade_url(url: str, service: str) -> None:
     async def _run() -> None:
         engine = make_engine(url)
         try:
-            await upgrade(engine)
+            await upgrade(engine, service)
         finally:
             await engine.dispose()
 
     asyncio.run(_run())
+
+
+def revision(service: str, url: str, message: str) -> None:
+    """Autogenerate a migration for one service (developers: scripts/new-migration)."""
+    cfg = alembic_config(service, url)
+    command.revision(cfg, message=message, autogenerate=True)

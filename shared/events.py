@@ -38,6 +38,7 @@ from shared.money import (
     is_currency,
     parse_amount,
     parse_decimal,
+    quantize,
 )
 
 # -- dead letters -------------------------------------------------------------------------
@@ -165,9 +166,9 @@ def _currency_in_scope(info: ValidationInfo) -> str | None:
     if isinstance(context, dict):
         currency = context.get("currency")
         if is_currency(currency):
-            return str(currency)
+            return currency
     currency = info.data.get("currency")
-    return str(currency) if is_currency(currency) else None
+    return currency if is_currency(currency) else None
 
 
 def _amount_parser(
@@ -226,19 +227,23 @@ NonNegativeAmount = Annotated[
 SignedAmount = Annotated[
     Decimal, BeforeValidator(_amount_parser(allow_zero=True, allow_negative=True)), _AS_PLAIN_STRING
 ]
-PositiveAmount = Amount
-
 
 _PLAIN_DECIMAL: Final = re.compile(r"-?[0-9]{1,40}(?:\.[0-9]{1,40})?", re.ASCII)
 
 
 def _exact_decimal(value: object) -> Decimal:
-    if isinstance(value, Decimal) and value.is_finite():
+    if (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, str) and _PLAIN_DECIMAL.fullmatch(value)
+    ):
+        value = Decimal(value)
+    # The bound is far beyond any amount or score; it keeps "1e999999" from being written
+    # out as a million digits.
+    if (
+        isinstance(value, Decimal)
+        and value.is_finite()
+        and (value.is_zero() or value.adjusted() <= 30)
+    ):
         return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return Decimal(value)
-    if isinstance(value, str) and _PLAIN_DECIMAL.fullmatch(value):
-        return Decimal(value)
     raise _custom_error(INVALID_FIELD, f"expected an exact decimal number, got {_short(value)}")
 
 
@@ -654,7 +659,8 @@ class Factor(BaseModel):
     model_config = ConfigDict(frozen=True, extra="allow")
 
     factor: NonEmptyStr
-    value: ExactDecimal | str | None = None
+    # A number when it is one ("1.35" read back from the wire included), else text.
+    value: ExactDecimal | str | None = Field(default=None, union_mode="left_to_right")
     points: ExactDecimal
     max_points: ExactDecimal
     reason: str | None = None
@@ -716,10 +722,12 @@ class LimitChanged(OutputEventData):
 OVERDUE_BUCKETS: Final = ("1-30", "31-60", "61-90", "90+")
 
 
-def _all_buckets(value: object) -> object:
+def _all_buckets(value: object, info: ValidationInfo) -> object:
     # The contract promises all four keys; a producer may leave the empty ones out.
     if isinstance(value, dict):
-        return {bucket: value.get(bucket, 0) for bucket in OVERDUE_BUCKETS} | value
+        currency = info.data.get("currency")
+        zero = quantize(Decimal(0), currency) if is_currency(currency) else Decimal(0)
+        return {bucket: value.get(bucket, zero) for bucket in OVERDUE_BUCKETS} | value
     return value
 
 
@@ -899,14 +907,19 @@ def new_event(
     id: str,
     time: dt.datetime,
 ) -> Envelope:
-    """Build an output event. Data of a known type is validated by its model first."""
+    """Build an output event (Decimals become strings, datetimes RFC 3339).
+
+    Data of a known type is its model, or is validated by it: a dict, or another model
+    with the same fields (an `AlertRaised` published as `alert.updated`). Raises
+    pydantic's ValidationError for data that does not fit, and ValueError when the data's
+    customer_id is not the subject: both are bugs in the producer, not dead letters.
+    """
     model = MODEL_OF_TYPE.get(type)
-    if isinstance(data, BaseModel):
-        if model is not None and not isinstance(data, model):
-            raise TypeError(f"{type} carries {model.__name__}, not {data.__class__.__name__}")
+    if isinstance(data, BaseModel) and (model is None or isinstance(data, model)):
         payload = data.model_dump(mode="json", by_alias=True)
     elif model is not None:
-        payload = _validate_data(model, data).model_dump(mode="json", by_alias=True)
+        fields = data.model_dump() if isinstance(data, BaseModel) else data
+        payload = _validate_data(model, fields).model_dump(mode="json", by_alias=True)
     else:
         payload = _JSON_OBJECT.dump_python(dict(data), mode="json")
     customer_id = payload.get("customer_id")

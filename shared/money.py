@@ -16,7 +16,7 @@ from decimal import (
     InvalidOperation,
     Overflow,
 )
-from typing import Final, Literal
+from typing import Final, Literal, TypeGuard
 
 # ISO 4217 List One (SIX, published 2026-01-01): alphabetic code -> minor units.
 # Codes whose minor unit is "N.A." (precious metals XAU/XAG/XPD/XPT, the bond-market units
@@ -79,7 +79,7 @@ class AmountError(ValueError):
         self.detail = detail
 
 
-def is_currency(code: object) -> bool:
+def is_currency(code: object) -> TypeGuard[str]:
     """True for an active ISO 4217 code (upper case, as the standard writes it)."""
     return isinstance(code, str) and code in CURRENCY_MINOR_UNITS
 

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -123,12 +123,13 @@ class EventCore:
     """Applies batches of records or local events to one service's store, atomically."""
 
     def __init__(self, service: Service, engine: AsyncEngine, *, dlq_topic: str = "credit.dlq",
-                 clock: Clock = utcnow) -> None:
+                 clock: Clock = utcnow, topic_of_type: Mapping[str, str] | None = None) -> None:
         self.service = service
         self.engine = engine
         self.dlq_topic = dlq_topic
         self.clock = clock
         self.outbox_ready = asyncio.Event()
+        self.topic_of_type = topic_of_type
         self._svc = service.name
 
     # ---- consumed records -------------------------------------------------------------
@@ -174,7 +175,7 @@ class EventCore:
                 continue
             try:
                 env = decode(rec.value)
-                model = parse(env)
+                model = parse(env, topic=rec.topic, topic_of_type=self.topic_of_type)
             except DeadLetter as dl:
                 dead.append(self._dead(rec, dl, now))
                 continue
@@ -357,7 +358,8 @@ class ConsumerLoop:
 
     def __init__(self, core: EventCore, *, bootstrap: str, topics: list[str],
                  group_id: str, client_kwargs: dict[str, Any] | None = None,
-                 max_records: int = 500, poll_timeout_ms: int = 200) -> None:
+                 max_records: int = 500, poll_timeout_ms: int = 200,
+                 session_timeout_ms: int = 10000, heartbeat_interval_ms: int = 2000) -> None:
         self.core = core
         self.bootstrap = bootstrap
         self.topics = topics
@@ -365,6 +367,8 @@ class ConsumerLoop:
         self.client_kwargs = client_kwargs or {}
         self.max_records = max_records
         self.poll_timeout_ms = poll_timeout_ms
+        self.session_timeout_ms = session_timeout_ms
+        self.heartbeat_interval_ms = heartbeat_interval_ms
         self.assigned = asyncio.Event()
         self.healthy = False
         self._consumer: Any = None
@@ -389,8 +393,11 @@ class ConsumerLoop:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=self.max_records,
-            session_timeout_ms=30000,
-            heartbeat_interval_ms=3000,
+            # Room for one oversize record (dead-lettered by the core) per partition fetch.
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            session_timeout_ms=self.session_timeout_ms,
+            heartbeat_interval_ms=self.heartbeat_interval_ms,
+            rebalance_timeout_ms=max(self.session_timeout_ms, 30000),
             **self.client_kwargs,
         )
         self._consumer = consumer

@@ -55,8 +55,10 @@ class ServiceHost:
         if self.consume:
             self.consumer = ConsumerLoop(
                 self.core, bootstrap=s.kafka_bootstrap, topics=self.service.input_topics(),
-                group_id=f"creditwatch-{self.service.name}", client_kwargs=kwargs,
+                group_id=f"{s.consumer_group_prefix}-{self.service.name}", client_kwargs=kwargs,
                 max_records=s.consumer_max_records, poll_timeout_ms=s.consumer_poll_timeout_ms,
+                session_timeout_ms=s.consumer_session_timeout_ms,
+                heartbeat_interval_ms=s.consumer_heartbeat_interval_ms,
             )
             self.scheduler = Scheduler(self.core, interval=s.scheduler_interval_s)
         self.relay = OutboxRelay(self.core, bootstrap=s.kafka_bootstrap, client_kwargs=kwargs,

@@ -120,6 +120,11 @@ class Settings(BaseSettings):
     # --- processing loop -----------------------------------------------------------------
     consumer_max_records: int = Field(default=500, ge=1)
     consumer_poll_timeout_ms: int = Field(default=200, ge=0)
+    # Consumer groups are "<prefix>-<service>"; two deployments on one cluster need two.
+    consumer_group_prefix: str = "creditwatch"
+    # A killed consumer's partitions move to a survivor after this long (broker minimum 6 s).
+    consumer_session_timeout_ms: int = Field(default=10000, ge=1000)
+    consumer_heartbeat_interval_ms: int = Field(default=2000, ge=100)
     outbox_poll_interval_s: float = Field(default=0.05, gt=0)
     scheduler_interval_s: float = Field(default=1.0, gt=0)
 
@@ -194,6 +199,21 @@ class Settings(BaseSettings):
         return self
 
     # ------------------------------------------------------------------------------------
+    def topic_of_type(self) -> dict[str, str]:
+        """Each contract event type's topic, as configured (for the wrong-topic check)."""
+        from shared.events import TOPIC_OF_TYPE
+
+        by_default = {
+            "crm.customers": self.topic_customers, "ar.invoices": self.topic_invoices,
+            "ar.payments": self.topic_payments, "ar.overdue": self.topic_overdue,
+            "crm.financials": self.topic_financials,
+            "crm.credit-reports": self.topic_credit_reports,
+            "credit.assessments": self.topic_assessments, "credit.limits": self.topic_limits,
+            "credit.exposure": self.topic_exposure, "credit.alerts": self.topic_alerts,
+            "credit.dlq": self.topic_dlq,
+        }
+        return {type_: by_default[topic] for type_, topic in TOPIC_OF_TYPE.items()}
+
     def database_url_for(self, service: str) -> str:
         """The database URL of one service (``{service}`` in the template replaced)."""
         return self.database_url.replace("{service}", service)

@@ -1,37 +1,27 @@
-"""Fresh databases for tests: a SQLite file or a new PostgreSQL database, migrated."""
+"""Fresh databases for tests: a SQLite file or a new PostgreSQL database, migrated by Alembic
+exactly as ``creditwatch db upgrade`` does."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from services.schema import upgrade
-from shared.db import make_engine
-from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.schema import upgrade
+from shared.db import make_engine
 from tests.infra import servers
 
 
-async def fresh_engine(kind: str, *, tmp_path: Path, pg_server_url: str | None) -> AsyncEngine:
+def fresh_url(kind: str, *, tmp_path: Path, pg_server_url: str | None, name: str = "cw") -> str:
     if kind == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'creditwatch.db'}"
-    else:
-        assert pg_server_url is not None
-        url = servers.create_database(pg_server_url)
-    engine = make_engine(url)
-    await upgrade(engine)
-    return engine
+        return f"sqlite+aiosqlite:///{tmp_path / f'{name}.db'}"
+    assert pg_server_url is not None, "PostgreSQL tests need the postgres_server_url fixture"
+    return servers.create_database(pg_server_url)
 
 
-async def created_engine(kind: str, metadata: MetaData, *, tmp_path: Path,
-                         pg_server_url: str | None) -> AsyncEngine:
-    """Tables straight from the metadata (for core tests that need one service only)."""
-    if kind == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'creditwatch.db'}"
-    else:
-        assert pg_server_url is not None
-        url = servers.create_database(pg_server_url)
-    engine = make_engine(url)
-    async with engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
+async def fresh_engine(kind: str, service: str, *, tmp_path: Path,
+                       pg_server_url: str | None) -> AsyncEngine:
+    engine = make_engine(fresh_url(kind, tmp_path=tmp_path, pg_server_url=pg_server_url,
+                                   name=service))
+    await upgrade(engine, service)
     return engine

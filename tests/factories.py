@@ -6,6 +6,7 @@ import json
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from shared.events import TOPIC_OF_TYPE
 from shared.runtime import Record
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
@@ -56,11 +57,20 @@ def payment(cid: str, pay: str, amount: str, *, received: date = date(2026, 3, 1
     return cloudevent("payment.received", cid, data, id=f"pay-{pay}", time=when)
 
 
-def records(events: list[dict[str, Any] | bytes], topic: str = "ar.invoices",
+def records(events: list[dict[str, Any] | bytes], topic: str | None = None,
             partition: int = 0, start: int = 0) -> list[Record]:
+    """Records at consecutive offsets; each on its type's own topic unless one is given.
+
+    Offsets count per topic, as Kafka numbers them.
+    """
     out = []
-    for i, e in enumerate(events):
+    next_offset: dict[str, int] = {}
+    for e in events:
         value = e if isinstance(e, bytes) else raw(e)
         key = None if isinstance(e, bytes) else str(e["subject"]).encode()
-        out.append(Record(topic, partition, start + i, key, value))
+        where = topic or ("ar.invoices" if isinstance(e, bytes)
+                          else TOPIC_OF_TYPE.get(str(e["type"]), "ar.invoices"))
+        offset = next_offset.get(where, start)
+        next_offset[where] = offset + 1
+        out.append(Record(where, partition, offset, key, value))
     return out

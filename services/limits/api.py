@@ -22,7 +22,7 @@ from shared import metrics
 from shared.auth import Principal, require
 from shared.body import body_schema, json_body
 from shared.events import new_event
-from shared.money import AmountError, is_currency, parse_amount
+from shared.money import MAX_MINOR_UNITS, AmountError, is_currency, parse_amount, parse_decimal
 from shared.problems import Conflict, Forbidden, NotFound, ValidationFailed
 from shared.runtime import EventCore
 
@@ -57,11 +57,11 @@ class CheckRequest(BaseModel):
     def _amount(cls, value: object, info: ValidationInfo) -> Decimal:
         ccy = info.data.get("currency")
         try:
-            return parse_amount(value, ccy or "XXX", field="amount")
-        except AmountError as exc:
-            if exc.reason == "unknown_currency" and not ccy:
+            if ccy is None:
                 # The currency is wrong and reported on its own; judge the number alone.
-                return parse_amount(value, "XAU", field="amount")
+                return parse_decimal(value, field="amount", places=MAX_MINOR_UNITS)
+            return parse_amount(value, ccy, field="amount")
+        except AmountError as exc:
             raise ValueError(exc.detail) from None
 
 
@@ -76,7 +76,8 @@ class LimitRequestBody(BaseModel):
     def _limit(cls, value: object) -> Decimal:
         try:
             # Scale is checked against the customer's currency once it is known.
-            return parse_amount(value, "XAU", field="requested_limit", allow_zero=True)
+            return parse_decimal(value, field="requested_limit", places=MAX_MINOR_UNITS,
+                                 allow_zero=True)
         except AmountError as exc:
             raise ValueError(exc.detail) from None
 

@@ -32,7 +32,8 @@ def build(settings: Settings, *, tokens: TokenRegistry, policy: Policy | None = 
     policy = policy or load_policy(settings.policy)
     engine = make_engine(settings.database_url_for(NAME))
     service = LimitsService(settings, policy)
-    core = EventCore(service, engine, dlq_topic=settings.topic_dlq, clock=clock)
+    core = EventCore(service, engine, dlq_topic=settings.topic_dlq, clock=clock,
+                     topic_of_type=settings.topic_of_type())
     host = ServiceHost(service, settings, engine, core, consume=consume, clock=clock)
     gauges = PortfolioGauges(host)
 

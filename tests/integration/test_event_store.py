@@ -21,7 +21,7 @@ from shared.policy import load_policy
 from shared.runtime import EventCore
 from shared.settings import Settings
 from tests import factories as f
-from tests.databases import created_engine
+from tests.databases import fresh_engine
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
     pg = request.getfixturevalue("postgres_server_url") if request.param == "postgresql" else None
-    eng = await created_engine(request.param, store.metadata, tmp_path=tmp_path, pg_server_url=pg)
+    eng = await fresh_engine(request.param, "limits", tmp_path=tmp_path, pg_server_url=pg)
     yield eng
     await eng.dispose()
 
@@ -53,8 +53,9 @@ async def outbox(engine: AsyncEngine) -> list[dict]:
 
 
 async def offsets(engine: AsyncEngine) -> dict:
+    wanted = [(t, p) for t in ("crm.customers", "ar.invoices", "ar.payments") for p in (0, 1)]
     async with engine.connect() as conn:
-        return await es.load_offsets(conn, store.core, [("ar.invoices", 0), ("ar.invoices", 1)])
+        return await es.load_offsets(conn, store.core, wanted)
 
 
 async def test_a_batch_applies_new_events_and_stores_the_next_offset(core, engine):
@@ -63,7 +64,7 @@ async def test_a_batch_applies_new_events_and_stores_the_next_offset(core, engin
     result = await core.process_records(batch)
     assert result.applied == 3
     assert await exposure_of(engine, "C1") == "150.25"
-    assert await offsets(engine) == {("ar.invoices", 0): 3}
+    assert await offsets(engine) == {("crm.customers", 0): 1, ("ar.invoices", 0): 2}
 
 
 async def test_a_redelivered_batch_changes_nothing(core, engine):
@@ -94,14 +95,14 @@ async def test_malformed_records_are_dead_lettered_with_their_reason_and_passed(
                                                        "not_utf8"]
     assert all(e["type"] == "event.dead_lettered" and e["data"]["service"] == "limits"
                for e in dlq)
-    assert await offsets(engine) == {("ar.invoices", 0): 5}
+    assert await offsets(engine) == {("crm.customers", 0): 1, ("ar.invoices", 0): 4}
     assert await exposure_of(engine, "C1") == "10.00"
 
 
 async def test_an_amount_without_an_fx_rate_is_dead_lettered_by_the_service(core, engine):
     await core.process_records(f.records([f.customer("C1")]))
     odd = f.invoice("C1", "I1", "100.00", currency="BRL")
-    result = await core.process_records(f.records([odd], start=1))
+    result = await core.process_records(f.records([odd]))
     assert result.dead_lettered == 1
     dlq = [e for e in await outbox(engine) if e["topic"] == "credit.dlq"]
     assert dlq[0]["data"]["reason"] == "no_fx_rate"
@@ -112,7 +113,7 @@ async def test_an_amount_without_an_fx_rate_is_dead_lettered_by_the_service(core
 async def test_offsets_never_move_backwards(core, engine):
     await core.process_records(f.records([f.customer("C1")], start=10))
     await core.process_records(f.records([f.customer("C2")], start=3))
-    assert await offsets(engine) == {("ar.invoices", 0): 11}
+    assert await offsets(engine) == {("crm.customers", 0): 11}
 
 
 async def test_a_failing_handler_leaves_nothing_behind_and_only_the_poison_is_dead_lettered(
@@ -132,7 +133,7 @@ async def test_a_failing_handler_leaves_nothing_behind_and_only_the_poison_is_de
     assert await exposure_of(engine, "C1") == "2.00"
     dlq = [e for e in await outbox(engine) if e["topic"] == "credit.dlq"]
     assert [e["data"]["reason"] for e in dlq] == ["processing_error"]
-    assert await offsets(engine) == {("ar.invoices", 0): 3}
+    assert await offsets(engine) == {("crm.customers", 0): 1, ("ar.invoices", 0): 2}
 
 
 async def test_replay_rebuilds_the_projections_and_verify_finds_no_difference(core, engine):
@@ -159,8 +160,9 @@ async def test_verify_reports_a_projection_that_drifted_from_the_events(core, en
 
 
 async def test_two_partitions_in_one_batch_store_both_offsets(core, engine):
-    batch = [*f.records([f.customer("C1")], partition=0),
-             *f.records([f.customer("C2"), f.invoice("C2", "I1", "5.00")], partition=1)]
+    batch = [*f.records([f.invoice("C1", "I0", "1.00")], partition=0),
+             *f.records([f.invoice("C2", "I1", "5.00"), f.invoice("C2", "I2", "5.00")],
+                        partition=1)]
     await core.process_records(batch)
     assert await offsets(engine) == {("ar.invoices", 0): 1, ("ar.invoices", 1): 2}
 
@@ -170,4 +172,12 @@ async def test_an_unknown_type_is_skipped_and_its_offset_stored(core, engine):
     result = await core.process_records(f.records([odd]))
     assert result.skipped == 1 and result.dead_lettered == 0
     assert await offsets(engine) == {("ar.invoices", 0): 1}
+
+
+async def test_a_known_type_on_another_topic_is_dead_lettered_as_wrong_topic(core, engine):
+    result = await core.process_records(f.records([f.invoice("C1", "I1", "9.00")],
+                                                  topic="crm.customers"))
+    assert result.dead_lettered == 1
+    dlq = [e for e in await outbox(engine) if e["topic"] == "credit.dlq"]
+    assert dlq[0]["data"]["reason"] == "wrong_topic"
 
