@@ -262,7 +262,9 @@ async def _dev(settings: Settings, tokens: TokenRegistry, *, demo: bool,
     _print_banner(settings, tokens)
     demo_task = None
     if demo:
+        token = next(iter(tokens.generated), None) or os.environ.get("CREDITWATCH_DEMO_TOKEN")
         demo_task = asyncio.create_task(sim.run_demo(settings, customers=demo_customers,
+                                                     token=token,
                                                      stop=lambda: servers[0].should_exit))
     await asyncio.gather(*tasks, return_exceptions=True)
     if demo_task is not None:

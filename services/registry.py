@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import Any
 
@@ -80,9 +81,8 @@ async def create_topics(settings: Settings, partitions: int | None = None) -> No
         wanted = [t for t in all_topics(settings) if t not in existing]
         if wanted:
             count = partitions or settings.topic_partitions
-            try:
+            # Another process may create them at the same moment; that is fine.
+            with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics([NewTopic(t, count, 1) for t in wanted])
-            except TopicAlreadyExistsError:
-                pass
     finally:
         await admin.close()

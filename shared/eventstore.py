@@ -51,13 +51,13 @@ def core_tables(metadata: MetaData, service: str) -> CoreTables:
         f"{p}_events",
         metadata,
         Column("seq", BigId, primary_key=True, autoincrement=True),
-        Column("source", String(255), nullable=False),
-        Column("event_id", String(255), nullable=False),
+        Column("source", String(1000), nullable=False),
+        Column("event_id", String(1000), nullable=False),
         Column("type", String(100), nullable=False),
-        Column("subject", String(255), nullable=False),
+        Column("subject", String(1000), nullable=False),
         Column("time", UtcDateTime, nullable=False),
         Column("data", Text, nullable=False),
-        Column("topic", String(255)),
+        Column("topic", String(1000)),
         Column("partition", Integer),
         Column("offset", BigId),
         Column("recorded_at", UtcDateTime, nullable=False),
@@ -68,16 +68,16 @@ def core_tables(metadata: MetaData, service: str) -> CoreTables:
         f"{p}_outbox",
         metadata,
         Column("seq", BigId, primary_key=True, autoincrement=True),
-        Column("event_id", String(255), nullable=False),
-        Column("topic", String(255), nullable=False),
-        Column("key", String(255), nullable=False),
+        Column("event_id", String(1000), nullable=False),
+        Column("topic", String(1000), nullable=False),
+        Column("key", String(1000), nullable=False),
         Column("value", Text, nullable=False),
         Column("created_at", UtcDateTime, nullable=False),
     )
     offsets = Table(
         f"{p}_offsets",
         metadata,
-        Column("topic", String(255), primary_key=True),
+        Column("topic", String(1000), primary_key=True),
         Column("partition", Integer, primary_key=True, autoincrement=False),
         Column("next_offset", BigId, nullable=False),
         Column("updated_at", UtcDateTime, nullable=False),
@@ -85,7 +85,7 @@ def core_tables(metadata: MetaData, service: str) -> CoreTables:
     snapshots = Table(
         f"{p}_snapshots",
         metadata,
-        Column("subject", String(255), primary_key=True),
+        Column("subject", String(1000), primary_key=True),
         Column("seq", BigId, primary_key=True, autoincrement=False),
         Column("time", UtcDateTime, nullable=False),
         Column("state", Text, nullable=False),
@@ -126,17 +126,39 @@ def envelope_row(env: Envelope, *, topic: str | None, partition: int | None,
     }
 
 
+_UNNEST_COLUMNS = (("source", "text"), ("event_id", "text"), ("type", "text"),
+                   ("subject", "text"), ("time", "timestamptz"), ("data", "text"),
+                   ("topic", "text"), ("partition", "int4"), ("offset", "int8"),
+                   ("recorded_at", "timestamptz"))
+
+
 async def append(conn: AsyncConnection, core: CoreTables,
                  rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], int]:
     """Insert events, skipping those already stored; returns (source, id) → seq of new ones."""
     if not rows:
         return {}
+    if conn.dialect.name == "postgresql":
+        return await _append_pg(conn, core, rows)
     stmt = (
         _insert(conn, core.events)
         .on_conflict_do_nothing(index_elements=["source", "event_id"])
         .returning(core.events.c.seq, core.events.c.source, core.events.c.event_id)
     )
     result = await conn.execute(stmt, list(rows))
+    return {(r.source, r.event_id): r.seq for r in result}
+
+
+async def _append_pg(conn: AsyncConnection, core: CoreTables,
+                     rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], int]:
+    """One INSERT … SELECT FROM unnest(arrays): the rows travel as ten binary arrays instead
+    of ten parameters per row, which is several times cheaper on the Python side."""
+    names = ", ".join(f'"{c}"' for c, _ in _UNNEST_COLUMNS)
+    args = ", ".join(f"${i}::{t}[]" for i, (_, t) in enumerate(_UNNEST_COLUMNS, start=1))
+    sql = (f'INSERT INTO "{core.events.name}" ({names}) SELECT * FROM unnest({args}) '
+           f"ON CONFLICT (source, event_id) DO NOTHING RETURNING seq, source, event_id")
+    columns = tuple([row[c] for row in rows] for c, _ in _UNNEST_COLUMNS)
+    # Through the dialect (not the bare driver), so the statement joins the open transaction.
+    result = await conn.exec_driver_sql(sql, columns)
     return {(r.source, r.event_id): r.seq for r in result}
 
 

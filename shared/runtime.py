@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -106,6 +107,22 @@ class Record:
 
 
 @dataclass(slots=True)
+class Prepared:
+    """A decoded batch, ready for its transaction."""
+
+    records: Sequence[Record]
+    now: datetime
+    positions: dict[tuple[str, int], int] = field(default_factory=dict)
+    dead: list[tuple[Record, DeadLetter]] = field(default_factory=list)
+    candidates: dict[tuple[str, str], tuple[Record, Envelope, BaseModel]] = field(
+        default_factory=dict)
+    skipped: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    def skipped_count(self, reason: str) -> int:
+        return sum(n for (_, r), n in self.skipped.items() if r == reason)
+
+
+@dataclass(slots=True)
 class BatchResult:
     applied: int = 0
     duplicates: int = 0
@@ -133,21 +150,56 @@ class EventCore:
         self._svc = service.name
 
     # ---- consumed records -------------------------------------------------------------
+    def prepare(self, records: Sequence[Record],
+                poison: BaseException | None = None) -> Prepared:
+        """Decode and validate a batch (CPU only, no I/O): what to append, what to set aside.
+
+        Kept apart from ``apply`` so that a consumer can prepare the next batch while the
+        database is still working on the previous one.
+        """
+        prepared = Prepared(records, self.clock())
+        for rec in records:
+            prepared.positions[(rec.topic, rec.partition)] = rec.offset + 1
+            if poison is not None:
+                prepared.dead.append((rec, DeadLetter(PROCESSING_ERROR, _describe(poison))))
+                continue
+            try:
+                env = decode(rec.value)
+                # Without a configured topic map there is nothing to check the topic against.
+                topic = rec.topic if self.topic_of_type is not None else None
+                model = parse(env, topic=topic, topic_of_type=self.topic_of_type)
+            except DeadLetter as dl:
+                prepared.dead.append((rec, dl))
+                continue
+            if model is None or env.type not in self.service.consumed_types:
+                prepared.skipped[(rec.topic, "unknown_type")] += 1
+                continue
+            key = (env.source, env.id)
+            if key in prepared.candidates:
+                prepared.skipped[(rec.topic, "duplicate")] += 1
+                continue
+            prepared.candidates[key] = (rec, env, model)
+        return prepared
+
     async def process_records(self, records: Sequence[Record]) -> BatchResult:
         """Apply one consumed batch in one transaction; poison events are isolated."""
+        return await self.apply(self.prepare(records))
+
+    async def apply(self, prepared: Prepared) -> BatchResult:
+        """One transaction for a prepared batch; a batch that fails for a reason other than
+        an unreachable database is retried record by record, dead-lettering only the poison."""
         started = time.perf_counter()
+        records = prepared.records
         try:
-            result = await self._process(records)
+            result = await self._apply(prepared)
         except Exception as exc:
-            if _is_transient(exc) or len(records) <= 1:
-                if len(records) == 1 and not _is_transient(exc):
-                    log.exception("event could not be processed; dead-lettering it")
-                    result = await self._process(records, poison=exc)
-                else:
-                    raise
+            if _is_transient(exc):
+                raise
+            if len(records) == 1:
+                log.exception("event could not be processed; dead-lettering it")
+                result = await self._apply(self.prepare(records, poison=exc))
             else:
-                # A bug or an unexpected value in one event must not stop the stream:
-                # apply the batch record by record and dead-letter only what fails.
+                # A bug or an unexpected value in one event must not stop the stream.
                 log.warning("batch failed (%s); isolating records", exc)
                 result = BatchResult()
                 for rec in records:
@@ -161,47 +213,25 @@ class EventCore:
         metrics.BATCHES.labels(self._svc).inc()
         return result
 
-    async def _process(self, records: Sequence[Record],
-                       poison: BaseException | None = None) -> BatchResult:
-        now = self.clock()
-        result = BatchResult()
-        positions: dict[tuple[str, int], int] = {}
-        dead: list[tuple[str, Envelope]] = []
-        candidates: dict[tuple[str, str], tuple[Record, Envelope, BaseModel]] = {}
-        for rec in records:
-            positions[(rec.topic, rec.partition)] = rec.offset + 1
-            if poison is not None:
-                dead.append(self._dead(rec, DeadLetter(PROCESSING_ERROR, _describe(poison)), now))
-                continue
-            try:
-                env = decode(rec.value)
-                model = parse(env, topic=rec.topic, topic_of_type=self.topic_of_type)
-            except DeadLetter as dl:
-                dead.append(self._dead(rec, dl, now))
-                continue
-            if model is None or env.type not in self.service.consumed_types:
-                metrics.EVENTS_SKIPPED.labels(self._svc, rec.topic, "unknown_type").inc()
-                result.skipped += 1
-                continue
-            key = (env.source, env.id)
-            if key in candidates:
-                metrics.EVENTS_SKIPPED.labels(self._svc, rec.topic, "duplicate").inc()
-                result.duplicates += 1
-                continue
-            candidates[key] = (rec, env, model)
-
+    async def _apply(self, prepared: Prepared) -> BatchResult:
+        now = prepared.now
+        core = self.service.core
+        result = BatchResult(duplicates=prepared.skipped_count("duplicate"),
+                             skipped=prepared.skipped_count("unknown_type"))
+        skipped = Counter(prepared.skipped)
+        dead = list(prepared.dead)
         async with self.engine.begin() as conn:
             rows = [
                 es.envelope_row(env, topic=rec.topic, partition=rec.partition,
                                 offset=rec.offset, recorded_at=now)
-                for rec, env, _ in candidates.values()
+                for rec, env, _ in prepared.candidates.values()
             ]
-            new = await es.append(conn, self.service.core, rows)
+            new = await es.append(conn, core, rows)
             fresh: list[Incoming] = []
-            for key, (rec, env, model) in candidates.items():
+            for key, (rec, env, model) in prepared.candidates.items():
                 seq = new.get(key)
                 if seq is None:
-                    metrics.EVENTS_SKIPPED.labels(self._svc, rec.topic, "duplicate").inc()
+                    skipped[(rec.topic, "duplicate")] += 1
                     result.duplicates += 1
                     continue
                 fresh.append(Incoming(seq, env, model, rec.topic, rec.partition, rec.offset))
@@ -210,28 +240,36 @@ class EventCore:
                 await self.service.handle(tx, fresh)
             rejected = {inc.seq for inc, _ in tx.rejected}
             for inc, dl in tx.rejected:
-                raw = Record(inc.topic or "", inc.partition or 0, inc.offset or 0,
-                             inc.envelope.subject.encode(), inc.envelope.to_json())
-                dead.append(self._dead(raw, dl, now))
-            await es.forget(conn, self.service.core, rejected)
-            await es.enqueue(conn, self.service.core, [*tx.outbox, *dead], now)
-            await es.store_offsets(conn, self.service.core, positions, now)
+                dead.append((Record(inc.topic or "", inc.partition or 0, inc.offset or 0,
+                                    inc.envelope.subject.encode(), inc.envelope.to_json()), dl))
+            await es.forget(conn, core, rejected)
+            letters = [self._dead(rec, dl, now) for rec, dl in dead]
+            await es.enqueue(conn, core, [*tx.outbox, *letters], now)
+            await es.store_offsets(conn, core, prepared.positions, now)
 
+        # Counted once committed, so a retried batch is not counted twice.
+        consumed: Counter[tuple[str, str]] = Counter()
+        lag = metrics.EVENT_LAG_SECONDS.labels(self._svc)
         for inc in fresh:
             if inc.seq not in rejected:
-                metrics.EVENTS_CONSUMED.labels(self._svc, inc.topic or "", inc.envelope.type).inc()
-                lag = (now - inc.envelope.time).total_seconds()
-                metrics.EVENT_LAG_SECONDS.labels(self._svc).observe(max(lag, 0.0))
-                result.applied += 1
+                consumed[(inc.topic or "", inc.envelope.type)] += 1
+                lag.observe(max((now - inc.envelope.time).total_seconds(), 0.0))
+        for (topic, type_), n in consumed.items():
+            metrics.EVENTS_CONSUMED.labels(self._svc, topic, type_).inc(n)
+        for (topic, reason), n in skipped.items():
+            metrics.EVENTS_SKIPPED.labels(self._svc, topic, reason).inc(n)
+        for rec, dl in dead:
+            metrics.EVENTS_DEAD_LETTERED.labels(self._svc, rec.topic, dl.reason).inc()
+            log.warning("dead letter %s/%s@%s: %s (%s)", rec.topic, rec.partition, rec.offset,
+                        dl.reason, dl.error,
+                        extra={"service": self._svc, "topic": rec.topic, "reason": dl.reason})
+        result.applied = sum(consumed.values())
         result.dead_lettered = len(dead)
         if tx.outbox or dead:
             self.outbox_ready.set()
         return result
 
     def _dead(self, rec: Record, dl: DeadLetter, now: datetime) -> tuple[str, Envelope]:
-        metrics.EVENTS_DEAD_LETTERED.labels(self._svc, rec.topic, dl.reason).inc()
-        log.warning("dead letter %s/%s@%s: %s (%s)", rec.topic, rec.partition, rec.offset,
-                    dl.reason, dl.error)
         env = dead_letter_record(
             error=dl.error, reason=dl.reason, service=self._svc, topic=rec.topic,
             partition=rec.partition, offset=rec.offset, key=rec.key, value=rec.value,
@@ -247,7 +285,7 @@ class EventCore:
         Each must be valid: an invalid one is a programming error, not a dead letter.
         """
         now = self.clock()
-        tx = Tx(conn, now, scratch=scratch or {})
+        tx = Tx(conn, now, scratch=scratch if scratch is not None else {})
         parsed: list[tuple[Envelope, BaseModel]] = []
         for env in envelopes:
             model = self.service.parse_stored(env)
@@ -346,6 +384,28 @@ def _describe(exc: BaseException) -> str:
 # ---- the loops ------------------------------------------------------------------------------
 
 
+class Pipeline:
+    """Prepare batch N+1 while batch N's transaction is in flight; commits stay in order."""
+
+    def __init__(self, core: EventCore,
+                 apply: Callable[[Prepared], Coroutine[Any, Any, BatchResult]] | None = None,
+                 ) -> None:
+        self.core = core
+        self._apply = apply or core.apply
+        self._inflight: asyncio.Task[BatchResult] | None = None
+
+    async def feed(self, records: Sequence[Record]) -> BatchResult | None:
+        """Queue a batch; returns the result of the batch before it, once committed."""
+        prepared = self.core.prepare(records)
+        done = await self.drain()
+        self._inflight = asyncio.create_task(self._apply(prepared))
+        return done
+
+    async def drain(self) -> BatchResult | None:
+        task, self._inflight = self._inflight, None
+        return await task if task is not None else None
+
+
 async def wait_or_stop(stop: asyncio.Event, seconds: float) -> bool:
     """Sleep up to ``seconds``; True when stopping was requested."""
     with contextlib.suppress(TimeoutError):
@@ -381,7 +441,8 @@ class ConsumerLoop:
 
         class SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
             async def on_partitions_revoked(self, revoked: Any) -> None:
-                return None
+                # Commit what is in flight before another member takes the partitions over.
+                await pipeline.drain()
 
             async def on_partitions_assigned(self, assigned: Any) -> None:
                 await loop._seek(assigned)
@@ -411,6 +472,7 @@ class ConsumerLoop:
                     return
         consumer.subscribe(self.topics, listener=SeekToStored())
         last_commit = 0.0
+        pipeline = Pipeline(self.core, lambda prepared: self._apply_with_retry(prepared, stop))
         try:
             while not stop.is_set():
                 batches = await consumer.getmany(timeout_ms=self.poll_timeout_ms,
@@ -421,23 +483,24 @@ class ConsumerLoop:
                     for msgs in batches.values() for m in msgs
                 ]
                 if not records:
+                    await pipeline.drain()
                     continue
-                await self._apply_with_retry(records, stop)
+                await pipeline.feed(records)
                 self._observe_lag(consumer, batches)
                 if time.monotonic() - last_commit > 1.0:
                     last_commit = time.monotonic()
                     await self._commit_for_lag_tools(consumer, batches)
+            await pipeline.drain()
         finally:
-            # Leave the group cleanly: the batch in hand was committed above.
+            # Leave the group cleanly once the batch in hand is committed.
             with contextlib.suppress(Exception):
                 await consumer.stop()
 
-    async def _apply_with_retry(self, records: list[Record], stop: asyncio.Event) -> None:
+    async def _apply_with_retry(self, prepared: Prepared, stop: asyncio.Event) -> BatchResult:
         delay = 0.5
         while True:
             try:
-                await self.core.process_records(records)
-                return
+                return await self.core.apply(prepared)
             except Exception as exc:
                 if not _is_transient(exc):
                     raise
@@ -462,8 +525,9 @@ class ConsumerLoop:
         for tp, msgs in batches.items():
             high = consumer.highwater(tp)
             if high is not None and msgs:
-                metrics.CONSUMER_LAG.labels(self.core.service.name, tp.topic, str(tp.partition)).set(
-                    max(high - (msgs[-1].offset + 1), 0))
+                gauge = metrics.CONSUMER_LAG.labels(self.core.service.name, tp.topic,
+                                                    str(tp.partition))
+                gauge.set(max(high - (msgs[-1].offset + 1), 0))
 
     async def _commit_for_lag_tools(self, consumer: Any, batches: dict[Any, Any]) -> None:
         """Mirror positions to Kafka for lag tooling; the database stays authoritative."""
@@ -583,7 +647,8 @@ class Scheduler:
                 return
 
 
-async def run_all(stop: asyncio.Event, *jobs: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+async def run_all(stop: asyncio.Event,
+                  *jobs: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
     """Run background loops until ``stop``; one crashing loop stops the others."""
     tasks = [asyncio.create_task(job(stop)) for job in jobs]
     try:

@@ -25,3 +25,16 @@ async def fresh_engine(kind: str, service: str, *, tmp_path: Path,
                                    name=service))
     await upgrade(engine, service)
     return engine
+
+
+async def reset(engine: AsyncEngine, service: str) -> None:
+    """Drop a service's tables (and its migration record), then migrate from scratch."""
+    import importlib
+
+    from sqlalchemy import text
+
+    metadata = importlib.import_module(f"services.{service}.store").metadata
+    async with engine.begin() as conn:
+        await conn.run_sync(metadata.drop_all)
+        await conn.execute(text(f"DROP TABLE IF EXISTS alembic_version_{service}"))
+    await upgrade(engine, service)

@@ -127,16 +127,16 @@ def build_router(service: LimitsService, core: EventCore) -> APIRouter:
         first = (await conn.execute(select(store.customers.c.parent_id).where(
             store.customers.c.customer_id == cid))).first()
         parent = first.parent_id if first is not None else None
-        rows = await store.lock_customers(conn, {cid, parent} - {None})
+        rows = await store.lock_customers(conn, [cid, parent] if parent else [cid])
         row = rows.get(cid)
         if row is not None and row.parent_id != parent:
             # Re-parented between the two reads: lock the new parent as well.
             parent = row.parent_id
-            rows.update(await store.lock_customers(conn, {parent} - {None}))
+            if parent:
+                rows.update(await store.lock_customers(conn, [parent]))
         loaded: dict[str, _Loaded] = {}
         for key, r in rows.items():
-            st = store.load_state(r.state)
-            loaded[key] = _Loaded(st, exposure_body(st, domain.figures(st, policy)), r.last_seq)
+            loaded[key] = _Loaded(store.load_state(r.state), r.published, r.last_seq)
         if cid not in loaded:
             loaded[cid] = _Loaded(domain.new_customer(cid, policy), None, 0)
         return loaded, parent

@@ -243,7 +243,8 @@ def bucket_of(days: int) -> str | None:
     return "90+"
 
 
-def ageing(state: CustomerState, on: date | None) -> tuple[Decimal, dict[str, Decimal], int]:
+def ageing(state: CustomerState, on: date | None,
+           items: dict[str, Decimal] | None = None) -> tuple[Decimal, dict[str, Decimal], int]:
     """Overdue amount, buckets and worst days overdue as of business date ``on``.
 
     The service ages open invoices by due date (due today is not overdue); a dunning record
@@ -253,7 +254,7 @@ def ageing(state: CustomerState, on: date | None) -> tuple[Decimal, dict[str, De
     worst = 0
     if on is None:
         return ZERO, buckets, 0
-    items = open_items(state)
+    items = open_items(state) if items is None else items
     seen: set[str] = set()
     for invoice_id, left in items.items():
         seen.add(invoice_id)
@@ -283,13 +284,14 @@ def _add(buckets: dict[str, Decimal], days: int, amount: Decimal) -> None:
         buckets[name] += amount
 
 
-def figures(state: CustomerState, policy: Policy, at: datetime | None = None) -> Figures:
+def figures(state: CustomerState, policy: Policy, at: datetime | None = None,
+            items: dict[str, Decimal] | None = None) -> Figures:
     """The exposure picture as of business time ``at`` (default: the last event's time)."""
     at = at or state.last_time
     on = at.date() if at is not None else state.as_of
     if state.as_of is not None and (on is None or state.as_of > on):
         on = state.as_of
-    overdue, buckets, worst = ageing(state, on)
+    overdue, buckets, worst = ageing(state, on, items)
     limit, source, expires = effective_limit(state, policy, at)
     return Figures(
         currency=state.currency,
@@ -305,9 +307,10 @@ def figures(state: CustomerState, policy: Policy, at: datetime | None = None) ->
     )
 
 
-def next_ageing_date(state: CustomerState) -> date | None:
+def next_ageing_date(state: CustomerState,
+                     items: dict[str, Decimal] | None = None) -> date | None:
     """The next business date on which the ageing figures change (None: nothing open)."""
-    items = open_items(state)
+    items = open_items(state) if items is None else items
     dates = [state.invoices[i].due_date + timedelta(days=1) for i, left in items.items()
              if left > 0]
     dates += [d.as_of + timedelta(days=1) for d in state.dunning.values()]
@@ -342,8 +345,11 @@ def apply(state: CustomerState, event_type: str, data: Any, time: datetime,
     handler = _HANDLERS.get(event_type)
     if handler is None:
         return state
-    new = handler(state, data, time, policy)
+    new: CustomerState = handler(state, data, time, policy)
     stamp = time.date()
+    if new.as_of is not None and stamp <= new.as_of and new.last_time is not None \
+            and time <= new.last_time:
+        return new
     as_of = stamp if new.as_of is None or stamp > new.as_of else new.as_of
     last = time if new.last_time is None or time > new.last_time else new.last_time
     return replace(new, as_of=as_of, last_time=last)
@@ -559,7 +565,7 @@ def decide_credit_check(state: CustomerState, *, order_id: str, amount: Decimal,
     fig = figures(state, policy, now)
     own_reserved = sum(reserved_amounts(state, now, exclude_order=order_id).values(), ZERO)
     exposure = fig.open_receivables + own_reserved
-    limit, source, _ = effective_limit(state, policy, now)
+    limit = effective_limit(state, policy, now)[0]
     has_own_limit = limit > 0
     in_group = group is not None and group.limit > 0
 

@@ -13,13 +13,13 @@ from pydantic import BaseModel, ConfigDict
 from shared.events import Envelope, parse
 
 
-class _Internal(BaseModel):
+class Internal(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     TYPE: ClassVar[str]
     customer_id: str
 
 
-class CreditCheckDecided(_Internal):
+class CreditCheckDecided(Internal):
     TYPE: ClassVar[str] = "credit_check.decided"
     check_id: str
     order_id: str
@@ -34,20 +34,20 @@ class CreditCheckDecided(_Internal):
     response: dict[str, Any]
 
 
-class ReservationReleased(_Internal):
+class ReservationReleased(Internal):
     TYPE: ClassVar[str] = "reservation.released"
     order_id: str
     check_id: str
     by: str
 
 
-class ReservationExpired(_Internal):
+class ReservationExpired(Internal):
     TYPE: ClassVar[str] = "reservation.expired"
     order_id: str
     check_id: str
 
 
-class LimitRequestSubmitted(_Internal):
+class LimitRequestSubmitted(Internal):
     TYPE: ClassVar[str] = "limit_request.submitted"
     request_id: str
     requested_limit: Decimal
@@ -57,42 +57,42 @@ class LimitRequestSubmitted(_Internal):
     requested_by: str
 
 
-class LimitRequestApproved(_Internal):
+class LimitRequestApproved(Internal):
     TYPE: ClassVar[str] = "limit_request.approved"
     request_id: str
     by: str
     note: str | None = None
 
 
-class LimitRequestRejected(_Internal):
+class LimitRequestRejected(Internal):
     TYPE: ClassVar[str] = "limit_request.rejected"
     request_id: str
     by: str
     note: str | None = None
 
 
-class LimitExpired(_Internal):
+class LimitExpired(Internal):
     TYPE: ClassVar[str] = "limit.expired"
     request_id: str
 
 
-class HoldPlaced(_Internal):
+class HoldPlaced(Internal):
     TYPE: ClassVar[str] = "hold.placed"
     reason: str
     by: str
 
 
-class HoldReleased(_Internal):
+class HoldReleased(Internal):
     TYPE: ClassVar[str] = "hold.released"
     by: str
 
 
-class LedgerAged(_Internal):
+class LedgerAged(Internal):
     TYPE: ClassVar[str] = "ledger.aged"
     as_of: date
 
 
-INTERNAL: dict[str, type[_Internal]] = {
+INTERNAL: dict[str, type[Internal]] = {
     m.TYPE: m
     for m in (CreditCheckDecided, ReservationReleased, ReservationExpired, LimitRequestSubmitted,
               LimitRequestApproved, LimitRequestRejected, LimitExpired, HoldPlaced, HoldReleased,

@@ -17,10 +17,9 @@ from pydantic import BaseModel
 from sqlalchemy import MetaData, Table, and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.limits import domain
+from services.limits import domain, store
 from services.limits import events as ev
-from services.limits import store
-from shared.events import DeadLetter, Envelope, new_event
+from shared.events import DeadLetter, Envelope, new_event, trusted_event
 from shared.money import quantize
 from shared.policy import Policy
 from shared.runtime import Incoming, Tx
@@ -69,7 +68,7 @@ def exposure_body(state: domain.CustomerState, fig: domain.Figures) -> dict[str,
 @dataclass
 class _Loaded:
     state: domain.CustomerState
-    before: dict[str, Any] | None  # figures body as last stored
+    published: str | None  # the exposure.updated body last published (JSON)
     last_seq: int
 
 
@@ -99,15 +98,14 @@ class LimitsService:
         cached: dict[str, _Loaded] = tx.scratch.setdefault("limits.states", {})
         missing = {e.envelope.subject for e in events} - cached.keys()
         if missing:
-            rows = await store.lock_customers(tx.conn, missing)
+            locked = await store.lock_customers(tx.conn, missing)
             for cid in missing:
-                row = rows.get(cid)
+                row = locked.get(cid)
                 if row is None:
                     cached[cid] = _Loaded(domain.new_customer(cid, self.policy), None, 0)
                 else:
-                    st = store.load_state(row.state)
-                    before = exposure_body(st, domain.figures(st, self.policy))
-                    cached[cid] = _Loaded(st, before, row.last_seq)
+                    cached[cid] = _Loaded(store.load_state(row.state), row.published,
+                                          row.last_seq)
         touched: dict[str, int] = {}
         checks: list[dict[str, Any]] = []
         history: list[dict[str, Any]] = []
@@ -130,15 +128,18 @@ class LimitsService:
         for cid, seq in touched.items():
             loaded = cached[cid]
             st = loaded.state
-            fig = domain.figures(st, self.policy)
-            rows.append(store.customer_row(st, fig, seq, domain.next_ageing_date(st),
-                                           _next_expiry(st)))
+            items = domain.open_items(st)
+            fig = domain.figures(st, self.policy, items=items)
             body = exposure_body(st, fig)
-            if body != loaded.before:
-                tx.emit(self.settings.topic_exposure, new_event(
+            # as_of moves with every event; a change worth publishing is in the figures.
+            text = store.as_json({**body, "as_of": None})
+            if text != loaded.published:
+                tx.emit(self.settings.topic_exposure, trusted_event(
                     "exposure.updated", source=SOURCE, subject=cid, data=body,
                     id=f"exposure-{cid}-{seq}", time=st.last_time or tx.now))
-                loaded.before = body
+                loaded.published = text
+            rows.append(store.customer_row(st, fig, seq, domain.next_ageing_date(st, items),
+                                           _next_expiry(st), loaded.published))
             loaded.last_seq = seq
         await store.save_customers(tx.conn, rows)
         await store.record_checks(tx.conn, checks)
@@ -205,7 +206,7 @@ class LimitsService:
     # ---- time-driven events ---------------------------------------------------------------
     async def due_events(self, conn: AsyncConnection, now: datetime) -> list[Envelope]:
         today = now.date()
-        c = store.customers
+        c = store.customers.c
         stmt = select(c.customer_id, c.state, c.next_ageing_on, c.next_expiry_at).where(
             or_(and_(c.next_ageing_on.is_not(None), c.next_ageing_on <= today),
                 and_(c.next_expiry_at.is_not(None), c.next_expiry_at <= now)),
@@ -224,9 +225,8 @@ def _next_expiry(st: domain.CustomerState) -> datetime | None:
     return min(times) if times else None
 
 
-def _internal(model: BaseModel, *, id: str, time: datetime, subject: str) -> Envelope:
-    return new_event(str(getattr(model, "TYPE")), source=SOURCE, subject=subject,
-                     data=model, id=id, time=time)
+def _internal(model: ev.Internal, *, id: str, time: datetime, subject: str) -> Envelope:
+    return new_event(model.TYPE, source=SOURCE, subject=subject, data=model, id=id, time=time)
 
 
 def due_for(st: domain.CustomerState, now: datetime,

@@ -36,9 +36,9 @@ core = core_tables(metadata, "limits")
 customers = Table(
     "limits_customers",
     metadata,
-    Column("customer_id", String(255), primary_key=True),
-    Column("group_id", String(255), nullable=False),
-    Column("parent_id", String(255)),
+    Column("customer_id", String(1000), primary_key=True),
+    Column("group_id", String(1000), nullable=False),
+    Column("parent_id", String(1000)),
     Column("name", String(1000)),
     Column("currency", String(3), nullable=False),
     Column("grade", String(20)),
@@ -60,6 +60,8 @@ customers = Table(
     Column("as_of", UtcDateTime),
     Column("last_seq", BigId, nullable=False),
     Column("state", Text, nullable=False),
+    # The exposure.updated body last published, to publish only on change.
+    Column("published", Text),
 )
 Index("ix_limits_customers_group", customers.c.group_id)
 Index("ix_limits_customers_ageing", customers.c.next_ageing_on)
@@ -69,8 +71,8 @@ checks = Table(
     "limits_checks",
     metadata,
     Column("check_id", String(64), primary_key=True),
-    Column("order_id", String(255), nullable=False),
-    Column("customer_id", String(255), nullable=False),
+    Column("order_id", String(1000), nullable=False),
+    Column("customer_id", String(1000), nullable=False),
     Column("seq", BigId, nullable=False),
     Column("amount", ExactDecimal, nullable=False),
     Column("currency", String(3), nullable=False),
@@ -84,7 +86,7 @@ limit_history = Table(
     "limits_limit_history",
     metadata,
     Column("seq", BigId, primary_key=True, autoincrement=False),
-    Column("customer_id", String(255), nullable=False),
+    Column("customer_id", String(1000), nullable=False),
     Column("effective_at", UtcDateTime, nullable=False),
     Column("body", Text, nullable=False),
 )
@@ -94,9 +96,9 @@ requests = Table(
     "limits_requests",
     metadata,
     Column("request_id", String(64), primary_key=True),
-    Column("customer_id", String(255), nullable=False),
+    Column("customer_id", String(1000), nullable=False),
     Column("status", String(20), nullable=False),
-    Column("requested_by", String(255), nullable=False),
+    Column("requested_by", String(1000), nullable=False),
 )
 
 PROJECTIONS: Sequence[Table] = (customers, checks, limit_history, requests)
@@ -129,7 +131,8 @@ async def lock_customers(conn: AsyncConnection, ids: Iterable[str]) -> dict[str,
 
 
 def customer_row(state: CustomerState, fig: Figures, last_seq: int,
-                 next_ageing_on: date | None, next_expiry_at: datetime | None) -> dict[str, Any]:
+                 next_ageing_on: date | None, next_expiry_at: datetime | None,
+                 published: str | None) -> dict[str, Any]:
     util = fig.utilization
     return {
         "customer_id": state.customer_id,
@@ -155,6 +158,7 @@ def customer_row(state: CustomerState, fig: Figures, last_seq: int,
         "as_of": state.last_time,
         "last_seq": last_seq,
         "state": dump_state(state),
+        "published": published,
     }
 
 

@@ -36,7 +36,9 @@ async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
 
 @pytest.fixture
 def core(engine: AsyncEngine) -> EventCore:
-    return EventCore(LimitsService(Settings(), load_policy(None)), engine)
+    settings = Settings()
+    return EventCore(LimitsService(settings, load_policy(None)), engine,
+                     topic_of_type=settings.topic_of_type())
 
 
 async def exposure_of(engine: AsyncEngine, cid: str) -> str:

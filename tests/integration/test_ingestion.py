@@ -108,7 +108,7 @@ async def end_offsets(bootstrap: str, prefix: str) -> dict[tuple[str, int], int]
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-    await consumer._client.force_metadata_update()  # noqa: SLF001 - metadata for a fresh topic
+    await consumer._client.force_metadata_update()
     return consumer.partitions_for_topic(topic) or set()
 
 
@@ -123,10 +123,10 @@ async def caught_up(url: str, ends: dict[tuple[str, int], int]) -> bool:
     return stored == ends and pending == 0
 
 
-async def wait_caught_up(url: str, ends: dict, proc: ServiceProcess, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_caught_up(url: str, ends: dict, proc: ServiceProcess, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
     while not await caught_up(url, ends):
-        assert time.monotonic() < deadline, f"not caught up in {timeout}s:\n{proc.tail()}"
+        assert time.monotonic() < deadline, f"not caught up in {seconds}s:\n{proc.tail()}"
         await asyncio.sleep(0.25)
 
 

@@ -12,7 +12,7 @@ from alembic.migration import MigrationContext
 from tests.databases import fresh_engine
 
 pytestmark = pytest.mark.integration
-SERVICES = ["limits"]
+SERVICES = ["assessment", "limits", "alerts"]
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])

@@ -1,0 +1,145 @@
+"""Alerts HTTP API: list and read alerts with their history, acknowledge, show the rules."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.alerts import domain, store
+from services.alerts import events as ev
+from services.alerts.handlers import SOURCE, STATES, AlertsService, _Loaded, load_states
+from shared.auth import Principal, require
+from shared.body import body_schema, json_body
+from shared.events import new_event
+from shared.problems import Conflict, NotFound, ValidationFailed
+from shared.runtime import EventCore
+
+MAX_PAGE = 500
+STATUS_FILTER = "^(open|acknowledged|resolved|active)$"
+SEVERITY_FILTER = "^(info|warning|critical)$"
+
+
+class AcknowledgeBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    note: str | None = Field(default=None, max_length=1000)
+
+
+def encode_cursor(raised_at: datetime, alert_id: str) -> str:
+    raw = json.dumps([raised_at.isoformat(), alert_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def decode_cursor(cursor: str | None) -> tuple[datetime, str] | None:
+    if not cursor:
+        return None
+    try:
+        at, alert_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        moment = datetime.fromisoformat(at)
+        if moment.tzinfo is None or not isinstance(alert_id, str):
+            raise ValueError(cursor)
+    except (ValueError, TypeError):
+        raise ValidationFailed("cursor: not a cursor this API returned", field="cursor") from None
+    return moment, alert_id
+
+
+def _history_item(row: Any) -> dict[str, Any]:
+    body = json.loads(row.body)
+    item: dict[str, Any] = {
+        "seq": row.seq,
+        "type": row.type,
+        "at": body.get("updated_at"),
+        "severity": body.get("severity"),
+        "status": body.get("status"),
+        "message": body.get("message"),
+        "facts": body.get("facts"),
+    }
+    if row.type == "acknowledged":
+        item["by"] = body.get("acknowledged_by")
+        item["note"] = body.get("acknowledgement_note")
+    return item
+
+
+def build_router(service: AlertsService, core: EventCore) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["alerts"])
+    engine = core.engine
+    policy = service.policy
+    clock = core.clock
+
+    @router.get("/alerts", summary="Alerts, newest first, filtered")
+    async def list_alerts(
+        status: Annotated[str | None, Query(pattern=STATUS_FILTER,
+                                            description="open, acknowledged, resolved, or "
+                                                        "active (open or acknowledged)")] = None,
+        customer_id: Annotated[str | None, Query(max_length=255)] = None,
+        rule: str | None = None,
+        severity: Annotated[str | None, Query(pattern=SEVERITY_FILTER)] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+        cursor: str | None = None,
+        _p: Principal = Depends(require("credit:read")),
+    ) -> dict[str, Any]:
+        if rule is not None and rule not in domain.RULES:
+            raise ValidationFailed(f"rule: unknown rule {rule[:64]!r}; rules are "
+                                   + ", ".join(domain.RULES), field="rule")
+        after = decode_cursor(cursor)
+        async with engine.connect() as conn:
+            rows = await store.list_alerts(conn, status=status, customer_id=customer_id,
+                                           rule=rule, severity=severity, after=after,
+                                           limit=limit + 1)
+        items = [json.loads(r.body) for r in rows[:limit]]
+        nxt = None
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            nxt = encode_cursor(last.raised_at, last.alert_id)
+        return {"items": items, "next_cursor": nxt}
+
+    @router.get("/alerts/{alert_id}", summary="One alert with its history")
+    async def get_alert(alert_id: str,
+                        _p: Principal = Depends(require("credit:read"))) -> dict[str, Any]:
+        async with engine.connect() as conn:
+            row = await store.get_alert(conn, alert_id)
+            if row is None:
+                raise NotFound(f"no alert {alert_id!r}", field="alert_id")
+            past = await store.get_history(conn, alert_id)
+        body: dict[str, Any] = json.loads(row.body)
+        body["history"] = [_history_item(h) for h in past]
+        return body
+
+    @router.post("/alerts/{alert_id}/acknowledge", openapi_extra=body_schema(AcknowledgeBody),
+                 summary="Take the alert in hand: status acknowledged")
+    async def acknowledge(alert_id: str, request: Request,
+                          principal: Principal = Depends(require("alerts:write"))
+                          ) -> dict[str, Any]:
+        note = (await json_body(request, AcknowledgeBody)).note if await request.body() \
+            else None
+        now = clock()
+        async with engine.begin() as conn:
+            row = await store.get_alert(conn, alert_id)
+            if row is None:
+                raise NotFound(f"no alert {alert_id!r}", field="alert_id")
+            loaded: dict[str, _Loaded] = {}
+            await load_states(conn, loaded, {row.customer_id})
+            state = loaded[row.customer_id].state
+            alert = state.alert_by_id(alert_id)
+            if alert is None or alert.status == "resolved":
+                raise Conflict(f"alert {alert_id!r} is already resolved", field="alert_id")
+            if alert.status == "acknowledged":
+                return domain.alert_body(alert)  # acknowledging twice changes nothing
+            model = ev.AcknowledgeRequested(customer_id=row.customer_id, alert_id=alert_id,
+                                            by=principal.name, note=note)
+            env = new_event(model.TYPE, source=SOURCE + "/api", subject=row.customer_id,
+                            data=model, id=f"ack-{alert_id}-{alert.version}", time=now)
+            await core.submit(conn, [env], scratch={STATES: loaded})
+            after = loaded[row.customer_id].state.alert_by_id(alert_id)
+        assert after is not None
+        return domain.alert_body(after)
+
+    @router.get("/rules", summary="The active rules and their thresholds")
+    async def rules(_p: Principal = Depends(require("credit:read"))) -> dict[str, Any]:
+        return {"policy_version": policy.version, "rules": domain.rules_overview(policy)}
+
+    return router

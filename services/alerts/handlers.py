@@ -1,0 +1,170 @@
+"""Alerts handlers: a batch of events → per-customer folds → alert rows, history and
+``credit.alerts`` events.
+
+States of the customers a batch touches are loaded (and locked) once, folded in memory with
+the pure domain, and written back once. A redelivered event never reaches here (the core
+drops it by id) and the state lives in the database, so neither a redelivery nor a restart
+can raise a second alert for the same problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy import MetaData, Table, event
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from services.alerts import domain, store
+from services.alerts import events as ev
+from shared import metrics
+from shared.events import Envelope, new_event
+from shared.policy import Policy
+from shared.runtime import Incoming, Tx
+from shared.settings import Settings
+
+SOURCE = "/creditwatch/alerts"
+CONTRACT_TYPES = frozenset({
+    "exposure.updated", "assessment.completed", "limit.changed", "invoice.overdue",
+    "payment.received", "payment.reversed", "credit_report.received",
+})
+STATES = "alerts.states"
+_RAISED_KEY = "creditwatch.alerts.raised"
+
+
+@dataclass
+class _Loaded:
+    state: domain.CustomerState
+    last_seq: int
+
+
+class AlertsService:
+    """The alerts service as the event core sees it."""
+
+    name = "alerts"
+    metadata: MetaData = store.metadata
+    core = store.core
+    projection_tables: Sequence[Table] = store.PROJECTIONS
+    consumed_types = CONTRACT_TYPES
+
+    def __init__(self, settings: Settings, policy: Policy) -> None:
+        self.settings = settings
+        self.policy = policy
+
+    def input_topics(self) -> list[str]:
+        s = self.settings
+        return [s.topic_exposure, s.topic_assessments, s.topic_limits, s.topic_overdue,
+                s.topic_payments, s.topic_credit_reports]
+
+    def parse_stored(self, env: Envelope) -> BaseModel | None:
+        return ev.parse_any(env)
+
+    # ---- the fold -------------------------------------------------------------------------
+    async def handle(self, tx: Tx, events: Sequence[Incoming]) -> None:
+        cached: dict[str, _Loaded] = tx.scratch.setdefault(STATES, {})
+        await load_states(tx.conn, cached, {e.envelope.subject for e in events})
+        touched: dict[str, int] = {}
+        alert_rows: dict[str, dict[str, Any]] = {}
+        history: list[dict[str, Any]] = []
+        raised: list[tuple[str, str]] = []
+        for inc in events:
+            env = inc.envelope
+            cid = env.subject
+            loaded = cached[cid]
+            happened = domain.Event(env.type, f"{env.source}|{env.id}", env.time, inc.event)
+            loaded.state, changes = domain.step(loaded.state, happened, self.policy)
+            touched[cid] = inc.seq
+            for change in changes:
+                alert = change.alert
+                alert_rows[alert.alert_id] = store.alert_row(alert)
+                history.append(store.history_row(change))
+                tx.emit(self.settings.topic_alerts, new_event(
+                    change.event_type, source=SOURCE, subject=cid,
+                    data=domain.alert_body(alert), id=f"{alert.alert_id}-{alert.version}",
+                    time=alert.updated_at))
+                if change.kind == "raised":
+                    raised.append((alert.rule, alert.severity))
+        rows = []
+        for cid, seq in touched.items():
+            loaded = cached[cid]
+            loaded.last_seq = seq
+            rows.append(store.customer_row(loaded.state, seq))
+        await store.save_customers(tx.conn, rows)
+        await store.save_alerts(tx.conn, list(alert_rows.values()))
+        await store.record_history(tx.conn, history)
+        if raised and not tx.replaying:
+            note_raised(tx.conn, raised)
+
+    # ---- time-driven events ---------------------------------------------------------------
+    async def due_events(self, conn: AsyncConnection, now: datetime) -> list[Envelope]:
+        if not domain.rule_enabled(self.policy, domain.REVIEW_OVERDUE):
+            return []
+        today = now.date()
+        grace = self.policy.alerts.review_overdue.grace_days
+        out: list[Envelope] = []
+        for row in await store.reviews_due(conn, today - timedelta(days=grace)):
+            env = review_event(store.load_state(row.state), self.policy, now)
+            if env is not None:
+                out.append(env)
+        return out
+
+
+async def load_states(conn: AsyncConnection, cached: dict[str, _Loaded],
+                      ids: set[str]) -> None:
+    """Load (and lock) the states of customers not loaded yet in this transaction."""
+    missing = ids - cached.keys()
+    if not missing:
+        return
+    rows = await store.lock_customers(conn, missing)
+    for cid in missing:
+        row = rows.get(cid)
+        if row is None:
+            cached[cid] = _Loaded(domain.new_customer(cid), 0)
+        else:
+            cached[cid] = _Loaded(store.load_state(row.state), row.last_seq)
+
+
+def review_event(state: domain.CustomerState, policy: Policy,
+                 now: datetime) -> Envelope | None:
+    """The ``review.overdue_detected`` event due for one customer, if any. Its id is stable
+    per (customer, review date), so two replicas or a retry record it only once."""
+    if not domain.review_overdue_due(state, policy, now.date()):
+        return None
+    assert state.assessment is not None and state.assessment.next_review_date is not None
+    day = state.assessment.next_review_date
+    model = ev.ReviewOverdueDetected(customer_id=state.customer_id, next_review_date=day)
+    return new_event(model.TYPE, source=SOURCE, subject=state.customer_id, data=model,
+                     id=f"review-overdue-{state.customer_id}-{day.isoformat()}", time=now)
+
+
+# ---- creditwatch_alerts_raised_total: counted when the raise is committed -------------------
+
+
+def note_raised(conn: AsyncConnection, raised: list[tuple[str, str]]) -> None:
+    """Remember raises until the transaction commits (a rolled-back batch counts nothing)."""
+    conn.info.setdefault(_RAISED_KEY, []).extend(raised)
+
+
+def _on_commit(conn: Connection) -> None:
+    for rule, severity in conn.info.pop(_RAISED_KEY, ()):
+        metrics.ALERTS_RAISED.labels(rule, severity).inc()
+
+
+def _on_rollback(conn: Connection) -> None:
+    conn.info.pop(_RAISED_KEY, None)
+
+
+def count_raises_on_commit(engine: AsyncEngine) -> None:
+    """Install the commit/rollback hooks that turn noted raises into the counter."""
+    target = engine.sync_engine
+    if not event.contains(target, "commit", _on_commit):
+        event.listen(target, "commit", _on_commit)
+        event.listen(target, "rollback", _on_rollback)
+
+
+__all__ = ["AlertsService", "count_raises_on_commit", "load_states", "note_raised",
+           "review_event"]

@@ -1,0 +1,234 @@
+"""Alerts projections: one row per customer (its facts and alerts as state), one row per
+alert (the current body, with the columns the list filters use) and every alert's history."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import date, datetime
+from typing import Any
+
+from pydantic import TypeAdapter
+from sqlalchemy import (
+    Column,
+    Date,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    and_,
+    func,
+    or_,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import ColumnElement
+
+from services.alerts.domain import Alert, AlertChange, CustomerState, alert_body, review_due_on
+from shared.db import BigId, UtcDateTime
+from shared.eventstore import core_tables
+
+metadata = MetaData()
+core = core_tables(metadata, "alerts")
+
+customers = Table(
+    "alerts_customers",
+    metadata,
+    Column("customer_id", String(1000), primary_key=True),
+    Column("next_review_date", Date),
+    # First day the review counts as passed, until the scheduler has recorded it; the
+    # policy's grace days are added when querying, so a policy change needs no rewrite.
+    Column("review_due_on", Date),
+    Column("open_alerts", Integer, nullable=False),
+    Column("last_seq", BigId, nullable=False),
+    Column("state", Text, nullable=False),
+)
+Index("ix_alerts_customers_review_due", customers.c.review_due_on)
+
+alerts = Table(
+    "alerts_alerts",
+    metadata,
+    Column("alert_id", String(64), primary_key=True),
+    Column("customer_id", String(1000), nullable=False),
+    Column("rule", String(64), nullable=False),
+    Column("severity", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("dedup_key", String(330), nullable=False),
+    Column("raised_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Column("resolved_at", UtcDateTime),
+    Column("version", Integer, nullable=False),
+    Column("body", Text, nullable=False),
+)
+# Newest first, optionally filtered: each filter column leads an index ending in the order.
+Index("ix_alerts_alerts_raised", alerts.c.raised_at, alerts.c.alert_id)
+Index("ix_alerts_alerts_status", alerts.c.status, alerts.c.raised_at, alerts.c.alert_id)
+Index("ix_alerts_alerts_customer", alerts.c.customer_id, alerts.c.raised_at, alerts.c.alert_id)
+Index("ix_alerts_alerts_rule", alerts.c.rule, alerts.c.raised_at, alerts.c.alert_id)
+Index("ix_alerts_alerts_severity", alerts.c.severity, alerts.c.raised_at, alerts.c.alert_id)
+Index("ix_alerts_alerts_dedup", alerts.c.dedup_key)
+
+history = Table(
+    "alerts_history",
+    metadata,
+    Column("alert_id", String(64), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("type", String(16), nullable=False),
+    Column("at", UtcDateTime, nullable=False),
+    Column("body", Text, nullable=False),
+    PrimaryKeyConstraint("alert_id", "seq", name="pk_alerts_history"),
+)
+
+PROJECTIONS: Sequence[Table] = (customers, alerts, history)
+ACTIVE = ("open", "acknowledged")
+
+_STATE = TypeAdapter(CustomerState)
+
+
+def dump_state(state: CustomerState) -> str:
+    return _STATE.dump_json(state).decode()
+
+
+def load_state(text: str) -> CustomerState:
+    return _STATE.validate_json(text)
+
+
+def as_json(body: dict[str, Any]) -> str:
+    return json.dumps(body, default=str, separators=(",", ":"))
+
+
+def _upsert(conn: AsyncConnection, table: Table) -> Any:
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+
+
+async def lock_customers(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, Any]:
+    """Load (and on PostgreSQL lock, in id order) the rows of these customers."""
+    wanted = sorted(set(ids))
+    if not wanted:
+        return {}
+    stmt = select(customers).where(customers.c.customer_id.in_(wanted)).order_by(
+        customers.c.customer_id)
+    if conn.dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    return {r.customer_id: r for r in await conn.execute(stmt)}
+
+
+def customer_row(state: CustomerState, last_seq: int) -> dict[str, Any]:
+    assessment = state.assessment
+    return {
+        "customer_id": state.customer_id,
+        "next_review_date": assessment.next_review_date if assessment else None,
+        "review_due_on": review_due_on(state),
+        "open_alerts": sum(1 for a in state.alerts.values() if a.active),
+        "last_seq": last_seq,
+        "state": dump_state(state),
+    }
+
+
+async def save_customers(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    ins = _upsert(conn, customers)
+    stmt = ins.on_conflict_do_update(
+        index_elements=["customer_id"],
+        set_={c.name: ins.excluded[c.name] for c in customers.columns if c.name != "customer_id"},
+    )
+    await conn.execute(stmt, list(rows))
+
+
+def alert_row(alert: Alert) -> dict[str, Any]:
+    return {
+        "alert_id": alert.alert_id,
+        "customer_id": alert.customer_id,
+        "rule": alert.rule,
+        "severity": alert.severity,
+        "status": alert.status,
+        "dedup_key": alert.dedup_key,
+        "raised_at": alert.raised_at,
+        "updated_at": alert.updated_at,
+        "resolved_at": alert.resolved_at,
+        "version": alert.version,
+        "body": as_json(alert_body(alert)),
+    }
+
+
+def history_row(change: AlertChange) -> dict[str, Any]:
+    alert = change.alert
+    return {
+        "alert_id": alert.alert_id,
+        "seq": alert.version,
+        "type": change.history,
+        "at": alert.updated_at,
+        "body": as_json(alert_body(alert)),
+    }
+
+
+async def save_alerts(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    ins = _upsert(conn, alerts)
+    stmt = ins.on_conflict_do_update(
+        index_elements=["alert_id"],
+        set_={c.name: ins.excluded[c.name] for c in alerts.columns if c.name != "alert_id"},
+    )
+    await conn.execute(stmt, list(rows))
+
+
+async def record_history(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+    if rows:
+        await conn.execute(history.insert(), list(rows))
+
+
+async def get_alert(conn: AsyncConnection, alert_id: str) -> Any:
+    return (await conn.execute(select(alerts).where(alerts.c.alert_id == alert_id))).first()
+
+
+async def get_history(conn: AsyncConnection, alert_id: str) -> list[Any]:
+    stmt = select(history).where(history.c.alert_id == alert_id).order_by(history.c.seq)
+    return list(await conn.execute(stmt))
+
+
+async def list_alerts(conn: AsyncConnection, *, status: str | None = None,
+                      customer_id: str | None = None, rule: str | None = None,
+                      severity: str | None = None, after: tuple[datetime, str] | None = None,
+                      limit: int = 100) -> list[Any]:
+    """Alerts newest first (raised_at, then alert_id, descending), after a cursor position."""
+    a = alerts
+    where: list[ColumnElement[bool]] = []
+    if status == "active":
+        where.append(a.c.status.in_(ACTIVE))
+    elif status:
+        where.append(a.c.status == status)
+    if customer_id:
+        where.append(a.c.customer_id == customer_id)
+    if rule:
+        where.append(a.c.rule == rule)
+    if severity:
+        where.append(a.c.severity == severity)
+    if after is not None:
+        at, alert_id = after
+        where.append(or_(a.c.raised_at < at, and_(a.c.raised_at == at, a.c.alert_id < alert_id)))
+    stmt = (select(a).where(*where).order_by(a.c.raised_at.desc(), a.c.alert_id.desc())
+            .limit(limit))
+    return list(await conn.execute(stmt))
+
+
+async def reviews_due(conn: AsyncConnection, cutoff: date, limit: int = 1000) -> list[Any]:
+    """Customers whose review counts as passed on or before ``cutoff`` and is not recorded."""
+    c = customers
+    stmt = (select(c.c.customer_id, c.c.state)
+            .where(c.c.review_due_on.is_not(None), c.c.review_due_on <= cutoff)
+            .order_by(c.c.review_due_on, c.c.customer_id).limit(limit))
+    return list(await conn.execute(stmt))
+
+
+async def open_counts(conn: AsyncConnection) -> dict[tuple[str, str], int]:
+    """Open or acknowledged alerts by (rule, severity)."""
+    a = alerts
+    stmt = (select(a.c.rule, a.c.severity, func.count()).where(a.c.status.in_(ACTIVE))
+            .group_by(a.c.rule, a.c.severity))
+    return {(r[0], r[1]): int(r[2]) for r in await conn.execute(stmt)}

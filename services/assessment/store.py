@@ -1,0 +1,198 @@
+"""Assessment projections: one row per customer (its state and the latest grade, score and
+review date the API and the scheduler read) and the history of published assessments."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import date, datetime
+from typing import Any
+
+from pydantic import TypeAdapter
+from sqlalchemy import (
+    Column,
+    Date,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    func,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from services.assessment.domain import CustomerState
+from shared.db import BigId, UtcDateTime
+from shared.eventstore import core_tables
+
+metadata = MetaData()
+core = core_tables(metadata, "assessment")
+
+customers = Table(
+    "assessment_customers",
+    metadata,
+    Column("customer_id", String(1000), primary_key=True),
+    Column("name", String(1000)),
+    Column("currency", String(3), nullable=False),
+    # The published (effective) grade; NULL until a first assessment.
+    Column("grade", String(20)),
+    Column("computed_grade", String(20)),
+    Column("score", Integer),
+    Column("risk_level", String(20)),
+    Column("next_review_date", Date),
+    Column("override_grade", String(20)),
+    Column("override_expires_at", UtcDateTime),
+    Column("last_assessment_id", String(64)),
+    Column("assessed_at", UtcDateTime),
+    Column("last_seq", BigId, nullable=False),
+    Column("state", Text, nullable=False),
+)
+Index("ix_assessment_customers_review", customers.c.next_review_date, customers.c.customer_id)
+Index("ix_assessment_customers_override_expiry", customers.c.override_expires_at)
+Index("ix_assessment_customers_grade", customers.c.grade)
+
+assessments = Table(
+    "assessment_assessments",
+    metadata,
+    Column("assessment_id", String(64), primary_key=True),
+    Column("customer_id", String(1000), nullable=False),
+    # The store position of the triggering event: orders a customer's history.
+    Column("seq", BigId, nullable=False),
+    Column("assessed_at", UtcDateTime, nullable=False),
+    Column("grade", String(20), nullable=False),
+    Column("score", Integer, nullable=False),
+    Column("body", Text, nullable=False),
+)
+Index("ix_assessment_assessments_customer", assessments.c.customer_id, assessments.c.seq)
+
+PROJECTIONS: Sequence[Table] = (customers, assessments)
+
+_STATE = TypeAdapter(CustomerState)
+
+
+def dump_state(state: CustomerState) -> str:
+    return _STATE.dump_json(state).decode()
+
+
+def load_state(text: str) -> CustomerState:
+    return _STATE.validate_json(text)
+
+
+def as_json(body: dict[str, Any]) -> str:
+    return json.dumps(body, default=str, separators=(",", ":"))
+
+
+def _upsert(conn: AsyncConnection, table: Table) -> Any:
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+
+
+async def lock_customers(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, Any]:
+    """Load (and on PostgreSQL lock, in id order) the rows of these customers."""
+    wanted = sorted(set(ids))
+    if not wanted:
+        return {}
+    stmt = select(customers).where(customers.c.customer_id.in_(wanted)).order_by(
+        customers.c.customer_id)
+    if conn.dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    return {r.customer_id: r for r in await conn.execute(stmt)}
+
+
+def customer_row(state: CustomerState, last_seq: int) -> dict[str, Any]:
+    last = state.last
+    override = state.override
+    return {
+        "customer_id": state.customer_id,
+        "name": state.name,
+        "currency": state.currency,
+        "grade": last.grade if last else None,
+        "computed_grade": last.computed_grade if last else None,
+        "score": last.score if last else None,
+        "risk_level": last.risk_level if last else None,
+        "next_review_date": last.next_review_date if last else None,
+        "override_grade": override.grade if override else None,
+        "override_expires_at": override.expires_at if override else None,
+        "last_assessment_id": last.assessment_id if last else None,
+        "assessed_at": last.assessed_at if last else None,
+        "last_seq": last_seq,
+        "state": dump_state(state),
+    }
+
+
+async def save_customers(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    ins = _upsert(conn, customers)
+    stmt = ins.on_conflict_do_update(
+        index_elements=["customer_id"],
+        set_={c.name: ins.excluded[c.name] for c in customers.columns if c.name != "customer_id"},
+    )
+    await conn.execute(stmt, list(rows))
+
+
+async def record_assessments(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+    if rows:
+        await conn.execute(assessments.insert(), list(rows))
+
+
+async def customer(conn: AsyncConnection, customer_id: str) -> Any:
+    stmt = select(customers).where(customers.c.customer_id == customer_id)
+    return (await conn.execute(stmt)).first()
+
+
+async def latest_assessment(conn: AsyncConnection, customer_id: str) -> dict[str, Any] | None:
+    a = assessments
+    stmt = (select(a.c.body).where(a.c.customer_id == customer_id)
+            .order_by(a.c.seq.desc()).limit(1))
+    row = (await conn.execute(stmt)).first()
+    if row is None:
+        return None
+    body: dict[str, Any] = json.loads(row.body)
+    return body
+
+
+async def history(conn: AsyncConnection, customer_id: str, *, limit: int,
+                  before_seq: int | None = None,
+                  as_of: datetime | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """A customer's assessments, newest first: (seq, body), at most ``limit``."""
+    a = assessments
+    stmt = select(a.c.seq, a.c.body).where(a.c.customer_id == customer_id)
+    if before_seq is not None:
+        stmt = stmt.where(a.c.seq < before_seq)
+    if as_of is not None:
+        stmt = stmt.where(a.c.assessed_at <= as_of)
+    rows = await conn.execute(stmt.order_by(a.c.seq.desc()).limit(limit))
+    return [(r.seq, json.loads(r.body)) for r in rows]
+
+
+async def reviews_due(conn: AsyncConnection, before: date, *, limit: int,
+                      after: tuple[date, str] | None = None) -> list[Any]:
+    """Customers whose next review date is before ``before``, oldest review first."""
+    c = customers
+    stmt = select(c.c.customer_id, c.c.name, c.c.grade, c.c.computed_grade, c.c.score,
+                  c.c.risk_level, c.c.next_review_date, c.c.assessed_at,
+                  c.c.last_assessment_id).where(
+        c.c.next_review_date.is_not(None), c.c.next_review_date < before)
+    if after is not None:
+        day, cid = after
+        stmt = stmt.where((c.c.next_review_date > day)
+                          | ((c.c.next_review_date == day) & (c.c.customer_id > cid)))
+    stmt = stmt.order_by(c.c.next_review_date, c.c.customer_id).limit(limit)
+    return list(await conn.execute(stmt))
+
+
+async def overrides_expiring(conn: AsyncConnection, now: datetime, limit: int = 1000) -> list[Any]:
+    c = customers
+    stmt = (select(c.c.customer_id, c.c.state)
+            .where(c.c.override_expires_at.is_not(None), c.c.override_expires_at <= now)
+            .order_by(c.c.override_expires_at, c.c.customer_id).limit(limit))
+    return list(await conn.execute(stmt))
+
+
+async def customers_by_grade(conn: AsyncConnection) -> dict[str | None, int]:
+    c = customers
+    rows = await conn.execute(select(c.c.grade, func.count()).group_by(c.c.grade))
+    return {r[0]: int(r[1]) for r in rows}
