@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from shared.auth import TokenRegistry
+from shared.db import make_engine
+from shared.http import create_app
 from shared.runtime import (
     Clock,
     ConsumerLoop,
@@ -27,10 +31,15 @@ from shared.runtime import (
     Service,
     run_all,
     utcnow,
+    wait_or_stop,
 )
 from shared.settings import Settings
 
 log = logging.getLogger("creditwatch.service")
+
+# A gauge refresher: reads the service's tables and sets Prometheus gauges.
+Refresh = Callable[[AsyncEngine], Awaitable[None]]
+GAUGE_INTERVAL_S = 5.0
 
 
 @dataclass
@@ -46,6 +55,7 @@ class ServiceHost:
     consumer: ConsumerLoop | None = None
     relay: OutboxRelay | None = None
     scheduler: Scheduler | None = None
+    gauges: Sequence[Refresh] = ()
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
 
@@ -69,7 +79,18 @@ class ServiceHost:
         for loop in (self.consumer, self.relay, self.scheduler):
             if loop is not None:
                 jobs.append(loop.run)
+        jobs += [functools.partial(self._refresh_every, refresh) for refresh in self.gauges]
         self._task = asyncio.create_task(run_all(self.stop, *jobs))
+
+    async def _refresh_every(self, refresh: Refresh, stop: asyncio.Event) -> None:
+        """Gauges computed from the tables every few seconds, not on the hot paths."""
+        while not stop.is_set():
+            try:
+                await refresh(self.engine)
+            except Exception as exc:
+                log.debug("%s: gauges not refreshed: %s", self.service.name, exc)
+            if await wait_or_stop(stop, GAUGE_INTERVAL_S):
+                return
 
     async def close(self) -> None:
         self.stop.set()
@@ -105,3 +126,20 @@ class ServiceHost:
                 await self.close()
 
         return _lifespan
+
+
+def build_service_app(name: str, service: Service, settings: Settings, *,
+                      tokens: TokenRegistry, router: Callable[[EventCore], APIRouter],
+                      consume: bool = True, clock: Clock = utcnow,
+                      gauges: Sequence[Refresh] = ()) -> tuple[FastAPI, ServiceHost]:
+    """The same wiring for every service: engine, event core, loops, routes, gauges."""
+    engine = make_engine(settings.database_url_for(name))
+    core = EventCore(service, engine, dlq_topic=settings.topic_dlq, clock=clock,
+                     topic_of_type=settings.topic_of_type())
+    host = ServiceHost(service, settings, engine, core, consume=consume, clock=clock,
+                       gauges=gauges)
+    app = create_app(name, settings=settings, tokens=tokens, readiness=host.readiness,
+                     lifespan=host.lifespan())
+    app.include_router(router(core))
+    app.state.host = host
+    return app, host

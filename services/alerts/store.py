@@ -3,12 +3,10 @@ alert (the current body, with the columns the list filters use) and every alert'
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from datetime import date, datetime
 from typing import Any
 
-from pydantic import TypeAdapter
 from sqlalchemy import (
     Column,
     Date,
@@ -24,13 +22,13 @@ from sqlalchemy import (
     or_,
     select,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
 from services.alerts.domain import Alert, AlertChange, CustomerState, alert_body, review_due_on
 from shared.db import BigId, UtcDateTime
 from shared.eventstore import core_tables
+from shared.projection import StateCodec, as_json, insert_for, lock_rows
 
 metadata = MetaData()
 core = core_tables(metadata, "alerts")
@@ -86,35 +84,14 @@ history = Table(
 PROJECTIONS: Sequence[Table] = (customers, alerts, history)
 ACTIVE = ("open", "acknowledged")
 
-_STATE = TypeAdapter(CustomerState)
-
-
-def dump_state(state: CustomerState) -> str:
-    return _STATE.dump_json(state).decode()
-
-
-def load_state(text: str) -> CustomerState:
-    return _STATE.validate_json(text)
-
-
-def as_json(body: dict[str, Any]) -> str:
-    return json.dumps(body, default=str, separators=(",", ":"))
-
-
-def _upsert(conn: AsyncConnection, table: Table) -> Any:
-    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+_STATE = StateCodec(CustomerState)
+dump_state = _STATE.dump
+load_state = _STATE.load
 
 
 async def lock_customers(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, Any]:
     """Load (and on PostgreSQL lock, in id order) the rows of these customers."""
-    wanted = sorted(set(ids))
-    if not wanted:
-        return {}
-    stmt = select(customers).where(customers.c.customer_id.in_(wanted)).order_by(
-        customers.c.customer_id)
-    if conn.dialect.name == "postgresql":
-        stmt = stmt.with_for_update()
-    return {r.customer_id: r for r in await conn.execute(stmt)}
+    return await lock_rows(conn, customers, "customer_id", ids)
 
 
 def customer_row(state: CustomerState, last_seq: int) -> dict[str, Any]:
@@ -132,7 +109,7 @@ def customer_row(state: CustomerState, last_seq: int) -> dict[str, Any]:
 async def save_customers(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
     if not rows:
         return
-    ins = _upsert(conn, customers)
+    ins = insert_for(conn, customers)
     stmt = ins.on_conflict_do_update(
         index_elements=["customer_id"],
         set_={c.name: ins.excluded[c.name] for c in customers.columns if c.name != "customer_id"},
@@ -170,7 +147,7 @@ def history_row(change: AlertChange) -> dict[str, Any]:
 async def save_alerts(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
     if not rows:
         return
-    ins = _upsert(conn, alerts)
+    ins = insert_for(conn, alerts)
     stmt = ins.on_conflict_do_update(
         index_elements=["alert_id"],
         set_={c.name: ins.excluded[c.name] for c in alerts.columns if c.name != "alert_id"},

@@ -21,6 +21,7 @@ from services.assessment import domain, store
 from services.assessment import events as ev
 from shared.events import DeadLetter, Envelope, new_event
 from shared.policy import Policy
+from shared.projection import as_json
 from shared.runtime import Incoming, Tx
 from shared.settings import Settings
 
@@ -100,7 +101,7 @@ class AssessmentService:
             history.append({
                 "assessment_id": body.assessment_id, "customer_id": cid, "seq": inc.seq,
                 "assessed_at": body.assessed_at, "grade": body.grade, "score": body.score,
-                "body": store.as_json(out.data),
+                "body": as_json(out.data),
             })
 
         saved = []

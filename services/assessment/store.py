@@ -8,7 +8,6 @@ from collections.abc import Iterable, Sequence
 from datetime import date, datetime
 from typing import Any
 
-from pydantic import TypeAdapter
 from sqlalchemy import (
     Column,
     Date,
@@ -21,12 +20,12 @@ from sqlalchemy import (
     func,
     select,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.assessment.domain import CustomerState
 from shared.db import BigId, UtcDateTime
 from shared.eventstore import core_tables
+from shared.projection import StateCodec, insert_for, lock_rows
 
 metadata = MetaData()
 core = core_tables(metadata, "assessment")
@@ -70,35 +69,14 @@ Index("ix_assessment_assessments_customer", assessments.c.customer_id, assessmen
 
 PROJECTIONS: Sequence[Table] = (customers, assessments)
 
-_STATE = TypeAdapter(CustomerState)
-
-
-def dump_state(state: CustomerState) -> str:
-    return _STATE.dump_json(state).decode()
-
-
-def load_state(text: str) -> CustomerState:
-    return _STATE.validate_json(text)
-
-
-def as_json(body: dict[str, Any]) -> str:
-    return json.dumps(body, default=str, separators=(",", ":"))
-
-
-def _upsert(conn: AsyncConnection, table: Table) -> Any:
-    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+_STATE = StateCodec(CustomerState)
+dump_state = _STATE.dump
+load_state = _STATE.load
 
 
 async def lock_customers(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, Any]:
     """Load (and on PostgreSQL lock, in id order) the rows of these customers."""
-    wanted = sorted(set(ids))
-    if not wanted:
-        return {}
-    stmt = select(customers).where(customers.c.customer_id.in_(wanted)).order_by(
-        customers.c.customer_id)
-    if conn.dialect.name == "postgresql":
-        stmt = stmt.with_for_update()
-    return {r.customer_id: r for r in await conn.execute(stmt)}
+    return await lock_rows(conn, customers, "customer_id", ids)
 
 
 def customer_row(state: CustomerState, last_seq: int) -> dict[str, Any]:
@@ -125,7 +103,7 @@ def customer_row(state: CustomerState, last_seq: int) -> dict[str, Any]:
 async def save_customers(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
     if not rows:
         return
-    ins = _upsert(conn, customers)
+    ins = insert_for(conn, customers)
     stmt = ins.on_conflict_do_update(
         index_elements=["customer_id"],
         set_={c.name: ins.excluded[c.name] for c in customers.columns if c.name != "customer_id"},

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from services.assessment import store
-from services.assessment.app import GradeGauges, build
+from services.assessment.app import build, refresh_grade_gauges
 from shared import eventstore as es
 from shared import metrics
 from shared.auth import Principal, TokenRegistry
@@ -302,7 +302,7 @@ async def test_given_graded_customers_when_the_gauges_refresh_then_they_count_by
     await service.consume("ar.invoices", "invoice.issued", {
         "invoice_id": "I-1", "customer_id": "C-9", "amount": "10.00", "currency": "EUR",
         "issue_date": "2026-01-01", "due_date": "2026-01-31"}, subject="C-9")
-    await GradeGauges(service.host, load_policy()).refresh()
+    await refresh_grade_gauges(service.host.engine, load_policy())
     assert metrics.CUSTOMERS.labels("BBB")._value.get() == 1
     assert metrics.CUSTOMERS.labels("unrated")._value.get() == 1
     assert metrics.CUSTOMERS.labels("AAA")._value.get() == 0

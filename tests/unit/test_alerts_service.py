@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
 from services.alerts import store
-from services.alerts.app import OpenAlertGauges, build
+from services.alerts.app import build, refresh_open_alert_gauges
 from services.alerts.handlers import AlertsService
 from shared.auth import Principal, TokenRegistry
 from shared.events import Envelope, new_event
@@ -298,7 +298,7 @@ async def test_the_open_alert_gauge_counts_open_and_acknowledged_alerts(world: W
         world.record(exposure_event("C-1", "95000.00", n=1), "credit.exposure"),
         world.record(exposure_event("C-2", "96000.00", n=2), "credit.exposure"),
         world.record(exposure_event("C-2", "10000.00", n=3), "credit.exposure"))
-    await OpenAlertGauges(world.host).refresh()
+    await refresh_open_alert_gauges(world.host.engine)
     labels = {"rule": "utilization_high", "severity": "warning"}
     assert REGISTRY.get_sample_value("creditwatch_alerts_open", labels) == 1
     assert REGISTRY.get_sample_value("creditwatch_alerts_open",

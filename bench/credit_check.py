@@ -1,0 +1,238 @@
+"""bench/credit_check: credit checks/s (each reserving, on PostgreSQL) against a hello-world
+FastAPI endpoint under the same uvicorn settings, in the same run; and latency at a steady
+1,000 requests/s for both.
+
+    .venv/bin/python -m bench.credit_check [--runs 3] [--seconds 15]
+
+Both servers run as separate processes with one uvicorn worker, access log off. Throughput
+comes from wrk (Debian package) with 2 threads and 32 connections on the same two cores;
+the steady-rate latency from vegeta (Go module, installed on first use) at 1,000 requests/s,
+each check a new order for one of 1,000 customers, so every approved check takes the
+customer's row lock and writes its reservation, decision and exposure event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.common import Measure, ratio, save, table
+from services.limits.handlers import LimitsService
+from services.schema import upgrade
+from shared.db import make_engine
+from shared.policy import load_policy
+from shared.runtime import EventCore
+from shared.settings import Settings
+from tests import factories as f
+from tests.infra import servers
+from tests.processes import CHECK, ServiceProcess, service_env
+
+CUSTOMERS = 1000
+VEGETA = "github.com/tsenart/vegeta/v12@v12.13.0"
+HELLO = '''
+from fastapi import FastAPI
+app = FastAPI()
+
+@app.get("/hello")
+async def hello() -> dict[str, str]:
+    return {"hello": "world"}
+'''
+WRK_SCRIPT = '''
+local n = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %s"
+function setup(thread) thread:set("tid", math.random(1, 1000000000)) end
+request = function()
+  n = n + 1
+  local body = string.format(
+    '{"order_id":"W%%d-%%d","customer_id":"B%%04d","amount":"125.50","currency":"EUR"}',
+    tid, n, math.random(0, %d))
+  return wrk.format(nil, "/v1/credit-checks", nil, body)
+end
+'''
+
+
+def ensure_tools() -> tuple[str, str]:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        wrk = shutil.which("wrk") or "wrk"
+    bin_dir = servers.cache_dir() / "bin"
+    vegeta = bin_dir / "vegeta"
+    if not vegeta.exists():
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["go", "install", VEGETA], check=True,
+                       env={**os.environ, "GOBIN": str(bin_dir)})
+    return wrk, str(vegeta)
+
+
+def assessed(cid: str) -> dict:
+    return f.cloudevent("assessment.completed", cid, {
+        "assessment_id": f"a-{cid}", "customer_id": cid, "score": 90, "grade": "AAA",
+        "risk_level": "low", "previous_grade": None, "factors": [], "ratios": {},
+        "override": None, "policy_version": "2026.1",
+        "trigger": {"event_id": f"reg-{cid}", "type": "customer.registered"},
+        "next_review_date": "2027-03-01", "assessed_at": "2026-03-01T09:00:00Z"},
+        id=f"a-{cid}", source="/creditwatch/assessment")
+
+
+async def seed(url: str) -> None:
+    engine = make_engine(url)
+    await upgrade(engine, "limits")
+    settings = Settings()
+    core = EventCore(LimitsService(settings, load_policy(None)), engine,
+                     topic_of_type=settings.topic_of_type())
+    events = []
+    for n in range(CUSTOMERS):
+        cid = f"B{n:04d}"
+        events += [f.customer(cid), assessed(cid)]
+    for i in range(0, len(events), 500):
+        await core.process_records(f.records(events[i:i + 500], start=i))
+    await engine.dispose()
+
+
+def wrk_run(wrk: str, url: str, seconds: int, script: Path | None) -> tuple[float, float]:
+    """Requests/s and p99 (ms) under wrk -t2 -c32."""
+    cmd = [wrk, "-t2", "-c32", f"-d{seconds}s", "--latency"]
+    if script is not None:
+        cmd += ["-s", str(script)]
+    out = subprocess.run([*cmd, url], check=True, capture_output=True, text=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    assert p99 is not None, out
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise RuntimeError(f"wrk saw {errors.group(1)} error responses:\n{out}")
+    return rps, float(p99.group(1)) * scale
+
+
+def vegeta_run(vegeta: str, targets: Path, seconds: int, rate: int) -> dict[str, float]:
+    attack = subprocess.run(
+        [vegeta, "attack", "-format=json", f"-targets={targets}", f"-rate={rate}/s",
+         f"-duration={seconds}s", "-max-workers=256"], check=True, capture_output=True)
+    report = subprocess.run([vegeta, "report", "-type=json"], input=attack.stdout,
+                            check=True, capture_output=True)
+    data = json.loads(report.stdout)
+    lat = data["latencies"]
+    return {"p50_ms": lat["50th"] / 1e6, "p99_ms": lat["99th"] / 1e6,
+            "success": data["success"], "rate": data["rate"]}
+
+
+def check_targets(base: str, count: int, path: Path) -> Path:
+    rng = random.Random(3)
+    tag = f"V{int(time.time())}"
+    with path.open("w") as out:
+        for n in range(count):
+            body = json.dumps({"order_id": f"{tag}-{n}",
+                               "customer_id": f"B{rng.randrange(CUSTOMERS):04d}",
+                               "amount": "99.90", "currency": "EUR"})
+            out.write(json.dumps({
+                "method": "POST", "url": f"{base}/v1/credit-checks",
+                "header": {"Content-Type": ["application/json"],
+                           "Authorization": [f"Bearer {CHECK}"]},
+                "body": base64.b64encode(body.encode()).decode()}) + "\n")
+    return path
+
+
+def hello_targets(base: str, count: int, path: Path) -> Path:
+    line = json.dumps({"method": "GET", "url": f"{base}/hello"}) + "\n"
+    path.write_text(line * count)
+    return path
+
+
+def start_hello(port: int, log: Path) -> subprocess.Popen[bytes]:
+    module = Path(tempfile.mkdtemp()) / "hello_app.py"
+    module.write_text(HELLO)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "hello_app:app", "--port", str(port),
+         "--no-access-log", "--log-level", "warning", "--workers", "1"],
+        cwd=module.parent, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/hello").status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError("hello-world server did not start")
+
+
+def main(runs: int, seconds: int) -> None:
+    wrk, vegeta = ensure_tools()
+    work = Path(tempfile.mkdtemp(prefix="cw-bench-"))
+    with servers.PostgresServer.start() as pg, servers.KafkaServer.start() as kafka:
+        url = servers.create_database(pg.url)
+        asyncio.run(seed(url))
+        env = service_env(database_url=url, bootstrap=kafka.bootstrap,
+                          CREDITWATCH_LOG_LEVEL="WARNING")
+        api = ServiceProcess("limits", env, work, "--no-consume")
+        api.start().wait_ready(90)
+        hello_port = servers.free_port()
+        hello = start_hello(hello_port, work / "hello.log")
+        script = work / "check.lua"
+        script.write_text(WRK_SCRIPT % (CHECK, CUSTOMERS - 1))
+        base_hello = f"http://127.0.0.1:{hello_port}"
+        try:
+            hello_rps = Measure("hello-world FastAPI (GET, 1 worker)", "req/s")
+            check_rps = Measure("credit checks with reservation (POST, 1 worker)", "checks/s")
+            hello_p99 = Measure("hello-world p99 at 1,000 req/s", "ms")
+            check_p99 = Measure("credit check p99 at 1,000 checks/s", "ms")
+            check_p50 = Measure("credit check p50 at 1,000 checks/s", "ms")
+            for n in range(runs):
+                # Alternate, so drift on a noisy machine hits both.
+                hello_rps.runs.append(wrk_run(wrk, f"{base_hello}/hello", seconds, None)[0])
+                check_rps.runs.append(wrk_run(wrk, api.url, seconds, script)[0])
+                hv = vegeta_run(vegeta, hello_targets(base_hello, 1000 * seconds,
+                                                      work / "hello.targets"), seconds, 1000)
+                cv = vegeta_run(vegeta, check_targets(api.url, 1000 * seconds,
+                                                      work / f"check{n}.targets"),
+                                seconds, 1000)
+                hello_p99.runs.append(hv["p99_ms"])
+                check_p99.runs.append(cv["p99_ms"])
+                check_p50.runs.append(cv["p50_ms"])
+                if cv["success"] < 1.0:
+                    raise RuntimeError(f"credit checks failed at 1,000/s: {cv}")
+                print(f"run {n + 1}: hello {hello_rps.runs[-1]:,.0f} req/s, checks "
+                      f"{check_rps.runs[-1]:,.0f}/s; at 1,000/s p99 hello "
+                      f"{hv['p99_ms']:.2f} ms, checks {cv['p99_ms']:.2f} ms "
+                      f"(p50 {cv['p50_ms']:.2f} ms, achieved {cv['rate']:.0f}/s)")
+        finally:
+            hello.terminate()
+            api.stop()
+    rows = [("measure", "median", "runs", "ratio to baseline")]
+    for m, base in ((hello_rps, hello_rps), (check_rps, hello_rps), (hello_p99, hello_p99),
+                    (check_p50, hello_p99), (check_p99, hello_p99)):
+        rows.append((m.name, f"{m.median:,.2f} {m.unit}",
+                     ", ".join(f"{x:,.2f}" for x in m.runs), f"{ratio(m, base):.2f}"))
+    print()
+    print(table(rows))
+    path = save("credit_check", {
+        "seconds": seconds, "customers": CUSTOMERS, "hello_rps": hello_rps,
+        "check_rps": check_rps, "hello_p99_ms": hello_p99, "check_p50_ms": check_p50,
+        "check_p99_ms": check_p99, "ratio_throughput": ratio(check_rps, hello_rps)})
+    print(f"\nsaved {path}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=15)
+    args = parser.parse_args()
+    main(args.runs, args.seconds)
