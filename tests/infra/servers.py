@@ -557,6 +557,18 @@ def _apt_install(packages: Sequence[str]) -> None:
     )
 
 
+def ensure_prometheus_installed() -> Path:
+    """Return the directory of ``prometheus`` and ``promtool``, installing Debian's package
+    if needed (only the binaries are used; the package's own service is never relied on)."""
+    binary = shutil.which("prometheus")
+    if binary is None or shutil.which("promtool") is None:
+        _apt_install(["prometheus"])
+        binary = shutil.which("prometheus")
+    if binary is None:
+        raise InfraError("prometheus is still missing after installing the Debian package")
+    return Path(binary).parent
+
+
 def ensure_postgres_installed() -> Path:
     """Return the PostgreSQL bin dir, installing Debian's ``postgresql`` package if needed."""
     bindir = find_postgres_bindir()
