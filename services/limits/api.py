@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import time
 import uuid
@@ -171,6 +172,7 @@ def build_router(service: LimitsService, core: EventCore) -> APIRouter:
                     prior.currency == req.currency and _still_standing(state, prior, now):
                 body: dict[str, Any] = json.loads(prior.body)
                 metrics.CREDIT_CHECKS.labels(body["decision"]).inc()
+                metrics.CREDIT_CHECK_SECONDS.observe(time.perf_counter() - started)
                 return body
             group = await _group_view(conn, loaded, req.customer_id, parent, now)
             outcome = domain.decide_credit_check(
@@ -276,6 +278,13 @@ def build_router(service: LimitsService, core: EventCore) -> APIRouter:
                         ).scalar_one()
             if children:
                 others, members = await store.group_exposure(conn, customer_id, customer_id)
+                if as_of is not None:
+                    # The group as it stood then, not the members' exposure now.
+                    others = Decimal(0)
+                    for member in await store.group_members(conn, customer_id, customer_id):
+                        with contextlib.suppress(NotFound):  # no events yet at that time
+                            then = await _fold_until(conn, member, as_of)
+                            others += domain.figures(then, policy, as_of).exposure
                 ccy = state.currency
                 group_exposure = others + fig.exposure
                 body["group"] = {"members": members + 1, "limit": money(fig.limit, ccy),
@@ -499,7 +508,9 @@ def build_router(service: LimitsService, core: EventCore) -> APIRouter:
                         cond = or_(key < value, and_(key == value, c.c.customer_id > cid),
                                    key.is_(None))
                     else:
-                        cond = or_(key > value, and_(key == value, c.c.customer_id > cid))
+                        # NULLs sort last either way, so they follow any value.
+                        cond = or_(key > value, and_(key == value, c.c.customer_id > cid),
+                                   key.is_(None))
                     stmt = stmt.where(cond)
                 order = [key.desc().nulls_last() if desc else key.asc().nulls_last(),
                          c.c.customer_id.desc() if desc and key_name == "customer_id"
@@ -521,7 +532,9 @@ def build_router(service: LimitsService, core: EventCore) -> APIRouter:
                 "limit": money(r.limit_amount, r.currency),
                 "exposure": money(r.exposure, r.currency),
                 "available": money(r.available, r.currency),
-                "utilization": (format(Decimal(util) / Decimal(1_000_000), "f")
+                # Spelled like exposure.updated's utilization (four places).
+                "utilization": (format((Decimal(util) / Decimal(1_000_000))
+                                       .quantize(Decimal("0.0001")), "f")
                                 if util is not None else None),
                 "overdue_amount": money(r.overdue_amount, r.currency),
                 "max_days_overdue": r.max_days_overdue,

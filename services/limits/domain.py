@@ -35,6 +35,8 @@ class Invoice:
     due_date: date
     order_id: str | None = None
     cancelled: bool = False
+    # As invoiced, so that a later change of credit currency converts it exactly once.
+    original: tuple[Decimal, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,9 @@ class Credit:
     on: date
     allocations: tuple[tuple[str, Decimal], ...] = ()
     reversed: bool = False
+    # Amount, allocations and currency as received (see Invoice.original).
+    original: tuple[Decimal, str] | None = None
+    original_allocations: tuple[tuple[str, Decimal], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,7 @@ class Dunning:
     days_overdue: int
     amount_overdue: Decimal
     due_date: date
+    original: tuple[Decimal, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,8 +218,7 @@ def open_receivables(state: CustomerState) -> Decimal:
     return invoiced - credited
 
 
-def reserved_amounts(state: CustomerState, at: datetime | None,
-                     exclude_order: str | None = None) -> dict[str, Decimal]:
+def reserved_amounts(state: CustomerState, at: datetime | None) -> dict[str, Decimal]:
     """What each live reservation still holds: its amount less what was invoiced on it."""
     invoiced: dict[str, Decimal] = {}
     for inv in state.invoices.values():
@@ -221,7 +226,7 @@ def reserved_amounts(state: CustomerState, at: datetime | None,
             invoiced[inv.order_id] = invoiced.get(inv.order_id, ZERO) + inv.amount
     out: dict[str, Decimal] = {}
     for res in state.reservations.values():
-        if res.status != "active" or res.order_id == exclude_order:
+        if res.status != "active":
             continue
         if at is not None and res.expires_at <= at:
             continue
@@ -355,16 +360,61 @@ def apply(state: CustomerState, event_type: str, data: Any, time: datetime,
     return replace(new, as_of=as_of, last_time=last)
 
 
-def _customer(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> CustomerState:
+def _customer(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerState:
+    if d.currency != state.currency:
+        state = _in_currency(state, d.currency, p)
     return replace(state, name=d.name, currency=d.currency, registered=True,
                    payment_terms_days=d.payment_terms_days, parent_id=d.parent_id)
+
+
+def _in_currency(state: CustomerState, ccy: str, p: Policy) -> CustomerState:
+    """The state re-expressed in a new credit currency.
+
+    Facts from the ledger are converted from the amounts as received, so that an invoice
+    folded before its customer's registration (in the base currency meanwhile) ends up
+    exactly where it would have, had the registration come first. What the service decided
+    itself (reservations, manual limits) was in the old credit currency and converts from it.
+    """
+    rates = p.fx_rates()
+
+    def conv(amount: Decimal, original: tuple[Decimal, str] | None, what: str) -> Decimal:
+        source, from_ccy = original if original is not None else (amount, state.currency)
+        converted = convert(source, from_ccy, ccy, rates)
+        if converted is None:
+            raise DeadLetter(NO_FX_RATE,
+                             f"data.currency: {what} recorded in {from_ccy} cannot be converted "
+                             f"to {ccy} with the rates of policy {p.version}", "currency")
+        return converted
+
+    invoices = {k: replace(i, amount=conv(i.amount, i.original, f"invoice {k}"))
+                for k, i in state.invoices.items()}
+    credits = {}
+    for k, c in state.credits.items():
+        if c.original is not None:
+            alloc = tuple((inv, conv(a, (a, c.original[1]), k))
+                          for inv, a in c.original_allocations)
+        else:
+            alloc = tuple((inv, conv(a, None, k)) for inv, a in c.allocations)
+        credits[k] = replace(c, amount=conv(c.amount, c.original, k), allocations=alloc)
+    dunning = {k: replace(d, amount_overdue=conv(d.amount_overdue, d.original, f"dunning {k}"))
+               for k, d in state.dunning.items()}
+    reservations = {k: replace(r, amount=conv(r.amount, None, f"reservation {k}"))
+                    for k, r in state.reservations.items()}
+    requests = {k: replace(r, requested_limit=conv(r.requested_limit, None, f"request {k}"))
+                for k, r in state.requests.items()}
+    manual = state.manual
+    if manual is not None:
+        manual = replace(manual, amount=conv(manual.amount, None, "the manual limit"))
+    return replace(state, invoices=invoices, credits=credits, dunning=dunning,
+                   reservations=reservations, requests=requests, manual=manual)
 
 
 def _invoice_issued(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerState:
     if d.invoice_id in state.invoices:
         return state  # the same invoice number twice under another event id: keep the first
     amount = _convert(d.amount, d.currency, state, p, "amount")
-    inv = Invoice(d.invoice_id, amount, d.issue_date, d.due_date, d.order_id)
+    inv = Invoice(d.invoice_id, amount, d.issue_date, d.due_date, d.order_id,
+                  original=(d.amount, d.currency))
     return replace(state, invoices={**state.invoices, d.invoice_id: inv})
 
 
@@ -381,7 +431,9 @@ def _credit_note(state: CustomerState, d: Any, _t: datetime, p: Policy) -> Custo
         return state
     amount = _convert(d.amount, d.currency, state, p, "amount")
     alloc = ((d.invoice_id, amount),) if d.invoice_id else ()
-    credit = Credit(key, "credit_note", amount, d.issue_date, alloc)
+    credit = Credit(key, "credit_note", amount, d.issue_date, alloc,
+                    original=(d.amount, d.currency),
+                    original_allocations=((d.invoice_id, d.amount),) if d.invoice_id else ())
     return replace(state, credits={**state.credits, key: credit})
 
 
@@ -394,7 +446,10 @@ def _payment(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerS
         (a.invoice_id, _convert(a.amount, d.currency, state, p, "allocations.amount"))
         for a in (d.allocations or ())
     )
-    credit = Credit(key, "payment", amount, d.received_date, alloc)
+    credit = Credit(key, "payment", amount, d.received_date, alloc,
+                    original=(d.amount, d.currency),
+                    original_allocations=tuple((a.invoice_id, a.amount)
+                                               for a in (d.allocations or ())))
     return replace(state, credits={**state.credits, key: credit})
 
 
@@ -411,7 +466,8 @@ def _overdue(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerS
     if known is not None and known.as_of > d.as_of:
         return state  # an older dunning run arriving late does not override a newer one
     amount = _convert(d.amount_overdue, d.currency, state, p, "amount_overdue")
-    dun = Dunning(d.as_of, d.days_overdue, amount, d.due_date)
+    dun = Dunning(d.as_of, d.days_overdue, amount, d.due_date,
+                  original=(d.amount_overdue, d.currency))
     return replace(state, dunning={**state.dunning, d.invoice_id: dun},
                    as_of=max(state.as_of, d.as_of) if state.as_of else d.as_of)
 
@@ -549,9 +605,9 @@ def decide_credit_check(state: CustomerState, *, order_id: str, amount: Decimal,
                         group: GroupView | None = None) -> CheckOutcome:
     """May this order go out on credit? Every applicable reason is listed.
 
-    The order's own earlier reservation never counts against it (amendments); exposure
-    landing exactly on the limit is within it; a shortfall within the policy's tolerance
-    goes to a person (``review``).
+    The order's own earlier reservation never counts against it (amendments), nor does
+    what is already invoiced on it count twice; exposure landing exactly on the limit is
+    within it; a shortfall within the policy's tolerance goes to a person (``review``).
     """
     lp = policy.limits
     reasons: list[str] = []
@@ -562,9 +618,16 @@ def decide_credit_check(state: CustomerState, *, order_id: str, amount: Decimal,
         reasons.append("currency_mismatch")
         hard = True
         converted = ZERO
+    # What is already invoiced on the order is in the receivables; the reservation only
+    # ever holds the rest (see reserved_amounts), so only the rest is judged.
+    invoiced = sum((i.amount for i in state.invoices.values()
+                    if i.order_id == order_id and not i.cancelled), ZERO)
+    needed = max(ZERO, converted - invoiced)
     fig = figures(state, policy, now)
-    own_reserved = sum(reserved_amounts(state, now, exclude_order=order_id).values(), ZERO)
-    exposure = fig.open_receivables + own_reserved
+    live = reserved_amounts(state, now)
+    earlier = live.pop(order_id, ZERO)  # this order's own reservation (an amendment)
+    others_reserved = sum(live.values(), ZERO)
+    exposure = fig.open_receivables + others_reserved
     limit = effective_limit(state, policy, now)[0]
     has_own_limit = limit > 0
     in_group = group is not None and group.limit > 0
@@ -590,7 +653,7 @@ def decide_credit_check(state: CustomerState, *, order_id: str, amount: Decimal,
     available = limit - exposure
     room = available
     if has_own_limit:
-        over = converted - available
+        over = needed - available
         if over > 0:
             reasons.append("exceeds_available")
             if over <= lp.review_tolerance * limit:
@@ -602,7 +665,7 @@ def decide_credit_check(state: CustomerState, *, order_id: str, amount: Decimal,
         group_exposure = group.exposure_without_customer + exposure
         group_available = group.limit - group_exposure
         room = group_available if not has_own_limit else min(available, group_available)
-        over = converted - group_available
+        over = needed - group_available
         if over > 0:
             reasons.append("exceeds_group_available")
             if over <= lp.review_tolerance * group.limit:
@@ -615,10 +678,10 @@ def decide_credit_check(state: CustomerState, *, order_id: str, amount: Decimal,
     decision: Decision = "rejected" if hard else ("review" if review else "approved")
     if decision == "approved":
         reasons = ["within_limit"]
-    shortfall = max(ZERO, converted - room) if (has_own_limit or in_group) else converted
-    reserved_after = own_reserved
-    if decision == "approved" and reserve:
-        reserved_after += converted
+    shortfall = max(ZERO, needed - room)
+    # Only an approved reservation replaces the order's earlier one; otherwise that stands.
+    reserved_after = others_reserved + (needed if decision == "approved" and reserve
+                                        else earlier)
     exposure_after = fig.open_receivables + reserved_after
     delta = exposure_after - exposure
     if group_figs is not None:

@@ -164,7 +164,10 @@ class LimitsService:
             req = nxt.requests[data.request_id]
             reqs.append({"request_id": req.request_id, "customer_id": nxt.customer_id,
                          "status": req.status, "requested_by": req.requested_by})
-        before = domain.effective_limit(prev, self.policy, env.time)
+        # A manual limit stands until its expiry is recorded: judged at the expiry time
+        # itself it would already have lapsed, and the change would go unpublished.
+        before = domain.effective_limit(
+            prev, self.policy, None if isinstance(data, ev.LimitExpired) else env.time)
         after = domain.effective_limit(nxt, self.policy, env.time)
         hold_changed = (prev.hold is None) != (nxt.hold is None)
         if before[0] == after[0] and before[1] == after[1] and not hold_changed \

@@ -182,6 +182,13 @@ async def group_exposure(conn: AsyncConnection, group_id: str,
     return sum(values, Decimal(0)), len(values)
 
 
+async def group_members(conn: AsyncConnection, group_id: str, without: str) -> list[str]:
+    stmt = select(customers.c.customer_id).where(
+        customers.c.group_id == group_id, customers.c.customer_id != without
+    ).order_by(customers.c.customer_id)
+    return [r.customer_id for r in await conn.execute(stmt)]
+
+
 async def latest_check(conn: AsyncConnection, order_id: str) -> Any:
     stmt = (select(checks).where(checks.c.order_id == order_id)
             .order_by(checks.c.seq.desc()).limit(1))

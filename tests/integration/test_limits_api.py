@@ -1,0 +1,894 @@
+"""The limits service's HTTP API on the real PostgreSQL: credit checks with every reason,
+retries, amendments and releases, exposure now and as of a time, limits with their history,
+maker–checker limit requests, temporary limits expiring on the scheduler, holds, groups, the
+portfolio, validation, authentication and metrics. Events come in through the event core
+exactly as the consumer hands them over; the Kafka round trip is in test_limits_flow.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+
+from services.limits import store
+from services.limits.app import PortfolioGauges, build
+from shared import eventstore as es
+from shared.auth import Principal, TokenRegistry
+from shared.events import ExposureUpdated, LimitChanged
+from shared.runtime import Record
+from shared.service import ServiceHost
+from shared.settings import Settings
+from tests.databases import reset
+
+pytestmark = pytest.mark.integration
+
+ORDERS = "orders-token"  # order entry
+READER = "reader-token"
+ANALYST = "analyst-token"  # ana: may request limits and decide others' requests
+APPROVER = "approver-token"  # bob
+TOKENS = TokenRegistry({
+    ORDERS: Principal("order-entry", frozenset({"credit:check"})),
+    READER: Principal("rita", frozenset({"credit:read"})),
+    ANALYST: Principal("ana", frozenset({"credit:read", "credit:write", "credit:approve",
+                                         "credit:check"})),
+    APPROVER: Principal("bob", frozenset({"credit:read", "credit:approve"})),
+})
+START = datetime(2026, 3, 1, 12, tzinfo=UTC)
+D = Decimal
+
+
+def auth(token: str = ANALYST) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@dataclass
+class Clock:
+    now: datetime = START
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@dataclass
+class Service:
+    host: ServiceHost
+    client: httpx.AsyncClient
+    clock: Clock
+    offsets: dict[str, int] = field(default_factory=dict)
+
+    async def consume(self, topic: str, event_type: str, data: dict[str, Any], *,
+                      time: str = "2026-03-01T09:00:00Z", event_id: str | None = None) -> Any:
+        offset = self.offsets.get(topic, -1) + 1
+        self.offsets[topic] = offset
+        subject = data["customer_id"]
+        envelope = {"specversion": "1.0", "id": event_id or f"{topic}-{offset}",
+                    "source": "/test", "type": event_type, "subject": subject, "time": time,
+                    "data": data}
+        return await self.host.core.process_records([Record(
+            topic, 0, offset, subject.encode(), json.dumps(envelope).encode())])
+
+    async def register(self, cid: str, *, currency: str = "EUR", parent: str | None = None,
+                       name: str | None = None) -> None:
+        data: dict[str, Any] = {"customer_id": cid, "name": name or f"Customer {cid}",
+                                "currency": currency}
+        if parent:
+            data["parent_id"] = parent
+        await self.consume("crm.customers", "customer.registered", data,
+                           time="2026-01-01T00:00:00Z")
+
+    async def assess(self, cid: str, grade: str, *, time: str = "2026-01-02T00:00:00Z") -> None:
+        await self.consume("credit.assessments", "assessment.completed", {
+            "assessment_id": f"as-{cid}-{grade}-{time}", "customer_id": cid, "score": 60,
+            "grade": grade, "risk_level": "medium", "policy_version": "2026.1",
+            "assessed_at": time}, time=time)
+
+    async def invoice(self, cid: str, invoice_id: str, amount: str, *, issued: str = "2026-02-20",
+                      due: str = "2026-03-20", currency: str = "EUR",
+                      order_id: str | None = None, time: str | None = None) -> None:
+        data = {"invoice_id": invoice_id, "customer_id": cid, "amount": amount,
+                "currency": currency, "issue_date": issued, "due_date": due}
+        if order_id:
+            data["order_id"] = order_id
+        await self.consume("ar.invoices", "invoice.issued", data,
+                           time=time or f"{issued}T09:00:00Z")
+
+    async def customer(self, cid: str, grade: str | None = "BBB", **kw: Any) -> None:
+        await self.register(cid, **kw)
+        if grade:
+            await self.assess(cid, grade)
+
+    async def check(self, cid: str, order_id: str, amount: str, *, currency: str = "EUR",
+                    token: str = ORDERS, **extra: Any) -> httpx.Response:
+        return await self.client.post("/v1/credit-checks", headers=auth(token), json={
+            "order_id": order_id, "customer_id": cid, "amount": amount, "currency": currency,
+            **extra})
+
+    async def decided(self, cid: str, order_id: str, amount: str, **kw: Any) -> dict[str, Any]:
+        response = await self.check(cid, order_id, amount, **kw)
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    async def exposure(self, cid: str, **params: str) -> dict[str, Any]:
+        response = await self.client.get(f"/v1/customers/{cid}/exposure", params=params,
+                                         headers=auth(READER))
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    async def limit(self, cid: str) -> dict[str, Any]:
+        response = await self.client.get(f"/v1/customers/{cid}/limit", headers=auth(READER))
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    async def outbox(self, topic: str | None = None) -> list[dict[str, Any]]:
+        async with self.host.engine.connect() as conn:
+            rows = await es.pending_outbox(conn, store.core, 10_000)
+        return [json.loads(r.value) | {"_key": r.key} for r in rows
+                if topic is None or r.topic == topic]
+
+    async def limit_changes(self, cid: str) -> list[dict[str, Any]]:
+        return [e["data"] for e in await self.outbox("credit.limits") if e["subject"] == cid]
+
+
+@pytest.fixture
+async def svc(postgres_url: str) -> AsyncIterator[Service]:
+    clock = Clock()
+    app, host = build(Settings(database_url=postgres_url), tokens=TOKENS, consume=False,
+                      clock=clock)
+    await reset(host.engine, "limits")
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://limits") as client:
+        yield Service(host, client, clock)
+    await host.engine.dispose()
+
+
+@pytest.fixture
+async def bare(postgres_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    """The app alone, for calls refused before the database is touched (auth, validation)."""
+    app, host = build(Settings(database_url=postgres_url), tokens=TOKENS, consume=False,
+                      clock=Clock())
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://limits") as client:
+        yield client
+    await host.engine.dispose()
+
+
+# ---- credit checks ------------------------------------------------------------------------------
+
+
+async def test_given_room_when_an_order_is_checked_then_it_is_approved_and_reserved(
+    svc: Service,
+) -> None:
+    await svc.customer("C-1", "BBB")  # limit 100,000.00
+    await svc.invoice("C-1", "I-1", "20000.00")
+    body = await svc.decided("C-1", "SO-1", "1500.00")
+    assert body["decision"] == "approved" and body["reasons"] == ["within_limit"]
+    assert {k: body[k] for k in ("order_id", "customer_id", "limit", "exposure", "reserved",
+                                 "available", "shortfall", "currency", "grade")} == {
+        "order_id": "SO-1", "customer_id": "C-1", "limit": "100000.00",
+        "exposure": "21500.00", "reserved": "1500.00", "available": "78500.00",
+        "shortfall": "0.00", "currency": "EUR", "grade": "BBB"}
+    assert body["evaluated_at"] == "2026-03-01T12:00:00Z"
+    assert body["reservation_expires_at"] == "2026-03-04T12:00:00Z"  # policy TTL 72 h
+
+    exposure = await svc.exposure("C-1")
+    assert (exposure["reserved"], exposure["exposure"], exposure["available"]) == \
+        ("1500.00", "21500.00", "78500.00")
+    stored = await svc.client.get(f"/v1/credit-checks/{body['check_id']}", headers=auth(READER))
+    assert stored.status_code == 200 and stored.json() == body
+    published = (await svc.outbox("credit.exposure"))[-1]
+    assert (published["_key"], published["data"]["reserved"]) == ("C-1", "1500.00")
+
+
+async def test_given_a_retried_check_when_posted_again_then_same_decision_and_one_reservation(
+    svc: Service,
+) -> None:
+    await svc.customer("C-1", "BBB")
+    first = await svc.decided("C-1", "SO-1", "1000.00")
+    svc.clock.now = START + timedelta(minutes=5)
+    again = await svc.decided("C-1", "SO-1", "1000.00")
+    assert again == first  # the same check_id, evaluated_at and figures
+    assert (await svc.exposure("C-1"))["reserved"] == "1000.00"
+
+    rejected = await svc.decided("C-2", "SO-2", "10.00")
+    assert await svc.decided("C-2", "SO-2", "10.00") == rejected
+
+
+async def test_given_an_approved_order_when_amended_then_judged_on_the_new_amount(
+    svc: Service,
+) -> None:
+    await svc.customer("C-1", "CCC")  # limit 5,000.00
+    await svc.invoice("C-1", "I-1", "1000.00")
+    first = await svc.decided("C-1", "SO-1", "3000.00")
+    assert first["decision"] == "approved" and first["available"] == "1000.00"
+
+    # 4,000 fits because the order's own 3,000 does not count against it.
+    bigger = await svc.decided("C-1", "SO-1", "4000.00")
+    assert bigger["decision"] == "approved" and bigger["check_id"] != first["check_id"]
+    assert (bigger["reserved"], bigger["available"]) == ("4000.00", "0.00")
+
+    # Not approved: the earlier reservation stays as it was, and the figures say so.
+    too_big = await svc.decided("C-1", "SO-1", "9000.00")
+    assert (too_big["decision"], too_big["reasons"]) == ("rejected", ["exceeds_available"])
+    assert (too_big["reserved"], too_big["exposure"], too_big["available"]) == \
+        ("4000.00", "5000.00", "0.00")
+    assert too_big["shortfall"] == "5000.00"  # 9,000 − the 4,000 the order could have
+    assert (await svc.exposure("C-1"))["reserved"] == "4000.00"
+
+
+async def test_given_a_reservation_when_released_then_204_then_404_and_judged_afresh(
+    svc: Service,
+) -> None:
+    await svc.customer("C-1", "CCC")
+    first = await svc.decided("C-1", "SO-1", "5000.00")
+    assert first["decision"] == "approved"
+    blocked = await svc.decided("C-1", "SO-2", "1000.00")
+    assert blocked["decision"] == "rejected"
+
+    released = await svc.client.delete("/v1/credit-checks/SO-1", headers=auth(ORDERS))
+    assert released.status_code == 204 and released.content == b""
+    again = await svc.client.delete("/v1/credit-checks/SO-1", headers=auth(ORDERS))
+    assert again.status_code == 404
+    assert again.headers["content-type"] == "application/problem+json"
+    unknown = await svc.client.delete("/v1/credit-checks/SO-NONE", headers=auth(ORDERS))
+    assert unknown.status_code == 404
+    assert (await svc.exposure("C-1"))["reserved"] == "0.00"
+
+    # The same order and amount after the release: a new decision with a new reservation.
+    fresh = await svc.decided("C-1", "SO-1", "5000.00")
+    assert fresh["decision"] == "approved" and fresh["check_id"] != first["check_id"]
+    assert (await svc.exposure("C-1"))["reserved"] == "5000.00"
+
+
+async def test_given_an_order_for_another_customer_when_checked_then_409(svc: Service) -> None:
+    await svc.customer("C-1", "BBB")
+    await svc.customer("C-2", "BBB")
+    await svc.decided("C-1", "SO-1", "10.00")
+    response = await svc.check("C-2", "SO-1", "10.00")
+    assert response.status_code == 409 and response.json()["field"] == "order_id"
+
+
+async def test_given_an_unknown_check_when_read_then_404(svc: Service) -> None:
+    response = await svc.client.get("/v1/credit-checks/nope", headers=auth(READER))
+    assert response.status_code == 404 and response.json()["field"] == "check_id"
+
+
+async def test_given_the_limit_when_checked_around_it_then_exact_fit_approves_and_tolerance_reviews(
+    svc: Service,
+) -> None:
+    await svc.customer("C-1", "BBB")
+    await svc.invoice("C-1", "I-1", "60000.00")
+    unreserved = await svc.decided("C-1", "SO-1", "40000.00", reserve=False)
+    assert (unreserved["decision"], unreserved["reserved"], unreserved["available"]) == \
+        ("approved", "0.00", "40000.00")  # reserve: false holds nothing back
+
+    review = await svc.decided("C-1", "SO-2", "45000.00")
+    assert (review["decision"], review["reasons"], review["shortfall"]) == \
+        ("review", ["exceeds_available"], "5000.00")
+    rejected = await svc.decided("C-1", "SO-3", "45000.01")
+    assert (rejected["decision"], rejected["shortfall"]) == ("rejected", "5000.01")
+    assert (await svc.exposure("C-1"))["reserved"] == "0.00"  # neither reserved anything
+    exact = await svc.decided("C-1", "SO-4", "40000.00")
+    assert (exact["decision"], exact["exposure"], exact["available"]) == \
+        ("approved", "100000.00", "0.00")
+
+
+async def test_given_each_reason_when_checked_then_it_is_reported(svc: Service) -> None:
+    # no_credit_limit: never heard of, and registered but not yet rated.
+    unknown = await svc.decided("C-NEW", "SO-1", "10.00")
+    assert (unknown["decision"], unknown["reasons"]) == ("rejected", ["no_credit_limit"])
+    assert (unknown["limit"], unknown["shortfall"]) == ("0.00", "10.00")
+    await svc.customer("C-UNRATED", None)
+    assert (await svc.decided("C-UNRATED", "SO-2", "10.00"))["reasons"] == ["no_credit_limit"]
+
+    # grade_not_eligible: the worst grade (whose policy limit is 0 as well).
+    await svc.customer("C-D", "D")
+    assert (await svc.decided("C-D", "SO-3", "10.00"))["reasons"] == \
+        ["grade_not_eligible", "no_credit_limit"]
+
+    # overdue_beyond_tolerance: 1,000 overdue for 45 days.
+    await svc.customer("C-LATE", "BBB")
+    await svc.invoice("C-LATE", "I-1", "1000.00", issued="2026-01-01", due="2026-01-15")
+    late = await svc.decided("C-LATE", "SO-4", "10.00")
+    assert (late["decision"], late["reasons"]) == ("rejected", ["overdue_beyond_tolerance"])
+
+    # currency_mismatch: a valid currency the policy has no rate for; USD is converted.
+    await svc.customer("C-FX", "BBB")
+    brl = await svc.decided("C-FX", "SO-5", "10.00", currency="BRL")
+    assert (brl["decision"], brl["reasons"]) == ("rejected", ["currency_mismatch"])
+    usd = await svc.decided("C-FX", "SO-6", "1000.00", currency="USD")
+    assert (usd["decision"], usd["reserved"], usd["currency"]) == ("approved", "920.00", "EUR")
+    assert (usd["amount"], usd["amount_currency"]) == ("1000.00", "USD")
+
+    # exceeds_available, with every applicable reason listed next to another one.
+    await svc.customer("C-BIG", "CCC")
+    await svc.client.post("/v1/customers/C-BIG/hold", headers=auth(), json={"reason": "fraud"})
+    both = await svc.decided("C-BIG", "SO-7", "9000.00")
+    assert both["decision"] == "rejected"
+    assert set(both["reasons"]) == {"credit_hold", "exceeds_available"}
+    assert both["shortfall"] == "4000.00"
+
+
+async def test_given_a_hold_when_placed_and_released_then_checks_follow_it(svc: Service) -> None:
+    await svc.customer("C-1", "BBB")
+    placed = await svc.client.post("/v1/customers/C-1/hold", headers=auth(),
+                                   json={"reason": "disputed invoices"})
+    assert placed.status_code == 200 and placed.json()["on_hold"] is True
+    held = await svc.decided("C-1", "SO-1", "10.00")
+    assert (held["decision"], held["reasons"]) == ("rejected", ["credit_hold"])
+    limit = await svc.limit("C-1")
+    assert (limit["on_hold"], limit["limit"]) == (True, "100000.00")
+    assert (await svc.exposure("C-1"))["on_hold"] is True
+
+    released = await svc.client.delete("/v1/customers/C-1/hold", headers=auth())
+    assert released.status_code == 200 and released.json()["on_hold"] is False
+    assert (await svc.decided("C-1", "SO-2", "10.00"))["decision"] == "approved"
+    changes = await svc.limit_changes("C-1")
+    assert [(c["reason"], c["changed_by"], c["on_hold"]) for c in changes[-2:]] == \
+        [("hold", "ana", True), ("release", "ana", False)]
+    unknown = await svc.client.post("/v1/customers/C-NONE/hold", headers=auth(),
+                                    json={"reason": "x"})
+    assert unknown.status_code == 404
+
+
+async def test_given_concurrent_checks_when_decided_then_they_never_jointly_exceed_the_limit(
+    svc: Service,
+) -> None:
+    await svc.customer("C-1", "CCC")  # 5,000.00
+    await svc.invoice("C-1", "I-1", "4000.00")
+    responses = await asyncio.gather(*(svc.check("C-1", f"SO-{n}", "400.00") for n in range(6)))
+    decisions = [r.json()["decision"] for r in responses]
+    assert decisions.count("approved") == 2
+    exposure = await svc.exposure("C-1")
+    assert (exposure["reserved"], exposure["available"]) == ("800.00", "200.00")
+
+
+# ---- groups -------------------------------------------------------------------------------------
+
+
+async def test_given_a_group_when_checked_then_the_group_room_counts_for_child_and_parent(
+    svc: Service,
+) -> None:
+    await svc.customer("G-PARENT", "BBB")  # 100,000.00 for the whole group
+    await svc.customer("G-CHILD", None, parent="G-PARENT")  # no limit of its own
+    await svc.invoice("G-PARENT", "I-1", "30000.00")
+    await svc.invoice("G-CHILD", "I-2", "60000.00", issued="2026-02-25", due="2026-03-25")
+
+    child = await svc.decided("G-CHILD", "SO-1", "20000.00")
+    assert (child["decision"], child["reasons"]) == ("rejected", ["exceeds_group_available"])
+    assert child["shortfall"] == "10000.00"
+
+    fits = await svc.decided("G-CHILD", "SO-2", "4000.00")
+    assert (fits["decision"], fits["limit"], fits["available"]) == \
+        ("approved", "100000.00", "6000.00")
+    assert fits["group"] == {"limit": "100000.00", "exposure": "94000.00",
+                             "available": "6000.00"}
+
+    parent = await svc.decided("G-PARENT", "SO-3", "20000.00")
+    assert (parent["decision"], parent["reasons"]) == ("rejected", ["exceeds_group_available"])
+    assert parent["shortfall"] == "14000.00"  # 20,000 − min(70,000 own, 6,000 group)
+
+    body = await svc.exposure("G-PARENT")
+    assert (body["exposure"], body["available"]) == ("30000.00", "70000.00")
+    assert body["group"] == {"members": 2, "limit": "100000.00", "exposure": "94000.00",
+                             "available": "6000.00"}
+    assert "group" not in await svc.exposure("G-CHILD")
+    then = await svc.exposure("G-PARENT", as_of="2026-02-22T00:00:00Z")  # before I-2
+    assert then["group"] == {"members": 2, "limit": "100000.00", "exposure": "30000.00",
+                             "available": "70000.00"}
+
+
+# ---- exposure -----------------------------------------------------------------------------------
+
+
+async def test_given_ar_events_when_exposure_is_read_now_and_as_of_then_both_are_right(
+    svc: Service,
+) -> None:
+    await svc.customer("C-1", "BBB")
+    await svc.invoice("C-1", "I-1", "1000.00", issued="2026-01-01", due="2026-01-31")
+    await svc.invoice("C-1", "I-2", "500.00", issued="2026-02-10", due="2026-03-12")
+    await svc.consume("ar.payments", "payment.received", {
+        "payment_id": "P-1", "customer_id": "C-1", "amount": "300.00", "currency": "EUR",
+        "received_date": "2026-02-15"}, time="2026-02-15T10:00:00Z")
+
+    now = await svc.exposure("C-1")
+    ExposureUpdated.model_validate(now)
+    assert {k: now[k] for k in ("open_receivables", "overdue_amount", "overdue_buckets",
+                                "max_days_overdue", "reserved", "exposure", "limit",
+                                "available", "utilization", "on_hold", "currency")} == {
+        "open_receivables": "1200.00", "overdue_amount": "700.00",
+        "overdue_buckets": {"1-30": "700.00", "31-60": "0.00", "61-90": "0.00", "90+": "0.00"},
+        "max_days_overdue": 29, "reserved": "0.00", "exposure": "1200.00",
+        "limit": "100000.00", "available": "98800.00", "utilization": "0.0120",
+        "on_hold": False, "currency": "EUR"}
+    assert now["as_of"] == "2026-03-01T12:00:00Z"
+
+    before_payment = await svc.exposure("C-1", as_of="2026-02-12T00:00:00Z")
+    assert (before_payment["open_receivables"], before_payment["max_days_overdue"]) == \
+        ("1500.00", 12)
+    assert before_payment["as_of"] == "2026-02-12T00:00:00Z"
+    assert before_payment["overdue_buckets"]["1-30"] == "1000.00"
+    early = await svc.client.get("/v1/customers/C-1/exposure",
+                                 params={"as_of": "2025-12-01T00:00:00Z"}, headers=auth(READER))
+    assert early.status_code == 404
+    unknown = await svc.client.get("/v1/customers/C-NONE/exposure", headers=auth(READER))
+    assert unknown.status_code == 404
+    naive = await svc.client.get("/v1/customers/C-1/exposure",
+                                 params={"as_of": "2026-02-12T00:00:00"}, headers=auth(READER))
+    assert naive.status_code == 422 and naive.json()["field"] == "as_of"
+
+
+async def test_given_an_invoice_for_the_order_when_consumed_then_it_consumes_the_reservation(
+    svc: Service,
+) -> None:
+    await svc.customer("C-1", "BBB")
+    await svc.decided("C-1", "SO-1", "1000.00")
+    await svc.invoice("C-1", "I-1", "400.00", order_id="SO-1", issued="2026-03-01",
+                      time="2026-03-01T13:00:00Z")
+    body = await svc.exposure("C-1")
+    assert (body["open_receivables"], body["reserved"], body["exposure"]) == \
+        ("400.00", "600.00", "1000.00")
+    await svc.invoice("C-1", "I-2", "700.00", order_id="SO-1", issued="2026-03-01",
+                      time="2026-03-01T14:00:00Z")
+    body = await svc.exposure("C-1")
+    assert (body["open_receivables"], body["reserved"], body["exposure"]) == \
+        ("1100.00", "0.00", "1100.00")
+    # Fully invoiced: nothing left to release.
+    assert (await svc.client.delete("/v1/credit-checks/SO-1",
+                                    headers=auth(ORDERS))).status_code == 404
+
+
+async def test_given_a_reservation_when_its_ttl_passes_then_the_scheduler_frees_it(
+    svc: Service,
+) -> None:
+    await svc.customer("C-1", "CCC")
+    await svc.decided("C-1", "SO-1", "5000.00")
+    assert await svc.host.core.run_due() == 0
+    svc.clock.now = START + timedelta(hours=72)
+    assert await svc.host.core.run_due() == 1
+    assert await svc.host.core.run_due() == 0
+    assert (await svc.exposure("C-1"))["reserved"] == "0.00"
+    assert (await svc.outbox("credit.exposure"))[-1]["data"]["reserved"] == "0.00"
+    fresh = await svc.decided("C-1", "SO-1", "5000.00")  # judged afresh after expiry
+    assert fresh["decision"] == "approved" and fresh["reserved"] == "5000.00"
+
+
+# ---- limits -------------------------------------------------------------------------------------
+
+
+async def test_given_grade_changes_when_the_limit_is_read_then_it_and_its_history_follow(
+    svc: Service,
+) -> None:
+    await svc.customer("C-1", "BBB")
+    await svc.assess("C-1", "A", time="2026-02-01T00:00:00Z")
+    await svc.assess("C-1", "BB", time="2026-02-15T00:00:00Z")
+    limit = await svc.limit("C-1")
+    assert {k: limit[k] for k in ("limit", "currency", "grade", "source", "expires_at",
+                                  "on_hold", "policy_version")} == {
+        "limit": "50000.00", "currency": "EUR", "grade": "BB", "source": "policy",
+        "expires_at": None, "on_hold": False, "policy_version": "2026.1"}
+
+    history = (await svc.client.get("/v1/customers/C-1/limit/history",
+                                    headers=auth(READER))).json()
+    assert [(h["previous_limit"], h["limit"], h["reason"], h["grade"]) for h in
+            history["items"]] == [("250000.00", "50000.00", "policy", "BB"),
+                                  ("100000.00", "250000.00", "policy", "A"),
+                                  ("0.00", "100000.00", "policy", "BBB")]
+    for item in history["items"]:
+        LimitChanged.model_validate(item)
+    assert history["next_cursor"] is None
+
+    first = (await svc.client.get("/v1/customers/C-1/limit/history?limit=2",
+                                  headers=auth(READER))).json()
+    assert [h["limit"] for h in first["items"]] == ["50000.00", "250000.00"]
+    rest = (await svc.client.get("/v1/customers/C-1/limit/history",
+                                 params={"limit": 2, "cursor": first["next_cursor"]},
+                                 headers=auth(READER))).json()
+    assert [h["limit"] for h in rest["items"]] == ["100000.00"] and rest["next_cursor"] is None
+    assert [c["limit"] for c in await svc.limit_changes("C-1")] == \
+        ["100000.00", "250000.00", "50000.00"]
+    bad = await svc.client.get("/v1/customers/C-1/limit/history?cursor=%%%",
+                               headers=auth(READER))
+    assert bad.status_code == 422 and bad.json()["field"] == "cursor"
+
+
+async def test_given_a_limit_decrease_when_requested_then_it_applies_at_once(
+    svc: Service,
+) -> None:
+    await svc.customer("C-1", "BBB")
+    response = await svc.client.post("/v1/customers/C-1/limit-requests", headers=auth(),
+                                     json={"requested_limit": "40000.00", "reason": "risk"})
+    assert response.status_code == 201
+    assert (response.json()["status"], response.json()["requested_limit"]) == \
+        ("approved", "40000.00")
+    assert (await svc.limit("C-1"))[("limit")] == "40000.00"
+    change = (await svc.limit_changes("C-1"))[-1]
+    assert (change["previous_limit"], change["limit"], change["reason"]) == \
+        ("100000.00", "40000.00", "manual")
+    assert change["request_id"] == response.json()["request_id"]
+
+
+async def test_given_a_limit_increase_when_another_principal_approves_then_it_applies(
+    svc: Service,
+) -> None:
+    await svc.customer("C-1", "BBB")
+    response = await svc.client.post("/v1/customers/C-1/limit-requests", headers=auth(),
+                                     json={"requested_limit": "150000.00", "reason": "growth"})
+    assert response.status_code == 201
+    request_id = response.json()["request_id"]
+    assert response.json()["status"] == "pending"
+    assert (await svc.limit("C-1"))["limit"] == "100000.00"
+
+    own = await svc.client.post(f"/v1/limit-requests/{request_id}/approve", headers=auth())
+    assert own.status_code == 403 and own.headers["content-type"] == "application/problem+json"
+    approved = await svc.client.post(f"/v1/limit-requests/{request_id}/approve",
+                                     headers=auth(APPROVER), json={"note": "fine"})
+    assert approved.status_code == 200
+    assert (approved.json()["status"], approved.json()["decided_by"]) == ("approved", "bob")
+    limit = await svc.limit("C-1")
+    assert (limit["limit"], limit["source"]) == ("150000.00", "manual")
+    change = (await svc.limit_changes("C-1"))[-1]
+    assert {k: change[k] for k in ("previous_limit", "limit", "reason", "request_id",
+                                   "changed_by", "requested_by", "grade")} == {
+        "previous_limit": "100000.00", "limit": "150000.00", "reason": "manual",
+        "request_id": request_id, "changed_by": "bob", "requested_by": "ana", "grade": "BBB"}
+    twice = await svc.client.post(f"/v1/limit-requests/{request_id}/approve",
+                                  headers=auth(APPROVER))
+    assert twice.status_code == 409
+
+    # A later grade change does not override the approved manual limit.
+    await svc.assess("C-1", "CCC", time="2026-02-20T00:00:00Z")
+    assert ((await svc.limit("C-1"))["limit"], (await svc.limit("C-1"))["grade"]) == \
+        ("150000.00", "CCC")
+
+
+async def test_given_a_limit_increase_when_rejected_then_the_limit_stays(svc: Service) -> None:
+    await svc.customer("C-1", "BBB")
+    request_id = (await svc.client.post(
+        "/v1/customers/C-1/limit-requests", headers=auth(),
+        json={"requested_limit": "150000.00", "reason": "growth"})).json()["request_id"]
+    rejected = await svc.client.post(f"/v1/limit-requests/{request_id}/reject",
+                                     headers=auth(APPROVER), json={"note": "no"})
+    assert rejected.status_code == 200 and rejected.json()["status"] == "rejected"
+    assert (await svc.limit("C-1"))["limit"] == "100000.00"
+    assert len(await svc.limit_changes("C-1")) == 1  # only the policy limit of the grade
+    unknown = await svc.client.post("/v1/limit-requests/nope/approve", headers=auth(APPROVER))
+    assert unknown.status_code == 404
+
+
+async def test_given_a_temporary_limit_when_it_expires_then_the_scheduler_restores_policy(
+    svc: Service,
+) -> None:
+    await svc.customer("C-1", "BBB")
+    ends = START + timedelta(days=10)
+    request_id = (await svc.client.post(
+        "/v1/customers/C-1/limit-requests", headers=auth(),
+        json={"requested_limit": "300000.00", "reason": "season",
+              "expires_at": ends.isoformat()})).json()["request_id"]
+    await svc.client.post(f"/v1/limit-requests/{request_id}/approve", headers=auth(APPROVER))
+    limit = await svc.limit("C-1")
+    assert (limit["limit"], limit["source"], limit["expires_at"]) == \
+        ("300000.00", "temporary", "2026-03-11T12:00:00Z")
+    assert (await svc.limit_changes("C-1"))[-1]["reason"] == "temporary"
+
+    assert await svc.host.core.run_due() == 0
+    svc.clock.now = ends + timedelta(minutes=1)
+    assert await svc.host.core.run_due() == 1
+    assert await svc.host.core.run_due() == 0
+    limit = await svc.limit("C-1")
+    assert (limit["limit"], limit["source"], limit["expires_at"]) == \
+        ("100000.00", "policy", None)
+    change = (await svc.limit_changes("C-1"))[-1]
+    assert (change["previous_limit"], change["limit"], change["reason"]) == \
+        ("300000.00", "100000.00", "expired")
+    assert change["effective_at"] == "2026-03-11T12:00:00Z"
+
+
+async def test_given_a_lapsed_temporary_limit_and_no_policy_limit_then_limit_expired(
+    svc: Service,
+) -> None:
+    await svc.customer("C-1", None)  # unrated: policy limit 0
+    ends = START + timedelta(days=1)
+    request_id = (await svc.client.post(
+        "/v1/customers/C-1/limit-requests", headers=auth(),
+        json={"requested_limit": "5000.00", "reason": "trial",
+              "expires_at": ends.isoformat()})).json()["request_id"]
+    await svc.client.post(f"/v1/limit-requests/{request_id}/approve", headers=auth(APPROVER))
+    assert (await svc.decided("C-1", "SO-1", "100.00"))["decision"] == "approved"
+    svc.clock.now = ends + timedelta(hours=1)
+    await svc.host.core.run_due()
+    late = await svc.decided("C-1", "SO-2", "100.00")
+    assert (late["decision"], late["reasons"]) == ("rejected", ["limit_expired"])
+
+
+# ---- portfolio ----------------------------------------------------------------------------------
+
+
+async def test_given_a_portfolio_when_listed_then_filters_sort_pages_and_totals_work(
+    svc: Service,
+) -> None:
+    await svc.customer("P-1", "BBB")   # 100,000: 50 % used
+    await svc.invoice("P-1", "I-1", "50000.00")
+    await svc.customer("P-2", "CCC")   # 5,000: over the limit
+    await svc.invoice("P-2", "I-2", "6000.00")
+    await svc.customer("P-3", "BBB")   # 100,000: 10 %, overdue
+    await svc.invoice("P-3", "I-3", "10000.00", issued="2026-01-01", due="2026-01-31")
+    await svc.customer("P-4", "A")     # 250,000: unused, on hold
+    await svc.client.post("/v1/customers/P-4/hold", headers=auth(), json={"reason": "x"})
+    await svc.customer("P-5", None)    # unrated: no limit, no utilisation
+    await svc.host.core.run_due()      # the daily ageing, as the scheduler records it
+
+    def ids(body: dict[str, Any]) -> list[str]:
+        return [i["customer_id"] for i in body["items"]]
+
+    async def page(**params: Any) -> dict[str, Any]:
+        response = await svc.client.get("/v1/portfolio", params=params, headers=auth(READER))
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    everyone = await page()
+    assert ids(everyone) == ["P-1", "P-2", "P-3", "P-4", "P-5"]
+    assert everyone["totals"] | {"by_currency": None} == {
+        "customers": 5, "limit": "455000.00", "exposure": "66000.00", "over_limit": 1,
+        "currency": "EUR", "by_currency": None}
+    first = everyone["items"][0]
+    assert {k: first[k] for k in ("customer_id", "name", "grade", "limit", "exposure",
+                                  "available", "utilization", "overdue_amount", "on_hold")} == {
+        "customer_id": "P-1", "name": "Customer P-1", "grade": "BBB", "limit": "100000.00",
+        "exposure": "50000.00", "available": "50000.00", "utilization": "0.5000",
+        "overdue_amount": "0.00", "on_hold": False}
+    assert "open_alerts" in first
+
+    assert ids(await page(grade="BBB")) == ["P-1", "P-3"]
+    assert ids(await page(status="over_limit")) == ["P-2"]
+    assert ids(await page(status="on_hold")) == ["P-4"]
+    assert ids(await page(status="overdue")) == ["P-3"]
+    assert (await page(grade="BBB"))["totals"]["customers"] == 2
+
+    top = await page(sort="-utilization", limit=2)
+    assert ids(top) == ["P-2", "P-1"]
+    seen = ids(top)
+    cursor = top["next_cursor"]
+    while cursor:
+        more = await page(sort="-utilization", limit=2, cursor=cursor)
+        seen += ids(more)
+        cursor = more["next_cursor"]
+    assert seen == ["P-2", "P-1", "P-3", "P-4", "P-5"]  # no utilisation (no limit) last
+
+    seen, cursor = [], None
+    while True:
+        more = await page(sort="utilization", limit=2, **({"cursor": cursor} if cursor else {}))
+        seen += ids(more)
+        cursor = more["next_cursor"]
+        if not cursor:
+            break
+    assert seen == ["P-4", "P-3", "P-1", "P-2", "P-5"]
+
+    bad = await svc.client.get("/v1/portfolio?status=broke", headers=auth(READER))
+    assert bad.status_code == 422 and bad.json()["field"] == "status"
+    too_many = await svc.client.get("/v1/portfolio?limit=501", headers=auth(READER))
+    assert too_many.status_code == 422 and too_many.json()["field"] == "limit"
+
+
+# ---- validation, size, auth -------------------------------------------------------------------
+
+_CHECK = {"order_id": "SO-1", "customer_id": "C-1", "amount": "10.00", "currency": "EUR"}
+
+
+@pytest.mark.parametrize(("changes", "field"), [
+    ({"amount": "-10.00"}, "amount"),
+    ({"amount": "0"}, "amount"),
+    ({"amount": "0.00"}, "amount"),
+    ({"amount": "1000000000000000.01"}, "amount"),
+    ({"amount": 10**16}, "amount"),
+    ({"amount": "10.001"}, "amount"),
+    ({"amount": "10.5", "currency": "JPY"}, "amount"),
+    ({"amount": "ten"}, "amount"),
+    ({"amount": "1e3"}, "amount"),
+    ({"amount": True}, "amount"),
+    ({"amount": None}, "amount"),
+    ({"currency": "XYZ"}, "currency"),
+    ({"currency": "eur"}, "currency"),
+    ({"amount": None, "_drop": "amount"}, "amount"),
+    ({"_drop": "currency"}, "currency"),
+    ({"_drop": "order_id"}, "order_id"),
+    ({"_drop": "customer_id"}, "customer_id"),
+    ({"order_id": ""}, "order_id"),
+])
+async def test_given_a_bad_check_when_posted_then_422_problem_names_the_field(
+    bare: httpx.AsyncClient, changes: dict[str, Any], field: str,
+) -> None:
+    body = {**_CHECK, **changes}
+    drop = body.pop("_drop", None)
+    if drop:
+        body.pop(drop)
+    response = await bare.post("/v1/credit-checks", headers=auth(ORDERS), json=body)
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["status"] == 422 and problem["field"] == field
+    assert any(e["field"] == field for e in problem["errors"])
+
+
+async def test_given_bad_checks_when_posted_then_nothing_is_recorded(svc: Service) -> None:
+    await svc.customer("C-1", "BBB")
+    recorded = await svc.outbox()
+    for amount in ("-1.00", "0", "10.001", "1000000000000000.01", "x"):
+        response = await svc.check("C-1", "SO-1", amount)
+        assert response.status_code == 422
+    bad_json = await svc.client.post("/v1/credit-checks", headers=auth(ORDERS) | {
+        "content-type": "application/json"}, content=b"{not json")
+    assert bad_json.status_code == 422 and bad_json.json()["field"] == "body"
+    assert await svc.outbox() == recorded
+    assert (await svc.exposure("C-1"))["reserved"] == "0.00"
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"requested_limit": "-1.00", "reason": "x"}, "requested_limit"),
+    ({"requested_limit": "10.001", "reason": "x"}, "requested_limit"),
+    ({"requested_limit": "abc", "reason": "x"}, "requested_limit"),
+    ({"requested_limit": "1000000000000000.01", "reason": "x"}, "requested_limit"),
+    ({"reason": "x"}, "requested_limit"),
+    ({"requested_limit": "10.00"}, "reason"),
+    ({"requested_limit": "10.00", "reason": "x", "expires_at": "2026-02-01T00:00:00Z"},
+     "expires_at"),
+    ({"requested_limit": "10.00", "reason": "x", "expires_at": "2026-12-31T00:00:00Z"},
+     "expires_at"),
+])
+async def test_given_a_bad_limit_request_when_posted_then_422_names_the_field(
+    svc: Service, body: dict[str, Any], field: str,
+) -> None:
+    await svc.customer("C-1", "BBB")
+    response = await svc.client.post("/v1/customers/C-1/limit-requests", headers=auth(),
+                                     json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+
+
+async def test_given_a_missing_hold_reason_when_posted_then_422(svc: Service) -> None:
+    await svc.customer("C-1", "BBB")
+    response = await svc.client.post("/v1/customers/C-1/hold", headers=auth(), json={})
+    assert response.status_code == 422 and response.json()["field"] == "reason"
+
+
+async def test_given_a_body_over_64_kib_when_posted_then_413(bare: httpx.AsyncClient) -> None:
+    body = {**_CHECK, "note": "x" * (64 * 1024)}
+    response = await bare.post("/v1/credit-checks", headers=auth(ORDERS), json=body)
+    assert response.status_code == 413
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+async def test_given_amounts_up_to_10_to_the_15_when_used_then_they_stay_exact(
+    svc: Service,
+) -> None:
+    await svc.customer("C-1", "BBB")
+    huge = "999999999999999.99"
+    request_id = (await svc.client.post(
+        "/v1/customers/C-1/limit-requests", headers=auth(),
+        json={"requested_limit": huge, "reason": "whale"})).json()["request_id"]
+    await svc.client.post(f"/v1/limit-requests/{request_id}/approve", headers=auth(APPROVER))
+    assert (await svc.limit("C-1"))["limit"] == huge
+
+    body = await svc.decided("C-1", "SO-1", "999999999999999.98")
+    assert (body["decision"], body["amount"], body["reserved"], body["available"]) == \
+        ("approved", "999999999999999.98", "999999999999999.98", "0.01")
+    assert (await svc.exposure("C-1"))["exposure"] == "999999999999999.98"
+    exact_number = await svc.client.post("/v1/credit-checks", headers=auth(ORDERS) | {
+        "content-type": "application/json"},
+        content=b'{"order_id":"SO-2","customer_id":"C-1","amount":0.01,"currency":"EUR"}')
+    assert exact_number.json()["decision"] == "approved"  # a JSON number read exactly
+    assert exact_number.json()["available"] == "0.00"
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/v1/credit-checks"),
+    ("DELETE", "/v1/credit-checks/SO-NONE"),
+    ("GET", "/v1/credit-checks/no-such-check"),
+    ("GET", "/v1/customers/C-NONE/exposure"),
+    ("GET", "/v1/customers/C-NONE/limit"),
+    ("GET", "/v1/customers/C-NONE/limit/history"),
+    ("POST", "/v1/customers/C-NONE/limit-requests"),
+    ("POST", "/v1/limit-requests/nope/approve"),
+    ("POST", "/v1/limit-requests/nope/reject"),
+    ("POST", "/v1/customers/C-NONE/hold"),
+    ("DELETE", "/v1/customers/C-NONE/hold"),
+    ("GET", "/v1/portfolio"),
+])
+async def test_given_no_or_an_unknown_token_when_called_then_401_before_anything_else(
+    bare: httpx.AsyncClient, method: str, path: str,
+) -> None:
+    for headers in ({}, auth("not-a-token"), {"Authorization": "Basic abc"}):
+        response = await bare.request(method, path, headers=headers, json={})
+        assert response.status_code == 401, (headers, response.text)
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize(("method", "path", "token"), [
+    ("POST", "/v1/credit-checks", READER),
+    ("DELETE", "/v1/credit-checks/SO-NONE", READER),
+    ("GET", "/v1/credit-checks/no-such-check", ORDERS),
+    ("GET", "/v1/customers/C-NONE/exposure", ORDERS),
+    ("POST", "/v1/customers/C-NONE/limit-requests", APPROVER),
+    ("POST", "/v1/limit-requests/nope/approve", READER),
+    ("POST", "/v1/customers/C-NONE/hold", ORDERS),
+    ("GET", "/v1/portfolio", ORDERS),
+])
+async def test_given_a_token_without_the_scope_when_called_then_403_before_404(
+    bare: httpx.AsyncClient, method: str, path: str, token: str,
+) -> None:
+    response = await bare.request(method, path, headers=auth(token), json=_CHECK)
+    assert response.status_code == 403, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+async def test_the_ops_endpoints_need_no_token(bare: httpx.AsyncClient) -> None:
+    assert (await bare.get("/healthz")).status_code == 200
+    assert (await bare.get("/metrics")).status_code == 200
+    assert (await bare.get("/openapi.json")).status_code == 200
+
+
+# ---- metrics and replay -------------------------------------------------------------------------
+
+
+def _sample(text: str, name: str, labels: str = "") -> Decimal:
+    prefix = f"{name}{{{labels}}} " if labels else f"{name} "
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return Decimal(line[len(prefix):])
+    return Decimal(0)
+
+
+async def test_given_checks_and_customers_when_metrics_are_scraped_then_they_are_counted(
+    svc: Service,
+) -> None:
+    before = (await svc.client.get("/metrics")).text
+    await svc.customer("M-1", "CCC")  # 5,000
+    await svc.invoice("M-1", "I-1", "6000.00")
+    await svc.customer("M-2", "BBB", currency="USD")
+    await svc.decided("M-2", "SO-1", "10.00", currency="USD")
+    await svc.decided("M-2", "SO-1", "10.00", currency="USD")  # a retry: counted again
+    await svc.decided("M-1", "SO-2", "10.00")
+    await PortfolioGauges(svc.host).refresh()
+    after = (await svc.client.get("/metrics")).text
+
+    def grew(name: str, labels: str = "") -> Decimal:
+        return _sample(after, name, labels) - _sample(before, name, labels)
+
+    assert grew("creditwatch_credit_checks_total", 'decision="approved"') == 2
+    assert grew("creditwatch_credit_checks_total", 'decision="rejected"') == 1
+    assert grew("creditwatch_credit_check_seconds_count") >= 2
+    assert "# TYPE creditwatch_credit_check_seconds histogram" in after
+    assert _sample(after, "creditwatch_portfolio_exposure", 'currency="EUR"') == 6000
+    assert _sample(after, "creditwatch_portfolio_limit", 'currency="EUR"') == 5000
+    assert _sample(after, "creditwatch_portfolio_limit", 'currency="USD"') == D("108695.65")
+    assert _sample(after, "creditwatch_portfolio_exposure", 'currency="USD"') == 10
+    assert _sample(after, "creditwatch_customers_over_limit") == 1
+    assert "M-1" not in after and "M-2" not in after  # never a customer id as a label
+
+
+async def test_given_a_history_of_commands_and_events_when_replayed_then_nothing_differs(
+    svc: Service,
+) -> None:
+    await svc.customer("R-1", "BBB")
+    await svc.customer("R-2", None, parent="R-1")
+    await svc.invoice("R-1", "I-1", "1000.00", order_id="SO-1", issued="2026-03-01",
+                      time="2026-03-01T13:00:00Z")
+    await svc.decided("R-1", "SO-1", "3000.00")
+    await svc.decided("R-2", "SO-2", "500.00")
+    await svc.client.post("/v1/customers/R-1/hold", headers=auth(), json={"reason": "x"})
+    await svc.client.post("/v1/customers/R-1/limit-requests", headers=auth(),
+                          json={"requested_limit": "1000.00", "reason": "x"})
+    svc.clock.now = START + timedelta(days=5)
+    await svc.host.core.run_due()
+    assert await svc.host.core.verify() == []
