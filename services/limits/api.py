@@ -539,7 +539,7 @@ def build_router(service: LimitsService, core: EventCore) -> APIRouter:
                 "overdue_amount": money(r.overdue_amount, r.currency),
                 "max_days_overdue": r.max_days_overdue,
                 "on_hold": r.on_hold,
-                "open_alerts": None,
+                "open_alerts": r.open_alerts,
             })
         limits_by: dict[str, Decimal] = {}
         exposure_by: dict[str, Decimal] = {}

@@ -120,6 +120,8 @@ class CustomerState:
     manual: ManualLimit | None = None
     limit_lapsed: bool = False
     hold: Hold | None = None
+    # Unresolved alerts about this customer (alert_id → rule), from credit.alerts.
+    open_alerts: Mapping[str, str] = field(default_factory=dict)
     as_of: date | None = None
     last_time: datetime | None = None
 
@@ -351,6 +353,8 @@ def apply(state: CustomerState, event_type: str, data: Any, time: datetime,
     if handler is None:
         return state
     new: CustomerState = handler(state, data, time, policy)
+    if event_type in ALERT_TYPES:
+        return new  # our alerts service's view, not a business fact: it ages nothing
     stamp = time.date()
     if new.as_of is not None and stamp <= new.as_of and new.last_time is not None \
             and time <= new.last_time:
@@ -548,6 +552,17 @@ def _hold_released(state: CustomerState, _d: Any, _t: datetime, _p: Policy) -> C
     return replace(state, hold=None)
 
 
+def _alert(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> CustomerState:
+    alerts = dict(state.open_alerts)
+    if d.status == "resolved":
+        alerts.pop(d.alert_id, None)
+    else:
+        alerts[d.alert_id] = d.rule
+    return replace(state, open_alerts=alerts)
+
+
+ALERT_TYPES = frozenset({"alert.raised", "alert.updated", "alert.resolved"})
+
 _HANDLERS: dict[str, Any] = {
     "customer.registered": _customer,
     "customer.updated": _customer,
@@ -568,6 +583,7 @@ _HANDLERS: dict[str, Any] = {
     "limit.expired": _manual_expired,
     "hold.placed": _hold_placed,
     "hold.released": _hold_released,
+    **dict.fromkeys(ALERT_TYPES, _alert),
 }
 HANDLED_TYPES = frozenset(_HANDLERS)
 

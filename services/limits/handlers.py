@@ -22,6 +22,7 @@ from services.limits import events as ev
 from shared.events import DeadLetter, Envelope, new_event, trusted_event
 from shared.money import quantize
 from shared.policy import Policy
+from shared.projection import as_json
 from shared.runtime import Incoming, Tx
 from shared.settings import Settings
 
@@ -29,7 +30,7 @@ SOURCE = "/creditwatch/limits"
 CONTRACT_TYPES = frozenset({
     "customer.registered", "customer.updated", "invoice.issued", "invoice.cancelled",
     "credit_note.issued", "payment.received", "payment.reversed", "invoice.overdue",
-    "assessment.completed",
+    "assessment.completed", "alert.raised", "alert.updated", "alert.resolved",
 })
 LIMIT_REASON = {
     "assessment.completed": "policy",
@@ -88,7 +89,7 @@ class LimitsService:
     def input_topics(self) -> list[str]:
         s = self.settings
         return [s.topic_customers, s.topic_invoices, s.topic_payments, s.topic_overdue,
-                s.topic_assessments]
+                s.topic_assessments, s.topic_alerts]
 
     def parse_stored(self, env: Envelope) -> BaseModel | None:
         return ev.parse_any(env)
@@ -132,7 +133,7 @@ class LimitsService:
             fig = domain.figures(st, self.policy, items=items)
             body = exposure_body(st, fig)
             # as_of moves with every event; a change worth publishing is in the figures.
-            text = store.as_json({**body, "as_of": None})
+            text = as_json({**body, "as_of": None})
             if text != loaded.published:
                 tx.emit(self.settings.topic_exposure, trusted_event(
                     "exposure.updated", source=SOURCE, subject=cid, data=body,
@@ -156,7 +157,7 @@ class LimitsService:
                 "check_id": data.check_id, "order_id": data.order_id,
                 "customer_id": data.customer_id, "seq": inc.seq, "amount": data.amount,
                 "currency": data.currency, "decision": data.decision,
-                "evaluated_at": env.time, "body": store.as_json(data.response),
+                "evaluated_at": env.time, "body": as_json(data.response),
             })
             return
         if isinstance(data, ev.LimitRequestSubmitted | ev.LimitRequestApproved
@@ -201,7 +202,7 @@ class LimitsService:
             "policy_version": self.policy.version,
         }
         history.append({"seq": inc.seq, "customer_id": nxt.customer_id,
-                        "effective_at": env.time, "body": store.as_json(body)})
+                        "effective_at": env.time, "body": as_json(body)})
         tx.emit(self.settings.topic_limits, new_event(
             "limit.changed", source=SOURCE, subject=nxt.customer_id, data=body,
             id=f"limit-{nxt.customer_id}-{inc.seq}", time=env.time))

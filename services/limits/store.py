@@ -3,13 +3,11 @@ stored credit decisions, limit history and limit requests."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from pydantic import TypeAdapter
 from sqlalchemy import (
     Boolean,
     Column,
@@ -23,12 +21,12 @@ from sqlalchemy import (
     func,
     select,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.limits.domain import CustomerState, Figures
 from shared.db import BigId, ExactDecimal, UtcDateTime
 from shared.eventstore import core_tables
+from shared.projection import StateCodec, lock_rows, upsert
 
 metadata = MetaData()
 core = core_tables(metadata, "limits")
@@ -55,6 +53,7 @@ customers = Table(
     # Utilisation in millionths, for sorting and filtering only (SQLite has no exact NUMERIC).
     Column("utilization_ppm", BigId),
     Column("over_limit", Boolean, nullable=False),
+    Column("open_alerts", Integer, nullable=False),
     Column("next_ageing_on", Date),
     Column("next_expiry_at", UtcDateTime),
     Column("as_of", UtcDateTime),
@@ -103,31 +102,14 @@ requests = Table(
 
 PROJECTIONS: Sequence[Table] = (customers, checks, limit_history, requests)
 
-_STATE = TypeAdapter(CustomerState)
-
-
-def dump_state(state: CustomerState) -> str:
-    return _STATE.dump_json(state).decode()
-
-
-def load_state(text: str) -> CustomerState:
-    return _STATE.validate_json(text)
-
-
-def _upsert(conn: AsyncConnection, table: Table) -> Any:
-    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+_STATE = StateCodec(CustomerState)
+dump_state = _STATE.dump
+load_state = _STATE.load
 
 
 async def lock_customers(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, Any]:
     """Load (and on PostgreSQL lock, in id order) the rows of these customers."""
-    wanted = sorted(set(ids))
-    if not wanted:
-        return {}
-    stmt = select(customers).where(customers.c.customer_id.in_(wanted)).order_by(
-        customers.c.customer_id)
-    if conn.dialect.name == "postgresql":
-        stmt = stmt.with_for_update()
-    return {r.customer_id: r for r in await conn.execute(stmt)}
+    return await lock_rows(conn, customers, "customer_id", ids)
 
 
 def customer_row(state: CustomerState, fig: Figures, last_seq: int,
@@ -153,6 +135,7 @@ def customer_row(state: CustomerState, fig: Figures, last_seq: int,
         "available": fig.available,
         "utilization_ppm": int(util * 1_000_000) if util is not None else None,
         "over_limit": fig.exposure > fig.limit,
+        "open_alerts": len(state.open_alerts),
         "next_ageing_on": next_ageing_on,
         "next_expiry_at": next_expiry_at,
         "as_of": state.last_time,
@@ -163,14 +146,7 @@ def customer_row(state: CustomerState, fig: Figures, last_seq: int,
 
 
 async def save_customers(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    ins = _upsert(conn, customers)
-    stmt = ins.on_conflict_do_update(
-        index_elements=["customer_id"],
-        set_={c.name: ins.excluded[c.name] for c in customers.columns if c.name != "customer_id"},
-    )
-    await conn.execute(stmt, list(rows))
+    await upsert(conn, customers, ["customer_id"], rows)
 
 
 async def group_exposure(conn: AsyncConnection, group_id: str,
@@ -206,16 +182,7 @@ async def record_limit_changes(conn: AsyncConnection, rows: Sequence[dict[str, A
 
 
 async def record_requests(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    ins = _upsert(conn, requests)
-    stmt = ins.on_conflict_do_update(index_elements=["request_id"],
-                                     set_={"status": ins.excluded.status})
-    await conn.execute(stmt, list(rows))
-
-
-def as_json(body: dict[str, Any]) -> str:
-    return json.dumps(body, default=str, separators=(",", ":"))
+    await upsert(conn, requests, ["request_id"], rows, update=["status"])
 
 
 async def count_customers(conn: AsyncConnection) -> int:

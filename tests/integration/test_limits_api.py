@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from services.limits import store
-from services.limits.app import PortfolioGauges, build
+from services.limits.app import build, refresh_portfolio_gauges
 from shared import eventstore as es
 from shared.auth import Principal, TokenRegistry
 from shared.events import ExposureUpdated, LimitChanged
@@ -859,7 +859,7 @@ async def test_given_checks_and_customers_when_metrics_are_scraped_then_they_are
     await svc.decided("M-2", "SO-1", "10.00", currency="USD")
     await svc.decided("M-2", "SO-1", "10.00", currency="USD")  # a retry: counted again
     await svc.decided("M-1", "SO-2", "10.00")
-    await PortfolioGauges(svc.host).refresh()
+    await refresh_portfolio_gauges(svc.host.engine)
     after = (await svc.client.get("/metrics")).text
 
     def grew(name: str, labels: str = "") -> Decimal:
@@ -892,3 +892,32 @@ async def test_given_a_history_of_commands_and_events_when_replayed_then_nothing
     svc.clock.now = START + timedelta(days=5)
     await svc.host.core.run_due()
     assert await svc.host.core.verify() == []
+
+
+async def test_given_alerts_on_credit_alerts_then_the_portfolio_counts_the_unresolved_ones(
+        svc: Service) -> None:
+    # Given a customer with two alerts raised, one of them later resolved
+    await svc.customer("AL-1", "BBB")
+    await svc.customer("AL-2", "BBB")
+
+    def alert(alert_id: str, rule: str, status: str) -> dict[str, Any]:
+        return {"alert_id": alert_id, "customer_id": "AL-1", "rule": rule,
+                "severity": "warning", "status": status, "title": "t", "message": "m",
+                "facts": {}, "dedup_key": f"AL-1:{rule}", "raised_at": "2026-03-01T09:00:00Z",
+                "resolved_at": None}
+
+    await svc.consume("credit.alerts", "alert.raised", alert("a1", "overdue", "open"))
+    await svc.consume("credit.alerts", "alert.raised", alert("a2", "utilization_high", "open"))
+    await svc.consume("credit.alerts", "alert.updated", alert("a2", "utilization_high",
+                                                              "acknowledged"))
+    resolved = alert("a1", "overdue", "resolved") | {"resolved_at": "2026-03-02T09:00:00Z"}
+    await svc.consume("credit.alerts", "alert.resolved", resolved)
+
+    # When the portfolio is listed
+    page = (await svc.client.get("/v1/portfolio", params={"limit": 10},
+                                 headers=auth(READER))).json()
+
+    # Then an acknowledged alert still counts as open; the resolved one does not
+    counts = {i["customer_id"]: i["open_alerts"] for i in page["items"]}
+    assert counts["AL-1"] == 1
+    assert counts["AL-2"] == 0
