@@ -90,7 +90,10 @@ def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        # No pre-ping: it costs a round trip on every checkout of the credit-check hot path.
+        # After a database restart the first use of a dead connection fails, and SQLAlchemy
+        # then invalidates the whole pool; recycling bounds how stale a connection can get.
+        pool_recycle=1800,
         # asyncpg caches prepared statements per connection; the hot path reuses them.
         connect_args={"server_settings": {"application_name": "creditwatch"}},
     )

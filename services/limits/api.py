@@ -17,7 +17,8 @@ from sqlalchemy import and_, func, or_, select
 
 from services.limits import domain, store
 from services.limits import events as ev
-from services.limits.handlers import SOURCE, LimitsService, _Loaded, exposure_body, money
+from services.limits.checks import for_dialect
+from services.limits.handlers import SOURCE, LimitsService, exposure_body, money
 from shared import eventstore as es
 from shared import metrics
 from shared.auth import Principal, require
@@ -123,34 +124,8 @@ def build_router(service: LimitsService, core: EventCore) -> APIRouter:
                            field="customer_id")
         return row
 
-    async def _locked(conn: Any, cid: str) -> tuple[dict[str, _Loaded], Any]:
-        """Lock the customer and its group's parent; returns loaded states and the parent id."""
-        first = (await conn.execute(select(store.customers.c.parent_id).where(
-            store.customers.c.customer_id == cid))).first()
-        parent = first.parent_id if first is not None else None
-        rows = await store.lock_customers(conn, [cid, parent] if parent else [cid])
-        row = rows.get(cid)
-        if row is not None and row.parent_id != parent:
-            # Re-parented between the two reads: lock the new parent as well.
-            parent = row.parent_id
-            if parent:
-                rows.update(await store.lock_customers(conn, [parent]))
-        loaded: dict[str, _Loaded] = {}
-        for key, r in rows.items():
-            loaded[key] = _Loaded(store.load_state(r.state), r.published, r.last_seq)
-        if cid not in loaded:
-            loaded[cid] = _Loaded(domain.new_customer(cid, policy), None, 0)
-        return loaded, parent
-
-    async def _group_view(conn: Any, loaded: dict[str, _Loaded], cid: str,
-                          parent: str | None, now: datetime) -> domain.GroupView | None:
-        root = parent or cid
-        others, members = await store.group_exposure(conn, root, cid)
-        if parent is None and members == 0:
-            return None
-        root_state = loaded[root].state if root in loaded else None
-        limit = domain.effective_limit(root_state, policy, now)[0] if root_state else Decimal(0)
-        return domain.GroupView(root, limit, others)
+    checks = for_dialect(engine.dialect.name, service, core)
+    _locked = checks.lock
 
     # ---- credit checks --------------------------------------------------------------------
     @router.post("/credit-checks", openapi_extra=body_schema(CheckRequest),
@@ -162,19 +137,19 @@ def build_router(service: LimitsService, core: EventCore) -> APIRouter:
         req = await json_body(request, CheckRequest)
         now = clock()
         async with engine.begin() as conn:
-            loaded, parent = await _locked(conn, req.customer_id)
-            prior = await store.latest_check(conn, req.order_id)
+            ctx = await checks.read(conn, req.customer_id, req.order_id)
+            prior = ctx.prior
             if prior is not None and prior.customer_id != req.customer_id:
                 raise Conflict(f"order {req.order_id!r} was checked for another customer",
                                field="order_id")
-            state = loaded[req.customer_id].state
+            state = ctx.loaded[req.customer_id].state
             if prior is not None and prior.amount == req.amount and \
                     prior.currency == req.currency and _still_standing(state, prior, now):
                 body: dict[str, Any] = json.loads(prior.body)
                 metrics.CREDIT_CHECKS.labels(body["decision"]).inc()
                 metrics.CREDIT_CHECK_SECONDS.observe(time.perf_counter() - started)
                 return body
-            group = await _group_view(conn, loaded, req.customer_id, parent, now)
+            group = ctx.group(req.customer_id, policy, now)
             outcome = domain.decide_credit_check(
                 state, order_id=req.order_id, amount=req.amount, currency=req.currency,
                 reserve=req.reserve, policy=policy, now=now, group=group)
@@ -216,7 +191,7 @@ def build_router(service: LimitsService, core: EventCore) -> APIRouter:
             env = new_event(ev.CreditCheckDecided.TYPE, source=SOURCE + "/api",
                             subject=req.customer_id, data=event, id=f"check-{check_id}",
                             time=now)
-            await core.submit(conn, [env], scratch={"limits.states": loaded})
+            await checks.record(conn, env, event, ctx)
         metrics.CREDIT_CHECKS.labels(outcome.decision).inc()
         metrics.CREDIT_CHECK_SECONDS.observe(time.perf_counter() - started)
         return body

@@ -8,7 +8,7 @@ its size.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
@@ -67,7 +67,17 @@ def exposure_body(state: domain.CustomerState, fig: domain.Figures) -> dict[str,
 
 
 @dataclass
-class _Loaded:
+class Writes:
+    """The projection rows one fold produces."""
+
+    customers: list[dict[str, Any]] = field(default_factory=list)
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Loaded:
     state: domain.CustomerState
     published: str | None  # the exposure.updated body last published (JSON)
     last_seq: int
@@ -96,21 +106,28 @@ class LimitsService:
 
     # ---- the fold -------------------------------------------------------------------------
     async def handle(self, tx: Tx, events: Sequence[Incoming]) -> None:
-        cached: dict[str, _Loaded] = tx.scratch.setdefault("limits.states", {})
-        missing = {e.envelope.subject for e in events} - cached.keys()
-        if missing:
-            locked = await store.lock_customers(tx.conn, missing)
-            for cid in missing:
-                row = locked.get(cid)
-                if row is None:
-                    cached[cid] = _Loaded(domain.new_customer(cid, self.policy), None, 0)
-                else:
-                    cached[cid] = _Loaded(store.load_state(row.state), row.published,
-                                          row.last_seq)
+        cached: dict[str, Loaded] = tx.scratch.setdefault("limits.states", {})
+        await self.load(tx.conn, cached, {e.envelope.subject for e in events})
+        await self.write(tx.conn, self.fold(tx, cached, events))
+
+    async def load(self, conn: AsyncConnection, cached: dict[str, Loaded],
+                   ids: set[str]) -> None:
+        """Lock and load the states not loaded yet (an API command may have them already)."""
+        missing = ids - cached.keys()
+        if not missing:
+            return
+        locked = await store.lock_customers(conn, missing)
+        for cid in missing:
+            row = locked.get(cid)
+            cached[cid] = (Loaded(domain.new_customer(cid, self.policy), None, 0) if row is None
+                           else Loaded(store.load_state(row.state), row.published,
+                                       row.last_seq))
+
+    def fold(self, tx: Tx, cached: dict[str, Loaded], events: Sequence[Incoming]) -> Writes:
+        """Apply the events to the loaded states (CPU only): the rows to write and, through
+        ``tx``, the output events and the events that could not be applied."""
         touched: dict[str, int] = {}
-        checks: list[dict[str, Any]] = []
-        history: list[dict[str, Any]] = []
-        reqs: list[dict[str, Any]] = []
+        writes = Writes()
         for inc in events:
             env = inc.envelope
             cid = env.subject
@@ -123,9 +140,8 @@ class LimitsService:
                 continue
             loaded.state = nxt
             touched[cid] = inc.seq
-            self._record(tx, inc, prev, nxt, checks, history, reqs)
+            self._record(tx, inc, prev, nxt, writes.checks, writes.history, writes.requests)
 
-        rows = []
         for cid, seq in touched.items():
             loaded = cached[cid]
             st = loaded.state
@@ -139,13 +155,18 @@ class LimitsService:
                     "exposure.updated", source=SOURCE, subject=cid, data=body,
                     id=f"exposure-{cid}-{seq}", time=st.last_time or tx.now))
                 loaded.published = text
-            rows.append(store.customer_row(st, fig, seq, domain.next_ageing_date(st, items),
-                                           _next_expiry(st), loaded.published))
+            writes.customers.append(store.customer_row(
+                st, fig, seq, domain.next_ageing_date(st, items), _next_expiry(st),
+                loaded.published))
             loaded.last_seq = seq
-        await store.save_customers(tx.conn, rows)
-        await store.record_checks(tx.conn, checks)
-        await store.record_limit_changes(tx.conn, history)
-        await store.record_requests(tx.conn, reqs)
+        return writes
+
+    @staticmethod
+    async def write(conn: AsyncConnection, writes: Writes) -> None:
+        await store.save_customers(conn, writes.customers)
+        await store.record_checks(conn, writes.checks)
+        await store.record_limit_changes(conn, writes.history)
+        await store.record_requests(conn, writes.requests)
 
     def _record(self, tx: Tx, inc: Incoming, prev: domain.CustomerState,
                 nxt: domain.CustomerState, checks: list[dict[str, Any]],
