@@ -2,7 +2,7 @@
 
 Revision ID: limits_0001
 Revises: 
-Create Date: 2026-11-28 10:20:26.966446
+Create Date: 2026-11-28 10:50:05.334300
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 import shared.db
+
 
 revision: str = 'limits_0001'
 down_revision: str | None = None
@@ -56,6 +57,7 @@ def upgrade() -> None:
     sa.Column('available', shared.db.ExactDecimal(), nullable=False),
     sa.Column('utilization_ppm', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
     sa.Column('over_limit', sa.Boolean(), nullable=False),
+    sa.Column('open_alerts', sa.Integer(), nullable=False),
     sa.Column('next_ageing_on', sa.Date(), nullable=True),
     sa.Column('next_expiry_at', shared.db.UtcDateTime(timezone=True), nullable=True),
     sa.Column('as_of', shared.db.UtcDateTime(timezone=True), nullable=True),
