@@ -973,6 +973,8 @@ def _review_overdue(state: CustomerState, event: Event, policy: Policy,
     if isinstance(data, AssessmentCompleted):
         if active is None or not _is_current(state, event) or a is None:
             return None
+        if a.next_review_date is not None and a.next_review_date < event.time.date():
+            return None  # a re-score that keeps the past review date is no review
         due = a.next_review_date.isoformat() if a.next_review_date else "not set"
         return Clear(f"A new assessment was completed (grade {a.grade}); the next review is "
                      f"due {due}.", {**dict(active.facts), "assessment_id": a.assessment_id,

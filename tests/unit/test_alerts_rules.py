@@ -588,3 +588,16 @@ def test_the_domain_imports_no_infrastructure() -> None:
     }
     banned = ("sqlalchemy", "fastapi", "aiokafka", "prometheus_client", "starlette")
     assert not [m for m in imported if m.split(".")[0] in banned]
+
+
+
+def test_a_rescore_that_keeps_the_past_review_date_leaves_the_review_overdue_open() -> None:
+    # Given an overdue review, raised
+    c = Customer()
+    c.assessed("BBB", next_review=date(2026, 3, 10))
+    only(c.review_detected(date(2026, 3, 10), datetime(2026, 3, 11, 0, 5, tzinfo=UTC)))
+    # When an AR-driven re-score publishes an assessment that keeps the past review date
+    changes = c.assessed("BB", next_review=date(2026, 3, 10))
+    # Then the review is still overdue: nothing is resolved
+    assert [ch for ch in changes if ch.alert.rule == "review_overdue"] == []
+    assert any(a.rule == "review_overdue" and a.active for a in c.state.alerts.values())
