@@ -1,9 +1,11 @@
-"""The one ``creditwatch`` command: dev, serve, db upgrade, replay, verify, simulate."""
+"""The one ``creditwatch`` command: dev, serve, db upgrade, replay, verify, simulate,
+import open-items, backtest."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -168,6 +171,152 @@ def simulate(
     _setup_logging(settings)
     count = asyncio.run(sim.publish(settings, customers=customers, months=months, seed=seed))
     typer.echo(f"published {count} events for {customers} customers over {months} months")
+
+
+# ---- import ---------------------------------------------------------------------------------
+
+import_app = typer.Typer(no_args_is_help=True, help="Initial loads of existing data.")
+app.add_typer(import_app, name="import")
+
+
+_IMPORT_HELP = (
+    "Initial load of an existing ledger: open invoices (and partial payments) as events."
+    "\n\n"
+    "Open items CSV (UTF-8, comma-separated, a header row, columns in any order): "
+    "customer_id, invoice_id, amount, currency, issue_date, due_date (required); "
+    "order_id, open_amount (optional). Amounts are plain decimals (\"1250.00\", no "
+    "thousands separators) within the currency's minor units; currencies ISO 4217; dates "
+    "YYYY-MM-DD. open_amount is what is still open of a partly paid invoice "
+    "(0 <= open_amount <= amount); the paid part is published as a payment.received "
+    "allocated to the invoice, dated on its issue date."
+    "\n\n"
+    "Customers CSV (--customers): customer_id, name, currency (required); country, "
+    "industry, payment_terms_days, parent_id (optional); published as customer.registered "
+    "first. Without it the customers must already be registered on crm.customers."
+    "\n\n"
+    "Every row is validated first with the consumers' own rules. Any fault is reported as "
+    "'row N: <column>: <message>' (N counts data rows, header excluded), nothing is "
+    "published and the exit code is 1. A file that cannot be read as a whole (not UTF-8, "
+    "no header, missing or unknown columns, no data rows) exits with 2. Event ids are "
+    "stable (import-invoice-<invoice_id>, import-payment-<invoice_id>, "
+    "import-customer-<customer_id>) and keyed by customer id, so importing the same file "
+    "twice is harmless."
+)
+
+
+@import_app.command("open-items", help=_IMPORT_HELP)
+def import_open_items(
+    file: Annotated[Path, typer.Argument(help="Open items CSV (UTF-8, comma-separated)",
+                                         exists=True, dir_okay=False, readable=True)],
+    source: Annotated[str, typer.Option(help="CloudEvents source of the imported events; "
+                                             "keep it for re-imports")] = "/import/ledger",
+    customers: Annotated[Path | None, typer.Option(
+        help="Customers CSV to register first (customer.registered)",
+        exists=True, dir_okay=False, readable=True)] = None,
+    dry_run: Annotated[bool, typer.Option(help="Validate and report only; publish "
+                                               "nothing")] = False,
+) -> None:
+    """Initial load of an existing ledger (help: _IMPORT_HELP)."""
+    from services import importer
+    from shared.policy import PolicyError, load_policy
+
+    settings = _settings()
+    _setup_logging(settings)
+    try:
+        policy = load_policy(settings.policy)
+    except PolicyError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(2) from None
+    try:
+        plan = importer.plan_import(file, settings=settings, customers_path=customers,
+                                    source=source, policy=policy)
+    except importer.ImportFileError as exc:
+        typer.secho(f"import failed: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    if not plan.ok:
+        for error in plan.errors:
+            typer.echo(str(error), err=True)
+        typer.secho(f"{len(plan.errors)} problem(s) in {file}; nothing was published",
+                    fg="red", err=True)
+        raise typer.Exit(1)
+    for line in importer.summary(plan):
+        typer.echo(line)
+    if dry_run:
+        typer.echo(f"dry run: {len(plan.messages)} events validated; nothing published")
+        return
+    try:
+        asyncio.run(importer.KafkaPublisher(settings).publish(plan.messages))
+    except Exception as exc:
+        typer.secho(f"publishing failed: {type(exc).__name__}: {exc}; run the same import "
+                    "again once the broker is reachable (ids are stable, so events already "
+                    "published are not counted twice)", fg="red", err=True)
+        raise typer.Exit(1) from None
+    topics = sorted({m.topic for m in plan.messages})
+    typer.echo(f"published {len(plan.messages)} events to {', '.join(topics)} "
+               f"(source {source})")
+
+
+# ---- backtest -------------------------------------------------------------------------------
+
+
+_BACKTEST_HELP = (
+    "Replay history under a candidate policy and report what would have differed."
+    "\n\n"
+    "Each service's event store is read (never written) and folded twice into throw-away "
+    "projections: under the current policy (CREDITWATCH_POLICY) and under the candidate. "
+    "The grades each policy derives feed that policy's limits and alerts folds. Reported "
+    "per customer: grade, limit, over-limit and hold, open alerts at the end of the window, "
+    "alerts raised and limit changes within it, and the recorded credit checks within it "
+    "judged again."
+    "\n\n"
+    "Events after --to are ignored; events before --from are folded to build the state, "
+    "but only the window is reported. An invalid candidate policy lists its faults and "
+    "exits with 2."
+)
+
+
+@app.command(help=_BACKTEST_HELP)
+def backtest(
+    policy: Annotated[Path, typer.Option(help="The candidate policy YAML",
+                                         exists=True, dir_okay=False, readable=True)],
+    from_: Annotated[str | None, typer.Option(
+        "--from", help="Window start: YYYY-MM-DD or RFC 3339 (business time)")] = None,
+    to: Annotated[str | None, typer.Option(
+        help="Window end, inclusive: YYYY-MM-DD or RFC 3339; later events are ignored")
+                  ] = None,
+    format_: Annotated[str, typer.Option("--format", help="text | json")] = "text",
+) -> None:
+    """Replay history under a candidate policy and report what would have differed."""
+    from services import backtest as bt
+    from shared.policy import PolicyError, load_policy
+
+    if format_ not in ("text", "json"):
+        typer.secho("--format must be text or json", fg="red", err=True)
+        raise typer.Exit(2)
+    settings = _settings()
+    _setup_logging(settings)
+    try:
+        candidate = load_policy(policy)
+    except PolicyError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(2) from None
+    try:
+        current = load_policy(settings.policy)
+    except PolicyError as exc:
+        typer.secho(f"the current policy cannot be loaded: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    try:
+        window = bt.make_window(from_, to)
+        report = asyncio.run(bt.run_backtest(
+            settings, current, candidate, window=window,
+            progress=lambda message: typer.echo(message, err=True)))
+    except bt.BacktestError as exc:
+        typer.secho(f"backtest: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    if format_ == "json":
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        typer.echo(bt.render_text(report))
 
 
 # ---- dev ------------------------------------------------------------------------------------
