@@ -60,6 +60,8 @@ class Tx:
     outbox: list[tuple[str, Envelope]] = field(default_factory=list)
     # Service-private scratch space, e.g. states an API command already loaded and locked.
     scratch: dict[str, Any] = field(default_factory=dict)
+    # Run once the batch's transaction has committed (never for a rolled-back one).
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
     rejected: list[tuple[Incoming, DeadLetter]] = field(default_factory=list)
 
     def emit(self, topic: str, envelope: Envelope) -> None:
@@ -246,6 +248,8 @@ class EventCore:
             letters = [self._dead(rec, dl, now) for rec, dl in dead]
             await es.enqueue(conn, core, [*tx.outbox, *letters], now)
             await es.store_offsets(conn, core, prepared.positions, now)
+        for callback in tx.after_commit:
+            callback()
 
         # Counted once committed, so a retried batch is not counted twice.
         consumed: Counter[tuple[str, str]] = Counter()
@@ -262,7 +266,17 @@ class EventCore:
             metrics.EVENTS_DEAD_LETTERED.labels(self._svc, rec.topic, dl.reason).inc()
             log.warning("dead letter %s/%s@%s: %s (%s)", rec.topic, rec.partition, rec.offset,
                         dl.reason, dl.error,
-                        extra={"service": self._svc, "topic": rec.topic, "reason": dl.reason})
+                        extra={"service": self._svc, "topic": rec.topic,
+                               "partition": rec.partition, "offset": rec.offset,
+                               "reason": dl.reason,
+                               "customer_id": rec.key.decode("utf-8", "replace")
+                               if rec.key else None})
+        if log.isEnabledFor(logging.DEBUG):
+            for inc in fresh:
+                log.debug("applied %s", inc.envelope.type, extra={
+                    "service": self._svc, "event_id": inc.envelope.id,
+                    "customer_id": inc.envelope.subject, "topic": inc.topic,
+                    "partition": inc.partition, "offset": inc.offset})
         result.applied = sum(consumed.values())
         result.dead_lettered = len(dead)
         if tx.outbox or dead:

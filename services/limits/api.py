@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import time
 import uuid
 from datetime import datetime, timedelta
@@ -29,6 +30,7 @@ from shared.problems import Conflict, Forbidden, NotFound, ValidationFailed
 from shared.runtime import EventCore
 
 MAX_PAGE = 500
+log = logging.getLogger("creditwatch.limits")
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -194,6 +196,12 @@ def build_router(service: LimitsService, core: EventCore) -> APIRouter:
             await checks.record(conn, env, event, ctx)
         metrics.CREDIT_CHECKS.labels(outcome.decision).inc()
         metrics.CREDIT_CHECK_SECONDS.observe(time.perf_counter() - started)
+        # Refusals are worth an operator's eye; approvals are the routine (stored either way).
+        log.log(logging.DEBUG if outcome.decision == "approved" else logging.INFO,
+                "credit check %s for order %s: %s %s", check_id, req.order_id,
+                outcome.decision, ",".join(outcome.reasons),
+                extra={"service": "limits", "check_id": check_id,
+                       "customer_id": req.customer_id, "event_id": env.id})
         return body
 
     @router.delete("/credit-checks/{order_id}", status_code=204,

@@ -15,8 +15,10 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.limits import store
+from services.limits.events import HoldPlaced
 from services.limits.handlers import LimitsService
 from shared import eventstore as es
+from shared.events import new_event
 from shared.policy import load_policy
 from shared.runtime import EventCore
 from shared.settings import Settings
@@ -183,3 +185,35 @@ async def test_a_known_type_on_another_topic_is_dead_lettered_as_wrong_topic(cor
     dlq = [e for e in await outbox(engine) if e["topic"] == "credit.dlq"]
     assert dlq[0]["data"]["reason"] == "wrong_topic"
 
+
+
+
+async def test_a_batch_rolled_back_after_its_fold_leaves_no_trace_in_later_batches(
+        core, engine, monkeypatch):
+    # Given a customer whose state the consumer has committed once
+    await core.process_records(f.records([f.customer("C1"), f.invoice("C1", "I1", "100.00")]))
+    # When a batch folds an invoice and then fails before its commit, so that the invoice is
+    # dead-lettered (a lone record that fails is poison)…
+    failures = iter([RuntimeError("offsets table unavailable")])
+    original = es.store_offsets
+
+    async def flaky(*args, **kwargs):
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(es, "store_offsets", flaky)
+    result = await core.process_records(f.records([f.invoice("C1", "I3", "5.00")], start=1))
+    assert result.dead_lettered == 1
+    # …and another writer (an API command) commits the customer's row, taking the event number
+    # the rolled-back batch had used (SQLite hands out a rolled-back rowid again)…
+    hold = new_event("hold.placed", source="/creditwatch/limits/api", subject="C1",
+                     data=HoldPlaced(customer_id="C1", reason="dispute", by="analyst"),
+                     id="hold-1", time=f.T0)
+    async with engine.begin() as conn:
+        await core.submit(conn, [hold])
+    # …then the consumer's next batch must not build on the rolled-back fold
+    await core.process_records(f.records([f.payment("C1", "P1", "11.00")]))
+    assert await exposure_of(engine, "C1") == "89.00"
+    assert await core.verify() == []
