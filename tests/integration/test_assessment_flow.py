@@ -120,3 +120,58 @@ async def test_given_events_on_kafka_when_consumed_then_assessments_and_dead_let
     checks = await host.readiness()
     assert all(checks.values()), checks
     assert await host.core.verify() == []
+
+
+async def test_given_bad_statements_on_kafka_then_each_is_dead_lettered_with_its_reason(
+    running: tuple[ServiceHost, Settings], kafka_bootstrap: str,
+) -> None:
+    # Given three statements no analyst could use
+    host, settings = running
+
+    def statement(statement_id: str, **changes: Any) -> bytes:
+        data: dict[str, Any] = {
+            "statement_id": statement_id, "customer_id": "C-9", "period_end": "2025-12-31",
+            "period_months": 12, "currency": "EUR",
+            "balance_sheet": {"current_assets": "500.00", "total_assets": "1000.00",
+                              "current_liabilities": "250.00", "total_liabilities": "600.00",
+                              "equity": "400.00"},
+            "income_statement": {"revenue": "1200.00", "net_income": "60.00"}}
+        for key, value in changes.items():
+            part, _, name = key.partition("__")
+            if name:
+                data[part] = data[part] | {name: value}
+            else:
+                data[part] = value
+        return envelope(f"fs-{statement_id}", "financial_statement.published", data)
+
+    bad = [statement("NEG", balance_sheet__total_assets="-5.00"),
+           statement("NAN", balance_sheet__total_liabilities="lots"),
+           statement("PM5", period_months=5)]
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for value in bad:
+            await producer.send_and_wait(settings.topic_financials, value, key=b"C-9")
+    finally:
+        await producer.stop()
+
+    # When they are consumed, then each is in credit.dlq with its reason and field
+    dead = [json.loads(m.value)["data"] for m in await read(kafka_bootstrap,
+                                                            settings.topic_dlq, 3)]
+    assert sorted((d["reason"], d["error"].split(":")[0]) for d in dead) == [
+        ("invalid_amount", "data.balance_sheet.total_assets"),
+        ("invalid_amount", "data.balance_sheet.total_liabilities"),
+        ("invalid_field", "data.period_months"),
+    ]
+    assert all(d["service"] == "assessment" and d["topic"] == settings.topic_financials
+               for d in dead)
+    # …and nothing was assessed from them
+    async with host.engine.connect() as conn:
+        from sqlalchemy import func, select
+
+        from services.assessment import store
+
+        stored = (await conn.execute(select(func.count()).select_from(store.assessments)
+                                     .where(store.assessments.c.customer_id == "C-9"))
+                  ).scalar_one()
+    assert stored == 0
