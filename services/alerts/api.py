@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from datetime import datetime
 from typing import Annotated, Any
@@ -16,10 +15,10 @@ from services.alerts.handlers import SOURCE, STATES, AlertsService, _Loaded, loa
 from shared.auth import Principal, require
 from shared.body import body_schema, json_body
 from shared.events import new_event
+from shared.pagination import MAX_PAGE, decode_cursor, encode_cursor
 from shared.problems import Conflict, NotFound, ValidationFailed
 from shared.runtime import EventCore
 
-MAX_PAGE = 500
 STATUS_FILTER = "^(open|acknowledged|resolved|active)$"
 SEVERITY_FILTER = "^(info|warning|critical)$"
 
@@ -29,22 +28,21 @@ class AcknowledgeBody(BaseModel):
     note: str | None = Field(default=None, max_length=1000)
 
 
-def encode_cursor(raised_at: datetime, alert_id: str) -> str:
-    raw = json.dumps([raised_at.isoformat(), alert_id]).encode()
-    return base64.urlsafe_b64encode(raw).decode()
+def encode_alert_cursor(raised_at: datetime, alert_id: str) -> str:
+    return encode_cursor([raised_at.isoformat(), alert_id])
 
 
-def decode_cursor(cursor: str | None) -> tuple[datetime, str] | None:
-    if not cursor:
+def decode_alert_cursor(cursor: str | None) -> tuple[datetime, str] | None:
+    values = decode_cursor(cursor, length=2)
+    if values is None:
         return None
     try:
-        at, alert_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        moment = datetime.fromisoformat(at)
-        if moment.tzinfo is None or not isinstance(alert_id, str):
+        moment = datetime.fromisoformat(values[0])
+        if moment.tzinfo is None or not isinstance(values[1], str):
             raise ValueError(cursor)
     except (ValueError, TypeError):
         raise ValidationFailed("cursor: not a cursor this API returned", field="cursor") from None
-    return moment, alert_id
+    return moment, values[1]
 
 
 def _history_item(row: Any) -> dict[str, Any]:
@@ -85,7 +83,7 @@ def build_router(service: AlertsService, core: EventCore) -> APIRouter:
         if rule is not None and rule not in domain.RULES:
             raise ValidationFailed(f"rule: unknown rule {rule[:64]!r}; rules are "
                                    + ", ".join(domain.RULES), field="rule")
-        after = decode_cursor(cursor)
+        after = decode_alert_cursor(cursor)
         async with engine.connect() as conn:
             rows = await store.list_alerts(conn, status=status, customer_id=customer_id,
                                            rule=rule, severity=severity, after=after,
@@ -94,7 +92,7 @@ def build_router(service: AlertsService, core: EventCore) -> APIRouter:
         nxt = None
         if len(rows) > limit:
             last = rows[limit - 1]
-            nxt = encode_cursor(last.raised_at, last.alert_id)
+            nxt = encode_alert_cursor(last.raised_at, last.alert_id)
         return {"items": items, "next_cursor": nxt}
 
     @router.get("/alerts/{alert_id}", summary="One alert with its history")

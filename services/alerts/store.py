@@ -28,7 +28,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from services.alerts.domain import Alert, AlertChange, CustomerState, alert_body, review_due_on
 from shared.db import BigId, UtcDateTime
 from shared.eventstore import core_tables
-from shared.projection import StateCodec, as_json, insert_for, lock_rows
+from shared.projection import StateCodec, as_json, lock_rows, upsert
 
 metadata = MetaData()
 core = core_tables(metadata, "alerts")
@@ -107,14 +107,7 @@ def customer_row(state: CustomerState, last_seq: int) -> dict[str, Any]:
 
 
 async def save_customers(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    ins = insert_for(conn, customers)
-    stmt = ins.on_conflict_do_update(
-        index_elements=["customer_id"],
-        set_={c.name: ins.excluded[c.name] for c in customers.columns if c.name != "customer_id"},
-    )
-    await conn.execute(stmt, list(rows))
+    await upsert(conn, customers, ["customer_id"], rows)
 
 
 def alert_row(alert: Alert) -> dict[str, Any]:
@@ -145,14 +138,7 @@ def history_row(change: AlertChange) -> dict[str, Any]:
 
 
 async def save_alerts(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    ins = insert_for(conn, alerts)
-    stmt = ins.on_conflict_do_update(
-        index_elements=["alert_id"],
-        set_={c.name: ins.excluded[c.name] for c in alerts.columns if c.name != "alert_id"},
-    )
-    await conn.execute(stmt, list(rows))
+    await upsert(conn, alerts, ["alert_id"], rows)
 
 
 async def record_history(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:

@@ -3,8 +3,6 @@ and the periodic reviews that are due."""
 
 from __future__ import annotations
 
-import base64
-import json
 import uuid
 from datetime import date, datetime
 from typing import Annotated, Any
@@ -25,10 +23,10 @@ from services.assessment.handlers import (
 )
 from shared.auth import Principal, require
 from shared.body import body_schema, json_body
+from shared.pagination import MAX_PAGE, decode_cursor, encode_cursor
 from shared.problems import NotFound, ValidationFailed
 from shared.runtime import EventCore
 
-MAX_PAGE = 500
 API_SOURCE = SOURCE + "/api"
 
 
@@ -42,22 +40,6 @@ class OverrideBody(BaseModel):
     reason: str = Field(min_length=1, max_length=1000)
     expires_at: AwareDatetime | None = Field(
         default=None, description="RFC 3339, in the future; absent: until withdrawn")
-
-
-def encode_cursor(values: list[Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(values, default=str).encode()).decode()
-
-
-def decode_cursor(cursor: str | None) -> list[Any] | None:
-    if not cursor:
-        return None
-    try:
-        value = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-    except (ValueError, TypeError):
-        raise ValidationFailed("cursor: not a cursor this API returned", field="cursor") from None
-    if not isinstance(value, list):
-        raise ValidationFailed("cursor: not a cursor this API returned", field="cursor")
-    return value
 
 
 def build_router(service: AssessmentService, core: EventCore) -> APIRouter:

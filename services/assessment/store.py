@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from services.assessment.domain import CustomerState
 from shared.db import BigId, UtcDateTime
 from shared.eventstore import core_tables
-from shared.projection import StateCodec, insert_for, lock_rows
+from shared.projection import StateCodec, lock_rows, upsert
 
 metadata = MetaData()
 core = core_tables(metadata, "assessment")
@@ -101,14 +101,7 @@ def customer_row(state: CustomerState, last_seq: int) -> dict[str, Any]:
 
 
 async def save_customers(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    ins = insert_for(conn, customers)
-    stmt = ins.on_conflict_do_update(
-        index_elements=["customer_id"],
-        set_={c.name: ins.excluded[c.name] for c in customers.columns if c.name != "customer_id"},
-    )
-    await conn.execute(stmt, list(rows))
+    await upsert(conn, customers, ["customer_id"], rows)
 
 
 async def record_assessments(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import logging
@@ -26,10 +25,10 @@ from shared.auth import Principal, require
 from shared.body import body_schema, json_body
 from shared.events import new_event
 from shared.money import MAX_MINOR_UNITS, AmountError, is_currency, parse_amount, parse_decimal
+from shared.pagination import MAX_PAGE, decode_cursor, encode_cursor
 from shared.problems import Conflict, Forbidden, NotFound, ValidationFailed
 from shared.runtime import EventCore
 
-MAX_PAGE = 500
 log = logging.getLogger("creditwatch.limits")
 
 
@@ -94,22 +93,6 @@ class DecisionNote(BaseModel):
 class HoldBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
     reason: str = Field(min_length=1, max_length=1000)
-
-
-def encode_cursor(values: list[Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(values, default=str).encode()).decode()
-
-
-def decode_cursor(cursor: str | None) -> list[Any] | None:
-    if not cursor:
-        return None
-    try:
-        value = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-    except (ValueError, TypeError):
-        raise ValidationFailed("cursor: not a cursor this API returned", field="cursor") from None
-    if not isinstance(value, list):
-        raise ValidationFailed("cursor: not a cursor this API returned", field="cursor")
-    return value
 
 
 def build_router(service: LimitsService, core: EventCore) -> APIRouter:
