@@ -84,8 +84,24 @@ def serve(
     except ConfigError as exc:
         typer.secho(f"{name}: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
-    uvicorn.run(fastapi_app, host=host or settings.host, port=port or settings.port_for(name),
-                log_config=None, access_log=False, timeout_graceful_shutdown=20)
+    config = uvicorn.Config(fastapi_app, host=host or settings.host,
+                            port=port or settings.port_for(name), log_config=None,
+                            access_log=False, timeout_graceful_shutdown=20)
+    asyncio.run(_serve_until_signalled([_Server(config)]))
+
+
+async def _serve_until_signalled(servers: list[_Server]) -> None:
+    """Run the servers until SIGTERM or SIGINT, then stop them gracefully: finish the
+    requests and the batch in hand, commit, leave the consumer group — and exit 0."""
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        for server in servers:
+            server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    await asyncio.gather(*(server.serve() for server in servers))
 
 
 # ---- db -----------------------------------------------------------------------------------------
@@ -399,15 +415,7 @@ async def _dev(settings: Settings, tokens: TokenRegistry, *, demo: bool,
                                 log_config=None, access_log=False,
                                 timeout_graceful_shutdown=10)
         servers.append(_Server(config))
-    loop = asyncio.get_running_loop()
-
-    def stop() -> None:
-        for server in servers:
-            server.should_exit = True
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
-    tasks = [asyncio.create_task(s.serve()) for s in servers]
+    serving = asyncio.create_task(_serve_until_signalled(servers))
     _print_banner(settings, tokens)
     demo_task = None
     if demo:
@@ -415,7 +423,8 @@ async def _dev(settings: Settings, tokens: TokenRegistry, *, demo: bool,
         demo_task = asyncio.create_task(sim.run_demo(settings, customers=demo_customers,
                                                      token=token,
                                                      stop=lambda: servers[0].should_exit))
-    await asyncio.gather(*tasks, return_exceptions=True)
+    with contextlib.suppress(Exception):
+        await serving
     if demo_task is not None:
         demo_task.cancel()
         with contextlib.suppress(BaseException):

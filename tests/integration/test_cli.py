@@ -86,3 +86,17 @@ def test_an_unknown_service_is_refused_with_the_choices(tmp_path):
     result = creditwatch("verify", "billing", url=f"sqlite+aiosqlite:///{tmp_path}/x.db")
     assert result.returncode == 2
     assert "assessment, limits, alerts" in result.stderr
+
+
+def test_serve_stops_gracefully_on_sigterm_and_exits_zero(tmp_path, request):
+    from tests.infra import servers
+    from tests.processes import ServiceProcess, service_env
+
+    # Given a running limits service on real PostgreSQL and Kafka
+    url = servers.create_database(request.getfixturevalue("postgres_server_url"))
+    env = service_env(database_url=url, bootstrap=request.getfixturevalue("kafka_bootstrap"))
+    proc = ServiceProcess("limits", env, tmp_path)
+    proc.start().wait_ready(90)
+    # When it is asked to stop, then it finishes cleanly with exit code 0
+    assert proc.stop() == 0, proc.tail()
+    assert "Application shutdown complete" in proc.tail()
