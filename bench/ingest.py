@@ -29,7 +29,7 @@ from shared import eventstore as es
 from shared.db import make_engine
 from shared.events import decode
 from shared.policy import load_policy
-from shared.runtime import EventCore, Incoming, Pipeline, Record, Tx
+from shared.runtime import EventCore, Incoming, Pipeline, Record, Tx, tune_gc
 from shared.settings import Settings
 from tests.infra import servers
 from tests.streams import ledger
@@ -80,7 +80,7 @@ async def run_raw(url: str, records: list[Record], batch: int) -> float:
         await conn.run_sync(metadata.create_all)
     now = datetime.now(UTC)
     rows = [es.envelope_row(decode(r.value), topic=r.topic, partition=r.partition,
-                            offset=r.offset, recorded_at=now) for r in records]
+                            offset=r.offset, recorded_at=now, raw=r.value) for r in records]
     started = time.perf_counter()
     for i in range(0, len(rows), batch):
         async with engine.begin() as conn:
@@ -92,6 +92,7 @@ async def run_raw(url: str, records: list[Record], batch: int) -> float:
 
 async def main(events: int, runs: int, batch: int) -> None:
     records = workload(events)
+    tune_gc()  # as `creditwatch serve` does; the baseline runs in this process too
     with servers.PostgresServer.start() as pg:
         raw = Measure("raw batched SQLAlchemy Core insert (baseline)", "rows/s")
         core = Measure("event core (validate, append, dedupe, offsets)", "events/s")

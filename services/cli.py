@@ -23,6 +23,7 @@ import uvicorn
 
 from services import registry
 from shared.auth import TokenRegistry
+from shared.runtime import tune_gc
 from shared.settings import ConfigError, Settings, load_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -84,6 +85,7 @@ def serve(
     except ConfigError as exc:
         typer.secho(f"{name}: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
+    tune_gc()
     config = uvicorn.Config(fastapi_app, host=host or settings.host,
                             port=port or settings.port_for(name), log_config=None,
                             access_log=False, timeout_graceful_shutdown=20)
@@ -408,6 +410,7 @@ async def _dev(settings: Settings, tokens: TokenRegistry, *, demo: bool,
 
     await asyncio.to_thread(registry.upgrade, settings, list(registry.SERVICES))
     await registry.create_topics(settings)
+    tune_gc()
     servers: list[_Server] = []
     for name in registry.SERVICES:
         fastapi_app, _ = registry.build(name, settings, tokens=tokens)

@@ -10,6 +10,7 @@ import json
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
@@ -56,7 +57,8 @@ def core_tables(metadata: MetaData, service: str) -> CoreTables:
         Column("type", String(100), nullable=False),
         Column("subject", String(1000), nullable=False),
         Column("time", UtcDateTime, nullable=False),
-        Column("data", Text, nullable=False),
+        # The whole CloudEvent as JSON, exactly as it was received (or made, for our own).
+        Column("event", Text, nullable=False),
         Column("topic", String(1000)),
         Column("partition", Integer),
         Column("offset", BigId),
@@ -111,14 +113,16 @@ class StoredEvent:
 
 
 def envelope_row(env: Envelope, *, topic: str | None, partition: int | None,
-                 offset: int | None, recorded_at: datetime) -> dict[str, Any]:
+                 offset: int | None, recorded_at: datetime,
+                 raw: bytes | None = None) -> dict[str, Any]:
+    """The stored row; ``raw`` is the record as received (already checked to be UTF-8)."""
     return {
         "source": env.source,
         "event_id": env.id,
         "type": env.type,
         "subject": env.subject,
         "time": env.time,
-        "data": json.dumps(env.data, default=str, separators=(",", ":")),
+        "event": raw.decode() if raw is not None else env.to_json().decode(),
         "topic": topic,
         "partition": partition,
         "offset": offset,
@@ -127,7 +131,7 @@ def envelope_row(env: Envelope, *, topic: str | None, partition: int | None,
 
 
 _UNNEST_COLUMNS = (("source", "text"), ("event_id", "text"), ("type", "text"),
-                   ("subject", "text"), ("time", "timestamptz"), ("data", "text"),
+                   ("subject", "text"), ("time", "timestamptz"), ("event", "text"),
                    ("topic", "text"), ("partition", "int4"), ("offset", "int8"),
                    ("recorded_at", "timestamptz"))
 
@@ -252,7 +256,8 @@ def row_to_stored(row: Any) -> StoredEvent:
         subject=row.subject,
         time=row.time,
         datacontenttype="application/json",
-        data=json.loads(row.data),
+        # Numbers as Decimal, as when it was first decoded: amounts stay exact.
+        data=json.loads(row.event, parse_float=Decimal)["data"],
     )
     return StoredEvent(row.seq, env, row.topic, row.partition, row.offset)
 

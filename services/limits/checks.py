@@ -106,7 +106,7 @@ CROSS JOIN LATERAL (
     SELECT coalesce(sum(exposure), 0) AS others, count(*) AS members
     FROM {store.customers.name} WHERE group_id = $2 AND customer_id <> $3) AS g"""
 
-_E = ["seq", "source", "event_id", "type", "subject", "time", "data", "recorded_at"]
+_E = ["seq", "source", "event_id", "type", "subject", "time", "event", "recorded_at"]
 _K = ["check_id", "order_id", "customer_id", "seq", "amount", "currency", "decision",
       "evaluated_at", "body"]
 

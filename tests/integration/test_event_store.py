@@ -217,3 +217,19 @@ async def test_a_batch_rolled_back_after_its_fold_leaves_no_trace_in_later_batch
     await core.process_records(f.records([f.payment("C1", "P1", "11.00")]))
     assert await exposure_of(engine, "C1") == "89.00"
     assert await core.verify() == []
+
+
+async def test_an_event_is_stored_as_received_and_replays_with_exact_amounts(core, engine):
+    # Given an invoice whose amount is a JSON number with more digits than a float keeps
+    sent = f.raw(f.invoice("C1", "I1", "999999999999999.99")).replace(
+        b'"amount": "999999999999999.99"', b'"amount": 999999999999999.99')
+    assert b'"amount": 999999999999999.99' in sent
+    await core.process_records(f.records([f.customer("C1"), sent]))
+    # Then the store holds the record byte for byte, and a replay reads the amount exactly
+    async with engine.connect() as conn:
+        stored = (await conn.execute(select(store.core.events.c.event).where(
+            store.core.events.c.event_id == "inv-I1"))).scalar_one()
+    assert stored.encode() == sent
+    assert await core.replay() == 2
+    assert await exposure_of(engine, "C1") == "999999999999999.99"
+    assert await core.verify() == []

@@ -2,7 +2,7 @@
 
 Revision ID: assessment_0001
 Revises: 
-Create Date: 2026-11-28 10:20:27.748964
+Create Date: 2026-11-28 11:23:06.936563
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 import shared.db
+
 
 revision: str = 'assessment_0001'
 down_revision: str | None = None
@@ -64,7 +65,7 @@ def upgrade() -> None:
     sa.Column('type', sa.String(length=100), nullable=False),
     sa.Column('subject', sa.String(length=1000), nullable=False),
     sa.Column('time', shared.db.UtcDateTime(timezone=True), nullable=False),
-    sa.Column('data', sa.Text(), nullable=False),
+    sa.Column('event', sa.Text(), nullable=False),
     sa.Column('topic', sa.String(length=1000), nullable=True),
     sa.Column('partition', sa.Integer(), nullable=True),
     sa.Column('offset', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
