@@ -53,6 +53,7 @@ def create_app(
     readiness: Readiness,
     lifespan: Lifespan | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    liveness: Callable[[], str | None] | None = None,
 ) -> FastAPI:
     """The service's app; ``app.state`` carries ``service``, ``settings`` and ``tokens``.
 
@@ -85,9 +86,14 @@ def create_app(
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     app.add_middleware(HttpMetrics, service=service)
 
-    @app.get("/healthz", tags=["ops"], summary="Liveness: the process answers")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    @app.get("/healthz", tags=["ops"], summary="Liveness: the process answers and its "
+             "background loops have not died", responses={503: {"description": "Restart me"}})
+    async def healthz() -> Response:
+        fatal = liveness() if liveness is not None else None
+        if fatal is None:
+            return JSONResponse({"status": "ok"})
+        problem = ServiceUnavailable(f"A background loop stopped: {fatal}", title="Not alive")
+        return problem_response(problem.to_problem("/healthz"))
 
     @app.get(
         "/readyz",

@@ -99,6 +99,14 @@ class ServiceHost:
                 await self._task
         await self.engine.dispose()
 
+    def fatal(self) -> str | None:
+        """Why the background loops stopped for good, or None while they run (liveness)."""
+        task = self._task
+        if task is None or not task.done() or self.stop.is_set():
+            return None
+        exc = task.exception() if not task.cancelled() else None
+        return f"{type(exc).__name__}: {exc}" if exc is not None else "stopped"
+
     async def readiness(self) -> dict[str, bool]:
         checks = {"database": False, "broker": False}
         try:
@@ -139,7 +147,7 @@ def build_service_app(name: str, service: Service, settings: Settings, *,
     host = ServiceHost(service, settings, engine, core, consume=consume, clock=clock,
                        gauges=gauges)
     app = create_app(name, settings=settings, tokens=tokens, readiness=host.readiness,
-                     lifespan=host.lifespan())
+                     lifespan=host.lifespan(), liveness=host.fatal)
     app.include_router(router(core))
     app.state.host = host
     return app, host

@@ -197,3 +197,38 @@ async def test_dev_mode_allows_an_app_with_generated_tokens() -> None:
     app = create_app("limits", settings=settings, tokens=tokens, readiness=FakeReadiness())
 
     assert app.state.tokens.authenticate(token) is not None
+
+
+async def test_healthz_is_a_503_problem_once_a_background_loop_has_died(
+    readiness: FakeReadiness,
+) -> None:
+    # Given a service whose consumer loop stopped for good
+    app = create_app("limits", settings=Settings(), tokens=TOKENS, readiness=readiness,
+                     liveness=lambda: "RuntimeError: consumer crashed")
+    async with _client(app) as http:
+        # When liveness is probed, then it says so, so that the orchestrator restarts it
+        response = await http.get("/healthz")
+    assert response.status_code == 503
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert "consumer crashed" in response.json()["detail"]
+
+
+async def test_a_host_whose_loops_crashed_reports_why_and_one_stopped_on_purpose_does_not(
+) -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from shared.service import ServiceHost
+
+    async def crash() -> None:
+        raise RuntimeError("boom")
+
+    host = ServiceHost.__new__(ServiceHost)
+    host.stop = asyncio.Event()
+    host.service = SimpleNamespace(name="limits")  # type: ignore[assignment]
+    host._task = asyncio.create_task(crash())
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert host.fatal() == "RuntimeError: boom"
+    host.stop.set()  # a graceful stop is not a death
+    assert host.fatal() is None
