@@ -282,7 +282,7 @@ def _fmt(hops: dict[str, float]) -> str:
 
 
 async def main(rate: int, seconds: float, runs: int, trigger_every: int, background: int,
-               baseline_seconds: float) -> None:
+               baseline_seconds: float, max_records: int | None = None) -> None:
     started = time.perf_counter()
     prefix = s.new_prefix().replace("e2e", "bench")
     with servers.PostgresServer.start() as pg, servers.KafkaServer.start() as kafka, \
@@ -290,8 +290,10 @@ async def main(rate: int, seconds: float, runs: int, trigger_every: int, backgro
         bootstrap = kafka.bootstrap
         url = servers.create_database(pg.url)
         await s.create_topics(bootstrap, prefix, PARTITIONS)
+        tuning = ({"CREDITWATCH_CONSUMER_MAX_RECORDS": str(max_records)}
+                  if max_records else {})
         env = service_env(database_url=url, bootstrap=bootstrap, **s.topic_env(prefix),
-                          CREDITWATCH_LOG_LEVEL="WARNING")
+                          CREDITWATCH_LOG_LEVEL="WARNING", **tuning)
         procs = [ServiceProcess(name, env, Path(logs)) for name in ("limits", "alerts")]
         engine = make_engine(url)
         results: list[RunResult] = []
@@ -363,6 +365,8 @@ if __name__ == "__main__":
     parser.add_argument("--background", type=int, default=2000,
                         help="customers receiving the small background invoices")
     parser.add_argument("--baseline-seconds", type=float, default=5.0)
+    parser.add_argument("--max-records", type=int, default=None,
+                        help="the services' consumer batch size (default: the setting's)")
     args = parser.parse_args()
     asyncio.run(main(args.rate, args.seconds, args.runs, args.trigger_every, args.background,
-                     args.baseline_seconds))
+                     args.baseline_seconds, args.max_records))
