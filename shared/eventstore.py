@@ -178,19 +178,18 @@ async def enqueue(conn: AsyncConnection, core: CoreTables,
     """Queue derived events for the relay; same transaction as the state they describe."""
     if not items:
         return
-    await conn.execute(
-        core.outbox.insert(),
-        [
-            {
-                "event_id": env.id,
-                "topic": topic,
-                "key": env.subject,
-                "value": env.to_json().decode(),
-                "created_at": now,
-            }
-            for topic, env in items
-        ],
-    )
+    rows = [(env.id, topic, env.subject, env.to_json().decode()) for topic, env in items]
+    if conn.dialect.name == "postgresql":
+        # One statement with four arrays, as for the append.
+        await conn.exec_driver_sql(
+            f'INSERT INTO "{core.outbox.name}" (event_id, topic, key, value, created_at) '
+            "SELECT e, t, k, v, $5 FROM unnest($1::text[], $2::text[], $3::text[], "
+            "$4::text[]) AS u(e, t, k, v)",
+            (*([r[i] for r in rows] for i in range(4)), now))
+        return
+    await conn.execute(core.outbox.insert(), [
+        {"event_id": e, "topic": t, "key": k, "value": v, "created_at": now}
+        for e, t, k, v in rows])
 
 
 async def store_offsets(conn: AsyncConnection, core: CoreTables,

@@ -3,6 +3,7 @@ locks in a deadlock-free order, dialect-neutral upserts."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from typing import Any, Generic, TypeVar
@@ -42,12 +43,37 @@ async def upsert(conn: AsyncConnection, table: Table, keys: Sequence[str],
     """Insert rows, or update the named columns (default: all but the keys) where they exist."""
     if not rows:
         return
-    ins = insert_for(conn, table)
     columns = update if update is not None else [c.name for c in table.columns
                                                  if c.name not in keys]
+    if conn.dialect.name == "postgresql":
+        await _upsert_unnest(conn, table, tuple(keys), tuple(columns), rows)
+        return
+    ins = insert_for(conn, table)
     stmt = ins.on_conflict_do_update(index_elements=list(keys),
                                      set_={c: ins.excluded[c] for c in columns})
     await conn.execute(stmt, list(rows))
+
+
+@functools.cache
+def _unnest_upsert_sql(table: Table, names: tuple[str, ...], keys: tuple[str, ...],
+                       update: tuple[str, ...]) -> str:
+    pg = postgresql.dialect()  # type: ignore[no-untyped-call]
+    arrays = ", ".join(f"${i}::{table.c[n].type.compile(dialect=pg)}[]"
+                       for i, n in enumerate(names, start=1))
+    sets = ", ".join(f'"{n}" = EXCLUDED."{n}"' for n in update)
+    quoted = ", ".join(f'"{n}"' for n in names)
+    return (f'INSERT INTO "{table.name}" ({quoted}) SELECT * FROM unnest({arrays}) '
+            f'ON CONFLICT ({", ".join(keys)}) DO UPDATE SET {sets}')
+
+
+async def _upsert_unnest(conn: AsyncConnection, table: Table, keys: tuple[str, ...],
+                         update: tuple[str, ...], rows: Sequence[dict[str, Any]]) -> None:
+    """One statement with one array per column, instead of an executemany of rows × columns
+    parameters: the rows a batch writes cost several times less on the Python side. Values
+    must already be what the driver takes (Decimal, aware datetime, …), as the stores build."""
+    names = tuple(rows[0])  # every row of one call has the same columns
+    sql = _unnest_upsert_sql(table, names, keys, tuple(c for c in update if c in names))
+    await conn.exec_driver_sql(sql, tuple([row[n] for row in rows] for n in names))
 
 
 async def lock_rows(conn: AsyncConnection, table: Table, key: str,
