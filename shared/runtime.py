@@ -321,7 +321,9 @@ class EventCore:
                      scratch: dict[str, Any] | None = None) -> Tx:
         """Record and apply events made inside the service, in the caller's transaction.
 
-        Each must be valid: an invalid one is a programming error, not a dead letter.
+        Each must be valid: an invalid one is a programming error, not a dead letter. The
+        caller owns the transaction, so ``Tx.after_commit`` callbacks are not run here (a
+        service that caches committed state simply does not learn from this path).
         """
         now = self.clock()
         tx = Tx(conn, now, scratch=scratch if scratch is not None else {})
