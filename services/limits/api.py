@@ -18,7 +18,7 @@ from sqlalchemy import and_, func, or_, select
 from services.limits import domain, store
 from services.limits import events as ev
 from services.limits.checks import for_dialect
-from services.limits.handlers import SOURCE, LimitsService, exposure_body, money
+from services.limits.handlers import SOURCE, LimitsService, Loaded, exposure_body, money
 from shared import eventstore as es
 from shared import metrics
 from shared.auth import Principal, require
@@ -112,6 +112,14 @@ def build_router(service: LimitsService, core: EventCore) -> APIRouter:
     checks = for_dialect(engine.dialect.name, service, core)
     _locked = checks.lock
 
+    async def _locked_known(conn: Any, cid: str) -> dict[str, Loaded]:
+        """Lock a customer the service knows (404 otherwise), in one read."""
+        loaded, _ = await _locked(conn, cid)
+        if loaded[cid].last_seq == 0:  # nothing stored: a state made up for the unknown
+            raise NotFound(f"customer {cid!r} is not known to the limits service",
+                           field="customer_id")
+        return loaded
+
     # ---- credit checks --------------------------------------------------------------------
     @router.post("/credit-checks", openapi_extra=body_schema(CheckRequest),
                  summary="May this order go out on credit?")
@@ -128,9 +136,10 @@ def build_router(service: LimitsService, core: EventCore) -> APIRouter:
                 raise Conflict(f"order {req.order_id!r} was checked for another customer",
                                field="order_id")
             state = ctx.loaded[req.customer_id].state
+            body: dict[str, Any]
             if prior is not None and prior.amount == req.amount and \
-                    prior.currency == req.currency and _still_standing(state, prior, now):
-                body: dict[str, Any] = json.loads(prior.body)
+                    prior.currency == req.currency and \
+                    _still_standing(state, prior, body := json.loads(prior.body), now):
                 metrics.CREDIT_CHECKS.labels(body["decision"]).inc()
                 metrics.CREDIT_CHECK_SECONDS.observe(time.perf_counter() - started)
                 return body
@@ -313,8 +322,7 @@ def build_router(service: LimitsService, core: EventCore) -> APIRouter:
         body = await json_body(request, LimitRequestBody)
         now = clock()
         async with engine.begin() as conn:
-            await _customer_row(conn, customer_id)
-            loaded, _ = await _locked(conn, customer_id)
+            loaded = await _locked_known(conn, customer_id)
             state = loaded[customer_id].state
             try:
                 amount = parse_amount(format(body.requested_limit, "f"), state.currency,
@@ -397,8 +405,7 @@ def build_router(service: LimitsService, core: EventCore) -> APIRouter:
     async def _hold(customer_id: str, model: ev.HoldPlaced | ev.HoldReleased) -> dict[str, Any]:
         now = clock()
         async with engine.begin() as conn:
-            await _customer_row(conn, customer_id)
-            loaded, _ = await _locked(conn, customer_id)
+            loaded = await _locked_known(conn, customer_id)
             env = new_event(model.TYPE, source=SOURCE + "/api", subject=customer_id,
                             data=model, id=f"{model.TYPE}-{uuid.uuid4()}", time=now)
             await core.submit(conn, [env], scratch={"limits.states": loaded})
@@ -534,11 +541,11 @@ def _int() -> Any:
     return Integer()
 
 
-def _still_standing(state: domain.CustomerState, prior: Any, now: datetime) -> bool:
+def _still_standing(state: domain.CustomerState, prior: Any, body: dict[str, Any],
+                    now: datetime) -> bool:
     """A retry gets the earlier decision unless its reservation was released or expired."""
     if prior.decision != "approved":
         return True
-    body = json.loads(prior.body)
     if not body.get("reserve", True):
         return True
     res = state.reservations.get(prior.order_id)

@@ -18,7 +18,6 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    func,
     select,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -206,6 +205,3 @@ async def record_limit_changes(conn: AsyncConnection, rows: Sequence[dict[str, A
 async def record_requests(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
     await upsert(conn, requests, ["request_id"], rows, update=["status"])
 
-
-async def count_customers(conn: AsyncConnection) -> int:
-    return int((await conn.execute(select(func.count()).select_from(customers))).scalar_one())
