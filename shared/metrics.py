@@ -20,6 +20,7 @@ __all__ = [
     "BATCHES",
     "CONSUMER_LAG",
     "CREDIT_CHECKS",
+    "CREDIT_CHECK_BATCH",
     "CREDIT_CHECK_SECONDS",
     "CUSTOMERS",
     "CUSTOMERS_OVER_LIMIT",
@@ -115,6 +116,11 @@ CREDIT_CHECKS = Counter(
     "creditwatch_credit_checks_total",
     "Credit checks answered, by decision (approved, rejected, review).",
     ["decision"],
+)
+CREDIT_CHECK_BATCH = Histogram(
+    "creditwatch_credit_check_batch_size",
+    "Credit checks decided together in one database transaction (PostgreSQL).",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
 )
 CREDIT_CHECK_SECONDS = Histogram(
     "creditwatch_credit_check_seconds",

@@ -17,7 +17,7 @@ from sqlalchemy import and_, func, or_, select
 
 from services.limits import domain, store
 from services.limits import events as ev
-from services.limits.checks import for_dialect
+from services.limits.checks import CheckOrder, CoreChecks, Verdict, for_dialect
 from services.limits.handlers import SOURCE, LimitsService, Loaded, exposure_body, money
 from shared import eventstore as es
 from shared import metrics
@@ -95,7 +95,21 @@ class HoldBody(BaseModel):
     reason: str = Field(min_length=1, max_length=1000)
 
 
-def build_router(service: LimitsService, core: EventCore) -> APIRouter:
+def answered(verdict: Verdict, order: CheckOrder, started: float) -> None:
+    """Metrics and the log line of an answered credit check."""
+    metrics.CREDIT_CHECKS.labels(verdict.decision).inc()
+    metrics.CREDIT_CHECK_SECONDS.observe(time.perf_counter() - started)
+    if verdict.fresh:
+        # Refusals are worth an operator's eye; approvals are the routine (stored either way).
+        log.log(logging.DEBUG if verdict.decision == "approved" else logging.INFO,
+                "credit check %s for order %s: %s %s", verdict.check_id, order.order_id,
+                verdict.decision, ",".join(verdict.body["reasons"]),
+                extra={"service": "limits", "check_id": verdict.check_id,
+                       "customer_id": order.customer_id, "event_id": verdict.event_id})
+
+
+def build_router(service: LimitsService, core: EventCore,
+                 checks: CoreChecks | None = None) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["limits"])
     engine = core.engine
     policy = service.policy
@@ -109,7 +123,8 @@ def build_router(service: LimitsService, core: EventCore) -> APIRouter:
                            field="customer_id")
         return row
 
-    checks = for_dialect(engine.dialect.name, service, core)
+    if checks is None:
+        checks = for_dialect(engine.dialect.name, service, core)
     _locked = checks.lock
 
     async def _locked_known(conn: Any, cid: str) -> dict[str, Loaded]:
@@ -126,75 +141,15 @@ def build_router(service: LimitsService, core: EventCore) -> APIRouter:
     async def credit_check(request: Request,
                            principal: Principal = Depends(require("credit:check"))
                            ) -> dict[str, Any]:
+        # The plain cases rarely get here: FastCreditCheck answers them in front of the app.
         started = time.perf_counter()
         req = await json_body(request, CheckRequest)
-        now = clock()
-        async with engine.begin() as conn:
-            ctx = await checks.read(conn, req.customer_id, req.order_id)
-            prior = ctx.prior
-            if prior is not None and prior.customer_id != req.customer_id:
-                raise Conflict(f"order {req.order_id!r} was checked for another customer",
-                               field="order_id")
-            state = ctx.loaded[req.customer_id].state
-            body: dict[str, Any]
-            if prior is not None and prior.amount == req.amount and \
-                    prior.currency == req.currency and \
-                    _still_standing(state, prior, body := json.loads(prior.body), now):
-                metrics.CREDIT_CHECKS.labels(body["decision"]).inc()
-                metrics.CREDIT_CHECK_SECONDS.observe(time.perf_counter() - started)
-                return body
-            group = ctx.group(req.customer_id, policy, now)
-            outcome = domain.decide_credit_check(
-                state, order_id=req.order_id, amount=req.amount, currency=req.currency,
-                reserve=req.reserve, policy=policy, now=now, group=group)
-            check_id = str(uuid.uuid4())
-            ccy = state.currency
-            body = {
-                "check_id": check_id,
-                "order_id": req.order_id,
-                "customer_id": req.customer_id,
-                "decision": outcome.decision,
-                "reasons": list(outcome.reasons),
-                "amount": money(req.amount, req.currency),
-                "amount_currency": req.currency,
-                "limit": money(outcome.limit, ccy),
-                "exposure": money(outcome.exposure, ccy),
-                "reserved": money(outcome.reserved, ccy),
-                "available": money(outcome.available, ccy),
-                "shortfall": money(outcome.shortfall, ccy),
-                "currency": ccy,
-                "grade": outcome.grade,
-                "reserve": req.reserve,
-                "reservation_expires_at": None,
-                "group": ({k: money(v, ccy) for k, v in outcome.group.items()}
-                          if outcome.group else None),
-                "policy_version": policy.version,
-                "requested_by": principal.name,
-                "evaluated_at": _iso(now),
-            }
-            expires = None
-            if outcome.decision == "approved" and req.reserve:
-                expires = domain.reservation_expiry(now, policy)
-                body["reservation_expires_at"] = _iso(expires)
-            event = ev.CreditCheckDecided(
-                customer_id=req.customer_id, check_id=check_id, order_id=req.order_id,
-                amount=req.amount, currency=req.currency,
-                amount_in_credit_currency=outcome.amount, reserve=req.reserve,
-                decision=outcome.decision, reasons=list(outcome.reasons), expires_at=expires,
-                requested_by=principal.name, response=body)
-            env = new_event(ev.CreditCheckDecided.TYPE, source=SOURCE + "/api",
-                            subject=req.customer_id, data=event, id=f"check-{check_id}",
-                            time=now)
-            await checks.record(conn, env, event, ctx)
-        metrics.CREDIT_CHECKS.labels(outcome.decision).inc()
-        metrics.CREDIT_CHECK_SECONDS.observe(time.perf_counter() - started)
-        # Refusals are worth an operator's eye; approvals are the routine (stored either way).
-        log.log(logging.DEBUG if outcome.decision == "approved" else logging.INFO,
-                "credit check %s for order %s: %s %s", check_id, req.order_id,
-                outcome.decision, ",".join(outcome.reasons),
-                extra={"service": "limits", "check_id": check_id,
-                       "customer_id": req.customer_id, "event_id": env.id})
-        return body
+        order = CheckOrder(order_id=req.order_id, customer_id=req.customer_id,
+                           amount=req.amount, currency=req.currency, reserve=req.reserve,
+                           requested_by=principal.name)
+        verdict = await checks.check(order)
+        answered(verdict, order, started)
+        return verdict.body
 
     @router.delete("/credit-checks/{order_id}", status_code=204,
                    summary="Release the order's reservation (order cancelled)")
@@ -540,14 +495,3 @@ def _int() -> Any:
 
     return Integer()
 
-
-def _still_standing(state: domain.CustomerState, prior: Any, body: dict[str, Any],
-                    now: datetime) -> bool:
-    """A retry gets the earlier decision unless its reservation was released or expired."""
-    if prior.decision != "approved":
-        return True
-    if not body.get("reserve", True):
-        return True
-    res = state.reservations.get(prior.order_id)
-    return res is not None and res.check_id == prior.check_id and res.status == "active" \
-        and res.expires_at > now

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.limits import store
-from services.limits.api import build_router
+from services.limits.api import CheckRequest, answered, build_router
+from services.limits.checks import CoreChecks, for_dialect
+from services.limits.fastpath import FastCreditCheck
 from services.limits.handlers import LimitsService
 from shared import metrics
 from shared.auth import TokenRegistry
 from shared.policy import Policy, load_policy
-from shared.runtime import Clock, utcnow
+from shared.problems import DEFAULT_MAX_BODY_BYTES
+from shared.runtime import Clock, EventCore, utcnow
 from shared.service import ServiceHost, build_service_app
 from shared.settings import Settings
 
@@ -24,9 +27,19 @@ NAME = "limits"
 def build(settings: Settings, *, tokens: TokenRegistry, policy: Policy | None = None,
           consume: bool = True, clock: Clock = utcnow) -> tuple[FastAPI, ServiceHost]:
     service = LimitsService(settings, policy or load_policy(settings.policy))
-    return build_service_app(NAME, service, settings, tokens=tokens, consume=consume,
-                             clock=clock, router=lambda core: build_router(service, core),
-                             gauges=[refresh_portfolio_gauges])
+    made: list[CoreChecks] = []
+
+    def router(core: EventCore) -> APIRouter:
+        made.append(for_dialect(core.engine.dialect.name, service, core))
+        return build_router(service, core, made[0])
+
+    app, host = build_service_app(NAME, service, settings, tokens=tokens, consume=consume,
+                                  clock=clock, router=router, gauges=[refresh_portfolio_gauges])
+    # Outermost: the plain credit checks skip the framework's layers (see fastpath.py).
+    app.add_middleware(FastCreditCheck, checks=made[0], tokens=tokens, service=NAME,
+                       max_body_bytes=DEFAULT_MAX_BODY_BYTES, answered=answered,
+                       model=CheckRequest)
+    return app, host
 
 
 async def refresh_portfolio_gauges(engine: AsyncEngine) -> None:

@@ -1,28 +1,88 @@
 """The database side of a credit check: read what the decision needs under the customer's
-lock, then record the decision. The decision itself is the domain's.
+lock, decide (the domain's rule), record the decision, reservation and exposure.
 
 Two ways to do it, same effects:
-- ``CoreChecks`` (any database): SQLAlchemy statements and the event core's ``submit``;
-- ``PostgresChecks``: the hot path in four round trips — lock + event number, context,
-  one statement for every write, commit — with fixed SQL that asyncpg prepares once.
+- ``CoreChecks`` (any database): SQLAlchemy statements and the event core's ``submit``,
+  one transaction per check;
+- ``PostgresChecks``: the checks that arrive while a transaction is in flight wait and then
+  go together, in arrival order, through one transaction of four round trips — lock every
+  customer (and group parent) in id order with one statement, read the context, one
+  statement for every write, commit. A check's answer is sent only after its commit. Under
+  load this spreads the round trips and the commit over the batch; at low load a batch is a
+  single check and nothing waits for company.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import json
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Table, select
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.limits import domain, store
 from services.limits import events as ev
-from services.limits.handlers import LimitsService, Loaded
+from services.limits.handlers import SOURCE, LimitsService, Loaded, money
 from shared import eventstore as es
-from shared.events import Envelope
+from shared import metrics
+from shared.events import Envelope, new_event
+from shared.problems import Conflict
+from shared.projection import as_json
 from shared.runtime import EventCore, Incoming, Tx
+
+log = logging.getLogger("creditwatch.limits")
+
+# The most checks one transaction takes; more wait for the next one.
+MAX_BATCH = 64
+# Transactions in flight at once: while one waits for the database the next is decided.
+IN_FLIGHT = 1
+# Customer states kept between checks, by customer (least recently used out).
+CACHED_STATES = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class CheckOrder:
+    """A validated credit-check request."""
+
+    order_id: str
+    customer_id: str
+    amount: Decimal
+    currency: str
+    reserve: bool
+    requested_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The answer to a check: the response body, and whether it was decided just now."""
+
+    body: dict[str, Any]
+    decision: str
+    check_id: str
+    fresh: bool  # False: a retry answered with the stored decision
+    event_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Prior:
+    """The order's latest stored check."""
+
+    check_id: str
+    order_id: str
+    customer_id: str
+    amount: Decimal
+    currency: str
+    decision: str
+    body: str
 
 
 @dataclass
@@ -31,10 +91,9 @@ class CheckContext:
 
     loaded: dict[str, Loaded]
     parent: str | None
-    prior: Any  # the order's latest stored check (check_id, customer_id, amount, …) or None
+    prior: Prior | None
     others: Decimal  # summed exposure of the customer's group, without the customer
     members: int  # how many other members the group has
-    seq: int | None = None  # the decision event's number, when reserved up front
 
     def group(self, cid: str, policy: Any, now: datetime) -> domain.GroupView | None:
         root = self.parent or cid
@@ -45,8 +104,92 @@ class CheckContext:
         return domain.GroupView(root, limit, self.others)
 
 
+def _iso(t: datetime | None) -> str | None:
+    return t.isoformat().replace("+00:00", "Z") if t is not None else None
+
+
+def _still_standing(state: domain.CustomerState, prior: Prior, body: dict[str, Any],
+                    now: datetime) -> bool:
+    """A retry gets the earlier decision unless its reservation was released or expired."""
+    if prior.decision != "approved":
+        return True
+    if not body.get("reserve", True):
+        return True
+    res = state.reservations.get(prior.order_id)
+    return res is not None and res.check_id == prior.check_id and res.status == "active" \
+        and res.expires_at > now
+
+
+@dataclass
+class Decided:
+    """A new decision: its answer, and the event that records it."""
+
+    verdict: Verdict
+    envelope: Envelope
+    event: ev.CreditCheckDecided
+
+
+def evaluate(service: LimitsService, order: CheckOrder, ctx: CheckContext,
+             now: datetime) -> Verdict | Decided:
+    """Decide ``order`` against the locked context: the stored decision for a retry that
+    still stands, else a new decision and its event. Raises ``Conflict`` for an order id
+    already checked for another customer."""
+    policy = service.policy
+    cid = order.customer_id
+    prior = ctx.prior
+    if prior is not None and prior.customer_id != cid:
+        raise Conflict(f"order {order.order_id!r} was checked for another customer",
+                       field="order_id")
+    state = ctx.loaded[cid].state
+    if prior is not None and prior.amount == order.amount and prior.currency == order.currency:
+        stored: dict[str, Any] = json.loads(prior.body)
+        if _still_standing(state, prior, stored, now):
+            return Verdict(stored, stored["decision"], prior.check_id, fresh=False)
+    outcome = domain.decide_credit_check(
+        state, order_id=order.order_id, amount=order.amount, currency=order.currency,
+        reserve=order.reserve, policy=policy, now=now, group=ctx.group(cid, policy, now))
+    check_id = str(uuid.uuid4())
+    ccy = state.currency
+    expires = None
+    if outcome.decision == "approved" and order.reserve:
+        expires = domain.reservation_expiry(now, policy)
+    body = {
+        "check_id": check_id,
+        "order_id": order.order_id,
+        "customer_id": cid,
+        "decision": outcome.decision,
+        "reasons": list(outcome.reasons),
+        "amount": money(order.amount, order.currency),
+        "amount_currency": order.currency,
+        "limit": money(outcome.limit, ccy),
+        "exposure": money(outcome.exposure, ccy),
+        "reserved": money(outcome.reserved, ccy),
+        "available": money(outcome.available, ccy),
+        "shortfall": money(outcome.shortfall, ccy),
+        "currency": ccy,
+        "grade": outcome.grade,
+        "reserve": order.reserve,
+        "reservation_expires_at": _iso(expires),
+        "group": ({k: money(v, ccy) for k, v in outcome.group.items()}
+                  if outcome.group else None),
+        "policy_version": policy.version,
+        "requested_by": order.requested_by,
+        "evaluated_at": _iso(now),
+    }
+    event = ev.CreditCheckDecided(
+        customer_id=cid, check_id=check_id, order_id=order.order_id,
+        amount=order.amount, currency=order.currency,
+        amount_in_credit_currency=outcome.amount, reserve=order.reserve,
+        decision=outcome.decision, reasons=list(outcome.reasons), expires_at=expires,
+        requested_by=order.requested_by, response=body)
+    env = new_event(ev.CreditCheckDecided.TYPE, source=SOURCE + "/api", subject=cid,
+                    data=event, id=f"check-{check_id}", time=now)
+    return Decided(Verdict(body, outcome.decision, check_id, fresh=True, event_id=env.id),
+                   env, event)
+
+
 class CoreChecks:
-    """Portable: a handful of SQLAlchemy statements and the event core."""
+    """Portable: a handful of SQLAlchemy statements and the event core, a check at a time."""
 
     def __init__(self, service: LimitsService, core: EventCore) -> None:
         self.service = service
@@ -70,123 +213,305 @@ class CoreChecks:
             loaded[cid] = Loaded(domain.new_customer(cid, self.service.policy), None, 0)
         return loaded, parent
 
-    async def read(self, conn: AsyncConnection, cid: str, order_id: str) -> CheckContext:
-        loaded, parent = await self.lock(conn, cid)
-        prior = await store.latest_check(conn, order_id)
-        others, members = await store.group_exposure(conn, parent or cid, cid)
-        return CheckContext(loaded, parent, prior, others, members)
+    async def check(self, order: CheckOrder) -> Verdict:
+        now = self.core.clock()
+        async with self.core.engine.begin() as conn:
+            loaded, parent = await self.lock(conn, order.customer_id)
+            row = await store.latest_check(conn, order.order_id)
+            prior = None if row is None else Prior(
+                row.check_id, row.order_id, row.customer_id, row.amount, row.currency,
+                row.decision, row.body)
+            others, members = await store.group_exposure(conn, parent or order.customer_id,
+                                                         order.customer_id)
+            result = evaluate(self.service, order, CheckContext(
+                loaded, parent, prior, others, members), now)
+            if isinstance(result, Verdict):
+                return result
+            await self.core.submit(conn, [result.envelope], scratch={"limits.states": loaded})
+        return result.verdict
 
-    async def record(self, conn: AsyncConnection, env: Envelope,
-                     decided: ev.CreditCheckDecided, ctx: CheckContext) -> None:
-        await self.core.submit(conn, [env], scratch={"limits.states": ctx.loaded})
+
+# ---- PostgreSQL: checks in batches ------------------------------------------------------------
+
+_PG = postgresql.dialect()  # type: ignore[no-untyped-call]
 
 
-_CUSTOMER_COLUMNS = [c.name for c in store.customers.columns]
+def _array(table: Table, column: str, n: int) -> str:
+    return f"${n}::{table.c[column].type.compile(dialect=_PG)}[]"
 
-LOCK_SQL = f"""
-SELECT c.*, nextval(pg_get_serial_sequence('{store.core.events.name}', 'seq')) AS next_seq
+
+_SEQ = f"pg_get_serial_sequence('{store.core.events.name}', 'seq')"
+
+# Every customer of the batch and its group parent, locked in id order. A state this process
+# already holds at the row's version (``last_seq``) is not sent again ($2, $3: ids, versions).
+_LOCKED = f"""
+SELECT c.customer_id, c.parent_id, c.exposure, c.published, c.last_seq,
+       CASE WHEN k.seq = c.last_seq THEN NULL ELSE c.state END AS state
 FROM {store.customers.name} c
-WHERE c.customer_id = $1
-   OR c.customer_id = (SELECT parent_id FROM {store.customers.name} WHERE customer_id = $1)
+LEFT JOIN unnest($2::text[], $3::bigint[]) AS k(id, seq) ON k.id = c.customer_id"""
+
+LOCK_SQL = f"""{_LOCKED}
+WHERE c.customer_id = ANY(ARRAY(  -- one array, so the primary key's index is used
+    SELECT unnest($1::text[])
+    UNION
+    SELECT parent_id FROM {store.customers.name}
+    WHERE customer_id = ANY($1::text[]) AND parent_id IS NOT NULL))
 ORDER BY c.customer_id
 FOR UPDATE OF c"""
 
-NEXT_SEQ_SQL = f"SELECT nextval(pg_get_serial_sequence('{store.core.events.name}', 'seq'))"
+LOCK_MORE_SQL = f"""{_LOCKED}
+WHERE c.customer_id = ANY($1::text[]) ORDER BY c.customer_id FOR UPDATE OF c"""
 
-# Read after the lock is held, so a concurrent check of a sibling or a retry of the same
-# order that committed while we waited is seen.
+# Read once the locks are held, so a concurrent check of a sibling or a retry of the same
+# order that committed while we waited is seen; the decisions' event numbers are drawn
+# under the locks too, so they follow the order in which the customers' states change.
 CONTEXT_SQL = f"""
-SELECT k.check_id, k.order_id, k.customer_id, k.amount, k.currency, k.decision, k.body,
-       g.others, g.members
-FROM (SELECT 1) AS one
-LEFT JOIN LATERAL (
-    SELECT check_id, order_id, customer_id, amount, currency, decision, body
-    FROM {store.checks.name} WHERE order_id = $1 ORDER BY seq DESC LIMIT 1) AS k ON true
-CROSS JOIN LATERAL (
-    SELECT coalesce(sum(exposure), 0) AS others, count(*) AS members
-    FROM {store.customers.name} WHERE group_id = $2 AND customer_id <> $3) AS g"""
+SELECT 'k' AS kind, k.order_id AS key, k.check_id, k.customer_id, k.amount, k.currency,
+       k.decision, k.body, NULL::numeric AS total, NULL::bigint AS n
+FROM (SELECT DISTINCT ON (order_id) order_id, check_id, customer_id, amount, currency,
+             decision, body
+      FROM {store.checks.name} WHERE order_id = ANY($1::text[])
+      ORDER BY order_id, seq DESC) AS k
+UNION ALL
+SELECT 'g', group_id, NULL, NULL, NULL, NULL, NULL, NULL, sum(exposure), count(*)
+FROM {store.customers.name} WHERE group_id = ANY($2::text[]) GROUP BY group_id
+UNION ALL
+SELECT 's', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, nextval({_SEQ})
+FROM generate_series(1, $3::int)"""
 
 _E = ["seq", "source", "event_id", "type", "subject", "time", "event", "recorded_at"]
-_K = ["check_id", "order_id", "customer_id", "seq", "amount", "currency", "decision",
-      "evaluated_at", "body"]
+_K = [c.name for c in store.checks.columns]
+_O = ["event_id", "topic", "key", "value", "created_at"]
+_C = [c.name for c in store.customers.columns]
 
 
-def _params(start: int, count: int) -> str:
-    return ", ".join(f"${i}" for i in range(start, start + count))
+def _write_sql() -> str:
+    n = 1
+    parts = []
+    for table, names in ((store.core.events, _E), (store.checks, _K), (store.core.outbox, _O),
+                         (store.customers, _C)):
+        arrays = ", ".join(_array(table, c, n + i) for i, c in enumerate(names))
+        n += len(names)
+        parts.append((table.name, ", ".join(f'"{c}"' for c in names), arrays))
+    (ev_t, ev_c, ev_a), (ck_t, ck_c, ck_a), (ob_t, ob_c, ob_a), (cu_t, cu_c, cu_a) = parts
+    sets = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in _C if c != "customer_id")
+    return f"""
+WITH ev AS (INSERT INTO {ev_t} ({ev_c}) SELECT * FROM unnest({ev_a})),
+ck AS (INSERT INTO {ck_t} ({ck_c}) SELECT * FROM unnest({ck_a})),
+ob AS (INSERT INTO {ob_t} ({ob_c}) SELECT * FROM unnest({ob_a}))
+INSERT INTO {cu_t} ({cu_c}) SELECT * FROM unnest({cu_a})
+ON CONFLICT (customer_id) DO UPDATE SET {sets}"""
 
 
-_O = 1 + len(_E) + len(_K)
-_C = _O + 5
-WRITE_SQL = f"""
-WITH ev AS (
-    INSERT INTO {store.core.events.name} ({", ".join(f'"{c}"' for c in _E)})
-    VALUES ({_params(1, len(_E))})),
-ck AS (
-    INSERT INTO {store.checks.name} ({", ".join(_K)})
-    VALUES ({_params(1 + len(_E), len(_K))})),
-ob AS (
-    INSERT INTO {store.core.outbox.name} (event_id, topic, key, value, created_at)
-    SELECT * FROM unnest(${_O}::text[], ${_O + 1}::text[], ${_O + 2}::text[],
-                         ${_O + 3}::text[], ${_O + 4}::timestamptz[]))
-INSERT INTO {store.customers.name} ({", ".join(_CUSTOMER_COLUMNS)})
-VALUES ({_params(_C, len(_CUSTOMER_COLUMNS))})
-ON CONFLICT (customer_id) DO UPDATE SET
-    {", ".join(f"{c} = EXCLUDED.{c}" for c in _CUSTOMER_COLUMNS if c != "customer_id")}"""
+WRITE_SQL = _write_sql()
+
+
+@dataclass
+class _Pending:
+    order: CheckOrder
+    future: asyncio.Future[Verdict]
+
+
+@dataclass
+class _Batch:
+    """One transaction's worth of decisions, folded in arrival order."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    customers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class PostgresChecks(CoreChecks):
-    """The same effects as ``CoreChecks`` in four round trips."""
+    """The same effects as ``CoreChecks``, with the checks that queue up while a
+    transaction is in flight decided together in the next one."""
 
-    async def read(self, conn: AsyncConnection, cid: str, order_id: str) -> CheckContext:
-        rows = {r.customer_id: r for r in await conn.exec_driver_sql(LOCK_SQL, (cid,))}
-        row = rows.get(cid)
-        parent = row.parent_id if row is not None else None
-        if row is not None and parent and parent not in rows:
-            # The parent row appeared or changed after the lock's subquery ran.
-            return await self._portable(conn, cid, order_id)
-        seq = row.next_seq if row is not None else (
-            await conn.exec_driver_sql(NEXT_SEQ_SQL)).scalar_one()
-        loaded = {key: Loaded(store.load_state(r.state), r.published, r.last_seq)
-                  for key, r in rows.items()}
-        if cid not in loaded:
-            loaded[cid] = Loaded(domain.new_customer(cid, self.service.policy), None, 0)
-        ctx = (await conn.exec_driver_sql(CONTEXT_SQL, (order_id, parent or cid, cid))).one()
-        prior = ctx if ctx.check_id is not None else None
-        return CheckContext(loaded, parent, prior, ctx.others, ctx.members, seq)
+    def __init__(self, service: LimitsService, core: EventCore, max_batch: int = MAX_BATCH,
+                 in_flight: int = IN_FLIGHT) -> None:
+        super().__init__(service, core)
+        self.max_batch = max_batch
+        self.in_flight = in_flight
+        self._queue: list[_Pending] = []
+        self._workers: set[asyncio.Task[None]] = set()
+        # Committed states by customer; used only while the row's version says nobody
+        # (another replica, the consumer) has written the customer since.
+        self._states: OrderedDict[str, Loaded] = OrderedDict()
 
-    async def _portable(self, conn: AsyncConnection, cid: str, order_id: str) -> CheckContext:
-        ctx = await super().read(conn, cid, order_id)
-        ctx.seq = None
-        return ctx
+    async def check(self, order: CheckOrder) -> Verdict:
+        future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(order, future))
+        # A worker that found the queue empty has returned, so it is done at once (its done
+        # callbacks would only run later): count the live ones, or a check could be left
+        # waiting in the queue with nobody to take it.
+        self._workers = {w for w in self._workers if not w.done()}
+        if len(self._workers) < self.in_flight:
+            self._workers.add(asyncio.create_task(self._drain(), name="limits-checks"))
+        return await future
 
-    async def record(self, conn: AsyncConnection, env: Envelope,
-                     decided: ev.CreditCheckDecided, ctx: CheckContext) -> None:
-        if ctx.seq is None:
-            await super().record(conn, env, decided, ctx)
-            return
-        now = self.core.clock()
-        tx = Tx(conn, now)
-        writes = self.service.fold(tx, ctx.loaded, [Incoming(ctx.seq, env, decided)])
+    async def _drain(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
+            await self._settle(batch, self._run)
+
+    async def _settle(self, batch: list[_Pending],
+                      run: Callable[[list[_Pending]], Awaitable[dict[int, Verdict
+                                                                     | Exception]]]) -> None:
+        try:
+            results = await run(batch)
+        except Exception as exc:  # the transaction failed: nothing of it was stored
+            if len(batch) > 1:
+                # Take them one by one, so one check's trouble is its own answer only.
+                log.warning("a batch of %d credit checks failed (%s); retrying one by one",
+                            len(batch), type(exc).__name__)
+                for pending in batch:
+                    await self._settle([pending], self._run)
+                return
+            results = {0: exc}
+        for i, pending in enumerate(batch):
+            if pending.future.done():  # the caller went away; its decision is stored anyway
+                continue
+            result = results[i]
+            if isinstance(result, Exception):
+                pending.future.set_exception(result)
+            else:
+                pending.future.set_result(result)
+
+    async def _run(self, batch: list[_Pending]) -> dict[int, Verdict | Exception]:
+        core = self.core
+        now = core.clock()
+        ids = sorted({p.order.customer_id for p in batch})
+        metrics.CREDIT_CHECK_BATCH.observe(len(batch))
+        cache = self._states
+        wanted = set(ids)
+        wanted.update(p for cid in ids if (hit := cache.get(cid)) is not None
+                      and (p := hit.state.parent_id))
+        hits = {cid: cache[cid] for cid in wanted if cid in cache}
+        known_ids = list(hits)
+        known_seqs = [hit.last_seq for hit in hits.values()]
+        # The bare driver connection, in a transaction of its own: the hot path's four round
+        # trips skip SQLAlchemy's layers (prepared statements are cached by asyncpg).
+        async with core.engine.connect() as sa_conn:
+            raw: Any = (await sa_conn.get_raw_connection()).driver_connection
+            async with raw.transaction():
+                results, loaded, tx = await self._decide_batch(
+                    raw, sa_conn, batch, now, ids, hits, known_ids, known_seqs)
+        self._remember(loaded)
+        if tx.outbox:
+            core.outbox_ready.set()
+        return results
+
+    async def _decide_batch(self, raw: Any, sa_conn: AsyncConnection, batch: list[_Pending],
+                            now: datetime, ids: list[str], hits: dict[str, Loaded],
+                            known_ids: list[str], known_seqs: list[int],
+                            ) -> tuple[dict[int, Verdict | Exception], dict[str, Loaded], Tx]:
+        service = self.service
+        rows = {r["customer_id"]: r for r in await raw.fetch(
+            LOCK_SQL, ids, known_ids, known_seqs)}
+        # A parent that appeared or changed after the lock's subquery ran (rare).
+        late = sorted({r["parent_id"] for cid in ids if (r := rows.get(cid)) is not None
+                       and r["parent_id"] and r["parent_id"] not in rows})
+        if late:
+            rows.update({r["customer_id"]: r for r in await raw.fetch(
+                LOCK_MORE_SQL, late, known_ids, known_seqs)})
+        roots = sorted({(rows[cid]["parent_id"] if cid in rows else None) or cid
+                        for cid in ids})
+        priors: dict[str, Prior] = {}
+        totals: dict[str, Decimal] = {}
+        counts: dict[str, int] = {}
+        seqs: list[int] = []
+        orders = sorted({p.order.order_id for p in batch})
+        for r in await raw.fetch(CONTEXT_SQL, orders, roots, len(batch)):
+            kind, key = r["kind"], r["key"]
+            if kind == "k":
+                priors[key] = Prior(r["check_id"], key, r["customer_id"], r["amount"],
+                                    r["currency"], r["decision"], r["body"])
+            elif kind == "g":
+                totals[key], counts[key] = r["total"], r["n"]
+            else:
+                seqs.append(r["n"])
+        seqs.sort()
+
+        loaded: dict[str, Loaded] = {}
+        for cid, r in rows.items():
+            if r["state"] is None:  # the one we hold, at this version
+                hit = hits[cid]
+                loaded[cid] = Loaded(hit.state, hit.published, hit.last_seq)
+            else:
+                loaded[cid] = Loaded(store.load_state(r["state"]), r["published"],
+                                     r["last_seq"])
+        exposure = {cid: r["exposure"] for cid, r in rows.items()}
+        results: dict[int, Verdict | Exception] = {}
+        out = _Batch()
+        tx = Tx(sa_conn, now)  # the fold only computes; it does not touch the connection
+        for i, pending in enumerate(batch):
+            order = pending.order
+            cid = order.customer_id
+            row = rows.get(cid)
+            parent = row["parent_id"] if row is not None else None
+            root = parent or cid
+            if cid not in loaded:
+                loaded[cid] = Loaded(domain.new_customer(cid, service.policy), None, 0)
+            counted = cid in exposure  # has a row, so it is in its group's figures
+            mine = exposure.get(cid, Decimal(0))
+            ctx = CheckContext(loaded, parent, priors.get(order.order_id),
+                               totals.get(root, Decimal(0)) - mine,
+                               counts.get(root, 0) - counted)
+            try:
+                result = evaluate(service, order, ctx, now)
+            except Conflict as exc:
+                results[i] = exc
+                continue
+            if isinstance(result, Verdict):
+                results[i] = result
+                continue
+            seq = seqs.pop(0)
+            self._fold(tx, loaded, seq, result, out, now)
+            after = out.customers[cid]["exposure"]
+            totals[root] = totals.get(root, Decimal(0)) + after - mine
+            counts[root] = counts.get(root, 0) + (not counted)
+            exposure[cid] = after
+            data = result.event
+            priors[order.order_id] = Prior(
+                data.check_id, order.order_id, cid, order.amount, order.currency,
+                data.decision, as_json(data.response))
+            results[i] = result.verdict
+        if out.events:
+            outbox = [(e.id, topic, e.subject, e.to_json().decode(), now)
+                      for topic, e in tx.outbox]
+            customers = list(out.customers.values())
+            params = (
+                *([r[c] for r in out.events] for c in _E),
+                *([r[c] for r in out.checks] for c in _K),
+                *([o[i] for o in outbox] for i in range(len(_O))),
+                *([r[c] for r in customers] for c in _C),
+            )
+            await raw.execute(WRITE_SQL, *params)
+        return results, loaded, tx
+
+    def _remember(self, loaded: dict[str, Loaded]) -> None:
+        """Keep the states just committed (states are immutable values, so no copy)."""
+        cache = self._states
+        for cid, item in loaded.items():
+            if item.last_seq:
+                cache[cid] = Loaded(item.state, item.published, item.last_seq)
+                cache.move_to_end(cid)
+        while len(cache) > CACHED_STATES:
+            cache.popitem(last=False)
+
+    def _fold(self, tx: Tx, loaded: dict[str, Loaded], seq: int, decided: Decided,
+              out: _Batch, now: datetime) -> None:
+        writes = self.service.fold(tx, loaded, [Incoming(seq, decided.envelope, decided.event)])
         if tx.rejected or writes.history or writes.requests or len(writes.customers) != 1 \
                 or len(writes.checks) != 1:
             raise RuntimeError(f"a credit check folded into unexpected writes: {writes}")
-        event = es.envelope_row(env, topic=None, partition=None, offset=None, recorded_at=now)
-        event["seq"] = ctx.seq
-        check = writes.checks[0]
-        outbox = [(e.id, topic, e.subject, e.to_json().decode(), now) for topic, e in tx.outbox]
+        event = es.envelope_row(decided.envelope, topic=None, partition=None, offset=None,
+                                recorded_at=now)
+        event["seq"] = seq
+        out.events.append(event)
+        out.checks.extend(writes.checks)
         customer = writes.customers[0]
-        params = (
-            *(event[c] for c in _E),
-            *(check[c] for c in _K),
-            *([o[i] for o in outbox] for i in range(5)),
-            *(customer[c] for c in _CUSTOMER_COLUMNS),
-        )
-        await conn.exec_driver_sql(WRITE_SQL, params)
-        if outbox:
-            self.core.outbox_ready.set()
+        out.customers[customer["customer_id"]] = customer
 
 
 def for_dialect(name: str, service: LimitsService, core: EventCore) -> CoreChecks:
     return PostgresChecks(service, core) if name == "postgresql" else CoreChecks(service, core)
-
 

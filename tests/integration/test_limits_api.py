@@ -19,7 +19,9 @@ import pytest
 
 from services.limits import store
 from services.limits.app import build, refresh_portfolio_gauges
+from services.limits.checks import CheckOrder, PostgresChecks
 from shared import eventstore as es
+from shared import metrics
 from shared.auth import Principal, TokenRegistry
 from shared.events import ExposureUpdated, LimitChanged
 from shared.runtime import Record
@@ -921,3 +923,127 @@ async def test_given_alerts_on_credit_alerts_then_the_portfolio_counts_the_unres
     counts = {i["customer_id"]: i["open_alerts"] for i in page["items"]}
     assert counts["AL-1"] == 1
     assert counts["AL-2"] == 0
+
+
+# ---- checks decided together --------------------------------------------------------------------
+# On PostgreSQL the checks that queue up while a transaction is in flight are decided together in
+# the next one; each must come out as if they had been decided one after another.
+
+
+def _batch_histogram() -> tuple[float, float]:
+    """(checks, transactions) observed so far by creditwatch_credit_check_batch_size."""
+    samples = {s.name: s.value for m in metrics.CREDIT_CHECK_BATCH.collect() for s in m.samples}
+    return (samples["creditwatch_credit_check_batch_size_sum"],
+            samples["creditwatch_credit_check_batch_size_count"])
+
+
+async def test_given_many_checks_at_once_when_batched_then_fewer_transactions_same_outcome(
+    svc: Service,
+) -> None:
+    await svc.customer("C-1", "CCC")  # 5,000.00
+    await svc.customer("C-2", "CCC")
+    checks_before, tx_before = _batch_histogram()
+    responses = await asyncio.gather(*(svc.check(f"C-{1 + n % 2}", f"SO-{n}", "400.00")
+                                       for n in range(30)))
+    checks_after, tx_after = _batch_histogram()
+    assert checks_after - checks_before == 30
+    assert tx_after - tx_before < 30  # some went together
+    by_customer: dict[str, list[str]] = {"C-1": [], "C-2": []}
+    for r in responses:
+        assert r.status_code == 200, r.text
+        by_customer[r.json()["customer_id"]].append(r.json()["decision"])
+    # 12 × 400 fit in 5,000; each later one is 200 over, within the 5 % tolerance (250): review,
+    # which reserves nothing.
+    for cid, decisions in by_customer.items():
+        assert decisions.count("approved") == 12, (cid, decisions)
+        assert decisions.count("review") == 3, (cid, decisions)
+        exposure = await svc.exposure(cid)
+        assert (exposure["reserved"], exposure["available"]) == ("4800.00", "200.00")
+    assert await svc.host.core.verify() == []  # the stored projection equals a replay
+
+
+async def test_given_a_retry_in_the_same_batch_then_it_gets_the_first_decision(
+    svc: Service,
+) -> None:
+    await svc.customer("C-1", "CCC")
+    responses = await asyncio.gather(*(svc.check("C-1", "SO-1", "400.00") for _ in range(5)))
+    bodies = [r.json() for r in responses]
+    assert {b["check_id"] for b in bodies} == {bodies[0]["check_id"]}
+    assert (await svc.exposure("C-1"))["reserved"] == "400.00"
+    got = await svc.client.get(f"/v1/credit-checks/{bodies[0]['check_id']}", headers=auth(READER))
+    assert got.json() == bodies[0]
+
+
+async def test_given_one_order_for_two_customers_in_one_batch_then_one_409_the_rest_stand(
+    svc: Service,
+) -> None:
+    await svc.customer("C-1", "CCC")
+    await svc.customer("C-2", "CCC")
+    responses = await asyncio.gather(svc.check("C-1", "SO-X", "100.00"),
+                                     svc.check("C-2", "SO-X", "100.00"),
+                                     svc.check("C-2", "SO-Y", "100.00"))
+    assert sorted(r.status_code for r in responses) == [200, 200, 409]
+    conflict = next(r for r in responses if r.status_code == 409)
+    assert conflict.headers["content-type"].startswith("application/problem+json")
+    assert responses[2].json()["decision"] == "approved"
+    assert await svc.host.core.verify() == []
+
+
+async def test_given_group_members_in_one_batch_then_the_group_room_is_shared(
+    svc: Service,
+) -> None:
+    await svc.customer("G-PARENT", "BBB")  # 100,000.00 for the whole group
+    await svc.customer("G-A", None, parent="G-PARENT")
+    await svc.customer("G-B", None, parent="G-PARENT")
+    responses = await asyncio.gather(*(svc.check(cid, f"SO-{n}", "30000.00") for n, cid in
+                                       enumerate(["G-A", "G-B", "G-PARENT", "G-A", "G-B"])))
+    decisions = [r.json()["decision"] for r in responses]
+    assert decisions.count("approved") == 3, decisions  # 90,000 of 100,000
+    assert decisions.count("rejected") == 2, decisions  # 20,000 over, beyond the tolerance
+    group = (await svc.exposure("G-PARENT"))["group"]
+    assert group == {"members": 3, "limit": "100000.00", "exposure": "90000.00",
+                     "available": "10000.00"}
+    assert await svc.host.core.verify() == []
+
+
+async def test_given_one_check_that_fails_in_a_batch_then_only_it_fails(
+    svc: Service, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await svc.customer("C-1", "CCC")
+    service: Any = svc.host.core.service
+    fold = service.fold
+
+    def failing_fold(tx: Any, loaded: Any, events: Any) -> Any:
+        if any(getattr(e.event, "order_id", None) == "SO-BAD" for e in events):
+            raise RuntimeError("a fault in one check")
+        return fold(tx, loaded, events)
+
+    monkeypatch.setattr(service, "fold", failing_fold)
+    tx_before = _batch_histogram()[1]
+    # The failed check's 500 is the app's answer, not an exception out of the test client.
+    svc.client._transport = httpx.ASGITransport(app=svc.client._transport.app,  # type: ignore[attr-defined]
+                                                raise_app_exceptions=False)
+    responses = await asyncio.gather(*(svc.check("C-1", order, "100.00")
+                                       for order in ["SO-1", "SO-BAD", "SO-2", "SO-3"]))
+    assert [r.status_code for r in responses] == [200, 500, 200, 200]
+    assert _batch_histogram()[1] - tx_before >= 2  # the batch, then one by one
+    assert (await svc.exposure("C-1"))["reserved"] == "300.00"
+    missing = await svc.client.get("/v1/credit-checks/SO-BAD", headers=auth(READER))
+    assert missing.status_code == 404
+    assert await svc.host.core.verify() == []
+
+
+async def test_given_checks_one_after_another_when_each_is_awaited_then_none_is_left_waiting(
+    svc: Service,
+) -> None:
+    # Each next check arrives right as the previous batch's worker returns; it must start a
+    # new one rather than wait in the queue for a worker that is already gone.
+    await svc.customer("C-1", "CCC")
+    checks = PostgresChecks(svc.host.core.service, svc.host.core)  # type: ignore[arg-type]
+    async with asyncio.timeout(10):  # in this task: no extra task in between, as in a loop
+        for n in range(5):
+            verdict = await checks.check(CheckOrder(
+                order_id=f"SO-{n}", customer_id="C-1", amount=D("10.00"), currency="EUR",
+                reserve=True, requested_by="order-entry"))
+            assert verdict.decision == "approved"
+    assert (await svc.exposure("C-1"))["reserved"] == "50.00"
