@@ -36,7 +36,6 @@ from shared import eventstore as es
 from shared import metrics
 from shared.events import Envelope, new_event
 from shared.problems import Conflict
-from shared.projection import as_json
 from shared.runtime import EventCore, Incoming, Tx
 
 log = logging.getLogger("creditwatch.limits")
@@ -472,7 +471,7 @@ class PostgresChecks(CoreChecks):
             data = result.event
             priors[order.order_id] = Prior(
                 data.check_id, order.order_id, cid, order.amount, order.currency,
-                data.decision, as_json(data.response))
+                data.decision, out.checks[-1]["body"])  # the stored body, as a retry reads it
             results[i] = result.verdict
         if out.events:
             outbox = [(e.id, topic, e.subject, e.to_json().decode(), now)
