@@ -188,9 +188,12 @@ def open_items(state: CustomerState) -> dict[str, Decimal]:
     oldest open invoices (due date, issue date, id). Cash allocated to an invoice that has
     not arrived yet waits for it; it still lowers exposure (as unapplied cash) meanwhile.
     """
-    active = [inv for inv in state.invoices.values() if not inv.cancelled]
-    open_amount = {inv.invoice_id: inv.amount for inv in active}
-    free: list[Decimal] = []
+    # Runs for every touched customer of every batch: no work for what is not there.
+    open_amount = {inv.invoice_id: inv.amount for inv in state.invoices.values()
+                   if not inv.cancelled}
+    if not state.credits:
+        return open_amount
+    pool = ZERO
     for credit in state.credits.values():
         if credit.reversed:
             continue
@@ -201,8 +204,10 @@ def open_items(state: CustomerState) -> dict[str, Decimal]:
                 if take > 0:
                     open_amount[invoice_id] -= take
                     left -= take
-        free.append(left)
-    pool = sum(free, ZERO)
+        pool += left
+    if pool <= 0:
+        return open_amount
+    active = [inv for inv in state.invoices.values() if not inv.cancelled]
     for inv in sorted(active, key=lambda i: (i.due_date, i.issue_date, i.invoice_id)):
         if pool <= 0:
             break
@@ -222,16 +227,16 @@ def open_receivables(state: CustomerState) -> Decimal:
 
 def reserved_amounts(state: CustomerState, at: datetime | None) -> dict[str, Decimal]:
     """What each live reservation still holds: its amount less what was invoiced on it."""
+    live = [res for res in state.reservations.values()
+            if res.status == "active" and (at is None or res.expires_at > at)]
+    if not live:
+        return {}
     invoiced: dict[str, Decimal] = {}
     for inv in state.invoices.values():
         if inv.order_id and not inv.cancelled:
             invoiced[inv.order_id] = invoiced.get(inv.order_id, ZERO) + inv.amount
     out: dict[str, Decimal] = {}
-    for res in state.reservations.values():
-        if res.status != "active":
-            continue
-        if at is not None and res.expires_at <= at:
-            continue
+    for res in live:
         left = res.amount - invoiced.get(res.order_id, ZERO)
         if left > 0:
             out[res.order_id] = left
@@ -262,22 +267,24 @@ def ageing(state: CustomerState, on: date | None,
     if on is None:
         return ZERO, buckets, 0
     items = open_items(state) if items is None else items
-    seen: set[str] = set()
+    invoices = state.invoices
+    dunning = state.dunning
     for invoice_id, left in items.items():
-        seen.add(invoice_id)
-        dun = state.dunning.get(invoice_id)
-        if dun is not None and dun.as_of >= state.invoices[invoice_id].due_date:
+        dun = dunning.get(invoice_id) if dunning else None
+        if dun is not None and dun.as_of >= invoices[invoice_id].due_date:
             days = dun.days_overdue + max((on - dun.as_of).days, 0)
             amount = min(dun.amount_overdue, left)
         else:
-            days = (on - state.invoices[invoice_id].due_date).days
+            days = (on - invoices[invoice_id].due_date).days
             amount = left
-        _add(buckets, days, amount)
-        if amount > 0:
-            worst = max(worst, days)
+        # Most open items are not due yet: nothing to add for them.
+        if days > 0 and amount > 0:
+            _add(buckets, days, amount)
+            if days > worst:
+                worst = days
     # Dunning for invoices we never saw: counted, conservatively, as overdue.
-    for invoice_id, dun in state.dunning.items():
-        if invoice_id in seen or invoice_id in state.invoices:
+    for invoice_id, dun in dunning.items():
+        if invoice_id in items or invoice_id in invoices:
             continue
         days = dun.days_overdue + max((on - dun.as_of).days, 0)
         _add(buckets, days, dun.amount_overdue)
@@ -318,17 +325,26 @@ def next_ageing_date(state: CustomerState,
                      items: dict[str, Decimal] | None = None) -> date | None:
     """The next business date on which the ageing figures change (None: nothing open)."""
     items = open_items(state) if items is None else items
-    dates = [state.invoices[i].due_date + timedelta(days=1) for i, left in items.items()
-             if left > 0]
-    dates += [d.as_of + timedelta(days=1) for d in state.dunning.values()]
-    if not dates:
+    invoices = state.invoices
+    # Each open item and dunning record changes the figures the day after its date; only
+    # the earliest of those days matters.
+    first: date | None = None
+    for invoice_id, left in items.items():
+        if left > 0:
+            due = invoices[invoice_id].due_date
+            if first is None or due < first:
+                first = due
+    for dun in state.dunning.values():
+        if first is None or dun.as_of < first:
+            first = dun.as_of
+    if first is None:
         return None
-    base = state.as_of or min(dates)
-    upcoming = [d for d in dates if d > base]
+    earliest = first + timedelta(days=1)
+    base = state.as_of if state.as_of is not None else earliest
     # While anything is overdue, days overdue move every day.
-    if any(d <= base for d in dates):
+    if earliest <= base:
         return base + timedelta(days=1)
-    return min(upcoming) if upcoming else None
+    return earliest
 
 
 # ---- the fold -------------------------------------------------------------------------------
