@@ -236,6 +236,20 @@ async def pending_outbox(conn: AsyncConnection, core: CoreTables,
     return list(await conn.execute(stmt))
 
 
+async def take_outbox(conn: AsyncConnection, core: CoreTables, done: Sequence[int],
+                      limit: int) -> list[Any]:
+    """PostgreSQL, one statement: delete the rows ``done`` (published and acknowledged) and
+    read the oldest ``limit`` pending ones after them. Run it in autocommit, so that the
+    delete is committed before anything read here is published."""
+    ob = core.outbox.name
+    result = await conn.exec_driver_sql(
+        f'WITH done AS (DELETE FROM "{ob}" WHERE seq = ANY($1::int8[])) '
+        f'SELECT seq, topic, key, value FROM "{ob}" WHERE NOT (seq = ANY($1::int8[])) '
+        "ORDER BY seq LIMIT $2",
+        (list(done), limit))
+    return list(result)
+
+
 async def delete_outbox(conn: AsyncConnection, core: CoreTables, up_to_seq: int,
                         seqs: Sequence[int]) -> None:
     ob = core.outbox
@@ -301,4 +315,5 @@ __all__ = [
     "read_events",
     "row_to_stored",
     "store_offsets",
+    "take_outbox",
 ]

@@ -1,0 +1,195 @@
+"""The outbox relay against a real database (SQLite and PostgreSQL), with a stand-in producer:
+rows go out in order, at least once, and are deleted only once the broker acknowledged them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from services.limits import store
+from services.limits.handlers import LimitsService
+from shared import eventstore as es
+from shared.events import new_event
+from shared.policy import load_policy
+from shared.runtime import EventCore, OutboxRelay
+from shared.settings import Settings
+from tests.databases import fresh_engine
+
+pytestmark = pytest.mark.integration
+T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    pg = request.getfixturevalue("postgres_server_url") if request.param == "postgresql" else None
+    eng = await fresh_engine(request.param, "limits", tmp_path=tmp_path, pg_server_url=pg)
+    yield eng
+    await eng.dispose()
+
+
+@pytest.fixture
+def core(engine: AsyncEngine) -> EventCore:
+    return EventCore(LimitsService(Settings(), load_policy(None)), engine)
+
+
+class Producer:
+    """Records what it is given; ``fail`` makes the broker refuse the next sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, str]] = []
+        self.fail = False
+
+    async def send(self, topic: str, value: bytes, key: bytes) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.fail:
+            future.set_exception(ConnectionError("broker away"))
+        else:
+            self.sent.append((topic, key.decode(), json.loads(value)["id"]))
+            future.set_result(None)
+        return future
+
+
+async def queue(core: EventCore, *ids: str) -> None:
+    items = [("credit.exposure", new_event("relay.tested", source="/t", subject=f"C-{i}",
+                                           data={"n": i}, id=i, time=T0)) for i in ids]
+    async with core.engine.begin() as conn:
+        await es.enqueue(conn, store.core, items, T0)
+
+
+async def pending(core: EventCore) -> list[str]:
+    async with core.engine.connect() as conn:
+        return [json.loads(r.value)["id"] for r in await es.pending_outbox(conn, store.core, 100)]
+
+
+async def leader_of(relay: OutboxRelay) -> AsyncConnection | None:
+    if relay.core.engine.dialect.name != "postgresql":
+        return None
+    leader = await relay._lead(None)
+    assert leader is not None
+    return leader
+
+
+async def test_rows_go_out_in_order_and_are_deleted_once_acknowledged(core: EventCore) -> None:
+    relay = OutboxRelay(core, bootstrap="unused", batch=2)
+    producer = Producer()
+    leader = await leader_of(relay)
+    try:
+        await queue(core, "e1", "e2", "e3")
+        assert await relay.publish_pending(producer, leader) == 2
+        # Acknowledged, and deleted by the relay's next read (which also finds the rest).
+        assert await pending(core) == ["e1", "e2", "e3"]
+        await queue(core, "e4")
+        assert await relay.publish_pending(producer, leader) == 2
+        assert await pending(core) == ["e3", "e4"]
+        assert await relay.publish_pending(producer, leader) == 0
+        assert await pending(core) == []
+        assert [i for _, _, i in producer.sent] == ["e1", "e2", "e3", "e4"]
+        assert producer.sent[0] == ("credit.exposure", "C-e1", "e1")
+    finally:
+        if leader is not None:
+            await relay._resign(leader)
+
+
+async def test_rows_the_broker_did_not_acknowledge_are_published_again(core: EventCore) -> None:
+    relay = OutboxRelay(core, bootstrap="unused")
+    producer = Producer()
+    leader = await leader_of(relay)
+    try:
+        await queue(core, "e1", "e2")
+        producer.fail = True
+        with pytest.raises(ConnectionError):
+            await relay.publish_pending(producer, leader)
+        producer.fail = False
+        assert await relay.publish_pending(producer, leader) == 2
+        assert await relay.publish_pending(producer, leader) == 0
+        assert [i for _, _, i in producer.sent] == ["e1", "e2"]
+        assert await pending(core) == []
+    finally:
+        if leader is not None:
+            await relay._resign(leader)
+
+
+async def test_one_relay_leads_at_a_time(postgres_server_url: str, tmp_path: Path) -> None:
+    # PostgreSQL only: the advisory lock is PostgreSQL's; SQLite serialises writers instead.
+    engine = await fresh_engine("postgresql", "limits", tmp_path=tmp_path,
+                                pg_server_url=postgres_server_url)
+    core = EventCore(LimitsService(Settings(), load_policy(None)), engine)
+    first, second = OutboxRelay(core, bootstrap="unused"), OutboxRelay(core, bootstrap="unused")
+    leader = await first._lead(None)
+    assert leader is not None
+    assert await second._lead(None) is None
+    await first._resign(leader)
+    taken = await second._lead(None)
+    assert taken is not None
+    await second._resign(taken)
+    await engine.dispose()
+
+
+async def test_the_relay_is_woken_by_a_commit_and_not_only_by_its_poll(
+        core: EventCore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``outbox_ready`` set after the relay looked and found nothing still wakes it."""
+    relay = OutboxRelay(core, bootstrap="unused", poll_interval=30.0)
+    producer = Producer()
+    published = asyncio.Event()
+    real = relay.publish_pending
+
+    async def publish(prod: Any, leader: Any = None) -> int:
+        n = await real(producer, leader)
+        if n:
+            published.set()
+        return n
+
+    class FakeKafka:
+        def __init__(self, **_kw: Any) -> None: ...
+        async def start(self) -> None: ...
+        async def stop(self) -> None: ...
+
+    monkeypatch.setattr("aiokafka.AIOKafkaProducer", FakeKafka)
+    monkeypatch.setattr(relay, "publish_pending", publish)
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay.run(stop))
+    try:
+        await asyncio.sleep(0.3)  # idle: it looked, found nothing, waits up to 30 s
+        await queue(core, "e1")
+        core.outbox_ready.set()
+        await asyncio.wait_for(published.wait(), 5)
+    finally:
+        stop.set()
+        core.outbox_ready.set()
+        await asyncio.wait_for(running, 10)
+    assert [i for _, _, i in producer.sent] == ["e1"]
+    assert await pending(core) == []  # deleted before the relay stopped
+
+
+async def test_an_unreachable_database_is_retried_not_fatal(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Leading needs the database; while it is away the relay keeps trying (the consumer
+    does the same), instead of ending the service's loops."""
+    from shared.db import make_engine
+    from tests.infra.servers import free_port
+
+    class FakeKafka:
+        def __init__(self, **_kw: Any) -> None: ...
+        async def start(self) -> None: ...
+        async def stop(self) -> None: ...
+
+    monkeypatch.setattr("aiokafka.AIOKafkaProducer", FakeKafka)
+    engine = make_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/nothing")
+    relay = OutboxRelay(EventCore(LimitsService(Settings(), load_policy(None)), engine),
+                        bootstrap="unused")
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay.run(stop))
+    try:
+        await asyncio.sleep(1.5)
+        assert not running.done()
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 10)
+        await engine.dispose()
