@@ -9,6 +9,8 @@ can raise a second alert for the same problem.
 
 from __future__ import annotations
 
+import asyncio
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -33,6 +35,10 @@ CONTRACT_TYPES = frozenset({
     "payment.received", "payment.reversed", "credit_report.received",
 })
 STATES = "alerts.states"
+RECENT_STATES = 50_000
+# A batch's fold yields to the event loop after this many events / customer rows.
+STEP_SLICE = 200
+ROW_SLICE = 100
 _RAISED_KEY = "creditwatch.alerts.raised"
 
 
@@ -54,6 +60,8 @@ class AlertsService:
     def __init__(self, settings: Settings, policy: Policy) -> None:
         self.settings = settings
         self.policy = policy
+        # States this process committed, by customer (bounded, least recently used out).
+        self._recent: OrderedDict[str, _Loaded] = OrderedDict()
 
     def input_topics(self) -> list[str]:
         s = self.settings
@@ -66,12 +74,20 @@ class AlertsService:
     # ---- the fold -------------------------------------------------------------------------
     async def handle(self, tx: Tx, events: Sequence[Incoming]) -> None:
         cached: dict[str, _Loaded] = tx.scratch.setdefault(STATES, {})
-        await load_states(tx.conn, cached, {e.envelope.subject for e in events})
+        ids = {e.envelope.subject for e in events}
+        if tx.replaying:
+            self._recent.clear()
+            await load_states(tx.conn, cached, ids)
+        else:
+            await self._load_recent(tx.conn, cached, ids)
         touched: dict[str, int] = {}
         alert_rows: dict[str, dict[str, Any]] = {}
         history: list[dict[str, Any]] = []
         raised: list[tuple[str, str]] = []
-        for inc in events:
+        for n, inc in enumerate(events, start=1):
+            if n % STEP_SLICE == 0:
+                # Let the relay and the consumer's fetching run (they share this loop).
+                await asyncio.sleep(0)
             env = inc.envelope
             cid = env.subject
             loaded = cached[cid]
@@ -89,7 +105,9 @@ class AlertsService:
                 if change.kind == "raised":
                     raised.append((alert.rule, alert.severity))
         rows = []
-        for cid, seq in touched.items():
+        for n, (cid, seq) in enumerate(touched.items(), start=1):
+            if n % ROW_SLICE == 0:
+                await asyncio.sleep(0)
             loaded = cached[cid]
             loaded.last_seq = seq
             rows.append(store.customer_row(loaded.state, seq))
@@ -98,6 +116,38 @@ class AlertsService:
         await store.record_history(tx.conn, history)
         if raised and not tx.replaying:
             note_raised(tx.conn, raised)
+        if not tx.replaying:
+            tx.after_commit.append(lambda: self._remember(cached, set(touched)))
+
+    async def _load_recent(self, conn: AsyncConnection, cached: dict[str, _Loaded],
+                           ids: set[str]) -> None:
+        """Like ``load_states``, but reuse a state this process committed when the row's
+        version (``last_seq``) says nobody has written it since: parsing the JSON document
+        is the costliest part of loading, and a consumer owns its customers' partitions."""
+        missing = ids - cached.keys()
+        if not missing:
+            return
+        versions = await store.lock_versions(conn, missing)
+        stale = [cid for cid, last_seq in versions.items()
+                 if (hit := self._recent.get(cid)) is None or hit.last_seq != last_seq]
+        documents = await store.read_states(conn, stale)
+        for cid in missing:
+            if cid not in versions:
+                cached[cid] = _Loaded(domain.new_customer(cid), 0)
+            elif cid in documents:
+                cached[cid] = _Loaded(store.load_state(documents[cid]), versions[cid])
+            else:
+                hit = self._recent[cid]
+                self._recent.move_to_end(cid)
+                cached[cid] = _Loaded(hit.state, hit.last_seq)
+
+    def _remember(self, cached: dict[str, _Loaded], touched: set[str]) -> None:
+        for cid in touched:
+            loaded = cached[cid]
+            self._recent[cid] = _Loaded(loaded.state, loaded.last_seq)
+            self._recent.move_to_end(cid)
+        while len(self._recent) > RECENT_STATES:
+            self._recent.popitem(last=False)
 
     # ---- time-driven events ---------------------------------------------------------------
     async def due_events(self, conn: AsyncConnection, now: datetime) -> list[Envelope]:

@@ -94,6 +94,28 @@ async def lock_customers(conn: AsyncConnection, ids: Iterable[str]) -> dict[str,
     return await lock_rows(conn, customers, "customer_id", ids)
 
 
+async def lock_versions(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, int]:
+    """Lock these customers' rows (PostgreSQL, id order) and read only their versions."""
+    wanted = sorted(set(ids))
+    if not wanted:
+        return {}
+    c = customers.c
+    stmt = (select(c.customer_id, c.last_seq).where(c.customer_id.in_(wanted))
+            .order_by(c.customer_id))
+    if conn.dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    return {r.customer_id: r.last_seq for r in await conn.execute(stmt)}
+
+
+async def read_states(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, str]:
+    wanted = list(ids)
+    if not wanted:
+        return {}
+    c = customers.c
+    rows = await conn.execute(select(c.customer_id, c.state).where(c.customer_id.in_(wanted)))
+    return {r.customer_id: r.state for r in rows}
+
+
 def customer_row(state: CustomerState, last_seq: int) -> dict[str, Any]:
     assessment = state.assessment
     return {

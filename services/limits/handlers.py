@@ -7,6 +7,7 @@ its size.
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ from shared.settings import Settings
 
 SOURCE = "/creditwatch/limits"
 RECENT_STATES = 50_000
+# A batch's fold yields to the event loop after this many events / settled customers.
+FOLD_SLICE_EVENTS = 200
+FOLD_SLICE_CUSTOMERS = 40
 CONTRACT_TYPES = frozenset({
     "customer.registered", "customer.updated", "invoice.issued", "invoice.cancelled",
     "credit_note.issued", "payment.received", "payment.reversed", "invoice.overdue",
@@ -117,11 +121,23 @@ class LimitsService:
             await self.load(tx.conn, cached, ids)
         else:
             await self._load_recent(tx.conn, cached, ids)
-        writes = self.fold(tx, cached, events)
+        # The fold, in slices with a yield between them: the relay and the consumer's
+        # fetching share this event loop and would otherwise wait for the whole batch.
+        writes = Writes()
+        touched: dict[str, int] = {}
+        for start in range(0, len(events), FOLD_SLICE_EVENTS):
+            self._apply_events(tx, cached, events[start:start + FOLD_SLICE_EVENTS], touched,
+                               writes)
+            await asyncio.sleep(0)
+        items = list(touched.items())
+        for start in range(0, len(items), FOLD_SLICE_CUSTOMERS):
+            for cid, seq in items[start:start + FOLD_SLICE_CUSTOMERS]:
+                self._settle(tx, cid, cached[cid], seq, writes)
+            await asyncio.sleep(0)
         await self.write(tx.conn, writes)
         if not tx.replaying:
-            touched = {row["customer_id"] for row in writes.customers}
-            tx.after_commit.append(lambda: self._remember(cached, touched))
+            settled = set(touched)
+            tx.after_commit.append(lambda: self._remember(cached, settled))
 
     async def _load_recent(self, conn: AsyncConnection, cached: dict[str, Loaded],
                            ids: set[str]) -> None:
@@ -171,8 +187,16 @@ class LimitsService:
     def fold(self, tx: Tx, cached: dict[str, Loaded], events: Sequence[Incoming]) -> Writes:
         """Apply the events to the loaded states (CPU only): the rows to write and, through
         ``tx``, the output events and the events that could not be applied."""
-        touched: dict[str, int] = {}
         writes = Writes()
+        touched: dict[str, int] = {}
+        self._apply_events(tx, cached, events, touched, writes)
+        for cid, seq in touched.items():
+            self._settle(tx, cid, cached[cid], seq, writes)
+        return writes
+
+    def _apply_events(self, tx: Tx, cached: dict[str, Loaded], events: Sequence[Incoming],
+                      touched: dict[str, int], writes: Writes) -> None:
+        """Fold each event into its customer's state; ``touched``: customer → last seq."""
         for inc in events:
             env = inc.envelope
             cid = env.subject
@@ -187,24 +211,23 @@ class LimitsService:
             touched[cid] = inc.seq
             self._record(tx, inc, prev, nxt, writes.checks, writes.history, writes.requests)
 
-        for cid, seq in touched.items():
-            loaded = cached[cid]
-            st = loaded.state
-            items = domain.open_items(st)
-            fig = domain.figures(st, self.policy, items=items)
-            body = exposure_body(st, fig)
-            # as_of moves with every event; a change worth publishing is in the figures.
-            text = as_json({**body, "as_of": None})
-            if text != loaded.published:
-                tx.emit(self.settings.topic_exposure, trusted_event(
-                    "exposure.updated", source=SOURCE, subject=cid, data=body,
-                    id=f"exposure-{cid}-{seq}", time=st.last_time or tx.now))
-                loaded.published = text
-            writes.customers.append(store.customer_row(
-                st, fig, seq, domain.next_ageing_date(st, items), _next_expiry(st),
-                loaded.published))
-            loaded.last_seq = seq
-        return writes
+    def _settle(self, tx: Tx, cid: str, loaded: Loaded, seq: int, writes: Writes) -> None:
+        """A touched customer's figures: its row, and ``exposure.updated`` when they moved."""
+        st = loaded.state
+        items = domain.open_items(st)
+        fig = domain.figures(st, self.policy, items=items)
+        body = exposure_body(st, fig)
+        # as_of moves with every event; a change worth publishing is in the figures.
+        text = as_json({**body, "as_of": None})
+        if text != loaded.published:
+            tx.emit(self.settings.topic_exposure, trusted_event(
+                "exposure.updated", source=SOURCE, subject=cid, data=body,
+                id=f"exposure-{cid}-{seq}", time=st.last_time or tx.now))
+            loaded.published = text
+        writes.customers.append(store.customer_row(
+            st, fig, seq, domain.next_ageing_date(st, items), _next_expiry(st),
+            loaded.published))
+        loaded.last_seq = seq
 
     @staticmethod
     async def write(conn: AsyncConnection, writes: Writes) -> None:
