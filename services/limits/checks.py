@@ -5,8 +5,8 @@ Two ways to do it, same effects:
 - ``CoreChecks`` (any database): SQLAlchemy statements and the event core's ``submit``,
   one transaction per check;
 - ``PostgresChecks``: the checks that arrive while a transaction is in flight wait and then
-  go together, in arrival order, through one transaction of four round trips — lock every
-  customer (and group parent) in id order with one statement, read the context, one
+  go together, in arrival order, through one transaction of five round trips — begin, lock
+  every customer (and group parent) in id order with one statement, read the context, one
   statement for every write, commit. A check's answer is sent only after its commit. Under
   load this spreads the round trips and the commit over the batch; at low load a batch is a
   single check and nothing waits for company.
@@ -386,8 +386,8 @@ class PostgresChecks(CoreChecks):
         hits = {cid: cache[cid] for cid in wanted if cid in cache}
         known_ids = list(hits)
         known_seqs = [hit.last_seq for hit in hits.values()]
-        # The bare driver connection, in a transaction of its own: the hot path's four round
-        # trips skip SQLAlchemy's layers (prepared statements are cached by asyncpg).
+        # The bare driver connection, in a transaction of its own: the hot path's round trips
+        # skip SQLAlchemy's layers (asyncpg caches the prepared statements).
         async with core.engine.connect() as sa_conn:
             raw: Any = (await sa_conn.get_raw_connection()).driver_connection
             async with raw.transaction():
