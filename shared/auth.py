@@ -39,6 +39,7 @@ __all__ = [
     "Principal",
     "TokenRegistry",
     "dev_tokens",
+    "parse_bearer",
     "require",
 ]
 
@@ -201,13 +202,21 @@ def _registry_of(request: Request) -> TokenRegistry:
     return registry
 
 
+def parse_bearer(header: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header value, or None."""
+    scheme, _, token = header.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or " " in token:
+        return None
+    return token
+
+
 def _bearer_token(request: Request) -> str:
     header = request.headers.get("authorization")
     if header is None:
         raise Unauthorized("An 'Authorization: Bearer <token>' header is required.")
-    scheme, _, token = header.strip().partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token or " " in token:
+    token = parse_bearer(header)
+    if token is None:
         raise Unauthorized(
             "The Authorization header must be 'Bearer <token>'.", error="invalid_request"
         )

@@ -21,10 +21,15 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not a number")
 
 
+def loads_exact(raw: bytes) -> Any:
+    """A JSON body with its numbers as ``Decimal`` and NaN/Infinity refused (ValueError)."""
+    return json.loads(raw or b"null", parse_float=Decimal, parse_constant=_no_constants)
+
+
 async def json_body(request: Request, model: type[M]) -> M:
     raw = await request.body()
     try:
-        data = json.loads(raw or b"null", parse_float=Decimal, parse_constant=_no_constants)
+        data = loads_exact(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestValidationError([{
             "type": "json_invalid", "loc": ("body",), "msg": "Invalid JSON",

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import functools
 import json
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from pydantic import TypeAdapter
 from sqlalchemy import Table, select
@@ -14,6 +15,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 S = TypeVar("S")
+
+
+class Versioned(Protocol):
+    last_seq: int
+
+
+V = TypeVar("V", bound=Versioned)
 
 
 class StateCodec(Generic[S]):
@@ -27,6 +35,40 @@ class StateCodec(Generic[S]):
 
     def load(self, text: str) -> S:
         return self._adapter.validate_json(text)
+
+
+class CommittedStates(Generic[V]):
+    """States this process committed, by customer; past ``capacity`` the least recently used
+    go. One is good for a transaction only while the customer's row still has its version
+    (``last_seq``): then nobody — another replica, the consumer, the API — has written the
+    customer since, and its JSON document, the costliest part of loading, need not be read
+    and parsed again. States are immutable values, so they are kept without copying."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, V] = OrderedDict()
+
+    def get(self, key: str) -> V | None:
+        """The state kept for ``key``, whatever its version."""
+        return self._items.get(key)
+
+    def current(self, key: str, last_seq: int) -> V | None:
+        """The state kept for ``key`` if it is at version ``last_seq``."""
+        hit = self._items.get(key)
+        if hit is None or hit.last_seq != last_seq:
+            return None
+        self._items.move_to_end(key)
+        return hit
+
+    def remember(self, items: Iterable[tuple[str, V]]) -> None:
+        for key, item in items:
+            self._items[key] = item
+            self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        self._items.clear()
 
 
 def as_json(body: dict[str, Any]) -> str:
@@ -76,16 +118,27 @@ async def _upsert_unnest(conn: AsyncConnection, table: Table, keys: tuple[str, .
     await conn.exec_driver_sql(sql, tuple([row[n] for row in rows] for n in names))
 
 
-async def lock_rows(conn: AsyncConnection, table: Table, key: str,
-                    ids: Iterable[str]) -> dict[str, Any]:
-    """Load the rows with these keys; on PostgreSQL lock them, always in key order, so two
-    transactions locking overlapping sets cannot deadlock. (SQLite serialises writers with
-    BEGIN IMMEDIATE instead.)"""
+async def lock_rows(conn: AsyncConnection, table: Table, key: str, ids: Iterable[str],
+                    columns: Sequence[str] | None = None) -> dict[str, Any]:
+    """Load the rows with these keys (all columns, or ``columns``); on PostgreSQL lock them,
+    always in key order, so two transactions locking overlapping sets cannot deadlock.
+    (SQLite serialises writers with BEGIN IMMEDIATE instead.)"""
     wanted = sorted(set(ids))
     if not wanted:
         return {}
     column = table.c[key]
-    stmt = select(table).where(column.in_(wanted)).order_by(column)
+    what = [table.c[c] for c in columns] if columns is not None else [table]
+    stmt = select(*what).where(column.in_(wanted)).order_by(column)
     if conn.dialect.name == "postgresql":
         stmt = stmt.with_for_update()
     return {getattr(r, key): r for r in await conn.execute(stmt)}
+
+
+async def read_values(conn: AsyncConnection, table: Table, key: str, column: str,
+                      ids: Iterable[str]) -> dict[str, Any]:
+    """``column`` of the rows with these keys, by key (no lock)."""
+    wanted = list(ids)
+    if not wanted:
+        return {}
+    k, c = table.c[key], table.c[column]
+    return {r[0]: r[1] for r in await conn.execute(select(k, c).where(k.in_(wanted)))}

@@ -10,7 +10,6 @@ can raise a second alert for the same problem.
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -26,6 +25,7 @@ from services.alerts import events as ev
 from shared import metrics
 from shared.events import Envelope, new_event
 from shared.policy import Policy
+from shared.projection import CommittedStates
 from shared.runtime import Incoming, Tx
 from shared.settings import Settings
 
@@ -61,7 +61,7 @@ class AlertsService:
         self.settings = settings
         self.policy = policy
         # States this process committed, by customer (bounded, least recently used out).
-        self._recent: OrderedDict[str, _Loaded] = OrderedDict()
+        self._recent: CommittedStates[_Loaded] = CommittedStates(RECENT_STATES)
 
     def input_topics(self) -> list[str]:
         s = self.settings
@@ -128,26 +128,21 @@ class AlertsService:
         if not missing:
             return
         versions = await store.lock_versions(conn, missing)
-        stale = [cid for cid, last_seq in versions.items()
-                 if (hit := self._recent.get(cid)) is None or hit.last_seq != last_seq]
-        documents = await store.read_states(conn, stale)
+        hits = {cid: hit for cid, last_seq in versions.items()
+                if (hit := self._recent.current(cid, last_seq)) is not None}
+        documents = await store.read_states(conn, versions.keys() - hits.keys())
         for cid in missing:
             if cid not in versions:
                 cached[cid] = _Loaded(domain.new_customer(cid), 0)
-            elif cid in documents:
-                cached[cid] = _Loaded(store.load_state(documents[cid]), versions[cid])
-            else:
-                hit = self._recent[cid]
-                self._recent.move_to_end(cid)
+            elif (hit := hits.get(cid)) is not None:
                 cached[cid] = _Loaded(hit.state, hit.last_seq)
+            else:
+                cached[cid] = _Loaded(store.load_state(documents[cid]), versions[cid])
 
     def _remember(self, cached: dict[str, _Loaded], touched: set[str]) -> None:
-        for cid in touched:
-            loaded = cached[cid]
-            self._recent[cid] = _Loaded(loaded.state, loaded.last_seq)
-            self._recent.move_to_end(cid)
-        while len(self._recent) > RECENT_STATES:
-            self._recent.popitem(last=False)
+        # Copies: the transaction's own entries change with its next events.
+        self._recent.remember((cid, _Loaded(cached[cid].state, cached[cid].last_seq))
+                              for cid in touched)
 
     # ---- time-driven events ---------------------------------------------------------------
     async def due_events(self, conn: AsyncConnection, now: datetime) -> list[Envelope]:

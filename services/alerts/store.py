@@ -28,7 +28,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from services.alerts.domain import Alert, AlertChange, CustomerState, alert_body, review_due_on
 from shared.db import BigId, UtcDateTime
 from shared.eventstore import core_tables
-from shared.projection import StateCodec, as_json, lock_rows, upsert
+from shared.projection import StateCodec, as_json, lock_rows, read_values, upsert
 
 metadata = MetaData()
 core = core_tables(metadata, "alerts")
@@ -96,24 +96,13 @@ async def lock_customers(conn: AsyncConnection, ids: Iterable[str]) -> dict[str,
 
 async def lock_versions(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, int]:
     """Lock these customers' rows (PostgreSQL, id order) and read only their versions."""
-    wanted = sorted(set(ids))
-    if not wanted:
-        return {}
-    c = customers.c
-    stmt = (select(c.customer_id, c.last_seq).where(c.customer_id.in_(wanted))
-            .order_by(c.customer_id))
-    if conn.dialect.name == "postgresql":
-        stmt = stmt.with_for_update()
-    return {r.customer_id: r.last_seq for r in await conn.execute(stmt)}
+    rows = await lock_rows(conn, customers, "customer_id", ids,
+                           columns=("customer_id", "last_seq"))
+    return {cid: r.last_seq for cid, r in rows.items()}
 
 
 async def read_states(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, str]:
-    wanted = list(ids)
-    if not wanted:
-        return {}
-    c = customers.c
-    rows = await conn.execute(select(c.customer_id, c.state).where(c.customer_id.in_(wanted)))
-    return {r.customer_id: r.state for r in rows}
+    return await read_values(conn, customers, "customer_id", "state", ids)
 
 
 def customer_row(state: CustomerState, last_seq: int) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.limits import store
-from services.limits.api import CheckRequest, answered, build_router
+from services.limits.api import build_router
 from services.limits.checks import CoreChecks, for_dialect
 from services.limits.fastpath import FastCreditCheck
 from services.limits.handlers import LimitsService
@@ -37,8 +37,7 @@ def build(settings: Settings, *, tokens: TokenRegistry, policy: Policy | None = 
                                   clock=clock, router=router, gauges=[refresh_portfolio_gauges])
     # Outermost: the plain credit checks skip the framework's layers (see fastpath.py).
     app.add_middleware(FastCreditCheck, checks=made[0], tokens=tokens, service=NAME,
-                       max_body_bytes=DEFAULT_MAX_BODY_BYTES, answered=answered,
-                       model=CheckRequest)
+                       max_body_bytes=DEFAULT_MAX_BODY_BYTES)
     return app, host
 
 

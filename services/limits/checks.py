@@ -18,7 +18,6 @@ import asyncio
 import json
 import logging
 import uuid
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -36,14 +35,13 @@ from shared import eventstore as es
 from shared import metrics
 from shared.events import Envelope, new_event
 from shared.problems import Conflict
+from shared.projection import CommittedStates
 from shared.runtime import EventCore, Incoming, Tx
 
 log = logging.getLogger("creditwatch.limits")
 
 # The most checks one transaction takes; more wait for the next one.
 MAX_BATCH = 64
-# Transactions in flight at once: while one waits for the database the next is decided.
-IN_FLIGHT = 1
 # Customer states kept between checks, by customer (least recently used out).
 CACHED_STATES = 20_000
 
@@ -324,26 +322,23 @@ class PostgresChecks(CoreChecks):
     """The same effects as ``CoreChecks``, with the checks that queue up while a
     transaction is in flight decided together in the next one."""
 
-    def __init__(self, service: LimitsService, core: EventCore, max_batch: int = MAX_BATCH,
-                 in_flight: int = IN_FLIGHT) -> None:
+    def __init__(self, service: LimitsService, core: EventCore,
+                 max_batch: int = MAX_BATCH) -> None:
         super().__init__(service, core)
         self.max_batch = max_batch
-        self.in_flight = in_flight
         self._queue: list[_Pending] = []
-        self._workers: set[asyncio.Task[None]] = set()
-        # Committed states by customer; used only while the row's version says nobody
-        # (another replica, the consumer) has written the customer since.
-        self._states: OrderedDict[str, Loaded] = OrderedDict()
+        # One transaction at a time (measured best: with more in flight, each one's round
+        # trips wait for the others' CPU on the event loop).
+        self._worker: asyncio.Task[None] | None = None
+        self._states: CommittedStates[Loaded] = CommittedStates(CACHED_STATES)
 
     async def check(self, order: CheckOrder) -> Verdict:
         future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(order, future))
-        # A worker that found the queue empty has returned, so it is done at once (its done
-        # callbacks would only run later): count the live ones, or a check could be left
-        # waiting in the queue with nobody to take it.
-        self._workers = {w for w in self._workers if not w.done()}
-        if len(self._workers) < self.in_flight:
-            self._workers.add(asyncio.create_task(self._drain(), name="limits-checks"))
+        # A worker that found the queue empty has returned and is done at once: start
+        # another then, or this check would wait with nobody to take it.
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._drain(), name="limits-checks")
         return await future
 
     async def _drain(self) -> None:
@@ -383,7 +378,7 @@ class PostgresChecks(CoreChecks):
         wanted = set(ids)
         wanted.update(p for cid in ids if (hit := cache.get(cid)) is not None
                       and (p := hit.state.parent_id))
-        hits = {cid: cache[cid] for cid in wanted if cid in cache}
+        hits = {cid: hit for cid in wanted if (hit := cache.get(cid)) is not None}
         known_ids = list(hits)
         known_seqs = [hit.last_seq for hit in hits.values()]
         # The bare driver connection, in a transaction of its own: the hot path's round trips
@@ -487,14 +482,8 @@ class PostgresChecks(CoreChecks):
         return results, loaded, tx
 
     def _remember(self, loaded: dict[str, Loaded]) -> None:
-        """Keep the states just committed (states are immutable values, so no copy)."""
-        cache = self._states
-        for cid, item in loaded.items():
-            if item.last_seq:
-                cache[cid] = Loaded(item.state, item.published, item.last_seq)
-                cache.move_to_end(cid)
-        while len(cache) > CACHED_STATES:
-            cache.popitem(last=False)
+        """Keep the states just committed (the unknown customers' made-up ones aside)."""
+        self._states.remember((cid, item) for cid, item in loaded.items() if item.last_seq)
 
     def _fold(self, tx: Tx, loaded: dict[str, Loaded], seq: int, decided: Decided,
               out: _Batch, now: datetime) -> None:

@@ -14,34 +14,28 @@ from __future__ import annotations
 
 import json
 import time
-from decimal import Decimal
-from typing import Any
 
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.limits.api import CheckRequest, answered
 from services.limits.checks import CheckOrder, CoreChecks, Verdict
 from shared import metrics
-from shared.auth import Principal, TokenRegistry
+from shared.auth import Principal, TokenRegistry, parse_bearer
+from shared.body import loads_exact
 
 PATH = "/v1/credit-checks"
 SCOPE = "credit:check"
 _JSON = [(b"content-type", b"application/json")]
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not a number")
-
-
 class FastCreditCheck:
     def __init__(self, app: ASGIApp, *, checks: CoreChecks, tokens: TokenRegistry,
-                 service: str, max_body_bytes: int, answered: Any, model: Any) -> None:
+                 service: str, max_body_bytes: int) -> None:
         self.app = app
         self.checks = checks
         self.tokens = tokens
         self.max_body_bytes = max_body_bytes
-        self.answered = answered  # (verdict, order, started) -> None: metrics and log line
-        self.model = model  # the route's request model
         self._requests = metrics.HTTP_REQUESTS.labels(service, PATH, "POST", "200")
         self._seconds = metrics.HTTP_REQUEST_SECONDS.labels(service, PATH)
 
@@ -62,10 +56,10 @@ class FastCreditCheck:
                 verdict = await self.checks.check(order)
             except Exception:
                 verdict = None  # nothing was stored; the full app tries again and answers
-        if verdict is None:
+        if order is None or verdict is None:
             await self.app(scope, _replay(body, complete, receive), send)
             return
-        self.answered(verdict, order, started)
+        answered(verdict, order, started)
         payload = json.dumps(verdict.body, ensure_ascii=False, allow_nan=False,
                              separators=(",", ":")).encode()
         await send({"type": "http.response.start", "status": 200,
@@ -83,9 +77,8 @@ class FastCreditCheck:
                 header = value
         if header is None:
             return None
-        scheme, _, token = header.decode("latin-1").strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token or " " in token:
+        token = parse_bearer(header.decode("latin-1"))
+        if token is None:
             return None
         principal = self.tokens.authenticate(token)
         return principal if principal is not None and principal.allows(SCOPE) else None
@@ -108,8 +101,7 @@ class FastCreditCheck:
 
     def _order(self, body: bytes, principal: Principal) -> CheckOrder | None:
         try:
-            data = json.loads(body, parse_float=Decimal, parse_constant=_no_constants)
-            req = self.model.model_validate(data)
+            req = CheckRequest.model_validate(loads_exact(body))
         except (ValueError, UnicodeDecodeError, ValidationError):
             return None
         return CheckOrder(order_id=req.order_id, customer_id=req.customer_id,

@@ -8,7 +8,6 @@ its size.
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
@@ -24,7 +23,7 @@ from services.limits import events as ev
 from shared.events import DeadLetter, Envelope, new_event, trusted_event
 from shared.money import quantize
 from shared.policy import Policy
-from shared.projection import as_json
+from shared.projection import CommittedStates, as_json
 from shared.runtime import Incoming, Tx
 from shared.settings import Settings
 
@@ -102,7 +101,7 @@ class LimitsService:
         self.settings = settings
         self.policy = policy
         # States this process committed, by customer (bounded, least recently used out).
-        self._recent: OrderedDict[str, Loaded] = OrderedDict()
+        self._recent: CommittedStates[Loaded] = CommittedStates(RECENT_STATES)
 
     def input_topics(self) -> list[str]:
         s = self.settings
@@ -148,28 +147,23 @@ class LimitsService:
         if not missing:
             return
         versions = await store.lock_versions(conn, missing)
-        stale = [cid for cid, row in versions.items()
-                 if (hit := self._recent.get(cid)) is None or hit.last_seq != row.last_seq]
-        documents = await store.read_states(conn, stale)
+        hits = {cid: hit for cid, row in versions.items()
+                if (hit := self._recent.current(cid, row.last_seq)) is not None}
+        documents = await store.read_states(conn, versions.keys() - hits.keys())
         for cid in missing:
             row = versions.get(cid)
             if row is None:
                 cached[cid] = Loaded(domain.new_customer(cid, self.policy), None, 0)
-            elif cid in documents:
+            elif (hit := hits.get(cid)) is not None:
+                cached[cid] = Loaded(hit.state, hit.published, hit.last_seq)
+            else:
                 cached[cid] = Loaded(store.load_state(documents[cid]), row.published,
                                      row.last_seq)
-            else:
-                hit = self._recent[cid]
-                self._recent.move_to_end(cid)
-                cached[cid] = Loaded(hit.state, hit.published, hit.last_seq)
 
     def _remember(self, cached: dict[str, Loaded], touched: set[str]) -> None:
-        for cid in touched:
-            loaded = cached[cid]
-            self._recent[cid] = Loaded(loaded.state, loaded.published, loaded.last_seq)
-            self._recent.move_to_end(cid)
-        while len(self._recent) > RECENT_STATES:
-            self._recent.popitem(last=False)
+        # Copies: the transaction's own entries change with its next events.
+        self._recent.remember((cid, Loaded(cached[cid].state, cached[cid].published,
+                                           cached[cid].last_seq)) for cid in touched)
 
     async def load(self, conn: AsyncConnection, cached: dict[str, Loaded],
                    ids: set[str]) -> None:

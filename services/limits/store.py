@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from services.limits.domain import CustomerState, Figures
 from shared.db import BigId, ExactDecimal, UtcDateTime
 from shared.eventstore import core_tables
-from shared.projection import StateCodec, lock_rows, upsert
+from shared.projection import StateCodec, lock_rows, read_values, upsert
 
 metadata = MetaData()
 core = core_tables(metadata, "limits")
@@ -113,24 +113,12 @@ async def lock_customers(conn: AsyncConnection, ids: Iterable[str]) -> dict[str,
 
 async def lock_versions(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, Any]:
     """Lock these customers' rows (PostgreSQL, id order) and read only their versions."""
-    wanted = sorted(set(ids))
-    if not wanted:
-        return {}
-    c = customers.c
-    stmt = (select(c.customer_id, c.last_seq, c.published).where(c.customer_id.in_(wanted))
-            .order_by(c.customer_id))
-    if conn.dialect.name == "postgresql":
-        stmt = stmt.with_for_update()
-    return {r.customer_id: r for r in await conn.execute(stmt)}
+    return await lock_rows(conn, customers, "customer_id", ids,
+                           columns=("customer_id", "last_seq", "published"))
 
 
 async def read_states(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, str]:
-    wanted = list(ids)
-    if not wanted:
-        return {}
-    c = customers.c
-    rows = await conn.execute(select(c.customer_id, c.state).where(c.customer_id.in_(wanted)))
-    return {r.customer_id: r.state for r in rows}
+    return await read_values(conn, customers, "customer_id", "state", ids)
 
 
 def customer_row(state: CustomerState, fig: Figures, last_seq: int,
