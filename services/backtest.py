@@ -355,7 +355,7 @@ class CheckJudge:
         cid = env.subject
         c = limits_store.customers
         row = (await conn.execute(select(c).where(c.c.customer_id == cid))).first()
-        state = limits_store.load_state(row.state) if row is not None \
+        state = (await limits_store.load_states(conn, {cid: row}))[cid] if row is not None \
             else limits_domain.new_customer(cid, policy)
         parent = row.parent_id if row is not None else None
         root = parent or cid
@@ -365,7 +365,7 @@ class CheckJudge:
             root_row = row if root == cid else (await conn.execute(
                 select(c).where(c.c.customer_id == root))).first()
             limit = limits_domain.effective_limit(
-                limits_store.load_state(root_row.state), policy, env.time)[0] \
+                limits_store.load_state(root_row.state, root_row.as_of), policy, env.time)[0] \
                 if root_row is not None else Decimal(0)
             group = limits_domain.GroupView(root, limit, others)
         outcome = limits_domain.decide_credit_check(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -25,13 +26,21 @@ def alembic_config(service: str, url: str) -> Config:
     return cfg
 
 
-async def upgrade(engine: AsyncEngine, service: str) -> None:
-    """Bring the service's tables in this database to the newest schema."""
+async def upgrade(engine: AsyncEngine, service: str, revision: str = "head") -> None:
+    """Bring the service's tables in this database to the newest schema (or ``revision``)."""
+    await _migrate(engine, service, command.upgrade, revision)
 
+
+async def downgrade(engine: AsyncEngine, service: str, revision: str) -> None:
+    """Take the service's tables back to ``revision``."""
+    await _migrate(engine, service, command.downgrade, revision)
+
+
+async def _migrate(engine: AsyncEngine, service: str, step: Any, revision: str) -> None:
     def _go(sync_conn: object) -> None:
         cfg = alembic_config(service, str(engine.url))
         cfg.attributes["connection"] = sync_conn
-        command.upgrade(cfg, "head")
+        step(cfg, revision)
 
     async with engine.begin() as conn:
         await conn.run_sync(_go)

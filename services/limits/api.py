@@ -164,7 +164,7 @@ def build_router(service: LimitsService, core: EventCore,
             state = loaded[prior.customer_id].state
             res = state.reservations.get(order_id)
             live = domain.reserved_amounts(state, now)
-            if res is None or res.status != "active" or order_id not in live:
+            if res is None or order_id not in live:
                 raise NotFound(f"no open reservation for order {order_id!r}", field="order_id")
             env = new_event(ev.ReservationReleased.TYPE, source=SOURCE + "/api",
                             subject=prior.customer_id,
@@ -194,7 +194,7 @@ def build_router(service: LimitsService, core: EventCore,
         async with engine.connect() as conn:
             if as_of is None:
                 row = await _customer_row(conn, customer_id)
-                state = store.load_state(row.state)
+                state = (await store.load_states(conn, {customer_id: row}))[customer_id]
                 at = max(clock(), state.last_time) if state.last_time else clock()
             else:
                 state = await _fold_until(conn, customer_id, as_of)
@@ -243,7 +243,7 @@ def build_router(service: LimitsService, core: EventCore,
                     _p: Principal = Depends(require("credit:read"))) -> dict[str, Any]:
         async with engine.connect() as conn:
             row = await _customer_row(conn, customer_id)
-        state = store.load_state(row.state)
+        state = store.load_state(row.state, row.as_of)  # its reservations aside
         amount, source, expires = domain.effective_limit(state, policy, clock())
         return {"customer_id": customer_id, "limit": money(amount, state.currency),
                 "currency": state.currency, "grade": state.grade, "source": source,

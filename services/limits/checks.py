@@ -35,7 +35,7 @@ from shared import eventstore as es
 from shared import metrics
 from shared.events import Envelope, new_event
 from shared.problems import Conflict
-from shared.projection import CommittedStates
+from shared.projection import CommittedStates, kept_unless_marked
 from shared.runtime import EventCore, Incoming, Tx
 
 log = logging.getLogger("creditwatch.limits")
@@ -113,7 +113,7 @@ def _still_standing(state: domain.CustomerState, prior: Prior, body: dict[str, A
     if not body.get("reserve", True):
         return True
     res = state.reservations.get(prior.order_id)
-    return res is not None and res.check_id == prior.check_id and res.status == "active" \
+    return res is not None and res.check_id == prior.check_id \
         and res.expires_at > now
 
 
@@ -204,7 +204,8 @@ class CoreChecks:
             parent = row.parent_id
             if parent:
                 rows.update(await store.lock_customers(conn, [parent]))
-        loaded = {key: Loaded(store.load_state(r.state), r.published, r.last_seq)
+        states = await store.load_states(conn, rows)
+        loaded = {key: Loaded.committed(states[key], r.published, r.last_seq)
                   for key, r in rows.items()}
         if cid not in loaded:
             loaded[cid] = Loaded(domain.new_customer(cid, self.service.policy), None, 0)
@@ -242,7 +243,7 @@ _SEQ = f"pg_get_serial_sequence('{store.core.events.name}', 'seq')"
 # Every customer of the batch and its group parent, locked in id order. A state this process
 # already holds at the row's version (``last_seq``) is not sent again ($2, $3: ids, versions).
 _LOCKED = f"""
-SELECT c.customer_id, c.parent_id, c.exposure, c.published, c.last_seq,
+SELECT c.customer_id, c.parent_id, c.exposure, c.published, c.last_seq, c.as_of,
        CASE WHEN k.seq = c.last_seq THEN NULL ELSE c.state END AS state
 FROM {store.customers.name} c
 LEFT JOIN unnest($2::text[], $3::bigint[]) AS k(id, seq) ON k.id = c.customer_id"""
@@ -259,26 +260,33 @@ FOR UPDATE OF c"""
 LOCK_MORE_SQL = f"""{_LOCKED}
 WHERE c.customer_id = ANY($1::text[]) ORDER BY c.customer_id FOR UPDATE OF c"""
 
-# Read once the locks are held, so a concurrent check of a sibling or a retry of the same
-# order that committed while we waited is seen; the decisions' event numbers are drawn
-# under the locks too, so they follow the order in which the customers' states change.
+# Read once the locks are held (a statement of its own: one that waited for a lock sees rows
+# committed meanwhile only from its next statement on), so that a concurrent check of a
+# sibling or a retry of the same order that committed while we waited is seen, and so are the
+# live reservations of the customers whose state is read ($4); the decisions' event numbers
+# are drawn under the locks too, so they follow the order in which the states change.
 CONTEXT_SQL = f"""
 SELECT 'k' AS kind, k.order_id AS key, k.check_id, k.customer_id, k.amount, k.currency,
-       k.decision, k.body, NULL::numeric AS total, NULL::bigint AS n
+       k.decision, k.body, NULL::numeric AS total, NULL::bigint AS n,
+       NULL::timestamptz AS expires_at
 FROM (SELECT DISTINCT ON (order_id) order_id, check_id, customer_id, amount, currency,
              decision, body
       FROM {store.checks.name} WHERE order_id = ANY($1::text[])
       ORDER BY order_id, seq DESC) AS k
 UNION ALL
-SELECT 'g', group_id, NULL, NULL, NULL, NULL, NULL, NULL, sum(exposure), count(*)
+SELECT 'g', group_id, NULL, NULL, NULL, NULL, NULL, NULL, sum(exposure), count(*), NULL
 FROM {store.customers.name} WHERE group_id = ANY($2::text[]) GROUP BY group_id
 UNION ALL
-SELECT 's', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, nextval({_SEQ})
-FROM generate_series(1, $3::int)"""
+SELECT 's', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, nextval({_SEQ}), NULL
+FROM generate_series(1, $3::int)
+UNION ALL
+SELECT 'r', order_id, check_id, customer_id, amount, NULL, NULL, NULL, NULL, NULL, expires_at
+FROM {store.reservations.name} WHERE customer_id = ANY($4::text[])"""
 
 _E = ["seq", "source", "event_id", "type", "subject", "time", "event", "recorded_at"]
 _K = [c.name for c in store.checks.columns]
 _O = ["event_id", "topic", "key", "value", "created_at"]
+_R = [c.name for c in store.reservations.columns]
 _C = [c.name for c in store.customers.columns]
 
 
@@ -286,16 +294,22 @@ def _write_sql() -> str:
     n = 1
     parts = []
     for table, names in ((store.core.events, _E), (store.checks, _K), (store.core.outbox, _O),
-                         (store.customers, _C)):
+                         (store.reservations, _R), (store.customers, _C)):
         arrays = ", ".join(_array(table, c, n + i) for i, c in enumerate(names))
         n += len(names)
         parts.append((table.name, ", ".join(f'"{c}"' for c in names), arrays))
-    (ev_t, ev_c, ev_a), (ck_t, ck_c, ck_a), (ob_t, ob_c, ob_a), (cu_t, cu_c, cu_a) = parts
-    sets = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in _C if c != "customer_id")
+    (ev_t, ev_c, ev_a), (ck_t, ck_c, ck_a), (ob_t, ob_c, ob_a), (rs_t, rs_c, rs_a), \
+        (cu_t, cu_c, cu_a) = parts
+    held = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in _R
+                     if c not in ("customer_id", "order_id"))
+    sets = ", ".join(kept_unless_marked(cu_t, c, store.UNCHANGED) if c == "state"
+                     else f'"{c}" = EXCLUDED."{c}"' for c in _C if c != "customer_id")
     return f"""
 WITH ev AS (INSERT INTO {ev_t} ({ev_c}) SELECT * FROM unnest({ev_a})),
 ck AS (INSERT INTO {ck_t} ({ck_c}) SELECT * FROM unnest({ck_a})),
-ob AS (INSERT INTO {ob_t} ({ob_c}) SELECT * FROM unnest({ob_a}))
+ob AS (INSERT INTO {ob_t} ({ob_c}) SELECT * FROM unnest({ob_a})),
+rs AS (INSERT INTO {rs_t} ({rs_c}) SELECT * FROM unnest({rs_a})
+       ON CONFLICT (customer_id, order_id) DO UPDATE SET {held})
 INSERT INTO {cu_t} ({cu_c}) SELECT * FROM unnest({cu_a})
 ON CONFLICT (customer_id) DO UPDATE SET {sets}"""
 
@@ -315,6 +329,7 @@ class _Batch:
 
     events: list[dict[str, Any]] = field(default_factory=list)
     checks: list[dict[str, Any]] = field(default_factory=list)
+    reservations: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     customers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -413,9 +428,14 @@ class PostgresChecks(CoreChecks):
         counts: dict[str, int] = {}
         seqs: list[int] = []
         orders = sorted({p.order.order_id for p in batch})
-        for r in await raw.fetch(CONTEXT_SQL, orders, roots, len(batch)):
+        reading = [cid for cid, r in rows.items() if r["state"] is not None]
+        held: dict[str, list[domain.Reservation]] = {cid: [] for cid in reading}
+        for r in await raw.fetch(CONTEXT_SQL, orders, roots, len(batch), reading):
             kind, key = r["kind"], r["key"]
-            if kind == "k":
+            if kind == "r":
+                held[r["customer_id"]].append(domain.Reservation(
+                    key, r["check_id"], r["amount"], r["expires_at"]))
+            elif kind == "k":
                 priors[key] = Prior(r["check_id"], key, r["customer_id"], r["amount"],
                                     r["currency"], r["decision"], r["body"])
             elif kind == "g":
@@ -428,10 +448,10 @@ class PostgresChecks(CoreChecks):
         for cid, r in rows.items():
             if r["state"] is None:  # the one we hold, at this version
                 hit = hits[cid]
-                loaded[cid] = Loaded(hit.state, hit.published, hit.last_seq)
+                loaded[cid] = Loaded.committed(hit.state, hit.published, hit.last_seq)
             else:
-                loaded[cid] = Loaded(store.load_state(r["state"]), r["published"],
-                                     r["last_seq"])
+                state = store.load_state(r["state"], r["as_of"], held[cid])
+                loaded[cid] = Loaded.committed(state, r["published"], r["last_seq"])
         exposure = {cid: r["exposure"] for cid, r in rows.items()}
         results: dict[int, Verdict | Exception] = {}
         out = _Batch()
@@ -472,10 +492,12 @@ class PostgresChecks(CoreChecks):
             outbox = [(e.id, topic, e.subject, e.to_json().decode(), now)
                       for topic, e in tx.outbox]
             customers = list(out.customers.values())
+            reserving = list(out.reservations.values())
             params = (
                 *([r[c] for r in out.events] for c in _E),
                 *([r[c] for r in out.checks] for c in _K),
                 *([o[i] for o in outbox] for i in range(len(_O))),
+                *([r[c] for r in reserving] for c in _R),
                 *([r[c] for r in customers] for c in _C),
             )
             await raw.execute(WRITE_SQL, *params)
@@ -488,16 +510,22 @@ class PostgresChecks(CoreChecks):
     def _fold(self, tx: Tx, loaded: dict[str, Loaded], seq: int, decided: Decided,
               out: _Batch, now: datetime) -> None:
         writes = self.service.fold(tx, loaded, [Incoming(seq, decided.envelope, decided.event)])
-        if tx.rejected or writes.history or writes.requests or len(writes.customers) != 1 \
-                or len(writes.checks) != 1:
+        if tx.rejected or writes.history or writes.requests or writes.ended \
+                or len(writes.customers) != 1 or len(writes.checks) != 1:
             raise RuntimeError(f"a credit check folded into unexpected writes: {writes}")
         event = es.envelope_row(decided.envelope, topic=None, partition=None, offset=None,
                                 recorded_at=now)
         event["seq"] = seq
         out.events.append(event)
         out.checks.extend(writes.checks)
+        for held in writes.reservations:
+            out.reservations[held["customer_id"], held["order_id"]] = held
         customer = writes.customers[0]
-        out.customers[customer["customer_id"]] = customer
+        cid = customer["customer_id"]
+        earlier = out.customers.get(cid)
+        if customer["state"] == store.UNCHANGED and earlier is not None:
+            customer["state"] = earlier["state"]  # this batch's earlier document, if any
+        out.customers[cid] = customer
 
 
 def for_dialect(name: str, service: LimitsService, core: EventCore) -> CoreChecks:

@@ -67,11 +67,12 @@ class Dunning:
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
+    """A live reservation; one that is released or expires is gone from the state."""
+
     order_id: str
     check_id: str
     amount: Decimal  # in the customer's credit currency
     expires_at: datetime
-    status: Literal["active", "released", "expired"] = "active"
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +229,7 @@ def open_receivables(state: CustomerState) -> Decimal:
 def reserved_amounts(state: CustomerState, at: datetime | None) -> dict[str, Decimal]:
     """What each live reservation still holds: its amount less what was invoiced on it."""
     live = [res for res in state.reservations.values()
-            if res.status == "active" and (at is None or res.expires_at > at)]
+            if at is None or res.expires_at > at]
     if not live:
         return {}
     invoiced: dict[str, Decimal] = {}
@@ -510,15 +511,13 @@ def _check_decided(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> Cu
     return replace(state, reservations={**state.reservations, d.order_id: res})
 
 
-def _reservation_ended(status: Literal["released", "expired"]) -> Any:
-    def _end(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> CustomerState:
-        res = state.reservations.get(d.order_id)
-        if res is None or res.status != "active" or res.check_id != d.check_id:
-            return state
-        return replace(state, reservations={**state.reservations,
-                                            d.order_id: replace(res, status=status)})
-
-    return _end
+def _reservation_ended(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> CustomerState:
+    """Released or expired: the reservation goes (one made since for the order stays)."""
+    res = state.reservations.get(d.order_id)
+    if res is None or res.check_id != d.check_id:
+        return state
+    return replace(state, reservations={k: r for k, r in state.reservations.items()
+                                        if k != d.order_id})
 
 
 def _request_submitted(state: CustomerState, d: Any, t: datetime, p: Policy) -> CustomerState:
@@ -591,8 +590,8 @@ _HANDLERS: dict[str, Any] = {
     "assessment.completed": _assessed,
     "ledger.aged": _aged,
     "credit_check.decided": _check_decided,
-    "reservation.released": _reservation_ended("released"),
-    "reservation.expired": _reservation_ended("expired"),
+    "reservation.released": _reservation_ended,
+    "reservation.expired": _reservation_ended,
     "limit_request.submitted": _request_submitted,
     "limit_request.approved": _request_decided(True),
     "limit_request.rejected": _request_decided(False),

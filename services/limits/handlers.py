@@ -76,6 +76,8 @@ class Writes:
     """The projection rows one fold produces."""
 
     customers: list[dict[str, Any]] = field(default_factory=list)
+    reservations: list[dict[str, Any]] = field(default_factory=list)
+    ended: list[tuple[str, str]] = field(default_factory=list)  # (customer, order) deleted
     checks: list[dict[str, Any]] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
@@ -86,6 +88,13 @@ class Loaded:
     state: domain.CustomerState
     published: str | None  # the exposure.updated body last published (JSON)
     last_seq: int
+    # The state as its row holds it (None: no row yet), to write only what changed.
+    stored: domain.CustomerState | None = None
+
+    @classmethod
+    def committed(cls, state: domain.CustomerState, published: str | None,
+                  last_seq: int) -> Loaded:
+        return cls(state, published, last_seq, state)
 
 
 class LimitsService:
@@ -149,21 +158,20 @@ class LimitsService:
         versions = await store.lock_versions(conn, missing)
         hits = {cid: hit for cid, row in versions.items()
                 if (hit := self._recent.current(cid, row.last_seq)) is not None}
-        documents = await store.read_states(conn, versions.keys() - hits.keys())
+        states = await store.read_states(conn, versions.keys() - hits.keys())
         for cid in missing:
             row = versions.get(cid)
             if row is None:
                 cached[cid] = Loaded(domain.new_customer(cid, self.policy), None, 0)
             elif (hit := hits.get(cid)) is not None:
-                cached[cid] = Loaded(hit.state, hit.published, hit.last_seq)
+                cached[cid] = Loaded.committed(hit.state, hit.published, hit.last_seq)
             else:
-                cached[cid] = Loaded(store.load_state(documents[cid]), row.published,
-                                     row.last_seq)
+                cached[cid] = Loaded.committed(states[cid], row.published, row.last_seq)
 
     def _remember(self, cached: dict[str, Loaded], touched: set[str]) -> None:
         # Copies: the transaction's own entries change with its next events.
-        self._recent.remember((cid, Loaded(cached[cid].state, cached[cid].published,
-                                           cached[cid].last_seq)) for cid in touched)
+        self._recent.remember((cid, Loaded.committed(cached[cid].state, cached[cid].published,
+                                                     cached[cid].last_seq)) for cid in touched)
 
     async def load(self, conn: AsyncConnection, cached: dict[str, Loaded],
                    ids: set[str]) -> None:
@@ -172,11 +180,11 @@ class LimitsService:
         if not missing:
             return
         locked = await store.lock_customers(conn, missing)
+        states = await store.load_states(conn, locked)
         for cid in missing:
             row = locked.get(cid)
             cached[cid] = (Loaded(domain.new_customer(cid, self.policy), None, 0) if row is None
-                           else Loaded(store.load_state(row.state), row.published,
-                                       row.last_seq))
+                           else Loaded.committed(states[cid], row.published, row.last_seq))
 
     def fold(self, tx: Tx, cached: dict[str, Loaded], events: Sequence[Incoming]) -> Writes:
         """Apply the events to the loaded states (CPU only): the rows to write and, through
@@ -218,14 +226,23 @@ class LimitsService:
                 "exposure.updated", source=SOURCE, subject=cid, data=body,
                 id=f"exposure-{cid}-{seq}", time=st.last_time or tx.now))
             loaded.published = text
+        stored = loaded.stored
+        document = (store.UNCHANGED if stored is not None and store.same_document(stored, st)
+                    else store.dump_state(st))
+        held, ended = store.reservation_changes(
+            cid, stored.reservations if stored is not None else {}, st.reservations)
+        writes.reservations += held
+        writes.ended += ended
         writes.customers.append(store.customer_row(
             st, fig, seq, domain.next_ageing_date(st, items), _next_expiry(st),
-            loaded.published))
+            loaded.published, document))
+        loaded.stored = st
         loaded.last_seq = seq
 
     @staticmethod
     async def write(conn: AsyncConnection, writes: Writes) -> None:
         await store.save_customers(conn, writes.customers)
+        await store.save_reservations(conn, writes.reservations, writes.ended)
         await store.record_checks(conn, writes.checks)
         await store.record_limit_changes(conn, writes.history)
         await store.record_requests(conn, writes.requests)
@@ -294,19 +311,20 @@ class LimitsService:
     async def due_events(self, conn: AsyncConnection, now: datetime) -> list[Envelope]:
         today = now.date()
         c = store.customers.c
-        stmt = select(c.customer_id, c.state, c.next_ageing_on, c.next_expiry_at).where(
+        stmt = select(c.customer_id, c.state, c.as_of, c.next_ageing_on, c.next_expiry_at).where(
             or_(and_(c.next_ageing_on.is_not(None), c.next_ageing_on <= today),
                 and_(c.next_expiry_at.is_not(None), c.next_expiry_at <= now)),
         ).order_by(c.customer_id).limit(1000)
+        rows = {row.customer_id: row for row in await conn.execute(stmt)}
+        states = await store.load_states(conn, rows)
         out: list[Envelope] = []
-        for row in await conn.execute(stmt):
-            st = store.load_state(row.state)
-            out += due_for(st, now, row.next_ageing_on)
+        for cid, row in rows.items():
+            out += due_for(states[cid], now, row.next_ageing_on)
         return out
 
 
 def _next_expiry(st: domain.CustomerState) -> datetime | None:
-    times = [r.expires_at for r in st.reservations.values() if r.status == "active"]
+    times = [r.expires_at for r in st.reservations.values()]
     if st.manual is not None and st.manual.expires_at is not None:
         times.append(st.manual.expires_at)
     return min(times) if times else None
@@ -323,7 +341,7 @@ def due_for(st: domain.CustomerState, now: datetime,
     cid = st.customer_id
     out: list[Envelope] = []
     for res in st.reservations.values():
-        if res.status == "active" and res.expires_at <= now:
+        if res.expires_at <= now:
             out.append(_internal(
                 ev.ReservationExpired(customer_id=cid, order_id=res.order_id,
                                       check_id=res.check_id),

@@ -3,7 +3,8 @@ stored credit decisions, limit history and limit requests."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import fields, replace
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
@@ -18,14 +19,16 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    delete,
     select,
+    tuple_,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.limits.domain import CustomerState, Figures
+from services.limits.domain import CustomerState, Figures, Reservation
 from shared.db import BigId, ExactDecimal, UtcDateTime
 from shared.eventstore import core_tables
-from shared.projection import StateCodec, lock_rows, read_values, upsert
+from shared.projection import StateCodec, lock_rows, upsert
 
 metadata = MetaData()
 core = core_tables(metadata, "limits")
@@ -57,6 +60,8 @@ customers = Table(
     Column("next_expiry_at", UtcDateTime),
     Column("as_of", UtcDateTime),
     Column("last_seq", BigId, nullable=False),
+    # The state document: the state but for its live reservations (rows of their own, below)
+    # and the time of its latest event (``as_of``).
     Column("state", Text, nullable=False),
     # The exposure.updated body last published, to publish only on change.
     Column("published", Text),
@@ -64,6 +69,19 @@ customers = Table(
 Index("ix_limits_customers_group", customers.c.group_id)
 Index("ix_limits_customers_ageing", customers.c.next_ageing_on)
 Index("ix_limits_customers_expiry", customers.c.next_expiry_at)
+
+# The live reservations, a row each: a credit check writes one small row instead of the whole
+# state document again, so its cost does not grow with the customer's open orders. A
+# reservation that ends (released, expired) is deleted.
+reservations = Table(
+    "limits_reservations",
+    metadata,
+    Column("customer_id", String(1000), primary_key=True),
+    Column("order_id", String(1000), primary_key=True),
+    Column("check_id", String(64), nullable=False),
+    Column("amount", ExactDecimal, nullable=False),
+    Column("expires_at", UtcDateTime, nullable=False),
+)
 
 checks = Table(
     "limits_checks",
@@ -99,11 +117,81 @@ requests = Table(
     Column("requested_by", String(1000), nullable=False),
 )
 
-PROJECTIONS: Sequence[Table] = (customers, checks, limit_history, requests)
+PROJECTIONS: Sequence[Table] = (customers, reservations, checks, limit_history, requests)
 
 _STATE = StateCodec(CustomerState)
-dump_state = _STATE.dump
-load_state = _STATE.load
+# What the document holds: everything but the reservations and the latest event's time.
+_DOCUMENT_FIELDS = tuple(f.name for f in fields(CustomerState)
+                         if f.name not in ("reservations", "last_time"))
+# In a written row: the document did not change, keep the stored one.
+UNCHANGED = ""
+
+
+def dump_state(state: CustomerState) -> str:
+    """The customer's state document (see ``customers.state``)."""
+    return _STATE.dump(replace(state, reservations={}, last_time=None))
+
+
+def load_state(document: str, last_time: datetime | None,
+               held: Iterable[Reservation] = ()) -> CustomerState:
+    """A customer's state from its document, its row's ``as_of`` and its reservations."""
+    return replace(_STATE.load(document), reservations={r.order_id: r for r in held},
+                   last_time=last_time)
+
+
+def same_document(before: CustomerState, after: CustomerState) -> bool:
+    """Whether ``after`` has the document of ``before``: states are immutable values and a
+    fold replaces only what it changes, so the same objects mean the same document (a
+    changed object with an equal value only costs a rewrite)."""
+    return all(getattr(before, n) is getattr(after, n) for n in _DOCUMENT_FIELDS)
+
+
+def reservation_changes(cid: str, before: Mapping[str, Reservation],
+                        after: Mapping[str, Reservation],
+                        ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """The reservation rows to write and the (customer, order) keys to delete."""
+    if before is after:
+        return [], []
+    rows = [reservation_row(cid, res) for order_id, res in after.items()
+            if before.get(order_id) is not res]
+    gone = [(cid, order_id) for order_id in before if order_id not in after]
+    return rows, gone
+
+
+def reservation_row(cid: str, res: Reservation) -> dict[str, Any]:
+    return {"customer_id": cid, "order_id": res.order_id, "check_id": res.check_id,
+            "amount": res.amount, "expires_at": res.expires_at}
+
+
+async def read_reservations(conn: AsyncConnection,
+                            ids: Iterable[str]) -> dict[str, list[Reservation]]:
+    wanted = sorted(set(ids))
+    out: dict[str, list[Reservation]] = {}
+    if not wanted:
+        return out
+    r = reservations.c
+    stmt = select(reservations).where(r.customer_id.in_(wanted)).order_by(r.customer_id,
+                                                                           r.order_id)
+    for row in await conn.execute(stmt):
+        out.setdefault(row.customer_id, []).append(
+            Reservation(row.order_id, row.check_id, row.amount, row.expires_at))
+    return out
+
+
+async def load_states(conn: AsyncConnection, rows: Mapping[str, Any]) -> dict[str, CustomerState]:
+    """The states of these customer rows (read with their ``state`` and ``as_of``)."""
+    held = await read_reservations(conn, rows.keys())
+    return {cid: load_state(row.state, row.as_of, held.get(cid, ()))
+            for cid, row in rows.items()}
+
+
+async def save_reservations(conn: AsyncConnection, rows: Sequence[dict[str, Any]],
+                            gone: Sequence[tuple[str, str]]) -> None:
+    if gone:
+        r = reservations.c
+        await conn.execute(delete(reservations).where(
+            tuple_(r.customer_id, r.order_id).in_(list(gone))))
+    await upsert(conn, reservations, ["customer_id", "order_id"], rows)
 
 
 async def lock_customers(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, Any]:
@@ -117,13 +205,21 @@ async def lock_versions(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, 
                            columns=("customer_id", "last_seq", "published"))
 
 
-async def read_states(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, str]:
-    return await read_values(conn, customers, "customer_id", "state", ids)
+async def read_states(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, CustomerState]:
+    """The states of these customers (no lock)."""
+    wanted = sorted(set(ids))
+    if not wanted:
+        return {}
+    c = customers.c
+    rows = await conn.execute(select(c.customer_id, c.state, c.as_of).where(
+        c.customer_id.in_(wanted)))
+    return await load_states(conn, {r.customer_id: r for r in rows})
 
 
 def customer_row(state: CustomerState, fig: Figures, last_seq: int,
                  next_ageing_on: date | None, next_expiry_at: datetime | None,
-                 published: str | None) -> dict[str, Any]:
+                 published: str | None, document: str) -> dict[str, Any]:
+    """The customer's row; ``document`` is its state document, or ``UNCHANGED``."""
     util = fig.utilization
     return {
         "customer_id": state.customer_id,
@@ -149,13 +245,13 @@ def customer_row(state: CustomerState, fig: Figures, last_seq: int,
         "next_expiry_at": next_expiry_at,
         "as_of": state.last_time,
         "last_seq": last_seq,
-        "state": dump_state(state),
+        "state": document,
         "published": published,
     }
 
 
 async def save_customers(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
-    await upsert(conn, customers, ["customer_id"], rows)
+    await upsert(conn, customers, ["customer_id"], rows, keep_if=("state", UNCHANGED))
 
 
 async def group_exposure(conn: AsyncConnection, group_id: str,

@@ -464,6 +464,43 @@ async def test_given_a_reservation_when_its_ttl_passes_then_the_scheduler_frees_
     assert fresh["decision"] == "approved" and fresh["reserved"] == "5000.00"
 
 
+async def test_given_checks_then_each_live_reservation_is_a_row_and_the_document_stays(
+    svc: Service,
+) -> None:
+    """A check writes its reservation as a row of its own and leaves the customer's state
+    document as it was (it does not grow with the orders); a release or an expiry deletes
+    the row; the stored projection still equals a replay."""
+    await svc.customer("C-1", "CCC")
+    await svc.decided("C-1", "SO-0", "1.00")  # today's first event moves the document's date
+
+    async def stored() -> tuple[str, dict[str, str]]:
+        async with svc.host.engine.connect() as conn:
+            row = await store.lock_customers(conn, ["C-1"])
+            held = await store.read_reservations(conn, ["C-1"])
+        return row["C-1"].state, {r.order_id: str(r.amount) for r in held.get("C-1", [])}
+
+    document, held = await stored()
+    assert held == {"SO-0": "1.00"}
+    assert "SO-0" not in document
+    responses = await asyncio.gather(*(svc.check("C-1", f"SO-{n}", "100.00")
+                                       for n in range(1, 11)))
+    assert all(r.json()["decision"] == "approved" for r in responses)
+    after, held = await stored()
+    assert after == document
+    assert held == {"SO-0": "1.00", **{f"SO-{n}": "100.00" for n in range(1, 11)}}
+
+    released = await svc.client.delete("/v1/credit-checks/SO-3", headers=auth(ORDERS))
+    assert released.status_code == 204
+    svc.clock.now = START + timedelta(hours=1)
+    await svc.decided("C-1", "SO-LATE", "50.00")
+    svc.clock.now = START + timedelta(hours=72)  # all but SO-LATE expire now
+    assert await svc.host.core.run_due() == 10
+    _, held = await stored()
+    assert held == {"SO-LATE": "50.00"}
+    assert (await svc.exposure("C-1"))["reserved"] == "50.00"
+    assert await svc.host.core.verify() == []
+
+
 # ---- limits -------------------------------------------------------------------------------------
 
 

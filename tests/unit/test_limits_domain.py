@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from services.limits import domain
 from services.limits import events as ev
 from services.limits.domain import CustomerState, GroupView, decide_credit_check, figures
-from services.limits.store import dump_state, load_state
+from services.limits.store import dump_state, load_state, reservation_changes, same_document
 from shared.events import (
     AssessmentCompleted,
     CreditNoteIssued,
@@ -328,7 +328,7 @@ def test_given_a_reservation_when_released_or_expired_then_nothing_stays_reserve
     released = fold([(ev.ReservationReleased.TYPE, ev.ReservationReleased(
         customer_id=CID, order_id="SO-1", check_id="chk-1", by="orders"), T0)], state)
     assert figures(released, POLICY).reserved == 0
-    assert released.reservations["SO-1"].status == "released"
+    assert "SO-1" not in released.reservations  # an ended reservation is gone
 
     expires = state.reservations["SO-1"].expires_at
     assert expires == T0 + timedelta(hours=72)
@@ -336,7 +336,7 @@ def test_given_a_reservation_when_released_or_expired_then_nothing_stays_reserve
     assert figures(state, POLICY, expires).reserved == 0  # lapsed at its TTL already
     expired = fold([(ev.ReservationExpired.TYPE, ev.ReservationExpired(
         customer_id=CID, order_id="SO-1", check_id="chk-1"), expires)], state)
-    assert expired.reservations["SO-1"].status == "expired"
+    assert "SO-1" not in expired.reservations
     assert figures(expired, POLICY).reserved == 0
 
     # A release naming an older check of the same order leaves the newer one alone.
@@ -748,8 +748,9 @@ def test_property_folding_in_batches_through_the_stored_state_equals_a_replay(
     state, position, turn = domain.new_customer(CID, POLICY), 0, 0
     while position < len(events):
         size = sizes[turn % len(sizes)]
-        # Between batches the service keeps only the stored document.
-        state = load_state(dump_state(fold(events[position:position + size], state)))
+        # Between batches the service keeps only what it stores: the document, the
+        # reservation rows and the time of the latest event.
+        state = stored(fold(events[position:position + size], state))
         position += size
         turn += 1
     assert state == replayed
@@ -794,7 +795,37 @@ def test_a_state_survives_the_store_round_trip_exactly() -> None:
     state = rated("BBB", invoice("I-1", "999999999999999.99"), decided("SO-1", "1.00"),
                   submitted("R-1", "1.00"),
                   (ev.HoldPlaced.TYPE, ev.HoldPlaced(customer_id=CID, reason="x", by="a"), T0))
-    loaded = load_state(dump_state(state))
+    loaded = stored(state)
     assert loaded == state
+    assert loaded.reservations["SO-1"].amount == D("1.00")
     assert loaded.invoices["I-1"].amount == D("999999999999999.99")
     assert replace(loaded, hold=None) != state  # the comparison is not vacuous
+
+
+def stored(state: CustomerState) -> CustomerState:
+    """``state`` as the store writes and reads it back: document, rows and row time."""
+    rows, gone = reservation_changes(CID, {}, state.reservations)
+    assert gone == []
+    held = [domain.Reservation(r["order_id"], r["check_id"], r["amount"], r["expires_at"])
+            for r in rows]
+    return load_state(dump_state(state), state.last_time, held)
+
+
+def test_the_document_leaves_reservations_and_event_time_to_the_row() -> None:
+    state = rated("BBB", invoice("I-1", "100.00"))
+    checked = fold([decided("SO-1", "10.00", now=T0 + timedelta(hours=1))], state)
+    # A check changes the reservations and the event time only: the document stays.
+    assert checked.reservations != state.reservations and checked.last_time != state.last_time
+    assert dump_state(checked) == dump_state(state)
+    assert same_document(state, checked)
+    rows, gone = reservation_changes(CID, state.reservations, checked.reservations)
+    assert [r["order_id"] for r in rows] == ["SO-1"] and gone == []
+    released = fold([(ev.ReservationReleased.TYPE, ev.ReservationReleased(
+        customer_id=CID, order_id="SO-1", check_id=checked.reservations["SO-1"].check_id,
+        by="orders"), T0 + timedelta(hours=2))], checked)
+    assert reservation_changes(CID, checked.reservations, released.reservations) == (
+        [], [(CID, "SO-1")])
+    # Anything else changes the document.
+    invoiced = fold([invoice("I-2", "5.00")], checked)
+    assert not same_document(checked, invoiced)
+    assert dump_state(invoiced) != dump_state(checked)
