@@ -260,6 +260,9 @@ FOR UPDATE OF c"""
 LOCK_MORE_SQL = f"""{_LOCKED}
 WHERE c.customer_id = ANY($1::text[]) ORDER BY c.customer_id FOR UPDATE OF c"""
 
+# Each order and each group is looked up on its own (LATERAL), so that the indexes are used
+# whatever the planner believes of the tables: with a whole array against a table that grew
+# since it was last analysed, it chose sequential scans that took longer with every check.
 # Read once the locks are held (a statement of its own: one that waited for a lock sees rows
 # committed meanwhile only from its next statement on), so that a concurrent check of a
 # sibling or a retry of the same order that committed while we waited is seen, and so are the
@@ -269,13 +272,15 @@ CONTEXT_SQL = f"""
 SELECT 'k' AS kind, k.order_id AS key, k.check_id, k.customer_id, k.amount, k.currency,
        k.decision, k.body, NULL::numeric AS total, NULL::bigint AS n,
        NULL::timestamptz AS expires_at
-FROM (SELECT DISTINCT ON (order_id) order_id, check_id, customer_id, amount, currency,
-             decision, body
-      FROM {store.checks.name} WHERE order_id = ANY($1::text[])
-      ORDER BY order_id, seq DESC) AS k
+FROM unnest($1::text[]) AS o(id) CROSS JOIN LATERAL (
+    SELECT order_id, check_id, customer_id, amount, currency, decision, body
+    FROM {store.checks.name} WHERE order_id = o.id ORDER BY seq DESC LIMIT 1) AS k
 UNION ALL
-SELECT 'g', group_id, NULL, NULL, NULL, NULL, NULL, NULL, sum(exposure), count(*), NULL
-FROM {store.customers.name} WHERE group_id = ANY($2::text[]) GROUP BY group_id
+SELECT 'g', g.id, NULL, NULL, NULL, NULL, NULL, NULL, m.total, m.n, NULL
+FROM unnest($2::text[]) AS g(id) CROSS JOIN LATERAL (
+    SELECT sum(exposure) AS total, count(*) AS n
+    FROM {store.customers.name} WHERE group_id = g.id) AS m
+WHERE m.n > 0
 UNION ALL
 SELECT 's', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, nextval({_SEQ}), NULL
 FROM generate_series(1, $3::int)
