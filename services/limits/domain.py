@@ -7,6 +7,7 @@ No I/O and no clock: time always comes in as an argument.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
@@ -228,20 +229,44 @@ def open_receivables(state: CustomerState) -> Decimal:
 
 def reserved_amounts(state: CustomerState, at: datetime | None) -> dict[str, Decimal]:
     """What each live reservation still holds: its amount less what was invoiced on it."""
-    live = [res for res in state.reservations.values()
-            if at is None or res.expires_at > at]
-    if not live:
+    # Runs on every credit check, over every live reservation: kept to comprehensions.
+    reservations = state.reservations
+    if not reservations:
         return {}
+    invoiced = invoiced_on_orders(state.invoices)
+    if not invoiced:
+        return {res.order_id: res.amount for res in reservations.values()
+                if (at is None or res.expires_at > at) and res.amount > 0}
+    out: dict[str, Decimal] = {}
+    for res in reservations.values():
+        if at is None or res.expires_at > at:
+            left = res.amount - invoiced.get(res.order_id, ZERO)
+            if left > 0:
+                out[res.order_id] = left
+    return out
+
+
+# The last few invoice mappings' sums by order. States are immutable and share their
+# invoices mapping until an invoice event replaces it, so the checks between two invoices
+# reuse one sum instead of walking every invoice each time.
+_INVOICED: OrderedDict[int, tuple[Mapping[str, Invoice], dict[str, Decimal]]] = OrderedDict()
+
+
+def invoiced_on_orders(invoices: Mapping[str, Invoice]) -> dict[str, Decimal]:
+    """What is invoiced (not cancelled) per order id. Do not change the result."""
+    if not invoices:
+        return {}
+    hit = _INVOICED.get(id(invoices))
+    if hit is not None and hit[0] is invoices:
+        return hit[1]
     invoiced: dict[str, Decimal] = {}
-    for inv in state.invoices.values():
+    for inv in invoices.values():
         if inv.order_id and not inv.cancelled:
             invoiced[inv.order_id] = invoiced.get(inv.order_id, ZERO) + inv.amount
-    out: dict[str, Decimal] = {}
-    for res in live:
-        left = res.amount - invoiced.get(res.order_id, ZERO)
-        if left > 0:
-            out[res.order_id] = left
-    return out
+    _INVOICED[id(invoices)] = (invoices, invoiced)  # holding it, so its id is not reused
+    if len(_INVOICED) > 1024:
+        _INVOICED.popitem(last=False)
+    return invoiced
 
 
 def bucket_of(days: int) -> str | None:
@@ -300,8 +325,10 @@ def _add(buckets: dict[str, Decimal], days: int, amount: Decimal) -> None:
 
 
 def figures(state: CustomerState, policy: Policy, at: datetime | None = None,
-            items: dict[str, Decimal] | None = None) -> Figures:
-    """The exposure picture as of business time ``at`` (default: the last event's time)."""
+            items: dict[str, Decimal] | None = None,
+            reserved: Mapping[str, Decimal] | None = None) -> Figures:
+    """The exposure picture as of business time ``at`` (default: the last event's time);
+    ``items``/``reserved``: ``open_items(state)``/``reserved_amounts(state, at)`` if known."""
     at = at or state.last_time
     on = at.date() if at is not None else state.as_of
     if state.as_of is not None and (on is None or state.as_of > on):
@@ -314,7 +341,8 @@ def figures(state: CustomerState, policy: Policy, at: datetime | None = None,
         overdue_amount=overdue,
         overdue_buckets=buckets,
         max_days_overdue=worst,
-        reserved=sum(reserved_amounts(state, at).values(), ZERO),
+        reserved=sum((reserved_amounts(state, at) if reserved is None else reserved).values(),
+                     ZERO),
         limit=limit,
         limit_source=source,
         limit_expires_at=expires,
@@ -651,11 +679,10 @@ def decide_credit_check(state: CustomerState, *, order_id: str, amount: Decimal,
         converted = ZERO
     # What is already invoiced on the order is in the receivables; the reservation only
     # ever holds the rest (see reserved_amounts), so only the rest is judged.
-    invoiced = sum((i.amount for i in state.invoices.values()
-                    if i.order_id == order_id and not i.cancelled), ZERO)
+    invoiced = invoiced_on_orders(state.invoices).get(order_id, ZERO)
     needed = max(ZERO, converted - invoiced)
-    fig = figures(state, policy, now)
     live = reserved_amounts(state, now)
+    fig = figures(state, policy, now, reserved=live)
     earlier = live.pop(order_id, ZERO)  # this order's own reservation (an amendment)
     others_reserved = sum(live.values(), ZERO)
     exposure = fig.open_receivables + others_reserved

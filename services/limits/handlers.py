@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from services.limits import domain, store
 from services.limits import events as ev
 from shared.events import DeadLetter, Envelope, new_event, trusted_event
-from shared.money import quantize
+from shared.money import MONEY_CONTEXT, quantize
 from shared.policy import Policy
 from shared.projection import CommittedStates, as_json
 from shared.runtime import Incoming, Tx
@@ -48,7 +48,14 @@ LIMIT_REASON = {
 
 
 def money(amount: Decimal, currency: str) -> str:
-    return format(quantize(amount, currency), "f")
+    """An amount as the API and events show it: the currency's minor units, no exponent."""
+    quantum = _QUANTA.get(currency)
+    if quantum is None:
+        quantum = _QUANTA[currency] = quantize(Decimal(1), currency)
+    return format(amount.quantize(quantum, context=MONEY_CONTEXT), "f")
+
+
+_QUANTA: dict[str, Decimal] = {}
 
 
 def exposure_body(state: domain.CustomerState, fig: domain.Figures) -> dict[str, Any]:
