@@ -14,12 +14,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 import uvicorn
+from uvicorn.loops.auto import auto_loop_factory
 
 from services import registry
 from shared.auth import TokenRegistry
@@ -89,7 +90,16 @@ def serve(
     config = uvicorn.Config(fastapi_app, host=host or settings.host,
                             port=port or settings.port_for(name), log_config=None,
                             access_log=False, timeout_graceful_shutdown=20)
-    asyncio.run(_serve_until_signalled([_Server(config)]))
+    _run_on_server_loop(_serve_until_signalled([_Server(config)]))
+
+
+def _run_on_server_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on the event loop ``uvicorn`` itself would choose (``--loop auto``:
+    uvloop where it is installed, as it is with ``uvicorn[standard]``), so that a service
+    runs as fast as the same app under plain ``uvicorn`` would."""
+    loop_factory = auto_loop_factory(use_subprocess=False)
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main)
 
 
 async def _serve_until_signalled(servers: list[_Server]) -> None:
@@ -401,7 +411,7 @@ def dev(
             shutil.rmtree(folder)
     tokens = TokenRegistry.from_settings(settings)
     with _embedded_broker(settings.kafka_bootstrap):
-        asyncio.run(_dev(settings, tokens, demo=demo, demo_customers=demo_customers))
+        _run_on_server_loop(_dev(settings, tokens, demo=demo, demo_customers=demo_customers))
 
 
 async def _dev(settings: Settings, tokens: TokenRegistry, *, demo: bool,

@@ -260,9 +260,10 @@ FOR UPDATE OF c"""
 LOCK_MORE_SQL = f"""{_LOCKED}
 WHERE c.customer_id = ANY($1::text[]) ORDER BY c.customer_id FOR UPDATE OF c"""
 
-# Each order and each group is looked up on its own (LATERAL), so that the indexes are used
-# whatever the planner believes of the tables: with a whole array against a table that grew
-# since it was last analysed, it chose sequential scans that took longer with every check.
+# Each order, group and customer is looked up on its own (LATERAL), so that the indexes are
+# used whatever the planner believes of the tables: with a whole array against a table that
+# grew since it was last analysed (or a plan kept from when it was empty), it chose
+# sequential scans that took longer with every check.
 # Read once the locks are held (a statement of its own: one that waited for a lock sees rows
 # committed meanwhile only from its next statement on), so that a concurrent check of a
 # sibling or a retry of the same order that committed while we waited is seen, and so are the
@@ -285,8 +286,10 @@ UNION ALL
 SELECT 's', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, nextval({_SEQ}), NULL
 FROM generate_series(1, $3::int)
 UNION ALL
-SELECT 'r', order_id, check_id, customer_id, amount, NULL, NULL, NULL, NULL, NULL, expires_at
-FROM {store.reservations.name} WHERE customer_id = ANY($4::text[])"""
+SELECT 'r', r.order_id, r.check_id, r.customer_id, r.amount, NULL, NULL, NULL, NULL, NULL,
+       r.expires_at
+FROM unnest($4::text[]) AS c(id) CROSS JOIN LATERAL (
+    SELECT * FROM {store.reservations.name} WHERE customer_id = c.id) AS r"""
 
 _E = ["seq", "source", "event_id", "type", "subject", "time", "event", "recorded_at"]
 _K = [c.name for c in store.checks.columns]
