@@ -4,6 +4,7 @@ rows go out in order, at least once, and are deleted only once the broker acknow
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -193,3 +194,44 @@ async def test_an_unreachable_database_is_retried_not_fatal(
         stop.set()
         await asyncio.wait_for(running, 10)
         await engine.dispose()
+
+
+async def test_one_statement_per_cycle_and_acknowledged_rows_deleted_when_cancelled(
+        core: EventCore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a cycle that read less than a batch, the relay waits for the next commit (the
+    acknowledged rows go with the next cycle's read, not a read of their own); cancelled
+    meanwhile, it still deletes them, so they are not published again."""
+    relay = OutboxRelay(core, bootstrap="unused", poll_interval=30.0)
+    producer = Producer()
+    cycles: list[int] = []
+    real = relay.publish_pending
+
+    async def publish(prod: Any, leader: Any = None) -> int:
+        n = await real(producer, leader)
+        cycles.append(n)
+        return n
+
+    class FakeKafka:
+        def __init__(self, **_kw: Any) -> None: ...
+        async def start(self) -> None: ...
+        async def stop(self) -> None: ...
+
+    monkeypatch.setattr("aiokafka.AIOKafkaProducer", FakeKafka)
+    monkeypatch.setattr(relay, "publish_pending", publish)
+    await queue(core, "e1", "e2")
+    core.outbox_ready.set()
+    running = asyncio.create_task(relay.run(asyncio.Event()))
+    try:
+        for _ in range(100):
+            if producer.sent:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        assert cycles == [2]  # no second read just to delete
+        assert await pending(core) == ["e1", "e2"]  # acknowledged, deleted by the next cycle
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+    assert await pending(core) == []
+    assert [i for _, _, i in producer.sent] == ["e1", "e2"]
