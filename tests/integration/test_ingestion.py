@@ -82,10 +82,10 @@ def pure_fold(items: list[Item]) -> tuple[dict[str, domain.CustomerState], Count
 async def stored_states(url: str) -> dict[str, domain.CustomerState]:
     engine = make_engine(url)
     async with engine.connect() as conn:
-        rows = list(await conn.execute(select(store.customers.c.customer_id,
-                                              store.customers.c.state)))
+        states = await store.read_states(conn, (await conn.execute(
+            select(store.customers.c.customer_id))).scalars())
     await engine.dispose()
-    return {r.customer_id: store.load_state(r.state) for r in rows}
+    return states
 
 
 def comparable(st: domain.CustomerState) -> domain.CustomerState:
