@@ -21,6 +21,7 @@ __all__ = [
     "CONSUMER_LAG",
     "CREDIT_CHECKS",
     "CREDIT_CHECK_BATCH",
+    "CREDIT_CHECK_REDECIDED",
     "CREDIT_CHECK_SECONDS",
     "CUSTOMERS",
     "CUSTOMERS_OVER_LIMIT",
@@ -121,6 +122,11 @@ CREDIT_CHECK_BATCH = Histogram(
     "creditwatch_credit_check_batch_size",
     "Credit checks decided together in one database transaction (PostgreSQL).",
     buckets=(1, 2, 4, 8, 16, 32, 64),
+)
+CREDIT_CHECK_REDECIDED = Counter(
+    "creditwatch_credit_check_batches_redecided_total",
+    "Batches of credit checks decided again under row locks, because something they had read "
+    "changed before they were written (another replica, the consumer, a release).",
 )
 CREDIT_CHECK_SECONDS = Histogram(
     "creditwatch_credit_check_seconds",

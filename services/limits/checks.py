@@ -260,36 +260,66 @@ FOR UPDATE OF c"""
 LOCK_MORE_SQL = f"""{_LOCKED}
 WHERE c.customer_id = ANY($1::text[]) ORDER BY c.customer_id FOR UPDATE OF c"""
 
+# What a decision reads besides the customer rows, one row per fact, the columns by kind:
+#   k  an order's latest check   key order, ref check, customer_id, amount, code currency,
+#                                text decision, body
+#   g  a group's figures         key group (the parent), total exposure, n members
+#   s  an event number           n
+#   r  a live reservation        key order, ref check, customer_id, amount, at expiry
 # Each order, group and customer is looked up on its own (LATERAL), so that the indexes are
 # used whatever the planner believes of the tables: with a whole array against a table that
 # grew since it was last analysed (or a plan kept from when it was empty), it chose
 # sequential scans that took longer with every check.
-# Read once the locks are held (a statement of its own: one that waited for a lock sees rows
-# committed meanwhile only from its next statement on), so that a concurrent check of a
-# sibling or a retry of the same order that committed while we waited is seen, and so are the
-# live reservations of the customers whose state is read ($4); the decisions' event numbers
-# are drawn under the locks too, so they follow the order in which the states change.
-CONTEXT_SQL = f"""
-SELECT 'k' AS kind, k.order_id AS key, k.check_id, k.customer_id, k.amount, k.currency,
-       k.decision, k.body, NULL::numeric AS total, NULL::bigint AS n,
-       NULL::timestamptz AS expires_at
-FROM unnest($1::text[]) AS o(id) CROSS JOIN LATERAL (
+def _context_sql(orders: str, groups: str, count: str, reading: str) -> str:
+    return f"""
+SELECT 'k' AS kind, k.order_id AS key, k.check_id::text AS ref, k.customer_id::text,
+       k.amount, k.currency::text AS code, k.decision::text AS text, k.body,
+       NULL::numeric AS total, NULL::bigint AS n, NULL::timestamptz AS at
+FROM {orders} CROSS JOIN LATERAL (
     SELECT order_id, check_id, customer_id, amount, currency, decision, body
     FROM {store.checks.name} WHERE order_id = o.id ORDER BY seq DESC LIMIT 1) AS k
 UNION ALL
 SELECT 'g', g.id, NULL, NULL, NULL, NULL, NULL, NULL, m.total, m.n, NULL
-FROM unnest($2::text[]) AS g(id) CROSS JOIN LATERAL (
+FROM {groups} CROSS JOIN LATERAL (
     SELECT sum(exposure) AS total, count(*) AS n
     FROM {store.customers.name} WHERE group_id = g.id) AS m
 WHERE m.n > 0
 UNION ALL
 SELECT 's', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, nextval({_SEQ}), NULL
-FROM generate_series(1, $3::int)
+FROM generate_series(1, {count})
 UNION ALL
 SELECT 'r', r.order_id, r.check_id, r.customer_id, r.amount, NULL, NULL, NULL, NULL, NULL,
        r.expires_at
-FROM unnest($4::text[]) AS c(id) CROSS JOIN LATERAL (
+FROM {reading} CROSS JOIN LATERAL (
     SELECT * FROM {store.reservations.name} WHERE customer_id = c.id) AS r"""
+
+
+# Under the locks (see LOCK_SQL) and a statement of its own: one that waited for a lock sees
+# rows committed meanwhile only from its next statement on, so a concurrent check of a
+# sibling or a retry of the same order that committed while we waited is seen; the event
+# numbers are drawn under the locks too, so they follow the order in which the states change.
+CONTEXT_SQL = _context_sql("unnest($1::text[]) AS o(id)", "unnest($2::text[]) AS g(id)",
+                           "$3::int", "unnest($4::text[]) AS c(id)")
+
+# Without locks, everything at once (one snapshot): the customers (c rows: key customer,
+# ref parent, amount exposure, text published, body state or NULL, n last_seq, at as_of) and
+# their context. What the decisions rely on is checked again under the locks when they are
+# written (GUARDED_WRITE_SQL).
+READ_SQL = f"""
+WITH cust AS MATERIALIZED ({_LOCKED}
+    WHERE c.customer_id = ANY(ARRAY(
+        SELECT unnest($1::text[])
+        UNION
+        SELECT parent_id FROM {store.customers.name}
+        WHERE customer_id = ANY($1::text[]) AND parent_id IS NOT NULL))),
+roots AS (SELECT DISTINCT coalesce(c.parent_id, i.id) AS id
+          FROM unnest($1::text[]) AS i(id) LEFT JOIN cust c ON c.customer_id = i.id),
+stale AS (SELECT customer_id AS id FROM cust WHERE state IS NOT NULL)
+SELECT 'c' AS kind, customer_id::text AS key, parent_id::text AS ref, NULL AS customer_id,
+       exposure AS amount, NULL AS code, published AS text, state AS body,
+       NULL::numeric AS total, last_seq AS n, as_of AS at
+FROM cust
+UNION ALL {_context_sql("unnest($4::text[]) AS o(id)", "roots AS g", "$5::int", "stale AS c")}"""
 
 _E = ["seq", "source", "event_id", "type", "subject", "time", "event", "recorded_at"]
 _K = [c.name for c in store.checks.columns]
@@ -298,7 +328,7 @@ _R = [c.name for c in store.reservations.columns]
 _C = [c.name for c in store.customers.columns]
 
 
-def _write_sql() -> str:
+def _write_sql(guarded: bool) -> str:
     n = 1
     parts = []
     for table, names in ((store.core.events, _E), (store.checks, _K), (store.core.outbox, _O),
@@ -312,7 +342,8 @@ def _write_sql() -> str:
                      if c not in ("customer_id", "order_id"))
     sets = ", ".join(kept_unless_marked(cu_t, c, store.UNCHANGED) if c == "state"
                      else f'"{c}" = EXCLUDED."{c}"' for c in _C if c != "customer_id")
-    return f"""
+    if not guarded:
+        return f"""
 WITH ev AS (INSERT INTO {ev_t} ({ev_c}) SELECT * FROM unnest({ev_a})),
 ck AS (INSERT INTO {ck_t} ({ck_c}) SELECT * FROM unnest({ck_a})),
 ob AS (INSERT INTO {ob_t} ({ob_c}) SELECT * FROM unnest({ob_a})),
@@ -320,9 +351,100 @@ rs AS (INSERT INTO {rs_t} ({rs_c}) SELECT * FROM unnest({rs_a})
        ON CONFLICT (customer_id, order_id) DO UPDATE SET {held})
 INSERT INTO {cu_t} ({cu_c}) SELECT * FROM unnest({cu_a})
 ON CONFLICT (customer_id) DO UPDATE SET {sets}"""
+    # limits_lock_and_verify (migration limits_0004) runs first: it locks the customers and
+    # checks, under the locks, what the decisions relied on; every write waits for its answer.
+    expect = ", ".join(f"${n + i}::{t}[]" for i, t in enumerate(
+        ("text", "bigint", "text", "numeric", "bigint", "text", "text")))
+    return f"""
+WITH ok AS MATERIALIZED (SELECT limits_lock_and_verify({expect}) AS ok),
+ev AS (INSERT INTO {ev_t} ({ev_c}) SELECT * FROM unnest({ev_a}) WHERE (SELECT ok FROM ok)),
+ck AS (INSERT INTO {ck_t} ({ck_c}) SELECT * FROM unnest({ck_a}) WHERE (SELECT ok FROM ok)),
+ob AS (INSERT INTO {ob_t} ({ob_c}) SELECT * FROM unnest({ob_a}) WHERE (SELECT ok FROM ok)),
+rs AS (INSERT INTO {rs_t} ({rs_c}) SELECT * FROM unnest({rs_a}) WHERE (SELECT ok FROM ok)
+       ON CONFLICT (customer_id, order_id) DO UPDATE SET {held}),
+cu AS (INSERT INTO {cu_t} ({cu_c}) SELECT * FROM unnest({cu_a}) WHERE (SELECT ok FROM ok)
+       ON CONFLICT (customer_id) DO UPDATE SET {sets})
+SELECT ok FROM ok"""
 
 
-WRITE_SQL = _write_sql()
+# Under the transaction's locks (the fallback).
+WRITE_SQL = _write_sql(guarded=False)
+# Alone, in autocommit: writes only if nothing the decisions read has changed since.
+GUARDED_WRITE_SQL = _write_sql(guarded=True)
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """A customer row as a batch reads it."""
+
+    parent_id: str | None
+    exposure: Decimal
+    published: str | None
+    last_seq: int
+    as_of: datetime | None
+    state: str | None  # None: the state this process holds, at last_seq
+
+    @classmethod
+    def locked(cls, r: Any) -> _Row:
+        return cls(r["parent_id"], r["exposure"], r["published"], r["last_seq"], r["as_of"],
+                   r["state"])
+
+
+def _roots(rows: dict[str, _Row], ids: list[str]) -> list[str]:
+    """The groups of these customers: each one's parent, or itself."""
+    return sorted({(rows[cid].parent_id if cid in rows else None) or cid for cid in ids})
+
+
+@dataclass
+class _Read:
+    """What a batch's decisions rely on, and (``expected``) how to check it again."""
+
+    rows: dict[str, _Row]
+    priors: dict[str, Prior] = field(default_factory=dict)
+    totals: dict[str, Decimal] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    seqs: list[int] = field(default_factory=list)
+    held: dict[str, list[domain.Reservation]] = field(default_factory=dict)
+    # limits_lock_and_verify's arguments: customers and versions (None: no row), groups
+    # with their exposure and member count, orders with their latest check (None: none).
+    expected: tuple[list[Any], ...] = ()
+
+    @classmethod
+    def of(cls, records: Any, ids: list[str], orders: list[str],
+           rows: dict[str, _Row] | None = None) -> _Read:
+        read = cls(rows if rows is not None else {})
+        for r in records:
+            kind, key = r["kind"], r["key"]
+            if kind == "c":
+                read.rows[key] = _Row(r["ref"], r["amount"], r["text"], r["n"], r["at"],
+                                      r["body"])
+            elif kind == "k":
+                read.priors[key] = Prior(r["ref"], key, r["customer_id"], r["amount"],
+                                         r["code"], r["text"], r["body"])
+            elif kind == "g":
+                read.totals[key], read.counts[key] = r["total"], r["n"]
+            elif kind == "s":
+                read.seqs.append(r["n"])
+            else:
+                read.held.setdefault(r["customer_id"], []).append(domain.Reservation(
+                    key, r["ref"], r["amount"], r["at"]))
+        read.seqs.sort()
+        customers = sorted(read.rows.keys() | set(ids))
+        groups = _roots(read.rows, ids)
+        read.expected = (
+            customers, [row.last_seq if (row := read.rows.get(c)) else None for c in customers],
+            groups, [read.totals.get(g, Decimal(0)) for g in groups],
+            [read.counts.get(g, 0) for g in groups],
+            orders, [prior.check_id if (prior := read.priors.get(o)) else None for o in orders])
+        return read
+
+
+@dataclass
+class _Decided:
+    results: dict[int, Verdict | Exception]
+    loaded: dict[str, Loaded]
+    tx: Tx
+    params: tuple[list[Any], ...] | None  # WRITE_SQL's; None: nothing to write
 
 
 @dataclass
@@ -393,74 +515,82 @@ class PostgresChecks(CoreChecks):
                 pending.future.set_result(result)
 
     async def _run(self, batch: list[_Pending]) -> dict[int, Verdict | Exception]:
+        """Decide the batch on what one statement reads, without locks, and write it with one
+        statement that first locks the customers (and group parents) in id order and checks
+        that nothing the decisions relied on has changed since: the customers' versions, the
+        groups' figures, the orders' latest checks. Two round trips, no transaction to open
+        and close. If something did change (another replica, the consumer, a release), the
+        batch is decided again, the classic way, in a transaction under the locks."""
         core = self.core
-        now = core.clock()
-        ids = sorted({p.order.customer_id for p in batch})
         metrics.CREDIT_CHECK_BATCH.observe(len(batch))
+        ids = sorted({p.order.customer_id for p in batch})
+        orders = sorted({p.order.order_id for p in batch})
+        hits = self._cached(ids)
+        known = (list(hits), [hit.last_seq for hit in hits.values()])
+        # The bare driver connection: the hot path's round trips skip SQLAlchemy's layers
+        # (asyncpg caches the prepared statements).
+        async with core.engine.connect() as sa_conn:
+            raw: Any = (await sa_conn.get_raw_connection()).driver_connection
+            now = core.clock()
+            read = _Read.of(await raw.fetch(READ_SQL, ids, *known, orders, len(batch)),
+                            ids, orders)
+            decided = self._decide(sa_conn, batch, now, read, hits)
+            if decided.params is not None and not await raw.fetchval(
+                    GUARDED_WRITE_SQL, *decided.params, *read.expected):
+                metrics.CREDIT_CHECK_REDECIDED.inc()
+                now = core.clock()
+                async with raw.transaction():
+                    read = await self._read_locked(raw, ids, orders, known, len(batch))
+                    decided = self._decide(sa_conn, batch, now, read, hits)
+                    if decided.params is not None:
+                        await raw.execute(WRITE_SQL, *decided.params)
+        self._remember(decided.loaded)
+        if decided.tx.outbox:
+            core.outbox_ready.set()
+        return decided.results
+
+    def _cached(self, ids: list[str]) -> dict[str, Loaded]:
+        """The states this process holds for the customers and their known parents."""
         cache = self._states
         wanted = set(ids)
         wanted.update(p for cid in ids if (hit := cache.get(cid)) is not None
                       and (p := hit.state.parent_id))
-        hits = {cid: hit for cid in wanted if (hit := cache.get(cid)) is not None}
-        known_ids = list(hits)
-        known_seqs = [hit.last_seq for hit in hits.values()]
-        # The bare driver connection, in a transaction of its own: the hot path's round trips
-        # skip SQLAlchemy's layers (asyncpg caches the prepared statements).
-        async with core.engine.connect() as sa_conn:
-            raw: Any = (await sa_conn.get_raw_connection()).driver_connection
-            async with raw.transaction():
-                results, loaded, tx = await self._decide_batch(
-                    raw, sa_conn, batch, now, ids, hits, known_ids, known_seqs)
-        self._remember(loaded)
-        if tx.outbox:
-            core.outbox_ready.set()
-        return results
+        return {cid: hit for cid in wanted if (hit := cache.get(cid)) is not None}
 
-    async def _decide_batch(self, raw: Any, sa_conn: AsyncConnection, batch: list[_Pending],
-                            now: datetime, ids: list[str], hits: dict[str, Loaded],
-                            known_ids: list[str], known_seqs: list[int],
-                            ) -> tuple[dict[int, Verdict | Exception], dict[str, Loaded], Tx]:
-        service = self.service
-        rows = {r["customer_id"]: r for r in await raw.fetch(
-            LOCK_SQL, ids, known_ids, known_seqs)}
+    @staticmethod
+    async def _read_locked(raw: Any, ids: list[str], orders: list[str],
+                           known: tuple[list[str], list[int]], count: int) -> _Read:
+        """Lock every customer and group parent in id order, then read the context."""
+        rows = {r["customer_id"]: _Row.locked(r) for r in await raw.fetch(LOCK_SQL, ids, *known)}
         # A parent that appeared or changed after the lock's subquery ran (rare).
-        late = sorted({r["parent_id"] for cid in ids if (r := rows.get(cid)) is not None
-                       and r["parent_id"] and r["parent_id"] not in rows})
+        late = sorted({row.parent_id for cid in ids if (row := rows.get(cid)) is not None
+                       and row.parent_id and row.parent_id not in rows})
         if late:
-            rows.update({r["customer_id"]: r for r in await raw.fetch(
-                LOCK_MORE_SQL, late, known_ids, known_seqs)})
-        roots = sorted({(rows[cid]["parent_id"] if cid in rows else None) or cid
-                        for cid in ids})
-        priors: dict[str, Prior] = {}
-        totals: dict[str, Decimal] = {}
-        counts: dict[str, int] = {}
-        seqs: list[int] = []
-        orders = sorted({p.order.order_id for p in batch})
-        reading = [cid for cid, r in rows.items() if r["state"] is not None]
-        held: dict[str, list[domain.Reservation]] = {cid: [] for cid in reading}
-        for r in await raw.fetch(CONTEXT_SQL, orders, roots, len(batch), reading):
-            kind, key = r["kind"], r["key"]
-            if kind == "r":
-                held[r["customer_id"]].append(domain.Reservation(
-                    key, r["check_id"], r["amount"], r["expires_at"]))
-            elif kind == "k":
-                priors[key] = Prior(r["check_id"], key, r["customer_id"], r["amount"],
-                                    r["currency"], r["decision"], r["body"])
-            elif kind == "g":
-                totals[key], counts[key] = r["total"], r["n"]
-            else:
-                seqs.append(r["n"])
-        seqs.sort()
+            rows.update({r["customer_id"]: _Row.locked(r)
+                         for r in await raw.fetch(LOCK_MORE_SQL, late, *known)})
+        reading = [cid for cid, row in rows.items() if row.state is not None]
+        context = await raw.fetch(CONTEXT_SQL, orders, _roots(rows, ids), count, reading)
+        return _Read.of(context, ids, orders, rows)
 
+    def _decide(self, sa_conn: AsyncConnection, batch: list[_Pending], now: datetime,
+                read: _Read, hits: dict[str, Loaded]) -> _Decided:
+        """Every check of the batch in arrival order, each seeing the ones before it: the
+        answers, the states after them, and the statement parameters of what to write."""
+        service = self.service
+        rows = read.rows
+        priors = dict(read.priors)
+        totals = dict(read.totals)
+        counts = dict(read.counts)
+        seqs = list(read.seqs)
         loaded: dict[str, Loaded] = {}
-        for cid, r in rows.items():
-            if r["state"] is None:  # the one we hold, at this version
+        for cid, stored in rows.items():
+            if stored.state is None:  # the one we hold, at this version
                 hit = hits[cid]
                 loaded[cid] = Loaded.committed(hit.state, hit.published, hit.last_seq)
             else:
-                state = store.load_state(r["state"], r["as_of"], held[cid])
-                loaded[cid] = Loaded.committed(state, r["published"], r["last_seq"])
-        exposure = {cid: r["exposure"] for cid, r in rows.items()}
+                state = store.load_state(stored.state, stored.as_of, read.held.get(cid, ()))
+                loaded[cid] = Loaded.committed(state, stored.published, stored.last_seq)
+        exposure = {cid: stored.exposure for cid, stored in rows.items()}
         results: dict[int, Verdict | Exception] = {}
         out = _Batch()
         tx = Tx(sa_conn, now)  # the fold only computes; it does not touch the connection
@@ -468,7 +598,7 @@ class PostgresChecks(CoreChecks):
             order = pending.order
             cid = order.customer_id
             row = rows.get(cid)
-            parent = row["parent_id"] if row is not None else None
+            parent = row.parent_id if row is not None else None
             root = parent or cid
             if cid not in loaded:
                 loaded[cid] = Loaded(domain.new_customer(cid, service.policy), None, 0)
@@ -496,6 +626,7 @@ class PostgresChecks(CoreChecks):
                 data.check_id, order.order_id, cid, order.amount, order.currency,
                 data.decision, out.checks[-1]["body"])  # the stored body, as a retry reads it
             results[i] = result.verdict
+        params = None
         if out.events:
             outbox = [(e.id, topic, e.subject, e.to_json().decode(), now)
                       for topic, e in tx.outbox]
@@ -508,8 +639,7 @@ class PostgresChecks(CoreChecks):
                 *([r[c] for r in reserving] for c in _R),
                 *([r[c] for r in customers] for c in _C),
             )
-            await raw.execute(WRITE_SQL, *params)
-        return results, loaded, tx
+        return _Decided(results, loaded, tx, params)
 
     def _remember(self, loaded: dict[str, Loaded]) -> None:
         """Keep the states just committed (the unknown customers' made-up ones aside)."""

@@ -19,11 +19,12 @@ import pytest
 
 from services.limits import store
 from services.limits.app import build, refresh_portfolio_gauges
-from services.limits.checks import CheckOrder, PostgresChecks
+from services.limits.checks import CheckOrder, PostgresChecks, Verdict
 from shared import eventstore as es
 from shared import metrics
 from shared.auth import Principal, TokenRegistry
 from shared.events import ExposureUpdated, LimitChanged
+from shared.problems import Conflict
 from shared.runtime import Record
 from shared.service import ServiceHost
 from shared.settings import Settings
@@ -1084,3 +1085,77 @@ async def test_given_checks_one_after_another_when_each_is_awaited_then_none_is_
                 reserve=True, requested_by="order-entry"))
             assert verdict.decision == "approved"
     assert (await svc.exposure("C-1"))["reserved"] == "50.00"
+
+
+# ---- decided on a read, written under the locks if nothing changed ------------------------------
+
+
+def _redecided() -> float:
+    return sum(s.value for m in metrics.CREDIT_CHECK_REDECIDED.collect() for s in m.samples
+               if s.name.endswith("_total"))
+
+
+async def _until_waiting_for_locks(svc: Service, count: int) -> None:
+    for _ in range(200):
+        async with svc.host.engine.connect() as conn:
+            waiting = (await conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()")).scalar_one()
+        if waiting >= count:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"fewer than {count} statements came to wait for a lock")
+
+
+@pytest.mark.parametrize("change", ["same customer", "group sibling", "same order"])
+async def test_given_a_change_between_a_batch_read_and_its_write_then_it_is_decided_again(
+    svc: Service, change: str,
+) -> None:
+    """Two replicas decide on what they read without locks; the write locks and checks that
+    nothing it relied on changed. The one whose read went stale writes nothing and decides
+    again under the locks: never both approved beyond the room, never the order twice."""
+    grouped = change == "group sibling"
+    await svc.customer("P", "CCC")  # 5,000.00: the group's limit when grouped
+    for cid in ("C-1", "C-2"):
+        await svc.customer(cid, "AAA" if grouped else "CCC", parent="P" if grouped else None)
+    core = svc.host.core
+    one, other = PostgresChecks(core.service, core), PostgresChecks(core.service, core)
+
+    def order(cid: str, order_id: str) -> CheckOrder:
+        return CheckOrder(order_id, cid, Decimal("3000.00"), "EUR", True, "orders")
+
+    before = _redecided()
+    async with svc.host.engine.connect() as holder:
+        # Hold C-1's row, so that the first replica's write waits after its read.
+        await holder.exec_driver_sql(
+            "SELECT 1 FROM limits_customers WHERE customer_id = 'C-1' FOR UPDATE")
+        first = asyncio.create_task(one.check(order("C-1", "SO-A")))
+        await _until_waiting_for_locks(svc, 1)
+        if change == "same customer":
+            # Read before the first one wrote; queued behind it for the lock.
+            second = asyncio.create_task(other.check(order("C-1", "SO-B")))
+            await _until_waiting_for_locks(svc, 2)
+        else:
+            # Another customer: written at once, under the first one's feet.
+            second = asyncio.create_task(other.check(
+                order("C-2", "SO-B" if grouped else "SO-A")))
+            await second
+        await holder.rollback()
+    a, b = await asyncio.gather(first, second, return_exceptions=True)
+    assert _redecided() - before == 1
+
+    if change == "same customer":  # the first one wrote; the second saw its reservation
+        assert isinstance(a, Verdict) and isinstance(b, Verdict)
+        assert (a.decision, b.decision) == ("approved", "rejected")
+        assert b.body["reasons"] == ["exceeds_available"]
+        assert (await svc.exposure("C-1"))["reserved"] == "3000.00"
+    elif grouped:  # the sibling wrote first; the first one saw the group's room shrink
+        assert isinstance(a, Verdict) and isinstance(b, Verdict)
+        assert (a.decision, b.decision) == ("rejected", "approved")
+        assert "exceeds_group_available" in a.body["reasons"]
+        assert (await svc.exposure("C-1"))["reserved"] == "0.00"
+    else:  # the order went to C-2 first; checking it for C-1 is a conflict
+        assert isinstance(b, Verdict) and b.decision == "approved"
+        assert isinstance(a, Conflict)
+        assert (await svc.exposure("C-1"))["reserved"] == "0.00"
+    assert await svc.host.core.verify() == []
