@@ -1,15 +1,17 @@
-"""The database side of a credit check: read what the decision needs under the customer's
-lock, decide (the domain's rule), record the decision, reservation and exposure.
+"""The database side of a credit check: read what the decision needs, decide (the domain's
+rule), record the decision, reservation and exposure, with the customer's row locked.
 
 Two ways to do it, same effects:
 - ``CoreChecks`` (any database): SQLAlchemy statements and the event core's ``submit``,
-  one transaction per check;
-- ``PostgresChecks``: the checks that arrive while a transaction is in flight wait and then
-  go together, in arrival order, through one transaction of five round trips — begin, lock
-  every customer (and group parent) in id order with one statement, read the context, one
-  statement for every write, commit. A check's answer is sent only after its commit. Under
-  load this spreads the round trips and the commit over the batch; at low load a batch is a
-  single check and nothing waits for company.
+  one transaction per check, the customer locked first;
+- ``PostgresChecks``: the checks that arrive while a batch is in flight wait and then go
+  together, in arrival order, through two round trips — one statement reads every customer
+  (and group parent), the orders' latest checks, the groups' figures and the event numbers;
+  one statement locks the customers in id order, checks that none of that has changed, and
+  only then writes everything. A batch whose read went stale (another replica, the
+  consumer) is decided again in a transaction under the locks. A check's answer is sent only
+  after its write committed. Under load this spreads the round trips over the batch; at low
+  load a batch is a single check and nothing waits for company.
 """
 
 from __future__ import annotations
@@ -464,15 +466,15 @@ class _Batch:
 
 
 class PostgresChecks(CoreChecks):
-    """The same effects as ``CoreChecks``, with the checks that queue up while a
-    transaction is in flight decided together in the next one."""
+    """The same effects as ``CoreChecks``, with the checks that queue up while a batch is
+    in flight decided together in the next one."""
 
     def __init__(self, service: LimitsService, core: EventCore,
                  max_batch: int = MAX_BATCH) -> None:
         super().__init__(service, core)
         self.max_batch = max_batch
         self._queue: list[_Pending] = []
-        # One transaction at a time (measured best: with more in flight, each one's round
+        # One batch at a time (measured best: with more in flight, each one's round
         # trips wait for the others' CPU on the event loop).
         self._worker: asyncio.Task[None] | None = None
         self._states: CommittedStates[Loaded] = CommittedStates(CACHED_STATES)
