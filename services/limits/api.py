@@ -163,8 +163,7 @@ def build_router(service: LimitsService, core: EventCore,
             loaded, _ = await _locked(conn, prior.customer_id)
             state = loaded[prior.customer_id].state
             res = state.reservations.get(order_id)
-            live = domain.reserved_amounts(state, now)
-            if res is None or order_id not in live:
+            if res is None or domain.reserved_for(state, order_id, now) <= 0:
                 raise NotFound(f"no open reservation for order {order_id!r}", field="order_id")
             env = new_event(ev.ReservationReleased.TYPE, source=SOURCE + "/api",
                             subject=prior.customer_id,

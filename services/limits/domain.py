@@ -229,7 +229,6 @@ def open_receivables(state: CustomerState) -> Decimal:
 
 def reserved_amounts(state: CustomerState, at: datetime | None) -> dict[str, Decimal]:
     """What each live reservation still holds: its amount less what was invoiced on it."""
-    # Runs on every credit check, over every live reservation: kept to comprehensions.
     reservations = state.reservations
     if not reservations:
         return {}
@@ -246,27 +245,115 @@ def reserved_amounts(state: CustomerState, at: datetime | None) -> dict[str, Dec
     return out
 
 
-# The last few invoice mappings' sums by order. States are immutable and share their
-# invoices mapping until an invoice event replaces it, so the checks between two invoices
-# reuse one sum instead of walking every invoice each time.
-_INVOICED: OrderedDict[int, tuple[Mapping[str, Invoice], dict[str, Decimal]]] = OrderedDict()
+def reserved_total(state: CustomerState, at: datetime | None) -> Decimal:
+    """``sum(reserved_amounts(state, at).values())``, without walking the reservations
+    while none has lapsed by ``at`` and none is invoiced on (a credit check's case)."""
+    reservations = state.reservations
+    if not reservations:
+        return ZERO
+    held = _held(reservations)
+    invoiced = invoiced_on_orders(state.invoices)
+    if (at is None or (held.earliest is not None and held.earliest > at)) and (
+            not invoiced or reservations.keys().isdisjoint(invoiced)):
+        return held.total
+    return sum(reserved_amounts(state, at).values(), ZERO)
+
+
+def reserved_for(state: CustomerState, order_id: str, at: datetime | None) -> Decimal:
+    """What the order's live reservation still holds (0: none)."""
+    res = state.reservations.get(order_id)
+    if res is None or (at is not None and res.expires_at <= at):
+        return ZERO
+    left = res.amount - invoiced_on_orders(state.invoices).get(order_id, ZERO)
+    return left if left > 0 else ZERO
+
+
+def earliest_expiry(state: CustomerState) -> datetime | None:
+    """When the first of the live reservations lapses."""
+    return _held(state.reservations).earliest if state.reservations else None
+
+
+class _Derived:
+    """Values derived from the last few mappings of states. States are immutable and share
+    a mapping until an event replaces it, so what is derived from one is reused by every
+    state that has it. Entries hold their mapping, so its id is not reused meanwhile."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[int, tuple[Mapping[str, Any], Any]] = OrderedDict()
+
+    def get(self, mapping: Mapping[str, Any]) -> Any:
+        hit = self._items.get(id(mapping))
+        return hit[1] if hit is not None and hit[0] is mapping else None
+
+    def put(self, mapping: Mapping[str, Any], value: Any) -> None:
+        self._items[id(mapping)] = (mapping, value)
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """The reservations' summed amounts and earliest expiry."""
+
+    total: Decimal
+    earliest: datetime | None
+
+
+_INVOICED = _Derived(1024)  # invoices mapping → what is invoiced per order
+_HELD = _Derived(4096)  # reservations mapping → _Held
+_STEP = _Derived(4096)  # reservations mapping → (the mapping it was made from, order changed)
+
+
+def changed_reservation(before: Mapping[str, Reservation],
+                        after: Mapping[str, Reservation]) -> str | None:
+    """The one order whose reservation differs, if ``after`` was made from ``before`` by one
+    event here; None: not known (compare them)."""
+    step: tuple[Mapping[str, Reservation], str] | None = _STEP.get(after)
+    return step[1] if step is not None and step[0] is before else None
 
 
 def invoiced_on_orders(invoices: Mapping[str, Invoice]) -> dict[str, Decimal]:
     """What is invoiced (not cancelled) per order id. Do not change the result."""
     if not invoices:
         return {}
-    hit = _INVOICED.get(id(invoices))
-    if hit is not None and hit[0] is invoices:
-        return hit[1]
-    invoiced: dict[str, Decimal] = {}
-    for inv in invoices.values():
-        if inv.order_id and not inv.cancelled:
-            invoiced[inv.order_id] = invoiced.get(inv.order_id, ZERO) + inv.amount
-    _INVOICED[id(invoices)] = (invoices, invoiced)  # holding it, so its id is not reused
-    if len(_INVOICED) > 1024:
-        _INVOICED.popitem(last=False)
+    invoiced: dict[str, Decimal] | None = _INVOICED.get(invoices)
+    if invoiced is None:
+        invoiced = {}
+        for inv in invoices.values():
+            if inv.order_id and not inv.cancelled:
+                invoiced[inv.order_id] = invoiced.get(inv.order_id, ZERO) + inv.amount
+        _INVOICED.put(invoices, invoiced)
     return invoiced
+
+
+def _held(reservations: Mapping[str, Reservation]) -> _Held:
+    held: _Held | None = _HELD.get(reservations)
+    if held is None:
+        held = _Held(sum((r.amount for r in reservations.values()), ZERO),
+                     min((r.expires_at for r in reservations.values()), default=None))
+        _HELD.put(reservations, held)
+    return held
+
+
+def _with_reservations(state: CustomerState, reservations: dict[str, Reservation],
+                       added: Reservation | None, removed: Reservation | None) -> CustomerState:
+    """``state`` with ``reservations`` (``added`` and/or ``removed`` against the state's):
+    the summary follows from the state's own where that is known, without a walk."""
+    known: _Held | None = _HELD.get(state.reservations)
+    if known is not None and not (removed is not None and known.earliest is not None
+                                  and removed.expires_at <= known.earliest):
+        total, earliest = known.total, known.earliest
+        if removed is not None:
+            total -= removed.amount
+        if added is not None:
+            total += added.amount
+            earliest = added.expires_at if earliest is None else min(earliest, added.expires_at)
+        _HELD.put(reservations, _Held(total, earliest))
+    changed = added if added is not None else removed
+    if changed is not None:
+        _STEP.put(reservations, (state.reservations, changed.order_id))
+    return replace(state, reservations=reservations)
 
 
 def bucket_of(days: int) -> str | None:
@@ -326,9 +413,9 @@ def _add(buckets: dict[str, Decimal], days: int, amount: Decimal) -> None:
 
 def figures(state: CustomerState, policy: Policy, at: datetime | None = None,
             items: dict[str, Decimal] | None = None,
-            reserved: Mapping[str, Decimal] | None = None) -> Figures:
+            reserved: Decimal | None = None) -> Figures:
     """The exposure picture as of business time ``at`` (default: the last event's time);
-    ``items``/``reserved``: ``open_items(state)``/``reserved_amounts(state, at)`` if known."""
+    ``items``/``reserved``: ``open_items(state)``/``reserved_total(state, at)`` if known."""
     at = at or state.last_time
     on = at.date() if at is not None else state.as_of
     if state.as_of is not None and (on is None or state.as_of > on):
@@ -341,8 +428,7 @@ def figures(state: CustomerState, policy: Policy, at: datetime | None = None,
         overdue_amount=overdue,
         overdue_buckets=buckets,
         max_days_overdue=worst,
-        reserved=sum((reserved_amounts(state, at) if reserved is None else reserved).values(),
-                     ZERO),
+        reserved=reserved_total(state, at) if reserved is None else reserved,
         limit=limit,
         limit_source=source,
         limit_expires_at=expires,
@@ -536,7 +622,8 @@ def _check_decided(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> Cu
     if d.decision != "approved" or not d.reserve:
         return state
     res = Reservation(d.order_id, d.check_id, d.amount_in_credit_currency, d.expires_at)
-    return replace(state, reservations={**state.reservations, d.order_id: res})
+    return _with_reservations(state, {**state.reservations, d.order_id: res}, res,
+                              state.reservations.get(d.order_id))
 
 
 def _reservation_ended(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> CustomerState:
@@ -544,8 +631,8 @@ def _reservation_ended(state: CustomerState, d: Any, _t: datetime, _p: Policy) -
     res = state.reservations.get(d.order_id)
     if res is None or res.check_id != d.check_id:
         return state
-    return replace(state, reservations={k: r for k, r in state.reservations.items()
-                                        if k != d.order_id})
+    return _with_reservations(state, {k: r for k, r in state.reservations.items()
+                                      if k != d.order_id}, None, res)
 
 
 def _request_submitted(state: CustomerState, d: Any, t: datetime, p: Policy) -> CustomerState:
@@ -681,10 +768,10 @@ def decide_credit_check(state: CustomerState, *, order_id: str, amount: Decimal,
     # ever holds the rest (see reserved_amounts), so only the rest is judged.
     invoiced = invoiced_on_orders(state.invoices).get(order_id, ZERO)
     needed = max(ZERO, converted - invoiced)
-    live = reserved_amounts(state, now)
-    fig = figures(state, policy, now, reserved=live)
-    earlier = live.pop(order_id, ZERO)  # this order's own reservation (an amendment)
-    others_reserved = sum(live.values(), ZERO)
+    reserved = reserved_total(state, now)
+    fig = figures(state, policy, now, reserved=reserved)
+    earlier = reserved_for(state, order_id, now)  # this order's own reservation (amendment)
+    others_reserved = reserved - earlier
     exposure = fig.open_receivables + others_reserved
     limit = effective_limit(state, policy, now)[0]
     has_own_limit = limit > 0

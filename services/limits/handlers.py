@@ -331,7 +331,8 @@ class LimitsService:
 
 
 def _next_expiry(st: domain.CustomerState) -> datetime | None:
-    times = [r.expires_at for r in st.reservations.values()]
+    first = domain.earliest_expiry(st)
+    times = [first] if first is not None else []
     if st.manual is not None and st.manual.expires_at is not None:
         times.append(st.manual.expires_at)
     return min(times) if times else None

@@ -25,7 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.limits.domain import CustomerState, Figures, Reservation
+from services.limits.domain import CustomerState, Figures, Reservation, changed_reservation
 from shared.db import BigId, ExactDecimal, UtcDateTime
 from shared.eventstore import core_tables
 from shared.projection import StateCodec, lock_rows, upsert
@@ -152,6 +152,10 @@ def reservation_changes(cid: str, before: Mapping[str, Reservation],
     """The reservation rows to write and the (customer, order) keys to delete."""
     if before is after:
         return [], []
+    order_id = changed_reservation(before, after)
+    if order_id is not None:  # one event's change (a credit check's): no walk
+        res = after.get(order_id)
+        return ([reservation_row(cid, res)], []) if res is not None else ([], [(cid, order_id)])
     rows = [reservation_row(cid, res) for order_id, res in after.items()
             if before.get(order_id) is not res]
     gone = [(cid, order_id) for order_id in before if order_id not in after]

@@ -829,3 +829,63 @@ def test_the_document_leaves_reservations_and_event_time_to_the_row() -> None:
     invoiced = fold([invoice("I-2", "5.00")], checked)
     assert not same_document(checked, invoiced)
     assert dump_state(invoiced) != dump_state(checked)
+
+
+@st.composite
+def reservation_histories(draw: Any) -> list[Event]:
+    """Checks, amendments, releases, expiries and invoices on orders, in time order."""
+    events: list[Event] = []
+    t = T0
+    checks: dict[str, str] = {}
+    for n in range(draw(st.integers(1, 25))):
+        t += timedelta(hours=draw(st.integers(0, 30)))
+        order_id = f"SO-{draw(st.integers(0, 6))}"
+        kind = draw(st.sampled_from(["check", "check", "check", "release", "expire",
+                                     "invoice", "cancel"]))
+        if kind == "check":
+            amount = draw(st.sampled_from(["0.00", "10.00", "250.50", "1000.00"]))
+            checks[order_id] = f"chk-{n}"
+            events.append(decided(order_id, amount, now=t, check_id=f"chk-{n}"))
+        elif kind in ("release", "expire") and order_id in checks:
+            cls = ev.ReservationReleased if kind == "release" else ev.ReservationExpired
+            extra = {"by": "orders"} if kind == "release" else {}
+            events.append((cls.TYPE, cls(customer_id=CID, order_id=order_id,
+                                         check_id=checks[order_id], **extra), t))
+        elif kind == "invoice":
+            amount = draw(st.sampled_from(["5.00", "100.00", "2000.00"]))
+            events.append(invoice(f"I-{n}", amount, order_id=order_id, time=t,
+                                  issued=t.date().isoformat(),
+                                  due=(t.date() + timedelta(days=30)).isoformat()))
+        elif kind == "cancel" and any(e[0] == InvoiceIssued.TYPE for e in events):
+            last = next(e for e in reversed(events) if e[0] == InvoiceIssued.TYPE)
+            events.append(cancelled(last[1].invoice_id, t))
+    return events
+
+
+@_PROPERTY
+@given(reservation_histories(), st.lists(st.integers(0, 400), min_size=1, max_size=5))
+def test_property_the_shortcuts_over_reservations_equal_walking_them(
+    events: list[Event], hours: list[int],
+) -> None:
+    """The credit check's shortcuts over the reservations (a summary and the changed order,
+    kept from state to state) give what walking every reservation gives, after every event:
+    the reserved total and each order's part, the earliest expiry, the rows to write."""
+    state = rated("BBB")
+    for event in events:
+        before, state = state, fold([event], state)
+        hinted = reservation_changes(CID, before.reservations, state.reservations)
+        steps = domain._STEP
+        domain._STEP = domain._Derived(1)  # the same diff without the hint: a walk
+        try:
+            assert reservation_changes(CID, before.reservations, state.reservations) == hinted
+        finally:
+            domain._STEP = steps
+        for h in [None, *hours]:
+            at = None if h is None else T0 + timedelta(hours=h)
+            amounts = domain.reserved_amounts(state, at)
+            assert domain.reserved_total(state, at) == sum(amounts.values(), D(0))
+            for n in range(7):
+                order_id = f"SO-{n}"
+                assert domain.reserved_for(state, order_id, at) == amounts.get(order_id, D(0))
+        live = [r.expires_at for r in state.reservations.values()]
+        assert domain.earliest_expiry(state) == (min(live) if live else None)
