@@ -12,7 +12,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -86,6 +86,19 @@ async def stored_states(url: str) -> dict[str, domain.CustomerState]:
             select(store.customers.c.customer_id))).scalars())
     await engine.dispose()
     return states
+
+
+def differences(actual: dict[str, domain.CustomerState],
+                expected: dict[str, domain.CustomerState], ids: list[str]) -> str:
+    """Which fields differ, for a failure message that shows what went wrong."""
+    lines = []
+    for cid in ids:
+        got, want = comparable(actual[cid]), comparable(expected[cid])
+        for name in (f.name for f in fields(got)):
+            if getattr(got, name) != getattr(want, name):
+                lines.append(f"{cid}.{name}: stored {getattr(got, name)!r}, "
+                             f"fold {getattr(want, name)!r}")
+    return "\n".join(lines)
 
 
 def comparable(st: domain.CustomerState) -> domain.CustomerState:
@@ -204,7 +217,7 @@ async def run_stream(tmp_path: Path, postgres_server_url: str, kafka_bootstrap: 
     actual = await stored_states(url)
     assert set(actual) == set(expected)
     mismatched = [c for c in expected if comparable(actual[c]) != comparable(expected[c])]
-    assert mismatched == []
+    assert mismatched == [], differences(actual, expected, mismatched[:3])
     policy = load_policy(None)
     at = max(st.last_time for st in expected.values() if st.last_time)
     for cid in list(expected)[:50]:
