@@ -344,29 +344,24 @@ def _write_sql(guarded: bool) -> str:
                      if c not in ("customer_id", "order_id"))
     sets = ", ".join(kept_unless_marked(cu_t, c, store.UNCHANGED) if c == "state"
                      else f'"{c}" = EXCLUDED."{c}"' for c in _C if c != "customer_id")
+    # Guarded, limits_lock_and_verify (migration limits_0004) runs first: it locks the
+    # customers and checks, under the locks, what the decisions relied on; every write waits
+    # for its answer and writes nothing on a no.
+    only_if = " WHERE (SELECT ok FROM ok)" if guarded else ""
+    writes = ",\n".join((
+        f"ev AS (INSERT INTO {ev_t} ({ev_c}) SELECT * FROM unnest({ev_a}){only_if})",
+        f"ck AS (INSERT INTO {ck_t} ({ck_c}) SELECT * FROM unnest({ck_a}){only_if})",
+        f"ob AS (INSERT INTO {ob_t} ({ob_c}) SELECT * FROM unnest({ob_a}){only_if})",
+        f"rs AS (INSERT INTO {rs_t} ({rs_c}) SELECT * FROM unnest({rs_a}){only_if}\n"
+        f"       ON CONFLICT (customer_id, order_id) DO UPDATE SET {held})",
+        f"cu AS (INSERT INTO {cu_t} ({cu_c}) SELECT * FROM unnest({cu_a}){only_if}\n"
+        f"       ON CONFLICT (customer_id) DO UPDATE SET {sets})"))
     if not guarded:
-        return f"""
-WITH ev AS (INSERT INTO {ev_t} ({ev_c}) SELECT * FROM unnest({ev_a})),
-ck AS (INSERT INTO {ck_t} ({ck_c}) SELECT * FROM unnest({ck_a})),
-ob AS (INSERT INTO {ob_t} ({ob_c}) SELECT * FROM unnest({ob_a})),
-rs AS (INSERT INTO {rs_t} ({rs_c}) SELECT * FROM unnest({rs_a})
-       ON CONFLICT (customer_id, order_id) DO UPDATE SET {held})
-INSERT INTO {cu_t} ({cu_c}) SELECT * FROM unnest({cu_a})
-ON CONFLICT (customer_id) DO UPDATE SET {sets}"""
-    # limits_lock_and_verify (migration limits_0004) runs first: it locks the customers and
-    # checks, under the locks, what the decisions relied on; every write waits for its answer.
+        return f"WITH {writes}\nSELECT true"
     expect = ", ".join(f"${n + i}::{t}[]" for i, t in enumerate(
         ("text", "bigint", "text", "numeric", "bigint", "text", "text")))
-    return f"""
-WITH ok AS MATERIALIZED (SELECT limits_lock_and_verify({expect}) AS ok),
-ev AS (INSERT INTO {ev_t} ({ev_c}) SELECT * FROM unnest({ev_a}) WHERE (SELECT ok FROM ok)),
-ck AS (INSERT INTO {ck_t} ({ck_c}) SELECT * FROM unnest({ck_a}) WHERE (SELECT ok FROM ok)),
-ob AS (INSERT INTO {ob_t} ({ob_c}) SELECT * FROM unnest({ob_a}) WHERE (SELECT ok FROM ok)),
-rs AS (INSERT INTO {rs_t} ({rs_c}) SELECT * FROM unnest({rs_a}) WHERE (SELECT ok FROM ok)
-       ON CONFLICT (customer_id, order_id) DO UPDATE SET {held}),
-cu AS (INSERT INTO {cu_t} ({cu_c}) SELECT * FROM unnest({cu_a}) WHERE (SELECT ok FROM ok)
-       ON CONFLICT (customer_id) DO UPDATE SET {sets})
-SELECT ok FROM ok"""
+    return (f"WITH ok AS MATERIALIZED (SELECT limits_lock_and_verify({expect}) AS ok),\n"
+            f"{writes}\nSELECT ok FROM ok")
 
 
 # Under the transaction's locks (the fallback).
