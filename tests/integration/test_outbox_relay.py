@@ -57,6 +57,14 @@ class Producer:
         return future
 
 
+class FakeKafka:
+    """In place of AIOKafkaProducer where the relay's loop runs: sending is ``Producer``'s."""
+
+    def __init__(self, **_kw: Any) -> None: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
 async def queue(core: EventCore, *ids: str) -> None:
     items = [("credit.exposure", new_event("relay.tested", source="/t", subject=f"C-{i}",
                                            data={"n": i}, id=i, time=T0)) for i in ids]
@@ -147,11 +155,6 @@ async def test_the_relay_is_woken_by_a_commit_and_not_only_by_its_poll(
             published.set()
         return n
 
-    class FakeKafka:
-        def __init__(self, **_kw: Any) -> None: ...
-        async def start(self) -> None: ...
-        async def stop(self) -> None: ...
-
     monkeypatch.setattr("aiokafka.AIOKafkaProducer", FakeKafka)
     monkeypatch.setattr(relay, "publish_pending", publish)
     stop = asyncio.Event()
@@ -175,11 +178,6 @@ async def test_an_unreachable_database_is_retried_not_fatal(
     does the same), instead of ending the service's loops."""
     from shared.db import make_engine
     from tests.infra.servers import free_port
-
-    class FakeKafka:
-        def __init__(self, **_kw: Any) -> None: ...
-        async def start(self) -> None: ...
-        async def stop(self) -> None: ...
 
     monkeypatch.setattr("aiokafka.AIOKafkaProducer", FakeKafka)
     engine = make_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/nothing")
@@ -210,11 +208,6 @@ async def test_one_statement_per_cycle_and_acknowledged_rows_deleted_when_cancel
         n = await real(producer, leader)
         cycles.append(n)
         return n
-
-    class FakeKafka:
-        def __init__(self, **_kw: Any) -> None: ...
-        async def start(self) -> None: ...
-        async def stop(self) -> None: ...
 
     monkeypatch.setattr("aiokafka.AIOKafkaProducer", FakeKafka)
     monkeypatch.setattr(relay, "publish_pending", publish)
