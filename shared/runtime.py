@@ -696,19 +696,11 @@ class ConsumerLoop:
             log.debug("informational offset commit failed: %s", exc)
 
 
-# After a commit wakes the relay, how long it waits for more before reading: the credit-check
-# API commits a small batch every few milliseconds, and a cycle (a read, a produce request,
-# its acknowledgement) per commit cost ≈ 5 % of that process's CPU; measured at 1,000
-# checks/s, 5 ms took p50/p99 from 5.3–6.2/15–28 ms to 3.8–4.4/12.5–14.5 ms.
-RELAY_GATHER_S = 0.005
-
-
 class OutboxRelay:
     """Publishes queued derived events to Kafka, in order, at least once.
 
-    Woken by the event core right after a commit that queued something (``outbox_ready``;
-    it then waits ``gather`` for more), and every ``poll_interval`` for what other
-    processes queue. On PostgreSQL the relay works
+    Woken by the event core right after a commit that queued something (``outbox_ready``),
+    and every ``poll_interval`` for what other processes queue. On PostgreSQL the relay works
     on the connection that holds its advisory lock, in autocommit: one statement deletes the
     rows the broker has just acknowledged and reads the next pending ones, so a cycle costs
     one round trip to the database besides the publishing itself.
@@ -716,13 +708,12 @@ class OutboxRelay:
 
     def __init__(self, core: EventCore, *, bootstrap: str,
                  client_kwargs: dict[str, Any] | None = None, batch: int = 500,
-                 poll_interval: float = 0.05, gather: float = RELAY_GATHER_S) -> None:
+                 poll_interval: float = 0.05) -> None:
         self.core = core
         self.bootstrap = bootstrap
         self.client_kwargs = client_kwargs or {}
         self.batch = batch
         self.poll_interval = poll_interval
-        self.gather = gather
         self.healthy = False
         # Published and acknowledged, not yet deleted (the next read deletes them).
         self._acked: list[int] = []
@@ -780,8 +771,6 @@ class OutboxRelay:
                 # are deleted by the next cycle's statement (one round trip per cycle, not two).
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ready.wait(), self.poll_interval)
-                    # Woken by a commit: the next few join this cycle (one read, one request).
-                    await asyncio.sleep(self.gather)
         finally:
             with contextlib.suppress(Exception):
                 await self._forget_acked(leader)
