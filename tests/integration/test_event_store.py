@@ -7,8 +7,6 @@ also pin down that a batch is one transaction: events, projection, outbox and of
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, update
@@ -23,17 +21,8 @@ from shared.policy import load_policy
 from shared.runtime import EventCore
 from shared.settings import Settings
 from tests import factories as f
-from tests.databases import fresh_engine
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    pg = request.getfixturevalue("postgres_server_url") if request.param == "postgresql" else None
-    eng = await fresh_engine(request.param, "limits", tmp_path=tmp_path, pg_server_url=pg)
-    yield eng
-    await eng.dispose()
 
 
 @pytest.fixture

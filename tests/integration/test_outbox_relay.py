@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,14 +24,6 @@ from tests.databases import fresh_engine
 
 pytestmark = pytest.mark.integration
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    pg = request.getfixturevalue("postgres_server_url") if request.param == "postgresql" else None
-    eng = await fresh_engine(request.param, "limits", tmp_path=tmp_path, pg_server_url=pg)
-    yield eng
-    await eng.dispose()
 
 
 @pytest.fixture
