@@ -242,25 +242,33 @@ def _array(table: Table, column: str, n: int) -> str:
 
 _SEQ = f"pg_get_serial_sequence('{store.core.events.name}', 'seq')"
 
-# Every customer of the batch and its group parent, locked in id order. A state this process
-# already holds at the row's version (``last_seq``) is not sent again ($2, $3: ids, versions).
-_LOCKED = f"""
+# The customers ($1) and their group parents, in id order.
+_WITH_PARENTS = f"""
+SELECT DISTINCT id FROM (
+    SELECT unnest($1::text[]) AS id
+    UNION ALL
+    SELECT p.parent_id FROM unnest($1::text[]) AS i(id) CROSS JOIN LATERAL (
+        SELECT parent_id FROM {store.customers.name} WHERE customer_id = i.id OFFSET 0) AS p
+    WHERE p.parent_id IS NOT NULL) AS ids
+ORDER BY id"""
+
+
+def _customer_rows(ids: str, lock: bool) -> str:
+    """The rows of these customers (each looked up on its own, see _context_sql), locked in
+    id order if ``lock``. A state this process already holds at the row's version
+    (``last_seq``) is not sent again ($2, $3: ids, versions)."""
+    return f"""
 SELECT c.customer_id, c.parent_id, c.exposure, c.published, c.last_seq, c.as_of,
        CASE WHEN k.seq = c.last_seq THEN NULL ELSE c.state END AS state
-FROM {store.customers.name} c
-LEFT JOIN unnest($2::text[], $3::bigint[]) AS k(id, seq) ON k.id = c.customer_id"""
+FROM ({ids}) AS w(id) CROSS JOIN LATERAL (
+    SELECT * FROM {store.customers.name} WHERE customer_id = w.id
+    OFFSET 0{" FOR UPDATE" if lock else ""}) AS c
+LEFT JOIN unnest($2::text[], $3::bigint[]) AS k(id, seq) ON k.id = c.customer_id
+ORDER BY c.customer_id"""
 
-LOCK_SQL = f"""{_LOCKED}
-WHERE c.customer_id = ANY(ARRAY(  -- one array, so the primary key's index is used
-    SELECT unnest($1::text[])
-    UNION
-    SELECT parent_id FROM {store.customers.name}
-    WHERE customer_id = ANY($1::text[]) AND parent_id IS NOT NULL))
-ORDER BY c.customer_id
-FOR UPDATE OF c"""
 
-LOCK_MORE_SQL = f"""{_LOCKED}
-WHERE c.customer_id = ANY($1::text[]) ORDER BY c.customer_id FOR UPDATE OF c"""
+LOCK_SQL = _customer_rows(_WITH_PARENTS, lock=True)
+LOCK_MORE_SQL = _customer_rows("SELECT DISTINCT unnest($1::text[]) AS id ORDER BY id", lock=True)
 
 # What a decision reads besides the customer rows, one row per fact, the columns by kind:
 #   k  an order's latest check   key order, ref check, customer_id, amount, code currency,
@@ -271,7 +279,10 @@ WHERE c.customer_id = ANY($1::text[]) ORDER BY c.customer_id FOR UPDATE OF c"""
 # Each order, group and customer is looked up on its own (LATERAL), so that the indexes are
 # used whatever the planner believes of the tables: with a whole array against a table that
 # grew since it was last analysed (or a plan kept from when it was empty), it chose
-# sequential scans that took longer with every check.
+# sequential scans that took longer with every check. A plain lateral subquery is flattened
+# into a join, which brings the same plans back (seen: the reservations of the customers
+# whose state is read, hash-joined against a sequential scan of every reservation); the
+# ORDER BY of the primary key and OFFSET 0 keep it a lookup per customer.
 def _context_sql(orders: str, groups: str, count: str, reading: str) -> str:
     return f"""
 SELECT 'k' AS kind, k.order_id AS key, k.check_id::text AS ref, k.customer_id::text,
@@ -293,7 +304,8 @@ UNION ALL
 SELECT 'r', r.order_id, r.check_id, r.customer_id, r.amount, NULL, NULL, NULL, NULL, NULL,
        r.expires_at
 FROM {reading} CROSS JOIN LATERAL (
-    SELECT * FROM {store.reservations.name} WHERE customer_id = c.id) AS r"""
+    SELECT * FROM {store.reservations.name} WHERE customer_id = c.id
+    ORDER BY order_id OFFSET 0) AS r"""
 
 
 # Under the locks (see LOCK_SQL) and a statement of its own: one that waited for a lock sees
@@ -308,12 +320,7 @@ CONTEXT_SQL = _context_sql("unnest($1::text[]) AS o(id)", "unnest($2::text[]) AS
 # their context. What the decisions rely on is checked again under the locks when they are
 # written (GUARDED_WRITE_SQL).
 READ_SQL = f"""
-WITH cust AS MATERIALIZED ({_LOCKED}
-    WHERE c.customer_id = ANY(ARRAY(
-        SELECT unnest($1::text[])
-        UNION
-        SELECT parent_id FROM {store.customers.name}
-        WHERE customer_id = ANY($1::text[]) AND parent_id IS NOT NULL))),
+WITH cust AS MATERIALIZED ({_customer_rows(_WITH_PARENTS, lock=False)}),
 roots AS (SELECT DISTINCT coalesce(c.parent_id, i.id) AS id
           FROM unnest($1::text[]) AS i(id) LEFT JOIN cust c ON c.customer_id = i.id),
 stale AS (SELECT customer_id AS id FROM cust WHERE state IS NOT NULL)
