@@ -12,9 +12,9 @@ tried again there). Either way the same metrics move and the same log lines are 
 
 from __future__ import annotations
 
-import json
 import time
 
+import orjson
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -60,8 +60,7 @@ class FastCreditCheck:
             await self.app(scope, _replay(body, complete, receive), send)
             return
         answered(verdict, order, started)
-        payload = json.dumps(verdict.body, ensure_ascii=False, allow_nan=False,
-                             separators=(",", ":")).encode()
+        payload = orjson.dumps(verdict.body)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*_JSON, (b"content-length", str(len(payload)).encode())]})
         await send({"type": "http.response.body", "body": payload})
