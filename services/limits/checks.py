@@ -35,7 +35,7 @@ from services.limits import events as ev
 from services.limits.handlers import SOURCE, LimitsService, Loaded, money
 from shared import eventstore as es
 from shared import metrics
-from shared.events import Envelope, new_event
+from shared.events import Envelope, trusted_event
 from shared.problems import Conflict
 from shared.projection import CommittedStates, kept_unless_marked
 from shared.runtime import EventCore, Incoming, Tx
@@ -175,14 +175,17 @@ def evaluate(service: LimitsService, order: CheckOrder, ctx: CheckContext,
         "requested_by": order.requested_by,
         "evaluated_at": _iso(now),
     }
-    event = ev.CreditCheckDecided(
+    # Built from a validated request and the domain's own figures: no validation again on
+    # the hot path (a unit test pins it to what new_event would build).
+    event = ev.CreditCheckDecided.model_construct(
         customer_id=cid, check_id=check_id, order_id=order.order_id,
         amount=order.amount, currency=order.currency,
         amount_in_credit_currency=outcome.amount, reserve=order.reserve,
         decision=outcome.decision, reasons=list(outcome.reasons), expires_at=expires,
         requested_by=order.requested_by, response=body)
-    env = new_event(ev.CreditCheckDecided.TYPE, source=SOURCE + "/api", subject=cid,
-                    data=event, id=f"check-{check_id}", time=now)
+    env = trusted_event(ev.CreditCheckDecided.TYPE, source=SOURCE + "/api", subject=cid,
+                        data=event.model_dump(mode="json", by_alias=True),
+                        id=f"check-{check_id}", time=now)
     return Decided(Verdict(body, outcome.decision, check_id, fresh=True, event_id=env.id),
                    env, event)
 

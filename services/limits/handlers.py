@@ -23,7 +23,7 @@ from services.limits import events as ev
 from shared.events import DeadLetter, Envelope, new_event, trusted_event
 from shared.money import MONEY_CONTEXT, quantize
 from shared.policy import Policy
-from shared.projection import CommittedStates, as_json
+from shared.projection import CommittedStates, as_json, plain_json
 from shared.runtime import Incoming, Tx
 from shared.settings import Settings
 
@@ -227,7 +227,7 @@ class LimitsService:
         fig = domain.figures(st, self.policy, items=items)
         body = exposure_body(st, fig)
         # as_of moves with every event; a change worth publishing is in the figures.
-        text = as_json({**body, "as_of": None})
+        text = plain_json({**body, "as_of": None})
         if text != loaded.published:
             tx.emit(self.settings.topic_exposure, trusted_event(
                 "exposure.updated", source=SOURCE, subject=cid, data=body,
@@ -264,7 +264,7 @@ class LimitsService:
                 "check_id": data.check_id, "order_id": data.order_id,
                 "customer_id": data.customer_id, "seq": inc.seq, "amount": data.amount,
                 "currency": data.currency, "decision": data.decision,
-                "evaluated_at": env.time, "body": as_json(data.response),
+                "evaluated_at": env.time, "body": plain_json(data.response),
             })
             return
         if isinstance(data, ev.LimitRequestSubmitted | ev.LimitRequestApproved
