@@ -237,17 +237,19 @@ async def pending_outbox(conn: AsyncConnection, core: CoreTables,
 
 
 async def take_outbox(conn: AsyncConnection, core: CoreTables, done: Sequence[int],
-                      limit: int) -> list[Any]:
+                      limit: int) -> list[tuple[int, str, str, str]]:
     """PostgreSQL, one statement: delete the rows ``done`` (published and acknowledged) and
-    read the oldest ``limit`` pending ones after them. Run it in autocommit, so that the
-    delete is committed before anything read here is published."""
+    read the oldest ``limit`` pending ones after them, as (seq, topic, key, value). Run it in
+    autocommit, so that the delete is committed before anything read here is published. It
+    goes to the driver directly: the relay runs it after every commit that queued something."""
     ob = core.outbox.name
-    result = await conn.exec_driver_sql(
+    raw: Any = (await conn.get_raw_connection()).driver_connection
+    records = await raw.fetch(
         f'WITH done AS (DELETE FROM "{ob}" WHERE seq = ANY($1::int8[])) '
         f'SELECT seq, topic, key, value FROM "{ob}" WHERE NOT (seq = ANY($1::int8[])) '
         "ORDER BY seq LIMIT $2",
-        (list(done), limit))
-    return list(result)
+        list(done), limit)
+    return [tuple(r) for r in records]
 
 
 async def delete_outbox(conn: AsyncConnection, core: CoreTables, up_to_seq: int,

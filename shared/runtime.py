@@ -832,14 +832,13 @@ class OutboxRelay:
         if not rows:
             metrics.OUTBOX_PENDING.labels(self.core.service.name).set(0)
             return 0
-        futures = [
-            await producer.send(r.topic, value=r.value.encode(), key=r.key.encode())
-            for r in rows
-        ]
+        futures = [await producer.send(topic, value=value.encode(), key=key.encode())
+                   for _seq, topic, key, value in rows]
         await asyncio.gather(*futures)
-        self._acked = [r.seq for r in rows]
-        for r in rows:
-            metrics.OUTBOX_PUBLISHED.labels(self.core.service.name, r.topic).inc()
+        self._acked = [seq for seq, _topic, _key, _value in rows]
+        published = Counter(topic for _seq, topic, _key, _value in rows)
+        for topic, count in published.items():
+            metrics.OUTBOX_PUBLISHED.labels(self.core.service.name, topic).inc(count)
         return len(rows)
 
 
