@@ -189,8 +189,32 @@ def open_items(state: CustomerState) -> dict[str, Decimal]:
     Explicit allocations first (in arrival order), then the rest of every credit to the
     oldest open invoices (due date, issue date, id). Cash allocated to an invoice that has
     not arrived yet waits for it; it still lowers exposure (as unapplied cash) meanwhile.
+
+    The result is shared by every state with the same invoices and credits (a credit check
+    changes neither): read it, never change it.
     """
-    # Runs for every touched customer of every batch: no work for what is not there.
+    return _ledger(state)[0]
+
+
+def open_receivables(state: CustomerState) -> Decimal:
+    """Invoices − credit notes − payments (cancelled and reversed ones excluded)."""
+    return _ledger(state)[1]
+
+
+def _ledger(state: CustomerState) -> tuple[dict[str, Decimal], Decimal]:
+    """Open items and open receivables, derived once per invoices and credits mappings: a
+    customer with hundreds of open invoices would otherwise walk them on every check."""
+    hit = _LEDGER.get(state.invoices)
+    if hit is not None and hit[0] is state.credits:
+        return hit[1], hit[2]
+    items = _walk_open_items(state)
+    invoiced = sum((i.amount for i in state.invoices.values() if not i.cancelled), ZERO)
+    credited = sum((c.amount for c in state.credits.values() if not c.reversed), ZERO)
+    _LEDGER.put(state.invoices, (state.credits, items, invoiced - credited))
+    return items, invoiced - credited
+
+
+def _walk_open_items(state: CustomerState) -> dict[str, Decimal]:
     open_amount = {inv.invoice_id: inv.amount for inv in state.invoices.values()
                    if not inv.cancelled}
     if not state.credits:
@@ -218,13 +242,6 @@ def open_items(state: CustomerState) -> dict[str, Decimal]:
             open_amount[inv.invoice_id] -= take
             pool -= take
     return open_amount
-
-
-def open_receivables(state: CustomerState) -> Decimal:
-    """Invoices − credit notes − payments (cancelled and reversed ones excluded)."""
-    invoiced = sum((i.amount for i in state.invoices.values() if not i.cancelled), ZERO)
-    credited = sum((c.amount for c in state.credits.values() if not c.reversed), ZERO)
-    return invoiced - credited
 
 
 def reserved_amounts(state: CustomerState, at: datetime | None) -> dict[str, Decimal]:
@@ -301,6 +318,12 @@ class _Held:
 
 
 _INVOICED = _Derived(1024)  # invoices mapping → what is invoiced per order
+# invoices mapping → (credits, open items, open receivables)
+_LEDGER = _Derived(4096)
+# invoices mapping → (credits, dunning, business date, (overdue, buckets, worst days))
+_AGED = _Derived(4096)
+# invoices mapping → (credits, dunning, as_of, next ageing date)
+_NEXT_AGEING = _Derived(4096)
 _HELD = _Derived(4096)  # reservations mapping → _Held
 _STEP = _Derived(4096)  # reservations mapping → (the mapping it was made from, order changed)
 
@@ -375,11 +398,26 @@ def ageing(state: CustomerState, on: date | None,
     The service ages open invoices by due date (due today is not overdue); a dunning record
     overrides an invoice's days and amount as of its own date and ages on from there.
     """
+    if on is None:
+        return ZERO, dict.fromkeys(BUCKETS, ZERO), 0
+    shared = open_items(state)
+    if items is None or items is shared:
+        # Derived once per invoices, credits, dunning and date (a check changes none).
+        hit = _AGED.get(state.invoices)
+        if hit is not None and hit[0] is state.credits and hit[1] is state.dunning \
+                and hit[2] == on:
+            overdue, buckets, worst = hit[3]
+            return overdue, dict(buckets), worst
+        aged = _age(state, on, shared)
+        _AGED.put(state.invoices, (state.credits, state.dunning, on, aged))
+        return aged[0], dict(aged[1]), aged[2]
+    return _age(state, on, items)
+
+
+def _age(state: CustomerState, on: date,
+         items: dict[str, Decimal]) -> tuple[Decimal, dict[str, Decimal], int]:
     buckets = dict.fromkeys(BUCKETS, ZERO)
     worst = 0
-    if on is None:
-        return ZERO, buckets, 0
-    items = open_items(state) if items is None else items
     invoices = state.invoices
     dunning = state.dunning
     for invoice_id, left in items.items():
@@ -439,7 +477,20 @@ def figures(state: CustomerState, policy: Policy, at: datetime | None = None,
 def next_ageing_date(state: CustomerState,
                      items: dict[str, Decimal] | None = None) -> date | None:
     """The next business date on which the ageing figures change (None: nothing open)."""
-    items = open_items(state) if items is None else items
+    shared = open_items(state)
+    if items is None or items is shared:
+        hit = _NEXT_AGEING.get(state.invoices)
+        if hit is not None and hit[0] is state.credits and hit[1] is state.dunning \
+                and hit[2] == state.as_of:
+            known: date | None = hit[3]
+            return known
+        first = _next_ageing_date(state, shared)
+        _NEXT_AGEING.put(state.invoices, (state.credits, state.dunning, state.as_of, first))
+        return first
+    return _next_ageing_date(state, items)
+
+
+def _next_ageing_date(state: CustomerState, items: dict[str, Decimal]) -> date | None:
     invoices = state.invoices
     # Each open item and dunning record changes the figures the day after its date; only
     # the earliest of those days matters.

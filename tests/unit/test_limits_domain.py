@@ -889,3 +889,73 @@ def test_property_the_shortcuts_over_reservations_equal_walking_them(
                 assert domain.reserved_for(state, order_id, at) == amounts.get(order_id, D(0))
         live = [r.expires_at for r in state.reservations.values()]
         assert domain.earliest_expiry(state) == (min(live) if live else None)
+
+
+def _derived_from_scratch(state: CustomerState, on: date) -> tuple[Any, ...]:
+    """The ledger's figures with nothing remembered from earlier states."""
+    kept = domain._LEDGER, domain._AGED, domain._NEXT_AGEING
+    domain._LEDGER, domain._AGED, domain._NEXT_AGEING = (
+        domain._Derived(1), domain._Derived(1), domain._Derived(1))
+    try:
+        return _derived(state, on)
+    finally:
+        domain._LEDGER, domain._AGED, domain._NEXT_AGEING = kept
+
+
+def _derived(state: CustomerState, on: date) -> tuple[Any, ...]:
+    return (dict(domain.open_items(state)), domain.open_receivables(state),
+            domain.ageing(state, on), domain.next_ageing_date(state),
+            figures(state, POLICY, datetime.combine(on, datetime.min.time(), tzinfo=UTC)))
+
+
+@_PROPERTY
+@given(ledgers(), st.lists(st.sampled_from(["check", "age", "dunning"]), max_size=6),
+       st.lists(_DAYS, min_size=1, max_size=3))
+def test_property_the_ledger_figures_kept_from_state_to_state_equal_deriving_them_again(
+    ledger: tuple[list[Event], Decimal], extra: list[str], days: list[int],
+) -> None:
+    """Open items, receivables, ageing and the next ageing date are remembered per invoices
+    (and credits, dunning, date) mapping, so that a check on a customer with many invoices
+    does not walk them again. After every event — ledger facts, checks (which change none
+    of those mappings), dunning and ageing — they equal what deriving them from scratch
+    gives."""
+    events, _owed = ledger
+    events = list(events)
+    for n, kind in enumerate(extra):
+        if kind == "check":
+            events.append(decided(f"SO-{n}", "10.00", now=at("2026-03-01")))
+        elif kind == "dunning":  # for an invoice never seen: overdue whatever the dates
+            events.append(dunning(f"I-UNSEEN-{n}", "50.00", due="2026-01-01", days=10,
+                                  as_of=_day(n)))
+        else:
+            on = date(2026, 1, 1) + timedelta(days=30 * (n + 1))
+            events.append((ev.LedgerAged.TYPE, ev.LedgerAged(customer_id=CID, as_of=on),
+                           datetime.combine(on, datetime.min.time(), tzinfo=UTC)))
+    state = domain.new_customer(CID, POLICY)
+    for event in events:
+        state = fold([event], state)
+        for offset in days:
+            on = date(2026, 1, 1) + timedelta(days=offset)
+            # Twice: once computing (or reusing what an earlier state left), once reusing.
+            assert _derived(state, on) == _derived_from_scratch(state, on)
+            assert _derived(state, on) == _derived_from_scratch(state, on)
+
+
+def test_a_check_leaves_the_ledger_mappings_shared_so_their_figures_are_reused() -> None:
+    state = rated("BBB", *[invoice(f"I-{n}", "100.00") for n in range(50)],
+                  payment("P-1", "120.00", received="2026-03-10"))
+    after = fold([decided("SO-1", "10.00")], state)
+    assert after.invoices is state.invoices and after.credits is state.credits
+    assert domain.open_items(after) is domain.open_items(state)
+
+
+def test_dunning_that_leaves_the_invoices_as_they_are_still_moves_the_ageing() -> None:
+    state = rated("BBB", invoice("I-1", "100.00", due="2026-03-31"))
+    on = date(2026, 4, 10)
+    assert domain.ageing(state, on)[0] == D("100.00")
+    dunned = fold([dunning("I-UNSEEN", "40.00", due="2026-03-01", days=5, as_of="2026-03-06")],
+                  state)
+    assert dunned.invoices is state.invoices
+    assert domain.ageing(dunned, on)[0] == D("140.00")
+    assert domain.next_ageing_date(state) == date(2026, 4, 1)
+    assert domain.next_ageing_date(dunned) == date(2026, 3, 7)
