@@ -2,7 +2,7 @@
 FastAPI endpoint under the same uvicorn settings, in the same run; and latency at a steady
 1,000 requests/s for both.
 
-    .venv/bin/python -m bench.credit_check [--runs 3] [--seconds 15] [--warmup 5]
+    .venv/bin/python -m bench.credit_check [--runs 3] [--seconds 15] [--warmup 5] [--invoices 0]
 
 Both servers run as separate processes with one uvicorn worker, access log off. Throughput
 comes from wrk (Debian package) with 2 threads and 32 connections on the same two cores;
@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -94,16 +95,25 @@ def assessed(cid: str) -> dict:
         id=f"a-{cid}", source="/creditwatch/assessment")
 
 
-async def seed(url: str) -> None:
+async def seed(url: str, invoices: int = 0) -> None:
+    """The customers, rated AAA; with ``invoices`` open invoices each (not yet due, so that
+    they count in exposure but not as overdue) and a payment for every fourth of them."""
     engine = make_engine(url)
     await upgrade(engine, "limits")
     settings = Settings()
     core = EventCore(LimitsService(settings, load_policy(None)), engine,
                      topic_of_type=settings.topic_of_type())
     events = []
+    today = datetime.now(UTC).date()
     for n in range(CUSTOMERS):
         cid = f"B{n:04d}"
         events += [f.customer(cid), assessed(cid)]
+        for i in range(invoices):
+            events.append(f.invoice(cid, f"{cid}-I{i}", "10.00", issued=today - timedelta(days=1),
+                                    due_days=90))
+            if i % 4 == 3:
+                events.append(f.payment(cid, f"{cid}-P{i}", "25.00",
+                                        received=today - timedelta(days=1)))
     for i in range(0, len(events), 500):
         await core.process_records(f.records(events[i:i + 500], start=i))
     await engine.dispose()
@@ -190,12 +200,12 @@ def start_hello(port: int, log: Path) -> subprocess.Popen[bytes]:
     raise RuntimeError("hello-world server did not start")
 
 
-def main(runs: int, seconds: int, warmup: int = 5) -> None:
+def main(runs: int, seconds: int, warmup: int = 5, invoices: int = 0) -> None:
     wrk, vegeta = ensure_tools()
     work = Path(tempfile.mkdtemp(prefix="cw-bench-"))
     with servers.PostgresServer.start() as pg, servers.KafkaServer.start() as kafka:
         url = servers.create_database(pg.url)
-        asyncio.run(seed(url))
+        asyncio.run(seed(url, invoices))
         env = service_env(database_url=url, bootstrap=kafka.bootstrap,
                           CREDITWATCH_LOG_LEVEL="WARNING")
         api = ServiceProcess("limits", env, work, "--no-consume")
@@ -212,7 +222,9 @@ def main(runs: int, seconds: int, warmup: int = 5) -> None:
         base_hello = f"http://127.0.0.1:{hello_port}"
         try:
             hello_rps = Measure("hello-world FastAPI (GET, 1 worker)", "req/s")
-            check_rps = Measure("credit checks with reservation (POST, 1 worker)", "checks/s")
+            ledger = f", {invoices} open invoices each" if invoices else ""
+            check_rps = Measure(f"credit checks with reservation (POST, 1 worker{ledger})",
+                                "checks/s")
             hello_p99 = Measure("hello-world p99 at 1,000 req/s", "ms")
             check_p99 = Measure("credit check p99 at 1,000 checks/s", "ms")
             check_p50 = Measure("credit check p50 at 1,000 checks/s", "ms")
@@ -255,8 +267,9 @@ def main(runs: int, seconds: int, warmup: int = 5) -> None:
                      ", ".join(f"{x:,.2f}" for x in m.runs), f"{ratio(m, base):.2f}"))
     print()
     print(table(rows))
-    path = save("credit_check", {
-        "seconds": seconds, "customers": CUSTOMERS, "hello_rps": hello_rps,
+    path = save("credit_check_invoices" if invoices else "credit_check", {
+        "seconds": seconds, "customers": CUSTOMERS, "open_invoices": invoices,
+        "hello_rps": hello_rps,
         "check_rps": check_rps, "hello_p99_ms": hello_p99, "check_p50_ms": check_p50,
         "check_p99_ms": check_p99, "ratio_throughput": ratio(check_rps, hello_rps)})
     print(f"\nsaved {path}")
@@ -268,5 +281,7 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=5,
                         help="seconds of unmeasured load on both servers first (0: none)")
+    parser.add_argument("--invoices", type=int, default=0,
+                        help="open invoices per customer before the checks (default 0)")
     args = parser.parse_args()
-    main(args.runs, args.seconds, args.warmup)
+    main(args.runs, args.seconds, args.warmup, args.invoices)
