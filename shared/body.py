@@ -14,6 +14,8 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
+from shared.events import nul_path
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -21,15 +23,31 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not a number")
 
 
+class NulInText(ValueError):
+    """A body whose text holds U+0000, which PostgreSQL's text cannot store."""
+
+    def __init__(self, path: tuple[str | int, ...]) -> None:
+        super().__init__("NUL (U+0000) is not allowed in text")
+        self.path = path
+
+
 def loads_exact(raw: bytes) -> Any:
-    """A JSON body with its numbers as ``Decimal`` and NaN/Infinity refused (ValueError)."""
-    return json.loads(raw or b"null", parse_float=Decimal, parse_constant=_no_constants)
+    """A JSON body with its numbers as ``Decimal``; NaN/Infinity refused (ValueError), and
+    text holding U+0000 (``NulInText``, naming where)."""
+    data = json.loads(raw or b"null", parse_float=Decimal, parse_constant=_no_constants)
+    if b"\\u0000" in (raw or b"") and (path := nul_path(data)) is not None:
+        raise NulInText(path)
+    return data
 
 
 async def json_body(request: Request, model: type[M]) -> M:
     raw = await request.body()
     try:
         data = loads_exact(raw)
+    except NulInText as exc:
+        raise RequestValidationError([{
+            "type": "string_nul", "loc": ("body", *exc.path), "msg": str(exc),
+        }]) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestValidationError([{
             "type": "json_invalid", "loc": ("body",), "msg": "Invalid JSON",

@@ -341,6 +341,10 @@ def decode(raw: bytes | None, *, max_string_chars: int | None = MAX_STRING_CHARS
         _check_string_lengths(document, max_string_chars)
     if _SURROGATE_ESCAPE.search(text):
         _check_unicode(document)
+    if "\\u0000" in text and (path := nul_path(document)) is not None:
+        field = ".".join(map(str, path))
+        raise DeadLetter(INVALID_FIELD, f"{field}: NUL (U+0000) cannot be stored as text",
+                         field=field)
     try:
         return Envelope.model_validate(document)
     except ValidationError as exc:
@@ -371,6 +375,25 @@ def _check_string_lengths(document: dict[str, Any], limit: int) -> None:
                 stack.append((child_path, child))
         elif isinstance(node, list):
             stack.extend((f"{path}[{index}]", child) for index, child in enumerate(node))
+
+
+def nul_path(document: Any) -> tuple[str | int, ...] | None:
+    """Where a string (or key) of a parsed JSON document holds U+0000, if anywhere: valid
+    JSON and valid Unicode, but PostgreSQL's text cannot store it."""
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), document)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, str):
+            if "\x00" in node:
+                return path
+        elif isinstance(node, dict):
+            for key, child in node.items():
+                if "\x00" in key:
+                    return (*path, key)
+                stack.append(((*path, key), child))
+        elif isinstance(node, list):
+            stack.extend(((*path, i), child) for i, child in enumerate(node))
+    return None
 
 
 def _check_unicode(document: dict[str, Any]) -> None:

@@ -335,7 +335,7 @@ _C = [c.name for c in store.customers.columns]
 
 # The tables a batch writes, in the order of WRITE_SQL's parameters: one JSON array of rows
 # each ($1..$5). One text parameter per table costs the driver next to nothing; the same rows
-# as an array per column (53 of them) cost more client CPU than the decisions themselves.
+# as an array per column (53 of them) cost it a tenth of the API process's CPU at 1,000/s.
 _WRITTEN = ((store.core.events, _E), (store.checks, _K), (store.core.outbox, _O),
             (store.reservations, _R), (store.customers, _C))
 

@@ -744,6 +744,8 @@ _CHECK = {"order_id": "SO-1", "customer_id": "C-1", "amount": "10.00", "currency
     ({"_drop": "order_id"}, "order_id"),
     ({"_drop": "customer_id"}, "customer_id"),
     ({"order_id": ""}, "order_id"),
+    ({"order_id": "SO-\u0000-1"}, "order_id"),
+    ({"customer_id": "C-\u0000"}, "customer_id"),
 ])
 async def test_given_a_bad_check_when_posted_then_422_problem_names_the_field(
     bare: httpx.AsyncClient, changes: dict[str, Any], field: str,

@@ -289,6 +289,17 @@ def test_a_value_that_is_not_a_json_object_is_invalid_json(raw: bytes) -> None:
     assert dead_letter_of(raw).reason == "invalid_json"
 
 
+@pytest.mark.parametrize(("data", "path"), [
+    (invoice(order_id="SO-\x00-1"), "data.order_id"),
+    (invoice(customer_id="C-\x00"), "data.customer_id"),
+])
+def test_text_holding_nul_is_dead_lettered_naming_the_field(data: Any, path: str) -> None:
+    raw = record(data=data)
+    assert b"\\u0000" in raw
+    dl = dead_letter_of(raw)
+    assert (dl.reason, dl.field) == ("invalid_field", path)
+
+
 def test_an_escaped_surrogate_pair_is_ordinary_text() -> None:
     raw = record(data=invoice(order_id="\U0001f600"))
     assert b"\\ud83d\\ude00" in raw
