@@ -570,6 +570,8 @@ class ConsumerLoop:
         self.assigned = asyncio.Event()
         self.healthy = False
         self._consumer: Any = None
+        # Next offset per (topic, partition) of the batches this consumer committed.
+        self._applied: dict[tuple[str, int], int] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         from aiokafka import AIOKafkaConsumer  # local: the domain and unit tests never need it
@@ -583,7 +585,15 @@ class ConsumerLoop:
                 await pipeline.drain()
 
             async def on_partitions_assigned(self, assigned: Any) -> None:
-                await loop._seek(assigned)
+                # aiokafka starts fetching newly assigned partitions from the group's
+                # committed offsets while this callback waits for the database; paused,
+                # nothing of that reaches getmany before the seek to the stored offsets.
+                partitions = list(assigned)
+                loop._consumer.pause(*partitions)
+                try:
+                    await loop._seek(assigned)
+                finally:
+                    loop._consumer.resume(*partitions)
                 loop.assigned.set()
 
         consumer = AIOKafkaConsumer(
@@ -613,6 +623,7 @@ class ConsumerLoop:
         consumer.subscribe(self.topics, listener=SeekToStored())
         last_commit = 0.0
         pipeline = Pipeline(self.core, lambda prepared: self._apply_with_retry(prepared, stop))
+        self._applied.clear()
         # Fetching never waits for a transaction: while one is in flight, what arrives is
         # fetched and decoded into the next batch, which starts as soon as it commits.
         fetch: asyncio.Task[dict[Any, Any]] | None = None
@@ -637,7 +648,7 @@ class ConsumerLoop:
                                 lag_commit is None or lag_commit.done()):
                             last_commit = time.monotonic()
                             lag_commit = asyncio.create_task(
-                                self._commit_for_lag_tools(consumer, batches))
+                                self._commit_for_lag_tools(consumer))
                 pipeline.advance()
             # Stopping: commit what was fetched and decoded.
             await pipeline.drain()
@@ -655,7 +666,11 @@ class ConsumerLoop:
         delay = 0.5
         while True:
             try:
-                return await self.core.apply(prepared)
+                result = await self.core.apply(prepared)
+                for key, position in prepared.positions.items():
+                    if position > self._applied.get(key, -1):
+                        self._applied[key] = position
+                return result
             except Exception as exc:
                 if not _is_transient(exc):
                     raise
@@ -684,12 +699,19 @@ class ConsumerLoop:
                                                     str(tp.partition))
                 gauge.set(max(high - (msgs[-1].offset + 1), 0))
 
-    async def _commit_for_lag_tools(self, consumer: Any, batches: dict[Any, Any]) -> None:
-        """Mirror positions to Kafka for lag tooling; the database stays authoritative."""
-        from aiokafka.structs import OffsetAndMetadata
+    async def _commit_for_lag_tools(self, consumer: Any) -> None:
+        """Mirror the positions the database has committed to Kafka, for lag tooling; the
+        database stays authoritative. Never a record only fetched: aiokafka starts newly
+        assigned partitions from these offsets until the seek to the stored ones, so an
+        offset ahead of the database would let records be applied out of order."""
+        from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
-        offsets = {tp: OffsetAndMetadata(msgs[-1].offset + 1, "") for tp, msgs in batches.items()
-                   if msgs}
+        assigned = consumer.assignment()
+        offsets = {tp: OffsetAndMetadata(position, "")
+                   for (topic, partition), position in self._applied.items()
+                   if (tp := TopicPartition(topic, partition)) in assigned}
+        if not offsets:
+            return
         try:
             await consumer.commit(offsets)
         except Exception as exc:
