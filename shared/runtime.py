@@ -594,6 +594,9 @@ class ConsumerLoop:
                     await loop._seek(assigned)
                 finally:
                     loop._consumer.resume(*partitions)
+                # The group answered and the positions are set: ready, before the first
+                # fetch of the new assignment comes back (up to a poll timeout later).
+                loop.healthy = True
                 loop.assigned.set()
 
         consumer = AIOKafkaConsumer(
