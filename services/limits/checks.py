@@ -551,14 +551,16 @@ class PostgresChecks(CoreChecks):
             now = core.clock()
             read = _Read.of(await raw.fetch(READ_SQL, ids, *known, orders, len(batch)),
                             ids, orders)
-            decided = self._decide(sa_conn, batch, now, read, hits)
+            with domain.remembering():
+                decided = self._decide(sa_conn, batch, now, read, hits)
             if decided.params is not None and not await raw.fetchval(
                     GUARDED_WRITE_SQL, *decided.params, *read.expected):
                 metrics.CREDIT_CHECK_REDECIDED.inc()
                 now = core.clock()
                 async with raw.transaction():
                     read = await self._read_locked(raw, ids, orders, known, len(batch))
-                    decided = self._decide(sa_conn, batch, now, read, hits)
+                    with domain.remembering():
+                        decided = self._decide(sa_conn, batch, now, read, hits)
                     if decided.params is not None:
                         await raw.execute(WRITE_SQL, *decided.params)
         self._remember(decided.loaded)

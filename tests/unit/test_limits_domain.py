@@ -903,9 +903,10 @@ def _derived_from_scratch(state: CustomerState, on: date) -> tuple[Any, ...]:
 
 
 def _derived(state: CustomerState, on: date) -> tuple[Any, ...]:
-    return (dict(domain.open_items(state)), domain.open_receivables(state),
-            domain.ageing(state, on), domain.next_ageing_date(state),
-            figures(state, POLICY, datetime.combine(on, datetime.min.time(), tzinfo=UTC)))
+    with domain.remembering():
+        return (dict(domain.open_items(state)), domain.open_receivables(state),
+                domain.ageing(state, on), domain.next_ageing_date(state),
+                figures(state, POLICY, datetime.combine(on, datetime.min.time(), tzinfo=UTC)))
 
 
 @_PROPERTY
@@ -946,16 +947,22 @@ def test_a_check_leaves_the_ledger_mappings_shared_so_their_figures_are_reused()
                   payment("P-1", "120.00", received="2026-03-10"))
     after = fold([decided("SO-1", "10.00")], state)
     assert after.invoices is state.invoices and after.credits is state.credits
-    assert domain.open_items(after) is domain.open_items(state)
+    with domain.remembering():
+        assert domain.open_items(after) is domain.open_items(state)
+    # Outside a check's fold nothing is kept: a consumer replaces the mappings anyway.
+    fresh = rated("BBB", invoice("I-X", "5.00"))
+    assert domain.open_items(fresh) is not domain.open_items(fresh)
 
 
 def test_dunning_that_leaves_the_invoices_as_they_are_still_moves_the_ageing() -> None:
     state = rated("BBB", invoice("I-1", "100.00", due="2026-03-31"))
     on = date(2026, 4, 10)
-    assert domain.ageing(state, on)[0] == D("100.00")
+    with domain.remembering():
+        assert domain.ageing(state, on)[0] == D("100.00")
     dunned = fold([dunning("I-UNSEEN", "40.00", due="2026-03-01", days=5, as_of="2026-03-06")],
                   state)
     assert dunned.invoices is state.invoices
-    assert domain.ageing(dunned, on)[0] == D("140.00")
+    with domain.remembering():
+        assert domain.ageing(dunned, on)[0] == D("140.00")
     assert domain.next_ageing_date(state) == date(2026, 4, 1)
     assert domain.next_ageing_date(dunned) == date(2026, 3, 7)
