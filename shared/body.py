@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-from shared.events import nul_path
+from shared.events import JsonPath, nul_path
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -26,7 +26,7 @@ def _no_constants(name: str) -> Any:
 class NulInText(ValueError):
     """A body whose text holds U+0000, which PostgreSQL's text cannot store."""
 
-    def __init__(self, path: tuple[str | int, ...]) -> None:
+    def __init__(self, path: JsonPath) -> None:
         super().__init__("NUL (U+0000) is not allowed in text")
         self.path = path
 

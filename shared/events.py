@@ -11,7 +11,7 @@ import base64
 import datetime as dt
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Final, Literal
 
@@ -342,7 +342,7 @@ def decode(raw: bytes | None, *, max_string_chars: int | None = MAX_STRING_CHARS
     if _SURROGATE_ESCAPE.search(text):
         _check_unicode(document)
     if "\\u0000" in text and (path := nul_path(document)) is not None:
-        field = ".".join(map(str, path))
+        field = _dotted(path)
         raise DeadLetter(INVALID_FIELD, f"{field}: NUL (U+0000) cannot be stored as text",
                          field=field)
     try:
@@ -351,49 +351,55 @@ def decode(raw: bytes | None, *, max_string_chars: int | None = MAX_STRING_CHARS
         raise _dead_letter_from(exc, prefix="") from None
 
 
-def _check_string_lengths(document: dict[str, Any], limit: int) -> None:
-    stack: list[tuple[str, Any]] = [("", document)]
+JsonPath = tuple[str | int, ...]
+
+
+def _texts(document: Any) -> Iterator[tuple[JsonPath, str, bool]]:
+    """Every string of a parsed JSON document and every key, with where it is: a key's path
+    ends with the key itself (the flag marks keys). Depth first, a dict's keys before what
+    they hold."""
+    stack: list[tuple[JsonPath, Any]] = [((), document)]
     while stack:
         path, node = stack.pop()
         if isinstance(node, str):
-            if len(node) > limit:
-                raise DeadLetter(
-                    OVERSIZE,
-                    f"{path}: {len(node)} characters; the limit is {limit}",
-                    field=path,
-                )
+            yield path, node, False
         elif isinstance(node, dict):
             for key, child in node.items():
-                child_path = f"{path}.{key}" if path else key
-                if len(key) > limit:
-                    raise DeadLetter(
-                        OVERSIZE,
-                        f"{path or '(document)'}: a key of {len(key)} characters; "
-                        f"the limit is {limit}",
-                        field=path or None,
-                    )
-                stack.append((child_path, child))
-        elif isinstance(node, list):
-            stack.extend((f"{path}[{index}]", child) for index, child in enumerate(node))
-
-
-def nul_path(document: Any) -> tuple[str | int, ...] | None:
-    """Where a string (or key) of a parsed JSON document holds U+0000, if anywhere: valid
-    JSON and valid Unicode, but PostgreSQL's text cannot store it."""
-    stack: list[tuple[tuple[str | int, ...], Any]] = [((), document)]
-    while stack:
-        path, node = stack.pop()
-        if isinstance(node, str):
-            if "\x00" in node:
-                return path
-        elif isinstance(node, dict):
-            for key, child in node.items():
-                if "\x00" in key:
-                    return (*path, key)
+                yield (*path, key), key, True
                 stack.append(((*path, key), child))
         elif isinstance(node, list):
-            stack.extend(((*path, i), child) for i, child in enumerate(node))
-    return None
+            stack.extend(((*path, index), child) for index, child in enumerate(node))
+
+
+def _dotted(path: JsonPath) -> str:
+    """``("data", "lines", 0, "amount")`` → ``"data.lines[0].amount"``."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else f"{'.' if out else ''}{part}"
+    return out
+
+
+def _check_string_lengths(document: dict[str, Any], limit: int) -> None:
+    for path, text, is_key in _texts(document):
+        if len(text) <= limit:
+            continue
+        if is_key:
+            where = _dotted(path[:-1])
+            raise DeadLetter(
+                OVERSIZE,
+                f"{where or '(document)'}: a key of {len(text)} characters; "
+                f"the limit is {limit}",
+                field=where or None,
+            )
+        where = _dotted(path)
+        raise DeadLetter(OVERSIZE, f"{where}: {len(text)} characters; the limit is {limit}",
+                         field=where)
+
+
+def nul_path(document: Any) -> JsonPath | None:
+    """Where a string (or key) of a parsed JSON document holds U+0000, if anywhere: valid
+    JSON and valid Unicode, but PostgreSQL's text cannot store it."""
+    return next((path for path, text, _ in _texts(document) if "\x00" in text), None)
 
 
 def _check_unicode(document: dict[str, Any]) -> None:
