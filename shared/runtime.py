@@ -725,20 +725,24 @@ class OutboxRelay:
     """Publishes queued derived events to Kafka, in order, at least once.
 
     Woken by the event core right after a commit that queued something (``outbox_ready``),
-    and every ``poll_interval`` for what other processes queue. On PostgreSQL the relay works
-    on the connection that holds its advisory lock, in autocommit: one statement deletes the
-    rows the broker has just acknowledged and reads the next pending ones, so a cycle costs
-    one round trip to the database besides the publishing itself.
+    and every ``poll_interval`` for what other processes queue. Woken by a commit, it lingers
+    ``linger`` seconds first, so that the commits close behind it (a credit check's batches
+    come every millisecond or two under load) go out in the same produce request: each cycle
+    costs the broker, the database and this process about the same whatever its size. On
+    PostgreSQL the relay works on the connection that holds its advisory lock, in autocommit:
+    one statement deletes the rows the broker has just acknowledged and reads the next
+    pending ones, so a cycle costs one round trip to the database besides the publishing.
     """
 
     def __init__(self, core: EventCore, *, bootstrap: str,
                  client_kwargs: dict[str, Any] | None = None, batch: int = 500,
-                 poll_interval: float = 0.05) -> None:
+                 poll_interval: float = 0.05, linger: float = 0.0) -> None:
         self.core = core
         self.bootstrap = bootstrap
         self.client_kwargs = client_kwargs or {}
         self.batch = batch
         self.poll_interval = poll_interval
+        self.linger = linger
         self.healthy = False
         # Published and acknowledged, not yet deleted (the next read deletes them).
         self._acked: list[int] = []
@@ -796,6 +800,8 @@ class OutboxRelay:
                 # are deleted by the next cycle's statement (one round trip per cycle, not two).
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ready.wait(), self.poll_interval)
+                    if self.linger > 0 and await wait_or_stop(stop, self.linger):
+                        break
         finally:
             with contextlib.suppress(Exception):
                 await self._forget_acked(leader)

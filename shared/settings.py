@@ -126,6 +126,9 @@ class Settings(BaseSettings):
     consumer_session_timeout_ms: int = Field(default=10000, ge=1000)
     consumer_heartbeat_interval_ms: int = Field(default=2000, ge=100)
     outbox_poll_interval_s: float = Field(default=0.05, gt=0)
+    # Woken by a commit, the relay waits this long for the next ones to join its produce
+    # request (0: none). Adds at most this to an output event's latency.
+    outbox_linger_ms: float = Field(default=5.0, ge=0, le=1000)
     scheduler_interval_s: float = Field(default=1.0, gt=0)
 
     # --- logging -------------------------------------------------------------------------

@@ -219,3 +219,43 @@ async def test_one_statement_per_cycle_and_acknowledged_rows_deleted_when_cancel
             await running
     assert await pending(core) == []
     assert [i for _, _, i in producer.sent] == ["e1", "e2"]
+
+
+@pytest.mark.parametrize(("linger", "expected"), [(0.6, [2]), (0.0, [1, 1])])
+async def test_commits_close_behind_each_other_go_out_in_one_cycle_when_lingering(
+        core: EventCore, monkeypatch: pytest.MonkeyPatch, linger: float,
+        expected: list[int]) -> None:
+    """Woken by a commit, the relay waits ``linger`` for the next ones: two commits 0.1 s
+    apart are read and published together; without lingering, each has a cycle of its own."""
+    relay = OutboxRelay(core, bootstrap="unused", poll_interval=30.0, linger=linger)
+    producer = Producer()
+    cycles: list[int] = []
+    real = relay.publish_pending
+
+    async def publish(prod: Any, leader: Any = None) -> int:
+        n = await real(producer, leader)
+        if n:
+            cycles.append(n)
+        return n
+
+    monkeypatch.setattr("aiokafka.AIOKafkaProducer", FakeKafka)
+    monkeypatch.setattr(relay, "publish_pending", publish)
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay.run(stop))
+    try:
+        await asyncio.sleep(0.3)  # idle: it looked, found nothing, waits up to 30 s
+        await queue(core, "e1")
+        core.outbox_ready.set()
+        await asyncio.sleep(0.1)
+        await queue(core, "e2")
+        core.outbox_ready.set()
+        for _ in range(100):
+            if len(producer.sent) == 2:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        core.outbox_ready.set()
+        await asyncio.wait_for(running, 10)
+    assert [i for _, _, i in producer.sent] == ["e1", "e2"]
+    assert cycles == expected
