@@ -57,6 +57,8 @@ class ServiceHost:
     scheduler: Scheduler | None = None
     gauges: Sequence[Refresh] = ()
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    # Run on close, before the engine is disposed: whatever holds a connection of its own.
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     _task: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
@@ -98,6 +100,9 @@ class ServiceHost:
         if self._task is not None:
             with contextlib.suppress(Exception):
                 await self._task
+        for close in self.closers:
+            with contextlib.suppress(Exception):
+                await close()
         await self.engine.dispose()
 
     def fatal(self) -> str | None:

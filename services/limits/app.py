@@ -35,6 +35,7 @@ def build(settings: Settings, *, tokens: TokenRegistry, policy: Policy | None = 
 
     app, host = build_service_app(NAME, service, settings, tokens=tokens, consume=consume,
                                   clock=clock, router=router, gauges=[refresh_portfolio_gauges])
+    host.closers.append(made[0].close)
     # Outermost: the plain credit checks skip the framework's layers (see fastpath.py).
     app.add_middleware(FastCreditCheck, checks=made[0], tokens=tokens, service=NAME,
                        max_body_bytes=DEFAULT_MAX_BODY_BYTES)

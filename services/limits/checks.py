@@ -17,6 +17,7 @@ Two ways to do it, same effects:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -26,6 +27,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 import orjson
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -216,6 +218,9 @@ class CoreChecks:
             loaded[cid] = Loaded(domain.new_customer(cid, self.service.policy), None, 0)
         return loaded, parent
 
+    async def close(self) -> None:
+        """Release what the checks hold beyond the engine's pool (nothing, here)."""
+
     async def check(self, order: CheckOrder) -> Verdict:
         now = self.core.clock()
         async with self.core.engine.begin() as conn:
@@ -390,6 +395,11 @@ WRITE_SQL = _write_sql(guarded=False)
 GUARDED_WRITE_SQL = _write_sql(guarded=True)
 
 
+# A connection that is no more (the driver's errors for it, and the server's on shutdown).
+_LOST = (OSError, asyncpg.exceptions.InterfaceError, asyncpg.exceptions.PostgresConnectionError,
+         asyncpg.exceptions.OperatorInterventionError)
+
+
 @dataclass(frozen=True, slots=True)
 class _Row:
     """A customer row as a batch reads it."""
@@ -493,6 +503,39 @@ class PostgresChecks(CoreChecks):
         # trips wait for the others' CPU on the event loop).
         self._worker: asyncio.Task[None] | None = None
         self._states: CommittedStates[Loaded] = CommittedStates(CACHED_STATES)
+        # The batches' own connection, kept between them: one batch at a time needs one, and
+        # taking it from the pool and giving it back cost as much as a round trip each time.
+        # Dropped after any failure (the next batch connects afresh) and on close.
+        self._conn: AsyncConnection | None = None
+        self._raw: Any = None
+
+    async def close(self) -> None:
+        worker = self._worker
+        if worker is not None and not worker.done():
+            worker.cancel()
+            with contextlib.suppress(BaseException):
+                await worker
+        await self._drop_connection()
+
+    async def _connection(self) -> tuple[AsyncConnection, Any]:
+        if self._conn is None or self._raw is None or self._raw.is_closed():
+            await self._drop_connection()
+            conn = await self.core.engine.connect()
+            try:
+                raw = (await conn.get_raw_connection()).driver_connection
+            except BaseException:
+                await conn.close()
+                raise
+            self._conn, self._raw = conn, raw
+        return self._conn, self._raw
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn, self._raw = self._conn, None, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.invalidate()  # whatever state it was left in, it is not reused
+            with contextlib.suppress(Exception):
+                await conn.close()
 
     async def check(self, order: CheckOrder) -> Verdict:
         future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
@@ -538,31 +581,51 @@ class PostgresChecks(CoreChecks):
         groups' figures, the orders' latest checks. Two round trips, no transaction to open
         and close. If something did change (another replica, the consumer, a release), the
         batch is decided again, the classic way, in a transaction under the locks."""
-        core = self.core
         metrics.CREDIT_CHECK_BATCH.observe(len(batch))
+        kept = self._conn is not None
+        try:
+            return await self._run_on(*await self._connection(), batch)
+        except _LOST as exc:
+            await self._drop_connection()
+            if not kept:
+                raise
+            # The kept connection was gone (a server restart, an idle timeout on the way):
+            # once more on a new one. Safe whatever was written: the orders are idempotent.
+            log.info("credit checks: the kept database connection was lost (%s); "
+                     "trying the batch again on a new one", type(exc).__name__)
+        except BaseException:
+            await self._drop_connection()
+            raise
+        try:
+            return await self._run_on(*await self._connection(), batch)
+        except BaseException:
+            await self._drop_connection()
+            raise
+
+    async def _run_on(self, sa_conn: AsyncConnection, raw: Any,
+                      batch: list[_Pending]) -> dict[int, Verdict | Exception]:
+        # ``raw``, the bare driver connection: the hot path's round trips skip SQLAlchemy's
+        # layers (asyncpg caches the prepared statements).
+        core = self.core
         ids = sorted({p.order.customer_id for p in batch})
         orders = sorted({p.order.order_id for p in batch})
         hits = self._cached(ids)
         known = (list(hits), [hit.last_seq for hit in hits.values()])
-        # The bare driver connection: the hot path's round trips skip SQLAlchemy's layers
-        # (asyncpg caches the prepared statements).
-        async with core.engine.connect() as sa_conn:
-            raw: Any = (await sa_conn.get_raw_connection()).driver_connection
+        now = core.clock()
+        read = _Read.of(await raw.fetch(READ_SQL, ids, *known, orders, len(batch)),
+                        ids, orders)
+        with domain.remembering():
+            decided = self._decide(sa_conn, batch, now, read, hits)
+        if decided.params is not None and not await raw.fetchval(
+                GUARDED_WRITE_SQL, *decided.params, *read.expected):
+            metrics.CREDIT_CHECK_REDECIDED.inc()
             now = core.clock()
-            read = _Read.of(await raw.fetch(READ_SQL, ids, *known, orders, len(batch)),
-                            ids, orders)
-            with domain.remembering():
-                decided = self._decide(sa_conn, batch, now, read, hits)
-            if decided.params is not None and not await raw.fetchval(
-                    GUARDED_WRITE_SQL, *decided.params, *read.expected):
-                metrics.CREDIT_CHECK_REDECIDED.inc()
-                now = core.clock()
-                async with raw.transaction():
-                    read = await self._read_locked(raw, ids, orders, known, len(batch))
-                    with domain.remembering():
-                        decided = self._decide(sa_conn, batch, now, read, hits)
-                    if decided.params is not None:
-                        await raw.execute(WRITE_SQL, *decided.params)
+            async with raw.transaction():
+                read = await self._read_locked(raw, ids, orders, known, len(batch))
+                with domain.remembering():
+                    decided = self._decide(sa_conn, batch, now, read, hits)
+                if decided.params is not None:
+                    await raw.execute(WRITE_SQL, *decided.params)
         self._remember(decided.loaded)
         if decided.tx.outbox:
             core.outbox_ready.set()

@@ -285,7 +285,7 @@ async def history(url: str) -> tuple[str, str]:
     await feed(host.core, events)
     checked = await _approved_check(app, url)
     events += await produced(host.core, settings.topic_dlq)
-    await host.engine.dispose()
+    await host.close()
 
     alerts, al_engine = registry.core_for("alerts", settings, policy)
     await upgrade(al_engine, "alerts")

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -151,7 +152,7 @@ async def svc(postgres_url: str) -> AsyncIterator[Service]:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://limits") as client:
         yield Service(host, client, clock)
-    await host.engine.dispose()
+    await host.close()
 
 
 @pytest.fixture
@@ -162,7 +163,7 @@ async def bare(postgres_url: str) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://limits") as client:
         yield client
-    await host.engine.dispose()
+    await host.close()
 
 
 # ---- credit checks ------------------------------------------------------------------------------
@@ -1080,13 +1081,55 @@ async def test_given_checks_one_after_another_when_each_is_awaited_then_none_is_
     # new one rather than wait in the queue for a worker that is already gone.
     await svc.customer("C-1", "CCC")
     checks = PostgresChecks(svc.host.core.service, svc.host.core)  # type: ignore[arg-type]
-    async with asyncio.timeout(10):  # in this task: no extra task in between, as in a loop
-        for n in range(5):
-            verdict = await checks.check(CheckOrder(
-                order_id=f"SO-{n}", customer_id="C-1", amount=D("10.00"), currency="EUR",
-                reserve=True, requested_by="order-entry"))
-            assert verdict.decision == "approved"
+    try:
+        async with asyncio.timeout(10):  # in this task: no extra task in between, as in a loop
+            for n in range(5):
+                verdict = await checks.check(_order("C-1", f"SO-{n}", "10.00"))
+                assert verdict.decision == "approved"
+    finally:
+        await checks.close()
     assert (await svc.exposure("C-1"))["reserved"] == "50.00"
+
+
+def _order(cid: str, order_id: str, amount: str) -> CheckOrder:
+    return CheckOrder(order_id=order_id, customer_id=cid, amount=D(amount), currency="EUR",
+                      reserve=True, requested_by="order-entry")
+
+
+@pytest.mark.parametrize("noticed", [True, False])
+async def test_given_the_kept_connection_was_cut_then_the_next_check_is_answered_on_a_new_one(
+    svc: Service, noticed: bool, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The batches keep a connection between them. Cut by the server (a restart, an admin,
+    an idle timeout on the way), it is replaced, and the check in hand is still answered:
+    whether the driver noticed the loss while idle or only when the batch used it."""
+    await svc.customer("C-1", "CCC")
+    checks = PostgresChecks(svc.host.core.service, svc.host.core)  # type: ignore[arg-type]
+    try:
+        assert (await checks.check(_order("C-1", "SO-1", "10.00"))).decision == "approved"
+        raw = checks._raw
+        assert raw is not None
+        pid = raw.get_server_pid()
+        async with svc.host.engine.connect() as admin:
+            assert (await admin.exec_driver_sql(
+                f"SELECT pg_terminate_backend({pid}, 5000)")).scalar_one()
+        for _ in range(100):
+            if raw.is_closed():
+                break
+            await asyncio.sleep(0.02)
+        assert raw.is_closed()
+        if not noticed:
+            # As if the loss had not been seen yet: it shows only when the batch uses it.
+            monkeypatch.setattr(asyncpg.Connection, "is_closed", lambda self: False)
+        second = await checks.check(_order("C-1", "SO-2", "10.00"))
+        assert second.decision == "approved"
+        assert checks._raw is not None and checks._raw.get_server_pid() != pid
+        assert (await checks.check(_order("C-1", "SO-2", "10.00"))).check_id \
+            == second.check_id  # a retry, answered with the stored decision
+    finally:
+        await checks.close()
+    assert checks._raw is None
+    assert (await svc.exposure("C-1"))["reserved"] == "20.00"
 
 
 # ---- decided on a read, written under the locks if nothing changed ------------------------------
@@ -1122,6 +1165,7 @@ async def test_given_a_change_between_a_batch_read_and_its_write_then_it_is_deci
         await svc.customer(cid, "AAA" if grouped else "CCC", parent="P" if grouped else None)
     core = svc.host.core
     one, other = PostgresChecks(core.service, core), PostgresChecks(core.service, core)
+    svc.host.closers += [one.close, other.close]
 
     def order(cid: str, order_id: str) -> CheckOrder:
         return CheckOrder(order_id, cid, Decimal("3000.00"), "EUR", True, "orders")
