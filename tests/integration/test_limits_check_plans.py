@@ -36,16 +36,32 @@ def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from _nodes(child)
 
 
+def _literal(value: Any) -> str:
+    if isinstance(value, list):  # the statement's parameter casts say which type
+        return "'{" + ",".join(str(v) for v in value) + "}'"
+    return str(value)
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["custom plan", "generic plan"])
 @pytest.mark.parametrize("name", sorted(STATEMENTS))
 async def test_given_tables_the_planner_takes_for_empty_then_every_table_is_read_by_key(
-        name: str, tmp_path: Path, postgres_server_url: str) -> None:
+        name: str, generic: bool, tmp_path: Path, postgres_server_url: str) -> None:
+    """Both the plan made for the values at hand and the one made once without them, which
+    the batches' connection keeps (``plan_cache_mode = force_generic_plan``)."""
     sql, args = STATEMENTS[name]
     engine = await fresh_engine("postgresql", "limits", tmp_path=tmp_path,
                                 pg_server_url=postgres_server_url)
     try:
         async with engine.connect() as conn:
             raw: Any = (await conn.get_raw_connection()).driver_connection
-            found = await raw.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *args)
+            if generic:
+                await raw.execute("SET plan_cache_mode = force_generic_plan")
+                await raw.execute(f"PREPARE batch_statement AS {sql}")
+                values = ", ".join(_literal(a) for a in args)
+                found = await raw.fetchval(
+                    f"EXPLAIN (FORMAT JSON) EXECUTE batch_statement({values})")
+            else:
+                found = await raw.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *args)
     finally:
         await engine.dispose()
     plan = (json.loads(found) if isinstance(found, str) else found)[0]["Plan"]
