@@ -157,7 +157,8 @@ def vegeta_run(vegeta: str, targets: Path, seconds: int, rate: int) -> dict[str,
     data = json.loads(report.stdout)
     lat = data["latencies"]
     return {"p50_ms": lat["50th"] / 1e6, "p99_ms": lat["99th"] / 1e6,
-            "success": data["success"], "rate": data["rate"]}
+            "success": data["success"], "rate": data["rate"],
+            "errors": data.get("errors") or [], "status_codes": data.get("status_codes")}
 
 
 def check_targets(base: str, count: int, path: Path) -> Path:
