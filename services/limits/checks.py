@@ -522,7 +522,7 @@ class PostgresChecks(CoreChecks):
             await self._drop_connection()
             conn = await self.core.engine.connect()
             try:
-                raw = (await conn.get_raw_connection()).driver_connection
+                raw: Any = (await conn.get_raw_connection()).driver_connection
                 # One plan per statement, made once: PostgreSQL keeps to a prepared
                 # statement's generic plan only if it judges it no worse than the custom
                 # ones, and on small tables it judged otherwise and planned every execution
