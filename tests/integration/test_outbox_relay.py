@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -132,18 +133,20 @@ async def test_one_relay_leads_at_a_time(postgres_server_url: str, tmp_path: Pat
     await engine.dispose()
 
 
-async def test_the_relay_is_woken_by_a_commit_and_not_only_by_its_poll(
-        core: EventCore, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``outbox_ready`` set after the relay looked and found nothing still wakes it."""
-    relay = OutboxRelay(core, bootstrap="unused", poll_interval=30.0)
+@contextlib.asynccontextmanager
+async def relay_running(core: EventCore, monkeypatch: pytest.MonkeyPatch,
+                        **options: Any) -> AsyncIterator[tuple[Producer, list[int]]]:
+    """The relay's loop with the stand-in producer, idle (it looked and found nothing) when
+    handed over; yields the producer and the sizes of the cycles that published anything."""
+    relay = OutboxRelay(core, bootstrap="unused", **options)
     producer = Producer()
-    published = asyncio.Event()
+    cycles: list[int] = []
     real = relay.publish_pending
 
     async def publish(prod: Any, leader: Any = None) -> int:
         n = await real(producer, leader)
         if n:
-            published.set()
+            cycles.append(n)
         return n
 
     monkeypatch.setattr("aiokafka.AIOKafkaProducer", FakeKafka)
@@ -151,15 +154,30 @@ async def test_the_relay_is_woken_by_a_commit_and_not_only_by_its_poll(
     stop = asyncio.Event()
     running = asyncio.create_task(relay.run(stop))
     try:
-        await asyncio.sleep(0.3)  # idle: it looked, found nothing, waits up to 30 s
-        await queue(core, "e1")
-        core.outbox_ready.set()
-        await asyncio.wait_for(published.wait(), 5)
+        await asyncio.sleep(0.3)
+        yield producer, cycles
     finally:
         stop.set()
         core.outbox_ready.set()
         await asyncio.wait_for(running, 10)
-    assert [i for _, _, i in producer.sent] == ["e1"]
+
+
+async def sent(producer: Producer, count: int) -> list[str]:
+    """The ids published, once ``count`` of them are (or after 5 s)."""
+    for _ in range(100):
+        if len(producer.sent) >= count:
+            break
+        await asyncio.sleep(0.05)
+    return [i for _, _, i in producer.sent]
+
+
+async def test_the_relay_is_woken_by_a_commit_and_not_only_by_its_poll(
+        core: EventCore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``outbox_ready`` set after the relay looked and found nothing still wakes it."""
+    async with relay_running(core, monkeypatch, poll_interval=30.0) as (producer, _):
+        await queue(core, "e1")
+        core.outbox_ready.set()
+        assert await sent(producer, 1) == ["e1"]  # long before the 30 s poll
     assert await pending(core) == []  # deleted before the relay stopped
 
 
@@ -227,35 +245,12 @@ async def test_commits_close_behind_each_other_go_out_in_one_cycle_when_lingerin
         expected: list[int]) -> None:
     """Woken by a commit, the relay waits ``linger`` for the next ones: two commits 0.1 s
     apart are read and published together; without lingering, each has a cycle of its own."""
-    relay = OutboxRelay(core, bootstrap="unused", poll_interval=30.0, linger=linger)
-    producer = Producer()
-    cycles: list[int] = []
-    real = relay.publish_pending
-
-    async def publish(prod: Any, leader: Any = None) -> int:
-        n = await real(producer, leader)
-        if n:
-            cycles.append(n)
-        return n
-
-    monkeypatch.setattr("aiokafka.AIOKafkaProducer", FakeKafka)
-    monkeypatch.setattr(relay, "publish_pending", publish)
-    stop = asyncio.Event()
-    running = asyncio.create_task(relay.run(stop))
-    try:
-        await asyncio.sleep(0.3)  # idle: it looked, found nothing, waits up to 30 s
+    async with relay_running(core, monkeypatch, poll_interval=30.0,
+                             linger=linger) as (producer, cycles):
         await queue(core, "e1")
         core.outbox_ready.set()
         await asyncio.sleep(0.1)
         await queue(core, "e2")
         core.outbox_ready.set()
-        for _ in range(100):
-            if len(producer.sent) == 2:
-                break
-            await asyncio.sleep(0.05)
-    finally:
-        stop.set()
-        core.outbox_ready.set()
-        await asyncio.wait_for(running, 10)
-    assert [i for _, _, i in producer.sent] == ["e1", "e2"]
+        assert await sent(producer, 2) == ["e1", "e2"]
     assert cycles == expected
