@@ -21,6 +21,7 @@ __all__ = [
     "CONSUMER_LAG",
     "CREDIT_CHECKS",
     "CREDIT_CHECK_BATCH",
+    "CREDIT_CHECK_READ_SKIPPED",
     "CREDIT_CHECK_REDECIDED",
     "CREDIT_CHECK_SECONDS",
     "CUSTOMERS",
@@ -122,6 +123,11 @@ CREDIT_CHECK_BATCH = Histogram(
     "creditwatch_credit_check_batch_size",
     "Credit checks decided together in one database transaction (PostgreSQL).",
     buckets=(1, 2, 4, 8, 16, 32, 64),
+)
+CREDIT_CHECK_READ_SKIPPED = Counter(
+    "creditwatch_credit_check_batches_read_skipped_total",
+    "Batches of credit checks decided on what this process already held, without reading "
+    "first (their write still checks it under the row locks).",
 )
 CREDIT_CHECK_REDECIDED = Counter(
     "creditwatch_credit_check_batches_redecided_total",

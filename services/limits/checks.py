@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -48,6 +49,10 @@ log = logging.getLogger("creditwatch.limits")
 MAX_BATCH = 64
 # Customer states kept between checks, by customer (least recently used out).
 CACHED_STATES = 20_000
+# Orders whose latest check this process decided, kept for a retry (least recently used out).
+CACHED_ORDERS = 50_000
+# Event numbers drawn at once for the batches that skip their read.
+NUMBERS_AHEAD = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +336,8 @@ SELECT 'c' AS kind, customer_id::text AS key, parent_id::text AS ref, NULL AS cu
 FROM cust
 UNION ALL {_context_sql("unnest($4::text[]) AS o(id)", "roots AS g", "$5::int", "stale AS c")}"""
 
+_NUMBERS_SQL = f"SELECT nextval({_SEQ}) FROM generate_series(1, $1::int)"
+
 _E = ["seq", "source", "event_id", "type", "subject", "time", "event", "recorded_at"]
 _K = [c.name for c in store.checks.columns]
 _O = ["event_id", "topic", "key", "value", "created_at"]
@@ -456,14 +463,17 @@ class _Read:
                 read.held.setdefault(r["customer_id"], []).append(domain.Reservation(
                     key, r["ref"], r["amount"], r["at"]))
         read.seqs.sort()
-        customers = sorted(read.rows.keys() | set(ids))
-        groups = _roots(read.rows, ids)
-        read.expected = (
-            customers, [row.last_seq if (row := read.rows.get(c)) else None for c in customers],
-            groups, [read.totals.get(g, Decimal(0)) for g in groups],
-            [read.counts.get(g, 0) for g in groups],
-            orders, [prior.check_id if (prior := read.priors.get(o)) else None for o in orders])
+        read.expect(ids, orders)
         return read
+
+    def expect(self, ids: list[str], orders: list[str]) -> None:
+        customers = sorted(self.rows.keys() | set(ids))
+        groups = _roots(self.rows, ids)
+        self.expected = (
+            customers, [row.last_seq if (row := self.rows.get(c)) else None for c in customers],
+            groups, [self.totals.get(g, Decimal(0)) for g in groups],
+            [self.counts.get(g, 0) for g in groups],
+            orders, [prior.check_id if (prior := self.priors.get(o)) else None for o in orders])
 
 
 @dataclass
@@ -472,6 +482,8 @@ class _Decided:
     loaded: dict[str, Loaded]
     tx: Tx
     params: tuple[str, ...] | None  # WRITE_SQL's; None: nothing to write
+    exposure: dict[str, Decimal]  # each customer row's exposure after the batch
+    priors: dict[str, Prior]  # each order's latest check after the batch
 
 
 @dataclass
@@ -508,6 +520,13 @@ class PostgresChecks(CoreChecks):
         # Dropped after any failure (the next batch connects afresh) and on close.
         self._conn: AsyncConnection | None = None
         self._raw: Any = None
+        # What lets a batch skip its read (see _held_read): customers seen alone in their
+        # group and written by nobody but this process since its last write, with their
+        # row's version and exposure; the latest check of orders decided here; event numbers
+        # drawn ahead.
+        self._quiet: dict[str, tuple[int, Decimal]] = {}
+        self._orders: OrderedDict[str, Prior] = OrderedDict()
+        self._numbers: list[int] = []
 
     async def close(self) -> None:
         worker = self._worker
@@ -619,10 +638,21 @@ class PostgresChecks(CoreChecks):
         hits = self._cached(ids)
         known = (list(hits), [hit.last_seq for hit in hits.values()])
         now = core.clock()
-        read = _Read.of(await raw.fetch(READ_SQL, ids, *known, orders, len(batch)),
-                        ids, orders)
-        with domain.remembering():
-            decided = self._decide(sa_conn, batch, now, read, hits)
+        read = await self._held_read(raw, ids, orders, hits, len(batch))
+        if read is not None:
+            with domain.remembering():
+                decided = self._decide(sa_conn, batch, now, read, hits)
+            if decided.params is None:
+                # Nothing to write (retries answered with their stored decision, a
+                # conflict), so nothing would check what the answers rest on: read.
+                read = None
+            else:
+                metrics.CREDIT_CHECK_READ_SKIPPED.inc()
+        if read is None:
+            read = _Read.of(await raw.fetch(READ_SQL, ids, *known, orders, len(batch)),
+                            ids, orders)
+            with domain.remembering():
+                decided = self._decide(sa_conn, batch, now, read, hits)
         if decided.params is not None and not await raw.fetchval(
                 GUARDED_WRITE_SQL, *decided.params, *read.expected):
             metrics.CREDIT_CHECK_REDECIDED.inc()
@@ -634,9 +664,59 @@ class PostgresChecks(CoreChecks):
                 if decided.params is not None:
                     await raw.execute(WRITE_SQL, *decided.params)
         self._remember(decided.loaded)
+        self._note(ids, read, decided)
         if decided.tx.outbox:
             core.outbox_ready.set()
         return decided.results
+
+    async def _held_read(self, raw: Any, ids: list[str], orders: list[str],
+                         hits: dict[str, Loaded], count: int) -> _Read | None:
+        """What the batch's read would return, when this process holds all of it: every
+        customer's state at its row's version, alone in its group, written by nobody else
+        since this process last wrote it (else None: read). The orders are taken to have no
+        check but those decided here, and the event numbers come from a block drawn ahead.
+        The write checks all of it under the locks, as it checks a read; a batch it finds
+        stale is decided again under them. The numbers stay above every version a decision
+        rests on, so that each customer's events keep the order in which they were applied.
+        A batch with nothing to write is not answered from it (nothing would check it)."""
+        quiet = self._quiet
+        versions = []
+        for cid in ids:
+            hit, held = hits.get(cid), quiet.get(cid)
+            if hit is None or held is None or held[0] != hit.last_seq:
+                return None
+            versions.append(hit.last_seq)
+        numbers = self._numbers
+        if len(numbers) < count or numbers[0] <= max(versions):
+            numbers[:] = sorted(r[0] for r in await raw.fetch(_NUMBERS_SQL, NUMBERS_AHEAD))
+        read = _Read({cid: _Row(None, quiet[cid][1], hits[cid].published, hits[cid].last_seq,
+                                None, None) for cid in ids},
+                     priors={o: prior for o in orders
+                             if (prior := self._orders.get(o)) is not None},
+                     totals={cid: quiet[cid][1] for cid in ids},
+                     counts=dict.fromkeys(ids, 1), seqs=numbers[:count])
+        del numbers[:count]
+        read.expect(ids, orders)
+        return read
+
+    def _note(self, ids: list[str], read: _Read, decided: _Decided) -> None:
+        """After a batch committed: which of its customers the next batch may skip reading
+        (see _held_read), and the orders' latest checks."""
+        for cid in ids:
+            row = read.rows.get(cid)
+            loaded = decided.loaded.get(cid)
+            if row is not None and loaded is not None and row.state is None \
+                    and row.parent_id is None and read.counts.get(cid) == 1:
+                # The row was at the version this process held: nobody else wrote it.
+                self._quiet[cid] = (loaded.last_seq, decided.exposure[cid])
+            else:
+                self._quiet.pop(cid, None)
+        orders = self._orders
+        for order_id, prior in decided.priors.items():
+            orders[order_id] = prior
+            orders.move_to_end(order_id)
+        while len(orders) > CACHED_ORDERS:
+            orders.popitem(last=False)
 
     def _cached(self, ids: list[str]) -> dict[str, Loaded]:
         """The states this process holds for the customers and their known parents."""
@@ -723,7 +803,7 @@ class PostgresChecks(CoreChecks):
             params = (_rows_json(out.events), _rows_json(out.checks), _rows_json(outbox),
                       _rows_json(list(out.reservations.values())),
                       _rows_json(list(out.customers.values())))
-        return _Decided(results, loaded, tx, params)
+        return _Decided(results, loaded, tx, params, exposure, priors)
 
     def _remember(self, loaded: dict[str, Loaded]) -> None:
         """Keep the states just committed (the unknown customers' made-up ones aside)."""

@@ -1132,6 +1132,94 @@ async def test_given_the_kept_connection_was_cut_then_the_next_check_is_answered
     assert (await svc.exposure("C-1"))["reserved"] == "20.00"
 
 
+# ---- decided without a read, on what the process holds ------------------------------------------
+
+
+def _skipped() -> float:
+    return sum(s.value for m in metrics.CREDIT_CHECK_READ_SKIPPED.collect() for s in m.samples
+               if s.name.endswith("_total"))
+
+
+def _replica(svc: Service) -> PostgresChecks:
+    checks = PostgresChecks(svc.host.core.service, svc.host.core)  # type: ignore[arg-type]
+    svc.host.closers.append(checks.close)
+    return checks
+
+
+async def _seq_order(svc: Service, cid: str) -> list[str]:
+    async with svc.host.engine.connect() as conn:
+        return list((await conn.exec_driver_sql(
+            "SELECT order_id FROM limits_checks WHERE customer_id = $1 ORDER BY seq",
+            (cid,))).scalars())
+
+
+async def test_given_a_customer_only_this_process_writes_then_its_checks_skip_the_read(
+    svc: Service,
+) -> None:
+    """The first check reads the customer; the second finds the row at the version this
+    process wrote; from the third on, nothing is read before the write (which still checks
+    it all under the lock). A retry of a check decided here gets the stored decision, read
+    first: with nothing to write, nothing would check what it held."""
+    await svc.customer("C-1", "CCC")
+    checks = _replica(svc)
+    before = _skipped()
+    verdicts = [await checks.check(_order("C-1", f"SO-{n}", "10.00")) for n in range(4)]
+    assert [v.decision for v in verdicts] == ["approved"] * 4
+    assert _skipped() - before == 2
+    again = await checks.check(_order("C-1", "SO-3", "10.00"))
+    assert (again.check_id, again.fresh) == (verdicts[-1].check_id, False)
+    assert _skipped() - before == 2
+    assert (await svc.exposure("C-1"))["reserved"] == "40.00"
+    assert await _seq_order(svc, "C-1") == [f"SO-{n}" for n in range(4)]
+    assert await svc.host.core.verify() == []
+
+
+async def test_given_another_writer_between_checks_then_a_check_without_read_is_decided_again(
+    svc: Service,
+) -> None:
+    """Another replica checks the customer between two of this one's: this one's next check,
+    decided on what it held, is found stale by its write and decided again under the lock
+    (and sees the other's reservation); the next one reads again. The event numbers drawn
+    ahead are not used below the customer's version: its events stay in the order in
+    which they were applied."""
+    await svc.customer("C-1", "CCC")  # 5,000.00
+    one, other = _replica(svc), _replica(svc)
+    for n in range(3):
+        assert (await one.check(_order("C-1", f"A{n}", "1000.00"))).decision == "approved"
+    assert (await other.check(_order("C-1", "B", "1500.00"))).decision == "approved"
+    skipped, redecided = _skipped(), _redecided()
+
+    a3 = await one.check(_order("C-1", "A3", "2000.00"))  # 500.00 left
+    assert (a3.decision, a3.body["reasons"]) == ("rejected", ["exceeds_available"])
+    assert (_skipped() - skipped, _redecided() - redecided) == (1, 1)
+    assert (await one.check(_order("C-1", "A4", "10.00"))).decision == "approved"  # reads
+    assert _skipped() - skipped == 1
+    assert (await one.check(_order("C-1", "A5", "10.00"))).decision == "approved"  # held
+    assert _skipped() - skipped == 2
+
+    assert await _seq_order(svc, "C-1") == ["A0", "A1", "A2", "B", "A3", "A4", "A5"]
+    assert (await svc.exposure("C-1"))["reserved"] == "4520.00"
+    assert await svc.host.core.verify() == []
+
+
+async def test_given_the_order_was_checked_elsewhere_then_a_check_without_read_sees_it(
+    svc: Service,
+) -> None:
+    """Decided on what it holds, a batch takes its orders to have no check but those decided
+    here; its write finds the other replica's and the batch is decided again."""
+    await svc.customer("C-1", "CCC")
+    await svc.customer("C-2", "CCC")
+    one, other = _replica(svc), _replica(svc)
+    for n in range(2):
+        await one.check(_order("C-1", f"SO-{n}", "10.00"))
+    assert (await other.check(_order("C-2", "SO-X", "10.00"))).decision == "approved"
+    skipped, redecided = _skipped(), _redecided()
+    with pytest.raises(Conflict):
+        await one.check(_order("C-1", "SO-X", "10.00"))
+    assert (_skipped() - skipped, _redecided() - redecided) == (1, 1)
+    assert (await svc.exposure("C-1"))["reserved"] == "20.00"
+
+
 # ---- decided on a read, written under the locks if nothing changed ------------------------------
 
 
