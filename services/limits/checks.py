@@ -49,8 +49,10 @@ log = logging.getLogger("creditwatch.limits")
 MAX_BATCH = 64
 # Customer states kept between checks, by customer (least recently used out).
 CACHED_STATES = 20_000
-# Orders whose latest check this process decided, kept for a retry (least recently used out).
-CACHED_ORDERS = 50_000
+# Orders whose latest check this process decided, kept for a retry (least recently used out;
+# about 1 kB each). A retry of one no longer kept is still answered right: the write finds
+# the order's check and the batch is decided again under the locks.
+CACHED_ORDERS = 20_000
 # Event numbers drawn at once for the batches that skip their read.
 NUMBERS_AHEAD = 256
 
@@ -702,15 +704,17 @@ class PostgresChecks(CoreChecks):
     def _note(self, ids: list[str], read: _Read, decided: _Decided) -> None:
         """After a batch committed: which of its customers the next batch may skip reading
         (see _held_read), and the orders' latest checks."""
+        quiet = self._quiet
         for cid in ids:
             row = read.rows.get(cid)
             loaded = decided.loaded.get(cid)
+            quiet.pop(cid, None)
             if row is not None and loaded is not None and row.state is None \
                     and row.parent_id is None and read.counts.get(cid) == 1:
                 # The row was at the version this process held: nobody else wrote it.
-                self._quiet[cid] = (loaded.last_seq, decided.exposure[cid])
-            else:
-                self._quiet.pop(cid, None)
+                quiet[cid] = (loaded.last_seq, decided.exposure[cid])
+        while len(quiet) > CACHED_STATES:  # the oldest first (as the states are kept)
+            del quiet[next(iter(quiet))]
         orders = self._orders
         for order_id, prior in decided.priors.items():
             orders[order_id] = prior
