@@ -29,6 +29,7 @@ from shared.runtime import (
     OutboxRelay,
     Scheduler,
     Service,
+    full_collections,
     run_all,
     utcnow,
     wait_or_stop,
@@ -83,6 +84,7 @@ class ServiceHost:
             if loop is not None:
                 jobs.append(loop.run)
         jobs += [functools.partial(self._refresh_every, refresh) for refresh in self.gauges]
+        jobs.append(full_collections)
         self._task = asyncio.create_task(run_all(self.stop, *jobs))
 
     async def _refresh_every(self, refresh: Refresh, stop: asyncio.Event) -> None:
