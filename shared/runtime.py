@@ -52,8 +52,8 @@ def tune_gc() -> None:
     The oldest generation is left to ``full_collections`` (a full collection every few
     minutes) instead of CPython's own rule, which runs one whenever the long-lived objects
     have grown by a quarter. A full collection walks every live object: with the states and
-    reservations a limits process holds it stopped the event loop for 40–60 ms, every few
-    seconds while they grew, and credit checks waited behind it.
+    reservations a limits process holds it stopped the event loop for 40–60 ms (seen in a
+    credit-check benchmark, again and again while they grew), and the checks waited.
     """
     gc.freeze()
     gc.set_threshold(20_000, 50, FULL_COLLECTION_NEVER)
