@@ -55,6 +55,8 @@ CACHED_STATES = 20_000
 CACHED_ORDERS = 20_000
 # Event numbers drawn at once for the batches that skip their read.
 NUMBERS_AHEAD = 256
+# The most reads a customer must be found untouched by before it is held again (see _doubt).
+DOUBT_MAX = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -527,6 +529,11 @@ class PostgresChecks(CoreChecks):
         # row's version and exposure; the latest check of orders decided here; event numbers
         # drawn ahead.
         self._quiet: dict[str, tuple[int, Decimal]] = {}
+        # Customers a held batch was found stale for: [reads that must still find the row
+        # untouched before it is held again, how many were asked the last time] (doubling
+        # with every stale batch, to DOUBT_MAX: a customer that two replicas write in turn
+        # ends up read, not held and decided again).
+        self._doubted: dict[str, list[int]] = {}
         self._orders: OrderedDict[str, Prior] = OrderedDict()
         self._numbers: list[int] = []
 
@@ -641,13 +648,14 @@ class PostgresChecks(CoreChecks):
         known = (list(hits), [hit.last_seq for hit in hits.values()])
         now = core.clock()
         read = await self._held_read(raw, ids, orders, hits, len(batch))
+        held = read is not None
         if read is not None:
             with domain.remembering():
                 decided = self._decide(sa_conn, batch, now, read, hits)
             if decided.params is None:
                 # Nothing to write (retries answered with their stored decision, a
                 # conflict), so nothing would check what the answers rest on: read.
-                read = None
+                read, held = None, False
             else:
                 metrics.CREDIT_CHECK_READ_SKIPPED.inc()
         if read is None:
@@ -655,8 +663,9 @@ class PostgresChecks(CoreChecks):
                             ids, orders)
             with domain.remembering():
                 decided = self._decide(sa_conn, batch, now, read, hits)
-        if decided.params is not None and not await raw.fetchval(
-                GUARDED_WRITE_SQL, *decided.params, *read.expected):
+        stale = decided.params is not None and not await raw.fetchval(
+            GUARDED_WRITE_SQL, *decided.params, *read.expected)
+        if stale:
             metrics.CREDIT_CHECK_REDECIDED.inc()
             now = core.clock()
             async with raw.transaction():
@@ -667,6 +676,8 @@ class PostgresChecks(CoreChecks):
                     await raw.execute(WRITE_SQL, *decided.params)
         self._remember(decided.loaded)
         self._note(ids, read, decided)
+        if stale and held:
+            self._doubt(ids)
         if decided.tx.outbox:
             core.outbox_ready.set()
         return decided.results
@@ -704,7 +715,7 @@ class PostgresChecks(CoreChecks):
     def _note(self, ids: list[str], read: _Read, decided: _Decided) -> None:
         """After a batch committed: which of its customers the next batch may skip reading
         (see _held_read), and the orders' latest checks."""
-        quiet = self._quiet
+        quiet, doubted = self._quiet, self._doubted
         for cid in ids:
             row = read.rows.get(cid)
             loaded = decided.loaded.get(cid)
@@ -712,15 +723,28 @@ class PostgresChecks(CoreChecks):
             if row is not None and loaded is not None and row.state is None \
                     and row.parent_id is None and read.counts.get(cid) == 1:
                 # The row was at the version this process held: nobody else wrote it.
-                quiet[cid] = (loaded.last_seq, decided.exposure[cid])
-        while len(quiet) > CACHED_STATES:  # the oldest first (as the states are kept)
-            del quiet[next(iter(quiet))]
+                doubt = doubted.get(cid)
+                if doubt is not None and doubt[0] > 0:
+                    doubt[0] -= 1
+                if doubt is None or doubt[0] == 0:
+                    quiet[cid] = (loaded.last_seq, decided.exposure[cid])
+        for kept in (quiet, doubted):
+            while len(kept) > CACHED_STATES:  # the oldest first (as the states are kept)
+                del kept[next(iter(kept))]
         orders = self._orders
         for order_id, prior in decided.priors.items():
             orders[order_id] = prior
             orders.move_to_end(order_id)
         while len(orders) > CACHED_ORDERS:
             orders.popitem(last=False)
+
+    def _doubt(self, ids: list[str]) -> None:
+        """A held batch of these customers was found stale: read them a while first."""
+        for cid in ids:
+            self._quiet.pop(cid, None)
+            doubt = self._doubted.pop(cid, None) or [0, 1]
+            after = min(doubt[1] * 2, DOUBT_MAX)
+            self._doubted[cid] = [after, after]
 
     def _cached(self, ids: list[str]) -> dict[str, Loaded]:
         """The states this process holds for the customers and their known parents."""
