@@ -617,25 +617,22 @@ class PostgresChecks(CoreChecks):
         and close. If something did change (another replica, the consumer, a release), the
         batch is decided again, the classic way, in a transaction under the locks."""
         metrics.CREDIT_CHECK_BATCH.observe(len(batch))
-        kept = self._conn is not None
-        try:
-            return await self._run_on(*await self._connection(), batch)
-        except _LOST as exc:
-            await self._drop_connection()
-            if not kept:
+        while True:
+            kept = self._conn is not None
+            try:
+                return await self._run_on(*await self._connection(), batch)
+            except _LOST as exc:
+                await self._drop_connection()
+                if not kept:
+                    raise
+                # The kept connection was gone (a server restart, an idle timeout on the
+                # way): once more on a new one (not kept, so only once). Safe whatever was
+                # written: the orders are idempotent.
+                log.info("credit checks: the kept database connection was lost (%s); "
+                         "trying the batch again on a new one", type(exc).__name__)
+            except BaseException:
+                await self._drop_connection()
                 raise
-            # The kept connection was gone (a server restart, an idle timeout on the way):
-            # once more on a new one. Safe whatever was written: the orders are idempotent.
-            log.info("credit checks: the kept database connection was lost (%s); "
-                     "trying the batch again on a new one", type(exc).__name__)
-        except BaseException:
-            await self._drop_connection()
-            raise
-        try:
-            return await self._run_on(*await self._connection(), batch)
-        except BaseException:
-            await self._drop_connection()
-            raise
 
     async def _run_on(self, sa_conn: AsyncConnection, raw: Any,
                       batch: list[_Pending]) -> dict[int, Verdict | Exception]:

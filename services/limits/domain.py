@@ -194,9 +194,8 @@ def open_items(state: CustomerState) -> dict[str, Decimal]:
     The result is shared by every state with the same invoices and credits (a credit check
     changes neither): read it, never change it.
     """
-    hit = _LEDGER.get(state.invoices)
-    if hit is not None and hit[0] is state.credits:
-        items: dict[str, Decimal] = hit[1]
+    items = _kept_items(state)
+    if items is not None:
         return items
     items = _walk_open_items(state)
     if _remembering:
@@ -206,11 +205,8 @@ def open_items(state: CustomerState) -> dict[str, Decimal]:
 
 def open_receivables(state: CustomerState) -> Decimal:
     """Invoices − credit notes − payments (cancelled and reversed ones excluded)."""
-    hit = _LEDGER.get(state.invoices)
-    if hit is not None and hit[0] is state.credits:
-        kept: Decimal = hit[2]
-        return kept
-    return _receivables(state)
+    hit = _kept_ledger(state)
+    return hit[2] if hit is not None else _receivables(state)
 
 
 def _receivables(state: CustomerState) -> Decimal:
@@ -219,10 +215,17 @@ def _receivables(state: CustomerState) -> Decimal:
     return invoiced - credited
 
 
+def _kept_ledger(state: CustomerState) -> tuple[Any, dict[str, Decimal], Decimal] | None:
+    """(credits, open items, open receivables) kept for this state's ledger, if they are
+    (see ``remembering``)."""
+    hit: tuple[Any, dict[str, Decimal], Decimal] | None = _LEDGER.get(state.invoices)
+    return hit if hit is not None and hit[0] is state.credits else None
+
+
 def _kept_items(state: CustomerState) -> dict[str, Decimal] | None:
-    """The open items kept for this state's ledger, if they are (see ``remembering``)."""
-    hit = _LEDGER.get(state.invoices)
-    return hit[1] if hit is not None and hit[0] is state.credits else None
+    """The open items kept for this state's ledger, if they are."""
+    hit = _kept_ledger(state)
+    return hit[1] if hit is not None else None
 
 
 def _walk_open_items(state: CustomerState) -> dict[str, Decimal]:
