@@ -14,6 +14,7 @@ import contextlib
 import gc
 import heapq
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -748,7 +749,10 @@ class OutboxRelay:
     and every ``poll_interval`` for what other processes queue. Woken by a commit, it lingers
     ``linger`` seconds first, so that the commits close behind it (a credit check's batches
     come every millisecond or two under load) go out in the same produce request: each cycle
-    costs the broker, the database and this process about the same whatever its size. On
+    costs the broker, the database and this process about the same whatever its size. Under
+    a steady flow of commits it also keeps ``interval`` seconds between the starts of two
+    cycles, so that their number stays bounded however often commits come (a commit after a
+    quiet spell still waits only ``linger``). On
     PostgreSQL the relay works on the connection that holds its advisory lock, in autocommit:
     one statement deletes the rows the broker has just acknowledged and reads the next
     pending ones, so a cycle costs one round trip to the database besides the publishing.
@@ -756,13 +760,15 @@ class OutboxRelay:
 
     def __init__(self, core: EventCore, *, bootstrap: str,
                  client_kwargs: dict[str, Any] | None = None, batch: int = 500,
-                 poll_interval: float = 0.05, linger: float = 0.0) -> None:
+                 poll_interval: float = 0.05, linger: float = 0.0,
+                 interval: float = 0.0) -> None:
         self.core = core
         self.bootstrap = bootstrap
         self.client_kwargs = client_kwargs or {}
         self.batch = batch
         self.poll_interval = poll_interval
         self.linger = linger
+        self.interval = interval
         self.healthy = False
         # Published and acknowledged, not yet deleted (the next read deletes them).
         self._acked: list[int] = []
@@ -788,6 +794,8 @@ class OutboxRelay:
         self.healthy = True
         leader: AsyncConnection | None = None
         ready = self.core.outbox_ready
+        clock = asyncio.get_running_loop().time
+        began = started = -math.inf  # when the last cycle (that published) began
         try:
             while True:
                 if is_pg := self.core.engine.dialect.name == "postgresql":
@@ -803,6 +811,7 @@ class OutboxRelay:
                 if leader is not None or not is_pg:
                     # Cleared before reading: a commit after this point wakes the relay again.
                     ready.clear()
+                    began = clock()
                     try:
                         sent = await self.publish_pending(producer, leader)
                     except Exception as exc:
@@ -812,6 +821,9 @@ class OutboxRelay:
                             await self._resign(leader)
                             leader = None
                         await asyncio.sleep(0.5)
+                # Only a cycle that published counts: after a quiet spell, a commit goes
+                # out after ``linger`` alone.
+                started = began if sent else -math.inf
                 if sent >= self.batch:
                     continue  # a full read: more may be waiting
                 if stop.is_set():
@@ -820,7 +832,8 @@ class OutboxRelay:
                 # are deleted by the next cycle's statement (one round trip per cycle, not two).
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ready.wait(), self.poll_interval)
-                    if self.linger > 0 and await wait_or_stop(stop, self.linger):
+                    pause = max(self.linger, self.interval - (clock() - started))
+                    if pause > 0 and await wait_or_stop(stop, pause):
                         break
         finally:
             with contextlib.suppress(Exception):

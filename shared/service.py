@@ -76,7 +76,8 @@ class ServiceHost:
             self.scheduler = Scheduler(self.core, interval=s.scheduler_interval_s)
         self.relay = OutboxRelay(self.core, bootstrap=s.kafka_bootstrap, client_kwargs=kwargs,
                                  poll_interval=s.outbox_poll_interval_s,
-                                 linger=s.outbox_linger_ms / 1000)
+                                 linger=s.outbox_linger_ms / 1000,
+                                 interval=s.outbox_interval_ms / 1000)
 
     async def start(self) -> None:
         jobs: list[Callable[[asyncio.Event], Any]] = []

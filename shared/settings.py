@@ -129,6 +129,10 @@ class Settings(BaseSettings):
     # Woken by a commit, the relay waits this long for the next ones to join its produce
     # request (0: none). Adds at most this to an output event's latency.
     outbox_linger_ms: float = Field(default=5.0, ge=0, le=1000)
+    # Under a steady flow of commits, the least time between the starts of two relay cycles
+    # (0: none): bounds the produce requests (and outbox reads) a second under load. Adds at
+    # most this to an output event's latency while commits keep coming.
+    outbox_interval_ms: float = Field(default=25.0, ge=0, le=10000)
     scheduler_interval_s: float = Field(default=1.0, gt=0)
 
     # --- logging -------------------------------------------------------------------------

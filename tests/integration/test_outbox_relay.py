@@ -254,3 +254,26 @@ async def test_commits_close_behind_each_other_go_out_in_one_cycle_when_lingerin
         core.outbox_ready.set()
         assert await sent(producer, 2) == ["e1", "e2"]
     assert cycles == expected
+
+
+@pytest.mark.parametrize(("interval", "expected"), [(0.8, [1, 2]), (0.0, [1, 1, 1])])
+async def test_under_a_steady_flow_of_commits_cycles_keep_their_interval(
+        core: EventCore, monkeypatch: pytest.MonkeyPatch, interval: float,
+        expected: list[int]) -> None:
+    """A commit after a quiet spell goes out at once (no linger here), however long the
+    interval; the commits that follow within ``interval`` of that cycle's start wait for it
+    and go out together; without an interval, each has a cycle of its own."""
+    loop = asyncio.get_running_loop()
+    async with relay_running(core, monkeypatch, poll_interval=30.0,
+                             interval=interval) as (producer, cycles):
+        await queue(core, "e1")
+        core.outbox_ready.set()
+        committed = loop.time()
+        assert await sent(producer, 1) == ["e1"]
+        assert loop.time() - committed < 0.4  # not held back by the interval
+        for event_id in ("e2", "e3"):
+            await asyncio.sleep(0.1)
+            await queue(core, event_id)
+            core.outbox_ready.set()
+        assert await sent(producer, 3) == ["e1", "e2", "e3"]
+    assert cycles == expected
