@@ -49,13 +49,24 @@ LIMIT_REASON = {
 
 def money(amount: Decimal, currency: str) -> str:
     """An amount as the API and events show it: the currency's minor units, no exponent."""
-    quantum = _QUANTA.get(currency)
-    if quantum is None:
-        quantum = _QUANTA[currency] = quantize(Decimal(1), currency)
-    return format(amount.quantize(quantum, context=MONEY_CONTEXT), "f")
+    key = (amount, currency, amount.is_signed())  # equal amounts, one spelling ("-0.00")
+    text = _SHOWN.get(key)
+    if text is None:
+        quantum = _QUANTA.get(currency)
+        if quantum is None:
+            quantum = _QUANTA[currency] = quantize(Decimal(1), currency)
+        text = format(amount.quantize(quantum, context=MONEY_CONTEXT), "f")
+        if len(_SHOWN) >= _SHOWN_MAX:
+            _SHOWN.clear()
+        _SHOWN[key] = text
+    return text
 
 
 _QUANTA: dict[str, Decimal] = {}
+# The amounts shown lately: a credit check shows two dozen, most of them unchanged since the
+# customer's last (the limit, the overdue buckets, zeros, the order's amount).
+_SHOWN: dict[tuple[Decimal, str, bool], str] = {}
+_SHOWN_MAX = 4096
 
 
 def exposure_body(state: domain.CustomerState, fig: domain.Figures) -> dict[str, Any]:
