@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Final, Literal
 
+import orjson
 from pydantic import (
     AwareDatetime,
     BaseModel,
@@ -278,8 +279,21 @@ class Envelope(BaseModel):
     data: dict[str, Any]
 
     def to_json(self) -> bytes:
-        """UTF-8 JSON: Decimals as strings, datetimes RFC 3339 ("Z" for UTC), dates ISO."""
-        return self.model_dump_json().encode("utf-8")
+        """UTF-8 JSON: Decimals as strings, datetimes RFC 3339 ("Z" for UTC), dates ISO.
+
+        The bytes are pydantic's (``model_dump_json``). orjson writes the same bytes for the
+        plain JSON the services build (strings, numbers, booleans, lists, dicts, datetimes)
+        in about a third of the time; what it refuses (a Decimal, a lone surrogate, an int
+        beyond 64 bits, a key that is not a string) goes through pydantic. A property test
+        holds the two to the same bytes."""
+        try:
+            return orjson.dumps({
+                "specversion": self.specversion, "id": self.id, "source": self.source,
+                "type": self.type, "subject": self.subject, "time": self.time,
+                "datacontenttype": self.datacontenttype, "data": self.data,
+            }, option=orjson.OPT_UTC_Z)
+        except TypeError:
+            return self.model_dump_json().encode("utf-8")
 
     @property
     def key(self) -> bytes:
