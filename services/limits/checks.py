@@ -194,9 +194,16 @@ def evaluate(service: LimitsService, order: CheckOrder, ctx: CheckContext,
         amount_in_credit_currency=outcome.amount, reserve=order.reserve,
         decision=outcome.decision, reasons=list(outcome.reasons), expires_at=expires,
         requested_by=order.requested_by, response=body)
+    # The event's JSON form, as ``model_dump(mode="json")`` writes it (same test).
+    data = {
+        "customer_id": cid, "check_id": check_id, "order_id": order.order_id,
+        "amount": str(order.amount), "currency": order.currency,
+        "amount_in_credit_currency": str(outcome.amount), "reserve": order.reserve,
+        "decision": outcome.decision, "reasons": list(outcome.reasons),
+        "expires_at": _iso(expires), "requested_by": order.requested_by, "response": body,
+    }
     env = trusted_event(ev.CreditCheckDecided.TYPE, source=SOURCE + "/api", subject=cid,
-                        data=event.model_dump(mode="json", by_alias=True),
-                        id=f"check-{check_id}", time=now)
+                        data=data, id=f"check-{check_id}", time=now)
     return Decided(Verdict(body, outcome.decision, check_id, fresh=True, event_id=env.id),
                    env, event)
 
