@@ -29,7 +29,7 @@ from shared.runtime import (
     OutboxRelay,
     Scheduler,
     Service,
-    full_collections,
+    collect_garbage,
     run_all,
     utcnow,
     wait_or_stop,
@@ -85,7 +85,7 @@ class ServiceHost:
             if loop is not None:
                 jobs.append(loop.run)
         jobs += [functools.partial(self._refresh_every, refresh) for refresh in self.gauges]
-        jobs.append(full_collections)
+        jobs.append(collect_garbage)
         self._task = asyncio.create_task(run_all(self.stop, *jobs))
 
     async def _refresh_every(self, refresh: Refresh, stop: asyncio.Event) -> None:

@@ -1,10 +1,12 @@
-"""The collector's tuning: full collections on the service's schedule, not CPython's rule."""
+"""The collector's tuning: young collections kept short, full ones on the service's schedule."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
-from collections.abc import Iterator
+import weakref
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -24,12 +26,70 @@ def test_tuned_the_oldest_generation_is_left_to_the_services_schedule(collector:
     assert gc.get_threshold() == (20_000, 50, runtime.FULL_COLLECTION_NEVER)
 
 
-async def test_full_collections_run_every_interval_until_stopped(collector: None) -> None:
-    runtime.tune_gc()
+class _Node:
+    """An object that can sit in a reference cycle and be watched (weakref)."""
+
+    def __init__(self) -> None:
+        self.other: _Node | None = None
+
+
+def _cycle() -> weakref.ref[_Node]:
+    a, b = _Node(), _Node()
+    a.other, b.other = b, a
+    return weakref.ref(a)
+
+
+@contextlib.asynccontextmanager
+async def _running(**options: float) -> AsyncIterator[None]:
     stop = asyncio.Event()
+    running = asyncio.create_task(runtime.collect_garbage(stop, **options))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 1)
+
+
+async def test_what_survives_a_while_is_moved_out_of_the_young_collections_sight(
+        collector: None) -> None:
+    runtime.tune_gc()
+    async with _running(freeze_every=0.02, interval=60):
+        kept = [_Node() for _ in range(100)]
+        watched = {id(node) for node in kept}
+        assert any(id(o) in watched for o in gc.get_objects())
+        await asyncio.sleep(0.1)
+        # Still alive, in no generation any more: frozen.
+        assert not any(id(o) in watched for o in gc.get_objects())
+        assert all(gc.is_tracked(node) for node in kept)
+
+
+async def test_garbage_in_cycles_frozen_meanwhile_is_freed_by_the_full_collection(
+        collector: None) -> None:
+    runtime.tune_gc()
     before = gc.get_stats()[2]["collections"]
-    running = asyncio.create_task(runtime.full_collections(stop, interval=0.05))
-    await asyncio.sleep(0.3)
-    stop.set()
-    await asyncio.wait_for(running, 1)
-    assert gc.get_stats()[2]["collections"] - before >= 3
+    async with _running(freeze_every=0.02, interval=0.3):
+        watched = _cycle()
+        await asyncio.sleep(0.1)  # frozen while alive; its last reference is the cycle's own
+        gc.collect(0)
+        gc.collect(1)
+        assert watched() is not None  # out of the young collections' sight
+        for _ in range(50):
+            if watched() is None:
+                break
+            await asyncio.sleep(0.05)
+        assert watched() is None
+    assert gc.get_stats()[2]["collections"] > before
+
+
+async def test_the_full_collection_comes_early_when_memory_doubles(
+        collector: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime.tune_gc()
+    peak = [100_000]
+    monkeypatch.setattr(runtime, "_peak_memory_kb", lambda: peak[0])
+    before = gc.get_stats()[2]["collections"]
+    async with _running(freeze_every=0.02, interval=60):
+        await asyncio.sleep(0.1)
+        assert gc.get_stats()[2]["collections"] == before  # neither due nor grown
+        peak[0] = 2 * 100_000 + runtime.FULL_COLLECTION_SLACK_KB + 1
+        await asyncio.sleep(0.1)
+        assert gc.get_stats()[2]["collections"] == before + 1  # grown: once, then measured anew
