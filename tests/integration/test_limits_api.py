@@ -1313,3 +1313,58 @@ async def test_given_a_change_between_a_batch_read_and_its_write_then_it_is_deci
         assert isinstance(a, Conflict)
         assert (await svc.exposure("C-1"))["reserved"] == "0.00"
     assert await svc.host.core.verify() == []
+
+
+# ---- the next batch decided while one is being written ----------------------------------------
+
+
+def _ahead() -> float:
+    return sum(s.value for m in metrics.CREDIT_CHECK_DECIDED_AHEAD.collect() for s in m.samples
+               if s.name.endswith("_total"))
+
+
+async def test_while_a_batch_is_written_the_next_one_of_other_customers_is_decided(
+    svc: Service, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch's write waits for a customer's lock. The checks that queued meanwhile for
+    customers this process holds are decided while it waits (not after), written right after
+    it, and come out as if taken in turn; a check of the customer being written waits for
+    the next batch."""
+    for cid in ("C-1", "C-2", "C-3"):
+        await svc.customer(cid, "CCC")  # 5,000.00
+    checks = _replica(svc)
+    # Held from now on (see the read-skipping tests above); each third check is decided on
+    # what is held, and the last draws the event numbers ahead that such decisions take.
+    for cid in ("C-2", "C-3"):
+        for n in range(3):
+            assert (await checks.check(_order(cid, f"{cid}-{n}", "10.00"))).decision == "approved"
+    later: list[asyncio.Task[Verdict]] = []
+    real = checks._decide
+
+    def deciding(*args: Any) -> Any:
+        batch = args[1]
+        if not later and batch[0].order.customer_id == "C-1":
+            # These queue while the C-1 batch is decided, before its write goes out.
+            later.extend(asyncio.create_task(checks.check(_order(cid, f"{cid}-X", "10.00")))
+                         for cid in ("C-2", "C-1", "C-3"))
+        return real(*args)
+
+    monkeypatch.setattr(checks, "_decide", deciding)
+    before = _ahead()
+    async with svc.host.engine.connect() as holder:
+        await holder.exec_driver_sql(
+            "SELECT 1 FROM limits_customers WHERE customer_id = 'C-1' FOR UPDATE")
+        first = asyncio.create_task(checks.check(_order("C-1", "C-1-0", "10.00")))
+        await _until_waiting_for_locks(svc, 1)
+        await asyncio.sleep(0.2)
+        assert _ahead() - before == 1  # C-2 and C-3, while C-1's write waits
+        assert not first.done() and not any(task.done() for task in later)
+        await holder.rollback()
+    verdicts = await asyncio.gather(first, *later)
+    assert [v.decision for v in verdicts] == ["approved"] * 4
+    assert _ahead() - before == 1
+    for cid, orders in (("C-1", ["C-1-0", "C-1-X"]), ("C-2", ["C-2-0", "C-2-1", "C-2-2", "C-2-X"]),
+                        ("C-3", ["C-3-0", "C-3-1", "C-3-2", "C-3-X"])):
+        assert await _seq_order(svc, cid) == orders
+        assert (await svc.exposure(cid))["reserved"] == f"{10 * len(orders)}.00"
+    assert await svc.host.core.verify() == []
