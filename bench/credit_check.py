@@ -188,7 +188,9 @@ def start_hello(port: int, log: Path) -> subprocess.Popen[bytes]:
     module.write_text(HELLO)
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "hello_app:app", "--port", str(port),
-         "--no-access-log", "--log-level", "warning", "--workers", "1"],
+         "--no-access-log", "--log-level", "warning", "--workers", "1",
+         # The services' own keep-alive (services.cli.server_config): the same settings.
+         "--timeout-keep-alive", str(Settings().http_keep_alive_s)],
         cwd=module.parent, stdout=log.open("w"), stderr=subprocess.STDOUT,
         start_new_session=True)
     deadline = time.monotonic() + 30

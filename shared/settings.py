@@ -116,6 +116,10 @@ class Settings(BaseSettings):
     assessment_port: int = Field(default=8001, ge=1, le=65535)
     limits_port: int = Field(default=8002, ge=1, le=65535)
     alerts_port: int = Field(default=8003, ge=1, le=65535)
+    # How long an idle keep-alive connection is kept open. Clients and load balancers should
+    # give up on idle connections sooner (a request sent as the server closes one fails):
+    # 120 s is above Go's 90 s and the usual 60 s of load balancers.
+    http_keep_alive_s: int = Field(default=120, ge=1, le=3600)
 
     # --- processing loop -----------------------------------------------------------------
     consumer_max_records: int = Field(default=500, ge=1)
