@@ -21,7 +21,6 @@ __all__ = [
     "CONSUMER_LAG",
     "CREDIT_CHECKS",
     "CREDIT_CHECK_BATCH",
-    "CREDIT_CHECK_DECIDED_AHEAD",
     "CREDIT_CHECK_READ_SKIPPED",
     "CREDIT_CHECK_REDECIDED",
     "CREDIT_CHECK_SECONDS",
@@ -124,11 +123,6 @@ CREDIT_CHECK_BATCH = Histogram(
     "creditwatch_credit_check_batch_size",
     "Credit checks decided together in one database transaction (PostgreSQL).",
     buckets=(1, 2, 4, 8, 16, 32, 64),
-)
-CREDIT_CHECK_DECIDED_AHEAD = Counter(
-    "creditwatch_credit_check_batches_decided_ahead_total",
-    "Batches of credit checks decided while the batch before them was being written (other "
-    "customers and orders than it, on what this process held).",
 )
 CREDIT_CHECK_READ_SKIPPED = Counter(
     "creditwatch_credit_check_batches_read_skipped_total",

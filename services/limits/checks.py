@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import uuid
@@ -505,28 +504,6 @@ class _Pending:
 
 
 @dataclass
-class _Plan:
-    """A batch decided, not yet written: what it is about, what it rests on, the outcome."""
-
-    ids: list[str]  # its customers
-    orders: list[str]
-    hits: dict[str, Loaded]  # the states this process held for them and their parents
-    known: tuple[list[str], list[int]]  # those customers and versions (the read skips them)
-    now: datetime
-    read: _Read = field(default_factory=lambda: _Read({}))
-    decided: _Decided | None = None
-    held: bool = False  # decided on what this process held, without a read
-
-    @classmethod
-    def of(cls, batch: list[_Pending], cached: Callable[[list[str]], dict[str, Loaded]],
-           now: datetime) -> _Plan:
-        ids = sorted({p.order.customer_id for p in batch})
-        hits = cached(ids)
-        return cls(ids, sorted({p.order.order_id for p in batch}), hits,
-                   (list(hits), [hit.last_seq for hit in hits.values()]), now)
-
-
-@dataclass
 class _Batch:
     """One transaction's worth of decisions, folded in arrival order."""
 
@@ -566,8 +543,6 @@ class PostgresChecks(CoreChecks):
         self._doubted: dict[str, list[int]] = {}
         self._orders: OrderedDict[str, Prior] = OrderedDict()
         self._numbers: list[int] = []
-        # The next batch, decided while the one before it was being written (see _plan_ahead).
-        self._ahead: tuple[list[_Pending], _Plan] | None = None
 
     async def close(self) -> None:
         worker = self._worker
@@ -614,12 +589,7 @@ class PostgresChecks(CoreChecks):
         return await future
 
     async def _drain(self) -> None:
-        while self._queue or self._ahead is not None:
-            ahead, self._ahead = self._ahead, None
-            if ahead is not None:
-                batch, plan = ahead
-                await self._settle(batch, functools.partial(self._run, plan=plan))
-                continue
+        while self._queue:
             batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
             await self._settle(batch, self._run)
 
@@ -646,8 +616,7 @@ class PostgresChecks(CoreChecks):
             else:
                 pending.future.set_result(result)
 
-    async def _run(self, batch: list[_Pending],
-                   plan: _Plan | None = None) -> dict[int, Verdict | Exception]:
+    async def _run(self, batch: list[_Pending]) -> dict[int, Verdict | Exception]:
         """Decide the batch on what one statement reads, without locks, and write it with one
         statement that first locks the customers (and group parents) in id order and checks
         that nothing the decisions relied on has changed since: the customers' versions, the
@@ -658,10 +627,9 @@ class PostgresChecks(CoreChecks):
         while True:
             kept = self._conn is not None
             try:
-                return await self._run_on(*await self._connection(), batch, plan)
+                return await self._run_on(*await self._connection(), batch)
             except _LOST as exc:
                 await self._drop_connection()
-                plan = None  # decided again on what the new connection reads
                 if not kept:
                     raise
                 # The kept connection was gone (a server restart, an idle timeout on the
@@ -673,102 +641,50 @@ class PostgresChecks(CoreChecks):
                 await self._drop_connection()
                 raise
 
-    async def _run_on(self, sa_conn: AsyncConnection, raw: Any, batch: list[_Pending],
-                      plan: _Plan | None = None) -> dict[int, Verdict | Exception]:
+    async def _run_on(self, sa_conn: AsyncConnection, raw: Any,
+                      batch: list[_Pending]) -> dict[int, Verdict | Exception]:
         # ``raw``, the bare driver connection: the hot path's round trips skip SQLAlchemy's
         # layers (asyncpg caches the prepared statements).
-        if plan is None:
-            plan = await self._plan(sa_conn, raw, batch)
-        ids, orders, read, decided = plan.ids, plan.orders, plan.read, plan.decided
-        assert decided is not None  # a plan is decided before it is written
-        stale = False
-        if decided.params is not None:
-            # While the database writes, the next batch is decided (see _plan_ahead).
-            asyncio.get_running_loop().call_soon(self._plan_ahead, sa_conn, plan)
-            stale = not await raw.fetchval(GUARDED_WRITE_SQL, *decided.params, *read.expected)
+        core = self.core
+        ids = sorted({p.order.customer_id for p in batch})
+        orders = sorted({p.order.order_id for p in batch})
+        hits = self._cached(ids)
+        known = (list(hits), [hit.last_seq for hit in hits.values()])
+        now = core.clock()
+        read = await self._held_read(raw, ids, orders, hits, len(batch))
+        held = read is not None
+        if read is not None:
+            with domain.remembering():
+                decided = self._decide(sa_conn, batch, now, read, hits)
+            if decided.params is None:
+                # Nothing to write (retries answered with their stored decision, a
+                # conflict), so nothing would check what the answers rest on: read.
+                read, held = None, False
+            else:
+                metrics.CREDIT_CHECK_READ_SKIPPED.inc()
+        if read is None:
+            read = _Read.of(await raw.fetch(READ_SQL, ids, *known, orders, len(batch)),
+                            ids, orders)
+            with domain.remembering():
+                decided = self._decide(sa_conn, batch, now, read, hits)
+        stale = decided.params is not None and not await raw.fetchval(
+            GUARDED_WRITE_SQL, *decided.params, *read.expected)
         if stale:
             metrics.CREDIT_CHECK_REDECIDED.inc()
-            now = self.core.clock()
+            now = core.clock()
             async with raw.transaction():
-                read = await self._read_locked(raw, ids, orders, plan.known, len(batch))
+                read = await self._read_locked(raw, ids, orders, known, len(batch))
                 with domain.remembering():
-                    decided = self._decide(sa_conn, batch, now, read, plan.hits)
+                    decided = self._decide(sa_conn, batch, now, read, hits)
                 if decided.params is not None:
                     await raw.execute(WRITE_SQL, *decided.params)
         self._remember(decided.loaded)
         self._note(ids, read, decided)
-        if stale and plan.held:
+        if stale and held:
             self._doubt(ids)
         if decided.tx.outbox:
-            self.core.outbox_ready.set()
+            core.outbox_ready.set()
         return decided.results
-
-    async def _plan(self, sa_conn: AsyncConnection, raw: Any, batch: list[_Pending]) -> _Plan:
-        """Read what the batch's decisions rest on (or take what this process holds, see
-        _held_read) and decide it."""
-        plan = _Plan.of(batch, self._cached, self.core.clock())
-        read = await self._held_read(raw, plan.ids, plan.orders, plan.hits, len(batch))
-        if read is not None and self._decide_held(sa_conn, batch, plan, read):
-            return plan
-        plan.read = _Read.of(await raw.fetch(READ_SQL, plan.ids, *plan.known, plan.orders,
-                                             len(batch)), plan.ids, plan.orders)
-        with domain.remembering():
-            plan.decided = self._decide(sa_conn, batch, plan.now, plan.read, plan.hits)
-        return plan
-
-    def _decide_held(self, sa_conn: AsyncConnection, batch: list[_Pending], plan: _Plan,
-                     read: _Read) -> bool:
-        """Decide the batch on what this process holds; False if that will not do."""
-        with domain.remembering():
-            decided = self._decide(sa_conn, batch, plan.now, read, plan.hits)
-        if decided.params is None:
-            # Nothing to write (retries answered with their stored decision, a conflict),
-            # so nothing would check what the answers rest on: read.
-            return False
-        metrics.CREDIT_CHECK_READ_SKIPPED.inc()
-        plan.read, plan.decided, plan.held = read, decided, True
-        return True
-
-    def _plan_ahead(self, sa_conn: AsyncConnection, writing: _Plan) -> None:
-        """Decide the next batch while the database writes this one (a call soon after the
-        write was sent). Only checks of other customers and orders than the batch being
-        written are taken (in arrival order; the others wait, keeping theirs), and only a
-        batch this process holds everything for (_held_read, no round trip: the connection
-        is busy), so the decisions do not depend on how the write turns out: it is written
-        right after, checked under the locks like any other. Anything else waits its turn."""
-        if self._ahead is not None or not self._queue:
-            return
-        busy = set(writing.hits) | set(writing.ids)
-        busy_orders = set(writing.orders)
-        taken: list[_Pending] = []
-        left: list[_Pending] = []
-        for pending in self._queue:
-            order = pending.order
-            if len(taken) < self.max_batch and order.customer_id not in busy \
-                    and order.order_id not in busy_orders:
-                taken.append(pending)
-            else:
-                left.append(pending)
-                # What comes later for this customer or order waits as well (keeps its order).
-                busy.add(order.customer_id)
-                busy_orders.add(order.order_id)
-        if not taken:
-            return
-        plan = _Plan.of(taken, self._cached, self.core.clock())
-        if not busy.isdisjoint(plan.hits):  # a group parent in common: wait
-            return
-        read = self._held(plan.ids, plan.orders, plan.hits, len(taken))
-        if read is None:
-            return
-        self._queue = left
-        try:
-            if self._decide_held(sa_conn, taken, plan, read):
-                metrics.CREDIT_CHECK_DECIDED_AHEAD.inc()
-                self._ahead = (taken, plan)
-                return
-        except Exception:  # decided again in its turn, where a failure is answered
-            log.exception("credit checks: a batch decided ahead failed; deciding it in turn")
-        self._queue = taken + self._queue
 
     async def _held_read(self, raw: Any, ids: list[str], orders: list[str],
                          hits: dict[str, Loaded], count: int) -> _Read | None:
@@ -780,35 +696,16 @@ class PostgresChecks(CoreChecks):
         stale is decided again under them. The numbers stay above every version a decision
         rests on, so that each customer's events keep the order in which they were applied.
         A batch with nothing to write is not answered from it (nothing would check it)."""
-        latest = self._held_version(ids, hits)
-        if latest is None:
-            return None
-        numbers = self._numbers
-        if len(numbers) < count or numbers[0] <= latest:
-            numbers[:] = sorted(r[0] for r in await raw.fetch(_NUMBERS_SQL, NUMBERS_AHEAD))
-        return self._held(ids, orders, hits, count)
-
-    def _held_version(self, ids: list[str], hits: dict[str, Loaded]) -> int | None:
-        """The latest version of these customers if this process holds them all (see
-        _held_read), else None."""
         quiet = self._quiet
-        latest = 0
+        versions = []
         for cid in ids:
             hit, held = hits.get(cid), quiet.get(cid)
             if hit is None or held is None or held[0] != hit.last_seq:
                 return None
-            latest = max(latest, hit.last_seq)
-        return latest
-
-    def _held(self, ids: list[str], orders: list[str], hits: dict[str, Loaded],
-              count: int) -> _Read | None:
-        """_held_read without a round trip: None as well when the numbers drawn ahead are too
-        few or not above every version."""
-        latest = self._held_version(ids, hits)
+            versions.append(hit.last_seq)
         numbers = self._numbers
-        if latest is None or len(numbers) < count or numbers[0] <= latest:
-            return None
-        quiet = self._quiet
+        if len(numbers) < count or numbers[0] <= max(versions):
+            numbers[:] = sorted(r[0] for r in await raw.fetch(_NUMBERS_SQL, NUMBERS_AHEAD))
         read = _Read({cid: _Row(None, quiet[cid][1], hits[cid].published, hits[cid].last_seq,
                                 None, None) for cid in ids},
                      priors={o: prior for o in orders
