@@ -68,8 +68,9 @@ FULL_COLLECTION_INTERVAL_S = 300.0
 # How often what survived so far is moved out of the young collections' sight.
 FREEZE_INTERVAL_S = 0.1
 # A full collection comes early when the process's peak memory has grown beyond twice what it
-# was after the last one, plus this much (kB).
-FULL_COLLECTION_SLACK_KB = 64 * 1024
+# was after the last one, plus this much (kB): generous, so that a process filling its caches
+# to their caps (a limits process: states, orders) does not stop for one on the way.
+FULL_COLLECTION_SLACK_KB = 256 * 1024
 
 
 def _peak_memory_kb() -> int:
