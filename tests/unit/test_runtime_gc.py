@@ -61,6 +61,8 @@ async def test_what_survives_a_while_is_moved_out_of_the_young_collections_sight
         # Still alive, in no generation any more: frozen.
         assert not any(id(o) in watched for o in gc.get_objects())
         assert all(gc.is_tracked(node) for node in kept)
+    # Stopped: back in sight (a stopped service leaves nothing frozen behind).
+    assert watched <= {id(o) for o in gc.get_objects()}
 
 
 async def test_garbage_in_cycles_frozen_meanwhile_is_freed_by_the_full_collection(
