@@ -94,11 +94,19 @@ async def collect_garbage(stop: asyncio.Event, *, interval: float = FULL_COLLECT
     every ``interval`` seconds, or sooner when the process's peak memory has more than
     doubled since the last one, so such garbage cannot pile up. (Counting the frozen objects
     instead walks all of them: 5–10 ms each time in a limits process.)"""
+    global _collector
+    me = object()
     clock = asyncio.get_running_loop().time
     last = clock()
     kept = _peak_memory_kb()
     try:
         while not await wait_or_stop(stop, freeze_every):
+            # One job per process does the work (`creditwatch dev` hosts three services);
+            # another takes over when it stops.
+            if _collector is None:
+                _collector = me
+            if _collector is not me:
+                continue
             if clock() - last >= interval \
                     or _peak_memory_kb() > 2 * kept + FULL_COLLECTION_SLACK_KB:
                 gc.unfreeze()
@@ -107,9 +115,14 @@ async def collect_garbage(stop: asyncio.Event, *, interval: float = FULL_COLLECT
                 kept = _peak_memory_kb()
             gc.freeze()
     finally:
-        # Stopped (the service, or one of several in a process or a test run): everything
-        # frozen meanwhile is back in the collector's sight, and its garbage freed in time.
-        gc.unfreeze()
+        if _collector is me:
+            _collector = None
+            # Stopped (the service, or the last of several): everything frozen meanwhile is
+            # back in the collector's sight, and its garbage freed in time.
+            gc.unfreeze()
+
+
+_collector: object | None = None  # the collect_garbage job doing the work in this process
 
 
 @dataclass(slots=True)

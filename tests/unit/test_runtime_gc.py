@@ -95,3 +95,26 @@ async def test_the_full_collection_comes_early_when_memory_doubles(
         peak[0] = 2 * 100_000 + runtime.FULL_COLLECTION_SLACK_KB + 1
         await asyncio.sleep(0.1)
         assert gc.get_stats()[2]["collections"] == before + 1  # grown: once, then measured anew
+
+
+async def test_one_job_per_process_does_the_work_and_another_takes_over(
+        collector: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`creditwatch dev` hosts three services in one process, each with the job: the full
+    collections still come once per interval, not once per service."""
+    runtime.tune_gc()
+    full: list[float] = []
+    monkeypatch.setattr(gc, "collect", lambda *args: full.append(0) or 0)
+    async with _running(freeze_every=0.01, interval=0.1), \
+            _running(freeze_every=0.01, interval=0.1), \
+            _running(freeze_every=0.01, interval=0.1):
+        await asyncio.sleep(0.55)
+    assert 3 <= len(full) <= 6  # 5 by the clock; each job on its own would make it 15
+    monkeypatch.undo()
+    # The one left takes over when the working one stops.
+    async with _running(freeze_every=0.02, interval=60):
+        async with _running(freeze_every=0.02, interval=60):
+            await asyncio.sleep(0.05)
+        kept = [_Node() for _ in range(10)]
+        watched = {id(node) for node in kept}
+        await asyncio.sleep(0.1)
+        assert not any(id(o) in watched for o in gc.get_objects())
