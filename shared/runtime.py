@@ -117,8 +117,8 @@ async def collect_garbage(stop: asyncio.Event, *, interval: float = FULL_COLLECT
     finally:
         if _collector is me:
             _collector = None
-            # Stopped (the service, or the last of several): everything frozen meanwhile is
-            # back in the collector's sight, and its garbage freed in time.
+            # Stopped: everything frozen meanwhile is back in the collector's sight, and its
+            # garbage freed in time (a job still running takes over and freezes anew).
             gc.unfreeze()
 
 
