@@ -1,4 +1,4 @@
-"""The collector's tuning: young collections kept short, full ones on the service's schedule."""
+"""The collector's tuning: young collections kept short, full ones only when memory grows."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ async def _running(**options: float) -> AsyncIterator[None]:
 async def test_what_survives_a_while_is_moved_out_of_the_young_collections_sight(
         collector: None) -> None:
     runtime.tune_gc()
-    async with _running(freeze_every=0.02, interval=60):
+    async with _running(freeze_every=0.02):
         kept = [_Node() for _ in range(100)]
         watched = {id(node) for node in kept}
         assert any(id(o) in watched for o in gc.get_objects())
@@ -65,54 +65,71 @@ async def test_what_survives_a_while_is_moved_out_of_the_young_collections_sight
     assert watched <= {id(o) for o in gc.get_objects()}
 
 
+@pytest.fixture
+def peak(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The process's peak memory as the collector job reads it (kB), set by the test."""
+    value = [100_000]
+    monkeypatch.setattr(runtime, "_peak_memory_kb", lambda: value[0])
+    return value
+
+
+def _grown(peak: list[int]) -> None:
+    peak[0] = 2 * peak[0] + runtime.FULL_COLLECTION_SLACK_KB + 1
+
+
 async def test_garbage_in_cycles_frozen_meanwhile_is_freed_by_the_full_collection(
-        collector: None) -> None:
+        collector: None, peak: list[int]) -> None:
     runtime.tune_gc()
     before = gc.get_stats()[2]["collections"]
-    async with _running(freeze_every=0.02, interval=0.3):
+    async with _running(freeze_every=0.02):
         watched = _cycle()
         await asyncio.sleep(0.1)  # frozen while alive; its last reference is the cycle's own
         gc.collect(0)
         gc.collect(1)
         assert watched() is not None  # out of the young collections' sight
+        _grown(peak)
         for _ in range(50):
             if watched() is None:
                 break
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
         assert watched() is None
-    assert gc.get_stats()[2]["collections"] > before
+    assert gc.get_stats()[2]["collections"] == before + 1
 
 
-async def test_the_full_collection_comes_early_when_memory_doubles(
-        collector: None, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_full_collection_comes_when_memory_doubles_and_not_by_the_clock(
+        collector: None, peak: list[int]) -> None:
+    """A full collection walks every object the process holds (0.7 s in a limits process
+    under load): it is not run on a schedule, only when memory has grown."""
     runtime.tune_gc()
-    peak = [100_000]
-    monkeypatch.setattr(runtime, "_peak_memory_kb", lambda: peak[0])
     before = gc.get_stats()[2]["collections"]
-    async with _running(freeze_every=0.02, interval=60):
-        await asyncio.sleep(0.1)
-        assert gc.get_stats()[2]["collections"] == before  # neither due nor grown
-        peak[0] = 2 * 100_000 + runtime.FULL_COLLECTION_SLACK_KB + 1
+    async with _running(freeze_every=0.01):
+        await asyncio.sleep(0.3)  # thirty rounds of the job
+        assert gc.get_stats()[2]["collections"] == before  # memory has not grown
+        peak[0] += runtime.FULL_COLLECTION_SLACK_KB  # grown, but not beyond twice plus slack
+        await asyncio.sleep(0.05)
+        assert gc.get_stats()[2]["collections"] == before
+        _grown(peak)
         await asyncio.sleep(0.1)
         assert gc.get_stats()[2]["collections"] == before + 1  # grown: once, then measured anew
 
 
 async def test_one_job_per_process_does_the_work_and_another_takes_over(
-        collector: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`creditwatch dev` hosts three services in one process, each with the job: the full
-    collections still come once per interval, not once per service."""
+        collector: None, monkeypatch: pytest.MonkeyPatch, peak: list[int]) -> None:
+    """`creditwatch dev` hosts three services in one process, each with the job: memory that
+    grows brings one full collection, not one per service."""
     runtime.tune_gc()
     full: list[float] = []
     monkeypatch.setattr(gc, "collect", lambda *args: full.append(0) or 0)
-    async with _running(freeze_every=0.01, interval=0.1), \
-            _running(freeze_every=0.01, interval=0.1), \
-            _running(freeze_every=0.01, interval=0.1):
-        await asyncio.sleep(0.55)
-    assert 3 <= len(full) <= 6  # 5 by the clock; each job on its own would make it 15
+    async with _running(freeze_every=0.01), _running(freeze_every=0.01), \
+            _running(freeze_every=0.01):
+        await asyncio.sleep(0.05)
+        _grown(peak)
+        await asyncio.sleep(0.1)
+    assert len(full) == 1  # each job on its own would make it 3
     monkeypatch.undo()
     # The one left takes over when the working one stops.
-    async with _running(freeze_every=0.02, interval=60):
-        async with _running(freeze_every=0.02, interval=60):
+    async with _running(freeze_every=0.02):
+        async with _running(freeze_every=0.02):
             await asyncio.sleep(0.05)
         kept = [_Node() for _ in range(10)]
         watched = {id(node) for node in kept}
