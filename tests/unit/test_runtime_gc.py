@@ -96,7 +96,7 @@ async def test_garbage_in_cycles_frozen_meanwhile_is_freed_by_the_full_collectio
     assert gc.get_stats()[2]["collections"] == before + 1
 
 
-async def test_the_full_collection_comes_when_memory_doubles_and_not_by_the_clock(
+async def test_the_full_collection_comes_when_memory_doubles(
         collector: None, peak: list[int]) -> None:
     """A full collection walks every object the process holds (0.7 s in a limits process
     under load): it is not run on a schedule, only when memory has grown."""
@@ -111,6 +111,35 @@ async def test_the_full_collection_comes_when_memory_doubles_and_not_by_the_cloc
         _grown(peak)
         await asyncio.sleep(0.1)
         assert gc.get_stats()[2]["collections"] == before + 1  # grown: once, then measured anew
+
+
+async def test_no_full_collection_comes_however_long_memory_stays_put(
+        collector: None, peak: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not once a day, not once an hour: the job reads no clock to decide on one. (Here a
+    day passes at every look at the loop's clock.)"""
+    loop = asyncio.get_running_loop()
+
+    class _Later:
+        def __init__(self) -> None:
+            self.days = 0
+
+        def time(self) -> float:
+            self.days += 1
+            return loop.time() + 86_400 * self.days
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(loop, name)
+
+    later = _Later()
+    runtime.tune_gc()
+    before = gc.get_stats()[2]["collections"]
+    monkeypatch.setattr(asyncio, "get_running_loop", lambda: later)
+    try:
+        async with _running(freeze_every=0.01):
+            await asyncio.sleep(0.2)
+    finally:
+        monkeypatch.undo()
+    assert gc.get_stats()[2]["collections"] == before
 
 
 async def test_one_job_per_process_does_the_work_and_another_takes_over(
