@@ -9,6 +9,11 @@ comes from wrk (Debian package) with 2 threads and 32 connections on the same tw
 the steady-rate latency from vegeta (Go module, installed on first use) at 1,000 requests/s,
 each check a new order for one of 1,000 customers, so every approved check takes the
 customer's row lock and writes its reservation, decision and exposure event.
+
+Also the CPU time each request costs, in both phases: the server process's own (the check
+server's against the hello-world's), and for the checks PostgreSQL's (every process of the
+cluster, autovacuum included) and the Kafka broker's. On two cores shared by everything,
+these say what bounds the throughput and what loads the machine at the steady rate.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from pathlib import Path
 import httpx
 from sqlalchemy import text
 
-from bench.common import Measure, ratio, save, table
+from bench.common import Measure, ratio, save, table, tree_cpu
 from services.limits.handlers import LimitsService
 from services.schema import upgrade
 from shared.db import make_engine
@@ -128,17 +133,32 @@ async def count_checks(url: str) -> int:
 
 
 SENT = {"checks": 0}  # check requests made through wrk, to compare with those stored
+LAST = {"requests": 0}  # requests made by the last wrk or vegeta run
+
+
+class Cpu:
+    """CPU time per request of some processes (each with its descendants) over one run."""
+
+    def __init__(self, **pids: int) -> None:
+        self.pids = pids
+        self.before = {name: tree_cpu(pid) for name, pid in pids.items()}
+
+    def per_request_us(self) -> dict[str, float]:
+        requests = max(LAST["requests"], 1)
+        return {name: (tree_cpu(pid) - self.before[name]) / requests * 1e6
+                for name, pid in self.pids.items()}
 
 
 def wrk_run(wrk: str, url: str, seconds: int, script: Path | None) -> tuple[float, float]:
-    """Requests/s and p99 (ms) under wrk -t2 -c32."""
+    """Requests/s and p99 (ms) under wrk -t2 -c32 (the requests made: ``LAST["requests"]``)."""
     cmd = [wrk, "-t2", "-c32", f"-d{seconds}s", "--latency"]
     if script is not None:
         cmd += ["-s", str(script)]
     out = subprocess.run([*cmd, url], check=True, capture_output=True, text=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    LAST["requests"] = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     if script is not None:
-        SENT["checks"] += int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+        SENT["checks"] += LAST["requests"]
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
     assert p99 is not None, out
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
@@ -155,6 +175,7 @@ def vegeta_run(vegeta: str, targets: Path, seconds: int, rate: int) -> dict[str,
     report = subprocess.run([vegeta, "report", "-type=json"], input=attack.stdout,
                             check=True, capture_output=True)
     data = json.loads(report.stdout)
+    LAST["requests"] = int(data["requests"])
     lat = data["latencies"]
     return {"p50_ms": lat["50th"] / 1e6, "p99_ms": lat["99th"] / 1e6,
             "success": data["success"], "rate": data["rate"],
@@ -231,6 +252,19 @@ def main(runs: int, seconds: int, warmup: int = 60, invoices: int = 0) -> None:
             hello_p99 = Measure("hello-world p99 at 1,000 req/s", "ms")
             check_p99 = Measure("credit check p99 at 1,000 checks/s", "ms")
             check_p50 = Measure("credit check p50 at 1,000 checks/s", "ms")
+            # CPU per request: (label, phase) -> measure.
+            cpu = {(who, phase): Measure(f"{who} CPU per request, {phase}", "µs")
+                   for who in ("hello-world server", "check server", "PostgreSQL", "Kafka")
+                   for phase in ("full load", "1,000/s")}
+
+            def record(taken: Cpu, phase: str, **names: str) -> None:
+                for key, value in taken.per_request_us().items():
+                    cpu[names[key], phase].runs.append(value)
+
+            assert api.proc is not None
+            hello_pid, api_pid = hello.pid, api.proc.pid
+            infra = {"pg": pg.pid, "kafka": kafka.pid}
+            infra_names = {"pg": "PostgreSQL", "kafka": "Kafka"}
             if warmup > 0:
                 # Not measured, for both alike: the freshly started Kafka broker compiles its
                 # hot paths (a JVM) on the same two cores while the check server's relay
@@ -242,13 +276,21 @@ def main(runs: int, seconds: int, warmup: int = 60, invoices: int = 0) -> None:
                 wrk_run(wrk, api.url, warmup, fresh_orders())
             for n in range(runs):
                 # Alternate, so drift on a noisy machine hits both.
+                taken = Cpu(server=hello_pid)
                 hello_rps.runs.append(wrk_run(wrk, f"{base_hello}/hello", seconds, None)[0])
+                record(taken, "full load", server="hello-world server")
+                taken = Cpu(server=api_pid, **infra)
                 check_rps.runs.append(wrk_run(wrk, api.url, seconds, fresh_orders())[0])
+                record(taken, "full load", server="check server", **infra_names)
+                taken = Cpu(server=hello_pid)
                 hv = vegeta_run(vegeta, hello_targets(base_hello, 1000 * seconds,
                                                       work / "hello.targets"), seconds, 1000)
+                record(taken, "1,000/s", server="hello-world server")
+                taken = Cpu(server=api_pid, **infra)
                 cv = vegeta_run(vegeta, check_targets(api.url, 1000 * seconds,
                                                       work / f"check{n}.targets"),
                                 seconds, 1000)
+                record(taken, "1,000/s", server="check server", **infra_names)
                 hello_p99.runs.append(hv["p99_ms"])
                 check_p99.runs.append(cv["p99_ms"])
                 check_p50.runs.append(cv["p50_ms"])
@@ -271,13 +313,20 @@ def main(runs: int, seconds: int, warmup: int = 60, invoices: int = 0) -> None:
                     (check_p50, hello_p99), (check_p99, hello_p99)):
         rows.append((m.name, f"{m.median:,.2f} {m.unit}",
                      ", ".join(f"{x:,.2f}" for x in m.runs), f"{ratio(m, base):.2f}"))
+    for phase in ("full load", "1,000/s"):
+        base = cpu["hello-world server", phase]
+        for who in ("hello-world server", "check server", "PostgreSQL", "Kafka"):
+            m = cpu[who, phase]
+            rows.append((m.name, f"{m.median:,.0f} {m.unit}",
+                         ", ".join(f"{x:,.0f}" for x in m.runs), f"{ratio(m, base):.2f}"))
     print()
     print(table(rows))
     path = save("credit_check_invoices" if invoices else "credit_check", {
         "seconds": seconds, "customers": CUSTOMERS, "open_invoices": invoices,
         "hello_rps": hello_rps,
         "check_rps": check_rps, "hello_p99_ms": hello_p99, "check_p50_ms": check_p50,
-        "check_p99_ms": check_p99, "ratio_throughput": ratio(check_rps, hello_rps)})
+        "check_p99_ms": check_p99, "ratio_throughput": ratio(check_rps, hello_rps),
+        "cpu_per_request_us": {f"{who}, {phase}": m for (who, phase), m in cpu.items()}})
     print(f"\nsaved {path}")
 
 
