@@ -207,21 +207,27 @@ def hello_targets(base: str, count: int, path: Path) -> Path:
 def start_hello(port: int, log: Path) -> subprocess.Popen[bytes]:
     module = Path(tempfile.mkdtemp()) / "hello_app.py"
     module.write_text(HELLO)
+    return start_uvicorn("hello_app:app", port, module.parent, log)
+
+
+def start_uvicorn(app: str, port: int, cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``app`` (a module in ``cwd``) under uvicorn with the check server's settings, once it
+    answers HTTP at all (``GET /hello``; the bench's own runs judge the answers)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "hello_app:app", "--port", str(port),
+        [sys.executable, "-m", "uvicorn", app, "--port", str(port),
          "--no-access-log", "--log-level", "warning", "--workers", "1",
          # The services' own keep-alive (services.cli.server_config): the same settings.
          "--timeout-keep-alive", str(Settings().http_keep_alive_s)],
-        cwd=module.parent, stdout=log.open("w"), stderr=subprocess.STDOUT,
-        start_new_session=True)
+        cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/hello").status_code == 200:
-                return proc
+            httpx.get(f"http://127.0.0.1:{port}/hello")
+            return proc
         except httpx.HTTPError:
             time.sleep(0.1)
-    raise RuntimeError("hello-world server did not start")
+    proc.terminate()
+    raise RuntimeError(f"{app} did not start (log: {log})")
 
 
 def main(runs: int, seconds: int, warmup: int = 60, invoices: int = 0) -> None:

@@ -23,16 +23,12 @@ import argparse
 import base64
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
-from bench.common import Measure, ratio, save, table, tree_cpu
-from bench.credit_check import LAST, WRK_SCRIPT, ensure_tools, vegeta_run, wrk_run
-from shared.settings import Settings
+from bench.common import Measure, ratio, save, table
+from bench.credit_check import WRK_SCRIPT, Cpu, ensure_tools, start_uvicorn, vegeta_run, wrk_run
 from tests.infra import servers
 
 APPS = '''
@@ -133,22 +129,6 @@ SERVERS = {  # name: (app, method)
 RATES = (200, 500, 1000, 2000)
 
 
-def start(app: str, port: int, cwd: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", app, "--port", str(port), "--no-access-log",
-         "--log-level", "warning", "--workers", "1",
-         "--timeout-keep-alive", str(Settings().http_keep_alive_s)],
-        cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/hello")
-            return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{app} did not start")
-
-
 def main(runs: int, seconds: int) -> None:
     wrk, vegeta = ensure_tools()
     work = Path(tempfile.mkdtemp(prefix="cw-floor-"))
@@ -167,15 +147,15 @@ def main(runs: int, seconds: int) -> None:
     try:
         for name, (app, method) in SERVERS.items():
             port = servers.free_port()
-            procs[name] = start(app, port, work)
+            procs[name] = start_uvicorn(app, port, work, work / f"{name}.log")
             urls[name] = f"http://127.0.0.1:{port}" + ("/hello" if method == "GET" else "")
         for run in range(runs):
             for name, (_, method) in SERVERS.items():
                 pid = procs[name].pid
-                before = tree_cpu(pid)
+                taken = Cpu(server=pid)
                 rps[name].runs.append(
                     wrk_run(wrk, urls[name], seconds, script if method == "POST" else None)[0])
-                cpu_full[name].runs.append((tree_cpu(pid) - before) / LAST["requests"] * 1e6)
+                cpu_full[name].runs.append(taken.per_request_us()["server"])
                 target = {"method": method, "url": urls[name] if method == "GET"
                           else f"{urls[name]}/v1/credit-checks",
                           "header": {"Content-Type": ["application/json"]}}
@@ -184,10 +164,9 @@ def main(runs: int, seconds: int) -> None:
                 targets = work / "targets"
                 targets.write_text(json.dumps(target) + "\n")
                 for rate in RATES:
-                    before = tree_cpu(pid)
+                    taken = Cpu(server=pid)
                     vegeta_run(vegeta, targets, seconds, rate)
-                    cpu_rate[name, rate].runs.append(
-                        (tree_cpu(pid) - before) / LAST["requests"] * 1e6)
+                    cpu_rate[name, rate].runs.append(taken.per_request_us()["server"])
             print(f"run {run + 1}: " + ", ".join(
                 f"{name} {rps[name].runs[-1]:,.0f}/s" for name in SERVERS), flush=True)
     finally:
