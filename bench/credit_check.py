@@ -210,15 +210,18 @@ def start_hello(port: int, log: Path) -> subprocess.Popen[bytes]:
     return start_uvicorn("hello_app:app", port, module.parent, log)
 
 
-def start_uvicorn(app: str, port: int, cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+def start_uvicorn(app: str, port: int, cwd: Path, log: Path,
+                  env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """``app`` (a module in ``cwd``) under uvicorn with the check server's settings, once it
-    answers HTTP at all (``GET /hello``; the bench's own runs judge the answers)."""
+    answers HTTP at all (``GET /hello``; the bench's own runs judge the answers); ``env``:
+    more environment for it."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", app, "--port", str(port),
          "--no-access-log", "--log-level", "warning", "--workers", "1",
          # The services' own keep-alive (services.cli.server_config): the same settings.
          "--timeout-keep-alive", str(Settings().http_keep_alive_s)],
-        cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, **(env or {})})
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
