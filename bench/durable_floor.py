@@ -46,6 +46,7 @@ from bench.credit_check import (
     vegeta_run,
     wrk_run,
 )
+from bench.http_floor import ANSWERING
 from tests.infra import servers
 
 CUSTOMERS = 1000
@@ -75,24 +76,13 @@ CREATE TABLE floor_outbox (id bigserial PRIMARY KEY, event_id text NOT NULL,
                            created_at timestamptz NOT NULL);
 """
 
-APPS = '''
+APPS = ANSWERING + '''
 import asyncio
 import os
-import uuid
 
 import asyncpg
-import orjson
 from fastapi import FastAPI
 
-ANSWER = {
-    "check_id": "", "order_id": "", "customer_id": "", "decision": "approved", "reasons": [],
-    "amount": "125.50", "amount_currency": "EUR", "limit": "50000.00",
-    "exposure": "1000.00", "reserved": "125.50", "available": "48874.50",
-    "shortfall": "0.00", "currency": "EUR", "grade": "AAA", "reserve": True,
-    "reservation_expires_at": "2026-11-30T00:00:00Z", "group": None,
-    "policy_version": "2026.1", "requested_by": "order-entry",
-    "evaluated_at": "2026-11-29T00:00:00Z"}
-HEADERS = [(b"content-type", b"application/json")]
 NOW = "2026-11-29T00:00:00Z"
 DSN = os.environ["FLOOR_DSN"]
 
@@ -193,11 +183,6 @@ class Writer:
             events, checks, reservations, outbox, customers)))
 
 
-def answer(order_id, customer_id):
-    return {**ANSWER, "order_id": order_id, "customer_id": customer_id,
-            "check_id": str(uuid.uuid4())}
-
-
 class Durable:
     def __init__(self, app, rows):
         self.app = app
@@ -207,17 +192,7 @@ class Durable:
         if scope["type"] != "http" or scope["path"] != "/v1/credit-checks":
             await self.app(scope, receive, send)
             return
-        chunks = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        body = await self.writer.store(orjson.loads(b"".join(chunks)))
-        payload = orjson.dumps(body)
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [*HEADERS, (b"content-length", str(len(payload)).encode())]})
-        await send({"type": "http.response.body", "body": payload})
+        await send_json(send, await self.writer.store(await read_json(receive)))
 
 
 def app_writing(rows):

@@ -31,13 +31,11 @@ from bench.common import Measure, ratio, save, table
 from bench.credit_check import WRK_SCRIPT, Cpu, ensure_tools, start_uvicorn, vegeta_run, wrk_run
 from tests.infra import servers
 
-APPS = '''
+# A check's answer, for the servers here and bench/durable_floor's.
+ANSWERING = '''
 import uuid
 
 import orjson
-from decimal import Decimal
-from fastapi import FastAPI
-from pydantic import BaseModel, Field
 
 ANSWER = {
     "check_id": "", "order_id": "", "customer_id": "", "decision": "approved", "reasons": [],
@@ -55,6 +53,28 @@ def answer(order_id, customer_id):
             "check_id": str(uuid.uuid4())}
 
 
+async def read_json(receive):
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return orjson.loads(b"".join(chunks))
+
+
+async def send_json(send, body):
+    payload = orjson.dumps(body)
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [*HEADERS, (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
+'''
+
+APPS = ANSWERING + '''
+from decimal import Decimal
+
+from fastapi import FastAPI
+from pydantic import BaseModel, Field
+
 hello = FastAPI()
 
 
@@ -66,17 +86,8 @@ async def hello_world() -> dict[str, str]:
 async def asgi(scope, receive, send):
     if scope["type"] != "http":
         return
-    chunks = []
-    while True:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            break
-    request = orjson.loads(b"".join(chunks))
-    payload = orjson.dumps(answer(request["order_id"], request["customer_id"]))
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [*HEADERS, (b"content-length", str(len(payload)).encode())]})
-    await send({"type": "http.response.body", "body": payload})
+    request = await read_json(receive)
+    await send_json(send, answer(request["order_id"], request["customer_id"]))
 
 
 class Fast:
