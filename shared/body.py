@@ -34,8 +34,14 @@ class NulInText(ValueError):
 def loads_exact(raw: bytes) -> Any:
     """A JSON body with its numbers as ``Decimal``; NaN/Infinity refused (ValueError), and
     text holding U+0000 (``NulInText``, naming where)."""
-    data = json.loads(raw or b"null", parse_float=Decimal, parse_constant=_no_constants)
-    if b"\\u0000" in (raw or b"") and (path := nul_path(data)) is not None:
+    try:
+        data = json.loads(raw or b"null", parse_float=Decimal, parse_constant=_no_constants)
+        path = nul_path(data) if b"\\u0000" in (raw or b"") else None
+    except RecursionError:
+        # Arrays or objects nested thousands deep (a few kB suffice): refused like any other
+        # body that is not JSON this service can read, never an internal error.
+        raise ValueError("nested too deeply") from None
+    if path is not None:
         raise NulInText(path)
     return data
 
