@@ -15,7 +15,7 @@ from services.alerts.handlers import SOURCE, STATES, AlertsService, _Loaded, loa
 from shared.auth import Principal, require
 from shared.body import body_schema, json_body
 from shared.events import new_event
-from shared.pagination import MAX_PAGE, decode_cursor, encode_cursor
+from shared.pagination import MAX_PAGE, decode_cursor, encode_cursor, text
 from shared.problems import Conflict, NotFound, ValidationFailed
 from shared.runtime import EventCore
 
@@ -29,20 +29,19 @@ class AcknowledgeBody(BaseModel):
 
 
 def encode_alert_cursor(raised_at: datetime, alert_id: str) -> str:
-    return encode_cursor([raised_at.isoformat(), alert_id])
+    return encode_cursor([raised_at.isoformat(), alert_id], scope="alerts")
+
+
+def _aware(value: Any) -> datetime:
+    moment = datetime.fromisoformat(text(value))
+    if moment.tzinfo is None:
+        raise ValueError(value)
+    return moment
 
 
 def decode_alert_cursor(cursor: str | None) -> tuple[datetime, str] | None:
-    values = decode_cursor(cursor, length=2)
-    if values is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(values[0])
-        if moment.tzinfo is None or not isinstance(values[1], str):
-            raise ValueError(cursor)
-    except (ValueError, TypeError):
-        raise ValidationFailed("cursor: not a cursor this API returned", field="cursor") from None
-    return moment, values[1]
+    values = decode_cursor(cursor, scope="alerts", kinds=(_aware, text))
+    return None if values is None else (values[0], values[1])
 
 
 def _history_item(row: Any) -> dict[str, Any]:

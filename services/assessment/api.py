@@ -23,7 +23,7 @@ from services.assessment.handlers import (
 )
 from shared.auth import Principal, require
 from shared.body import body_schema, json_body
-from shared.pagination import MAX_PAGE, decode_cursor, encode_cursor
+from shared.pagination import MAX_PAGE, decode_cursor, encode_cursor, integer, text
 from shared.problems import NotFound, ValidationFailed
 from shared.runtime import EventCore
 
@@ -97,18 +97,15 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
         cursor: str | None = None,
         _p: Principal = Depends(require("credit:read")),
     ) -> dict[str, Any]:
-        after = decode_cursor(cursor)
-        before_seq: int | None = None
-        if after:
-            if not isinstance(after[0], int):
-                raise ValidationFailed("cursor: not a cursor this API returned", field="cursor")
-            before_seq = after[0]
+        after = decode_cursor(cursor, scope="assessments", kinds=(integer,))
+        before_seq: int | None = after[0] if after else None
         async with engine.connect() as conn:
             await _known(conn, customer_id)
             rows = await store.history(conn, customer_id, limit=limit + 1,
                                        before_seq=before_seq, as_of=as_of)
         items = [body for _, body in rows[:limit]]
-        nxt = encode_cursor([rows[limit - 1][0]]) if len(rows) > limit else None
+        nxt = (encode_cursor([rows[limit - 1][0]], scope="assessments")
+               if len(rows) > limit else None)
         return {"items": items, "next_cursor": nxt}
 
     # ---- analyst commands ---------------------------------------------------------------------
@@ -178,13 +175,10 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
         today = clock().date()
         cutoff = before or today
         after_key: tuple[date, str] | None = None
-        after = decode_cursor(cursor)
+        after = decode_cursor(cursor, scope="reviews-due",
+                              kinds=(lambda v: date.fromisoformat(text(v)), text))
         if after:
-            try:
-                after_key = (date.fromisoformat(str(after[0])), str(after[1]))
-            except (ValueError, IndexError):
-                raise ValidationFailed("cursor: not a cursor this API returned",
-                                       field="cursor") from None
+            after_key = (after[0], after[1])
         async with engine.connect() as conn:
             rows = await store.reviews_due(conn, cutoff, limit=limit + 1, after=after_key)
         items = [{
@@ -202,7 +196,8 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
         nxt = None
         if len(rows) > limit:
             last = rows[limit - 1]
-            nxt = encode_cursor([last.next_review_date.isoformat(), last.customer_id])
+            nxt = encode_cursor([last.next_review_date.isoformat(), last.customer_id],
+                                scope="reviews-due")
         return {"items": items, "before": cutoff.isoformat(), "next_cursor": nxt}
 
     return router

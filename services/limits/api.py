@@ -7,12 +7,21 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationInfo,
+    field_validator,
+)
 from sqlalchemy import and_, func, or_, select
 
 from services.limits import domain, store
@@ -25,7 +34,7 @@ from shared.auth import Principal, require
 from shared.body import body_schema, json_body
 from shared.events import new_event
 from shared.money import MAX_MINOR_UNITS, AmountError, is_currency, parse_amount, parse_decimal
-from shared.pagination import MAX_PAGE, decode_cursor, encode_cursor
+from shared.pagination import MAX_PAGE, decode_cursor, encode_cursor, integer, text
 from shared.problems import Conflict, Forbidden, NotFound, ValidationFailed
 from shared.runtime import EventCore
 
@@ -34,6 +43,33 @@ log = logging.getLogger("creditwatch.limits")
 
 def _iso(t: datetime | None) -> str | None:
     return t.isoformat().replace("+00:00", "Z") if t is not None else None
+
+
+def _position(value: Any) -> int:
+    position = integer(value)
+    if position < 0:
+        raise ValueError(value)
+    return position
+
+
+def _amount_key(value: Any) -> Decimal | None:
+    """A portfolio cursor's amount: exact text, finite, or null (the customer had none)."""
+    if value is None:
+        return None
+    amount = Decimal(text(value))
+    if not amount.is_finite():
+        raise ValueError(value)
+    return amount
+
+
+def _ppm_key(value: Any) -> int | None:
+    return None if value is None else int(text(value))
+
+
+# How a portfolio cursor's sort value reads back, by sort key (customer_id: text).
+_SORT_VALUE: dict[str, Callable[[Any], Any]] = {
+    "utilization": _ppm_key, "exposure": _amount_key, "available": _amount_key,
+    "limit": _amount_key, "overdue_amount": _amount_key}
 
 
 def _currency(value: object) -> str:
@@ -48,7 +84,8 @@ class CheckRequest(BaseModel):
     customer_id: str = Field(min_length=1, max_length=255)
     currency: str
     amount: Decimal = Field(json_schema_extra={"type": "string", "example": "1250.00"})
-    reserve: bool = True
+    # A JSON true or false only: "no" or 0 read as false would silently reserve nothing.
+    reserve: StrictBool = True
 
     @field_validator("currency", mode="before")
     @classmethod
@@ -256,15 +293,16 @@ def build_router(service: LimitsService, core: EventCore,
                             cursor: str | None = None,
                             _p: Principal = Depends(require("credit:read"))) -> dict[str, Any]:
         h = store.limit_history
-        after = decode_cursor(cursor)
+        after = decode_cursor(cursor, scope="limit-history", kinds=(integer,))
         async with engine.connect() as conn:
             await _customer_row(conn, customer_id)
             stmt = select(h.c.seq, h.c.body).where(h.c.customer_id == customer_id)
             if after:
-                stmt = stmt.where(h.c.seq < int(after[0]))
+                stmt = stmt.where(h.c.seq < after[0])
             rows = list(await conn.execute(stmt.order_by(h.c.seq.desc()).limit(limit + 1)))
         items = [json.loads(r.body) for r in rows[:limit]]
-        nxt = encode_cursor([rows[limit - 1].seq]) if len(rows) > limit else None
+        nxt = (encode_cursor([rows[limit - 1].seq], scope="limit-history")
+               if len(rows) > limit else None)
         return {"items": items, "next_cursor": nxt}
 
     # ---- limit requests (maker–checker) ---------------------------------------------------
@@ -407,26 +445,30 @@ def build_router(service: LimitsService, core: EventCore,
         key = {"utilization": c.c.utilization_ppm, "exposure": c.c.exposure,
                "available": c.c.available, "limit": c.c.limit_amount,
                "overdue_amount": c.c.overdue_amount, "customer_id": c.c.customer_id}[key_name]
-        # SQLite keeps amounts as text; sort there on the exact value in Python instead.
-        after = decode_cursor(cursor)
         async with engine.connect() as conn:
             totals_row = (await conn.execute(
                 select(func.count(), func.sum(c.c.over_limit.cast(type_=_int())))
                 .where(*where))).first()
             amounts = list(await conn.execute(
                 select(c.c.currency, c.c.limit_amount, c.c.exposure).where(*where)))
+            # A cursor holds where the page ended in this sort, and only for this sort.
+            scope = f"portfolio:{sort}"
             if conn.dialect.name == "sqlite" and key_name not in ("customer_id", "utilization"):
+                # SQLite keeps amounts as text: sorted here on the exact values instead, and
+                # the cursor is a position in that order.
+                after = decode_cursor(cursor, scope=scope, kinds=(_position,))
                 rows = list(await conn.execute(select(c).where(*where)))
                 rows.sort(key=lambda r: (getattr(r, key.name), r.customer_id), reverse=desc)
-                start = int(after[0]) if after else 0
+                start = after[0] if after else 0
                 page = rows[start:start + limit]
-                nxt = encode_cursor([start + limit]) if start + limit < len(rows) else None
+                nxt = (encode_cursor([start + limit], scope=scope)
+                       if start + limit < len(rows) else None)
             else:
                 stmt = select(c).where(*where)
+                after = decode_cursor(cursor, scope=scope, kinds=(
+                    _SORT_VALUE.get(key_name, text), text))
                 if after:
                     value, cid = after
-                    if value is not None and key_name != "customer_id":
-                        value = Decimal(value) if key_name != "utilization" else int(value)
                     if key_name == "customer_id":
                         cond = c.c.customer_id < cid if desc else c.c.customer_id > cid
                     elif value is None:
@@ -449,7 +491,7 @@ def build_router(service: LimitsService, core: EventCore,
                     page = page[:limit]
                     value = getattr(last, key.name)
                     nxt = encode_cursor([None if value is None else str(value),
-                                         last.customer_id])
+                                         last.customer_id], scope=scope)
         items = []
         for r in page:
             util = r.utilization_ppm

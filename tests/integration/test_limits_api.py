@@ -7,6 +7,7 @@ exactly as the consumer hands them over; the Kafka round trip is in test_limits_
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -715,6 +716,34 @@ async def test_given_a_portfolio_when_listed_then_filters_sort_pages_and_totals_
             break
     assert seen == ["P-4", "P-3", "P-1", "P-2", "P-5"]
 
+    # Cursors it did not issue for this list and sort: 422 naming cursor, never a 500 nor a
+    # page of something else.
+    def b64(value: Any) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).decode()
+
+    by_exposure = (await page(sort="-exposure", limit=2))["next_cursor"]
+    by_utilization = top["next_cursor"]
+    history = await svc.client.post("/v1/customers/P-1/hold", headers=auth(), json={"reason": "x"})
+    assert history.status_code == 200, history.text
+    history_cursor = (await svc.client.get("/v1/customers/P-1/limit/history?limit=1",
+                                           headers=auth(READER))).json()["next_cursor"]
+    assert by_exposure and by_utilization and history_cursor
+    for sort, cursor in [("customer_id", history_cursor), ("customer_id", b64([1, 2, 3])),
+                         ("customer_id", b64(["0.5"])), ("customer_id", b64([[1], [2]])),
+                         ("-utilization", b64(["x", "y"])), ("-utilization", by_exposure),
+                         ("-exposure", by_utilization), ("-exposure", b64(["NaN", "P-1"])),
+                         ("-exposure", b64(["", "portfolio:-exposure"])), ("customer_id", "%%%")]:
+        response = await svc.client.get("/v1/portfolio", params={"sort": sort, "cursor": cursor},
+                                        headers=auth(READER))
+        assert response.status_code == 422, (sort, cursor, response.text)
+        assert response.json()["field"] == "cursor"
+    for cursor in [by_exposure, b64(["x", "y"]), b64([None, "C-1"]), b64([True]),
+                   b64(["limit-history", "7"])]:
+        response = await svc.client.get("/v1/customers/P-1/limit/history",
+                                        params={"cursor": cursor}, headers=auth(READER))
+        assert response.status_code == 422, (cursor, response.text)
+        assert response.json()["field"] == "cursor"
+
     bad = await svc.client.get("/v1/portfolio?status=broke", headers=auth(READER))
     assert bad.status_code == 422 and bad.json()["field"] == "status"
     too_many = await svc.client.get("/v1/portfolio?limit=501", headers=auth(READER))
@@ -747,6 +776,11 @@ _CHECK = {"order_id": "SO-1", "customer_id": "C-1", "amount": "10.00", "currency
     ({"order_id": ""}, "order_id"),
     ({"order_id": "SO-\u0000-1"}, "order_id"),
     ({"customer_id": "C-\u0000"}, "customer_id"),
+    ({"reserve": "yes"}, "reserve"),
+    ({"reserve": "false"}, "reserve"),
+    ({"reserve": 0}, "reserve"),
+    ({"reserve": 1}, "reserve"),
+    ({"reserve": None}, "reserve"),
 ])
 async def test_given_a_bad_check_when_posted_then_422_problem_names_the_field(
     bare: httpx.AsyncClient, changes: dict[str, Any], field: str,
@@ -802,6 +836,20 @@ async def test_given_a_missing_hold_reason_when_posted_then_422(svc: Service) ->
     await svc.customer("C-1", "BBB")
     response = await svc.client.post("/v1/customers/C-1/hold", headers=auth(), json={})
     assert response.status_code == 422 and response.json()["field"] == "reason"
+
+
+async def test_given_a_body_nested_thousands_deep_when_posted_then_422_names_the_body(
+    bare: httpx.AsyncClient,
+) -> None:
+    # ≈ 10 kB, well under the size limit: the parser's recursion, not the size, refuses it.
+    nested = "[" * 5000 + "]" * 5000
+    raw = json.dumps(_CHECK)[:-1] + f', "x": {nested}}}'
+    for path in ("/v1/credit-checks", "/v1/customers/C-1/hold"):
+        response = await bare.post(path, headers=auth(ORDERS if "checks" in path else ANALYST)
+                                   | {"content-type": "application/json"}, content=raw)
+        assert response.status_code == 422, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["field"] == "body"
 
 
 async def test_given_a_body_over_64_kib_when_posted_then_413(bare: httpx.AsyncClient) -> None:
