@@ -292,7 +292,9 @@ async def _handle_unexpected(request: Request, exc: Exception) -> Response:
     )
     body = _status_problem(500, "An unexpected error occurred.", request.url.path)
     body["error_id"] = error_id
-    return problem_response(body)
+    # Starlette re-raises the exception after this answer, and the server then ends the
+    # connection: say so, so that a client does not send its next request down it.
+    return problem_response(body, headers={"Connection": "close"})
 
 
 def install(app: FastAPI) -> None:

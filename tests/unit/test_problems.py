@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -219,6 +220,35 @@ async def test_an_unexpected_exception_is_a_500_problem_that_hides_internals(
     # and the log holds the traceback under the same error id
     assert body["error_id"] in caplog.text
     assert "RuntimeError" in caplog.text
+
+
+async def test_after_a_500_a_keep_alive_client_goes_on_without_a_reset_connection() -> None:
+    # Under a real uvicorn, an unexpected exception ends the connection after its 500; the
+    # 500 says so (Connection: close), so that a client pooling connections does not send
+    # its next request down one the server is closing (seen: "connection reset by peer").
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(_app(), port=port, log_level="critical",
+                                           lifespan="off"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            for _ in range(3):
+                boom = await http.get("/v1/boom")
+                assert boom.status_code == 500
+                assert boom.headers["connection"] == "close"
+                after = await http.get("/v1/alerts")
+                assert after.status_code == 200
+    finally:
+        server.should_exit = True
+        await serving
 
 
 # --- body size -------------------------------------------------------------------------------
