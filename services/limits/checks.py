@@ -119,12 +119,14 @@ def _iso(t: datetime | None) -> str | None:
 
 
 def _still_standing(state: domain.CustomerState, prior: Prior, body: dict[str, Any],
-                    now: datetime) -> bool:
-    """A retry gets the earlier decision unless its reservation was released or expired."""
+                    order: CheckOrder, now: datetime) -> bool:
+    """A retry gets the earlier decision unless its reservation was released or expired, or
+    it asks to reserve what an approval without reserving did not (a quote, then the
+    order: judged anew)."""
     if prior.decision != "approved":
         return True
     if not body.get("reserve", True):
-        return True
+        return not order.reserve
     res = state.reservations.get(prior.order_id)
     return res is not None and res.check_id == prior.check_id \
         and res.expires_at > now
@@ -153,7 +155,7 @@ def evaluate(service: LimitsService, order: CheckOrder, ctx: CheckContext,
     state = ctx.loaded[cid].state
     if prior is not None and prior.amount == order.amount and prior.currency == order.currency:
         stored: dict[str, Any] = json.loads(prior.body)
-        if _still_standing(state, prior, stored, now):
+        if _still_standing(state, prior, stored, order, now):
             return Verdict(stored, stored["decision"], prior.check_id, fresh=False)
     outcome = domain.decide_credit_check(
         state, order_id=order.order_id, amount=order.amount, currency=order.currency,

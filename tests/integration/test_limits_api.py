@@ -208,6 +208,24 @@ async def test_given_a_retried_check_when_posted_again_then_same_decision_and_on
     assert await svc.decided("C-2", "SO-2", "10.00") == rejected
 
 
+async def test_given_an_order_checked_without_reserving_when_checked_to_reserve_then_reserved(
+    svc: Service,
+) -> None:
+    # Quote, then confirm under the same order id: the second asks for what the first did
+    # not, so it is judged (and reserved) anew rather than answered with the quote.
+    await svc.customer("C-1", "BBB")
+    quote = await svc.decided("C-1", "SO-1", "1000.00", reserve=False)
+    assert (quote["decision"], quote["reserved"], quote["reserve"]) == ("approved", "0.00", False)
+    assert await svc.decided("C-1", "SO-1", "1000.00", reserve=False) == quote
+    firm = await svc.decided("C-1", "SO-1", "1000.00", reserve=True)
+    assert firm["check_id"] != quote["check_id"]
+    assert (firm["decision"], firm["reserved"], firm["reserve"]) == ("approved", "1000.00", True)
+    assert await svc.decided("C-1", "SO-1", "1000.00") == firm  # now a plain retry
+    assert (await svc.exposure("C-1"))["reserved"] == "1000.00"
+    released = await svc.client.delete("/v1/credit-checks/SO-1", headers=auth(ORDERS))
+    assert released.status_code == 204
+
+
 async def test_given_an_approved_order_when_amended_then_judged_on_the_new_amount(
     svc: Service,
 ) -> None:
