@@ -423,7 +423,8 @@ class LimitRules(_PolicyModel):
     dynamic_adjustment: bool
 
     def review_allowance(self, limit: Decimal) -> Decimal:
-        """How far an order may exceed the available credit and still go to review."""
+        """How far an order must stay under when it exceeds the available credit, to go to
+        review rather than be rejected (strictly less than this)."""
         return limit * self.review_tolerance
 
     def overdue_beyond_tolerance(self, max_days_overdue: int, overdue_amount: Decimal) -> bool:

@@ -839,7 +839,8 @@ def decide_credit_check(state: CustomerState, *, order_id: str, amount: Decimal,
 
     The order's own earlier reservation never counts against it (amendments), nor does
     what is already invoiced on it count twice; exposure landing exactly on the limit is
-    within it; a shortfall within the policy's tolerance goes to a person (``review``).
+    within it; a shortfall of less than the policy's tolerance goes to a person (``review``;
+    the contract: "exceeding the limit by less than the policy's tolerance").
     """
     lp = policy.limits
     reasons: list[str] = []
@@ -887,7 +888,7 @@ def decide_credit_check(state: CustomerState, *, order_id: str, amount: Decimal,
         over = needed - available
         if over > 0:
             reasons.append("exceeds_available")
-            if over <= lp.review_tolerance * limit:
+            if over < lp.review_tolerance * limit:
                 review = True
             else:
                 hard = True
@@ -899,7 +900,7 @@ def decide_credit_check(state: CustomerState, *, order_id: str, amount: Decimal,
         over = needed - group_available
         if over > 0:
             reasons.append("exceeds_group_available")
-            if over <= lp.review_tolerance * group.limit:
+            if over < lp.review_tolerance * group.limit:
                 review = True
             else:
                 hard = True

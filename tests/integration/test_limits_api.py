@@ -294,11 +294,11 @@ async def test_given_the_limit_when_checked_around_it_then_exact_fit_approves_an
     assert (unreserved["decision"], unreserved["reserved"], unreserved["available"]) == \
         ("approved", "0.00", "40000.00")  # reserve: false holds nothing back
 
-    review = await svc.decided("C-1", "SO-2", "45000.00")
+    review = await svc.decided("C-1", "SO-2", "44999.99")
     assert (review["decision"], review["reasons"], review["shortfall"]) == \
-        ("review", ["exceeds_available"], "5000.00")
-    rejected = await svc.decided("C-1", "SO-3", "45000.01")
-    assert (rejected["decision"], rejected["shortfall"]) == ("rejected", "5000.01")
+        ("review", ["exceeds_available"], "4999.99")
+    rejected = await svc.decided("C-1", "SO-3", "45000.00")  # by exactly the 5 % tolerance
+    assert (rejected["decision"], rejected["shortfall"]) == ("rejected", "5000.00")
     assert (await svc.exposure("C-1"))["reserved"] == "0.00"  # neither reserved anything
     exact = await svc.decided("C-1", "SO-4", "40000.00")
     assert (exact["decision"], exact["exposure"], exact["available"]) == \

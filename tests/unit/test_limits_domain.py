@@ -440,15 +440,16 @@ def test_given_an_order_landing_exactly_on_the_limit_when_checked_then_it_is_app
 def test_given_an_order_over_the_limit_by_less_than_the_tolerance_when_checked_then_review(
 ) -> None:
     state = rated("BBB", invoice("I-1", "60000.00"))
-    tolerance = check(state, "45000.00")  # 5,000 over = exactly 5 % of 100,000
+    tolerance = check(state, "44999.99")  # 4,999.99 over: less than 5 % of 100,000
     assert (tolerance.decision, tolerance.reasons) == ("review", ("exceeds_available",))
-    assert tolerance.shortfall == D("5000.00")
+    assert tolerance.shortfall == D("4999.99")
     assert (tolerance.reserved, tolerance.exposure, tolerance.available) == \
         (0, D("60000.00"), D("40000.00"))  # review reserves nothing
 
-    beyond = check(state, "45000.01")
-    assert (beyond.decision, beyond.reasons) == ("rejected", ("exceeds_available",))
-    assert beyond.shortfall == D("5000.01")
+    # By exactly the tolerance is not "by less than" it (contract): rejected.
+    at = check(state, "45000.00")
+    assert (at.decision, at.reasons, at.shortfall) == ("rejected", ("exceeds_available",),
+                                                       D("5000.00"))
 
 
 def test_given_a_hold_when_checked_then_rejected_for_credit_hold() -> None:
