@@ -7,7 +7,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any
@@ -33,7 +33,14 @@ from shared import metrics
 from shared.auth import Principal, require
 from shared.body import body_schema, json_body
 from shared.events import new_event
-from shared.money import MAX_MINOR_UNITS, AmountError, is_currency, parse_amount, parse_decimal
+from shared.money import (
+    MAX_MINOR_UNITS,
+    AmountError,
+    convert,
+    is_currency,
+    parse_amount,
+    parse_decimal,
+)
 from shared.pagination import MAX_PAGE, decode_cursor, encode_cursor, integer, text
 from shared.problems import Conflict, Forbidden, NotFound, ValidationFailed
 from shared.runtime import EventCore
@@ -515,20 +522,36 @@ def build_router(service: LimitsService, core: EventCore,
         for r in amounts:
             limits_by[r.currency] = limits_by.get(r.currency, Decimal(0)) + r.limit_amount
             exposure_by[r.currency] = exposure_by.get(r.currency, Decimal(0)) + r.exposure
-        single = len(limits_by) <= 1
-        ccy = next(iter(limits_by), policy.base_currency)
+        # One currency: its sums as they are. Several: each currency's sums converted with
+        # the policy's rates into its base currency (null only if one has no rate to it).
+        ccy = next(iter(limits_by)) if len(limits_by) == 1 else policy.base_currency
+        rates = policy.fx_rates()
+        limit_total = _total(limits_by, ccy, rates)
+        exposure_total = _total(exposure_by, ccy, rates)
         totals = {
             "customers": int(totals_row[0] or 0) if totals_row else 0,
             "over_limit": int(totals_row[1] or 0) if totals_row else 0,
-            "currency": ccy if single else None,
-            "limit": money(limits_by.get(ccy, Decimal(0)), ccy) if single else None,
-            "exposure": money(exposure_by.get(ccy, Decimal(0)), ccy) if single else None,
+            "currency": ccy if limit_total is not None and exposure_total is not None else None,
+            "limit": None if limit_total is None else money(limit_total, ccy),
+            "exposure": None if exposure_total is None else money(exposure_total, ccy),
             "by_currency": {k: {"limit": money(v, k), "exposure": money(exposure_by[k], k)}
                             for k, v in sorted(limits_by.items())},
         }
         return {"items": items, "totals": totals, "next_cursor": nxt}
 
     return router
+
+
+def _total(by_currency: dict[str, Decimal], ccy: str,
+           rates: Mapping[str, Decimal]) -> Decimal | None:
+    """The sum of amounts by currency in ``ccy``; None when one of them has no rate to it."""
+    total = Decimal(0)
+    for code, amount in by_currency.items():
+        converted = convert(amount, code, ccy, rates)
+        if converted is None:
+            return None
+        total += converted
+    return total
 
 
 def _int() -> Any:

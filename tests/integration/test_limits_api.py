@@ -768,6 +768,27 @@ async def test_given_a_portfolio_when_listed_then_filters_sort_pages_and_totals_
     assert too_many.status_code == 422 and too_many.json()["field"] == "limit"
 
 
+async def test_given_customers_in_several_currencies_then_the_totals_are_in_the_base_currency(
+    svc: Service,
+) -> None:
+    await svc.customer("M-1", "BBB")                    # 100,000.00 EUR
+    await svc.invoice("M-1", "I-1", "1000.00")
+    await svc.customer("M-2", "BBB", currency="USD")    # 108,695.65 USD (EUR 100,000 / 0.92)
+    await svc.invoice("M-2", "I-2", "2000.00", currency="USD")
+    response = await svc.client.get("/v1/portfolio", headers=auth(READER))
+    assert response.status_code == 200, response.text
+    totals = response.json()["totals"]
+    assert totals["by_currency"] == {
+        "EUR": {"limit": "100000.00", "exposure": "1000.00"},
+        "USD": {"limit": "108695.65", "exposure": "2000.00"}}
+    # USD/EUR 0.92: 108,695.65 → 100,000.00 and 2,000.00 → 1,840.00
+    assert (totals["currency"], totals["limit"], totals["exposure"]) == \
+        ("EUR", "200000.00", "2840.00")
+    usd_only = (await svc.client.get("/v1/portfolio?grade=BBB&status=overdue",
+                                     headers=auth(READER))).json()["totals"]
+    assert (usd_only["customers"], usd_only["currency"], usd_only["limit"]) == (0, "EUR", "0.00")
+
+
 # ---- validation, size, auth -------------------------------------------------------------------
 
 _CHECK = {"order_id": "SO-1", "customer_id": "C-1", "amount": "10.00", "currency": "EUR"}

@@ -237,8 +237,11 @@ async def test_after_a_500_a_keep_alive_client_goes_on_without_a_reset_connectio
                                            lifespan="off"))
     serving = asyncio.create_task(server.serve())
     try:
-        while not server.started:
+        for _ in range(1000):  # up to 10 s
+            if server.started:
+                break
             await asyncio.sleep(0.01)
+        assert server.started
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
             for _ in range(3):
                 boom = await http.get("/v1/boom")
