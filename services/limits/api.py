@@ -22,7 +22,7 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import ColumnElement, and_, func, or_, select
 
 from services.limits import domain, store
 from services.limits import events as ev
@@ -162,7 +162,7 @@ def build_router(service: LimitsService, core: EventCore,
     async def _customer_row(conn: Any, cid: str) -> Any:
         row = (await conn.execute(select(store.customers).where(
             store.customers.c.customer_id == cid))).first()
-        if row is None:
+        if row is None or not row.known:
             raise NotFound(f"customer {cid!r} is not known to the limits service",
                            field="customer_id")
         return row
@@ -174,7 +174,8 @@ def build_router(service: LimitsService, core: EventCore,
     async def _locked_known(conn: Any, cid: str) -> dict[str, Loaded]:
         """Lock a customer the service knows (404 otherwise), in one read."""
         loaded, _ = await _locked(conn, cid)
-        if loaded[cid].last_seq == 0:  # nothing stored: a state made up for the unknown
+        # Nothing stored (a state made up for the unknown), or only checks and alerts.
+        if loaded[cid].last_seq == 0 or not domain.known(loaded[cid].state):
             raise NotFound(f"customer {cid!r} is not known to the limits service",
                            field="customer_id")
         return loaded
@@ -438,7 +439,7 @@ def build_router(service: LimitsService, core: EventCore,
         _p: Principal = Depends(require("credit:read")),
     ) -> dict[str, Any]:
         c = store.customers
-        where = []
+        where: list[ColumnElement[bool]] = [c.c.known.is_(True)]
         if grade:
             where.append(c.c.grade == grade)
         if status == "over_limit":

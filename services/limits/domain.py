@@ -133,6 +133,17 @@ def new_customer(customer_id: str, policy: Policy) -> CustomerState:
     return CustomerState(customer_id=customer_id, currency=policy.base_currency)
 
 
+def known(state: CustomerState) -> bool:
+    """Whether the service has heard of the customer from a business fact — registration,
+    receivables, an assessment, a limit request, a hold — rather than only from credit
+    checks (order entry asking about an id, perhaps mistyped) or alerts. An unknown customer
+    gets no credit (``no_credit_limit``, whatever the policy grants the unrated), is not in
+    the portfolio, and its exposure is not published."""
+    return (state.registered or state.grade is not None or bool(state.invoices)
+            or bool(state.credits) or bool(state.dunning) or bool(state.requests)
+            or state.manual is not None or state.hold is not None)
+
+
 # ---- derived figures ------------------------------------------------------------------------
 
 
@@ -860,7 +871,8 @@ def decide_credit_check(state: CustomerState, *, order_id: str, amount: Decimal,
     earlier = reserved_for(state, order_id, now)  # this order's own reservation (amendment)
     others_reserved = reserved - earlier
     exposure = fig.open_receivables + others_reserved
-    limit = effective_limit(state, policy, now)[0]
+    # "Unknown customer or no limit → rejected, reason no_credit_limit" (contract).
+    limit = effective_limit(state, policy, now)[0] if known(state) else ZERO
     has_own_limit = limit > 0
     in_group = group is not None and group.limit > 0
 

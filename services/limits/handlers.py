@@ -239,7 +239,8 @@ class LimitsService:
         body = exposure_body(st, fig)
         # as_of moves with every event; a change worth publishing is in the figures.
         text = plain_json({**body, "as_of": None})
-        if text != loaded.published:
+        # Nothing is published for a customer only credit checks or alerts spoke of.
+        if text != loaded.published and domain.known(st):
             tx.emit(self.settings.topic_exposure, trusted_event(
                 "exposure.updated", source=SOURCE, subject=cid, data=body,
                 id=f"exposure-{cid}-{seq}", time=st.last_time or tx.now))

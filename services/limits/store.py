@@ -21,11 +21,18 @@ from sqlalchemy import (
     Text,
     delete,
     select,
+    true,
     tuple_,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.limits.domain import CustomerState, Figures, Reservation, changed_reservation
+from services.limits.domain import (
+    CustomerState,
+    Figures,
+    Reservation,
+    changed_reservation,
+    known,
+)
 from shared.db import BigId, ExactDecimal, UtcDateTime
 from shared.eventstore import core_tables
 from shared.projection import StateCodec, lock_rows, upsert
@@ -65,6 +72,9 @@ customers = Table(
     Column("state", Text, nullable=False),
     # The exposure.updated body last published, to publish only on change.
     Column("published", Text),
+    # Heard of from a business fact, not only from credit checks or alerts (domain.known):
+    # the others are no customers to list or answer for.
+    Column("known", Boolean, nullable=False, server_default=true()),
 )
 Index("ix_limits_customers_group", customers.c.group_id)
 Index("ix_limits_customers_ageing", customers.c.next_ageing_on)
@@ -251,6 +261,7 @@ def customer_row(state: CustomerState, fig: Figures, last_seq: int,
         "last_seq": last_seq,
         "state": document,
         "published": published,
+        "known": known(state),
     }
 
 

@@ -1053,6 +1053,46 @@ async def test_given_alerts_on_credit_alerts_then_the_portfolio_counts_the_unres
     assert counts["AL-2"] == 0
 
 
+async def test_given_only_checks_and_alerts_for_an_id_then_it_is_no_customer_until_heard_of(
+        svc: Service) -> None:
+    await svc.customer("K-1", "BBB")
+    # Order entry asks about an id nobody registered (a typo), and an alert names another.
+    ghost = await svc.decided("GHOST-1", "SO-G1", "10.00")
+    assert (ghost["decision"], ghost["reasons"]) == ("rejected", ["no_credit_limit"])
+    stored = await svc.client.get(f"/v1/credit-checks/{ghost['check_id']}",
+                                  headers=auth(READER))
+    assert stored.status_code == 200  # the decision is stored all the same
+    await svc.consume("credit.alerts", "alert.raised", {
+        "alert_id": "a-9", "customer_id": "GHOST-2", "rule": "overdue", "severity": "warning",
+        "status": "open", "title": "t", "message": "m", "facts": {},
+        "dedup_key": "GHOST-2:overdue", "raised_at": "2026-03-01T09:00:00Z",
+        "resolved_at": None})
+
+    for cid in ("GHOST-1", "GHOST-2"):
+        for path in ("exposure", "limit", "limit/history"):
+            response = await svc.client.get(f"/v1/customers/{cid}/{path}", headers=auth(READER))
+            assert response.status_code == 404, (cid, path, response.text)
+            assert response.json()["field"] == "customer_id"
+        held = await svc.client.post(f"/v1/customers/{cid}/hold", headers=auth(),
+                                     json={"reason": "x"})
+        asked = await svc.client.post(f"/v1/customers/{cid}/limit-requests", headers=auth(),
+                                      json={"requested_limit": "100.00", "reason": "x"})
+        assert (held.status_code, asked.status_code) == (404, 404)
+    page = (await svc.client.get("/v1/portfolio", headers=auth(READER))).json()
+    assert [i["customer_id"] for i in page["items"]] == ["K-1"]
+    assert page["totals"]["customers"] == 1
+    assert not [e for e in await svc.outbox("credit.exposure")
+                if e["subject"] in ("GHOST-1", "GHOST-2")]
+
+    # Once registered it is a customer like any other, its alert counted.
+    await svc.register("GHOST-2")
+    assert (await svc.exposure("GHOST-2"))["customer_id"] == "GHOST-2"
+    page = (await svc.client.get("/v1/portfolio", headers=auth(READER))).json()
+    assert {i["customer_id"]: i["open_alerts"] for i in page["items"]} == {"K-1": 0, "GHOST-2": 1}
+    assert [e["data"]["as_of"] for e in await svc.outbox("credit.exposure")
+            if e["subject"] == "GHOST-2"] == ["2026-01-01T00:00:00Z"]
+
+
 # ---- checks decided together --------------------------------------------------------------------
 # On PostgreSQL the checks that queue up while a transaction is in flight are decided together in
 # the next one; each must come out as if they had been decided one after another.

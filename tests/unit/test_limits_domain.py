@@ -487,6 +487,28 @@ def test_given_an_unknown_or_unrated_customer_when_checked_then_no_credit_limit(
         assert outcome.limit == 0 and outcome.shortfall == D("250.00")
 
 
+def test_given_a_policy_granting_the_unrated_then_only_customers_heard_of_get_it() -> None:
+    # "Unknown customer … → rejected, no_credit_limit": the unrated limit is for customers
+    # heard of (registered, or with receivables) but not assessed, not for any id asked about.
+    generous = POLICY.model_copy(update={"limits": POLICY.limits.model_copy(
+        update={"unrated_limit": D("1000.00")})})
+    for state, decision in ((domain.new_customer("C-NEW", POLICY), "rejected"),
+                            (fold([registered()]), "approved"),
+                            (fold([invoice("I-1", "100.00")]), "approved")):
+        outcome = decide_credit_check(state, order_id="SO-1", amount=D("250.00"),
+                                      currency="EUR", reserve=True, policy=generous, now=T0)
+        assert outcome.decision == decision, state
+        if decision == "rejected":
+            assert (outcome.reasons, outcome.limit) == (("no_credit_limit",), 0)
+
+
+def test_given_only_checks_and_alerts_then_the_customer_is_not_known() -> None:
+    unknown = domain.new_customer("C-NEW", POLICY)
+    assert not domain.known(unknown)
+    for events in ([registered()], [invoice("I-1", "1.00")], [assessed("B")]):
+        assert domain.known(fold(events))
+
+
 def test_given_no_limit_and_open_invoices_when_checked_then_shortfall_follows_the_formula(
 ) -> None:
     state = fold([registered(), invoice("I-1", "100.00")])
