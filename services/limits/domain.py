@@ -255,6 +255,10 @@ def _walk_open_items(state: CustomerState) -> dict[str, Decimal]:
                 if take > 0:
                     open_amount[invoice_id] -= take
                     left -= take
+            elif invoice_id not in state.invoices:
+                # Cash for an invoice not here yet waits for it: it lowers the receivables
+                # (see _receivables) but pays off, and so hides the ageing of, nothing else.
+                left -= min(amount, left)
         pool += left
     if pool <= 0:
         return open_amount

@@ -167,6 +167,28 @@ def test_given_a_payment_before_its_invoice_when_the_invoice_arrives_then_the_ca
     assert (fig.overdue_amount, fig.max_days_overdue) == (0, 0)
 
 
+def test_given_cash_for_an_invoice_not_yet_here_then_it_waits_and_clears_no_other_invoice(
+) -> None:
+    # "held as unapplied cash (it lowers exposure at once) and applied when the invoice
+    # arrives": meanwhile it must not pay off, and so hide, another invoice that is overdue.
+    overdue = invoice("I-A", "1000.00", issued="2026-01-01", due="2026-01-31")
+    early = rated("BBB", overdue, payment("P-1", "1000.00", allocations=[("I-B", "1000.00")],
+                                          received="2026-03-12"))
+    assert domain.open_items(early) == {"I-A": D("1000.00")}
+    fig = figures(early, POLICY, at("2026-03-12"))
+    assert (fig.open_receivables, fig.overdue_amount, fig.max_days_overdue) == \
+        (0, D("1000.00"), 40)
+    assert check(early, "10.00", now=at("2026-03-12")).reasons == ("overdue_beyond_tolerance",)
+
+    later = fold([invoice("I-B", "1000.00", issued="2026-03-01", due="2026-03-31")], early)
+    assert domain.open_items(later) == {"I-A": D("1000.00"), "I-B": D("0.00")}
+    # Cash for an invoice that was cancelled goes to the oldest open ones, as unallocated.
+    voided = fold([invoice("I-C", "500.00", issued="2026-02-01", due="2026-02-15"),
+                   cancelled("I-C", at("2026-02-02")),
+                   payment("P-2", "300.00", allocations=[("I-C", "300.00")])], early)
+    assert domain.open_items(voided)["I-A"] == D("700.00")
+
+
 def test_given_an_explicit_allocation_when_folded_then_it_wins_over_oldest_first() -> None:
     old = invoice("I-OLD", "100.00", issued="2026-01-01", due="2026-01-31")
     new = invoice("I-NEW", "100.00", issued="2026-02-01", due="2026-02-28")
