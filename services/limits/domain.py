@@ -741,6 +741,13 @@ def _request_submitted(state: CustomerState, d: Any, t: datetime, p: Policy) -> 
                        d.expires_at)
     state = replace(state, requests={**state.requests, d.request_id: req})
     current, _, _ = effective_limit(state, p, t)
+    manual = state.manual
+    if manual is not None and manual.expires_at is not None and manual.expires_at > t and (
+            d.expires_at is None or d.expires_at > manual.expires_at):
+        # It would outlast the temporary limit in force: it must be lower than what follows
+        # that, too, or a "decrease" from a temporary high would make the high permanent
+        # with nobody's approval.
+        current = min(current, effective_limit(replace(state, manual=None), p, t)[0])
     if d.requested_limit < current:
         # A decrease needs nobody's approval: less credit is always the safe side.
         return _grant(state, req, d.requested_by, None, t)

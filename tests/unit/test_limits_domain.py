@@ -433,6 +433,22 @@ def test_given_a_temporary_limit_when_it_expires_then_the_policy_limit_is_back()
     assert lapsed.manual is None and lapsed.limit_lapsed
 
 
+def test_given_a_temporary_high_limit_then_a_lower_request_outlasting_it_needs_approval() -> None:
+    # Maker–checker: 299,999 is below the temporary 300,000 in force, but above the 100,000
+    # that follows it; applied at once, it would make the high limit permanent unapproved.
+    ends = T0 + timedelta(days=10)
+    temporary = rated("BBB", submitted("R-1", "300000.00", expires=ends), approved("R-1"))
+    forever = fold([submitted("R-2", "299999.00")], temporary)
+    assert forever.requests["R-2"].status == "pending"
+    assert domain.effective_limit(forever, POLICY, ends)[:2] == (D("100000.00"), "policy")
+    longer = fold([submitted("R-3", "299999.00", expires=ends + timedelta(days=5))], temporary)
+    assert longer.requests["R-3"].status == "pending"
+    # Lower than both, or ending with it: a decrease, at once.
+    for request in (submitted("R-4", "90000.00"), submitted("R-5", "200000.00", expires=ends)):
+        lowered = fold([request], temporary)
+        assert lowered.requests[request[1].request_id].status == "approved"
+
+
 # ---- credit decisions ---------------------------------------------------------------------------
 
 
