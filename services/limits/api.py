@@ -369,6 +369,11 @@ def build_router(service: LimitsService, core: EventCore,
             if req.status != "pending":
                 raise Conflict(f"limit request {request_id!r} is already {req.status}",
                                field="request_id")
+            if approve and req.expires_at is not None and req.expires_at <= now:
+                # Approved now it would end before it began, replacing the limit in force.
+                raise Conflict(f"limit request {request_id!r} ended at "
+                               f"{_iso(req.expires_at)}; it can only be rejected",
+                               field="request_id")
             model: ev.LimitRequestApproved | ev.LimitRequestRejected
             if approve:
                 model = ev.LimitRequestApproved(customer_id=row.customer_id,

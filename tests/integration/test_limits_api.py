@@ -653,6 +653,27 @@ async def test_given_a_temporary_limit_when_it_expires_then_the_scheduler_restor
     assert change["effective_at"] == "2026-03-11T12:00:00Z"
 
 
+async def test_given_a_temporary_request_already_ended_when_approved_then_409_nothing_changes(
+    svc: Service,
+) -> None:
+    await svc.customer("C-1", "BBB")
+    ends = START + timedelta(days=2)
+    request_id = (await svc.client.post(
+        "/v1/customers/C-1/limit-requests", headers=auth(),
+        json={"requested_limit": "300000.00", "reason": "season",
+              "expires_at": ends.isoformat()})).json()["request_id"]
+    svc.clock.now = ends + timedelta(hours=1)
+    late = await svc.client.post(f"/v1/limit-requests/{request_id}/approve",
+                                 headers=auth(APPROVER))
+    assert late.status_code == 409, late.text
+    assert late.json()["field"] == "request_id"
+    limit = await svc.limit("C-1")
+    assert (limit["limit"], limit["source"]) == ("100000.00", "policy")
+    rejected = await svc.client.post(f"/v1/limit-requests/{request_id}/reject",
+                                     headers=auth(APPROVER))
+    assert rejected.status_code == 200 and rejected.json()["status"] == "rejected"
+
+
 async def test_given_a_lapsed_temporary_limit_and_no_policy_limit_then_limit_expired(
     svc: Service,
 ) -> None:
