@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -503,7 +503,8 @@ def figures(state: CustomerState, policy: Policy, at: datetime | None = None,
     """The exposure picture as of business time ``at`` (default: the last event's time);
     ``items``/``reserved``: ``open_items(state)``/``reserved_total(state, at)`` if known."""
     at = at or state.last_time
-    on = at.date() if at is not None else state.as_of
+    on = (at.astimezone(UTC) if at.utcoffset() else at).date() if at is not None \
+        else state.as_of
     if state.as_of is not None and (on is None or state.as_of > on):
         on = state.as_of
     overdue, buckets, worst = ageing(state, on, items)
@@ -584,6 +585,10 @@ def apply(state: CustomerState, event_type: str, data: Any, time: datetime,
     handler = _HANDLERS.get(event_type)
     if handler is None:
         return state
+    if time.utcoffset():
+        # Business days are UTC days, here as in the stored rows (UTC): an event stamped
+        # 22:00-05:00 happened the next day, in memory and after a reload alike.
+        time = time.astimezone(UTC)
     new: CustomerState = handler(state, data, time, policy)
     if event_type in ALERT_TYPES:
         return new  # our alerts service's view, not a business fact: it ages nothing

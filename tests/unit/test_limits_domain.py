@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from dataclasses import replace
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -187,6 +187,21 @@ def test_given_cash_for_an_invoice_not_yet_here_then_it_waits_and_clears_no_othe
                    cancelled("I-C", at("2026-02-02")),
                    payment("P-2", "300.00", allocations=[("I-C", "300.00")])], early)
     assert domain.open_items(voided)["I-A"] == D("700.00")
+
+
+def test_given_event_times_with_an_offset_then_days_are_utc_days_in_memory_and_reloaded(
+) -> None:
+    # 22:00 at UTC-5 on the due date is 03:00 UTC the next day: one day overdue, whether the
+    # state was just folded or read back from its row (which keeps times in UTC).
+    late = datetime(2026, 3, 31, 22, tzinfo=timezone(timedelta(hours=-5)))
+    state = fold([registered(), invoice("I-1", "1000.00", issued="2026-03-01",
+                                        due="2026-03-31", time=late)])
+    assert state.last_time is not None and state.last_time.utcoffset() == timedelta(0)
+    reloaded = replace(state, last_time=late.astimezone(UTC))
+    for each in (state, reloaded):
+        fig = figures(each, POLICY)
+        assert (fig.overdue_amount, fig.max_days_overdue) == (D("1000.00"), 1)
+    assert figures(state, POLICY, late) == figures(state, POLICY, late.astimezone(UTC))
 
 
 def test_given_an_explicit_allocation_when_folded_then_it_wins_over_oldest_first() -> None:
