@@ -72,7 +72,7 @@ class CreditwatchError(Exception):
         self.detail = detail or self.title
         self.field = field
         if errors is None and field is not None:
-            errors = [{"field": field, "message": self.detail}]
+            errors = [{"field": field, "message": _unprefixed(self.detail, field)}]
         self.errors: list[FieldError] | None = list(errors) if errors is not None else None
         self.headers: dict[str, str] = dict(headers or {})
         self.extra: dict[str, Any] = extra
@@ -241,14 +241,19 @@ def _message_of(error: Mapping[str, Any]) -> str:
     return message
 
 
+def _unprefixed(message: str, field: str) -> str:
+    """A message without the field's name in front (the problem names it apart, and its
+    ``detail`` puts it in front again)."""
+    prefix = f"{field}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
+
+
 def validation_problem(exc: RequestValidationError, instance: str) -> dict[str, Any]:
     # Never echo the input: it is the caller's own data at best and a secret at worst.
     errors: list[FieldError] = [
-        {
-            "field": _field_of(err.get("loc", ()), str(err.get("type", ""))),
-            "message": _message_of(err),
-        }
+        {"field": field, "message": _unprefixed(_message_of(err), field)}
         for err in exc.errors()
+        for field in (_field_of(err.get("loc", ()), str(err.get("type", ""))),)
     ] or [{"field": "body", "message": "Invalid request"}]
     first = errors[0]
     detail = f"{first['field']}: {first['message']}"

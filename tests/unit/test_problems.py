@@ -40,6 +40,8 @@ class CreditCheck(BaseModel):
     def _positive(cls, amount: Decimal) -> Decimal:
         if amount <= 0:
             raise ValueError("amount must be greater than zero")
+        if amount > 10**15:
+            raise ValueError("amount: more than 10^15")  # named, as shared.money's messages
         return amount
 
 
@@ -67,6 +69,10 @@ def _app() -> FastAPI:
     @app.post("/v1/customers/{customer_id}/hold")
     async def hold(customer_id: str) -> dict[str, str]:
         raise ValidationFailed("reason must not be empty", field="reason")
+
+    @app.get("/v1/alerts/{alert_id}/history")
+    async def history(alert_id: str) -> dict[str, str]:
+        raise ValidationFailed("cursor: not a cursor this API returned", field="cursor")
 
     @app.get("/v1/boom")
     async def boom() -> dict[str, str]:
@@ -189,6 +195,16 @@ async def test_a_validation_failure_raised_by_a_handler_names_its_field(
     _assert_problem(response, 422, "validation-failed", "/v1/customers/C-1/hold")
     assert response.json()["field"] == "reason"
     assert response.json()["errors"] == [{"field": "reason", "message": "reason must not be empty"}]
+
+
+async def test_a_field_named_in_its_own_message_is_named_once(client: httpx.AsyncClient) -> None:
+    raised = (await client.get("/v1/alerts/A-1/history")).json()
+    assert raised["detail"] == "cursor: not a cursor this API returned"
+    assert raised["errors"] == [{"field": "cursor", "message": "not a cursor this API returned"}]
+    validated = (await client.post("/v1/credit-checks",
+                                   json={"order_id": "SO-1", "amount": "1e16"})).json()
+    assert validated["detail"] == "amount: more than 10^15"
+    assert validated["errors"] == [{"field": "amount", "message": "more than 10^15"}]
 
 
 async def test_an_unknown_route_is_a_404_problem(client: httpx.AsyncClient) -> None:
