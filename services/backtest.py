@@ -364,10 +364,15 @@ class CheckJudge:
         if parent is not None or members:
             root_row = row if root == cid else (await conn.execute(
                 select(c).where(c.c.customer_id == root))).first()
-            limit = limits_domain.effective_limit(
-                limits_store.load_state(root_row.state, root_row.as_of), policy, env.time)[0] \
-                if root_row is not None else Decimal(0)
-            group = limits_domain.GroupView(root, limit, others)
+            limit = Decimal(0)
+            if root_row is not None:
+                root_state = limits_store.load_state(root_row.state, root_row.as_of)
+                limit = limits_domain.limit_in(
+                    limits_domain.effective_limit(root_state, policy, env.time)[0],
+                    root_state.currency, state.currency, policy)
+            # In the customer's currency, as the limits service judges it.
+            group = limits_domain.GroupView(
+                root, limit, limits_domain.in_currency(others, state.currency, policy))
         outcome = limits_domain.decide_credit_check(
             state, order_id=model.order_id, amount=model.amount, currency=model.currency,
             reserve=model.reserve, policy=policy, now=env.time, group=group)

@@ -254,13 +254,15 @@ def build_router(service: LimitsService, core: EventCore,
                 others, members = await store.group_exposure(conn, customer_id, customer_id)
                 if as_of is not None:
                     # The group as it stood then, not the members' exposure now.
-                    others = Decimal(0)
+                    others = {}
                     for member in await store.group_members(conn, customer_id, customer_id):
                         with contextlib.suppress(NotFound):  # no events yet at that time
                             then = await _fold_until(conn, member, as_of)
-                            others += domain.figures(then, policy, as_of).exposure
+                            others[then.currency] = others.get(then.currency, Decimal(0)) \
+                                + domain.figures(then, policy, as_of).exposure
                 ccy = state.currency
-                group_exposure = others + fig.exposure
+                # The members keep their own currencies: summed in the parent's.
+                group_exposure = domain.in_currency(others, ccy, policy) + fig.exposure
                 body["group"] = {"members": members + 1, "limit": money(fig.limit, ccy),
                                  "exposure": money(group_exposure, ccy),
                                  "available": money(fig.limit - group_exposure, ccy)}

@@ -102,16 +102,23 @@ class CheckContext:
     loaded: dict[str, Loaded]
     parent: str | None
     prior: Prior | None
-    others: Decimal  # summed exposure of the customer's group, without the customer
+    # Summed exposure of the customer's group without the customer, by the members' currency.
+    others: dict[str, Decimal]
     members: int  # how many other members the group has
 
     def group(self, cid: str, policy: Any, now: datetime) -> domain.GroupView | None:
+        """The group in the customer's currency: the parent's limit and the others'
+        exposure converted with the policy's rates (members keep their own currencies)."""
         root = self.parent or cid
         if self.parent is None and self.members == 0:
             return None
+        ccy = self.loaded[cid].state.currency
         root_state = self.loaded[root].state if root in self.loaded else None
-        limit = domain.effective_limit(root_state, policy, now)[0] if root_state else Decimal(0)
-        return domain.GroupView(root, limit, self.others)
+        limit = Decimal(0)
+        if root_state is not None:
+            limit = domain.limit_in(domain.effective_limit(root_state, policy, now)[0],
+                                    root_state.currency, ccy, policy)
+        return domain.GroupView(root, limit, domain.in_currency(self.others, ccy, policy))
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -292,7 +299,8 @@ LOCK_MORE_SQL = _customer_rows("SELECT DISTINCT unnest($1::text[]) AS id ORDER B
 # What a decision reads besides the customer rows, one row per fact, the columns by kind:
 #   k  an order's latest check   key order, ref check, customer_id, amount, code currency,
 #                                text decision, body
-#   g  a group's figures         key group (the parent), total exposure, n members
+#   g  a group's figures         key group (the parent), code currency, total exposure and
+#                                n members in that currency (members keep their own)
 #   s  an event number           n
 #   r  a live reservation        key order, ref check, customer_id, amount, at expiry
 # Each order, group and customer is looked up on its own (LATERAL), so that the indexes are
@@ -311,11 +319,10 @@ FROM {orders} CROSS JOIN LATERAL (
     SELECT order_id, check_id, customer_id, amount, currency, decision, body
     FROM {store.checks.name} WHERE order_id = o.id ORDER BY seq DESC LIMIT 1) AS k
 UNION ALL
-SELECT 'g', g.id, NULL, NULL, NULL, NULL, NULL, NULL, m.total, m.n, NULL
+SELECT 'g', g.id, NULL, NULL, NULL, m.currency::text, NULL, NULL, m.total, m.n, NULL
 FROM {groups} CROSS JOIN LATERAL (
-    SELECT sum(exposure) AS total, count(*) AS n
-    FROM {store.customers.name} WHERE group_id = g.id) AS m
-WHERE m.n > 0
+    SELECT currency, sum(exposure) AS total, count(*) AS n
+    FROM {store.customers.name} WHERE group_id = g.id GROUP BY currency) AS m
 UNION ALL
 SELECT 's', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, nextval({_SEQ}), NULL
 FROM generate_series(1, {count})
@@ -448,7 +455,8 @@ class _Read:
 
     rows: dict[str, _Row]
     priors: dict[str, Prior] = field(default_factory=dict)
-    totals: dict[str, Decimal] = field(default_factory=dict)
+    # Each group's summed exposure by its members' currencies, and its member count.
+    totals: dict[str, dict[str, Decimal]] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     seqs: list[int] = field(default_factory=list)
     held: dict[str, list[domain.Reservation]] = field(default_factory=dict)
@@ -469,7 +477,8 @@ class _Read:
                 read.priors[key] = Prior(r["ref"], key, r["customer_id"], r["amount"],
                                          r["code"], r["text"], r["body"])
             elif kind == "g":
-                read.totals[key], read.counts[key] = r["total"], r["n"]
+                read.totals.setdefault(key, {})[r["code"]] = r["total"]
+                read.counts[key] = read.counts.get(key, 0) + r["n"]
             elif kind == "s":
                 read.seqs.append(r["n"])
             else:
@@ -484,7 +493,9 @@ class _Read:
         groups = _roots(self.rows, ids)
         self.expected = (
             customers, [row.last_seq if (row := self.rows.get(c)) else None for c in customers],
-            groups, [self.totals.get(g, Decimal(0)) for g in groups],
+            # limits_lock_and_verify compares the plain sum of the members' exposure: a
+            # change in any of them changes it (whatever their currencies).
+            groups, [sum(self.totals.get(g, {}).values(), Decimal(0)) for g in groups],
             [self.counts.get(g, 0) for g in groups],
             orders, [prior.check_id if (prior := self.priors.get(o)) else None for o in orders])
 
@@ -712,7 +723,7 @@ class PostgresChecks(CoreChecks):
                                 None, None) for cid in ids},
                      priors={o: prior for o in orders
                              if (prior := self._orders.get(o)) is not None},
-                     totals={cid: quiet[cid][1] for cid in ids},
+                     totals={cid: {hits[cid].state.currency: quiet[cid][1]} for cid in ids},
                      counts=dict.fromkeys(ids, 1), seqs=numbers[:count])
         del numbers[:count]
         read.expect(ids, orders)
@@ -782,7 +793,7 @@ class PostgresChecks(CoreChecks):
         service = self.service
         rows = read.rows
         priors = dict(read.priors)
-        totals = dict(read.totals)
+        totals = {group: dict(sums) for group, sums in read.totals.items()}
         counts = dict(read.counts)
         seqs = list(read.seqs)
         loaded: dict[str, Loaded] = {}
@@ -806,9 +817,12 @@ class PostgresChecks(CoreChecks):
             if cid not in loaded:
                 loaded[cid] = Loaded(domain.new_customer(cid, service.policy), None, 0)
             counted = cid in exposure  # has a row, so it is in its group's figures
-            mine = exposure.get(cid, Decimal(0))
-            ctx = CheckContext(loaded, parent, priors.get(order.order_id),
-                               totals.get(root, Decimal(0)) - mine,
+            mine = exposure.get(cid, Decimal(0))  # in the customer's currency, as its row
+            ccy = loaded[cid].state.currency
+            sums = totals.setdefault(root, {})
+            others = dict(sums)
+            others[ccy] = others.get(ccy, Decimal(0)) - mine
+            ctx = CheckContext(loaded, parent, priors.get(order.order_id), others,
                                counts.get(root, 0) - counted)
             try:
                 result = evaluate(service, order, ctx, now)
@@ -821,7 +835,7 @@ class PostgresChecks(CoreChecks):
             seq = seqs.pop(0)
             self._fold(tx, loaded, seq, result, out, now)
             after = out.customers[cid]["exposure"]
-            totals[root] = totals.get(root, Decimal(0)) + after - mine
+            sums[ccy] = sums.get(ccy, Decimal(0)) + after - mine
             counts[root] = counts.get(root, 0) + (not counted)
             exposure[cid] = after
             data = result.event

@@ -189,6 +189,11 @@ def effective_limit(state: CustomerState, policy: Policy,
     return _to_ccy(amount, policy.base_currency, state.currency, policy), "policy", None
 
 
+def limit_in(amount: Decimal, from_ccy: str, to_ccy: str, policy: Policy) -> Decimal:
+    """A limit in another currency (a group parent's, for a member): no rate, no credit."""
+    return _to_ccy(amount, from_ccy, to_ccy, policy)
+
+
 def _to_ccy(amount: Decimal, from_ccy: str, to_ccy: str, policy: Policy) -> Decimal:
     converted = convert(amount, from_ccy, to_ccy, policy.fx_rates())
     # A policy without a rate to the customer's currency grants nothing rather than guessing.
@@ -838,11 +843,23 @@ Decision = Literal["approved", "rejected", "review"]
 
 @dataclass(frozen=True, slots=True)
 class GroupView:
-    """The group a customer belongs to, as seen under the group's lock."""
+    """The group a customer belongs to, as seen under the group's lock, in the customer's
+    currency."""
 
     parent_id: str
     limit: Decimal  # the parent's effective limit; 0 = the group has no limit
     exposure_without_customer: Decimal  # summed exposure of the other members
+
+
+def in_currency(by_currency: Mapping[str, Decimal], ccy: str, policy: Policy) -> Decimal:
+    """Amounts summed by currency (a group's members keep their own), in ``ccy`` with the
+    policy's rates; an amount with no rate to ``ccy`` counts as it is (never as nothing)."""
+    total = ZERO
+    rates = policy.fx_rates()
+    for code, amount in by_currency.items():
+        converted = amount if code == ccy else convert(amount, code, ccy, rates)
+        total += amount if converted is None else converted
+    return total
 
 
 @dataclass(frozen=True, slots=True)

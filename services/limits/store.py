@@ -270,12 +270,17 @@ async def save_customers(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) 
 
 
 async def group_exposure(conn: AsyncConnection, group_id: str,
-                         without: str) -> tuple[Decimal, int]:
-    """Summed exposure of the group's other members, and how many there are."""
-    stmt = select(customers.c.exposure).where(
+                         without: str) -> tuple[dict[str, Decimal], int]:
+    """Summed exposure of the group's other members by their currency, and how many there
+    are (``domain.in_currency`` puts the sums in one currency)."""
+    stmt = select(customers.c.currency, customers.c.exposure).where(
         customers.c.group_id == group_id, customers.c.customer_id != without)
-    values = [r.exposure for r in await conn.execute(stmt)]
-    return sum(values, Decimal(0)), len(values)
+    sums: dict[str, Decimal] = {}
+    count = 0
+    for r in await conn.execute(stmt):
+        sums[r.currency] = sums.get(r.currency, Decimal(0)) + r.exposure
+        count += 1
+    return sums, count
 
 
 async def group_members(conn: AsyncConnection, group_id: str, without: str) -> list[str]:

@@ -410,6 +410,36 @@ async def test_given_a_group_when_checked_then_the_group_room_counts_for_child_a
                              "available": "70000.00"}
 
 
+async def test_given_a_group_in_several_currencies_then_each_member_counts_converted(
+    svc: Service,
+) -> None:
+    # An EUR parent (100,000.00) with a JPY child owing 5,000,000 JPY (= 30,500.00 EUR at
+    # the policy's JPY/EUR 0.0061), not 5,000,000 EUR.
+    await svc.customer("GE-PARENT", "BBB")
+    await svc.customer("GE-CHILD", None, parent="GE-PARENT", currency="JPY")
+    await svc.invoice("GE-CHILD", "I-1", "5000000", currency="JPY")
+    parent = await svc.decided("GE-PARENT", "SO-1", "1000.00")
+    assert (parent["decision"], parent["group"]) == ("approved", {
+        "limit": "100000.00", "exposure": "31500.00", "available": "68500.00"})
+    assert (await svc.exposure("GE-PARENT"))["group"]["exposure"] == "31500.00"
+    child = await svc.decided("GE-CHILD", "SO-2", "1000000", currency="JPY")
+    assert (child["decision"], child["currency"], child["limit"]) == \
+        ("approved", "JPY", "16393443")  # the parent's 100,000.00 EUR, in yen
+
+    # The other way round: a JPY parent (16,393,443 JPY) whose EUR child owes 90,000.00 EUR
+    # (14,754,098 JPY) has 1,639,345 JPY of room, not 16,303,443.
+    await svc.customer("GJ-PARENT", "BBB", currency="JPY")
+    await svc.customer("GJ-CHILD", None, parent="GJ-PARENT")
+    await svc.invoice("GJ-CHILD", "I-2", "90000.00")
+    over = await svc.decided("GJ-PARENT", "SO-3", "3000000", currency="JPY")
+    assert (over["decision"], over["reasons"]) == ("rejected", ["exceeds_group_available"])
+    assert over["group"] == {"limit": "16393443", "exposure": "14754098",
+                             "available": "1639345"}
+    fits = await svc.decided("GJ-CHILD", "SO-4", "5000.00")
+    assert (fits["decision"], fits["limit"], fits["available"]) == \
+        ("approved", "100000.00", "5000.00")
+
+
 # ---- exposure -----------------------------------------------------------------------------------
 
 
