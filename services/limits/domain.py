@@ -655,18 +655,30 @@ def _in_currency(state: CustomerState, ccy: str, p: Policy) -> CustomerState:
                    reservations=reservations, requests=requests, manual=manual)
 
 
+# A cancellation (reversal) that came before its invoice (payment) is kept as a cancelled
+# (reversed) entry of amount zero, which the invoice (payment) takes the place of when it
+# arrives, cancelled (reversed): whatever their order, the two leave the same state, and
+# neither is lost. Real amounts are never zero (validated), so zero marks the stand-in.
+def _stand_in(amount: Decimal, done: bool) -> bool:
+    return done and amount == ZERO
+
+
 def _invoice_issued(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerState:
-    if d.invoice_id in state.invoices:
+    known = state.invoices.get(d.invoice_id)
+    if known is not None and not _stand_in(known.amount, known.cancelled):
         return state  # the same invoice number twice under another event id: keep the first
     amount = _convert(d.amount, d.currency, state, p, "amount")
     inv = Invoice(d.invoice_id, amount, d.issue_date, d.due_date, d.order_id,
-                  original=(d.amount, d.currency))
+                  cancelled=known is not None, original=(d.amount, d.currency))
     return replace(state, invoices={**state.invoices, d.invoice_id: inv})
 
 
-def _invoice_cancelled(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> CustomerState:
+def _invoice_cancelled(state: CustomerState, d: Any, t: datetime, _p: Policy) -> CustomerState:
     inv = state.invoices.get(d.invoice_id)
-    if inv is None or inv.cancelled:
+    if inv is None:
+        day = t.date()
+        inv = Invoice(d.invoice_id, ZERO, day, day, cancelled=True)  # the invoice is to come
+    elif inv.cancelled:
         return state
     return replace(state, invoices={**state.invoices, d.invoice_id: replace(inv, cancelled=True)})
 
@@ -685,7 +697,8 @@ def _credit_note(state: CustomerState, d: Any, _t: datetime, p: Policy) -> Custo
 
 def _payment(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerState:
     key = f"payment:{d.payment_id}"
-    if key in state.credits:
+    known = state.credits.get(key)
+    if known is not None and not _stand_in(known.amount, known.reversed):
         return state
     amount = _convert(d.amount, d.currency, state, p, "amount")
     alloc = tuple(
@@ -693,16 +706,18 @@ def _payment(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerS
         for a in (d.allocations or ())
     )
     credit = Credit(key, "payment", amount, d.received_date, alloc,
-                    original=(d.amount, d.currency),
+                    reversed=known is not None, original=(d.amount, d.currency),
                     original_allocations=tuple((a.invoice_id, a.amount)
                                                for a in (d.allocations or ())))
     return replace(state, credits={**state.credits, key: credit})
 
 
-def _payment_reversed(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> CustomerState:
+def _payment_reversed(state: CustomerState, d: Any, t: datetime, _p: Policy) -> CustomerState:
     key = f"payment:{d.payment_id}"
     credit = state.credits.get(key)
-    if credit is None or credit.reversed:
+    if credit is None:
+        credit = Credit(key, "payment", ZERO, t.date(), reversed=True)  # the payment to come
+    elif credit.reversed:
         return state
     return replace(state, credits={**state.credits, key: replace(credit, reversed=True)})
 

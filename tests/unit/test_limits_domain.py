@@ -204,6 +204,23 @@ def test_given_event_times_with_an_offset_then_days_are_utc_days_in_memory_and_r
     assert figures(state, POLICY, late) == figures(state, POLICY, late.astimezone(UTC))
 
 
+def test_given_a_cancellation_or_reversal_before_its_fact_then_the_fact_arrives_undone(
+) -> None:
+    # Neither lost nor applied twice: whatever the order, the same state and figures.
+    issue, cancel = invoice("I-1", "1000.00"), cancelled("I-1", at("2026-03-02"))
+    pay, reverse = payment("P-1", "300.00"), reversed_payment("P-1", at("2026-03-11"))
+    base = [registered(), invoice("I-0", "500.00")]
+    in_order = fold([*base, issue, cancel, pay, reverse])
+    early = fold([*base, cancel, reverse])
+    assert domain.open_receivables(early) == D("500.00")  # nothing yet to cancel or reverse
+    late = fold([issue, pay], early)
+    assert late == in_order
+    assert domain.open_receivables(late) == D("500.00")
+    assert domain.open_items(late) == {"I-0": D("500.00")}
+    # A second cancellation or reversal changes nothing either way.
+    assert fold([cancel, reverse], late) == late
+
+
 def test_given_an_explicit_allocation_when_folded_then_it_wins_over_oldest_first() -> None:
     old = invoice("I-OLD", "100.00", issued="2026-01-01", due="2026-01-31")
     new = invoice("I-NEW", "100.00", issued="2026-02-01", due="2026-02-28")
