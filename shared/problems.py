@@ -385,7 +385,8 @@ class BodySizeLimit:
             await self._send_413(scope, send)
 
     async def _send_413(self, scope: Scope, send: Send) -> None:
-        problem = PayloadTooLarge(f"Request bodies are limited to {self.max_bytes} bytes.")
+        problem = PayloadTooLarge(f"Request bodies are limited to {self.max_bytes} bytes.",
+                                  field="body")
         response = problem_response(problem.to_problem(scope.get("path", "")))
         await response(scope, _no_receive, send)
 

@@ -947,6 +947,7 @@ async def test_given_a_body_over_64_kib_when_posted_then_413(bare: httpx.AsyncCl
     response = await bare.post("/v1/credit-checks", headers=auth(ORDERS), json=body)
     assert response.status_code == 413
     assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["field"] == "body"
 
 
 async def test_given_amounts_up_to_10_to_the_15_when_used_then_they_stay_exact(
@@ -993,6 +994,7 @@ async def test_given_no_or_an_unknown_token_when_called_then_401_before_anything
         assert response.status_code == 401, (headers, response.text)
         assert response.headers["content-type"] == "application/problem+json"
         assert response.headers["www-authenticate"].startswith("Bearer")
+        assert response.json()["field"] == "authorization"  # what is wrong is named
 
 
 @pytest.mark.parametrize(("method", "path", "token"), [
@@ -1011,6 +1013,7 @@ async def test_given_a_token_without_the_scope_when_called_then_403_before_404(
     response = await bare.request(method, path, headers=auth(token), json=_CHECK)
     assert response.status_code == 403, response.text
     assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["field"] == "authorization"
 
 
 async def test_the_ops_endpoints_need_no_token(bare: httpx.AsyncClient) -> None:
