@@ -470,11 +470,14 @@ async def test_given_ar_events_when_exposure_is_read_now_and_as_of_then_both_are
         ("1500.00", 12)
     assert before_payment["as_of"] == "2026-02-12T00:00:00Z"
     assert before_payment["overdue_buckets"]["1-30"] == "1000.00"
-    early = await svc.client.get("/v1/customers/C-1/exposure",
-                                 params={"as_of": "2025-12-01T00:00:00Z"}, headers=auth(READER))
-    assert early.status_code == 404
-    unknown = await svc.client.get("/v1/customers/C-NONE/exposure", headers=auth(READER))
-    assert unknown.status_code == 404
+    # Before anything happened to a customer known now: nothing owed, nothing granted.
+    early = await svc.exposure("C-1", as_of="2025-12-01T00:00:00Z")
+    assert (early["open_receivables"], early["exposure"], early["limit"], early["as_of"]) == \
+        ("0.00", "0.00", "0.00", "2025-12-01T00:00:00Z")
+    for params in ({}, {"as_of": "2026-02-12T00:00:00Z"}):
+        unknown = await svc.client.get("/v1/customers/C-NONE/exposure", params=params,
+                                       headers=auth(READER))
+        assert unknown.status_code == 404 and unknown.json()["field"] == "customer_id"
     naive = await svc.client.get("/v1/customers/C-1/exposure",
                                  params={"as_of": "2026-02-12T00:00:00"}, headers=auth(READER))
     assert naive.status_code == 422 and naive.json()["field"] == "as_of"
@@ -1123,7 +1126,8 @@ async def test_given_only_checks_and_alerts_for_an_id_then_it_is_no_customer_unt
         "resolved_at": None})
 
     for cid in ("GHOST-1", "GHOST-2"):
-        for path in ("exposure", "limit", "limit/history"):
+        for path in ("exposure", "exposure?as_of=2026-03-02T00:00:00Z", "limit",
+                     "limit/history"):
             response = await svc.client.get(f"/v1/customers/{cid}/{path}", headers=auth(READER))
             assert response.status_code == 404, (cid, path, response.text)
             assert response.json()["field"] == "customer_id"
