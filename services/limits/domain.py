@@ -556,7 +556,11 @@ def _next_ageing_date(state: CustomerState, items: dict[str, Decimal]) -> date |
             due = invoices[invoice_id].due_date
             if first is None or due < first:
                 first = due
-    for dun in state.dunning.values():
+    for invoice_id, dun in state.dunning.items():
+        # Dunning ages only what is still open, or an invoice never seen (see _age); for an
+        # invoice paid or cancelled since, it changes nothing: no day to age it on.
+        if invoice_id in invoices and items.get(invoice_id, ZERO) <= 0:
+            continue
         if first is None or dun.as_of < first:
             first = dun.as_of
     if first is None:

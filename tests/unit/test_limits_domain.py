@@ -1047,6 +1047,21 @@ def test_a_check_leaves_the_ledger_mappings_shared_so_their_figures_are_reused()
     assert domain.open_items(fresh) is not domain.open_items(fresh)
 
 
+def test_given_a_dunned_invoice_paid_or_cancelled_then_nothing_is_left_to_age() -> None:
+    # Else every customer ever dunned would be aged (a ledger.aged event) every day forever.
+    dunned = rated("BBB", invoice("I-1", "100.00", issued="2026-02-01", due="2026-02-28"),
+                   dunning("I-1", "100.00", due="2026-02-28", days=5, as_of="2026-03-05"))
+    assert domain.next_ageing_date(dunned) is not None
+    paid = fold([payment("P-1", "100.00", received="2026-03-06")], dunned)
+    assert figures(paid, POLICY, at("2026-04-30")).overdue_amount == 0
+    assert domain.next_ageing_date(paid) is None
+    voided = fold([cancelled("I-1", at("2026-03-06"))], dunned)
+    assert domain.next_ageing_date(voided) is None
+    # Dunning for an invoice never seen still counts (conservatively), and still ages.
+    unseen = fold([dunning("I-9", "10.00", due="2026-03-01", days=2, as_of="2026-03-03")], paid)
+    assert domain.next_ageing_date(unseen) is not None
+
+
 def test_dunning_that_leaves_the_invoices_as_they_are_still_moves_the_ageing() -> None:
     state = rated("BBB", invoice("I-1", "100.00", due="2026-03-31"))
     on = date(2026, 4, 10)
