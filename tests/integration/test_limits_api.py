@@ -140,6 +140,15 @@ class Service:
         return [json.loads(r.value) | {"_key": r.key} for r in rows
                 if topic is None or r.topic == topic]
 
+    async def temporary_request(self, cid: str, amount: str, ends: datetime) -> str:
+        """A temporary limit requested by the analyst: its request id."""
+        response = await self.client.post(
+            f"/v1/customers/{cid}/limit-requests", headers=auth(),
+            json={"requested_limit": amount, "reason": "season", "expires_at": ends.isoformat()})
+        assert response.status_code == 201, response.text
+        request_id: str = response.json()["request_id"]
+        return request_id
+
     async def limit_changes(self, cid: str) -> list[dict[str, Any]]:
         return [e["data"] for e in await self.outbox("credit.limits") if e["subject"] == cid]
 
@@ -663,10 +672,7 @@ async def test_given_a_temporary_limit_when_it_expires_then_the_scheduler_restor
 ) -> None:
     await svc.customer("C-1", "BBB")
     ends = START + timedelta(days=10)
-    request_id = (await svc.client.post(
-        "/v1/customers/C-1/limit-requests", headers=auth(),
-        json={"requested_limit": "300000.00", "reason": "season",
-              "expires_at": ends.isoformat()})).json()["request_id"]
+    request_id = await svc.temporary_request("C-1", "300000.00", ends)
     await svc.client.post(f"/v1/limit-requests/{request_id}/approve", headers=auth(APPROVER))
     limit = await svc.limit("C-1")
     assert (limit["limit"], limit["source"], limit["expires_at"]) == \
@@ -691,10 +697,7 @@ async def test_given_a_temporary_request_already_ended_when_approved_then_409_no
 ) -> None:
     await svc.customer("C-1", "BBB")
     ends = START + timedelta(days=2)
-    request_id = (await svc.client.post(
-        "/v1/customers/C-1/limit-requests", headers=auth(),
-        json={"requested_limit": "300000.00", "reason": "season",
-              "expires_at": ends.isoformat()})).json()["request_id"]
+    request_id = await svc.temporary_request("C-1", "300000.00", ends)
     svc.clock.now = ends + timedelta(hours=1)
     late = await svc.client.post(f"/v1/limit-requests/{request_id}/approve",
                                  headers=auth(APPROVER))
