@@ -22,6 +22,9 @@ from shared.policy import Policy
 ZERO = Decimal(0)
 BUCKETS = ("1-30", "31-60", "61-90", "90+")
 NO_FX_RATE = "no_fx_rate"
+# An invoice, payment or credit note number seen before, under another event id, with other
+# figures: a correction this service cannot tell from a mistake (the first one stands).
+CONFLICTING_DUPLICATE = "conflicting_duplicate"
 
 LimitSource = Literal["policy", "manual", "temporary", "unrated"]
 
@@ -667,10 +670,26 @@ def _stand_in(amount: Decimal, done: bool) -> bool:
     return done and amount == ZERO
 
 
+def _same_or_conflict(kept: tuple[Any, ...] | None, again: tuple[Any, ...], what: str,
+                      field_name: str) -> None:
+    """A fact's number seen again under another event id: the same fact sent twice changes
+    nothing; other figures under that number are set aside, not silently dropped."""
+    if kept is not None and kept != again:
+        raise DeadLetter(CONFLICTING_DUPLICATE,
+                         f"data.{field_name}: {what} was already received with other figures; "
+                         "the first stands", field_name)
+
+
 def _invoice_issued(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerState:
     known = state.invoices.get(d.invoice_id)
     if known is not None and not _stand_in(known.amount, known.cancelled):
-        return state  # the same invoice number twice under another event id: keep the first
+        # The same invoice number twice under another event id: keep the first.
+        _same_or_conflict(
+            None if known.original is None else
+            (known.original, known.issue_date, known.due_date, known.order_id),
+            ((d.amount, d.currency), d.issue_date, d.due_date, d.order_id),
+            f"invoice {d.invoice_id!r}", "invoice_id")
+        return state
     amount = _convert(d.amount, d.currency, state, p, "amount")
     inv = Invoice(d.invoice_id, amount, d.issue_date, d.due_date, d.order_id,
                   cancelled=known is not None, original=(d.amount, d.currency))
@@ -689,7 +708,14 @@ def _invoice_cancelled(state: CustomerState, d: Any, t: datetime, _p: Policy) ->
 
 def _credit_note(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerState:
     key = f"credit_note:{d.credit_note_id}"
-    if key in state.credits:
+    known = state.credits.get(key)
+    if known is not None:
+        _same_or_conflict(
+            None if known.original is None else
+            (known.original, known.on, known.original_allocations),
+            ((d.amount, d.currency), d.issue_date,
+             ((d.invoice_id, d.amount),) if d.invoice_id else ()),
+            f"credit note {d.credit_note_id!r}", "credit_note_id")
         return state
     amount = _convert(d.amount, d.currency, state, p, "amount")
     alloc = ((d.invoice_id, amount),) if d.invoice_id else ()
@@ -703,6 +729,12 @@ def _payment(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerS
     key = f"payment:{d.payment_id}"
     known = state.credits.get(key)
     if known is not None and not _stand_in(known.amount, known.reversed):
+        _same_or_conflict(
+            None if known.original is None else
+            (known.original, known.on, known.original_allocations),
+            ((d.amount, d.currency), d.received_date,
+             tuple((a.invoice_id, a.amount) for a in (d.allocations or ()))),
+            f"payment {d.payment_id!r}", "payment_id")
         return state
     amount = _convert(d.amount, d.currency, state, p, "amount")
     alloc = tuple(

@@ -299,11 +299,15 @@ async def test_given_bad_records_when_consumed_then_they_are_dead_lettered_with_
     await flow.send(topic, "invoice.teleported", cid, good)  # unknown type: skipped
     await flow.send(topic, "invoice.issued", cid, good, event_id="FL-3-good")
     await flow.send(topic, "invoice.issued", cid, good, event_id="FL-3-good")  # duplicate
+    await flow.send(topic, "invoice.issued", cid, good, event_id="FL-3-again")  # re-sent
+    # The same invoice number with other figures: not silently dropped.
+    await flow.send(topic, "invoice.issued", cid, {**good, "amount": "1000.00"},
+                    event_id="FL-3-other")
     # Last on the partition: once its dead letter is out, everything before is processed.
     await flow.send(topic, "invoice.issued", cid, {**good, "order_id": "o" * 1001})
 
     expected = ["invalid_json", "invalid_amount", "no_fx_rate", "missing_field",
-                "due_before_issue", "unknown_currency", "oversize"]
+                "due_before_issue", "unknown_currency", "conflicting_duplicate", "oversize"]
     letters = []
     for reason in expected:
         letter = await flow.outputs.wait_for(
@@ -326,7 +330,8 @@ async def test_given_bad_records_when_consumed_then_they_are_dead_lettered_with_
     assert _sample(metrics, "creditwatch_events_dead_lettered_total", service="limits",
                    topic=topic, reason="no_fx_rate") == 1
     consumed_after = _sample(metrics, "creditwatch_events_consumed_total", **consumed)
-    assert consumed_after == consumed_before + 1  # the good invoice, once
+    # The good invoice once, and its re-send under another event id (with no effect).
+    assert consumed_after == consumed_before + 2
 
 
 def _sample(text: str, name: str, **labels: str) -> float | None:

@@ -313,6 +313,23 @@ def test_given_amounts_in_another_currency_when_folded_then_they_are_converted_b
     assert domain.open_items(state) == {"I-1": D("803.00")}
 
 
+def test_given_a_fact_number_again_with_other_figures_then_it_is_a_conflicting_duplicate(
+) -> None:
+    state = rated("BBB", invoice("I-1", "1000.00"), payment("P-1", "100.00"),
+                  credit_note("CN-1", "50.00", invoice_id="I-1"))
+    # The same facts again (under other event ids): nothing changes, nothing is an error.
+    assert fold([invoice("I-1", "1000.00"), payment("P-1", "100.00"),
+                 credit_note("CN-1", "50.00", invoice_id="I-1")], state) == state
+    for again, field in ((invoice("I-1", "10000.00"), "invoice_id"),
+                         (invoice("I-1", "1000.00", due="2026-05-31"), "invoice_id"),
+                         (payment("P-1", "100.00", allocations=[("I-1", "100.00")]),
+                          "payment_id"),
+                         (credit_note("CN-1", "60.00", invoice_id="I-1"), "credit_note_id")):
+        with pytest.raises(DeadLetter) as caught:
+            fold([again], state)
+        assert (caught.value.reason, caught.value.field) == ("conflicting_duplicate", field)
+
+
 def test_given_an_amount_without_a_rate_when_folded_then_it_is_a_no_fx_rate_dead_letter() -> None:
     state = rated("BBB")
     with pytest.raises(DeadLetter) as caught:
