@@ -123,6 +123,9 @@ class CustomerState:
     reservations: Mapping[str, Reservation] = field(default_factory=dict)
     requests: Mapping[str, LimitRequest] = field(default_factory=dict)
     grade: str | None = None
+    # The grade the policy limit follows: the grade itself, unless the policy's
+    # dynamic_adjustment is off, when it stays the first grade the customer had.
+    limit_grade: str | None = None
     manual: ManualLimit | None = None
     limit_lapsed: bool = False
     hold: Hold | None = None
@@ -188,7 +191,8 @@ def effective_limit(state: CustomerState, policy: Policy,
     if state.grade is None:
         amount = policy.limits.unrated_limit
         return _to_ccy(amount, policy.base_currency, state.currency, policy), "unrated", None
-    amount = policy.limits.by_grade.get(state.grade, ZERO)
+    grade = state.limit_grade if state.limit_grade is not None else state.grade
+    amount = policy.limits.by_grade.get(grade, ZERO)
     return _to_ccy(amount, policy.base_currency, state.currency, policy), "policy", None
 
 
@@ -770,9 +774,11 @@ def _overdue(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerS
 
 
 def _assessed(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerState:
-    if state.grade is not None and not p.limits.dynamic_adjustment:
-        return state
-    return replace(state, grade=d.grade)
+    # The grade always follows the assessments (eligibility, answers, the portfolio); with
+    # dynamic_adjustment off, the policy limit stays that of the first grade.
+    follows = state.grade is None or p.limits.dynamic_adjustment
+    return replace(state, grade=d.grade,
+                   limit_grade=d.grade if follows else (state.limit_grade or state.grade))
 
 
 def _aged(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> CustomerState:

@@ -449,6 +449,22 @@ def test_given_grades_when_assessed_then_the_policy_limit_for_the_grade_applies(
     assert domain.effective_limit(usd, POLICY)[0] == D("108695.65")  # 100,000 EUR / 0.92
 
 
+def test_given_limits_that_do_not_follow_grades_then_the_grade_still_does() -> None:
+    # dynamic_adjustment: false keeps the policy limit of the first grade, not the grade
+    # itself: a customer downgraded to D is not eligible, whatever its limit.
+    still = POLICY.model_copy(update={"limits": POLICY.limits.model_copy(
+        update={"dynamic_adjustment": False})})
+    state = domain.new_customer(CID, still)
+    for event_type, data, time in (registered(), assessed("A"),
+                                   assessed("D", T0 + timedelta(days=1))):
+        state = domain.apply(state, event_type, data, time, still)
+    assert state.grade == "D"
+    assert domain.effective_limit(state, still)[:2] == (D("250000.00"), "policy")
+    outcome = decide_credit_check(state, order_id="SO-1", amount=D("10.00"), currency="EUR",
+                                  reserve=True, policy=still, now=T0 + timedelta(days=2))
+    assert (outcome.decision, outcome.reasons) == ("rejected", ("grade_not_eligible",))
+
+
 def test_given_an_approved_manual_limit_when_the_grade_changes_then_the_manual_limit_stands(
 ) -> None:
     state = rated("BBB", submitted("R-1", "150000.00"), approved("R-1"),
