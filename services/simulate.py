@@ -129,8 +129,10 @@ def _statements(co: Company, start: date, today: date, months: int,
                                  "net_income": _money(ebit * Decimal("0.7"))},
             "cash_flow": {"operating_cash_flow": _money(
                 ebit * (Decimal("2") if ebit < 0 else Decimal("1.1")))},
-        }, id=f"sim-fs-{co.customer_id}-{k}", at=_at(period_end + timedelta(days=45), 11),
-            source="/sim/finance"))
+        }, id=f"sim-fs-{co.customer_id}-{k}",
+            # Published 45 days after the period, but never after today: a history with
+            # events from the future would age every ledger ahead of the demo's checks.
+            at=_at(min(period_end + timedelta(days=45), today), 11), source="/sim/finance"))
 
 
 def _ledger(co: Company, start: date, today: date, months: int,
@@ -175,7 +177,7 @@ def _ledger(co: Company, start: date, today: date, months: int,
             if co.profile == "late" and rng.random() < 0.04:
                 yield Sim("ar.payments", _ev("payment.reversed", cid, {
                     "payment_id": pay, "customer_id": cid, "reason": "returned direct debit"},
-                    id=f"sim-rev-{pay}", at=_at(paid + timedelta(days=3), 10),
+                    id=f"sim-rev-{pay}", at=_at(min(paid + timedelta(days=3), today), 10),
                     source="/sim/bank"))
 
 

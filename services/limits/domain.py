@@ -511,13 +511,16 @@ def _add(buckets: dict[str, Decimal], days: int, amount: Decimal) -> None:
 
 def figures(state: CustomerState, policy: Policy, at: datetime | None = None,
             items: dict[str, Decimal] | None = None,
-            reserved: Decimal | None = None) -> Figures:
-    """The exposure picture as of business time ``at`` (default: the last event's time);
-    ``items``/``reserved``: ``open_items(state)``/``reserved_total(state, at)`` if known."""
+            reserved: Decimal | None = None, *, today: bool = False) -> Figures:
+    """The exposure picture as of business time ``at`` (default: the last event's time),
+    aged as of the later of its day and the latest business day the state has seen — or,
+    with ``today``, as of ``at``'s own day (a credit check's "today": an event stamped in
+    the future must not age the ledger ahead of it); ``items``/``reserved``:
+    ``open_items(state)``/``reserved_total(state, at)`` if known."""
     at = at or state.last_time
     on = (at.astimezone(UTC) if at.utcoffset() else at).date() if at is not None \
         else state.as_of
-    if state.as_of is not None and (on is None or state.as_of > on):
+    if state.as_of is not None and (on is None or (state.as_of > on and not today)):
         on = state.as_of
     overdue, buckets, worst = ageing(state, on, items)
     limit, source, expires = effective_limit(state, policy, at)
@@ -957,7 +960,7 @@ def decide_credit_check(state: CustomerState, *, order_id: str, amount: Decimal,
     invoiced = invoiced_on_orders(state.invoices).get(order_id, ZERO)
     needed = max(ZERO, converted - invoiced)
     reserved = reserved_total(state, now)
-    fig = figures(state, policy, now, reserved=reserved)
+    fig = figures(state, policy, now, reserved=reserved, today=True)
     earlier = reserved_for(state, order_id, now)  # this order's own reservation (amendment)
     others_reserved = reserved - earlier
     exposure = fig.open_receivables + others_reserved

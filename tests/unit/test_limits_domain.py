@@ -449,6 +449,18 @@ def test_given_grades_when_assessed_then_the_policy_limit_for_the_grade_applies(
     assert domain.effective_limit(usd, POLICY)[0] == D("108695.65")  # 100,000 EUR / 0.92
 
 
+def test_given_an_event_stamped_in_the_future_then_a_check_still_ages_as_of_its_own_day(
+) -> None:
+    # A producer's clock ahead, or a typo: the ledger must not look overdue today because
+    # of it ("an invoice due today is not overdue" is judged on the check's own day).
+    state = rated("BBB", invoice("I-1", "1000.00", issued="2026-03-01", due="2026-03-31"))
+    ahead = fold([assessed("BBB", at("2026-06-30"))], state)
+    assert ahead.as_of == date(2026, 6, 30)
+    outcome = check(ahead, "10.00", now=at("2026-03-31", 16))
+    assert (outcome.decision, outcome.reasons) == ("approved", ("within_limit",))
+    assert check(ahead, "10.00", now=at("2026-05-15")).reasons == ("overdue_beyond_tolerance",)
+
+
 def test_given_limits_that_do_not_follow_grades_then_the_grade_still_does() -> None:
     # dynamic_adjustment: false keeps the policy limit of the first grade, not the grade
     # itself: a customer downgraded to D is not eligible, whatever its limit.
