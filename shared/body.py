@@ -7,16 +7,29 @@ amount like 999999999999999.99; routes that take money read their body with ``js
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ValidationError
 
 from shared.events import JsonPath, nul_path
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def _in_utc(moment: datetime) -> datetime:
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("out of the range of dates (in UTC)") from None
+
+
+# A timestamp with its offset, in UTC: an offset that pushes it past year 9999 (or before
+# year 1) is a 422 naming the field, not an OverflowError's 500 where it is stored or read.
+UtcTimestamp = Annotated[AwareDatetime, AfterValidator(_in_utc)]
 
 
 def _no_constants(name: str) -> Any:

@@ -22,7 +22,7 @@ from services.assessment.handlers import (
     internal_event,
 )
 from shared.auth import Principal, require
-from shared.body import body_schema, json_body
+from shared.body import UtcTimestamp, body_schema, json_body
 from shared.pagination import MAX_PAGE, decode_cursor, encode_cursor, integer, text
 from shared.problems import NotFound, ValidationFailed
 from shared.runtime import EventCore
@@ -90,7 +90,7 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
                 summary="Assessment history, newest first (as of a business time)")
     async def assessments(
         customer_id: str,
-        as_of: Annotated[AwareDatetime | None, Query(
+        as_of: Annotated[UtcTimestamp | None, Query(
             description="RFC 3339: only assessments made at or before this business time")
         ] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,

@@ -31,7 +31,7 @@ from services.limits.handlers import SOURCE, LimitsService, Loaded, exposure_bod
 from shared import eventstore as es
 from shared import metrics
 from shared.auth import Principal, require
-from shared.body import body_schema, json_body
+from shared.body import UtcTimestamp, body_schema, json_body
 from shared.events import new_event
 from shared.money import (
     MAX_MINOR_UNITS,
@@ -233,7 +233,7 @@ def build_router(service: LimitsService, core: EventCore,
 
     # ---- exposure and limits --------------------------------------------------------------
     @router.get("/customers/{customer_id}/exposure", summary="Exposure now or as of a time")
-    async def exposure(customer_id: str, as_of: AwareDatetime | None = None,
+    async def exposure(customer_id: str, as_of: UtcTimestamp | None = None,
                        _p: Principal = Depends(require("credit:read"))) -> dict[str, Any]:
         async with engine.connect() as conn:
             if as_of is None:

@@ -173,6 +173,10 @@ async def test_given_several_assessments_when_the_history_is_read_then_it_is_new
         "/v1/customers/C-1/assessments", params={"as_of": "2026-02-05T00:00:00+00:00"},
         headers=auth())).json()
     assert [i["grade"] for i in as_of["items"]] == ["BBB", "BB"]
+    beyond = await service.client.get(  # past the range of dates once in UTC: 422, not 500
+        "/v1/customers/C-1/assessments", params={"as_of": "9999-12-31T23:59:59-01:00"},
+        headers=auth())
+    assert beyond.status_code == 422 and beyond.json()["field"] == "as_of"
 
 
 async def test_given_unknown_customers_when_read_then_404_but_only_after_auth(

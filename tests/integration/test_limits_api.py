@@ -487,9 +487,11 @@ async def test_given_ar_events_when_exposure_is_read_now_and_as_of_then_both_are
         unknown = await svc.client.get("/v1/customers/C-NONE/exposure", params=params,
                                        headers=auth(READER))
         assert unknown.status_code == 404 and unknown.json()["field"] == "customer_id"
-    naive = await svc.client.get("/v1/customers/C-1/exposure",
-                                 params={"as_of": "2026-02-12T00:00:00"}, headers=auth(READER))
-    assert naive.status_code == 422 and naive.json()["field"] == "as_of"
+    for as_of in ("2026-02-12T00:00:00",  # naive
+                  "9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00"):  # past UTC's range
+        bad = await svc.client.get("/v1/customers/C-1/exposure", params={"as_of": as_of},
+                                   headers=auth(READER))
+        assert bad.status_code == 422 and bad.json()["field"] == "as_of", (as_of, bad.text)
 
 
 async def test_given_an_invoice_for_the_order_when_consumed_then_it_consumes_the_reservation(
