@@ -309,7 +309,7 @@ def build_router(service: LimitsService, core: EventCore,
                             cursor: str | None = None,
                             _p: Principal = Depends(require("credit:read"))) -> dict[str, Any]:
         h = store.limit_history
-        after = decode_cursor(cursor, scope="limit-history", kinds=(integer,))
+        after = decode_cursor(cursor, scope=f"limit-history:{customer_id}", kinds=(integer,))
         async with engine.connect() as conn:
             await _customer_row(conn, customer_id)
             stmt = select(h.c.seq, h.c.body).where(h.c.customer_id == customer_id)
@@ -317,7 +317,7 @@ def build_router(service: LimitsService, core: EventCore,
                 stmt = stmt.where(h.c.seq < after[0])
             rows = list(await conn.execute(stmt.order_by(h.c.seq.desc()).limit(limit + 1)))
         items = [json.loads(r.body) for r in rows[:limit]]
-        nxt = (encode_cursor([rows[limit - 1].seq], scope="limit-history")
+        nxt = (encode_cursor([rows[limit - 1].seq], scope=f"limit-history:{customer_id}")
                if len(rows) > limit else None)
         return {"items": items, "next_cursor": nxt}
 
@@ -472,8 +472,8 @@ def build_router(service: LimitsService, core: EventCore,
                 .where(*where))).first()
             amounts = list(await conn.execute(
                 select(c.c.currency, c.c.limit_amount, c.c.exposure).where(*where)))
-            # A cursor holds where the page ended in this sort, and only for this sort.
-            scope = f"portfolio:{sort}"
+            # A cursor holds where the page ended in this sort and selection, and only there.
+            scope = f"portfolio:{sort}:{grade or ''}:{status or ''}"
             if conn.dialect.name == "sqlite" and key_name not in ("customer_id", "utilization"):
                 # SQLite keeps amounts as text: sorted here on the exact values instead, and
                 # the cursor is a position in that order.

@@ -814,9 +814,15 @@ async def test_given_a_portfolio_when_listed_then_filters_sort_pages_and_totals_
                                         headers=auth(READER))
         assert response.status_code == 422, (sort, cursor, response.text)
         assert response.json()["field"] == "cursor"
-    for cursor in [by_exposure, b64(["x", "y"]), b64([None, "C-1"]), b64([True]),
-                   b64(["limit-history", "7"])]:
-        response = await svc.client.get("/v1/customers/P-1/limit/history",
+    # Nor for another selection (it would page through another set of customers).
+    other = await svc.client.get("/v1/portfolio", headers=auth(READER), params={
+        "sort": "-exposure", "status": "overdue", "cursor": by_exposure})
+    assert other.status_code == 422 and other.json()["field"] == "cursor"
+    for cid, cursor in [("P-1", by_exposure), ("P-1", b64(["x", "y"])),
+                        ("P-1", b64([None, "C-1"])), ("P-1", b64([True])),
+                        ("P-1", b64(["limit-history:P-1", "7"])),
+                        ("P-3", history_cursor)]:  # another customer's history
+        response = await svc.client.get(f"/v1/customers/{cid}/limit/history",
                                         params={"cursor": cursor}, headers=auth(READER))
         assert response.status_code == 422, (cursor, response.text)
         assert response.json()["field"] == "cursor"
