@@ -1,9 +1,10 @@
 """Opaque list cursors (contract §2: ``limit`` ≤ 500, ``cursor`` → ``next_cursor``).
 
 A cursor is the sort key of the last item returned, base64-encoded JSON, headed by the name
-of the list (and sort) it was issued for. The API never trusts it beyond that: a cursor it
-did not issue for this list and sort — another list's, another sort's, or anything made up —
-is a 422 naming ``cursor``, never an internal error nor a silently wrong page.
+of the list it was issued for (with its sort, filters or customer, as the list has them).
+The API never trusts it beyond that: a cursor it did not issue for this very list —
+another list's, another sort's or selection's, or anything made up — is a 422 naming
+``cursor``, never an internal error nor a silently wrong page.
 """
 
 from __future__ import annotations
