@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import (
@@ -244,7 +244,7 @@ def build_router(service: LimitsService, core: EventCore,
                 # A customer known now, asked about a time before its first event: nothing
                 # was owed or reserved then (not a 404, which says the id is unknown).
                 await _customer_row(conn, customer_id)
-                state = await _fold_until(conn, customer_id, as_of, before_any="empty")
+                state = await _fold_until(conn, customer_id, as_of, none_yet_is_empty=True)
                 at = as_of
             fig = domain.figures(state, policy, at)
             body = exposure_body(state, fig)
@@ -272,9 +272,9 @@ def build_router(service: LimitsService, core: EventCore,
         return body
 
     async def _fold_until(conn: Any, cid: str, as_of: datetime,
-                          before_any: Literal["404", "empty"] = "404") -> domain.CustomerState:
+                          none_yet_is_empty: bool = False) -> domain.CustomerState:
         """The customer's state as of business time ``as_of``; with no event up to then, a
-        404 or (``before_any="empty"``) a state with nothing in it."""
+        404 or (``none_yet_is_empty``) a state with nothing in it."""
         state = domain.new_customer(cid, policy)
         seen = False
         async for page in es.read_events(conn, store.core, subject=cid, until=as_of):
@@ -285,7 +285,7 @@ def build_router(service: LimitsService, core: EventCore,
                     continue
                 e = stored.envelope
                 state = domain.apply(state, e.type, model, e.time, policy)
-        if not seen and before_any == "404":
+        if not seen and not none_yet_is_empty:
             raise NotFound(f"customer {cid!r} has no events up to {_iso(as_of)}",
                            field="customer_id")
         return state

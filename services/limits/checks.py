@@ -820,10 +820,11 @@ class PostgresChecks(CoreChecks):
             mine = exposure.get(cid, Decimal(0))  # in the customer's currency, as its row
             ccy = loaded[cid].state.currency
             sums = totals.setdefault(root, {})
-            others = dict(sums)
-            others[ccy] = others.get(ccy, Decimal(0)) - mine
-            ctx = CheckContext(loaded, parent, priors.get(order.order_id), others,
-                               counts.get(root, 0) - counted)
+            members = counts.get(root, 0) - counted
+            others: dict[str, Decimal] = {}
+            if parent is not None or members:  # in a group (see CheckContext.group)
+                others = {**sums, ccy: sums.get(ccy, Decimal(0)) - mine}
+            ctx = CheckContext(loaded, parent, priors.get(order.order_id), others, members)
             try:
                 result = evaluate(service, order, ctx, now)
             except Conflict as exc:
