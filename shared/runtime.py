@@ -807,12 +807,15 @@ class OutboxRelay:
     PostgreSQL the relay works on the connection that holds its advisory lock, in autocommit:
     one statement deletes the rows the broker has just acknowledged and reads the next
     pending ones, so a cycle costs one round trip to the database besides the publishing.
+    A relay that does not hold the lock (another process of the service publishes) tries to
+    take it every ``takeover`` seconds, whatever the commits: it takes over that long at most
+    after the leader is gone, and costs next to nothing until then.
     """
 
     def __init__(self, core: EventCore, *, bootstrap: str,
                  client_kwargs: dict[str, Any] | None = None, batch: int = 500,
                  poll_interval: float = 0.05, linger: float = 0.0,
-                 interval: float = 0.0) -> None:
+                 interval: float = 0.0, takeover: float = 1.0) -> None:
         self.core = core
         self.bootstrap = bootstrap
         self.client_kwargs = client_kwargs or {}
@@ -820,6 +823,7 @@ class OutboxRelay:
         self.poll_interval = poll_interval
         self.linger = linger
         self.interval = interval
+        self.takeover = takeover
         self.healthy = False
         # Published and acknowledged, not yet deleted (the next read deletes them).
         self._acked: list[int] = []
@@ -858,20 +862,25 @@ class OutboxRelay:
                         if await wait_or_stop(stop, 0.5):
                             break
                         continue
+                    if leader is None:
+                        # Another process publishes. Not woken by commits: those are for the
+                        # leader (retrying on each one cost a connection every few ms).
+                        if await wait_or_stop(stop, self.takeover):
+                            break
+                        continue
                 sent = 0
-                if leader is not None or not is_pg:
-                    # Cleared before reading: a commit after this point wakes the relay again.
-                    ready.clear()
-                    began = clock()
-                    try:
-                        sent = await self.publish_pending(producer, leader)
-                    except Exception as exc:
-                        log.warning("relay: publish failed (%s); retrying", exc)
-                        if leader is not None and isinstance(exc, DBAPIError | OSError):
-                            # The lock may have gone with the connection: lead again.
-                            await self._resign(leader)
-                            leader = None
-                        await asyncio.sleep(0.5)
+                # Cleared before reading: a commit after this point wakes the relay again.
+                ready.clear()
+                began = clock()
+                try:
+                    sent = await self.publish_pending(producer, leader)
+                except Exception as exc:
+                    log.warning("relay: publish failed (%s); retrying", exc)
+                    if leader is not None and isinstance(exc, DBAPIError | OSError):
+                        # The lock may have gone with the connection: lead again.
+                        await self._resign(leader)
+                        leader = None
+                    await asyncio.sleep(0.5)
                 # Only a cycle that published counts: after a quiet spell, a commit goes
                 # out after ``linger`` alone.
                 started = began if sent else -math.inf

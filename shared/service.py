@@ -77,7 +77,8 @@ class ServiceHost:
         self.relay = OutboxRelay(self.core, bootstrap=s.kafka_bootstrap, client_kwargs=kwargs,
                                  poll_interval=s.outbox_poll_interval_s,
                                  linger=s.outbox_linger_ms / 1000,
-                                 interval=s.outbox_interval_ms / 1000)
+                                 interval=s.outbox_interval_ms / 1000,
+                                 takeover=s.outbox_takeover_s)
 
     async def start(self) -> None:
         jobs: list[Callable[[asyncio.Event], Any]] = []

@@ -137,6 +137,9 @@ class Settings(BaseSettings):
     # (0: none): bounds the produce requests (and outbox reads) a second under load. Adds at
     # most this to an output event's latency while commits keep coming.
     outbox_interval_ms: float = Field(default=25.0, ge=0, le=10000)
+    # A relay that does not lead (another process of the service publishes) tries to take
+    # over this often: the most an output event waits after the publishing process is gone.
+    outbox_takeover_s: float = Field(default=1.0, gt=0, le=60)
     scheduler_interval_s: float = Field(default=1.0, gt=0)
 
     # --- logging -------------------------------------------------------------------------

@@ -133,12 +133,56 @@ async def test_one_relay_leads_at_a_time(postgres_server_url: str, tmp_path: Pat
     await engine.dispose()
 
 
+async def test_a_relay_that_does_not_lead_tries_again_at_its_own_pace_and_takes_over(
+        postgres_server_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An API replica's relay while another process publishes: commits keep coming (they
+    wake the leader), yet it tries to take the lock only every ``takeover`` seconds — it
+    tried on every commit, a connection every few milliseconds — and takes over, publishing
+    what is pending, once the leader is gone."""
+    engine = await fresh_engine("postgresql", "limits", tmp_path=tmp_path,
+                                pg_server_url=postgres_server_url)
+    core = EventCore(LimitsService(Settings(), load_policy(None)), engine)
+    other = OutboxRelay(core, bootstrap="unused")
+    held = await other._lead(None)
+    assert held is not None
+    tries = 0
+    try:
+        async with relay_running(core, monkeypatch, linger=0.001,
+                                 takeover=0.25) as (producer, _):
+            relay = running_relays[-1]
+            real = relay._lead
+
+            async def lead(leader: Any) -> Any:
+                nonlocal tries
+                tries += leader is None
+                return await real(leader)
+
+            monkeypatch.setattr(relay, "_lead", lead)
+            await queue(core, "e1")
+            for _ in range(500):  # commits for about a second
+                core.outbox_ready.set()
+                await asyncio.sleep(0.002)
+            assert producer.sent == []
+            assert tries <= 6, tries  # about 1 s / 0.25 s, not one per commit
+            await other._resign(held)
+            held = None
+            assert await sent(producer, 1) == ["e1"]  # within the next try
+    finally:
+        if held is not None:
+            await other._resign(held)
+        await engine.dispose()
+
+
+running_relays: list[OutboxRelay] = []
+
+
 @contextlib.asynccontextmanager
 async def relay_running(core: EventCore, monkeypatch: pytest.MonkeyPatch,
                         **options: Any) -> AsyncIterator[tuple[Producer, list[int]]]:
     """The relay's loop with the stand-in producer, idle (it looked and found nothing) when
     handed over; yields the producer and the sizes of the cycles that published anything."""
     relay = OutboxRelay(core, bootstrap="unused", **options)
+    running_relays.append(relay)
     producer = Producer()
     cycles: list[int] = []
     real = relay.publish_pending
