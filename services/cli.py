@@ -72,6 +72,9 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port (default: the service's)")] = None,
     consume: Annotated[bool, typer.Option(help="Run the Kafka consumer and scheduler; "
                                                "--no-consume for API-only replicas")] = True,
+    relay: Annotated[bool, typer.Option(help="Publish the service's outbox to Kafka when no "
+                                             "other process of it does; --no-relay for API "
+                                             "replicas beside a process that relays")] = True,
     migrate: Annotated[bool, typer.Option(help="Apply migrations before starting")] = True,
 ) -> None:
     """Run one service with production settings (tokens required)."""
@@ -82,7 +85,8 @@ def serve(
         tokens = TokenRegistry.from_settings(settings)
         if migrate:
             registry.upgrade(settings, [name])
-        fastapi_app, _host = registry.build(name, settings, tokens=tokens, consume=consume)
+        fastapi_app, _host = registry.build(name, settings, tokens=tokens, consume=consume,
+                                              relay=relay)
     except ConfigError as exc:
         typer.secho(f"{name}: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None

@@ -25,11 +25,12 @@ SERVICE_CLASSES = {
 
 
 def build(name: str, settings: Settings, *, tokens: TokenRegistry,
-          policy: Policy | None = None, consume: bool = True,
+          policy: Policy | None = None, consume: bool = True, relay: bool = True,
           clock: Clock = utcnow) -> tuple[FastAPI, ServiceHost]:
     module = importlib.import_module(f"services.{name}.app")
     built: tuple[FastAPI, ServiceHost] = module.build(settings, tokens=tokens, policy=policy,
-                                                      consume=consume, clock=clock)
+                                                      consume=consume, relay=relay,
+                                                      clock=clock)
     return built
 
 

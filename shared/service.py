@@ -52,6 +52,8 @@ class ServiceHost:
     engine: AsyncEngine
     core: EventCore
     consume: bool = True
+    # False: another process of the service publishes this one's outbox (see OutboxRelay).
+    publish: bool = True
     clock: Clock = utcnow
     consumer: ConsumerLoop | None = None
     relay: OutboxRelay | None = None
@@ -74,11 +76,11 @@ class ServiceHost:
                 heartbeat_interval_ms=s.consumer_heartbeat_interval_ms,
             )
             self.scheduler = Scheduler(self.core, interval=s.scheduler_interval_s)
-        self.relay = OutboxRelay(self.core, bootstrap=s.kafka_bootstrap, client_kwargs=kwargs,
-                                 poll_interval=s.outbox_poll_interval_s,
-                                 linger=s.outbox_linger_ms / 1000,
-                                 interval=s.outbox_interval_ms / 1000,
-                                 takeover=s.outbox_takeover_s)
+        if self.publish:
+            self.relay = OutboxRelay(
+                self.core, bootstrap=s.kafka_bootstrap, client_kwargs=kwargs,
+                poll_interval=s.outbox_poll_interval_s, linger=s.outbox_linger_ms / 1000,
+                interval=s.outbox_interval_ms / 1000, takeover=s.outbox_takeover_s)
 
     async def start(self) -> None:
         jobs: list[Callable[[asyncio.Event], Any]] = []
@@ -128,8 +130,10 @@ class ServiceHost:
         if self.consumer is not None:
             checks["broker"] = self.consumer.assigned.is_set() and self.consumer.healthy
             checks["consumer_assigned"] = self.consumer.assigned.is_set()
+        elif self.relay is not None:
+            checks["broker"] = self.relay.healthy
         else:
-            checks["broker"] = self.relay is not None and self.relay.healthy
+            del checks["broker"]  # neither consumes nor publishes: the broker is not its concern
         if self._task is not None and self._task.done():
             checks["loops"] = False
         return checks
@@ -148,13 +152,14 @@ class ServiceHost:
 
 def build_service_app(name: str, service: Service, settings: Settings, *,
                       tokens: TokenRegistry, router: Callable[[EventCore], APIRouter],
-                      consume: bool = True, clock: Clock = utcnow,
+                      consume: bool = True, relay: bool = True, clock: Clock = utcnow,
                       gauges: Sequence[Refresh] = ()) -> tuple[FastAPI, ServiceHost]:
     """The same wiring for every service: engine, event core, loops, routes, gauges."""
     engine = make_engine(settings.database_url_for(name))
     core = EventCore(service, engine, dlq_topic=settings.topic_dlq, clock=clock,
                      topic_of_type=settings.topic_of_type())
-    host = ServiceHost(service, settings, engine, core, consume=consume, clock=clock,
+    host = ServiceHost(service, settings, engine, core, consume=consume, publish=relay,
+                       clock=clock,
                        gauges=gauges)
     app = create_app(name, settings=settings, tokens=tokens, readiness=host.readiness,
                      lifespan=host.lifespan(), liveness=host.fatal)

@@ -20,7 +20,8 @@ UNRATED = "unrated"
 
 
 def build(settings: Settings, *, tokens: TokenRegistry, policy: Policy | None = None,
-          consume: bool = True, clock: Clock = utcnow) -> tuple[FastAPI, ServiceHost]:
+          consume: bool = True, relay: bool = True,
+          clock: Clock = utcnow) -> tuple[FastAPI, ServiceHost]:
     policy = policy or load_policy(settings.policy)
     service = AssessmentService(settings, policy)
 
@@ -28,7 +29,7 @@ def build(settings: Settings, *, tokens: TokenRegistry, policy: Policy | None = 
         await refresh_grade_gauges(engine, policy)
 
     return build_service_app(NAME, service, settings, tokens=tokens, consume=consume,
-                             clock=clock, router=lambda core: build_router(service, core),
+                             relay=relay, clock=clock, router=lambda core: build_router(service, core),
                              gauges=[grades])
 
 

@@ -23,7 +23,8 @@ NAME = "limits"
 
 
 def build(settings: Settings, *, tokens: TokenRegistry, policy: Policy | None = None,
-          consume: bool = True, clock: Clock = utcnow) -> tuple[FastAPI, ServiceHost]:
+          consume: bool = True, relay: bool = True,
+          clock: Clock = utcnow) -> tuple[FastAPI, ServiceHost]:
     service = LimitsService(settings, policy or load_policy(settings.policy))
     made: list[CoreChecks] = []
 
@@ -32,7 +33,7 @@ def build(settings: Settings, *, tokens: TokenRegistry, policy: Policy | None = 
         return build_router(service, core, made[0])
 
     app, host = build_service_app(NAME, service, settings, tokens=tokens, consume=consume,
-                                  clock=clock, router=router, gauges=[refresh_portfolio_gauges])
+                                  relay=relay, clock=clock, router=router, gauges=[refresh_portfolio_gauges])
     host.closers.append(made[0].close)
     # Outermost: the plain credit checks skip the framework's layers (see fastpath.py).
     app.add_middleware(FastCreditCheck, checks=made[0], tokens=tokens, service=NAME,
