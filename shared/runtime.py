@@ -853,7 +853,7 @@ class OutboxRelay:
         began = started = -math.inf  # when the last cycle (that published) began
         try:
             while True:
-                if is_pg := self.core.engine.dialect.name == "postgresql":
+                if self.core.engine.dialect.name == "postgresql":
                     try:
                         leader = await self._lead(leader)
                     except Exception as exc:

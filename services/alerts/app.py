@@ -24,7 +24,8 @@ def build(settings: Settings, *, tokens: TokenRegistry, policy: Policy | None = 
     policy = policy or load_policy(settings.policy)
     service = AlertsService(settings, policy)
     app, host = build_service_app(NAME, service, settings, tokens=tokens, consume=consume,
-                                  relay=relay, clock=clock, router=lambda core: build_router(service, core),
+                                  relay=relay, clock=clock,
+                                  router=lambda core: build_router(service, core),
                                   gauges=[refresh_open_alert_gauges])
     count_raises_on_commit(host.engine)
     return app, host

@@ -29,7 +29,8 @@ def build(settings: Settings, *, tokens: TokenRegistry, policy: Policy | None = 
         await refresh_grade_gauges(engine, policy)
 
     return build_service_app(NAME, service, settings, tokens=tokens, consume=consume,
-                             relay=relay, clock=clock, router=lambda core: build_router(service, core),
+                             relay=relay, clock=clock,
+                             router=lambda core: build_router(service, core),
                              gauges=[grades])
 
 

@@ -33,7 +33,8 @@ def build(settings: Settings, *, tokens: TokenRegistry, policy: Policy | None = 
         return build_router(service, core, made[0])
 
     app, host = build_service_app(NAME, service, settings, tokens=tokens, consume=consume,
-                                  relay=relay, clock=clock, router=router, gauges=[refresh_portfolio_gauges])
+                                  relay=relay, clock=clock, router=router,
+                                  gauges=[refresh_portfolio_gauges])
     host.closers.append(made[0].close)
     # Outermost: the plain credit checks skip the framework's layers (see fastpath.py).
     app.add_middleware(FastCreditCheck, checks=made[0], tokens=tokens, service=NAME,

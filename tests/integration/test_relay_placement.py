@@ -13,10 +13,10 @@ from sqlalchemy import text
 
 from services.limits import store
 from shared.db import make_engine
+from tests import factories as f
 from tests.e2e.support import Tap, create_topics, new_prefix, topic_env
 from tests.infra import servers
 from tests.integration.test_limits_concurrency import assessed, seed
-from tests import factories as f
 from tests.processes import CHECK, ServiceProcess, service_env
 
 pytestmark = pytest.mark.integration
