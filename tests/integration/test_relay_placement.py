@@ -48,15 +48,17 @@ async def test_an_api_replica_without_relay_leaves_its_outbox_to_the_worker(
     try:
         api.start().wait_ready(90)
         # Ready without a broker check: it neither consumes nor publishes.
-        ready = httpx.get(f"{api.url}/readyz", timeout=5).json()
+        async with httpx.AsyncClient(base_url=api.url, timeout=30) as client:
+            ready = (await client.get("/readyz")).json()
         assert ready["checks"] == {"database": True}
         # (the seeding queued exposure events too; nobody has published anything yet)
         queued = await pending(url)
 
         # When: an order is checked and reserved on the replica
-        reply = httpx.post(f"{api.url}/v1/credit-checks", json={
-            "order_id": "SO-1", "customer_id": cid, "amount": "500.00", "currency": "EUR"},
-            headers={"Authorization": f"Bearer {CHECK}"}, timeout=30)
+        async with httpx.AsyncClient(base_url=api.url, timeout=30) as client:
+            reply = await client.post("/v1/credit-checks", json={
+                "order_id": "SO-1", "customer_id": cid, "amount": "500.00",
+                "currency": "EUR"}, headers={"Authorization": f"Bearer {CHECK}"})
         assert reply.status_code == 200, reply.text
         assert reply.json()["decision"] == "approved"
 
