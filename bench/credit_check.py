@@ -3,8 +3,12 @@ FastAPI endpoint under the same uvicorn settings, in the same run; and latency a
 1,000 requests/s for both.
 
     .venv/bin/python -m bench.credit_check [--runs 3] [--seconds 15] [--warmup 60] [--invoices 0]
+                                           [--relay worker|api]
 
-Both servers run as separate processes with one uvicorn worker, access log off. Throughput
+Both servers run as separate processes with one uvicorn worker, access log off. The checks
+go to an API replica as deployed (`serve limits --no-consume --no-relay`), beside the
+service's worker (`serve limits`), which publishes the outbox to Kafka; `--relay api` runs
+the replica alone, publishing its own outbox (as before 2026-11-29). Throughput
 comes from wrk (Debian package) with 2 threads and 32 connections on the same two cores;
 the steady-rate latency from vegeta (Go module, installed on first use) at 1,000 requests/s,
 each check a new order for one of 1,000 customers, so every approved check takes the
@@ -48,6 +52,7 @@ from tests.infra import servers
 from tests.processes import CHECK, ServiceProcess, service_env
 
 CUSTOMERS = 1000
+WHO = ("hello-world server", "check server", "PostgreSQL", "Kafka", "worker (relay)")
 VEGETA = "github.com/tsenart/vegeta/v12@v12.13.0"
 HELLO = '''
 from fastapi import FastAPI
@@ -233,7 +238,8 @@ def start_uvicorn(app: str, port: int, cwd: Path, log: Path,
     raise RuntimeError(f"{app} did not start (log: {log})")
 
 
-def main(runs: int, seconds: int, warmup: int = 60, invoices: int = 0) -> None:
+def main(runs: int, seconds: int, warmup: int = 60, invoices: int = 0,
+         relay: str = "worker") -> None:
     wrk, vegeta = ensure_tools()
     work = Path(tempfile.mkdtemp(prefix="cw-bench-"))
     with servers.PostgresServer.start() as pg, servers.KafkaServer.start() as kafka:
@@ -241,7 +247,13 @@ def main(runs: int, seconds: int, warmup: int = 60, invoices: int = 0) -> None:
         asyncio.run(seed(url, invoices))
         env = service_env(database_url=url, bootstrap=kafka.bootstrap,
                           CREDITWATCH_LOG_LEVEL="WARNING")
-        api = ServiceProcess("limits", env, work, "--no-consume")
+        worker = None
+        if relay == "worker":
+            # First, so that it holds the relay's lock (the replica would not take it anyway).
+            worker = ServiceProcess("limits", env, work)
+            worker.start().wait_ready(90)
+        api = ServiceProcess("limits", env, work, "--no-consume",
+                             *(["--no-relay"] if worker is not None else []))
         api.start().wait_ready(90)
         hello_port = servers.free_port()
         hello = start_hello(hello_port, work / "hello.log")
@@ -263,8 +275,7 @@ def main(runs: int, seconds: int, warmup: int = 60, invoices: int = 0) -> None:
             check_p50 = Measure("credit check p50 at 1,000 checks/s", "ms")
             # CPU per request: (label, phase) -> measure.
             cpu = {(who, phase): Measure(f"{who} CPU per request, {phase}", "µs")
-                   for who in ("hello-world server", "check server", "PostgreSQL", "Kafka")
-                   for phase in ("full load", "1,000/s")}
+                   for who in WHO for phase in ("full load", "1,000/s")}
 
             def record(taken: Cpu, phase: str, **names: str) -> None:
                 for key, value in taken.per_request_us().items():
@@ -273,7 +284,10 @@ def main(runs: int, seconds: int, warmup: int = 60, invoices: int = 0) -> None:
             assert api.proc is not None
             hello_pid, api_pid = hello.pid, api.proc.pid
             infra = {"pg": pg.pid, "kafka": kafka.pid}
-            infra_names = {"pg": "PostgreSQL", "kafka": "Kafka"}
+            infra_names = {"pg": "PostgreSQL", "kafka": "Kafka", "worker": "worker (relay)"}
+            if worker is not None:
+                assert worker.proc is not None
+                infra["worker"] = worker.proc.pid
             if warmup > 0:
                 # Not measured, for both alike: the freshly started Kafka broker compiles its
                 # hot paths (a JVM) on the same two cores while the check server's relay
@@ -317,6 +331,8 @@ def main(runs: int, seconds: int, warmup: int = 60, invoices: int = 0) -> None:
         finally:
             hello.terminate()
             api.stop()
+            if worker is not None:
+                worker.stop()
     rows = [("measure", "median", "runs", "ratio to baseline")]
     for m, base in ((hello_rps, hello_rps), (check_rps, hello_rps), (hello_p99, hello_p99),
                     (check_p50, hello_p99), (check_p99, hello_p99)):
@@ -324,14 +340,16 @@ def main(runs: int, seconds: int, warmup: int = 60, invoices: int = 0) -> None:
                      ", ".join(f"{x:,.2f}" for x in m.runs), f"{ratio(m, base):.2f}"))
     for phase in ("full load", "1,000/s"):
         base = cpu["hello-world server", phase]
-        for who in ("hello-world server", "check server", "PostgreSQL", "Kafka"):
+        for who in WHO:
             m = cpu[who, phase]
+            if not m.runs:
+                continue
             rows.append((m.name, f"{m.median:,.0f} {m.unit}",
                          ", ".join(f"{x:,.0f}" for x in m.runs), f"{ratio(m, base):.2f}"))
     print()
     print(table(rows))
     path = save("credit_check_invoices" if invoices else "credit_check", {
-        "seconds": seconds, "customers": CUSTOMERS, "open_invoices": invoices,
+        "seconds": seconds, "customers": CUSTOMERS, "open_invoices": invoices, "relay": relay,
         "hello_rps": hello_rps,
         "check_rps": check_rps, "hello_p99_ms": hello_p99, "check_p50_ms": check_p50,
         "check_p99_ms": check_p99, "ratio_throughput": ratio(check_rps, hello_rps),
@@ -347,5 +365,8 @@ if __name__ == "__main__":
                         help="seconds of unmeasured load on both servers first (0: none)")
     parser.add_argument("--invoices", type=int, default=0,
                         help="open invoices per customer before the checks (default 0)")
+    parser.add_argument("--relay", choices=("worker", "api"), default="worker",
+                        help="who publishes the outbox: the service's worker beside the API "
+                             "replica (as deployed; default) or the replica itself")
     args = parser.parse_args()
-    main(args.runs, args.seconds, args.warmup, args.invoices)
+    main(args.runs, args.seconds, args.warmup, args.invoices, args.relay)
