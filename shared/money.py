@@ -275,6 +275,21 @@ def convert(
     """
     if from_ccy == to_ccy:
         return amount
+    fraction = rate_between(from_ccy, to_ccy, rates)
+    if fraction is None:
+        return None
+    numerator, denominator = fraction
+    converted = MONEY_CONTEXT.divide(MONEY_CONTEXT.multiply(amount, numerator), denominator)
+    return quantize(converted, to_ccy)
+
+
+def rate_between(from_ccy: str, to_ccy: str,
+                 rates: Mapping[str, Decimal]) -> tuple[Decimal, Decimal] | None:
+    """The rate `convert` uses, as an exact fraction (numerator, denominator): an amount in
+    `from_ccy` times numerator / denominator is in `to_ccy` (before quantising). (1, 1) for
+    the same currency; None when there is no path or either currency is unknown."""
+    if from_ccy == to_ccy:
+        return (Decimal(1), Decimal(1))
     if not (is_currency(from_ccy) and is_currency(to_ccy)):
         return None
     fraction = _rate(from_ccy, to_ccy, rates)
@@ -291,8 +306,4 @@ def convert(
                     MONEY_CONTEXT.multiply(first[1], second[1]),
                 )
                 break
-    if fraction is None:
-        return None
-    numerator, denominator = fraction
-    converted = MONEY_CONTEXT.divide(MONEY_CONTEXT.multiply(amount, numerator), denominator)
-    return quantize(converted, to_ccy)
+    return fraction

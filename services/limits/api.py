@@ -22,7 +22,7 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
-from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy import ColumnElement, Numeric, and_, case, func, literal, null, or_, select
 
 from services.limits import domain, store
 from services.limits import events as ev
@@ -40,6 +40,7 @@ from shared.money import (
     is_currency,
     parse_amount,
     parse_decimal,
+    rate_between,
 )
 from shared.pagination import MAX_PAGE, decode_cursor, encode_cursor, integer, text
 from shared.problems import Conflict, Forbidden, NotFound, ValidationFailed
@@ -463,15 +464,26 @@ def build_router(service: LimitsService, core: EventCore,
             where.append(c.c.max_days_overdue > 0)
         desc = sort.startswith("-")
         key_name = sort.lstrip("-")
-        key = {"utilization": c.c.utilization_ppm, "exposure": c.c.exposure,
-               "available": c.c.available, "limit": c.c.limit_amount,
-               "overdue_amount": c.c.overdue_amount, "customer_id": c.c.customer_id}[key_name]
+        column = {"utilization": c.c.utilization_ppm, "exposure": c.c.exposure,
+                  "available": c.c.available, "limit": c.c.limit_amount,
+                  "overdue_amount": c.c.overdue_amount, "customer_id": c.c.customer_id}[key_name]
+        key: ColumnElement[Any] = column
         async with engine.connect() as conn:
             totals_row = (await conn.execute(
                 select(func.count(), func.sum(c.c.over_limit.cast(type_=_int())))
                 .where(*where))).first()
             amounts = list(await conn.execute(
                 select(c.c.currency, c.c.limit_amount, c.c.exposure).where(*where)))
+            # Amounts sort as they compare, converted into the base currency with the
+            # policy's rates (each customer's amounts are in its own currency); a customer
+            # whose currency has no rate to it sorts with the nulls, last.
+            factors = {code: rate_between(code, policy.base_currency, policy.fx_rates())
+                       for code in sorted({r.currency for r in amounts})}
+            value_of = _converted(column.name, factors)
+            if key_name not in ("customer_id", "utilization") and factors:
+                key = case(*((c.c.currency == code, null() if f is None else
+                              key * literal(f[0], Numeric()) / literal(f[1], Numeric()))
+                             for code, f in factors.items()), else_=null())
             # A cursor holds where the page ended in this sort and selection, and only there.
             scope = f"portfolio:{sort}:{grade or ''}:{status or ''}"
             if conn.dialect.name == "sqlite" and key_name not in ("customer_id", "utilization"):
@@ -479,13 +491,16 @@ def build_router(service: LimitsService, core: EventCore,
                 # the cursor is a position in that order.
                 after = decode_cursor(cursor, scope=scope, kinds=(_position,))
                 rows = list(await conn.execute(select(c).where(*where)))
-                rows.sort(key=lambda r: (getattr(r, key.name), r.customer_id), reverse=desc)
+                # Nulls last either way (as on PostgreSQL).
+                sign = -1 if desc else 1
+                rows.sort(key=lambda r: (value_of(r) is None, (value_of(r) or 0) * sign,
+                                         r.customer_id))
                 start = after[0] if after else 0
                 page = rows[start:start + limit]
                 nxt = (encode_cursor([start + limit], scope=scope)
                        if start + limit < len(rows) else None)
             else:
-                stmt = select(c).where(*where)
+                stmt = select(c, key.label("sort_value")).where(*where)
                 after = decode_cursor(cursor, scope=scope, kinds=(
                     _SORT_VALUE.get(key_name, text), text))
                 if after:
@@ -510,7 +525,7 @@ def build_router(service: LimitsService, core: EventCore,
                 if len(page) > limit:
                     last = page[limit - 1]
                     page = page[:limit]
-                    value = getattr(last, key.name)
+                    value = last.sort_value
                     nxt = encode_cursor([None if value is None else str(value),
                                          last.customer_id], scope=scope)
         items = []
@@ -566,6 +581,15 @@ def _total(by_currency: dict[str, Decimal], ccy: str,
             return None
         total += converted
     return total
+
+
+def _converted(column: str, factors: Mapping[str, tuple[Decimal, Decimal] | None]
+               ) -> Callable[[Any], Decimal | None]:
+    """A row's amount in ``column`` as the portfolio sorts it (see ``portfolio``)."""
+    def value(row: Any) -> Decimal | None:
+        f = factors.get(row.currency)
+        return None if f is None else Decimal(getattr(row, column)) * f[0] / f[1]
+    return value
 
 
 def _int() -> Any:

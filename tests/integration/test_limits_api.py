@@ -854,6 +854,41 @@ async def test_given_customers_in_several_currencies_then_the_totals_are_in_the_
     assert (usd_only["customers"], usd_only["currency"], usd_only["limit"]) == (0, "EUR", "0.00")
 
 
+
+async def test_given_customers_in_several_currencies_then_money_sorts_compare_converted_amounts(
+    svc: Service,
+) -> None:
+    """Sorted by exposure, 500,000 JPY (3,050.00 EUR) ranks below 19,500.00 EUR and 10,000.00
+    USD (9,200.00 EUR), not above them as raw numbers; a currency with no rate to the base
+    currency sorts last, as nulls do; the pages follow the same order."""
+    await svc.customer("S-EUR", "BBB")
+    await svc.invoice("S-EUR", "I-1", "19500.00")
+    await svc.customer("S-JPY", "BBB", currency="JPY")
+    await svc.invoice("S-JPY", "I-2", "500000", currency="JPY")
+    await svc.customer("S-USD", "BBB", currency="USD")
+    await svc.invoice("S-USD", "I-3", "10000.00", currency="USD")
+    await svc.customer("S-NOK", None, currency="NOK")  # no NOK rate in the policy
+
+    async def order(sort: str, size: int) -> list[str]:
+        seen: list[str] = []
+        cursor = None
+        while True:
+            params = {"sort": sort, "limit": size, **({"cursor": cursor} if cursor else {})}
+            response = await svc.client.get("/v1/portfolio", params=params,
+                                            headers=auth(READER))
+            assert response.status_code == 200, response.text
+            seen += [i["customer_id"] for i in response.json()["items"]]
+            cursor = response.json()["next_cursor"]
+            if not cursor:
+                return seen
+
+    for size in (1, 2, 10):
+        assert await order("-exposure", size) == ["S-EUR", "S-USD", "S-JPY", "S-NOK"]
+        assert await order("exposure", size) == ["S-JPY", "S-USD", "S-EUR", "S-NOK"]
+    # Limits: BBB is 100,000.00 EUR in each currency, rounded to its minor units: 16,393,443
+    # JPY is 100,000.0023 EUR, 108,695.65 USD is 99,999.998 EUR.
+    assert await order("-limit", 1) == ["S-JPY", "S-EUR", "S-USD", "S-NOK"]
+
 # ---- validation, size, auth -------------------------------------------------------------------
 
 _CHECK = {"order_id": "SO-1", "customer_id": "C-1", "amount": "10.00", "currency": "EUR"}
