@@ -365,12 +365,8 @@ def main(runs: int, seconds: int, warmup: int) -> None:
                     rps[name].runs.append(wrk_run(
                         wrk, urls[name], seconds, script if method == "POST" else None)[0])
                     made[name] += LAST["requests"]
-                    spent = taken.per_request_us()
-                    server_full[name].runs.append(spent["server"])
-                    pg_full[name].runs.append(spent["pg"])
-                    if others:
-                        relay_full.runs.append(spent["relay"])
-                        kafka_full.runs.append(spent["kafka"])
+                    keep(taken.per_request_us(), server_full[name], pg_full[name], relay_full,
+                         kafka_full)
                     targets = work / "targets"
                     write_targets(targets, name, method, urls[name], RATE * seconds, tag)
                     taken = Cpu(server=pid, pg=pg.pid, **others)
@@ -378,12 +374,8 @@ def main(runs: int, seconds: int, warmup: int) -> None:
                     if result["success"] < 1:
                         raise RuntimeError(f"{name}: failed requests at {RATE}/s: {result}")
                     made[name] += LAST["requests"]
-                    spent = taken.per_request_us()
-                    server_rate[name].runs.append(spent["server"])
-                    pg_rate[name].runs.append(spent["pg"])
-                    if others:
-                        relay_rate.runs.append(spent["relay"])
-                        kafka_rate.runs.append(spent["kafka"])
+                    keep(taken.per_request_us(), server_rate[name], pg_rate[name], relay_rate,
+                         kafka_rate)
                     p50[name].runs.append(result["p50_ms"])
                     p99[name].runs.append(result["p99_ms"])
                 print(f"run {run + 1}: " + ", ".join(
@@ -430,6 +422,16 @@ def main(runs: int, seconds: int, warmup: int) -> None:
         "relayed_relay_cpu_full_load_us": relay_full, "relayed_kafka_cpu_full_load_us": kafka_full,
         "relayed_relay_cpu_at_rate_us": relay_rate, "relayed_kafka_cpu_at_rate_us": kafka_rate})
     print(f"\nsaved {path}")
+
+
+def keep(spent: dict[str, float], server: Measure, pg: Measure, relay: Measure,
+         kafka: Measure) -> None:
+    """One run's CPU per request, by process (the relay and the broker: if measured)."""
+    server.runs.append(spent["server"])
+    pg.runs.append(spent["pg"])
+    if "relay" in spent:
+        relay.runs.append(spent["relay"])
+        kafka.runs.append(spent["kafka"])
 
 
 def write_targets(path: Path, name: str, method: str, url: str, count: int, tag: int) -> None:

@@ -491,10 +491,14 @@ def build_router(service: LimitsService, core: EventCore,
                 # the cursor is a position in that order.
                 after = decode_cursor(cursor, scope=scope, kinds=(_position,))
                 rows = list(await conn.execute(select(c).where(*where)))
-                # Nulls last either way (as on PostgreSQL).
+                # Nulls last either way (as on PostgreSQL), ties by customer id.
                 sign = -1 if desc else 1
-                rows.sort(key=lambda r: (value_of(r) is None, (value_of(r) or 0) * sign,
-                                         r.customer_id))
+
+                def rank(r: Any) -> tuple[bool, Decimal, str]:
+                    value = value_of(r)
+                    return value is None, (value or Decimal(0)) * sign, r.customer_id
+
+                rows.sort(key=rank)
                 start = after[0] if after else 0
                 page = rows[start:start + limit]
                 nxt = (encode_cursor([start + limit], scope=scope)
