@@ -54,15 +54,15 @@ from tests.processes import CHECK, ServiceProcess, service_env
 CUSTOMERS = 1000
 WHO = ("hello-world server", "check server", "PostgreSQL", "Kafka", "worker (relay)")
 VEGETA = "github.com/tsenart/vegeta/v12@v12.13.0"
-HELLO = '''
+HELLO = """
 from fastapi import FastAPI
 app = FastAPI()
 
 @app.get("/hello")
 async def hello() -> dict[str, str]:
     return {"hello": "world"}
-'''
-WRK_SCRIPT = '''
+"""
+WRK_SCRIPT = """
 local n = 0
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
@@ -77,32 +77,50 @@ request = function()
     tid, n, math.random(0, %d))
   return wrk.format(nil, "/v1/credit-checks", nil, body)
 end
-'''
+"""
 
 
 def ensure_tools() -> tuple[str, str]:
     wrk = shutil.which("wrk")
     if wrk is None:
-        subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], check=True,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", "wrk"],
+            check=True,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
         wrk = shutil.which("wrk") or "wrk"
     bin_dir = servers.cache_dir() / "bin"
     vegeta = bin_dir / "vegeta"
     if not vegeta.exists():
         bin_dir.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["go", "install", VEGETA], check=True,
-                       env={**os.environ, "GOBIN": str(bin_dir)})
+        subprocess.run(
+            ["go", "install", VEGETA], check=True, env={**os.environ, "GOBIN": str(bin_dir)}
+        )
     return wrk, str(vegeta)
 
 
 def assessed(cid: str) -> dict:
-    return f.cloudevent("assessment.completed", cid, {
-        "assessment_id": f"a-{cid}", "customer_id": cid, "score": 90, "grade": "AAA",
-        "risk_level": "low", "previous_grade": None, "factors": [], "ratios": {},
-        "override": None, "policy_version": "2026.1",
-        "trigger": {"event_id": f"reg-{cid}", "type": "customer.registered"},
-        "next_review_date": "2027-03-01", "assessed_at": "2026-03-01T09:00:00Z"},
-        id=f"a-{cid}", source="/creditwatch/assessment")
+    return f.cloudevent(
+        "assessment.completed",
+        cid,
+        {
+            "assessment_id": f"a-{cid}",
+            "customer_id": cid,
+            "score": 90,
+            "grade": "AAA",
+            "risk_level": "low",
+            "previous_grade": None,
+            "factors": [],
+            "ratios": {},
+            "override": None,
+            "policy_version": "2026.1",
+            "trigger": {"event_id": f"reg-{cid}", "type": "customer.registered"},
+            "next_review_date": "2027-03-01",
+            "assessed_at": "2026-03-01T09:00:00Z",
+        },
+        id=f"a-{cid}",
+        source="/creditwatch/assessment",
+    )
 
 
 async def seed(url: str, invoices: int = 0) -> None:
@@ -111,21 +129,26 @@ async def seed(url: str, invoices: int = 0) -> None:
     engine = make_engine(url)
     await upgrade(engine, "limits")
     settings = Settings()
-    core = EventCore(LimitsService(settings, load_policy(None)), engine,
-                     topic_of_type=settings.topic_of_type())
+    core = EventCore(
+        LimitsService(settings, load_policy(None)), engine, topic_of_type=settings.topic_of_type()
+    )
     events = []
     today = datetime.now(UTC).date()
     for n in range(CUSTOMERS):
         cid = f"B{n:04d}"
         events += [f.customer(cid), assessed(cid)]
         for i in range(invoices):
-            events.append(f.invoice(cid, f"{cid}-I{i}", "10.00", issued=today - timedelta(days=1),
-                                    due_days=90))
+            events.append(
+                f.invoice(
+                    cid, f"{cid}-I{i}", "10.00", issued=today - timedelta(days=1), due_days=90
+                )
+            )
             if i % 4 == 3:
-                events.append(f.payment(cid, f"{cid}-P{i}", "25.00",
-                                        received=today - timedelta(days=1)))
+                events.append(
+                    f.payment(cid, f"{cid}-P{i}", "25.00", received=today - timedelta(days=1))
+                )
     for i in range(0, len(events), 500):
-        await core.process_records(f.records(events[i:i + 500], start=i))
+        await core.process_records(f.records(events[i : i + 500], start=i))
     await engine.dispose()
 
 
@@ -150,8 +173,10 @@ class Cpu:
 
     def per_request_us(self) -> dict[str, float]:
         requests = max(LAST["requests"], 1)
-        return {name: (tree_cpu(pid) - self.before[name]) / requests * 1e6
-                for name, pid in self.pids.items()}
+        return {
+            name: (tree_cpu(pid) - self.before[name]) / requests * 1e6
+            for name, pid in self.pids.items()
+        }
 
 
 def wrk_run(wrk: str, url: str, seconds: int, script: Path | None) -> tuple[float, float]:
@@ -175,16 +200,32 @@ def wrk_run(wrk: str, url: str, seconds: int, script: Path | None) -> tuple[floa
 
 def vegeta_run(vegeta: str, targets: Path, seconds: int, rate: int) -> dict[str, float]:
     attack = subprocess.run(
-        [vegeta, "attack", "-format=json", f"-targets={targets}", f"-rate={rate}/s",
-         f"-duration={seconds}s", "-max-workers=256"], check=True, capture_output=True)
-    report = subprocess.run([vegeta, "report", "-type=json"], input=attack.stdout,
-                            check=True, capture_output=True)
+        [
+            vegeta,
+            "attack",
+            "-format=json",
+            f"-targets={targets}",
+            f"-rate={rate}/s",
+            f"-duration={seconds}s",
+            "-max-workers=256",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    report = subprocess.run(
+        [vegeta, "report", "-type=json"], input=attack.stdout, check=True, capture_output=True
+    )
     data = json.loads(report.stdout)
     LAST["requests"] = int(data["requests"])
     lat = data["latencies"]
-    return {"p50_ms": lat["50th"] / 1e6, "p99_ms": lat["99th"] / 1e6,
-            "success": data["success"], "rate": data["rate"],
-            "errors": data.get("errors") or [], "status_codes": data.get("status_codes")}
+    return {
+        "p50_ms": lat["50th"] / 1e6,
+        "p99_ms": lat["99th"] / 1e6,
+        "success": data["success"],
+        "rate": data["rate"],
+        "errors": data.get("errors") or [],
+        "status_codes": data.get("status_codes"),
+    }
 
 
 def check_targets(base: str, count: int, path: Path) -> Path:
@@ -192,14 +233,28 @@ def check_targets(base: str, count: int, path: Path) -> Path:
     tag = f"V{int(time.time())}"
     with path.open("w") as out:
         for n in range(count):
-            body = json.dumps({"order_id": f"{tag}-{n}",
-                               "customer_id": f"B{rng.randrange(CUSTOMERS):04d}",
-                               "amount": "99.90", "currency": "EUR"})
-            out.write(json.dumps({
-                "method": "POST", "url": f"{base}/v1/credit-checks",
-                "header": {"Content-Type": ["application/json"],
-                           "Authorization": [f"Bearer {CHECK}"]},
-                "body": base64.b64encode(body.encode()).decode()}) + "\n")
+            body = json.dumps(
+                {
+                    "order_id": f"{tag}-{n}",
+                    "customer_id": f"B{rng.randrange(CUSTOMERS):04d}",
+                    "amount": "99.90",
+                    "currency": "EUR",
+                }
+            )
+            out.write(
+                json.dumps(
+                    {
+                        "method": "POST",
+                        "url": f"{base}/v1/credit-checks",
+                        "header": {
+                            "Content-Type": ["application/json"],
+                            "Authorization": [f"Bearer {CHECK}"],
+                        },
+                        "body": base64.b64encode(body.encode()).decode(),
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -215,18 +270,35 @@ def start_hello(port: int, log: Path) -> subprocess.Popen[bytes]:
     return start_uvicorn("hello_app:app", port, module.parent, log)
 
 
-def start_uvicorn(app: str, port: int, cwd: Path, log: Path,
-                  env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def start_uvicorn(
+    app: str, port: int, cwd: Path, log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """``app`` (a module in ``cwd``) under uvicorn with the check server's settings, once it
     answers HTTP at all (``GET /hello``; the bench's own runs judge the answers); ``env``:
     more environment for it."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", app, "--port", str(port),
-         "--no-access-log", "--log-level", "warning", "--workers", "1",
-         # The services' own keep-alive (services.cli.server_config): the same settings.
-         "--timeout-keep-alive", str(Settings().http_keep_alive_s)],
-        cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, **(env or {})})
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            app,
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+            "--workers",
+            "1",
+            # The services' own keep-alive (services.cli.server_config): the same settings.
+            "--timeout-keep-alive",
+            str(Settings().http_keep_alive_s),
+        ],
+        cwd=cwd,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -238,22 +310,25 @@ def start_uvicorn(app: str, port: int, cwd: Path, log: Path,
     raise RuntimeError(f"{app} did not start (log: {log})")
 
 
-def main(runs: int, seconds: int, warmup: int = 60, invoices: int = 0,
-         relay: str = "worker") -> None:
+def main(
+    runs: int, seconds: int, warmup: int = 60, invoices: int = 0, relay: str = "worker"
+) -> None:
     wrk, vegeta = ensure_tools()
     work = Path(tempfile.mkdtemp(prefix="cw-bench-"))
     with servers.PostgresServer.start() as pg, servers.KafkaServer.start() as kafka:
         url = servers.create_database(pg.url)
         asyncio.run(seed(url, invoices))
-        env = service_env(database_url=url, bootstrap=kafka.bootstrap,
-                          CREDITWATCH_LOG_LEVEL="WARNING")
+        env = service_env(
+            database_url=url, bootstrap=kafka.bootstrap, CREDITWATCH_LOG_LEVEL="WARNING"
+        )
         worker = None
         if relay == "worker":
             # First, so that it holds the relay's lock (the replica would not take it anyway).
             worker = ServiceProcess("limits", env, work)
             worker.start().wait_ready(90)
-        api = ServiceProcess("limits", env, work, "--no-consume",
-                             *(["--no-relay"] if worker is not None else []))
+        api = ServiceProcess(
+            "limits", env, work, "--no-consume", *(["--no-relay"] if worker is not None else [])
+        )
         api.start().wait_ready(90)
         hello_port = servers.free_port()
         hello = start_hello(hello_port, work / "hello.log")
@@ -268,14 +343,18 @@ def main(runs: int, seconds: int, warmup: int = 60, invoices: int = 0,
         try:
             hello_rps = Measure("hello-world FastAPI (GET, 1 worker)", "req/s")
             ledger = f", {invoices} open invoices each" if invoices else ""
-            check_rps = Measure(f"credit checks with reservation (POST, 1 worker{ledger})",
-                                "checks/s")
+            check_rps = Measure(
+                f"credit checks with reservation (POST, 1 worker{ledger})", "checks/s"
+            )
             hello_p99 = Measure("hello-world p99 at 1,000 req/s", "ms")
             check_p99 = Measure("credit check p99 at 1,000 checks/s", "ms")
             check_p50 = Measure("credit check p50 at 1,000 checks/s", "ms")
             # CPU per request: (label, phase) -> measure.
-            cpu = {(who, phase): Measure(f"{who} CPU per request, {phase}", "µs")
-                   for who in WHO for phase in ("full load", "1,000/s")}
+            cpu = {
+                (who, phase): Measure(f"{who} CPU per request, {phase}", "µs")
+                for who in WHO
+                for phase in ("full load", "1,000/s")
+            }
 
             def record(taken: Cpu, phase: str, **names: str) -> None:
                 for key, value in taken.per_request_us().items():
@@ -306,26 +385,37 @@ def main(runs: int, seconds: int, warmup: int = 60, invoices: int = 0,
                 check_rps.runs.append(wrk_run(wrk, api.url, seconds, fresh_orders())[0])
                 record(taken, "full load", server="check server", **infra_names)
                 taken = Cpu(server=hello_pid)
-                hv = vegeta_run(vegeta, hello_targets(base_hello, 1000 * seconds,
-                                                      work / "hello.targets"), seconds, 1000)
+                hv = vegeta_run(
+                    vegeta,
+                    hello_targets(base_hello, 1000 * seconds, work / "hello.targets"),
+                    seconds,
+                    1000,
+                )
                 record(taken, "1,000/s", server="hello-world server")
                 taken = Cpu(server=api_pid, **infra)
-                cv = vegeta_run(vegeta, check_targets(api.url, 1000 * seconds,
-                                                      work / f"check{n}.targets"),
-                                seconds, 1000)
+                cv = vegeta_run(
+                    vegeta,
+                    check_targets(api.url, 1000 * seconds, work / f"check{n}.targets"),
+                    seconds,
+                    1000,
+                )
                 record(taken, "1,000/s", server="check server", **infra_names)
                 hello_p99.runs.append(hv["p99_ms"])
                 check_p99.runs.append(cv["p99_ms"])
                 check_p50.runs.append(cv["p50_ms"])
                 if cv["success"] < 1.0:
                     raise RuntimeError(f"credit checks failed at 1,000/s: {cv}")
-                print(f"run {n + 1}: hello {hello_rps.runs[-1]:,.0f} req/s, checks "
-                      f"{check_rps.runs[-1]:,.0f}/s; at 1,000/s p99 hello "
-                      f"{hv['p99_ms']:.2f} ms, checks {cv['p99_ms']:.2f} ms "
-                      f"(p50 {cv['p50_ms']:.2f} ms, achieved {cv['rate']:.0f}/s)")
+                print(
+                    f"run {n + 1}: hello {hello_rps.runs[-1]:,.0f} req/s, checks "
+                    f"{check_rps.runs[-1]:,.0f}/s; at 1,000/s p99 hello "
+                    f"{hv['p99_ms']:.2f} ms, checks {cv['p99_ms']:.2f} ms "
+                    f"(p50 {cv['p50_ms']:.2f} ms, achieved {cv['rate']:.0f}/s)"
+                )
             stored = asyncio.run(count_checks(url))
-            print(f"checks stored: {stored:,} for {SENT['checks']:,} made through wrk "
-                  "(plus vegeta's); each was a new order")
+            print(
+                f"checks stored: {stored:,} for {SENT['checks']:,} made through wrk "
+                "(plus vegeta's); each was a new order"
+            )
             if stored < SENT["checks"]:
                 raise RuntimeError("fewer checks stored than made: some were retries")
         finally:
@@ -334,26 +424,53 @@ def main(runs: int, seconds: int, warmup: int = 60, invoices: int = 0,
             if worker is not None:
                 worker.stop()
     rows = [("measure", "median", "runs", "ratio to baseline")]
-    for m, base in ((hello_rps, hello_rps), (check_rps, hello_rps), (hello_p99, hello_p99),
-                    (check_p50, hello_p99), (check_p99, hello_p99)):
-        rows.append((m.name, f"{m.median:,.2f} {m.unit}",
-                     ", ".join(f"{x:,.2f}" for x in m.runs), f"{ratio(m, base):.2f}"))
+    for m, base in (
+        (hello_rps, hello_rps),
+        (check_rps, hello_rps),
+        (hello_p99, hello_p99),
+        (check_p50, hello_p99),
+        (check_p99, hello_p99),
+    ):
+        rows.append(
+            (
+                m.name,
+                f"{m.median:,.2f} {m.unit}",
+                ", ".join(f"{x:,.2f}" for x in m.runs),
+                f"{ratio(m, base):.2f}",
+            )
+        )
     for phase in ("full load", "1,000/s"):
         base = cpu["hello-world server", phase]
         for who in WHO:
             m = cpu[who, phase]
             if not m.runs:
                 continue
-            rows.append((m.name, f"{m.median:,.0f} {m.unit}",
-                         ", ".join(f"{x:,.0f}" for x in m.runs), f"{ratio(m, base):.2f}"))
+            rows.append(
+                (
+                    m.name,
+                    f"{m.median:,.0f} {m.unit}",
+                    ", ".join(f"{x:,.0f}" for x in m.runs),
+                    f"{ratio(m, base):.2f}",
+                )
+            )
     print()
     print(table(rows))
-    path = save("credit_check_invoices" if invoices else "credit_check", {
-        "seconds": seconds, "customers": CUSTOMERS, "open_invoices": invoices, "relay": relay,
-        "hello_rps": hello_rps,
-        "check_rps": check_rps, "hello_p99_ms": hello_p99, "check_p50_ms": check_p50,
-        "check_p99_ms": check_p99, "ratio_throughput": ratio(check_rps, hello_rps),
-        "cpu_per_request_us": {f"{who}, {phase}": m for (who, phase), m in cpu.items()}})
+    path = save(
+        "credit_check_invoices" if invoices else "credit_check",
+        {
+            "seconds": seconds,
+            "customers": CUSTOMERS,
+            "open_invoices": invoices,
+            "relay": relay,
+            "hello_rps": hello_rps,
+            "check_rps": check_rps,
+            "hello_p99_ms": hello_p99,
+            "check_p50_ms": check_p50,
+            "check_p99_ms": check_p99,
+            "ratio_throughput": ratio(check_rps, hello_rps),
+            "cpu_per_request_us": {f"{who}, {phase}": m for (who, phase), m in cpu.items()},
+        },
+    )
     print(f"\nsaved {path}")
 
 
@@ -361,12 +478,24 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=60,
-                        help="seconds of unmeasured load on both servers first (0: none)")
-    parser.add_argument("--invoices", type=int, default=0,
-                        help="open invoices per customer before the checks (default 0)")
-    parser.add_argument("--relay", choices=("worker", "api"), default="worker",
-                        help="who publishes the outbox: the service's worker beside the API "
-                             "replica (as deployed; default) or the replica itself")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=60,
+        help="seconds of unmeasured load on both servers first (0: none)",
+    )
+    parser.add_argument(
+        "--invoices",
+        type=int,
+        default=0,
+        help="open invoices per customer before the checks (default 0)",
+    )
+    parser.add_argument(
+        "--relay",
+        choices=("worker", "api"),
+        default="worker",
+        help="who publishes the outbox: the service's worker beside the API "
+        "replica (as deployed; default) or the replica itself",
+    )
     args = parser.parse_args()
     main(args.runs, args.seconds, args.warmup, args.invoices, args.relay)

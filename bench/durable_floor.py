@@ -127,7 +127,9 @@ async def main():
 asyncio.run(main())
 '''
 
-APPS = ANSWERING + '''
+APPS = (
+    ANSWERING
+    + '''
 import asyncio
 import os
 
@@ -271,6 +273,7 @@ one_row = app_writing(1)
 five_rows = app_writing(5)
 five_rows_relayed = app_writing(5, "floor_outbox_relayed")
 '''
+)
 
 SERVERS = {  # name: (app, method)
     "hello": ("durable_apps:hello", "GET"),
@@ -317,16 +320,20 @@ def main(runs: int, seconds: int, warmup: int) -> None:
     urls: dict[str, str] = {}
     rps = {name: Measure(f"{name}: requests/s under wrk", "req/s") for name in SERVERS}
     made = dict.fromkeys(SERVERS, 0)
-    server_full = {name: Measure(f"{name}: server CPU per request under wrk", "µs")
-                   for name in SERVERS}
-    pg_full = {name: Measure(f"{name}: PostgreSQL CPU per request under wrk", "µs")
-               for name in SERVERS}
+    server_full = {
+        name: Measure(f"{name}: server CPU per request under wrk", "µs") for name in SERVERS
+    }
+    pg_full = {
+        name: Measure(f"{name}: PostgreSQL CPU per request under wrk", "µs") for name in SERVERS
+    }
     p50 = {name: Measure(f"{name}: p50 at {RATE:,}/s", "ms") for name in SERVERS}
     p99 = {name: Measure(f"{name}: p99 at {RATE:,}/s", "ms") for name in SERVERS}
-    server_rate = {name: Measure(f"{name}: server CPU per request at {RATE:,}/s", "µs")
-                   for name in SERVERS}
-    pg_rate = {name: Measure(f"{name}: PostgreSQL CPU per request at {RATE:,}/s", "µs")
-               for name in SERVERS}
+    server_rate = {
+        name: Measure(f"{name}: server CPU per request at {RATE:,}/s", "µs") for name in SERVERS
+    }
+    pg_rate = {
+        name: Measure(f"{name}: PostgreSQL CPU per request at {RATE:,}/s", "µs") for name in SERVERS
+    }
     relay_full = Measure("5 rows, relayed: its relay's CPU per request under wrk", "µs")
     kafka_full = Measure("5 rows, relayed: Kafka's CPU per request under wrk", "µs")
     relay_rate = Measure(f"5 rows, relayed: its relay's CPU per request at {RATE:,}/s", "µs")
@@ -339,16 +346,18 @@ def main(runs: int, seconds: int, warmup: int) -> None:
         asyncio.run(servers.create_topics_async(kafka.bootstrap, [TOPIC], 4))
         env_dsn = {"FLOOR_DSN": dsn}
         relay = subprocess.Popen(
-            [sys.executable, "floor_relay.py"], cwd=work, stdout=relay_out.open("w"),
-            stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, **env_dsn, "FLOOR_BOOTSTRAP": kafka.bootstrap})
+            [sys.executable, "floor_relay.py"],
+            cwd=work,
+            stdout=relay_out.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **env_dsn, "FLOOR_BOOTSTRAP": kafka.bootstrap},
+        )
         try:
             for name, (app, method) in SERVERS.items():
                 port = servers.free_port()
-                procs[name] = start_uvicorn(app, port, work, work / f"{name}.log",
-                                            env=env_dsn)
-                urls[name] = f"http://127.0.0.1:{port}" + ("/hello" if method == "GET"
-                                                          else "")
+                procs[name] = start_uvicorn(app, port, work, work / f"{name}.log", env=env_dsn)
+                urls[name] = f"http://127.0.0.1:{port}" + ("/hello" if method == "GET" else "")
             if warmup > 0:
                 # Not measured: the fresh broker compiles its hot paths (see credit_check).
                 script.write_text(WRK_SCRIPT % ("none", time.time_ns(), CUSTOMERS - 1))
@@ -359,14 +368,23 @@ def main(runs: int, seconds: int, warmup: int) -> None:
                     pid = procs[name].pid
                     tag = time.time_ns()
                     script.write_text(WRK_SCRIPT % ("none", tag, CUSTOMERS - 1))
-                    others = {"relay": relay.pid, "kafka": kafka.pid} \
-                        if name == "5 rows, relayed" else {}
+                    others = (
+                        {"relay": relay.pid, "kafka": kafka.pid}
+                        if name == "5 rows, relayed"
+                        else {}
+                    )
                     taken = Cpu(server=pid, pg=pg.pid, **others)
-                    rps[name].runs.append(wrk_run(
-                        wrk, urls[name], seconds, script if method == "POST" else None)[0])
+                    rps[name].runs.append(
+                        wrk_run(wrk, urls[name], seconds, script if method == "POST" else None)[0]
+                    )
                     made[name] += LAST["requests"]
-                    keep(taken.per_request_us(), server_full[name], pg_full[name], relay_full,
-                         kafka_full)
+                    keep(
+                        taken.per_request_us(),
+                        server_full[name],
+                        pg_full[name],
+                        relay_full,
+                        kafka_full,
+                    )
                     targets = work / "targets"
                     write_targets(targets, name, method, urls[name], RATE * seconds, tag)
                     taken = Cpu(server=pid, pg=pg.pid, **others)
@@ -374,13 +392,23 @@ def main(runs: int, seconds: int, warmup: int) -> None:
                     if result["success"] < 1:
                         raise RuntimeError(f"{name}: failed requests at {RATE}/s: {result}")
                     made[name] += LAST["requests"]
-                    keep(taken.per_request_us(), server_rate[name], pg_rate[name], relay_rate,
-                         kafka_rate)
+                    keep(
+                        taken.per_request_us(),
+                        server_rate[name],
+                        pg_rate[name],
+                        relay_rate,
+                        kafka_rate,
+                    )
                     p50[name].runs.append(result["p50_ms"])
                     p99[name].runs.append(result["p99_ms"])
-                print(f"run {run + 1}: " + ", ".join(
-                    f"{name} {rps[name].runs[-1]:,.0f}/s (p99 {p99[name].runs[-1]:.1f} ms)"
-                    for name in SERVERS), flush=True)
+                print(
+                    f"run {run + 1}: "
+                    + ", ".join(
+                        f"{name} {rps[name].runs[-1]:,.0f}/s (p99 {p99[name].runs[-1]:.1f} ms)"
+                        for name in SERVERS
+                    ),
+                    flush=True,
+                )
         finally:
             for proc in procs.values():
                 proc.terminate()
@@ -391,41 +419,70 @@ def main(runs: int, seconds: int, warmup: int) -> None:
         counts = asyncio.run(stored(dsn))
         found = re.search(r"published (\d+)", relay_out.read_text())
         published = int(found.group(1)) if found else 0
-        print(f"stored: {counts}; published {published:,}; answered: " + ", ".join(
-            f"{name} {made[name]:,}" for name in WRITERS))
+        print(
+            f"stored: {counts}; published {published:,}; answered: "
+            + ", ".join(f"{name} {made[name]:,}" for name in WRITERS)
+        )
         five = made["5 rows"] + made["5 rows, relayed"]
-        if counts["one"] < made["1 row"] or any(
-                counts[key] < five for key in ("checks", "events", "reservations", "moved")) \
-                or counts["outbox"] < made["5 rows"] or counts["unrelayed"] \
-                or published < made["5 rows, relayed"]:
+        if (
+            counts["one"] < made["1 row"]
+            or any(counts[key] < five for key in ("checks", "events", "reservations", "moved"))
+            or counts["outbox"] < made["5 rows"]
+            or counts["unrelayed"]
+            or published < made["5 rows, relayed"]
+        ):
             raise RuntimeError("answered checks are missing rows or were not published")
     rows: list[tuple[str, ...]] = [("measure", "median", "runs", "ratio to hello-world")]
     # PostgreSQL's figures have no baseline: the hello-world does not use it (what it shows
     # there is autovacuum cleaning up after the writers' runs).
-    for group, compared in ((rps, True), (server_full, True), (pg_full, False),
-                            ({"r": relay_full, "k": kafka_full}, False), (p50, True),
-                            (p99, True), (server_rate, True), (pg_rate, False),
-                            ({"r": relay_rate, "k": kafka_rate}, False)):
+    for group, compared in (
+        (rps, True),
+        (server_full, True),
+        (pg_full, False),
+        ({"r": relay_full, "k": kafka_full}, False),
+        (p50, True),
+        (p99, True),
+        (server_rate, True),
+        (pg_rate, False),
+        ({"r": relay_rate, "k": kafka_rate}, False),
+    ):
         base = group.get("hello")
         for m in group.values():
             shown = f"{ratio(m, base):.2f}" if compared and base is not None else ""
-            rows.append((m.name, f"{m.median:,.1f} {m.unit}" if m.unit == "ms"
-                         else f"{m.median:,.0f} {m.unit}",
-                         ", ".join(f"{x:,.1f}" if m.unit == "ms" else f"{x:,.0f}"
-                                   for x in m.runs), shown))
+            rows.append(
+                (
+                    m.name,
+                    f"{m.median:,.1f} {m.unit}" if m.unit == "ms" else f"{m.median:,.0f} {m.unit}",
+                    ", ".join(f"{x:,.1f}" if m.unit == "ms" else f"{x:,.0f}" for x in m.runs),
+                    shown,
+                )
+            )
     print()
     print(table(rows))
-    path = save("durable_floor", {
-        "seconds": seconds, "rate": RATE, "rps": rps, "server_cpu_full_load_us": server_full,
-        "pg_cpu_full_load_us": pg_full, "p50_ms": p50, "p99_ms": p99,
-        "server_cpu_at_rate_us": server_rate, "pg_cpu_at_rate_us": pg_rate,
-        "relayed_relay_cpu_full_load_us": relay_full, "relayed_kafka_cpu_full_load_us": kafka_full,
-        "relayed_relay_cpu_at_rate_us": relay_rate, "relayed_kafka_cpu_at_rate_us": kafka_rate})
+    path = save(
+        "durable_floor",
+        {
+            "seconds": seconds,
+            "rate": RATE,
+            "rps": rps,
+            "server_cpu_full_load_us": server_full,
+            "pg_cpu_full_load_us": pg_full,
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "server_cpu_at_rate_us": server_rate,
+            "pg_cpu_at_rate_us": pg_rate,
+            "relayed_relay_cpu_full_load_us": relay_full,
+            "relayed_kafka_cpu_full_load_us": kafka_full,
+            "relayed_relay_cpu_at_rate_us": relay_rate,
+            "relayed_kafka_cpu_at_rate_us": kafka_rate,
+        },
+    )
     print(f"\nsaved {path}")
 
 
-def keep(spent: dict[str, float], server: Measure, pg: Measure, relay: Measure,
-         kafka: Measure) -> None:
+def keep(
+    spent: dict[str, float], server: Measure, pg: Measure, relay: Measure, kafka: Measure
+) -> None:
     """One run's CPU per request, by process (the relay and the broker: if measured)."""
     server.runs.append(spent["server"])
     pg.runs.append(spent["pg"])
@@ -441,19 +498,37 @@ def write_targets(path: Path, name: str, method: str, url: str, count: int, tag:
             out.write(json.dumps({"method": "GET", "url": url}) + "\n")
             return
         for n in range(count):
-            body = json.dumps({"order_id": f"V{tag}-{n}", "customer_id": f"B{n % CUSTOMERS:04d}",
-                               "amount": "125.50", "currency": "EUR"})
-            out.write(json.dumps({"method": "POST", "url": f"{url}/v1/credit-checks",
-                                  "header": {"Content-Type": ["application/json"]},
-                                  "body": base64.b64encode(body.encode()).decode()}) + "\n")
+            body = json.dumps(
+                {
+                    "order_id": f"V{tag}-{n}",
+                    "customer_id": f"B{n % CUSTOMERS:04d}",
+                    "amount": "125.50",
+                    "currency": "EUR",
+                }
+            )
+            out.write(
+                json.dumps(
+                    {
+                        "method": "POST",
+                        "url": f"{url}/v1/credit-checks",
+                        "header": {"Content-Type": ["application/json"]},
+                        "body": base64.b64encode(body.encode()).decode(),
+                    }
+                )
+                + "\n"
+            )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=30,
-                        help="seconds of unmeasured load on the relayed server first, while "
-                             "the fresh broker warms up (0: none)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=30,
+        help="seconds of unmeasured load on the relayed server first, while "
+        "the fresh broker warms up (0: none)",
+    )
     args = parser.parse_args()
     main(args.runs, args.seconds, args.warmup)

@@ -32,7 +32,7 @@ from bench.credit_check import WRK_SCRIPT, Cpu, ensure_tools, start_uvicorn, veg
 from tests.infra import servers
 
 # A check's answer, for the servers here and bench/durable_floor's.
-ANSWERING = '''
+ANSWERING = """
 import uuid
 
 import orjson
@@ -67,9 +67,11 @@ async def send_json(send, body):
     await send({"type": "http.response.start", "status": 200,
                 "headers": [*HEADERS, (b"content-length", str(len(payload)).encode())]})
     await send({"type": "http.response.body", "body": payload})
-'''
+"""
 
-APPS = ANSWERING + '''
+APPS = (
+    ANSWERING
+    + """
 from decimal import Decimal
 
 from fastapi import FastAPI
@@ -129,7 +131,8 @@ async def check(request: CheckRequest) -> dict:
 @route.get("/hello")
 async def route_hello() -> dict[str, str]:
     return {"hello": "world"}
-'''
+"""
+)
 
 SERVERS = {  # name: (app, method)
     "hello": ("floor_apps:hello", "GET"),
@@ -146,15 +149,22 @@ def main(runs: int, seconds: int) -> None:
     (work / "floor_apps.py").write_text(APPS)
     script = work / "check.lua"
     script.write_text(WRK_SCRIPT % ("none", time.time_ns(), 999))
-    body = base64.b64encode(json.dumps({"order_id": "F-1", "customer_id": "B0001",
-                                        "amount": "99.90", "currency": "EUR"}).encode())
+    body = base64.b64encode(
+        json.dumps(
+            {"order_id": "F-1", "customer_id": "B0001", "amount": "99.90", "currency": "EUR"}
+        ).encode()
+    )
     procs: dict[str, subprocess.Popen[bytes]] = {}
     urls: dict[str, str] = {}
     rps = {name: Measure(f"{name}: requests/s under wrk", "req/s") for name in SERVERS}
-    cpu_full = {name: Measure(f"{name}: server CPU per request under wrk", "µs")
-                for name in SERVERS}
-    cpu_rate = {(name, rate): Measure(f"{name}: server CPU per request at {rate:,}/s", "µs")
-                for name in SERVERS for rate in RATES}
+    cpu_full = {
+        name: Measure(f"{name}: server CPU per request under wrk", "µs") for name in SERVERS
+    }
+    cpu_rate = {
+        (name, rate): Measure(f"{name}: server CPU per request at {rate:,}/s", "µs")
+        for name in SERVERS
+        for rate in RATES
+    }
     try:
         for name, (app, method) in SERVERS.items():
             port = servers.free_port()
@@ -165,11 +175,14 @@ def main(runs: int, seconds: int) -> None:
                 pid = procs[name].pid
                 taken = Cpu(server=pid)
                 rps[name].runs.append(
-                    wrk_run(wrk, urls[name], seconds, script if method == "POST" else None)[0])
+                    wrk_run(wrk, urls[name], seconds, script if method == "POST" else None)[0]
+                )
                 cpu_full[name].runs.append(taken.per_request_us()["server"])
-                target = {"method": method, "url": urls[name] if method == "GET"
-                          else f"{urls[name]}/v1/credit-checks",
-                          "header": {"Content-Type": ["application/json"]}}
+                target = {
+                    "method": method,
+                    "url": urls[name] if method == "GET" else f"{urls[name]}/v1/credit-checks",
+                    "header": {"Content-Type": ["application/json"]},
+                }
                 if method == "POST":
                     target["body"] = body.decode()
                 targets = work / "targets"
@@ -178,23 +191,41 @@ def main(runs: int, seconds: int) -> None:
                     taken = Cpu(server=pid)
                     vegeta_run(vegeta, targets, seconds, rate)
                     cpu_rate[name, rate].runs.append(taken.per_request_us()["server"])
-            print(f"run {run + 1}: " + ", ".join(
-                f"{name} {rps[name].runs[-1]:,.0f}/s" for name in SERVERS), flush=True)
+            print(
+                f"run {run + 1}: "
+                + ", ".join(f"{name} {rps[name].runs[-1]:,.0f}/s" for name in SERVERS),
+                flush=True,
+            )
     finally:
         for proc in procs.values():
             proc.terminate()
     rows = [("measure", "median", "runs", "ratio to hello-world")]
-    for group in (rps, cpu_full, *({name: cpu_rate[name, rate] for name in SERVERS}
-                                   for rate in RATES)):
+    for group in (
+        rps,
+        cpu_full,
+        *({name: cpu_rate[name, rate] for name in SERVERS} for rate in RATES),
+    ):
         base = group["hello"]
         for m in group.values():
-            rows.append((m.name, f"{m.median:,.0f} {m.unit}",
-                         ", ".join(f"{x:,.0f}" for x in m.runs), f"{ratio(m, base):.2f}"))
+            rows.append(
+                (
+                    m.name,
+                    f"{m.median:,.0f} {m.unit}",
+                    ", ".join(f"{x:,.0f}" for x in m.runs),
+                    f"{ratio(m, base):.2f}",
+                )
+            )
     print()
     print(table(rows))
-    path = save("http_floor", {"seconds": seconds, "rps": rps, "cpu_full_load_us": cpu_full,
-                               "cpu_at_rate_us": {f"{n}, {r}/s": m
-                                                  for (n, r), m in cpu_rate.items()}})
+    path = save(
+        "http_floor",
+        {
+            "seconds": seconds,
+            "rps": rps,
+            "cpu_full_load_us": cpu_full,
+            "cpu_at_rate_us": {f"{n}, {r}/s": m for (n, r), m in cpu_rate.items()},
+        },
+    )
     print(f"\nsaved {path}")
 
 

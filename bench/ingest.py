@@ -36,8 +36,13 @@ from tests.streams import ledger
 
 
 def workload(events: int) -> list[Record]:
-    registrations, stream = ledger(customers=max(events // 40, 10), total=events,
-                                   duplicate_share=0.0, malformed_share=0.0, seed=11)
+    registrations, stream = ledger(
+        customers=max(events // 40, 10),
+        total=events,
+        duplicate_share=0.0,
+        malformed_share=0.0,
+        seed=11,
+    )
     offsets: dict[str, int] = {}
     out = []
     for item in registrations + stream:
@@ -59,12 +64,13 @@ async def run_core(url: str, records: list[Record], batch: int, *, fold: bool) -
     await upgrade(engine, "limits")
     settings = Settings()
     kind = LimitsService if fold else NoProjection
-    core = EventCore(kind(settings, load_policy(None)), engine,
-                     topic_of_type=settings.topic_of_type())
+    core = EventCore(
+        kind(settings, load_policy(None)), engine, topic_of_type=settings.topic_of_type()
+    )
     pipeline = Pipeline(core)  # as the consumer loop runs it
     started = time.perf_counter()
     for i in range(0, len(records), batch):
-        await pipeline.feed(records[i:i + batch])
+        await pipeline.feed(records[i : i + batch])
     await pipeline.drain()
     elapsed = time.perf_counter() - started
     await engine.dispose()
@@ -79,12 +85,21 @@ async def run_raw(url: str, records: list[Record], batch: int) -> float:
     async with engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
     now = datetime.now(UTC)
-    rows = [es.envelope_row(decode(r.value), topic=r.topic, partition=r.partition,
-                            offset=r.offset, recorded_at=now, raw=r.value) for r in records]
+    rows = [
+        es.envelope_row(
+            decode(r.value),
+            topic=r.topic,
+            partition=r.partition,
+            offset=r.offset,
+            recorded_at=now,
+            raw=r.value,
+        )
+        for r in records
+    ]
     started = time.perf_counter()
     for i in range(0, len(rows), batch):
         async with engine.begin() as conn:
-            await conn.execute(insert(core.events), rows[i:i + batch])
+            await conn.execute(insert(core.events), rows[i : i + batch])
     elapsed = time.perf_counter() - started
     await engine.dispose()
     return len(records) / elapsed
@@ -100,22 +115,40 @@ async def main(events: int, runs: int, batch: int) -> None:
         for n in range(runs):
             # Alternate, each on a fresh database, so drift on a noisy machine hits all.
             raw.runs.append(await run_raw(servers.create_database(pg.url), records, batch))
-            core.runs.append(await run_core(servers.create_database(pg.url), records, batch,
-                                            fold=False))
-            folded.runs.append(await run_core(servers.create_database(pg.url), records,
-                                              batch, fold=True))
-            print(f"run {n + 1}: raw {raw.runs[-1]:,.0f} rows/s, core {core.runs[-1]:,.0f}, "
-                  f"core+limits {folded.runs[-1]:,.0f} events/s")
+            core.runs.append(
+                await run_core(servers.create_database(pg.url), records, batch, fold=False)
+            )
+            folded.runs.append(
+                await run_core(servers.create_database(pg.url), records, batch, fold=True)
+            )
+            print(
+                f"run {n + 1}: raw {raw.runs[-1]:,.0f} rows/s, core {core.runs[-1]:,.0f}, "
+                f"core+limits {folded.runs[-1]:,.0f} events/s"
+            )
     print()
     rows = [("measure", "median", "runs", "ratio to baseline")]
     for m in (raw, core, folded):
-        rows.append((m.name, f"{m.median:,.0f} {m.unit}", ", ".join(f"{x:,.0f}" for x in m.runs),
-                     f"{ratio(m, raw):.2f}"))
+        rows.append(
+            (
+                m.name,
+                f"{m.median:,.0f} {m.unit}",
+                ", ".join(f"{x:,.0f}" for x in m.runs),
+                f"{ratio(m, raw):.2f}",
+            )
+        )
     print(table(rows))
-    path = save("ingest", {"events": len(records), "batch": batch, "baseline": raw,
-                           "core": core, "core_with_limits": folded,
-                           "ratio_core": ratio(core, raw),
-                           "ratio_core_with_limits": ratio(folded, raw)})
+    path = save(
+        "ingest",
+        {
+            "events": len(records),
+            "batch": batch,
+            "baseline": raw,
+            "core": core,
+            "core_with_limits": folded,
+            "ratio_core": ratio(core, raw),
+            "ratio_core_with_limits": ratio(folded, raw),
+        },
+    )
     print(f"\nsaved {path}")
 
 

@@ -110,21 +110,25 @@ def parse_bound(value: str, *, end: bool) -> datetime:
         if len(text) == 10:
             day = date.fromisoformat(text)
             if end:
-                return datetime.combine(day + timedelta(days=1), time(0), tzinfo=UTC) \
-                    - timedelta(microseconds=1)
+                return datetime.combine(day + timedelta(days=1), time(0), tzinfo=UTC) - timedelta(
+                    microseconds=1
+                )
             return datetime.combine(day, time(0), tzinfo=UTC)
         stamp = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
-        raise BacktestError(f"not a date (YYYY-MM-DD) or an RFC 3339 timestamp: {value!r}"
-                            ) from None
+        raise BacktestError(
+            f"not a date (YYYY-MM-DD) or an RFC 3339 timestamp: {value!r}"
+        ) from None
     if stamp.tzinfo is None:
         raise BacktestError(f"a timestamp needs a UTC offset: {value!r}")
     return stamp.astimezone(UTC)
 
 
 def make_window(start: str | None, end: str | None) -> Window:
-    window = Window(parse_bound(start, end=False) if start else None,
-                    parse_bound(end, end=True) if end else None)
+    window = Window(
+        parse_bound(start, end=False) if start else None,
+        parse_bound(end, end=True) if end else None,
+    )
     if window.start and window.end and window.start > window.end:
         raise BacktestError(f"--from {start} is after --to {end}")
     return window
@@ -151,12 +155,15 @@ def _require_sqlite_file(name: str, url: str) -> None:
         return
     path = url.split("///", 1)[-1] if "///" in url else ""
     if path and path != ":memory:" and not path.startswith("file:") and not Path(path).exists():
-        raise BacktestError(f"{name}: no database at {path} (nothing to back-test; run the "
-                            "services or 'creditwatch db upgrade' first)")
+        raise BacktestError(
+            f"{name}: no database at {path} (nothing to back-test; run the "
+            "services or 'creditwatch db upgrade' first)"
+        )
 
 
-async def read_store(settings: Settings, name: str, policy: Policy, until: datetime | None
-                     ) -> Store:
+async def read_store(
+    settings: Settings, name: str, policy: Policy, until: datetime | None
+) -> Store:
     """Every stored event of the service up to ``until``, in store order, from one
     read-only snapshot (REPEATABLE READ on PostgreSQL)."""
     url = settings.database_url_for(name)
@@ -182,9 +189,11 @@ async def read_store(settings: Settings, name: str, policy: Policy, until: datet
                             out.items.append((env, model))
                             out.subjects.add(env.subject)
     except SQLAlchemyError as exc:
-        raise BacktestError(f"{name}: cannot read the event store at "
-                            f"{redact_url(url)}: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0]}") from None
+        raise BacktestError(
+            f"{name}: cannot read the event store at "
+            f"{redact_url(url)}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
     finally:
         await engine.dispose()
     return out
@@ -240,13 +249,22 @@ class Judge(Protocol):
 
     def wants(self, env: Envelope) -> bool: ...
 
-    async def judge(self, conn: AsyncConnection, env: Envelope,
-                    model: BaseModel) -> Judgement | None: ...
+    async def judge(
+        self, conn: AsyncConnection, env: Envelope, model: BaseModel
+    ) -> Judgement | None: ...
 
 
-async def fold(conn: AsyncConnection, service: Any, stream: Iterable[Item], *, now: datetime,
-               collect: bool, one_per_customer: bool = False, judge: Judge | None = None,
-               first_seq: int = 1) -> Fold:
+async def fold(
+    conn: AsyncConnection,
+    service: Any,
+    stream: Iterable[Item],
+    *,
+    now: datetime,
+    collect: bool,
+    one_per_customer: bool = False,
+    judge: Judge | None = None,
+    first_seq: int = 1,
+) -> Fold:
     """Fold ``stream`` with the service's handler, as a replay does, into ``conn``.
 
     ``collect`` keeps the events the service derives (a replay drops them).
@@ -285,8 +303,13 @@ async def fold(conn: AsyncConnection, service: Any, stream: Iterable[Item], *, n
                 except Exception as exc:
                     cache.clear()
                     result.rejected[PROCESSING_ERROR] += 1
-                    log.warning("backtest: %s could not process %s %s: %s", service.name,
-                                inc.envelope.type, inc.envelope.id, exc)
+                    log.warning(
+                        "backtest: %s could not process %s %s: %s",
+                        service.name,
+                        inc.envelope.type,
+                        inc.envelope.id,
+                        exc,
+                    )
         page.clear()
         subjects.clear()
 
@@ -304,8 +327,9 @@ async def fold(conn: AsyncConnection, service: Any, stream: Iterable[Item], *, n
     return result
 
 
-def merge(stored: Iterable[Item], drop: Callable[[Envelope], bool],
-          derived: Sequence[Item]) -> Iterator[Item]:
+def merge(
+    stored: Iterable[Item], drop: Callable[[Envelope], bool], derived: Sequence[Item]
+) -> Iterator[Item]:
     """The stored events without those ``drop`` selects, with ``derived`` slotted in by
     business time: each derived event goes before the first kept stored event that is
     strictly later (so it follows the events of its own instant, which caused it)."""
@@ -321,8 +345,7 @@ def merge(stored: Iterable[Item], drop: Callable[[Envelope], bool],
     yield from queue[i:]
 
 
-def _reparse(service: Any, envelopes: Iterable[Envelope], counter: Counter[str]
-             ) -> list[Item]:
+def _reparse(service: Any, envelopes: Iterable[Envelope], counter: Counter[str]) -> list[Item]:
     out: list[Item] = []
     for env in envelopes:
         try:
@@ -344,41 +367,66 @@ class CheckJudge:
     window: Window
 
     def wants(self, env: Envelope) -> bool:
-        return env.type == limits_events.CreditCheckDecided.TYPE and \
-            self.window.contains(env.time)
+        return env.type == limits_events.CreditCheckDecided.TYPE and self.window.contains(env.time)
 
-    async def judge(self, conn: AsyncConnection, env: Envelope,
-                    model: BaseModel) -> Judgement | None:
+    async def judge(
+        self, conn: AsyncConnection, env: Envelope, model: BaseModel
+    ) -> Judgement | None:
         if not isinstance(model, limits_events.CreditCheckDecided):
             return None
         policy = self.policy
         cid = env.subject
         c = limits_store.customers
         row = (await conn.execute(select(c).where(c.c.customer_id == cid))).first()
-        state = (await limits_store.load_states(conn, {cid: row}))[cid] if row is not None \
+        state = (
+            (await limits_store.load_states(conn, {cid: row}))[cid]
+            if row is not None
             else limits_domain.new_customer(cid, policy)
+        )
         parent = row.parent_id if row is not None else None
         root = parent or cid
         others, members = await limits_store.group_exposure(conn, root, cid)
         group = None
         if parent is not None or members:
-            root_row = row if root == cid else (await conn.execute(
-                select(c).where(c.c.customer_id == root))).first()
+            root_row = (
+                row
+                if root == cid
+                else (await conn.execute(select(c).where(c.c.customer_id == root))).first()
+            )
             limit = Decimal(0)
             if root_row is not None:
                 root_state = limits_store.load_state(root_row.state, root_row.as_of)
                 limit = limits_domain.limit_in(
                     limits_domain.effective_limit(root_state, policy, env.time)[0],
-                    root_state.currency, state.currency, policy)
+                    root_state.currency,
+                    state.currency,
+                    policy,
+                )
             # In the customer's currency, as the limits service judges it.
             group = limits_domain.GroupView(
-                root, limit, limits_domain.in_currency(others, state.currency, policy))
+                root, limit, limits_domain.in_currency(others, state.currency, policy)
+            )
         outcome = limits_domain.decide_credit_check(
-            state, order_id=model.order_id, amount=model.amount, currency=model.currency,
-            reserve=model.reserve, policy=policy, now=env.time, group=group)
-        return Judgement(model.check_id, model.order_id, cid, env.time,
-                         format(model.amount, "f"), model.currency, model.decision,
-                         outcome.decision, list(outcome.reasons))
+            state,
+            order_id=model.order_id,
+            amount=model.amount,
+            currency=model.currency,
+            reserve=model.reserve,
+            policy=policy,
+            now=env.time,
+            group=group,
+        )
+        return Judgement(
+            model.check_id,
+            model.order_id,
+            cid,
+            env.time,
+            format(model.amount, "f"),
+            model.currency,
+            model.decision,
+            outcome.decision,
+            list(outcome.reasons),
+        )
 
 
 # ---- one policy, all three services -------------------------------------------------------------
@@ -397,21 +445,31 @@ class Snapshot:
     rejected: dict[str, Counter[str]] = field(default_factory=dict)
 
 
-async def simulate(settings: Settings, policy: Policy, stores: dict[str, Store],
-                   window: Window, progress: Progress | None = None) -> Snapshot:
+async def simulate(
+    settings: Settings,
+    policy: Policy,
+    stores: dict[str, Store],
+    window: Window,
+    progress: Progress | None = None,
+) -> Snapshot:
     """Chain the three folds under ``policy``; see the module docstring."""
     say = progress or (lambda _m: None)
     now = window.end or datetime.now(UTC)
     snap = Snapshot()
 
-    say(f"assessment: folding {len(stores['assessment'].items)} events "
-        f"under policy {policy.version}")
+    say(
+        f"assessment: folding {len(stores['assessment'].items)} events "
+        f"under policy {policy.version}"
+    )
     a_svc = registry.service_for("assessment", settings, policy)
     async with scratch(a_svc) as conn:
         a_fold = await fold(conn, a_svc, stores["assessment"].items, now=now, collect=True)
         c = assessment_store.customers.c
-        for ar in await conn.execute(select(c.customer_id, c.name, c.currency, c.grade,
-                                            c.computed_grade, c.score, c.risk_level)):
+        for ar in await conn.execute(
+            select(
+                c.customer_id, c.name, c.currency, c.grade, c.computed_grade, c.score, c.risk_level
+            )
+        ):
             snap.assessment[ar.customer_id] = dict(ar._mapping)
     snap.rejected["assessment"] = a_fold.rejected
     graded = [env for env in a_fold.outputs if env.type == ASSESSED]
@@ -420,15 +478,37 @@ async def simulate(settings: Settings, policy: Policy, stores: dict[str, Store],
     say(f"limits: folding {len(stores['limits'].items)} events under policy {policy.version}")
     l_svc = registry.service_for("limits", settings, policy)
     l_derived = _reparse(l_svc, graded, a_fold.rejected)
-    l_stream = merge(stores["limits"].items,
-                     lambda env: env.type == ASSESSED and env.subject in regraded, l_derived)
+    l_stream = merge(
+        stores["limits"].items,
+        lambda env: env.type == ASSESSED and env.subject in regraded,
+        l_derived,
+    )
     async with scratch(l_svc) as conn:
-        l_fold = await fold(conn, l_svc, l_stream, now=now, collect=True,
-                            one_per_customer=True, judge=CheckJudge(policy, window))
+        l_fold = await fold(
+            conn,
+            l_svc,
+            l_stream,
+            now=now,
+            collect=True,
+            one_per_customer=True,
+            judge=CheckJudge(policy, window),
+        )
         c = limits_store.customers.c
-        for lr in await conn.execute(select(
-                c.customer_id, c.name, c.currency, c.grade, c.limit_amount, c.limit_source,
-                c.on_hold, c.exposure, c.available, c.over_limit, c.overdue_amount)):
+        for lr in await conn.execute(
+            select(
+                c.customer_id,
+                c.name,
+                c.currency,
+                c.grade,
+                c.limit_amount,
+                c.limit_source,
+                c.on_hold,
+                c.exposure,
+                c.available,
+                c.over_limit,
+                c.overdue_amount,
+            )
+        ):
             snap.limits[lr.customer_id] = dict(lr._mapping)
         h = limits_store.limit_history.c
         for hr in await conn.execute(select(h.customer_id, h.effective_at)):
@@ -462,8 +542,9 @@ async def simulate(settings: Settings, policy: Policy, stores: dict[str, Store],
             al_fold.rejected.update(more.rejected)
             seq += len(due)
         a = alerts_store.alerts.c
-        for r in await conn.execute(select(a.customer_id, a.rule, a.severity, a.status,
-                                           a.raised_at)):
+        for r in await conn.execute(
+            select(a.customer_id, a.rule, a.severity, a.status, a.raised_at)
+        ):
             if r.status in ACTIVE:
                 snap.open_alerts.setdefault(r.customer_id, {})[r.rule] = r.severity
             if window.contains(r.raised_at):
@@ -472,17 +553,23 @@ async def simulate(settings: Settings, policy: Policy, stores: dict[str, Store],
     return snap
 
 
-async def run_backtest(settings: Settings, current: Policy, candidate: Policy, *,
-                       window: Window = Window(), progress: Progress | None = None
-                       ) -> dict[str, Any]:
+async def run_backtest(
+    settings: Settings,
+    current: Policy,
+    candidate: Policy,
+    *,
+    window: Window = Window(),
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Read the three stores once, fold them under both policies, return the report."""
     stores = {}
     for name in registry.SERVICES:
         stores[name] = await read_store(settings, name, current, window.end)
     before = await simulate(settings, current, stores, window, progress)
     after = await simulate(settings, candidate, stores, window, progress)
-    return compare(before, after, current=current, candidate=candidate, window=window,
-                   stores=stores)
+    return compare(
+        before, after, current=current, candidate=candidate, window=window, stores=stores
+    )
 
 
 # ---- comparing -------------------------------------------------------------------------------
@@ -513,13 +600,27 @@ def _pair(a: Any, b: Any) -> dict[str, Any]:
     return {"current": a, "candidate": b}
 
 
-def compare(before: Snapshot, after: Snapshot, *, current: Policy, candidate: Policy,
-            window: Window, stores: dict[str, Store]) -> dict[str, Any]:
+def compare(
+    before: Snapshot,
+    after: Snapshot,
+    *,
+    current: Policy,
+    candidate: Policy,
+    window: Window,
+    stores: dict[str, Store],
+) -> dict[str, Any]:
     """The report: per-customer differences and summary counts (JSON-ready)."""
     order = (candidate, current)
-    ids = sorted(set(before.assessment) | set(after.assessment) | set(before.limits)
-                 | set(after.limits) | set(before.open_alerts) | set(after.open_alerts)
-                 | set(before.raised) | set(after.raised))
+    ids = sorted(
+        set(before.assessment)
+        | set(after.assessment)
+        | set(before.limits)
+        | set(after.limits)
+        | set(before.open_alerts)
+        | set(after.open_alerts)
+        | set(before.raised)
+        | set(after.raised)
+    )
     customers: list[dict[str, Any]] = []
     grades = Counter[str]()
     limits = Counter[str]()
@@ -533,7 +634,8 @@ def compare(before: Snapshot, after: Snapshot, *, current: Policy, candidate: Po
         if a0.get("grade") != a1.get("grade"):
             direction = _direction(a0.get("grade"), a1.get("grade"), order)
             entry["grade"] = _pair(a0.get("grade"), a1.get("grade")) | {
-                "move": {1: "upgrade", -1: "downgrade"}.get(direction, "change")}
+                "move": {1: "upgrade", -1: "downgrade"}.get(direction, "change")
+            }
             grades["changed"] += 1
             grades[{1: "upgraded", -1: "downgraded"}.get(direction, "other")] += 1
             diffs += 1
@@ -545,14 +647,18 @@ def compare(before: Snapshot, after: Snapshot, *, current: Policy, candidate: Po
         ccy = l1.get("currency") or l0.get("currency")
         for snapshot_row, slot in ((l0, 0), (l1, 1)):
             if snapshot_row:
-                totals.setdefault(snapshot_row["currency"], [Decimal(0), Decimal(0)])[slot] \
-                    += snapshot_row["limit_amount"]
-        if l0.get("limit_amount") != l1.get("limit_amount") or \
-                l0.get("limit_source") != l1.get("limit_source"):
+                totals.setdefault(snapshot_row["currency"], [Decimal(0), Decimal(0)])[slot] += (
+                    snapshot_row["limit_amount"]
+                )
+        if l0.get("limit_amount") != l1.get("limit_amount") or l0.get("limit_source") != l1.get(
+            "limit_source"
+        ):
             old, new = l0.get("limit_amount"), l1.get("limit_amount")
             entry["limit"] = _pair(_money(old), _money(new)) | {
-                "currency": ccy, "source": _pair(l0.get("limit_source"), l1.get("limit_source")),
-                "available": _pair(_money(l0.get("available")), _money(l1.get("available")))}
+                "currency": ccy,
+                "source": _pair(l0.get("limit_source"), l1.get("limit_source")),
+                "available": _pair(_money(l0.get("available")), _money(l1.get("available"))),
+            }
             limits["changed"] += 1
             if old is not None and new is not None and old != new:
                 limits["raised" if new > old else "lowered"] += 1
@@ -575,19 +681,24 @@ def compare(before: Snapshot, after: Snapshot, *, current: Policy, candidate: Po
                 alerts.setdefault("would_not_open", []).append({"rule": rule, "severity": s0})
             else:
                 alerts.setdefault("severity_changed", []).append(
-                    {"rule": rule, "current": s0, "candidate": s1})
+                    {"rule": rule, "current": s0, "candidate": s1}
+                )
         if alerts:
             entry["open_alerts"] = alerts
             diffs += 1
         r0, r1 = before.raised.get(cid, Counter()), after.raised.get(cid, Counter())
-        raised = {rule: _pair(r0[rule], r1[rule]) for rule in sorted(r0.keys() | r1.keys())
-                  if r0[rule] != r1[rule]}
+        raised = {
+            rule: _pair(r0[rule], r1[rule])
+            for rule in sorted(r0.keys() | r1.keys())
+            if r0[rule] != r1[rule]
+        }
         if raised:
             entry["alerts_raised_in_window"] = raised
             diffs += 1
         if before.limit_changes[cid] != after.limit_changes[cid]:
-            entry["limit_changes_in_window"] = _pair(before.limit_changes[cid],
-                                                     after.limit_changes[cid])
+            entry["limit_changes_in_window"] = _pair(
+                before.limit_changes[cid], after.limit_changes[cid]
+            )
             diffs += 1
         checks = []
         for check_id, j0 in before.judgements.items():
@@ -595,11 +706,18 @@ def compare(before: Snapshot, after: Snapshot, *, current: Policy, candidate: Po
             if j0.customer_id != cid or j1 is None:
                 continue
             if (j0.decision, j0.reasons) != (j1.decision, j1.reasons):
-                checks.append({"check_id": check_id, "order_id": j0.order_id,
-                               "at": _iso(j0.at), "amount": j0.amount, "currency": j0.currency,
-                               "recorded": j0.recorded, "decision": _pair(j0.decision,
-                                                                           j1.decision),
-                               "reasons": _pair(j0.reasons, j1.reasons)})
+                checks.append(
+                    {
+                        "check_id": check_id,
+                        "order_id": j0.order_id,
+                        "at": _iso(j0.at),
+                        "amount": j0.amount,
+                        "currency": j0.currency,
+                        "recorded": j0.recorded,
+                        "decision": _pair(j0.decision, j1.decision),
+                        "reasons": _pair(j0.reasons, j1.reasons),
+                    }
+                )
         if checks:
             entry["credit_checks"] = sorted(checks, key=lambda c: (c["at"], c["check_id"]))
             diffs += 1
@@ -618,40 +736,60 @@ def compare(before: Snapshot, after: Snapshot, *, current: Policy, candidate: Po
     def distribution(rows: dict[str, dict[str, Any]]) -> dict[str, int]:
         return dict(sorted(Counter(str(r.get("grade")) for r in rows.values()).items()))
 
-    j_changed = sum(1 for k, j in before.judgements.items() if k in after.judgements
-                    and (j.decision, j.reasons) != (after.judgements[k].decision,
-                                                    after.judgements[k].reasons))
+    j_changed = sum(
+        1
+        for k, j in before.judgements.items()
+        if k in after.judgements
+        and (j.decision, j.reasons) != (after.judgements[k].decision, after.judgements[k].reasons)
+    )
     summary: dict[str, Any] = {
         "customers": len(ids),
         "customers_with_differences": len(customers),
-        "grades": {"changed": grades["changed"], "upgraded": grades["upgraded"],
-                   "downgraded": grades["downgraded"],
-                   "distribution": _pair(distribution(before.assessment),
-                                         distribution(after.assessment))},
-        "limits": {"changed": limits["changed"], "raised": limits["raised"],
-                   "lowered": limits["lowered"],
-                   "total": {ccy: _pair(_money(v[0]), _money(v[1]))
-                             for ccy, v in sorted(totals.items())}},
-        "over_limit": _pair(sum(1 for r in before.limits.values() if r["over_limit"]),
-                            sum(1 for r in after.limits.values() if r["over_limit"])),
-        "on_hold": _pair(sum(1 for r in before.limits.values() if r["on_hold"]),
-                         sum(1 for r in after.limits.values() if r["on_hold"])),
+        "grades": {
+            "changed": grades["changed"],
+            "upgraded": grades["upgraded"],
+            "downgraded": grades["downgraded"],
+            "distribution": _pair(distribution(before.assessment), distribution(after.assessment)),
+        },
+        "limits": {
+            "changed": limits["changed"],
+            "raised": limits["raised"],
+            "lowered": limits["lowered"],
+            "total": {ccy: _pair(_money(v[0]), _money(v[1])) for ccy, v in sorted(totals.items())},
+        },
+        "over_limit": _pair(
+            sum(1 for r in before.limits.values() if r["over_limit"]),
+            sum(1 for r in after.limits.values() if r["over_limit"]),
+        ),
+        "on_hold": _pair(
+            sum(1 for r in before.limits.values() if r["on_hold"]),
+            sum(1 for r in after.limits.values() if r["on_hold"]),
+        ),
         "open_alerts": _pair(per_rule(before.open_alerts), per_rule(after.open_alerts)),
-        "alerts_raised_in_window": _pair(raised_per_rule(before.raised),
-                                         raised_per_rule(after.raised)),
+        "alerts_raised_in_window": _pair(
+            raised_per_rule(before.raised), raised_per_rule(after.raised)
+        ),
         "credit_checks_in_window": {
-            "judged": len(before.judgements), "decided_differently": j_changed,
-            "recorded": dict(sorted(Counter(j.recorded for j in before.judgements.values())
-                                    .items())),
+            "judged": len(before.judgements),
+            "decided_differently": j_changed,
+            "recorded": dict(
+                sorted(Counter(j.recorded for j in before.judgements.values()).items())
+            ),
             "decisions": _pair(
                 dict(sorted(Counter(j.decision for j in before.judgements.values()).items())),
-                dict(sorted(Counter(j.decision for j in after.judgements.values()).items())))},
-        "set_aside": _pair({k: dict(v) for k, v in before.rejected.items() if v},
-                           {k: dict(v) for k, v in after.rejected.items() if v}),
+                dict(sorted(Counter(j.decision for j in after.judgements.values()).items())),
+            ),
+        },
+        "set_aside": _pair(
+            {k: dict(v) for k, v in before.rejected.items() if v},
+            {k: dict(v) for k, v in after.rejected.items() if v},
+        ),
     }
     return {
-        "policies": _pair({"version": current.version, "digest": current.digest},
-                          {"version": candidate.version, "digest": candidate.digest}),
+        "policies": _pair(
+            {"version": current.version, "digest": current.digest},
+            {"version": candidate.version, "digest": candidate.digest},
+        ),
         "window": window.as_dict(),
         "events": {name: len(s.items) for name, s in stores.items()},
         "unreadable_events": {name: s.unreadable for name, s in stores.items() if s.unreadable},
@@ -671,8 +809,9 @@ def _counts(pair: dict[str, dict[str, int]]) -> str:
     keys = sorted(pair["current"].keys() | pair["candidate"].keys())
     if not keys:
         return "none"
-    return ", ".join(f"{k} {pair['current'].get(k, 0)} → {pair['candidate'].get(k, 0)}"
-                     for k in keys)
+    return ", ".join(
+        f"{k} {pair['current'].get(k, 0)} → {pair['candidate'].get(k, 0)}" for k in keys
+    )
 
 
 def render_text(report: dict[str, Any], *, limit: int | None = None) -> str:
@@ -692,16 +831,17 @@ def render_text(report: dict[str, Any], *, limit: int | None = None) -> str:
         f"distribution {_counts(s['grades']['distribution'])}",
         f"limits: {s['limits']['changed']} changed ({s['limits']['raised']} raised, "
         f"{s['limits']['lowered']} lowered); totals "
-        + (", ".join(f"{ccy} {_arrow(v)}" for ccy, v in s["limits"]["total"].items())
-           or "none"),
+        + (", ".join(f"{ccy} {_arrow(v)}" for ccy, v in s["limits"]["total"].items()) or "none"),
         f"over limit: {_arrow(s['over_limit'])}; on hold: {_arrow(s['on_hold'])}",
         f"open alerts: {_counts(s['open_alerts'])}",
         f"alerts raised in window: {_counts(s['alerts_raised_in_window'])}",
     ]
     cc = s["credit_checks_in_window"]
-    lines.append(f"credit checks in window: {cc['judged']} judged again, "
-                 f"{cc['decided_differently']} decided differently "
-                 f"({_counts(cc['decisions'])})")
+    lines.append(
+        f"credit checks in window: {cc['judged']} judged again, "
+        f"{cc['decided_differently']} decided differently "
+        f"({_counts(cc['decisions'])})"
+    )
     if s["set_aside"]["current"] or s["set_aside"]["candidate"]:
         lines.append(f"events set aside (dead letters): {json.dumps(s['set_aside'])}")
     if report["unreadable_events"]:
@@ -738,7 +878,8 @@ def render_text(report: dict[str, Any], *, limit: int | None = None) -> str:
             lines.append(
                 f"      credit check {chk['at']} order {chk['order_id']} {chk['amount']} "
                 f"{chk['currency']}: {_arrow(chk['decision'])} "
-                f"({', '.join(chk['reasons']['candidate'])})")
+                f"({', '.join(chk['reasons']['candidate'])})"
+            )
     if limit is not None and len(report["customers"]) > limit:
         lines.append(f"  … {len(report['customers']) - limit} more (--format json lists all)")
     return "\n".join(lines)

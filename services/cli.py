@@ -27,8 +27,11 @@ from shared.auth import TokenRegistry
 from shared.runtime import tune_gc
 from shared.settings import ConfigError, Settings, load_settings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="creditwatch: event-sourced customer-credit monitoring.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="creditwatch: event-sourced customer-credit monitoring.",
+)
 db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
 app.add_typer(db_app, name="db")
 log = logging.getLogger("creditwatch.cli")
@@ -52,8 +55,11 @@ def _settings(**overrides: Any) -> Settings:
 
 def _check_service(name: str) -> str:
     if name not in registry.SERVICES:
-        typer.secho(f"unknown service {name!r}; choose one of {', '.join(registry.SERVICES)}",
-                    fg="red", err=True)
+        typer.secho(
+            f"unknown service {name!r}; choose one of {', '.join(registry.SERVICES)}",
+            fg="red",
+            err=True,
+        )
         raise typer.Exit(2)
     return name
 
@@ -70,11 +76,20 @@ def serve(
     service: ServiceName,
     host: Annotated[str | None, typer.Option(help="Bind address (default: settings)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default: the service's)")] = None,
-    consume: Annotated[bool, typer.Option(help="Run the Kafka consumer and scheduler; "
-                                               "--no-consume for API-only replicas")] = True,
-    relay: Annotated[bool, typer.Option(help="Publish the service's outbox to Kafka when no "
-                                             "other process of it does; --no-relay for API "
-                                             "replicas beside a process that relays")] = True,
+    consume: Annotated[
+        bool,
+        typer.Option(
+            help="Run the Kafka consumer and scheduler; --no-consume for API-only replicas"
+        ),
+    ] = True,
+    relay: Annotated[
+        bool,
+        typer.Option(
+            help="Publish the service's outbox to Kafka when no "
+            "other process of it does; --no-relay for API "
+            "replicas beside a process that relays"
+        ),
+    ] = True,
     migrate: Annotated[bool, typer.Option(help="Apply migrations before starting")] = True,
 ) -> None:
     """Run one service with production settings (tokens required)."""
@@ -85,27 +100,40 @@ def serve(
         tokens = TokenRegistry.from_settings(settings)
         if migrate:
             registry.upgrade(settings, [name])
-        fastapi_app, _host = registry.build(name, settings, tokens=tokens, consume=consume,
-                                              relay=relay)
+        fastapi_app, _host = registry.build(
+            name, settings, tokens=tokens, consume=consume, relay=relay
+        )
     except ConfigError as exc:
         typer.secho(f"{name}: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
     tune_gc()
-    config = server_config(fastapi_app, settings, host=host or settings.host,
-                           port=port or settings.port_for(name), graceful_s=20)
+    config = server_config(
+        fastapi_app,
+        settings,
+        host=host or settings.host,
+        port=port or settings.port_for(name),
+        graceful_s=20,
+    )
     _run_on_server_loop(_serve_until_signalled([_Server(config)]))
 
 
-def server_config(app: Any, settings: Settings, *, host: str, port: int,
-                  graceful_s: int) -> uvicorn.Config:
+def server_config(
+    app: Any, settings: Settings, *, host: str, port: int, graceful_s: int
+) -> uvicorn.Config:
     """A service's HTTP server. Idle keep-alive connections are kept
     ``CREDITWATCH_HTTP_KEEP_ALIVE_S`` (uvicorn's default is 5 s): a client that reuses a
     connection just as the server closes it gets a reset, which clients retry for a GET but
     not for a POST such as a credit check (seen: 4 of 15,000 checks at 1,000/s failed so).
     Clients and load balancers in front should close idle connections sooner than this."""
-    return uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                          timeout_graceful_shutdown=graceful_s,
-                          timeout_keep_alive=settings.http_keep_alive_s)
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=graceful_s,
+        timeout_keep_alive=settings.http_keep_alive_s,
+    )
 
 
 def _run_on_server_loop(main: Coroutine[Any, Any, None]) -> None:
@@ -159,8 +187,12 @@ def replay(service: ServiceName) -> None:
     async def run() -> int:
         core, engine = registry.core_for(name, settings)
         try:
-            with Progress("[progress.description]{task.description}", BarColumn(),
-                          MofNCompleteColumn(), TimeElapsedColumn()) as progress:
+            with Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+            ) as progress:
                 task = progress.add_task(f"replaying {name}", total=None)
 
                 def step(done: int, total: int) -> None:
@@ -192,8 +224,9 @@ def verify(service: ServiceName) -> None:
     if diffs:
         for line in diffs[:50]:
             typer.echo(line)
-        typer.secho(f"{name}: {len(diffs)} differences between projections and replay",
-                    fg="red", err=True)
+        typer.secho(
+            f"{name}: {len(diffs)} differences between projections and replay", fg="red", err=True
+        )
         raise typer.Exit(1)
     typer.echo(f"{name}: projections match a replay of the event store")
 
@@ -227,7 +260,7 @@ _IMPORT_HELP = (
     "\n\n"
     "Open items CSV (UTF-8, comma-separated, a header row, columns in any order): "
     "customer_id, invoice_id, amount, currency, issue_date, due_date (required); "
-    "order_id, open_amount (optional). Amounts are plain decimals (\"1250.00\", no "
+    'order_id, open_amount (optional). Amounts are plain decimals ("1250.00", no '
     "thousands separators) within the currency's minor units; currencies ISO 4217; dates "
     "YYYY-MM-DD. open_amount is what is still open of a partly paid invoice "
     "(0 <= open_amount <= amount); the paid part is published as a payment.received "
@@ -249,15 +282,30 @@ _IMPORT_HELP = (
 
 @import_app.command("open-items", help=_IMPORT_HELP)
 def import_open_items(
-    file: Annotated[Path, typer.Argument(help="Open items CSV (UTF-8, comma-separated)",
-                                         exists=True, dir_okay=False, readable=True)],
-    source: Annotated[str, typer.Option(help="CloudEvents source of the imported events; "
-                                             "keep it for re-imports")] = "/import/ledger",
-    customers: Annotated[Path | None, typer.Option(
-        help="Customers CSV to register first (customer.registered)",
-        exists=True, dir_okay=False, readable=True)] = None,
-    dry_run: Annotated[bool, typer.Option(help="Validate and report only; publish "
-                                               "nothing")] = False,
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="Open items CSV (UTF-8, comma-separated)",
+            exists=True,
+            dir_okay=False,
+            readable=True,
+        ),
+    ],
+    source: Annotated[
+        str, typer.Option(help="CloudEvents source of the imported events; keep it for re-imports")
+    ] = "/import/ledger",
+    customers: Annotated[
+        Path | None,
+        typer.Option(
+            help="Customers CSV to register first (customer.registered)",
+            exists=True,
+            dir_okay=False,
+            readable=True,
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option(help="Validate and report only; publish nothing")
+    ] = False,
 ) -> None:
     """Initial load of an existing ledger (help: _IMPORT_HELP)."""
     from services import importer
@@ -271,16 +319,18 @@ def import_open_items(
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(2) from None
     try:
-        plan = importer.plan_import(file, settings=settings, customers_path=customers,
-                                    source=source, policy=policy)
+        plan = importer.plan_import(
+            file, settings=settings, customers_path=customers, source=source, policy=policy
+        )
     except importer.ImportFileError as exc:
         typer.secho(f"import failed: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
     if not plan.ok:
         for error in plan.errors:
             typer.echo(str(error), err=True)
-        typer.secho(f"{len(plan.errors)} problem(s) in {file}; nothing was published",
-                    fg="red", err=True)
+        typer.secho(
+            f"{len(plan.errors)} problem(s) in {file}; nothing was published", fg="red", err=True
+        )
         raise typer.Exit(1)
     for line in importer.summary(plan):
         typer.echo(line)
@@ -290,13 +340,16 @@ def import_open_items(
     try:
         asyncio.run(importer.KafkaPublisher(settings).publish(plan.messages))
     except Exception as exc:
-        typer.secho(f"publishing failed: {type(exc).__name__}: {exc}; run the same import "
-                    "again once the broker is reachable (ids are stable, so events already "
-                    "published are not counted twice)", fg="red", err=True)
+        typer.secho(
+            f"publishing failed: {type(exc).__name__}: {exc}; run the same import "
+            "again once the broker is reachable (ids are stable, so events already "
+            "published are not counted twice)",
+            fg="red",
+            err=True,
+        )
         raise typer.Exit(1) from None
     topics = sorted({m.topic for m in plan.messages})
-    typer.echo(f"published {len(plan.messages)} events to {', '.join(topics)} "
-               f"(source {source})")
+    typer.echo(f"published {len(plan.messages)} events to {', '.join(topics)} (source {source})")
 
 
 # ---- backtest -------------------------------------------------------------------------------
@@ -320,13 +373,20 @@ _BACKTEST_HELP = (
 
 @app.command(help=_BACKTEST_HELP)
 def backtest(
-    policy: Annotated[Path, typer.Option(help="The candidate policy YAML",
-                                         exists=True, dir_okay=False, readable=True)],
-    from_: Annotated[str | None, typer.Option(
-        "--from", help="Window start: YYYY-MM-DD or RFC 3339 (business time)")] = None,
-    to: Annotated[str | None, typer.Option(
-        help="Window end, inclusive: YYYY-MM-DD or RFC 3339; later events are ignored")
-                  ] = None,
+    policy: Annotated[
+        Path,
+        typer.Option(help="The candidate policy YAML", exists=True, dir_okay=False, readable=True),
+    ],
+    from_: Annotated[
+        str | None,
+        typer.Option("--from", help="Window start: YYYY-MM-DD or RFC 3339 (business time)"),
+    ] = None,
+    to: Annotated[
+        str | None,
+        typer.Option(
+            help="Window end, inclusive: YYYY-MM-DD or RFC 3339; later events are ignored"
+        ),
+    ] = None,
     format_: Annotated[str, typer.Option("--format", help="text | json")] = "text",
 ) -> None:
     """Replay history under a candidate policy and report what would have differed."""
@@ -350,9 +410,15 @@ def backtest(
         raise typer.Exit(2) from None
     try:
         window = bt.make_window(from_, to)
-        report = asyncio.run(bt.run_backtest(
-            settings, current, candidate, window=window,
-            progress=lambda message: typer.echo(message, err=True)))
+        report = asyncio.run(
+            bt.run_backtest(
+                settings,
+                current,
+                candidate,
+                window=window,
+                progress=lambda message: typer.echo(message, err=True),
+            )
+        )
     except bt.BacktestError as exc:
         typer.secho(f"backtest: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
@@ -385,7 +451,10 @@ def _embedded_broker(bootstrap: str) -> Iterator[str]:
     url = f"tcp://{host}:{port}"
     proc = subprocess.Popen(
         [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 20
         while not _port_open(host, int(port)):
@@ -429,8 +498,9 @@ def dev(
         _run_on_server_loop(_dev(settings, tokens, demo=demo, demo_customers=demo_customers))
 
 
-async def _dev(settings: Settings, tokens: TokenRegistry, *, demo: bool,
-               demo_customers: int) -> None:
+async def _dev(
+    settings: Settings, tokens: TokenRegistry, *, demo: bool, demo_customers: int
+) -> None:
     from services import simulate as sim
 
     await asyncio.to_thread(registry.upgrade, settings, list(registry.SERVICES))
@@ -439,17 +509,20 @@ async def _dev(settings: Settings, tokens: TokenRegistry, *, demo: bool,
     servers: list[_Server] = []
     for name in registry.SERVICES:
         fastapi_app, _ = registry.build(name, settings, tokens=tokens)
-        config = server_config(fastapi_app, settings, host=settings.host,
-                               port=settings.port_for(name), graceful_s=10)
+        config = server_config(
+            fastapi_app, settings, host=settings.host, port=settings.port_for(name), graceful_s=10
+        )
         servers.append(_Server(config))
     serving = asyncio.create_task(_serve_until_signalled(servers))
     _print_banner(settings, tokens)
     demo_task = None
     if demo:
         token = next(iter(tokens.generated), None) or os.environ.get("CREDITWATCH_DEMO_TOKEN")
-        demo_task = asyncio.create_task(sim.run_demo(settings, customers=demo_customers,
-                                                     token=token,
-                                                     stop=lambda: servers[0].should_exit))
+        demo_task = asyncio.create_task(
+            sim.run_demo(
+                settings, customers=demo_customers, token=token, stop=lambda: servers[0].should_exit
+            )
+        )
     with contextlib.suppress(Exception):
         await serving
     if demo_task is not None:

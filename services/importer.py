@@ -48,7 +48,13 @@ from shared.settings import Settings
 DEFAULT_SOURCE = "/import/ledger"
 
 ITEM_REQUIRED: tuple[str, ...] = (
-    "customer_id", "invoice_id", "amount", "currency", "issue_date", "due_date")
+    "customer_id",
+    "invoice_id",
+    "amount",
+    "currency",
+    "issue_date",
+    "due_date",
+)
 ITEM_OPTIONAL: tuple[str, ...] = ("order_id", "open_amount")
 CUSTOMER_REQUIRED: tuple[str, ...] = ("customer_id", "name", "currency")
 CUSTOMER_OPTIONAL: tuple[str, ...] = ("country", "industry", "payment_terms_days", "parent_id")
@@ -56,8 +62,12 @@ CUSTOMER_OPTIONAL: tuple[str, ...] = ("country", "industry", "payment_terms_days
 # Which CSV column a fault in each event's envelope or data comes from.
 _INVOICE_COLUMNS: Mapping[str, str] = {"id": "invoice_id", "subject": "customer_id"}
 _PAYMENT_COLUMNS: Mapping[str, str] = {
-    "id": "invoice_id", "subject": "customer_id", "payment_id": "invoice_id",
-    "amount": "open_amount", "allocations": "open_amount", "received_date": "issue_date",
+    "id": "invoice_id",
+    "subject": "customer_id",
+    "payment_id": "invoice_id",
+    "amount": "open_amount",
+    "allocations": "open_amount",
+    "received_date": "issue_date",
 }
 _CUSTOMER_COLUMNS: Mapping[str, str] = {"id": "customer_id", "subject": "customer_id"}
 
@@ -131,13 +141,16 @@ class KafkaPublisher:
         from aiokafka import AIOKafkaProducer
 
         s = self.settings
-        producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, acks="all",
-                                    linger_ms=10, enable_idempotence=False,
-                                    **s.kafka_client_kwargs())
+        producer = AIOKafkaProducer(
+            bootstrap_servers=s.kafka_bootstrap,
+            acks="all",
+            linger_ms=10,
+            enable_idempotence=False,
+            **s.kafka_client_kwargs(),
+        )
         try:
             await producer.start()
-            futures = [await producer.send(m.topic, key=m.key, value=m.value)
-                       for m in messages]
+            futures = [await producer.send(m.topic, key=m.key, value=m.value) for m in messages]
             await asyncio.gather(*futures)
         finally:
             await producer.stop()
@@ -146,8 +159,9 @@ class KafkaPublisher:
 # ---- reading the files ------------------------------------------------------------------------
 
 
-def read_rows(path: Path, required: Sequence[str], optional: Sequence[str],
-              what: str = "open items") -> list[tuple[int, dict[str, str], int]]:
+def read_rows(
+    path: Path, required: Sequence[str], optional: Sequence[str], what: str = "open items"
+) -> list[tuple[int, dict[str, str], int]]:
     """The data rows of a CSV file: (row number, {column: stripped value}, how many values
     the row has beyond the header's columns).
 
@@ -164,7 +178,8 @@ def read_rows(path: Path, required: Sequence[str], optional: Sequence[str],
     except UnicodeDecodeError as exc:
         raise ImportFileError(
             f"{what} file {path}: not UTF-8 (invalid byte at offset {exc.start}); "
-            "save it as UTF-8 and try again") from None
+            "save it as UTF-8 and try again"
+        ) from None
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next((r for r in reader if any(c.strip() for c in r)), None)
@@ -177,24 +192,26 @@ def read_rows(path: Path, required: Sequence[str], optional: Sequence[str],
             if not any(c.strip() for c in cells):
                 continue
             values = {col: cell.strip() for col, cell in zip(columns, cells, strict=False)}
-            extra = sum(1 for c in cells[len(columns):] if c.strip())
+            extra = sum(1 for c in cells[len(columns) :] if c.strip())
             rows.append((len(rows) + 1, {k: v for k, v in values.items() if v}, extra))
     except csv.Error as exc:
         raise ImportFileError(
-            f"{what} file {path}: not valid CSV at line {reader.line_num}: {exc}") from None
+            f"{what} file {path}: not valid CSV at line {reader.line_num}: {exc}"
+        ) from None
     if not rows:
         raise ImportFileError(f"{what} file {path}: no data rows after the header")
     return rows
 
 
-def _check_header(path: Path, what: str, columns: list[str], required: Sequence[str],
-                  optional: Sequence[str]) -> None:
-    expected = f"expected columns: {','.join(required)}" + "".join(
-        f"[,{c}]" for c in optional)
+def _check_header(
+    path: Path, what: str, columns: list[str], required: Sequence[str], optional: Sequence[str]
+) -> None:
+    expected = f"expected columns: {','.join(required)}" + "".join(f"[,{c}]" for c in optional)
     duplicated = sorted(c for c, n in Counter(columns).items() if n > 1)
     if duplicated:
-        raise ImportFileError(f"{what} file {path}: column(s) named twice: "
-                              f"{', '.join(duplicated)}; {expected}")
+        raise ImportFileError(
+            f"{what} file {path}: column(s) named twice: {', '.join(duplicated)}; {expected}"
+        )
     missing = [c for c in required if c not in columns]
     unknown = [c for c in columns if c not in required and c not in optional]
     if missing or unknown:
@@ -212,11 +229,19 @@ def _check_header(path: Path, what: str, columns: list[str], required: Sequence[
 # ---- validation -------------------------------------------------------------------------------
 
 
-def _cloudevent(type_: str, subject: str, data: dict[str, Any], *, id: str, at: datetime,
-                source: str) -> dict[str, Any]:
-    return {"specversion": "1.0", "id": id, "source": source, "type": type_,
-            "subject": subject, "time": at.isoformat().replace("+00:00", "Z"),
-            "datacontenttype": "application/json", "data": data}
+def _cloudevent(
+    type_: str, subject: str, data: dict[str, Any], *, id: str, at: datetime, source: str
+) -> dict[str, Any]:
+    return {
+        "specversion": "1.0",
+        "id": id,
+        "source": source,
+        "type": type_,
+        "subject": subject,
+        "time": at.isoformat().replace("+00:00", "Z"),
+        "datacontenttype": "application/json",
+        "data": data,
+    }
 
 
 def _midnight(value: object) -> datetime:
@@ -237,8 +262,9 @@ def _column(path: str | None, columns: Mapping[str, str]) -> str:
     return columns.get(head, head)
 
 
-def _model_errors(model: type[EventData], data: Mapping[str, Any],
-                  columns: Mapping[str, str]) -> list[tuple[str, str]]:
+def _model_errors(
+    model: type[EventData], data: Mapping[str, Any], columns: Mapping[str, str]
+) -> list[tuple[str, str]]:
     """Every fault the event model finds in ``data`` (``parse`` reports only the first)."""
     currency = data.get("currency")
     context = {"currency": currency} if is_currency(currency) else None
@@ -251,25 +277,28 @@ def _model_errors(model: type[EventData], data: Mapping[str, Any],
             named = (error.get("ctx") or {}).get("field")
             if isinstance(named, str):
                 loc += (named,)
-            message = "required field is missing" if error["type"] == "missing" \
-                else error["msg"]
+            message = "required field is missing" if error["type"] == "missing" else error["msg"]
             out.append((_column(".".join(loc), columns), message))
         return out
     return []
 
 
-def check_event(event: dict[str, Any], topic: str, topic_of_type: Mapping[str, str],
-                columns: Mapping[str, str]) -> tuple[BaseModel | None, list[tuple[str, str]]]:
+def check_event(
+    event: dict[str, Any], topic: str, topic_of_type: Mapping[str, str], columns: Mapping[str, str]
+) -> tuple[BaseModel | None, list[tuple[str, str]]]:
     """Validate one CloudEvent exactly as a consumer would: (its data model, faults)."""
     raw = json.dumps(event, ensure_ascii=False).encode("utf-8")
     try:
         model = parse(decode(raw), topic=topic, topic_of_type=topic_of_type)
     except DeadLetter as dl:
-        first = (_column(dl.field, columns),
-                 dl.error.removeprefix(f"{dl.field}: ") if dl.field else dl.error)
+        first = (
+            _column(dl.field, columns),
+            dl.error.removeprefix(f"{dl.field}: ") if dl.field else dl.error,
+        )
         found: list[tuple[str, str]] = []
-        data_model = {m.TYPE: m for m in (InvoiceIssued, PaymentReceived,
-                                          CustomerRegistered)}.get(event["type"])
+        data_model = {m.TYPE: m for m in (InvoiceIssued, PaymentReceived, CustomerRegistered)}.get(
+            event["type"]
+        )
         if data_model is not None:
             found = _model_errors(data_model, event["data"], columns)
         if first[0] not in {c for c, _ in found}:
@@ -296,8 +325,14 @@ def _int_or_text(value: str) -> int | str:
     return int(value) if value.isascii() and value.isdigit() else value
 
 
-def plan_import(items_path: Path, *, settings: Settings, customers_path: Path | None = None,
-                source: str = DEFAULT_SOURCE, policy: Policy | None = None) -> Plan:
+def plan_import(
+    items_path: Path,
+    *,
+    settings: Settings,
+    customers_path: Path | None = None,
+    source: str = DEFAULT_SOURCE,
+    policy: Policy | None = None,
+) -> Plan:
     """Read and validate every row; the events to publish, or every fault found.
 
     With ``policy``, an invoice in another currency than its customer's credit currency
@@ -312,27 +347,33 @@ def plan_import(items_path: Path, *, settings: Settings, customers_path: Path | 
     customer_messages: list[Message] = []
     credit_currency: dict[str, str] = {}
     if customers_path is not None:
-        customer_rows = read_rows(customers_path, CUSTOMER_REQUIRED, CUSTOMER_OPTIONAL,
-                                  "customers")
+        customer_rows = read_rows(customers_path, CUSTOMER_REQUIRED, CUSTOMER_OPTIONAL, "customers")
         plan.customer_rows = len(customer_rows)
         first_row: dict[str, int] = {}
         for n, row, extra in customer_rows:
             errors = _row_shape(n, extra, "customers")
             cid = row.get("customer_id", "")
             if cid and cid in first_row:
-                errors.append(RowError(n, "customer_id", f"duplicate of row {first_row[cid]}",
-                                       "customers"))
+                errors.append(
+                    RowError(n, "customer_id", f"duplicate of row {first_row[cid]}", "customers")
+                )
             elif cid:
                 first_row[cid] = n
             data: dict[str, Any] = dict(row)
             if "payment_terms_days" in data:
                 data["payment_terms_days"] = _int_or_text(data["payment_terms_days"])
-            event = _cloudevent("customer.registered", cid or "-", data,
-                                id=f"import-customer-{cid}", at=datetime.now(UTC),
-                                source=source)
+            event = _cloudevent(
+                "customer.registered",
+                cid or "-",
+                data,
+                id=f"import-customer-{cid}",
+                at=datetime.now(UTC),
+                source=source,
+            )
             # Registration time is the moment of the import; the id stays stable.
-            model, faults = check_event(event, settings.topic_customers, topic_of_type,
-                                        _CUSTOMER_COLUMNS)
+            model, faults = check_event(
+                event, settings.topic_customers, topic_of_type, _CUSTOMER_COLUMNS
+            )
             errors += [RowError(n, c, m, "customers") for c, m in faults]
             if errors:
                 plan.errors += errors
@@ -358,10 +399,12 @@ def plan_import(items_path: Path, *, settings: Settings, customers_path: Path | 
             invoice_row[inv] = n
         data = {k: v for k, v in row.items() if k != "open_amount"}
         at = _midnight(row.get("issue_date"))
-        invoice = _cloudevent("invoice.issued", cid or "-", data, id=f"import-invoice-{inv}",
-                              at=at, source=source)
-        model, faults = check_event(invoice, settings.topic_invoices, topic_of_type,
-                                    _INVOICE_COLUMNS)
+        invoice = _cloudevent(
+            "invoice.issued", cid or "-", data, id=f"import-invoice-{inv}", at=at, source=source
+        )
+        model, faults = check_event(
+            invoice, settings.topic_invoices, topic_of_type, _INVOICE_COLUMNS
+        )
         errors += [RowError(n, c, m) for c, m in faults]
         open_amount: Decimal | None = None
         if "open_amount" in row:
@@ -375,19 +418,33 @@ def plan_import(items_path: Path, *, settings: Settings, customers_path: Path | 
             if fx_fault:
                 errors.append(RowError(n, "currency", fx_fault))
             if open_amount is not None and open_amount > model.amount:
-                errors.append(RowError(n, "open_amount",
-                                       f"{open_amount} is more than the invoice amount "
-                                       f"{model.amount}"))
+                errors.append(
+                    RowError(
+                        n,
+                        "open_amount",
+                        f"{open_amount} is more than the invoice amount {model.amount}",
+                    )
+                )
             elif open_amount is not None and open_amount < model.amount:
                 paid = format(model.amount - open_amount, "f")
-                payment = _cloudevent("payment.received", model.customer_id, {
-                    "payment_id": f"import-{model.invoice_id}",
-                    "customer_id": model.customer_id, "amount": paid,
-                    "currency": model.currency, "received_date": model.issue_date.isoformat(),
-                    "allocations": [{"invoice_id": model.invoice_id, "amount": paid}],
-                }, id=f"import-payment-{model.invoice_id}", at=at, source=source)
-                _, pay_faults = check_event(payment, settings.topic_payments, topic_of_type,
-                                            _PAYMENT_COLUMNS)
+                payment = _cloudevent(
+                    "payment.received",
+                    model.customer_id,
+                    {
+                        "payment_id": f"import-{model.invoice_id}",
+                        "customer_id": model.customer_id,
+                        "amount": paid,
+                        "currency": model.currency,
+                        "received_date": model.issue_date.isoformat(),
+                        "allocations": [{"invoice_id": model.invoice_id, "amount": paid}],
+                    },
+                    id=f"import-payment-{model.invoice_id}",
+                    at=at,
+                    source=source,
+                )
+                _, pay_faults = check_event(
+                    payment, settings.topic_payments, topic_of_type, _PAYMENT_COLUMNS
+                )
                 errors += [RowError(n, c, m) for c, m in pay_faults]
         if errors:
             plan.errors += errors
@@ -410,36 +467,56 @@ def plan_import(items_path: Path, *, settings: Settings, customers_path: Path | 
 
 def _row_shape(n: int, extra: int, what: str = "open items") -> list[RowError]:
     if extra:
-        return [RowError(n, "row", f"{extra} value(s) beyond the header's columns "
-                                   "(a comma inside an unquoted value?)", what)]
+        return [
+            RowError(
+                n,
+                "row",
+                f"{extra} value(s) beyond the header's columns (a comma inside an unquoted value?)",
+                what,
+            )
+        ]
     return []
 
 
-def _fx_fault(invoice: InvoiceIssued, customer_currency: str | None,
-              policy: Policy | None) -> str | None:
+def _fx_fault(
+    invoice: InvoiceIssued, customer_currency: str | None, policy: Policy | None
+) -> str | None:
     if policy is None or customer_currency is None or customer_currency == invoice.currency:
         return None
     if policy.convert(Decimal(1), invoice.currency, customer_currency) is None:
-        return (f"no FX rate from {invoice.currency} to {customer_currency} (the customer's "
-                f"credit currency) in policy {policy.version}")
+        return (
+            f"no FX rate from {invoice.currency} to {customer_currency} (the customer's "
+            f"credit currency) in policy {policy.version}"
+        )
     return None
 
 
 def _message(topic: str, event: dict[str, Any]) -> Message:
-    return Message(topic, str(event["subject"]).encode("utf-8"),
-                   json.dumps(event, ensure_ascii=False).encode("utf-8"))
+    return Message(
+        topic,
+        str(event["subject"]).encode("utf-8"),
+        json.dumps(event, ensure_ascii=False).encode("utf-8"),
+    )
 
 
 # ---- the whole import -------------------------------------------------------------------------
 
 
-async def run_import(items_path: Path, *, settings: Settings, publisher: Publisher | None,
-                     customers_path: Path | None = None, source: str = DEFAULT_SOURCE,
-                     policy: Policy | None = None, dry_run: bool = False) -> Plan:
+async def run_import(
+    items_path: Path,
+    *,
+    settings: Settings,
+    publisher: Publisher | None,
+    customers_path: Path | None = None,
+    source: str = DEFAULT_SOURCE,
+    policy: Policy | None = None,
+    dry_run: bool = False,
+) -> Plan:
     """Validate everything, then publish everything — or nothing when any row is at fault
     (or with ``dry_run``). Raises ImportFileError for a file that cannot be read at all."""
-    plan = plan_import(items_path, settings=settings, customers_path=customers_path,
-                       source=source, policy=policy)
+    plan = plan_import(
+        items_path, settings=settings, customers_path=customers_path, source=source, policy=policy
+    )
     if plan.ok and not dry_run and plan.messages:
         await (publisher or KafkaPublisher(settings)).publish(plan.messages)
     return plan
@@ -447,19 +524,22 @@ async def run_import(items_path: Path, *, settings: Settings, publisher: Publish
 
 def summary(plan: Plan) -> list[str]:
     """Human-readable lines: rows, events, customers, totals per currency."""
-    lines = [f"rows: {plan.rows} open items"
-             + (f", {plan.customer_rows} customers" if plan.customer_rows else "")]
+    lines = [
+        f"rows: {plan.rows} open items"
+        + (f", {plan.customer_rows} customers" if plan.customer_rows else "")
+    ]
     lines.append("events: " + ", ".join(f"{n} {t}" for t, n in sorted(plan.events.items())))
     customers = f"customers: {len(plan.customers)}"
     if plan.registered:
         customers += f" ({len(plan.registered)} registered by this import"
         missing = len(plan.unregistered())
-        customers += f"; {missing} must already be registered on crm.customers)" if missing \
-            else ")"
+        customers += f"; {missing} must already be registered on crm.customers)" if missing else ")"
     lines.append(customers)
     for ccy, (invoiced, still_open) in sorted(plan.totals.items()):
-        lines.append(f"  {ccy}: invoiced {invoiced:,.{_places(invoiced)}f}, "
-                     f"open {still_open:,.{_places(still_open)}f}")
+        lines.append(
+            f"  {ccy}: invoiced {invoiced:,.{_places(invoiced)}f}, "
+            f"open {still_open:,.{_places(still_open)}f}"
+        )
     return lines
 
 

@@ -24,13 +24,20 @@ SERVICE_CLASSES = {
 }
 
 
-def build(name: str, settings: Settings, *, tokens: TokenRegistry,
-          policy: Policy | None = None, consume: bool = True, relay: bool = True,
-          clock: Clock = utcnow) -> tuple[FastAPI, ServiceHost]:
+def build(
+    name: str,
+    settings: Settings,
+    *,
+    tokens: TokenRegistry,
+    policy: Policy | None = None,
+    consume: bool = True,
+    relay: bool = True,
+    clock: Clock = utcnow,
+) -> tuple[FastAPI, ServiceHost]:
     module = importlib.import_module(f"services.{name}.app")
-    built: tuple[FastAPI, ServiceHost] = module.build(settings, tokens=tokens, policy=policy,
-                                                      consume=consume, relay=relay,
-                                                      clock=clock)
+    built: tuple[FastAPI, ServiceHost] = module.build(
+        settings, tokens=tokens, policy=policy, consume=consume, relay=relay, clock=clock
+    )
     return built
 
 
@@ -40,12 +47,17 @@ def service_for(name: str, settings: Settings, policy: Policy | None = None) -> 
     return getattr(module, cls)(settings, policy or load_policy(settings.policy))
 
 
-def core_for(name: str, settings: Settings,
-             policy: Policy | None = None) -> tuple[EventCore, AsyncEngine]:
+def core_for(
+    name: str, settings: Settings, policy: Policy | None = None
+) -> tuple[EventCore, AsyncEngine]:
     """An event core on the service's database, without loops (replay, verify, tools)."""
     engine = make_engine(settings.database_url_for(name))
-    core = EventCore(service_for(name, settings, policy), engine, dlq_topic=settings.topic_dlq,
-                     topic_of_type=settings.topic_of_type())
+    core = EventCore(
+        service_for(name, settings, policy),
+        engine,
+        dlq_topic=settings.topic_dlq,
+        topic_of_type=settings.topic_of_type(),
+    )
     return core, engine
 
 
@@ -64,9 +76,19 @@ def upgrade(settings: Settings, names: list[str]) -> list[str]:
 
 def all_topics(settings: Settings) -> list[str]:
     s = settings
-    return [s.topic_customers, s.topic_invoices, s.topic_payments, s.topic_overdue,
-            s.topic_financials, s.topic_credit_reports, s.topic_assessments, s.topic_limits,
-            s.topic_exposure, s.topic_alerts, s.topic_dlq]
+    return [
+        s.topic_customers,
+        s.topic_invoices,
+        s.topic_payments,
+        s.topic_overdue,
+        s.topic_financials,
+        s.topic_credit_reports,
+        s.topic_assessments,
+        s.topic_limits,
+        s.topic_exposure,
+        s.topic_alerts,
+        s.topic_dlq,
+    ]
 
 
 async def create_topics(settings: Settings, partitions: int | None = None) -> None:
@@ -74,8 +96,9 @@ async def create_topics(settings: Settings, partitions: int | None = None) -> No
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
-                                **settings.kafka_client_kwargs())
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap, **settings.kafka_client_kwargs()
+    )
     await admin.start()
     try:
         existing = set(await admin.list_topics())

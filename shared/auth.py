@@ -214,12 +214,14 @@ def parse_bearer(header: str) -> str | None:
 def _bearer_token(request: Request) -> str:
     header = request.headers.get("authorization")
     if header is None:
-        raise Unauthorized("An 'Authorization: Bearer <token>' header is required.",
-                           field="authorization")
+        raise Unauthorized(
+            "An 'Authorization: Bearer <token>' header is required.", field="authorization"
+        )
     token = parse_bearer(header)
     if token is None:
         raise Unauthorized(
-            "The Authorization header must be 'Bearer <token>'.", error="invalid_request",
+            "The Authorization header must be 'Bearer <token>'.",
+            error="invalid_request",
             field="authorization",
         )
     return token
@@ -243,8 +245,9 @@ def require(scope: str) -> Callable[..., Awaitable[Principal]]:
         token = _bearer_token(request)
         principal = _registry_of(request).authenticate(token)
         if principal is None:
-            raise Unauthorized("The token is not valid.", error="invalid_token",
-                               field="authorization")
+            raise Unauthorized(
+                "The token is not valid.", error="invalid_token", field="authorization"
+            )
         if not principal.allows(scope):
             raise Forbidden(
                 f"This call needs the scope {scope!r}.",

@@ -64,19 +64,33 @@ async def json_body(request: Request, model: type[M]) -> M:
     try:
         data = loads_exact(raw)
     except NulInText as exc:
-        raise RequestValidationError([{
-            "type": "string_nul", "loc": ("body", *exc.path), "msg": str(exc),
-        }]) from None
+        raise RequestValidationError(
+            [
+                {
+                    "type": "string_nul",
+                    "loc": ("body", *exc.path),
+                    "msg": str(exc),
+                }
+            ]
+        ) from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestValidationError([{
-            "type": "json_invalid", "loc": ("body",), "msg": "Invalid JSON",
-            "ctx": {"error": str(exc)[:200]},
-        }]) from None
+        raise RequestValidationError(
+            [
+                {
+                    "type": "json_invalid",
+                    "loc": ("body",),
+                    "msg": "Invalid JSON",
+                    "ctx": {"error": str(exc)[:200]},
+                }
+            ]
+        ) from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False,
-                                                                         include_input=False)]
+        errors = [
+            {**e, "loc": ("body", *e["loc"])}
+            for e in exc.errors(include_url=False, include_input=False)
+        ]
         raise RequestValidationError(errors) from None
 
 

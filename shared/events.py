@@ -287,11 +287,19 @@ class Envelope(BaseModel):
         beyond 64 bits, a key that is not a string) goes through pydantic. A property test
         holds the two to the same bytes."""
         try:
-            return orjson.dumps({
-                "specversion": self.specversion, "id": self.id, "source": self.source,
-                "type": self.type, "subject": self.subject, "time": self.time,
-                "datacontenttype": self.datacontenttype, "data": self.data,
-            }, option=orjson.OPT_UTC_Z)
+            return orjson.dumps(
+                {
+                    "specversion": self.specversion,
+                    "id": self.id,
+                    "source": self.source,
+                    "type": self.type,
+                    "subject": self.subject,
+                    "time": self.time,
+                    "datacontenttype": self.datacontenttype,
+                    "data": self.data,
+                },
+                option=orjson.OPT_UTC_Z,
+            )
         except TypeError:
             return self.model_dump_json().encode("utf-8")
 
@@ -301,14 +309,22 @@ class Envelope(BaseModel):
         return self.subject.encode("utf-8")
 
 
-def trusted_event(type: str, *, source: str, subject: str, data: dict[str, Any], id: str,
-                  time: dt.datetime) -> Envelope:
+def trusted_event(
+    type: str, *, source: str, subject: str, data: dict[str, Any], id: str, time: dt.datetime
+) -> Envelope:
     """An output event whose ``data`` the service built itself in JSON form (strings for
     money), skipping validation on the hot path. The shapes are pinned by unit tests that
     validate them against the contract models; use ``new_event`` everywhere else."""
-    return Envelope.model_construct(specversion="1.0", id=id, source=source, type=type,
-                                    subject=subject, time=time,
-                                    datacontenttype="application/json", data=data)
+    return Envelope.model_construct(
+        specversion="1.0",
+        id=id,
+        source=source,
+        type=type,
+        subject=subject,
+        time=time,
+        datacontenttype="application/json",
+        data=data,
+    )
 
 
 def _reject_json_constant(name: str) -> object:
@@ -357,8 +373,9 @@ def decode(raw: bytes | None, *, max_string_chars: int | None = MAX_STRING_CHARS
         _check_unicode(document)
     if "\\u0000" in text and (path := nul_path(document)) is not None:
         field = _dotted(path)
-        raise DeadLetter(INVALID_FIELD, f"{field}: NUL (U+0000) cannot be stored as text",
-                         field=field)
+        raise DeadLetter(
+            INVALID_FIELD, f"{field}: NUL (U+0000) cannot be stored as text", field=field
+        )
     try:
         return Envelope.model_validate(document)
     except ValidationError as exc:
@@ -401,13 +418,13 @@ def _check_string_lengths(document: dict[str, Any], limit: int) -> None:
             where = _dotted(path[:-1])
             raise DeadLetter(
                 OVERSIZE,
-                f"{where or '(document)'}: a key of {len(text)} characters; "
-                f"the limit is {limit}",
+                f"{where or '(document)'}: a key of {len(text)} characters; the limit is {limit}",
                 field=where or None,
             )
         where = _dotted(path)
-        raise DeadLetter(OVERSIZE, f"{where}: {len(text)} characters; the limit is {limit}",
-                         field=where)
+        raise DeadLetter(
+            OVERSIZE, f"{where}: {len(text)} characters; the limit is {limit}", field=where
+        )
 
 
 def nul_path(document: Any) -> JsonPath | None:

@@ -112,9 +112,15 @@ class StoredEvent:
     offset: int | None = None
 
 
-def envelope_row(env: Envelope, *, topic: str | None, partition: int | None,
-                 offset: int | None, recorded_at: datetime,
-                 raw: bytes | None = None) -> dict[str, Any]:
+def envelope_row(
+    env: Envelope,
+    *,
+    topic: str | None,
+    partition: int | None,
+    offset: int | None,
+    recorded_at: datetime,
+    raw: bytes | None = None,
+) -> dict[str, Any]:
     """The stored row; ``raw`` is the record as received (already checked to be UTF-8)."""
     return {
         "source": env.source,
@@ -130,14 +136,23 @@ def envelope_row(env: Envelope, *, topic: str | None, partition: int | None,
     }
 
 
-_UNNEST_COLUMNS = (("source", "text"), ("event_id", "text"), ("type", "text"),
-                   ("subject", "text"), ("time", "timestamptz"), ("event", "text"),
-                   ("topic", "text"), ("partition", "int4"), ("offset", "int8"),
-                   ("recorded_at", "timestamptz"))
+_UNNEST_COLUMNS = (
+    ("source", "text"),
+    ("event_id", "text"),
+    ("type", "text"),
+    ("subject", "text"),
+    ("time", "timestamptz"),
+    ("event", "text"),
+    ("topic", "text"),
+    ("partition", "int4"),
+    ("offset", "int8"),
+    ("recorded_at", "timestamptz"),
+)
 
 
-async def append(conn: AsyncConnection, core: CoreTables,
-                 rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], int]:
+async def append(
+    conn: AsyncConnection, core: CoreTables, rows: Sequence[dict[str, Any]]
+) -> dict[tuple[str, str], int]:
     """Insert events, skipping those already stored; returns (source, id) → seq of new ones."""
     if not rows:
         return {}
@@ -152,14 +167,17 @@ async def append(conn: AsyncConnection, core: CoreTables,
     return {(r.source, r.event_id): r.seq for r in result}
 
 
-async def _append_pg(conn: AsyncConnection, core: CoreTables,
-                     rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], int]:
+async def _append_pg(
+    conn: AsyncConnection, core: CoreTables, rows: Sequence[dict[str, Any]]
+) -> dict[tuple[str, str], int]:
     """One INSERT … SELECT FROM unnest(arrays): the rows travel as ten binary arrays instead
     of ten parameters per row, which is several times cheaper on the Python side."""
     names = ", ".join(f'"{c}"' for c, _ in _UNNEST_COLUMNS)
     args = ", ".join(f"${i}::{t}[]" for i, (_, t) in enumerate(_UNNEST_COLUMNS, start=1))
-    sql = (f'INSERT INTO "{core.events.name}" ({names}) SELECT * FROM unnest({args}) '
-           f"ON CONFLICT (source, event_id) DO NOTHING RETURNING seq, source, event_id")
+    sql = (
+        f'INSERT INTO "{core.events.name}" ({names}) SELECT * FROM unnest({args}) '
+        f"ON CONFLICT (source, event_id) DO NOTHING RETURNING seq, source, event_id"
+    )
     columns = tuple([row[c] for row in rows] for c, _ in _UNNEST_COLUMNS)
     # Through the dialect (not the bare driver), so the statement joins the open transaction.
     result = await conn.exec_driver_sql(sql, columns)
@@ -173,8 +191,9 @@ async def forget(conn: AsyncConnection, core: CoreTables, seqs: Iterable[int]) -
         await conn.execute(delete(core.events).where(core.events.c.seq.in_(ids)))
 
 
-async def enqueue(conn: AsyncConnection, core: CoreTables,
-                  items: Sequence[tuple[str, Envelope]], now: datetime) -> None:
+async def enqueue(
+    conn: AsyncConnection, core: CoreTables, items: Sequence[tuple[str, Envelope]], now: datetime
+) -> None:
     """Queue derived events for the relay; same transaction as the state they describe."""
     if not items:
         return
@@ -185,15 +204,21 @@ async def enqueue(conn: AsyncConnection, core: CoreTables,
             f'INSERT INTO "{core.outbox.name}" (event_id, topic, key, value, created_at) '
             "SELECT e, t, k, v, $5 FROM unnest($1::text[], $2::text[], $3::text[], "
             "$4::text[]) AS u(e, t, k, v)",
-            (*([r[i] for r in rows] for i in range(4)), now))
+            (*([r[i] for r in rows] for i in range(4)), now),
+        )
         return
-    await conn.execute(core.outbox.insert(), [
-        {"event_id": e, "topic": t, "key": k, "value": v, "created_at": now}
-        for e, t, k, v in rows])
+    await conn.execute(
+        core.outbox.insert(),
+        [
+            {"event_id": e, "topic": t, "key": k, "value": v, "created_at": now}
+            for e, t, k, v in rows
+        ],
+    )
 
 
-async def store_offsets(conn: AsyncConnection, core: CoreTables,
-                        positions: dict[tuple[str, int], int], now: datetime) -> None:
+async def store_offsets(
+    conn: AsyncConnection, core: CoreTables, positions: dict[tuple[str, int], int], now: datetime
+) -> None:
     """Upsert next offsets; never move one backwards (a late, revoked consumer may try)."""
     if not positions:
         return
@@ -215,8 +240,9 @@ async def store_offsets(conn: AsyncConnection, core: CoreTables,
     )
 
 
-async def load_offsets(conn: AsyncConnection, core: CoreTables,
-                       partitions: Iterable[tuple[str, int]]) -> dict[tuple[str, int], int]:
+async def load_offsets(
+    conn: AsyncConnection, core: CoreTables, partitions: Iterable[tuple[str, int]]
+) -> dict[tuple[str, int], int]:
     wanted = list(partitions)
     if not wanted:
         return {}
@@ -229,15 +255,15 @@ async def load_offsets(conn: AsyncConnection, core: CoreTables,
     return {(r.topic, r.partition): r.next_offset for r in rows}
 
 
-async def pending_outbox(conn: AsyncConnection, core: CoreTables,
-                         limit: int) -> list[Any]:
+async def pending_outbox(conn: AsyncConnection, core: CoreTables, limit: int) -> list[Any]:
     ob = core.outbox
     stmt = select(ob.c.seq, ob.c.topic, ob.c.key, ob.c.value).order_by(ob.c.seq).limit(limit)
     return list(await conn.execute(stmt))
 
 
-async def take_outbox(conn: AsyncConnection, core: CoreTables, done: Sequence[int],
-                      limit: int) -> list[tuple[int, str, str, str]]:
+async def take_outbox(
+    conn: AsyncConnection, core: CoreTables, done: Sequence[int], limit: int
+) -> list[tuple[int, str, str, str]]:
     """PostgreSQL, one statement: delete the rows ``done`` (published and acknowledged) and
     read the oldest ``limit`` pending ones after them, as (seq, topic, key, value). Run it in
     autocommit, so that the delete is committed before anything read here is published. It
@@ -248,12 +274,15 @@ async def take_outbox(conn: AsyncConnection, core: CoreTables, done: Sequence[in
         f'WITH done AS (DELETE FROM "{ob}" WHERE seq = ANY($1::int8[])) '
         f'SELECT seq, topic, key, value FROM "{ob}" WHERE NOT (seq = ANY($1::int8[])) '
         "ORDER BY seq LIMIT $2",
-        list(done), limit)
+        list(done),
+        limit,
+    )
     return [tuple(r) for r in records]
 
 
-async def delete_outbox(conn: AsyncConnection, core: CoreTables, up_to_seq: int,
-                        seqs: Sequence[int]) -> None:
+async def delete_outbox(
+    conn: AsyncConnection, core: CoreTables, up_to_seq: int, seqs: Sequence[int]
+) -> None:
     ob = core.outbox
     await conn.execute(delete(ob).where(and_(ob.c.seq <= up_to_seq, ob.c.seq.in_(seqs))))
 
@@ -277,9 +306,15 @@ def row_to_stored(row: Any) -> StoredEvent:
     return StoredEvent(row.seq, env, row.topic, row.partition, row.offset)
 
 
-async def read_events(conn: AsyncConnection, core: CoreTables, *, after_seq: int = 0,
-                      batch: int = 2000, subject: str | None = None,
-                      until: datetime | None = None) -> AsyncIterator[list[StoredEvent]]:
+async def read_events(
+    conn: AsyncConnection,
+    core: CoreTables,
+    *,
+    after_seq: int = 0,
+    batch: int = 2000,
+    subject: str | None = None,
+    until: datetime | None = None,
+) -> AsyncIterator[list[StoredEvent]]:
     """Stream stored events in store order (the order they were applied), in pages."""
     ev = core.events
     last = after_seq

@@ -86,8 +86,12 @@ def create_app(
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     app.add_middleware(HttpMetrics, service=service)
 
-    @app.get("/healthz", tags=["ops"], summary="Liveness: the process answers and its "
-             "background loops have not died", responses={503: {"description": "Restart me"}})
+    @app.get(
+        "/healthz",
+        tags=["ops"],
+        summary="Liveness: the process answers and its background loops have not died",
+        responses={503: {"description": "Restart me"}},
+    )
     async def healthz() -> Response:
         fatal = liveness() if liveness is not None else None
         if fatal is None:

@@ -11,8 +11,16 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-CONTEXT_FIELDS = ("service", "event_id", "check_id", "customer_id", "topic", "partition",
-                  "offset", "reason")
+CONTEXT_FIELDS = (
+    "service",
+    "event_id",
+    "check_id",
+    "customer_id",
+    "topic",
+    "partition",
+    "offset",
+    "reason",
+)
 
 
 class JsonLines(logging.Formatter):
@@ -34,8 +42,11 @@ class JsonLines(logging.Formatter):
 
 def configure(level: str = "INFO", *, json_lines: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLines() if json_lines else logging.Formatter(
-        "%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.setFormatter(
+        JsonLines()
+        if json_lines
+        else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

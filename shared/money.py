@@ -283,8 +283,9 @@ def convert(
     return quantize(converted, to_ccy)
 
 
-def rate_between(from_ccy: str, to_ccy: str,
-                 rates: Mapping[str, Decimal]) -> tuple[Decimal, Decimal] | None:
+def rate_between(
+    from_ccy: str, to_ccy: str, rates: Mapping[str, Decimal]
+) -> tuple[Decimal, Decimal] | None:
     """The rate `convert` uses, as an exact fraction (numerator, denominator): an amount in
     `from_ccy` times numerator / denominator is in `to_ccy` (before quantising). (1, 1) for
     the same currency; None when there is no path or either currency is unknown."""

@@ -27,8 +27,13 @@ def encode_cursor(values: list[Any], scope: str = "") -> str:
     return base64.urlsafe_b64encode(json.dumps([scope, *values], default=str).encode()).decode()
 
 
-def decode_cursor(cursor: str | None, length: int | None = None, *, scope: str = "",
-                  kinds: tuple[Callable[[Any], Any], ...] = ()) -> list[Any] | None:
+def decode_cursor(
+    cursor: str | None,
+    length: int | None = None,
+    *,
+    scope: str = "",
+    kinds: tuple[Callable[[Any], Any], ...] = (),
+) -> list[Any] | None:
     """The values of a cursor this API returned for the list ``scope`` (``length`` of them,
     or as many as ``kinds``, each passed through its kind: a ``ValueError``, ``TypeError``
     or ``ArithmeticError`` there makes it a cursor this API did not return)."""
@@ -40,8 +45,12 @@ def decode_cursor(cursor: str | None, length: int | None = None, *, scope: str =
         value = None
     if kinds:
         length = len(kinds)
-    if not isinstance(value, list) or not value or value[0] != scope \
-            or (length is not None and len(value) != length + 1):
+    if (
+        not isinstance(value, list)
+        or not value
+        or value[0] != scope
+        or (length is not None and len(value) != length + 1)
+    ):
         raise bad_cursor()
     values = value[1:]
     if not kinds:

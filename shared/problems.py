@@ -245,7 +245,7 @@ def _unprefixed(message: str, field: str) -> str:
     """A message without the field's name in front (the problem names it apart, and its
     ``detail`` puts it in front again)."""
     prefix = f"{field}: "
-    return message[len(prefix):] if message.startswith(prefix) else message
+    return message[len(prefix) :] if message.startswith(prefix) else message
 
 
 def validation_problem(exc: RequestValidationError, instance: str) -> dict[str, Any]:
@@ -385,8 +385,9 @@ class BodySizeLimit:
             await self._send_413(scope, send)
 
     async def _send_413(self, scope: Scope, send: Send) -> None:
-        problem = PayloadTooLarge(f"Request bodies are limited to {self.max_bytes} bytes.",
-                                  field="body")
+        problem = PayloadTooLarge(
+            f"Request bodies are limited to {self.max_bytes} bytes.", field="body"
+        )
         response = problem_response(problem.to_problem(scope.get("path", "")))
         await response(scope, _no_receive, send)
 

@@ -93,16 +93,22 @@ def insert_for(conn: AsyncConnection, table: Table) -> Any:
     return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
 
 
-async def upsert(conn: AsyncConnection, table: Table, keys: Sequence[str],
-                 rows: Sequence[dict[str, Any]], update: Sequence[str] | None = None,
-                 keep_if: tuple[str, str] | None = None) -> None:
+async def upsert(
+    conn: AsyncConnection,
+    table: Table,
+    keys: Sequence[str],
+    rows: Sequence[dict[str, Any]],
+    update: Sequence[str] | None = None,
+    keep_if: tuple[str, str] | None = None,
+) -> None:
     """Insert rows, or update the named columns (default: all but the keys) where they exist.
     ``keep_if=(column, marker)``: where a row's ``column`` is ``marker``, the stored value
     stays (a large value that did not change is not sent again)."""
     if not rows:
         return
-    columns = update if update is not None else [c.name for c in table.columns
-                                                 if c.name not in keys]
+    columns = (
+        update if update is not None else [c.name for c in table.columns if c.name not in keys]
+    )
     if conn.dialect.name == "postgresql":
         await _upsert_unnest(conn, table, tuple(keys), tuple(columns), rows, keep_if)
         return
@@ -110,8 +116,7 @@ async def upsert(conn: AsyncConnection, table: Table, keys: Sequence[str],
     sets: dict[str, Any] = {c: ins.excluded[c] for c in columns}
     if keep_if is not None and keep_if[0] in sets:
         name, marker = keep_if
-        sets[name] = case((ins.excluded[name] == marker, table.c[name]),
-                          else_=ins.excluded[name])
+        sets[name] = case((ins.excluded[name] == marker, table.c[name]), else_=ins.excluded[name])
     stmt = ins.on_conflict_do_update(index_elements=list(keys), set_=sets)
     await conn.execute(stmt, list(rows))
 
@@ -119,38 +124,60 @@ async def upsert(conn: AsyncConnection, table: Table, keys: Sequence[str],
 def kept_unless_marked(table: str, column: str, marker: str) -> str:
     """PostgreSQL's SET for a ``keep_if`` column of an upsert."""
     value = marker.replace("'", "''")
-    return (f'"{column}" = CASE WHEN EXCLUDED."{column}" = \'{value}\' '
-            f'THEN "{table}"."{column}" ELSE EXCLUDED."{column}" END')
+    return (
+        f'"{column}" = CASE WHEN EXCLUDED."{column}" = \'{value}\' '
+        f'THEN "{table}"."{column}" ELSE EXCLUDED."{column}" END'
+    )
 
 
 @functools.cache
-def _unnest_upsert_sql(table: Table, names: tuple[str, ...], keys: tuple[str, ...],
-                       update: tuple[str, ...], keep_if: tuple[str, str] | None) -> str:
+def _unnest_upsert_sql(
+    table: Table,
+    names: tuple[str, ...],
+    keys: tuple[str, ...],
+    update: tuple[str, ...],
+    keep_if: tuple[str, str] | None,
+) -> str:
     pg = postgresql.dialect()  # type: ignore[no-untyped-call]
-    arrays = ", ".join(f"${i}::{table.c[n].type.compile(dialect=pg)}[]"
-                       for i, n in enumerate(names, start=1))
-    sets = ", ".join(kept_unless_marked(table.name, n, keep_if[1])
-                     if keep_if is not None and n == keep_if[0] else f'"{n}" = EXCLUDED."{n}"'
-                     for n in update)
+    arrays = ", ".join(
+        f"${i}::{table.c[n].type.compile(dialect=pg)}[]" for i, n in enumerate(names, start=1)
+    )
+    sets = ", ".join(
+        kept_unless_marked(table.name, n, keep_if[1])
+        if keep_if is not None and n == keep_if[0]
+        else f'"{n}" = EXCLUDED."{n}"'
+        for n in update
+    )
     quoted = ", ".join(f'"{n}"' for n in names)
-    return (f'INSERT INTO "{table.name}" ({quoted}) SELECT * FROM unnest({arrays}) '
-            f'ON CONFLICT ({", ".join(keys)}) DO UPDATE SET {sets}')
+    return (
+        f'INSERT INTO "{table.name}" ({quoted}) SELECT * FROM unnest({arrays}) '
+        f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sets}"
+    )
 
 
-async def _upsert_unnest(conn: AsyncConnection, table: Table, keys: tuple[str, ...],
-                         update: tuple[str, ...], rows: Sequence[dict[str, Any]],
-                         keep_if: tuple[str, str] | None) -> None:
+async def _upsert_unnest(
+    conn: AsyncConnection,
+    table: Table,
+    keys: tuple[str, ...],
+    update: tuple[str, ...],
+    rows: Sequence[dict[str, Any]],
+    keep_if: tuple[str, str] | None,
+) -> None:
     """One statement with one array per column, instead of an executemany of rows × columns
     parameters: the rows a batch writes cost several times less on the Python side. Values
     must already be what the driver takes (Decimal, aware datetime, …), as the stores build."""
     names = tuple(rows[0])  # every row of one call has the same columns
-    sql = _unnest_upsert_sql(table, names, keys, tuple(c for c in update if c in names),
-                             keep_if)
+    sql = _unnest_upsert_sql(table, names, keys, tuple(c for c in update if c in names), keep_if)
     await conn.exec_driver_sql(sql, tuple([row[n] for row in rows] for n in names))
 
 
-async def lock_rows(conn: AsyncConnection, table: Table, key: str, ids: Iterable[str],
-                    columns: Sequence[str] | None = None) -> dict[str, Any]:
+async def lock_rows(
+    conn: AsyncConnection,
+    table: Table,
+    key: str,
+    ids: Iterable[str],
+    columns: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """Load the rows with these keys (all columns, or ``columns``); on PostgreSQL lock them,
     always in key order, so two transactions locking overlapping sets cannot deadlock.
     (SQLite serialises writers with BEGIN IMMEDIATE instead.)"""
@@ -165,8 +192,9 @@ async def lock_rows(conn: AsyncConnection, table: Table, key: str, ids: Iterable
     return {getattr(r, key): r for r in await conn.execute(stmt)}
 
 
-async def read_values(conn: AsyncConnection, table: Table, key: str, column: str,
-                      ids: Iterable[str]) -> dict[str, Any]:
+async def read_values(
+    conn: AsyncConnection, table: Table, key: str, column: str, ids: Iterable[str]
+) -> dict[str, Any]:
     """``column`` of the rows with these keys, by key (no lock)."""
     wanted = list(ids)
     if not wanted:

@@ -75,8 +75,7 @@ def _peak_memory_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
 
 
-async def collect_garbage(stop: asyncio.Event, *,
-                          freeze_every: float = FREEZE_INTERVAL_S) -> None:
+async def collect_garbage(stop: asyncio.Event, *, freeze_every: float = FREEZE_INTERVAL_S) -> None:
     """Keep every collection short, and still free garbage in reference cycles in time.
 
     A young collection walks every object created since the last one that is still alive.
@@ -204,7 +203,8 @@ class Prepared:
     positions: dict[tuple[str, int], int] = field(default_factory=dict)
     dead: list[tuple[Record, DeadLetter]] = field(default_factory=list)
     candidates: dict[tuple[str, str], tuple[Record, Envelope, BaseModel]] = field(
-        default_factory=dict)
+        default_factory=dict
+    )
     skipped: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     def skipped_count(self, reason: str) -> int:
@@ -241,8 +241,15 @@ def _is_transient(exc: BaseException) -> bool:
 class EventCore:
     """Applies batches of records or local events to one service's store, atomically."""
 
-    def __init__(self, service: Service, engine: AsyncEngine, *, dlq_topic: str = "credit.dlq",
-                 clock: Clock = utcnow, topic_of_type: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        service: Service,
+        engine: AsyncEngine,
+        *,
+        dlq_topic: str = "credit.dlq",
+        clock: Clock = utcnow,
+        topic_of_type: Mapping[str, str] | None = None,
+    ) -> None:
         self.service = service
         self.engine = engine
         self.dlq_topic = dlq_topic
@@ -252,26 +259,25 @@ class EventCore:
         self._svc = service.name
 
     # ---- consumed records -------------------------------------------------------------
-    def prepare(self, records: Sequence[Record],
-                poison: BaseException | None = None) -> Prepared:
+    def prepare(self, records: Sequence[Record], poison: BaseException | None = None) -> Prepared:
         """Decode and validate a batch (CPU only, no I/O): what to append, what to set aside."""
         prepared = Prepared(records, self.clock())
         self._prepare_into(prepared, records, poison)
         return prepared
 
-    async def prepare_interleaved(self, records: Sequence[Record],
-                                  chunk: int = 50) -> Prepared:
+    async def prepare_interleaved(self, records: Sequence[Record], chunk: int = 50) -> Prepared:
         """``prepare``, yielding to the event loop every ``chunk`` records, so that a batch
         whose transaction is in flight can send its next statement meanwhile: the database
         works while this process decodes."""
         prepared = Prepared(records, self.clock())
         for start in range(0, len(records), chunk):
-            self._prepare_into(prepared, records[start:start + chunk], None)
+            self._prepare_into(prepared, records[start : start + chunk], None)
             await asyncio.sleep(0)
         return prepared
 
-    def _prepare_into(self, prepared: Prepared, records: Sequence[Record],
-                      poison: BaseException | None) -> None:
+    def _prepare_into(
+        self, prepared: Prepared, records: Sequence[Record], poison: BaseException | None
+    ) -> None:
         for rec in records:
             prepared.positions[(rec.topic, rec.partition)] = rec.offset + 1
             if poison is not None:
@@ -329,14 +335,22 @@ class EventCore:
     async def _apply(self, prepared: Prepared) -> BatchResult:
         now = prepared.now
         core = self.service.core
-        result = BatchResult(duplicates=prepared.skipped_count("duplicate"),
-                             skipped=prepared.skipped_count("unknown_type"))
+        result = BatchResult(
+            duplicates=prepared.skipped_count("duplicate"),
+            skipped=prepared.skipped_count("unknown_type"),
+        )
         skipped = Counter(prepared.skipped)
         dead = list(prepared.dead)
         async with self.engine.begin() as conn:
             rows = [
-                es.envelope_row(env, topic=rec.topic, partition=rec.partition,
-                                offset=rec.offset, recorded_at=now, raw=rec.value)
+                es.envelope_row(
+                    env,
+                    topic=rec.topic,
+                    partition=rec.partition,
+                    offset=rec.offset,
+                    recorded_at=now,
+                    raw=rec.value,
+                )
                 for rec, env, _ in prepared.candidates.values()
             ]
             new = await es.append(conn, core, rows)
@@ -353,8 +367,18 @@ class EventCore:
                 await self.service.handle(tx, fresh)
             rejected = {inc.seq for inc, _ in tx.rejected}
             for inc, dl in tx.rejected:
-                dead.append((Record(inc.topic or "", inc.partition or 0, inc.offset or 0,
-                                    inc.envelope.subject.encode(), inc.envelope.to_json()), dl))
+                dead.append(
+                    (
+                        Record(
+                            inc.topic or "",
+                            inc.partition or 0,
+                            inc.offset or 0,
+                            inc.envelope.subject.encode(),
+                            inc.envelope.to_json(),
+                        ),
+                        dl,
+                    )
+                )
             await es.forget(conn, core, rejected)
             letters = [self._dead(rec, dl, now) for rec, dl in dead]
             await es.enqueue(conn, core, [*tx.outbox, *letters], now)
@@ -375,19 +399,36 @@ class EventCore:
             metrics.EVENTS_SKIPPED.labels(self._svc, topic, reason).inc(n)
         for rec, dl in dead:
             metrics.EVENTS_DEAD_LETTERED.labels(self._svc, rec.topic, dl.reason).inc()
-            log.warning("dead letter %s/%s@%s: %s (%s)", rec.topic, rec.partition, rec.offset,
-                        dl.reason, dl.error,
-                        extra={"service": self._svc, "topic": rec.topic,
-                               "partition": rec.partition, "offset": rec.offset,
-                               "reason": dl.reason,
-                               "customer_id": rec.key.decode("utf-8", "replace")
-                               if rec.key else None})
+            log.warning(
+                "dead letter %s/%s@%s: %s (%s)",
+                rec.topic,
+                rec.partition,
+                rec.offset,
+                dl.reason,
+                dl.error,
+                extra={
+                    "service": self._svc,
+                    "topic": rec.topic,
+                    "partition": rec.partition,
+                    "offset": rec.offset,
+                    "reason": dl.reason,
+                    "customer_id": rec.key.decode("utf-8", "replace") if rec.key else None,
+                },
+            )
         if log.isEnabledFor(logging.DEBUG):
             for inc in fresh:
-                log.debug("applied %s", inc.envelope.type, extra={
-                    "service": self._svc, "event_id": inc.envelope.id,
-                    "customer_id": inc.envelope.subject, "topic": inc.topic,
-                    "partition": inc.partition, "offset": inc.offset})
+                log.debug(
+                    "applied %s",
+                    inc.envelope.type,
+                    extra={
+                        "service": self._svc,
+                        "event_id": inc.envelope.id,
+                        "customer_id": inc.envelope.subject,
+                        "topic": inc.topic,
+                        "partition": inc.partition,
+                        "offset": inc.offset,
+                    },
+                )
         result.applied = sum(consumed.values())
         result.dead_lettered = len(dead)
         if tx.outbox or dead:
@@ -396,15 +437,25 @@ class EventCore:
 
     def _dead(self, rec: Record, dl: DeadLetter, now: datetime) -> tuple[str, Envelope]:
         env = dead_letter_record(
-            error=dl.error, reason=dl.reason, service=self._svc, topic=rec.topic,
-            partition=rec.partition, offset=rec.offset, key=rec.key, value=rec.value,
+            error=dl.error,
+            reason=dl.reason,
+            service=self._svc,
+            topic=rec.topic,
+            partition=rec.partition,
+            offset=rec.offset,
+            key=rec.key,
+            value=rec.value,
             failed_at=now,
         )
         return self.dlq_topic, env
 
     # ---- local events (API commands, scheduler) ---------------------------------------
-    async def submit(self, conn: AsyncConnection, envelopes: Sequence[Envelope],
-                     scratch: dict[str, Any] | None = None) -> Tx:
+    async def submit(
+        self,
+        conn: AsyncConnection,
+        envelopes: Sequence[Envelope],
+        scratch: dict[str, Any] | None = None,
+    ) -> Tx:
         """Record and apply events made inside the service, in the caller's transaction.
 
         Each must be valid: an invalid one is a programming error, not a dead letter. The
@@ -419,11 +470,16 @@ class EventCore:
             if model is None:
                 raise ValueError(f"unknown event type {env.type!r}")
             parsed.append((env, model))
-        rows = [es.envelope_row(env, topic=None, partition=None, offset=None, recorded_at=now)
-                for env, _ in parsed]
+        rows = [
+            es.envelope_row(env, topic=None, partition=None, offset=None, recorded_at=now)
+            for env, _ in parsed
+        ]
         new = await es.append(conn, self.service.core, rows)
-        fresh = [Incoming(new[(env.source, env.id)], env, model)
-                 for env, model in parsed if (env.source, env.id) in new]
+        fresh = [
+            Incoming(new[(env.source, env.id)], env, model)
+            for env, model in parsed
+            if (env.source, env.id) in new
+        ]
         if fresh:
             await self.service.handle(tx, fresh)
         for inc, dl in tx.rejected:
@@ -444,8 +500,9 @@ class EventCore:
         return len(due)
 
     # ---- replay and verify ------------------------------------------------------------
-    async def _refold(self, conn: AsyncConnection,
-                      progress: Callable[[int, int], None] | None = None) -> int:
+    async def _refold(
+        self, conn: AsyncConnection, progress: Callable[[int, int], None] | None = None
+    ) -> int:
         for table in reversed(self.service.projection_tables):
             await conn.execute(delete(table))
         total = await es.count_events(conn, self.service.core)
@@ -455,8 +512,16 @@ class EventCore:
             for stored in page:
                 model = self.service.parse_stored(stored.envelope)
                 if model is not None:
-                    incoming.append(Incoming(stored.seq, stored.envelope, model, stored.topic,
-                                             stored.partition, stored.offset))
+                    incoming.append(
+                        Incoming(
+                            stored.seq,
+                            stored.envelope,
+                            model,
+                            stored.topic,
+                            stored.partition,
+                            stored.offset,
+                        )
+                    )
             tx = Tx(conn, self.clock(), replaying=True)
             await self.service.handle(tx, incoming)
             done += len(page)
@@ -522,9 +587,11 @@ class Pipeline:
     cycle on top of it.
     """
 
-    def __init__(self, core: EventCore,
-                 apply: Callable[[Prepared], Coroutine[Any, Any, BatchResult]] | None = None,
-                 ) -> None:
+    def __init__(
+        self,
+        core: EventCore,
+        apply: Callable[[Prepared], Coroutine[Any, Any, BatchResult]] | None = None,
+    ) -> None:
         self.core = core
         self._apply = apply or core.apply
         self._inflight: asyncio.Task[BatchResult] | None = None
@@ -622,12 +689,21 @@ FETCH_MIN_BYTES = 16 * 1024
 class ConsumerLoop:
     """Kafka → EventCore, seeking to the offsets stored in the database on assignment."""
 
-    def __init__(self, core: EventCore, *, bootstrap: str, topics: list[str],
-                 group_id: str, client_kwargs: dict[str, Any] | None = None,
-                 max_records: int = 500, poll_timeout_ms: int = 200,
-                 session_timeout_ms: int = 10000, heartbeat_interval_ms: int = 2000,
-                 fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS,
-                 fetch_min_bytes: int = FETCH_MIN_BYTES) -> None:
+    def __init__(
+        self,
+        core: EventCore,
+        *,
+        bootstrap: str,
+        topics: list[str],
+        group_id: str,
+        client_kwargs: dict[str, Any] | None = None,
+        max_records: int = 500,
+        poll_timeout_ms: int = 200,
+        session_timeout_ms: int = 10000,
+        heartbeat_interval_ms: int = 2000,
+        fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS,
+        fetch_min_bytes: int = FETCH_MIN_BYTES,
+    ) -> None:
         self.core = core
         self.bootstrap = bootstrap
         self.topics = topics
@@ -707,23 +783,26 @@ class ConsumerLoop:
             while not stop.is_set():
                 room = self.max_records - pipeline.queued
                 if fetch is None and room > 0:
-                    fetch = asyncio.create_task(consumer.getmany(
-                        timeout_ms=self.poll_timeout_ms, max_records=room))
+                    fetch = asyncio.create_task(
+                        consumer.getmany(timeout_ms=self.poll_timeout_ms, max_records=room)
+                    )
                 waiting = [t for t in (fetch, pipeline.inflight) if t is not None]
                 await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 if fetch is not None and fetch.done():
                     batches, fetch = fetch.result(), None
                     self.healthy = True
-                    records = [Record(m.topic, m.partition, m.offset, m.key, m.value)
-                               for m in in_time_order(batches)]
+                    records = [
+                        Record(m.topic, m.partition, m.offset, m.key, m.value)
+                        for m in in_time_order(batches)
+                    ]
                     if records:
                         await pipeline.add(records)
                         self._observe_lag(consumer, batches)
                         if time.monotonic() - last_commit > 1.0 and (
-                                lag_commit is None or lag_commit.done()):
+                            lag_commit is None or lag_commit.done()
+                        ):
                             last_commit = time.monotonic()
-                            lag_commit = asyncio.create_task(
-                                self._commit_for_lag_tools(consumer))
+                            lag_commit = asyncio.create_task(self._commit_for_lag_tools(consumer))
                 pipeline.advance()
             # Stopping: commit what was fetched and decoded.
             await pipeline.drain()
@@ -770,8 +849,9 @@ class ConsumerLoop:
         for tp, msgs in batches.items():
             high = consumer.highwater(tp)
             if high is not None and msgs:
-                gauge = metrics.CONSUMER_LAG.labels(self.core.service.name, tp.topic,
-                                                    str(tp.partition))
+                gauge = metrics.CONSUMER_LAG.labels(
+                    self.core.service.name, tp.topic, str(tp.partition)
+                )
                 gauge.set(max(high - (msgs[-1].offset + 1), 0))
 
     async def _commit_for_lag_tools(self, consumer: Any) -> None:
@@ -782,9 +862,11 @@ class ConsumerLoop:
         from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
         assigned = consumer.assignment()
-        offsets = {tp: OffsetAndMetadata(position, "")
-                   for (topic, partition), position in self._applied.items()
-                   if (tp := TopicPartition(topic, partition)) in assigned}
+        offsets = {
+            tp: OffsetAndMetadata(position, "")
+            for (topic, partition), position in self._applied.items()
+            if (tp := TopicPartition(topic, partition)) in assigned
+        }
         if not offsets:
             return
         try:
@@ -812,10 +894,18 @@ class OutboxRelay:
     after the leader is gone, and costs next to nothing until then.
     """
 
-    def __init__(self, core: EventCore, *, bootstrap: str,
-                 client_kwargs: dict[str, Any] | None = None, batch: int = 500,
-                 poll_interval: float = 0.05, linger: float = 0.0,
-                 interval: float = 0.0, takeover: float = 1.0) -> None:
+    def __init__(
+        self,
+        core: EventCore,
+        *,
+        bootstrap: str,
+        client_kwargs: dict[str, Any] | None = None,
+        batch: int = 500,
+        poll_interval: float = 0.05,
+        linger: float = 0.0,
+        interval: float = 0.0,
+        takeover: float = 1.0,
+    ) -> None:
         self.core = core
         self.bootstrap = bootstrap
         self.client_kwargs = client_kwargs or {}
@@ -834,7 +924,9 @@ class OutboxRelay:
         producer = AIOKafkaProducer(
             # No linger: a relay cycle appends all its records before the sender runs, so
             # they leave in one request anyway; lingering would only add latency.
-            bootstrap_servers=self.bootstrap, acks="all", linger_ms=0,
+            bootstrap_servers=self.bootstrap,
+            acks="all",
+            linger_ms=0,
             enable_idempotence=False,  # the embedded dev broker has no idempotent producers
             **self.client_kwargs,
         )
@@ -910,9 +1002,12 @@ class OutboxRelay:
         conn = await self.core.engine.connect()
         try:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
-            got = (await conn.execute(
-                text("SELECT pg_try_advisory_lock(hashtext(:k))"),
-                {"k": f"creditwatch-relay-{self.core.service.name}"})).scalar()
+            got = (
+                await conn.execute(
+                    text("SELECT pg_try_advisory_lock(hashtext(:k))"),
+                    {"k": f"creditwatch-relay-{self.core.service.name}"},
+                )
+            ).scalar()
         except BaseException:
             await conn.close()
             raise
@@ -956,8 +1051,10 @@ class OutboxRelay:
         if not rows:
             metrics.OUTBOX_PENDING.labels(self.core.service.name).set(0)
             return 0
-        futures = [await producer.send(topic, value=value.encode(), key=key.encode())
-                   for _seq, topic, key, value in rows]
+        futures = [
+            await producer.send(topic, value=value.encode(), key=key.encode())
+            for _seq, topic, key, value in rows
+        ]
         await asyncio.gather(*futures)
         self._acked = [seq for seq, _topic, _key, _value in rows]
         published = Counter(topic for _seq, topic, _key, _value in rows)
@@ -983,8 +1080,9 @@ class Scheduler:
                 return
 
 
-async def run_all(stop: asyncio.Event,
-                  *jobs: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
+async def run_all(
+    stop: asyncio.Event, *jobs: Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+) -> None:
     """Run background loops until ``stop``; one crashing loop stops the others."""
     tasks = [asyncio.create_task(job(stop)) for job in jobs]
     try:

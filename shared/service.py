@@ -69,18 +69,27 @@ class ServiceHost:
         kwargs = s.kafka_client_kwargs()
         if self.consume:
             self.consumer = ConsumerLoop(
-                self.core, bootstrap=s.kafka_bootstrap, topics=self.service.input_topics(),
-                group_id=f"{s.consumer_group_prefix}-{self.service.name}", client_kwargs=kwargs,
-                max_records=s.consumer_max_records, poll_timeout_ms=s.consumer_poll_timeout_ms,
+                self.core,
+                bootstrap=s.kafka_bootstrap,
+                topics=self.service.input_topics(),
+                group_id=f"{s.consumer_group_prefix}-{self.service.name}",
+                client_kwargs=kwargs,
+                max_records=s.consumer_max_records,
+                poll_timeout_ms=s.consumer_poll_timeout_ms,
                 session_timeout_ms=s.consumer_session_timeout_ms,
                 heartbeat_interval_ms=s.consumer_heartbeat_interval_ms,
             )
             self.scheduler = Scheduler(self.core, interval=s.scheduler_interval_s)
         if self.publish:
             self.relay = OutboxRelay(
-                self.core, bootstrap=s.kafka_bootstrap, client_kwargs=kwargs,
-                poll_interval=s.outbox_poll_interval_s, linger=s.outbox_linger_ms / 1000,
-                interval=s.outbox_interval_ms / 1000, takeover=s.outbox_takeover_s)
+                self.core,
+                bootstrap=s.kafka_bootstrap,
+                client_kwargs=kwargs,
+                poll_interval=s.outbox_poll_interval_s,
+                linger=s.outbox_linger_ms / 1000,
+                interval=s.outbox_interval_ms / 1000,
+                takeover=s.outbox_takeover_s,
+            )
 
     async def start(self) -> None:
         jobs: list[Callable[[asyncio.Event], Any]] = []
@@ -150,19 +159,38 @@ class ServiceHost:
         return _lifespan
 
 
-def build_service_app(name: str, service: Service, settings: Settings, *,
-                      tokens: TokenRegistry, router: Callable[[EventCore], APIRouter],
-                      consume: bool = True, relay: bool = True, clock: Clock = utcnow,
-                      gauges: Sequence[Refresh] = ()) -> tuple[FastAPI, ServiceHost]:
+def build_service_app(
+    name: str,
+    service: Service,
+    settings: Settings,
+    *,
+    tokens: TokenRegistry,
+    router: Callable[[EventCore], APIRouter],
+    consume: bool = True,
+    relay: bool = True,
+    clock: Clock = utcnow,
+    gauges: Sequence[Refresh] = (),
+) -> tuple[FastAPI, ServiceHost]:
     """The same wiring for every service: engine, event core, loops, routes, gauges."""
     engine = make_engine(settings.database_url_for(name))
-    core = EventCore(service, engine, dlq_topic=settings.topic_dlq, clock=clock,
-                     topic_of_type=settings.topic_of_type())
-    host = ServiceHost(service, settings, engine, core, consume=consume, publish=relay,
-                       clock=clock,
-                       gauges=gauges)
-    app = create_app(name, settings=settings, tokens=tokens, readiness=host.readiness,
-                     lifespan=host.lifespan(), liveness=host.fatal)
+    core = EventCore(
+        service,
+        engine,
+        dlq_topic=settings.topic_dlq,
+        clock=clock,
+        topic_of_type=settings.topic_of_type(),
+    )
+    host = ServiceHost(
+        service, settings, engine, core, consume=consume, publish=relay, clock=clock, gauges=gauges
+    )
+    app = create_app(
+        name,
+        settings=settings,
+        tokens=tokens,
+        readiness=host.readiness,
+        lifespan=host.lifespan(),
+        liveness=host.fatal,
+    )
     app.include_router(router(core))
     app.state.host = host
     return app, host

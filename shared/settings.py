@@ -218,12 +218,16 @@ class Settings(BaseSettings):
         from shared.events import TOPIC_OF_TYPE
 
         by_default = {
-            "crm.customers": self.topic_customers, "ar.invoices": self.topic_invoices,
-            "ar.payments": self.topic_payments, "ar.overdue": self.topic_overdue,
+            "crm.customers": self.topic_customers,
+            "ar.invoices": self.topic_invoices,
+            "ar.payments": self.topic_payments,
+            "ar.overdue": self.topic_overdue,
             "crm.financials": self.topic_financials,
             "crm.credit-reports": self.topic_credit_reports,
-            "credit.assessments": self.topic_assessments, "credit.limits": self.topic_limits,
-            "credit.exposure": self.topic_exposure, "credit.alerts": self.topic_alerts,
+            "credit.assessments": self.topic_assessments,
+            "credit.limits": self.topic_limits,
+            "credit.exposure": self.topic_exposure,
+            "credit.alerts": self.topic_alerts,
             "credit.dlq": self.topic_dlq,
         }
         return {type_: by_default[topic] for type_, topic in TOPIC_OF_TYPE.items()}

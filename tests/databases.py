@@ -19,10 +19,12 @@ def fresh_url(kind: str, *, tmp_path: Path, pg_server_url: str | None, name: str
     return servers.create_database(pg_server_url)
 
 
-async def fresh_engine(kind: str, service: str, *, tmp_path: Path,
-                       pg_server_url: str | None) -> AsyncEngine:
-    engine = make_engine(fresh_url(kind, tmp_path=tmp_path, pg_server_url=pg_server_url,
-                                   name=service))
+async def fresh_engine(
+    kind: str, service: str, *, tmp_path: Path, pg_server_url: str | None
+) -> AsyncEngine:
+    engine = make_engine(
+        fresh_url(kind, tmp_path=tmp_path, pg_server_url=pg_server_url, name=service)
+    )
     await upgrade(engine, service)
     return engine
 

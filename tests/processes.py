@@ -25,22 +25,26 @@ TOKENS = {
     READ: {"principal": "reader", "scopes": ["credit:read"]},
     WRITE: {"principal": "analyst", "scopes": ["credit:read", "credit:write"]},
     APPROVE: {"principal": "approver", "scopes": ["credit:read", "credit:approve"]},
-    ALL: {"principal": "admin", "scopes": ["credit:check", "credit:read", "credit:write",
-                                           "credit:approve", "alerts:write"]},
+    ALL: {
+        "principal": "admin",
+        "scopes": ["credit:check", "credit:read", "credit:write", "credit:approve", "alerts:write"],
+    },
 }
 
 
 def service_env(*, database_url: str, bootstrap: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITWATCH_")}
-    env.update({
-        "CREDITWATCH_DATABASE_URL": database_url,
-        "CREDITWATCH_KAFKA_BOOTSTRAP": bootstrap,
-        "CREDITWATCH_API_TOKENS": json.dumps(TOKENS),
-        "CREDITWATCH_CONSUMER_SESSION_TIMEOUT_MS": "6000",
-        "CREDITWATCH_CONSUMER_HEARTBEAT_INTERVAL_MS": "500",
-        "CREDITWATCH_SCHEDULER_INTERVAL_S": "0.5",
-        "CREDITWATCH_LOG_LEVEL": "INFO",
-    })
+    env.update(
+        {
+            "CREDITWATCH_DATABASE_URL": database_url,
+            "CREDITWATCH_KAFKA_BOOTSTRAP": bootstrap,
+            "CREDITWATCH_API_TOKENS": json.dumps(TOKENS),
+            "CREDITWATCH_CONSUMER_SESSION_TIMEOUT_MS": "6000",
+            "CREDITWATCH_CONSUMER_HEARTBEAT_INTERVAL_MS": "500",
+            "CREDITWATCH_SCHEDULER_INTERVAL_S": "0.5",
+            "CREDITWATCH_LOG_LEVEL": "INFO",
+        }
+    )
     env.update(extra)
     return env
 
@@ -48,8 +52,9 @@ def service_env(*, database_url: str, bootstrap: str, **extra: str) -> dict[str,
 class ServiceProcess:
     """``creditwatch serve <service>`` in its own process group."""
 
-    def __init__(self, service: str, env: dict[str, str], log_dir: Path,
-                 *args: str, port: int | None = None) -> None:
+    def __init__(
+        self, service: str, env: dict[str, str], log_dir: Path, *args: str, port: int | None = None
+    ) -> None:
         self.service = service
         self.env = env
         self.args = args
@@ -68,10 +73,22 @@ class ServiceProcess:
         log.write(f"\n---- start #{self.starts} ----\n".encode())
         log.flush()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "serve", self.service,
-             "--port", str(self.port), *self.args],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            cwd=Path(__file__).resolve().parents[1])
+            [
+                sys.executable,
+                "-m",
+                "services.cli",
+                "serve",
+                self.service,
+                "--port",
+                str(self.port),
+                *self.args,
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
         return self
 
     def wait_ready(self, timeout: float = 60.0) -> None:
@@ -79,8 +96,9 @@ class ServiceProcess:
         last: Any = None
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"{self.service} exited with {self.proc.returncode}:\n"
-                                   f"{self.tail()}")
+                raise RuntimeError(
+                    f"{self.service} exited with {self.proc.returncode}:\n{self.tail()}"
+                )
             try:
                 last = httpx.get(f"{self.url}/readyz", timeout=2)
                 if last.status_code == 200:

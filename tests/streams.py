@@ -12,9 +12,18 @@ from typing import Any
 
 from tests import factories as f
 
-MALFORMED_KINDS = ("invalid_json", "not_utf8", "missing_field", "invalid_amount",
-                   "unknown_currency", "due_before_issue", "oversize", "no_fx_rate",
-                   "invalid_date", "invalid_field")
+MALFORMED_KINDS = (
+    "invalid_json",
+    "not_utf8",
+    "missing_field",
+    "invalid_amount",
+    "unknown_currency",
+    "due_before_issue",
+    "oversize",
+    "no_fx_rate",
+    "invalid_date",
+    "invalid_field",
+)
 
 
 @dataclass(frozen=True)
@@ -30,14 +39,22 @@ def _amount(rng: random.Random, low: int = 10, high: int = 20000) -> str:
     return f"{rng.randint(low, high)}.{rng.randint(0, 99):02d}"
 
 
-def ledger(customers: int = 500, total: int = 20_000, *, duplicate_share: float = 0.05,
-           malformed_share: float = 0.01, seed: int = 1) -> tuple[list[Item], list[Item]]:
+def ledger(
+    customers: int = 500,
+    total: int = 20_000,
+    *,
+    duplicate_share: float = 0.05,
+    malformed_share: float = 0.01,
+    seed: int = 1,
+) -> tuple[list[Item], list[Item]]:
     """(registrations, the rest): master data first, as upstream systems publish it."""
     rng = random.Random(seed)
     ids = [f"C{n:04d}" for n in range(customers)]
-    registrations = [Item("crm.customers", c.encode(), f.raw(e), "valid", e)
-                     for c in ids for e in [f.customer(c, currency="USD" if c.endswith("7")
-                                                       else "EUR")]]
+    registrations = [
+        Item("crm.customers", c.encode(), f.raw(e), "valid", e)
+        for c in ids
+        for e in [f.customer(c, currency="USD" if c.endswith("7") else "EUR")]
+    ]
     n_dup = int(total * duplicate_share)
     n_bad = int(total * malformed_share)
     n_valid = total - n_dup - n_bad - customers
@@ -52,8 +69,9 @@ def ledger(customers: int = 500, total: int = 20_000, *, duplicate_share: float 
         if roll < 0.55 or not invoices[c]:
             inv = f"I{i:06d}"
             ccy = "USD" if rng.random() < 0.1 else ("USD" if c.endswith("7") else "EUR")
-            e = f.invoice(c, inv, _amount(rng), issued=day, due_days=rng.choice([14, 30, 60]),
-                          currency=ccy)
+            e = f.invoice(
+                c, inv, _amount(rng), issued=day, due_days=rng.choice([14, 30, 60]), currency=ccy
+            )
             invoices[c].append(inv)
             topic = "ar.invoices"
         elif roll < 0.80:
@@ -63,45 +81,84 @@ def ledger(customers: int = 500, total: int = 20_000, *, duplicate_share: float 
                 target = rng.choice(invoices[c])
                 amount = _amount(rng, 10, 5000)
                 alloc = [(target, amount)]
-                e = f.payment(c, pay, amount, received=day, allocations=alloc,
-                              currency="USD" if c.endswith("7") else "EUR")
+                e = f.payment(
+                    c,
+                    pay,
+                    amount,
+                    received=day,
+                    allocations=alloc,
+                    currency="USD" if c.endswith("7") else "EUR",
+                )
             else:
-                e = f.payment(c, pay, _amount(rng, 10, 8000), received=day,
-                              currency="USD" if c.endswith("7") else "EUR")
+                e = f.payment(
+                    c,
+                    pay,
+                    _amount(rng, 10, 8000),
+                    received=day,
+                    currency="USD" if c.endswith("7") else "EUR",
+                )
             payments[c].append(pay)
             topic = "ar.payments"
         elif roll < 0.86:
             ccy = "USD" if c.endswith("7") else "EUR"
-            data = {"credit_note_id": f"N{i:06d}", "customer_id": c,
-                    "amount": _amount(rng, 5, 500), "currency": ccy,
-                    "issue_date": day.isoformat()}
+            data = {
+                "credit_note_id": f"N{i:06d}",
+                "customer_id": c,
+                "amount": _amount(rng, 5, 500),
+                "currency": ccy,
+                "issue_date": day.isoformat(),
+            }
             if rng.random() < 0.5:
                 data["invoice_id"] = rng.choice(invoices[c])
-            e = f.cloudevent("credit_note.issued", c, data, id=f"cn-{i}", time=f.T0.replace(
-                year=day.year, month=day.month, day=day.day))
+            e = f.cloudevent(
+                "credit_note.issued",
+                c,
+                data,
+                id=f"cn-{i}",
+                time=f.T0.replace(year=day.year, month=day.month, day=day.day),
+            )
             topic = "ar.invoices"
         elif roll < 0.89:
-            e = f.cloudevent("invoice.cancelled", c,
-                             {"invoice_id": rng.choice(invoices[c]), "customer_id": c,
-                              "reason": "wrong address"}, id=f"cancel-{i}",
-                             time=f.T0.replace(year=day.year, month=day.month, day=day.day))
+            e = f.cloudevent(
+                "invoice.cancelled",
+                c,
+                {
+                    "invoice_id": rng.choice(invoices[c]),
+                    "customer_id": c,
+                    "reason": "wrong address",
+                },
+                id=f"cancel-{i}",
+                time=f.T0.replace(year=day.year, month=day.month, day=day.day),
+            )
             topic = "ar.invoices"
         elif roll < 0.91 and payments[c]:
-            e = f.cloudevent("payment.reversed", c,
-                             {"payment_id": rng.choice(payments[c]), "customer_id": c,
-                              "reason": "chargeback"}, id=f"rev-{i}",
-                             time=f.T0.replace(year=day.year, month=day.month, day=day.day))
+            e = f.cloudevent(
+                "payment.reversed",
+                c,
+                {"payment_id": rng.choice(payments[c]), "customer_id": c, "reason": "chargeback"},
+                id=f"rev-{i}",
+                time=f.T0.replace(year=day.year, month=day.month, day=day.day),
+            )
             topic = "ar.payments"
         else:
             inv = rng.choice(invoices[c])
             due = day - timedelta(days=rng.randint(1, 120))
             ccy = "USD" if c.endswith("7") else "EUR"
-            e = f.cloudevent("invoice.overdue", c,
-                             {"invoice_id": inv, "customer_id": c,
-                              "amount_overdue": _amount(rng, 10, 3000), "currency": ccy,
-                              "due_date": due.isoformat(), "days_overdue": (day - due).days,
-                              "as_of": day.isoformat()}, id=f"dun-{i}",
-                             time=f.T0.replace(year=day.year, month=day.month, day=day.day))
+            e = f.cloudevent(
+                "invoice.overdue",
+                c,
+                {
+                    "invoice_id": inv,
+                    "customer_id": c,
+                    "amount_overdue": _amount(rng, 10, 3000),
+                    "currency": ccy,
+                    "due_date": due.isoformat(),
+                    "days_overdue": (day - due).days,
+                    "as_of": day.isoformat(),
+                },
+                id=f"dun-{i}",
+                time=f.T0.replace(year=day.year, month=day.month, day=day.day),
+            )
             topic = "ar.overdue"
         valid.append(Item(topic, c.encode(), f.raw(e), "valid", e))
 
@@ -111,8 +168,12 @@ def ledger(customers: int = 500, total: int = 20_000, *, duplicate_share: float 
         i = rng.randrange(len(valid))
         original = valid[i]
         # An exact duplicate, later in the same topic and key (a producer retry, a replay).
-        placed.append((i + rng.uniform(0.5, len(valid) - i), Item(
-            original.topic, original.key, original.value, "duplicate", original.event)))
+        placed.append(
+            (
+                i + rng.uniform(0.5, len(valid) - i),
+                Item(original.topic, original.key, original.value, "duplicate", original.event),
+            )
+        )
     for k in range(n_bad):
         kind = MALFORMED_KINDS[k % len(MALFORMED_KINDS)]
         placed.append((rng.uniform(0, len(valid)), malformed(kind, rng.choice(ids), k, rng)))
@@ -133,8 +194,9 @@ def malformed(kind: str, c: str, k: int, rng: random.Random) -> Item:
         del data["amount"]
         value = f.raw(good)
     elif kind == "invalid_amount":
-        data["amount"] = rng.choice(["-10.00", "0", "12.345", "abc", "1000000000000000.01",
-                                     "1e5", ""])
+        data["amount"] = rng.choice(
+            ["-10.00", "0", "12.345", "abc", "1000000000000000.01", "1e5", ""]
+        )
         value = f.raw(good)
     elif kind == "unknown_currency":
         data["currency"] = rng.choice(["XYZ", "eur", "EURO"])

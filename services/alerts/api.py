@@ -69,9 +69,13 @@ def build_router(service: AlertsService, core: EventCore) -> APIRouter:
 
     @router.get("/alerts", summary="Alerts, newest first, filtered")
     async def list_alerts(
-        status: Annotated[str | None, Query(pattern=STATUS_FILTER,
-                                            description="open, acknowledged, resolved, or "
-                                                        "active (open or acknowledged)")] = None,
+        status: Annotated[
+            str | None,
+            Query(
+                pattern=STATUS_FILTER,
+                description="open, acknowledged, resolved, or active (open or acknowledged)",
+            ),
+        ] = None,
         customer_id: Annotated[str | None, Query(max_length=255)] = None,
         rule: str | None = None,
         severity: Annotated[str | None, Query(pattern=SEVERITY_FILTER)] = None,
@@ -80,13 +84,21 @@ def build_router(service: AlertsService, core: EventCore) -> APIRouter:
         _p: Principal = Depends(require("credit:read")),
     ) -> dict[str, Any]:
         if rule is not None and rule not in domain.RULES:
-            raise ValidationFailed(f"rule: unknown rule {rule[:64]!r}; rules are "
-                                   + ", ".join(domain.RULES), field="rule")
+            raise ValidationFailed(
+                f"rule: unknown rule {rule[:64]!r}; rules are " + ", ".join(domain.RULES),
+                field="rule",
+            )
         after = decode_alert_cursor(cursor)
         async with engine.connect() as conn:
-            rows = await store.list_alerts(conn, status=status, customer_id=customer_id,
-                                           rule=rule, severity=severity, after=after,
-                                           limit=limit + 1)
+            rows = await store.list_alerts(
+                conn,
+                status=status,
+                customer_id=customer_id,
+                rule=rule,
+                severity=severity,
+                after=after,
+                limit=limit + 1,
+            )
         items = [json.loads(r.body) for r in rows[:limit]]
         nxt = None
         if len(rows) > limit:
@@ -95,8 +107,9 @@ def build_router(service: AlertsService, core: EventCore) -> APIRouter:
         return {"items": items, "next_cursor": nxt}
 
     @router.get("/alerts/{alert_id}", summary="One alert with its history")
-    async def get_alert(alert_id: str,
-                        _p: Principal = Depends(require("credit:read"))) -> dict[str, Any]:
+    async def get_alert(
+        alert_id: str, _p: Principal = Depends(require("credit:read"))
+    ) -> dict[str, Any]:
         async with engine.connect() as conn:
             row = await store.get_alert(conn, alert_id)
             if row is None:
@@ -106,13 +119,15 @@ def build_router(service: AlertsService, core: EventCore) -> APIRouter:
         body["history"] = [_history_item(h) for h in past]
         return body
 
-    @router.post("/alerts/{alert_id}/acknowledge", openapi_extra=body_schema(AcknowledgeBody),
-                 summary="Take the alert in hand: status acknowledged")
-    async def acknowledge(alert_id: str, request: Request,
-                          principal: Principal = Depends(require("alerts:write"))
-                          ) -> dict[str, Any]:
-        note = (await json_body(request, AcknowledgeBody)).note if await request.body() \
-            else None
+    @router.post(
+        "/alerts/{alert_id}/acknowledge",
+        openapi_extra=body_schema(AcknowledgeBody),
+        summary="Take the alert in hand: status acknowledged",
+    )
+    async def acknowledge(
+        alert_id: str, request: Request, principal: Principal = Depends(require("alerts:write"))
+    ) -> dict[str, Any]:
+        note = (await json_body(request, AcknowledgeBody)).note if await request.body() else None
         now = clock()
         async with engine.begin() as conn:
             row = await store.get_alert(conn, alert_id)
@@ -126,10 +141,17 @@ def build_router(service: AlertsService, core: EventCore) -> APIRouter:
                 raise Conflict(f"alert {alert_id!r} is already resolved", field="alert_id")
             if alert.status == "acknowledged":
                 return domain.alert_body(alert)  # acknowledging twice changes nothing
-            model = ev.AcknowledgeRequested(customer_id=row.customer_id, alert_id=alert_id,
-                                            by=principal.name, note=note)
-            env = new_event(model.TYPE, source=SOURCE + "/api", subject=row.customer_id,
-                            data=model, id=f"ack-{alert_id}-{alert.version}", time=now)
+            model = ev.AcknowledgeRequested(
+                customer_id=row.customer_id, alert_id=alert_id, by=principal.name, note=note
+            )
+            env = new_event(
+                model.TYPE,
+                source=SOURCE + "/api",
+                subject=row.customer_id,
+                data=model,
+                id=f"ack-{alert_id}-{alert.version}",
+                time=now,
+            )
             await core.submit(conn, [env], scratch={STATES: loaded})
             after = loaded[row.customer_id].state.alert_by_id(alert_id)
         assert after is not None

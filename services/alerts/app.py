@@ -18,15 +18,28 @@ from shared.settings import Settings
 NAME = "alerts"
 
 
-def build(settings: Settings, *, tokens: TokenRegistry, policy: Policy | None = None,
-          consume: bool = True, relay: bool = True,
-          clock: Clock = utcnow) -> tuple[FastAPI, ServiceHost]:
+def build(
+    settings: Settings,
+    *,
+    tokens: TokenRegistry,
+    policy: Policy | None = None,
+    consume: bool = True,
+    relay: bool = True,
+    clock: Clock = utcnow,
+) -> tuple[FastAPI, ServiceHost]:
     policy = policy or load_policy(settings.policy)
     service = AlertsService(settings, policy)
-    app, host = build_service_app(NAME, service, settings, tokens=tokens, consume=consume,
-                                  relay=relay, clock=clock,
-                                  router=lambda core: build_router(service, core),
-                                  gauges=[refresh_open_alert_gauges])
+    app, host = build_service_app(
+        NAME,
+        service,
+        settings,
+        tokens=tokens,
+        consume=consume,
+        relay=relay,
+        clock=clock,
+        router=lambda core: build_router(service, core),
+        gauges=[refresh_open_alert_gauges],
+    )
     count_raises_on_commit(host.engine)
     return app, host
 

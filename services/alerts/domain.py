@@ -258,8 +258,7 @@ def _invoice_overdue(state: CustomerState, event: Event, _p: Policy) -> Customer
     known = state.dunning.get(d.invoice_id)
     if known is not None and known.as_of > d.as_of:
         return state  # an older dunning run arriving late
-    dun = Dunning(d.invoice_id, d.days_overdue, d.amount_overdue, d.currency, d.as_of,
-                  event.time)
+    dun = Dunning(d.invoice_id, d.days_overdue, d.amount_overdue, d.currency, d.as_of, event.time)
     return replace(state, dunning={**state.dunning, d.invoice_id: dun})
 
 
@@ -317,12 +316,12 @@ def _payment_received(state: CustomerState, event: Event, policy: Policy) -> Cus
     kept.append((d.payment_id, PaymentFacts(d.amount, d.currency, d.received_date)))
     kept.sort(key=lambda item: (item[1].received_date, item[0]))
     payments = dict(kept[-PAYMENT_MEMORY_COUNT:])
-    return replace(state, payments=payments,
-                   reversals=_settle(state.reversals, d, policy))
+    return replace(state, payments=payments, reversals=_settle(state.reversals, d, policy))
 
 
-def _settle(reversals: Mapping[str, Reversal], payment: PaymentReceived,
-            policy: Policy) -> dict[str, Reversal]:
+def _settle(
+    reversals: Mapping[str, Reversal], payment: PaymentReceived, policy: Policy
+) -> dict[str, Reversal]:
     """A later payment makes good the oldest reversals its amount covers, in order."""
     left = payment.amount
     outstanding = dict(reversals)
@@ -348,8 +347,13 @@ def _payment_reversed(state: CustomerState, event: Event, _p: Policy) -> Custome
     if d.payment_id in state.reversals:
         return state
     paid = state.payments.get(d.payment_id)
-    rev = Reversal(d.payment_id, d.reason, paid.amount if paid else None,
-                   paid.currency if paid else None, event.time)
+    rev = Reversal(
+        d.payment_id,
+        d.reason,
+        paid.amount if paid else None,
+        paid.currency if paid else None,
+        event.time,
+    )
     payments = {k: v for k, v in state.payments.items() if k != d.payment_id}
     return replace(state, payments=payments, reversals={**state.reversals, d.payment_id: rev})
 
@@ -384,8 +388,9 @@ def apply_changes(state: CustomerState, changes: list[AlertChange]) -> CustomerS
     return replace(state, alerts=alerts)
 
 
-def step(state: CustomerState, event: Event,
-         policy: Policy) -> tuple[CustomerState, list[AlertChange]]:
+def step(
+    state: CustomerState, event: Event, policy: Policy
+) -> tuple[CustomerState, list[AlertChange]]:
     """Fold one event: its facts, then the alerts it raises, updates or resolves."""
     facts = apply(state, event, policy)
     changes = evaluate_rules(facts, event, policy, event.time)
@@ -433,8 +438,9 @@ def rule_enabled(policy: Policy, rule: str) -> bool:
     return bool(getattr(settings, "enabled", False))
 
 
-def evaluate_rules(state: CustomerState, event: Event, policy: Policy,
-                   now: datetime) -> list[AlertChange]:
+def evaluate_rules(
+    state: CustomerState, event: Event, policy: Policy, now: datetime
+) -> list[AlertChange]:
     """The alert changes ``event`` calls for, judged on ``state`` (its facts already applied).
 
     At most one active alert per rule: a condition that holds raises one (or updates it when
@@ -448,8 +454,7 @@ def evaluate_rules(state: CustomerState, event: Event, policy: Policy,
         active = state.active_alert(rule)
         if not rule_enabled(policy, rule):
             if active is not None:
-                changes.append(_resolve(active, Clear("The rule is disabled in the policy."),
-                                        now))
+                changes.append(_resolve(active, Clear("The rule is disabled in the policy."), now))
             continue
         outcome = _RULE_FNS[rule](state, event, policy, active)
         if isinstance(outcome, Finding):
@@ -476,8 +481,9 @@ def _later(a: datetime, b: datetime) -> datetime:
     return a if a >= b else b
 
 
-def _raise(customer_id: str, rule: str, finding: Finding, event: Event, policy: Policy,
-           now: datetime) -> AlertChange:
+def _raise(
+    customer_id: str, rule: str, finding: Finding, event: Event, policy: Policy, now: datetime
+) -> AlertChange:
     key = dedup_key(customer_id, rule)
     alert = Alert(
         alert_id=alert_id_for(key, event.key),
@@ -510,27 +516,47 @@ def _update(active: Alert, finding: Finding, policy: Policy, now: datetime) -> A
     )
     if escalated and active.status == "acknowledged":
         # The acknowledgement was for a lesser problem: someone has to look again.
-        alert = replace(alert, status="open", acknowledged_by=None, acknowledged_at=None,
-                        acknowledgement_note=None)
+        alert = replace(
+            alert,
+            status="open",
+            acknowledged_by=None,
+            acknowledged_at=None,
+            acknowledgement_note=None,
+        )
     return AlertChange("updated", "updated", alert)
 
 
 def _resolve(active: Alert, clear: Clear, now: datetime) -> AlertChange:
     at = _later(now, active.updated_at)
     facts = dict(active.facts) if clear.facts is None else clear.facts
-    alert = replace(active, status="resolved", message=clear.message, facts=facts,
-                    resolved_at=at, updated_at=at, version=active.version + 1)
+    alert = replace(
+        active,
+        status="resolved",
+        message=clear.message,
+        facts=facts,
+        resolved_at=at,
+        updated_at=at,
+        version=active.version + 1,
+    )
     return AlertChange("resolved", "resolved", alert)
 
 
-def _acknowledge(state: CustomerState, data: AcknowledgeRequested,
-                 now: datetime) -> list[AlertChange]:
+def _acknowledge(
+    state: CustomerState, data: AcknowledgeRequested, now: datetime
+) -> list[AlertChange]:
     alert = state.alert_by_id(data.alert_id)
     if alert is None or alert.status != "open":
         return []  # resolved, or already acknowledged: nothing changes
     at = _later(now, alert.updated_at)
-    acked = replace(alert, status="acknowledged", acknowledged_by=data.by, acknowledged_at=at,
-                    acknowledgement_note=data.note, updated_at=at, version=alert.version + 1)
+    acked = replace(
+        alert,
+        status="acknowledged",
+        acknowledged_by=data.by,
+        acknowledged_at=at,
+        acknowledgement_note=data.note,
+        updated_at=at,
+        version=alert.version + 1,
+    )
     return [AlertChange("updated", "acknowledged", acked)]
 
 
@@ -577,8 +603,7 @@ def _moved_relative(old: Decimal | None, new: Decimal | None, share: Decimal) ->
 # ---- limit_breach ---------------------------------------------------------------------------
 
 
-def _limit_breach(state: CustomerState, _e: Event, policy: Policy,
-                  _a: Alert | None) -> Outcome:
+def _limit_breach(state: CustomerState, _e: Event, policy: Policy, _a: Alert | None) -> Outcome:
     exp = state.exposure
     if exp is None:
         return None
@@ -594,15 +619,21 @@ def _limit_breach(state: CustomerState, _e: Event, policy: Policy,
         "as_of": exp.as_of.isoformat(),
     }
     if exp.exposure <= exp.limit:
-        return Clear(f"Exposure of {_money(exp.exposure, ccy)} {ccy} is back within the "
-                     f"credit limit of {_money(exp.limit, ccy)} {ccy}.", facts)
+        return Clear(
+            f"Exposure of {_money(exp.exposure, ccy)} {ccy} is back within the "
+            f"credit limit of {_money(exp.limit, ccy)} {ccy}.",
+            facts,
+        )
     if exp.limit > 0:
-        message = (f"Exposure of {_money(exp.exposure, ccy)} {ccy} exceeds the credit limit of "
-                   f"{_money(exp.limit, ccy)} {ccy} by {facts['excess']} {ccy} "
-                   f"({_pct(exp.exposure / exp.limit)} of the limit).")
+        message = (
+            f"Exposure of {_money(exp.exposure, ccy)} {ccy} exceeds the credit limit of "
+            f"{_money(exp.limit, ccy)} {ccy} by {facts['excess']} {ccy} "
+            f"({_pct(exp.exposure / exp.limit)} of the limit)."
+        )
     else:
-        message = (f"Exposure of {_money(exp.exposure, ccy)} {ccy} with no credit limit "
-                   f"(limit 0 {ccy}).")
+        message = (
+            f"Exposure of {_money(exp.exposure, ccy)} {ccy} with no credit limit (limit 0 {ccy})."
+        )
     return Finding(policy.alerts.limit_breach.severity, "Credit limit exceeded", message, facts)
 
 
@@ -629,8 +660,9 @@ def _utilization(exp: ExposureFacts) -> Decimal | None:
     return (exp.exposure / exp.limit).quantize(Decimal("0.0001"))
 
 
-def _utilization_high(state: CustomerState, _e: Event, policy: Policy,
-                      active: Alert | None) -> Outcome:
+def _utilization_high(
+    state: CustomerState, _e: Event, policy: Policy, active: Alert | None
+) -> Outcome:
     exp = state.exposure
     if exp is None:
         return None
@@ -649,12 +681,15 @@ def _utilization_high(state: CustomerState, _e: Event, policy: Policy,
     if util is None:
         return Clear(f"The credit limit is 0 {ccy}: utilisation no longer applies.", facts)
     if rule.holds(util, alert_open=active is not None):
-        message = (f"Credit utilisation is {_pct(util)}: exposure {facts['exposure']} {ccy} of a "
-                   f"{facts['limit']} {ccy} limit (raised at {_pct(rule.raise_at)}, clears "
-                   f"below {_pct(rule.clear_below)}).")
+        message = (
+            f"Credit utilisation is {_pct(util)}: exposure {facts['exposure']} {ccy} of a "
+            f"{facts['limit']} {ccy} limit (raised at {_pct(rule.raise_at)}, clears "
+            f"below {_pct(rule.clear_below)})."
+        )
         return Finding(rule.severity, "High credit utilisation", message, facts)
-    return Clear(f"Credit utilisation is back to {_pct(util)}, below "
-                 f"{_pct(rule.clear_below)}.", facts)
+    return Clear(
+        f"Credit utilisation is back to {_pct(util)}, below {_pct(rule.clear_below)}.", facts
+    )
 
 
 def _utilization_material(old: Alert, new: Finding, policy: Policy) -> bool:
@@ -691,8 +726,7 @@ def _overdue(state: CustomerState, _e: Event, policy: Policy, _a: Alert | None) 
     ccy = exp.currency if exp is not None else None
     amount = exp.overdue_amount if exp is not None else None
     source = "exposure"
-    worst = max(state.dunning.values(), key=lambda d: (d.days_overdue, d.invoice_id),
-                default=None)
+    worst = max(state.dunning.values(), key=lambda d: (d.days_overdue, d.invoice_id), default=None)
     if worst is not None and worst.days_overdue > days:
         # The dunning system is ahead of the exposure figures: take its word meanwhile.
         days, source = worst.days_overdue, "dunning"
@@ -714,12 +748,16 @@ def _overdue(state: CustomerState, _e: Event, policy: Policy, _a: Alert | None) 
         facts["invoice_id"] = worst.invoice_id
     severity = rule.severity_for(days)
     if severity is None:
-        return Clear(f"Nothing is overdue by more than {rule.warning_days} days any more "
-                     f"(worst: {days} days).", facts)
-    owed = f"; {facts['overdue_amount']} {ccy} overdue in total" if facts["overdue_amount"] \
-        else ""
-    message = (f"Payments are {days} days overdue at worst (warning after {rule.warning_days}, "
-               f"critical after {rule.critical_days} days){owed}.")
+        return Clear(
+            f"Nothing is overdue by more than {rule.warning_days} days any more "
+            f"(worst: {days} days).",
+            facts,
+        )
+    owed = f"; {facts['overdue_amount']} {ccy} overdue in total" if facts["overdue_amount"] else ""
+    message = (
+        f"Payments are {days} days overdue at worst (warning after {rule.warning_days}, "
+        f"critical after {rule.critical_days} days){owed}."
+    )
     return Finding(severity, "Payments overdue", message, facts)
 
 
@@ -728,8 +766,9 @@ def _overdue_material(old: Alert, new: Finding, _p: Policy) -> bool:
         return True
     if old.facts.get("currency") != new.facts.get("currency"):
         return True
-    return _moved_relative(_dec(old.facts.get("overdue_amount")),
-                           _dec(new.facts.get("overdue_amount")), AMOUNT_STEP)
+    return _moved_relative(
+        _dec(old.facts.get("overdue_amount")), _dec(new.facts.get("overdue_amount")), AMOUNT_STEP
+    )
 
 
 # ---- grade_downgrade ------------------------------------------------------------------------
@@ -738,12 +777,16 @@ def _overdue_material(old: Alert, new: Finding, _p: Policy) -> bool:
 def _is_current(state: CustomerState, event: Event) -> bool:
     """The event is the assessment the state now holds (not a stale one set aside)."""
     data = event.data
-    return (isinstance(data, AssessmentCompleted) and state.assessment is not None
-            and state.assessment.assessment_id == data.assessment_id)
+    return (
+        isinstance(data, AssessmentCompleted)
+        and state.assessment is not None
+        and state.assessment.assessment_id == data.assessment_id
+    )
 
 
-def _grade_downgrade(state: CustomerState, event: Event, policy: Policy,
-                     active: Alert | None) -> Outcome:
+def _grade_downgrade(
+    state: CustomerState, event: Event, policy: Policy, active: Alert | None
+) -> Outcome:
     a = state.assessment
     if a is None or not _is_current(state, event):
         return None
@@ -765,11 +808,14 @@ def _grade_downgrade(state: CustomerState, event: Event, policy: Policy,
         "assessment_id": a.assessment_id,
     }
     if severity is None:
-        return Clear(f"The grade is back to {a.grade} (it was {baseline} before the "
-                     "downgrade).", facts)
+        return Clear(
+            f"The grade is back to {a.grade} (it was {baseline} before the downgrade).", facts
+        )
     moved = "notch" if notches == 1 else "notches"
-    message = (f"The risk grade fell from {baseline} to {a.grade} ({notches} {moved}; "
-               f"score {a.score}, risk {a.risk_level}).")
+    message = (
+        f"The risk grade fell from {baseline} to {a.grade} ({notches} {moved}; "
+        f"score {a.score}, risk {a.risk_level})."
+    )
     return Finding(severity, "Risk grade downgraded", message, facts)
 
 
@@ -779,8 +825,15 @@ def _grade_material(old: Alert, new: Finding, _p: Policy) -> bool:
 
 # ---- financial_deterioration ----------------------------------------------------------------
 
-FINANCIAL_RATIOS: Final = ("altman_z2", "current_ratio", "debt_to_equity", "debt_ratio",
-                           "operating_cash_flow_ratio", "revenue_growth", "equity")
+FINANCIAL_RATIOS: Final = (
+    "altman_z2",
+    "current_ratio",
+    "debt_to_equity",
+    "debt_ratio",
+    "operating_cash_flow_ratio",
+    "revenue_growth",
+    "equity",
+)
 
 _SIGNAL_TEXT: Final = {
     "altman_z2_distress": "Altman Z'' {altman_z2} is in the distress zone (below {z2})",
@@ -823,8 +876,7 @@ def _equity_negative(ratios: Mapping[str, Decimal]) -> bool:
     return debt_ratio is not None and debt_ratio > 1
 
 
-def _financial(state: CustomerState, event: Event, policy: Policy,
-               _a: Alert | None) -> Outcome:
+def _financial(state: CustomerState, event: Event, policy: Policy, _a: Alert | None) -> Outcome:
     a = state.assessment
     if a is None or not _is_current(state, event):
         return None
@@ -837,11 +889,15 @@ def _financial(state: CustomerState, event: Event, policy: Policy,
         value = a.ratios.get(name)
         facts[name] = _plain(value) if value is not None else None
     if not signals:
-        return Clear("The latest assessment shows none of the warning signs of financial "
-                     "deterioration.", facts)
+        return Clear(
+            "The latest assessment shows none of the warning signs of financial deterioration.",
+            facts,
+        )
     shown = {
-        "altman_z2": facts["altman_z2"], "z2": _plain(rule.z2_distress),
-        "current_ratio": facts["current_ratio"], "cr": _plain(rule.current_ratio_below),
+        "altman_z2": facts["altman_z2"],
+        "z2": _plain(rule.z2_distress),
+        "current_ratio": facts["current_ratio"],
+        "cr": _plain(rule.current_ratio_below),
         "drop": _pct(-a.ratios["revenue_growth"]) if "revenue_drop" in signals else "",
     }
     parts = [_SIGNAL_TEXT[s].format(**shown) for s in signals]
@@ -856,8 +912,9 @@ def _financial_material(old: Alert, new: Finding, _p: Policy) -> bool:
 # ---- negative_credit_report -----------------------------------------------------------------
 
 
-def _credit_report_rule(state: CustomerState, _e: Event, policy: Policy,
-                        _a: Alert | None) -> Outcome:
+def _credit_report_rule(
+    state: CustomerState, _e: Event, policy: Policy, _a: Alert | None
+) -> Outcome:
     if not state.reports:
         return None
     rule = policy.alerts.negative_credit_report
@@ -875,8 +932,14 @@ def _credit_report_rule(state: CustomerState, _e: Event, policy: Policy,
             found = rule.severity_for(kind)
             if found is None:
                 continue
-            legal.append({"bureau": bureau, "type": kind,
-                          "date": day.isoformat() if day else None, "severity": found})
+            legal.append(
+                {
+                    "bureau": bureau,
+                    "type": kind,
+                    "date": day.isoformat() if day else None,
+                    "severity": found,
+                }
+            )
             severity = _worse(severity, found)
         if report.defaults:
             defaults.append({"bureau": bureau, "count": report.defaults})
@@ -884,16 +947,20 @@ def _credit_report_rule(state: CustomerState, _e: Event, policy: Policy,
     facts: dict[str, Any] = {
         "legal_events": legal,
         "defaults": defaults,
-        "reports": [{"bureau": r.bureau, "report_id": r.report_id,
-                     "reported_at": r.reported_at.isoformat()}
-                    for _, r in sorted(state.reports.items())],
+        "reports": [
+            {"bureau": r.bureau, "report_id": r.report_id, "reported_at": r.reported_at.isoformat()}
+            for _, r in sorted(state.reports.items())
+        ],
     }
     if severity is None:
         return Clear("The latest credit reports show no legal events or defaults.", facts)
-    parts = [f"{e['type']}" + (f" ({e['date']})" if e["date"] else "") + f" from {e['bureau']}"
-             for e in legal]
-    parts += [f"{d['count']} default{'s' if d['count'] != 1 else ''} from {d['bureau']}"
-              for d in defaults]
+    parts = [
+        f"{e['type']}" + (f" ({e['date']})" if e["date"] else "") + f" from {e['bureau']}"
+        for e in legal
+    ]
+    parts += [
+        f"{d['count']} default{'s' if d['count'] != 1 else ''} from {d['bureau']}" for d in defaults
+    ]
     message = "Credit reports show " + "; ".join(parts) + "."
     return Finding(severity, "Negative credit report", message, facts)
 
@@ -903,33 +970,49 @@ def _worse(a: Severity | None, b: Severity) -> Severity:
 
 
 def _report_material(old: Alert, new: Finding, _p: Policy) -> bool:
-    return (old.facts.get("legal_events") != new.facts.get("legal_events")
-            or old.facts.get("defaults") != new.facts.get("defaults"))
+    return old.facts.get("legal_events") != new.facts.get("legal_events") or old.facts.get(
+        "defaults"
+    ) != new.facts.get("defaults")
 
 
 # ---- payment_reversed -----------------------------------------------------------------------
 
 
-def _payment_reversed_rule(state: CustomerState, event: Event, policy: Policy,
-                           _a: Alert | None) -> Outcome:
+def _payment_reversed_rule(
+    state: CustomerState, event: Event, policy: Policy, _a: Alert | None
+) -> Outcome:
     reversals = sorted(state.reversals.values(), key=lambda r: (r.at, r.payment_id))
-    facts: dict[str, Any] = {"payments": [
-        {"payment_id": r.payment_id,
-         "amount": _money(r.amount, r.currency) if r.amount is not None and r.currency else None,
-         "currency": r.currency, "reason": r.reason, "reversed_at": r.at.isoformat()}
-        for r in reversals
-    ]}
+    facts: dict[str, Any] = {
+        "payments": [
+            {
+                "payment_id": r.payment_id,
+                "amount": _money(r.amount, r.currency)
+                if r.amount is not None and r.currency
+                else None,
+                "currency": r.currency,
+                "reason": r.reason,
+                "reversed_at": r.at.isoformat(),
+            }
+            for r in reversals
+        ]
+    }
     if not reversals:
         paid = event.data
         if isinstance(paid, PaymentReceived):
-            return Clear(f"Payment {paid.payment_id} of {_money(paid.amount, paid.currency)} "
-                         f"{paid.currency} received on {paid.received_date.isoformat()} makes "
-                         "good the reversed payments.", facts)
+            return Clear(
+                f"Payment {paid.payment_id} of {_money(paid.amount, paid.currency)} "
+                f"{paid.currency} received on {paid.received_date.isoformat()} makes "
+                "good the reversed payments.",
+                facts,
+            )
         return Clear("No reversed payment is outstanding.", facts)
     parts = []
     for r in reversals:
-        amount = f" of {_money(r.amount, r.currency)} {r.currency}" \
-            if r.amount is not None and r.currency else ""
+        amount = (
+            f" of {_money(r.amount, r.currency)} {r.currency}"
+            if r.amount is not None and r.currency
+            else ""
+        )
         reason = f" ({r.reason})" if r.reason else ""
         parts.append(f"payment {r.payment_id}{amount} was reversed{reason}")
     text = "; ".join(parts)
@@ -966,8 +1049,9 @@ def review_overdue_due(state: CustomerState, policy: Policy, today: date) -> boo
     return due + timedelta(days=policy.alerts.review_overdue.grace_days) <= today
 
 
-def _review_overdue(state: CustomerState, event: Event, policy: Policy,
-                    active: Alert | None) -> Outcome:
+def _review_overdue(
+    state: CustomerState, event: Event, policy: Policy, active: Alert | None
+) -> Outcome:
     a = state.assessment
     data = event.data
     if isinstance(data, AssessmentCompleted):
@@ -976,10 +1060,14 @@ def _review_overdue(state: CustomerState, event: Event, policy: Policy,
         if a.next_review_date is not None and a.next_review_date < event.time.date():
             return None  # a re-score that keeps the past review date is no review
         due = a.next_review_date.isoformat() if a.next_review_date else "not set"
-        return Clear(f"A new assessment was completed (grade {a.grade}); the next review is "
-                     f"due {due}.", {**dict(active.facts), "assessment_id": a.assessment_id,
-                                     "next_review_date": a.next_review_date.isoformat()
-                                     if a.next_review_date else None})
+        return Clear(
+            f"A new assessment was completed (grade {a.grade}); the next review is due {due}.",
+            {
+                **dict(active.facts),
+                "assessment_id": a.assessment_id,
+                "next_review_date": a.next_review_date.isoformat() if a.next_review_date else None,
+            },
+        )
     if not isinstance(data, ReviewOverdueDetected) or a is None:
         return None
     if a.next_review_date != data.next_review_date:
@@ -995,9 +1083,11 @@ def _review_overdue(state: CustomerState, event: Event, policy: Policy,
         "last_assessment_id": a.assessment_id,
         "last_assessed_at": a.assessed_at.isoformat(),
     }
-    message = (f"The periodic credit review was due on {data.next_review_date.isoformat()} "
-               f"(grade {a.grade}, last assessed {a.assessed_at.date().isoformat()}) and has "
-               "not been done.")
+    message = (
+        f"The periodic credit review was due on {data.next_review_date.isoformat()} "
+        f"(grade {a.grade}, last assessed {a.assessed_at.date().isoformat()}) and has "
+        "not been done."
+    )
     return Finding(rule.severity, "Credit review overdue", message, facts)
 
 
@@ -1058,24 +1148,38 @@ def alert_body(alert: Alert) -> dict[str, Any]:
 
 
 _DESCRIPTIONS: Final = {
-    LIMIT_BREACH: ("exposure above the credit limit (a limit of 0 counts)",
-                   "exposure back at or below the limit"),
-    UTILIZATION_HIGH: ("exposure / limit at or above raise_at",
-                       "utilisation below clear_below (in between, the alert stays as it is)"),
-    OVERDUE: ("worst days overdue above warning_days (warning) or critical_days (critical)",
-              "worst days overdue at or below warning_days"),
-    GRADE_DOWNGRADE: ("a worse grade; critical_notches or more (or onto the worst grade) is "
-                      "critical", "the grade back at or above the grade before the downgrade"),
-    FINANCIAL_DETERIORATION: ("Z'' below z2_distress, current ratio below current_ratio_below, "
-                              "negative equity, negative operating cash flow, or revenue down "
-                              "by revenue_drop or more", "a new assessment showing none of them"),
-    NEGATIVE_CREDIT_REPORT: ("legal events within the look-back window (critical_types "
-                             "critical, warning_types warning) or defaults",
-                             "every bureau's latest report clean"),
-    PAYMENT_REVERSED: ("a payment reversed",
-                       "later payments covering every reversed payment"),
-    REVIEW_OVERDUE: ("the periodic review date passed by more than grace_days",
-                     "a newer assessment"),
+    LIMIT_BREACH: (
+        "exposure above the credit limit (a limit of 0 counts)",
+        "exposure back at or below the limit",
+    ),
+    UTILIZATION_HIGH: (
+        "exposure / limit at or above raise_at",
+        "utilisation below clear_below (in between, the alert stays as it is)",
+    ),
+    OVERDUE: (
+        "worst days overdue above warning_days (warning) or critical_days (critical)",
+        "worst days overdue at or below warning_days",
+    ),
+    GRADE_DOWNGRADE: (
+        "a worse grade; critical_notches or more (or onto the worst grade) is critical",
+        "the grade back at or above the grade before the downgrade",
+    ),
+    FINANCIAL_DETERIORATION: (
+        "Z'' below z2_distress, current ratio below current_ratio_below, "
+        "negative equity, negative operating cash flow, or revenue down "
+        "by revenue_drop or more",
+        "a new assessment showing none of them",
+    ),
+    NEGATIVE_CREDIT_REPORT: (
+        "legal events within the look-back window (critical_types "
+        "critical, warning_types warning) or defaults",
+        "every bureau's latest report clean",
+    ),
+    PAYMENT_REVERSED: ("a payment reversed", "later payments covering every reversed payment"),
+    REVIEW_OVERDUE: (
+        "the periodic review date passed by more than grace_days",
+        "a newer assessment",
+    ),
 }
 
 
@@ -1088,9 +1192,14 @@ def rules_overview(policy: Policy) -> list[dict[str, Any]]:
         enabled = bool(dumped.pop("enabled", True))
         raises, resolves = _DESCRIPTIONS[rule]
         severity = dumped.pop("severity", None)
-        entry: dict[str, Any] = {"rule": rule, "enabled": enabled, "severity": severity,
-                                 "raises_on": raises, "resolves_on": resolves,
-                                 "thresholds": dumped}
+        entry: dict[str, Any] = {
+            "rule": rule,
+            "enabled": enabled,
+            "severity": severity,
+            "raises_on": raises,
+            "resolves_on": resolves,
+            "thresholds": dumped,
+        }
         if rule == OVERDUE:
             entry["severity"] = None
             entry["severities"] = ["warning", "critical"]
@@ -1099,7 +1208,8 @@ def rules_overview(policy: Policy) -> list[dict[str, Any]]:
         elif rule == GRADE_DOWNGRADE:
             entry["severities"] = [severity, "critical"]
         if rule == NEGATIVE_CREDIT_REPORT:
-            entry["thresholds"]["legal_event_lookback_months"] = \
+            entry["thresholds"]["legal_event_lookback_months"] = (
                 policy.credit_reports.legal_event_lookback_months
+            )
         out.append(entry)
     return out

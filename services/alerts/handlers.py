@@ -30,10 +30,17 @@ from shared.runtime import Incoming, Tx
 from shared.settings import Settings
 
 SOURCE = "/creditwatch/alerts"
-CONTRACT_TYPES = frozenset({
-    "exposure.updated", "assessment.completed", "limit.changed", "invoice.overdue",
-    "payment.received", "payment.reversed", "credit_report.received",
-})
+CONTRACT_TYPES = frozenset(
+    {
+        "exposure.updated",
+        "assessment.completed",
+        "limit.changed",
+        "invoice.overdue",
+        "payment.received",
+        "payment.reversed",
+        "credit_report.received",
+    }
+)
 STATES = "alerts.states"
 RECENT_STATES = 50_000
 # A batch's fold yields to the event loop after this many events / customer rows.
@@ -65,8 +72,14 @@ class AlertsService:
 
     def input_topics(self) -> list[str]:
         s = self.settings
-        return [s.topic_exposure, s.topic_assessments, s.topic_limits, s.topic_overdue,
-                s.topic_payments, s.topic_credit_reports]
+        return [
+            s.topic_exposure,
+            s.topic_assessments,
+            s.topic_limits,
+            s.topic_overdue,
+            s.topic_payments,
+            s.topic_credit_reports,
+        ]
 
     def parse_stored(self, env: Envelope) -> BaseModel | None:
         return ev.parse_any(env)
@@ -98,10 +111,17 @@ class AlertsService:
                 alert = change.alert
                 alert_rows[alert.alert_id] = store.alert_row(alert)
                 history.append(store.history_row(change))
-                tx.emit(self.settings.topic_alerts, new_event(
-                    change.event_type, source=SOURCE, subject=cid,
-                    data=domain.alert_body(alert), id=f"{alert.alert_id}-{alert.version}",
-                    time=alert.updated_at))
+                tx.emit(
+                    self.settings.topic_alerts,
+                    new_event(
+                        change.event_type,
+                        source=SOURCE,
+                        subject=cid,
+                        data=domain.alert_body(alert),
+                        id=f"{alert.alert_id}-{alert.version}",
+                        time=alert.updated_at,
+                    ),
+                )
                 if change.kind == "raised":
                     raised.append((alert.rule, alert.severity))
         rows = []
@@ -119,8 +139,9 @@ class AlertsService:
         if not tx.replaying:
             tx.after_commit.append(lambda: self._remember(cached, set(touched)))
 
-    async def _load_recent(self, conn: AsyncConnection, cached: dict[str, _Loaded],
-                           ids: set[str]) -> None:
+    async def _load_recent(
+        self, conn: AsyncConnection, cached: dict[str, _Loaded], ids: set[str]
+    ) -> None:
         """Like ``load_states``, but reuse a state this process committed when the row's
         version (``last_seq``) says nobody has written it since: parsing the JSON document
         is the costliest part of loading, and a consumer owns its customers' partitions."""
@@ -128,8 +149,11 @@ class AlertsService:
         if not missing:
             return
         versions = await store.lock_versions(conn, missing)
-        hits = {cid: hit for cid, last_seq in versions.items()
-                if (hit := self._recent.current(cid, last_seq)) is not None}
+        hits = {
+            cid: hit
+            for cid, last_seq in versions.items()
+            if (hit := self._recent.current(cid, last_seq)) is not None
+        }
         documents = await store.read_states(conn, versions.keys() - hits.keys())
         for cid in missing:
             if cid not in versions:
@@ -141,8 +165,9 @@ class AlertsService:
 
     def _remember(self, cached: dict[str, _Loaded], touched: set[str]) -> None:
         # Copies: the transaction's own entries change with its next events.
-        self._recent.remember((cid, _Loaded(cached[cid].state, cached[cid].last_seq))
-                              for cid in touched)
+        self._recent.remember(
+            (cid, _Loaded(cached[cid].state, cached[cid].last_seq)) for cid in touched
+        )
 
     # ---- time-driven events ---------------------------------------------------------------
     async def due_events(self, conn: AsyncConnection, now: datetime) -> list[Envelope]:
@@ -158,8 +183,7 @@ class AlertsService:
         return out
 
 
-async def load_states(conn: AsyncConnection, cached: dict[str, _Loaded],
-                      ids: set[str]) -> None:
+async def load_states(conn: AsyncConnection, cached: dict[str, _Loaded], ids: set[str]) -> None:
     """Load (and lock) the states of customers not loaded yet in this transaction."""
     missing = ids - cached.keys()
     if not missing:
@@ -173,8 +197,7 @@ async def load_states(conn: AsyncConnection, cached: dict[str, _Loaded],
             cached[cid] = _Loaded(store.load_state(row.state), row.last_seq)
 
 
-def review_event(state: domain.CustomerState, policy: Policy,
-                 now: datetime) -> Envelope | None:
+def review_event(state: domain.CustomerState, policy: Policy, now: datetime) -> Envelope | None:
     """The ``review.overdue_detected`` event due for one customer, if any. Its id is stable
     per (customer, review date), so two replicas or a retry record it only once."""
     if not domain.review_overdue_due(state, policy, now.date()):
@@ -182,8 +205,14 @@ def review_event(state: domain.CustomerState, policy: Policy,
     assert state.assessment is not None and state.assessment.next_review_date is not None
     day = state.assessment.next_review_date
     model = ev.ReviewOverdueDetected(customer_id=state.customer_id, next_review_date=day)
-    return new_event(model.TYPE, source=SOURCE, subject=state.customer_id, data=model,
-                     id=f"review-overdue-{state.customer_id}-{day.isoformat()}", time=now)
+    return new_event(
+        model.TYPE,
+        source=SOURCE,
+        subject=state.customer_id,
+        data=model,
+        id=f"review-overdue-{state.customer_id}-{day.isoformat()}",
+        time=now,
+    )
 
 
 # ---- creditwatch_alerts_raised_total: counted when the raise is committed -------------------
@@ -211,5 +240,4 @@ def count_raises_on_commit(engine: AsyncEngine) -> None:
         event.listen(target, "rollback", _on_rollback)
 
 
-__all__ = ["AlertsService", "count_raises_on_commit", "load_states", "note_raised",
-           "review_event"]
+__all__ = ["AlertsService", "count_raises_on_commit", "load_states", "note_raised", "review_event"]

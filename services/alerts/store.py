@@ -96,8 +96,7 @@ async def lock_customers(conn: AsyncConnection, ids: Iterable[str]) -> dict[str,
 
 async def lock_versions(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, int]:
     """Lock these customers' rows (PostgreSQL, id order) and read only their versions."""
-    rows = await lock_rows(conn, customers, "customer_id", ids,
-                           columns=("customer_id", "last_seq"))
+    rows = await lock_rows(conn, customers, "customer_id", ids, columns=("customer_id", "last_seq"))
     return {cid: r.last_seq for cid, r in rows.items()}
 
 
@@ -166,10 +165,16 @@ async def get_history(conn: AsyncConnection, alert_id: str) -> list[Any]:
     return list(await conn.execute(stmt))
 
 
-async def list_alerts(conn: AsyncConnection, *, status: str | None = None,
-                      customer_id: str | None = None, rule: str | None = None,
-                      severity: str | None = None, after: tuple[datetime, str] | None = None,
-                      limit: int = 100) -> list[Any]:
+async def list_alerts(
+    conn: AsyncConnection,
+    *,
+    status: str | None = None,
+    customer_id: str | None = None,
+    rule: str | None = None,
+    severity: str | None = None,
+    after: tuple[datetime, str] | None = None,
+    limit: int = 100,
+) -> list[Any]:
     """Alerts newest first (raised_at, then alert_id, descending), after a cursor position."""
     a = alerts
     where: list[ColumnElement[bool]] = []
@@ -186,23 +191,28 @@ async def list_alerts(conn: AsyncConnection, *, status: str | None = None,
     if after is not None:
         at, alert_id = after
         where.append(or_(a.c.raised_at < at, and_(a.c.raised_at == at, a.c.alert_id < alert_id)))
-    stmt = (select(a).where(*where).order_by(a.c.raised_at.desc(), a.c.alert_id.desc())
-            .limit(limit))
+    stmt = select(a).where(*where).order_by(a.c.raised_at.desc(), a.c.alert_id.desc()).limit(limit)
     return list(await conn.execute(stmt))
 
 
 async def reviews_due(conn: AsyncConnection, cutoff: date, limit: int = 1000) -> list[Any]:
     """Customers whose review counts as passed on or before ``cutoff`` and is not recorded."""
     c = customers
-    stmt = (select(c.c.customer_id, c.c.state)
-            .where(c.c.review_due_on.is_not(None), c.c.review_due_on <= cutoff)
-            .order_by(c.c.review_due_on, c.c.customer_id).limit(limit))
+    stmt = (
+        select(c.c.customer_id, c.c.state)
+        .where(c.c.review_due_on.is_not(None), c.c.review_due_on <= cutoff)
+        .order_by(c.c.review_due_on, c.c.customer_id)
+        .limit(limit)
+    )
     return list(await conn.execute(stmt))
 
 
 async def open_counts(conn: AsyncConnection) -> dict[tuple[str, str], int]:
     """Open or acknowledged alerts by (rule, severity)."""
     a = alerts
-    stmt = (select(a.c.rule, a.c.severity, func.count()).where(a.c.status.in_(ACTIVE))
-            .group_by(a.c.rule, a.c.severity))
+    stmt = (
+        select(a.c.rule, a.c.severity, func.count())
+        .where(a.c.status.in_(ACTIVE))
+        .group_by(a.c.rule, a.c.severity)
+    )
     return {(r[0], r[1]): int(r[2]) for r in await conn.execute(stmt)}

@@ -39,7 +39,8 @@ class OverrideBody(BaseModel):
     grade: str = Field(min_length=1, max_length=20, description="A grade of the policy")
     reason: str = Field(min_length=1, max_length=1000)
     expires_at: AwareDatetime | None = Field(
-        default=None, description="RFC 3339, in the future; absent: until withdrawn")
+        default=None, description="RFC 3339, in the future; absent: until withdrawn"
+    )
 
 
 def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
@@ -51,21 +52,28 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
     async def _known(conn: AsyncConnection, cid: str) -> Any:
         row = await store.customer(conn, cid)
         if row is None:
-            raise NotFound(f"customer {cid!r} is not known to the assessment service",
-                           field="customer_id")
+            raise NotFound(
+                f"customer {cid!r} is not known to the assessment service", field="customer_id"
+            )
         return row
 
     async def _locked(conn: AsyncConnection, cid: str) -> dict[str, _Loaded]:
         rows = await store.lock_customers(conn, [cid])
         row = rows.get(cid)
         if row is None:
-            raise NotFound(f"customer {cid!r} is not known to the assessment service",
-                           field="customer_id")
+            raise NotFound(
+                f"customer {cid!r} is not known to the assessment service", field="customer_id"
+            )
         return {cid: _Loaded(store.load_state(row.state), row.last_seq)}
 
-    async def _command(conn: AsyncConnection, cid: str, model: ev.InternalEvent,
-                       loaded: dict[str, _Loaded], event_id: str,
-                       now: datetime) -> dict[str, Any]:
+    async def _command(
+        conn: AsyncConnection,
+        cid: str,
+        model: ev.InternalEvent,
+        loaded: dict[str, _Loaded],
+        event_id: str,
+        now: datetime,
+    ) -> dict[str, Any]:
         env = internal_event(model, id=event_id, time=now, subject=cid, source=API_SOURCE)
         tx = await core.submit(conn, [env], scratch={STATES: loaded})
         body: dict[str, Any] | None = tx.scratch.get(PUBLISHED, {}).get(cid)
@@ -74,24 +82,30 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
         return body
 
     # ---- reading ----------------------------------------------------------------------------
-    @router.get("/customers/{customer_id}/assessment",
-                summary="The latest assessment.completed body")
-    async def latest(customer_id: str,
-                     _p: Principal = Depends(require("credit:read"))) -> dict[str, Any]:
+    @router.get(
+        "/customers/{customer_id}/assessment", summary="The latest assessment.completed body"
+    )
+    async def latest(
+        customer_id: str, _p: Principal = Depends(require("credit:read"))
+    ) -> dict[str, Any]:
         async with engine.connect() as conn:
             await _known(conn, customer_id)
             body = await store.latest_assessment(conn, customer_id)
         if body is None:
-            raise NotFound(f"customer {customer_id!r} has not been assessed yet",
-                           field="customer_id")
+            raise NotFound(
+                f"customer {customer_id!r} has not been assessed yet", field="customer_id"
+            )
         return body
 
-    @router.get("/customers/{customer_id}/assessments",
-                summary="Assessment history, newest first (as of a business time)")
+    @router.get(
+        "/customers/{customer_id}/assessments",
+        summary="Assessment history, newest first (as of a business time)",
+    )
     async def assessments(
         customer_id: str,
-        as_of: Annotated[UtcTimestamp | None, Query(
-            description="RFC 3339: only assessments made at or before this business time")
+        as_of: Annotated[
+            UtcTimestamp | None,
+            Query(description="RFC 3339: only assessments made at or before this business time"),
         ] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
         cursor: str | None = None,
@@ -101,72 +115,92 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
         before_seq: int | None = after[0] if after else None
         async with engine.connect() as conn:
             await _known(conn, customer_id)
-            rows = await store.history(conn, customer_id, limit=limit + 1,
-                                       before_seq=before_seq, as_of=as_of)
+            rows = await store.history(
+                conn, customer_id, limit=limit + 1, before_seq=before_seq, as_of=as_of
+            )
         items = [body for _, body in rows[:limit]]
-        nxt = (encode_cursor([rows[limit - 1][0]], scope="assessments")
-               if len(rows) > limit else None)
+        nxt = (
+            encode_cursor([rows[limit - 1][0]], scope="assessments") if len(rows) > limit else None
+        )
         return {"items": items, "next_cursor": nxt}
 
     # ---- analyst commands ---------------------------------------------------------------------
-    @router.post("/customers/{customer_id}/assessment/override", status_code=201,
-                 openapi_extra=body_schema(OverrideBody),
-                 summary="Override the grade (expert judgement) with a reason and an expiry")
-    async def override(customer_id: str, request: Request,
-                       principal: Principal = Depends(require("credit:write"))
-                       ) -> dict[str, Any]:
+    @router.post(
+        "/customers/{customer_id}/assessment/override",
+        status_code=201,
+        openapi_extra=body_schema(OverrideBody),
+        summary="Override the grade (expert judgement) with a reason and an expiry",
+    )
+    async def override(
+        customer_id: str, request: Request, principal: Principal = Depends(require("credit:write"))
+    ) -> dict[str, Any]:
         body = await json_body(request, OverrideBody)
         names = [g.name for g in policy.grades]
         if body.grade not in names:
             raise ValidationFailed(
                 f"grade: {body.grade[:20]!r} is not a grade of policy {policy.version} "
-                f"(grades are {', '.join(names)})", field="grade")
+                f"(grades are {', '.join(names)})",
+                field="grade",
+            )
         now = clock()
         if body.expires_at is not None and body.expires_at <= now:
             raise ValidationFailed("expires_at: must be in the future", field="expires_at")
         async with engine.begin() as conn:
             loaded = await _locked(conn, customer_id)
             override_id = str(uuid.uuid4())
-            model = ev.OverrideSet(customer_id=customer_id, override_id=override_id,
-                                   grade=body.grade, reason=body.reason, by=principal.name,
-                                   expires_at=body.expires_at)
-            return await _command(conn, customer_id, model, loaded,
-                                  f"override-{override_id}", now)
+            model = ev.OverrideSet(
+                customer_id=customer_id,
+                override_id=override_id,
+                grade=body.grade,
+                reason=body.reason,
+                by=principal.name,
+                expires_at=body.expires_at,
+            )
+            return await _command(conn, customer_id, model, loaded, f"override-{override_id}", now)
 
-    @router.delete("/customers/{customer_id}/assessment/override",
-                   summary="Withdraw the override; the scorecard's grade applies again")
-    async def withdraw(customer_id: str,
-                       principal: Principal = Depends(require("credit:write"))
-                       ) -> dict[str, Any]:
+    @router.delete(
+        "/customers/{customer_id}/assessment/override",
+        summary="Withdraw the override; the scorecard's grade applies again",
+    )
+    async def withdraw(
+        customer_id: str, principal: Principal = Depends(require("credit:write"))
+    ) -> dict[str, Any]:
         now = clock()
         async with engine.begin() as conn:
             loaded = await _locked(conn, customer_id)
             current = loaded[customer_id].state.override
             if current is None or not current.active_at(now):
-                raise NotFound(f"customer {customer_id!r} has no override in force",
-                               field="customer_id")
-            model = ev.OverrideRemoved(customer_id=customer_id,
-                                       override_id=current.override_id, by=principal.name)
-            return await _command(conn, customer_id, model, loaded,
-                                  f"override-removed-{current.override_id}", now)
+                raise NotFound(
+                    f"customer {customer_id!r} has no override in force", field="customer_id"
+                )
+            model = ev.OverrideRemoved(
+                customer_id=customer_id, override_id=current.override_id, by=principal.name
+            )
+            return await _command(
+                conn, customer_id, model, loaded, f"override-removed-{current.override_id}", now
+            )
 
-    @router.post("/customers/{customer_id}/assessment/recompute",
-                 summary="Reassess now under the current policy (completes a periodic review)")
-    async def recompute(customer_id: str,
-                        principal: Principal = Depends(require("credit:write"))
-                        ) -> dict[str, Any]:
+    @router.post(
+        "/customers/{customer_id}/assessment/recompute",
+        summary="Reassess now under the current policy (completes a periodic review)",
+    )
+    async def recompute(
+        customer_id: str, principal: Principal = Depends(require("credit:write"))
+    ) -> dict[str, Any]:
         now = clock()
         async with engine.begin() as conn:
             loaded = await _locked(conn, customer_id)
             model = ev.RecomputeRequested(customer_id=customer_id, by=principal.name)
-            return await _command(conn, customer_id, model, loaded,
-                                  f"recompute-{uuid.uuid4()}", now)
+            return await _command(
+                conn, customer_id, model, loaded, f"recompute-{uuid.uuid4()}", now
+            )
 
     # ---- periodic reviews ---------------------------------------------------------------------
     @router.get("/reviews/due", summary="Customers whose periodic review date has passed")
     async def reviews_due(
-        before: Annotated[date | None, Query(
-            description="ISO date; reviews dated before it are listed (default: today)")
+        before: Annotated[
+            date | None,
+            Query(description="ISO date; reviews dated before it are listed (default: today)"),
         ] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
         cursor: str | None = None,
@@ -175,29 +209,34 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
         today = clock().date()
         cutoff = before or today
         after_key: tuple[date, str] | None = None
-        after = decode_cursor(cursor, scope="reviews-due",
-                              kinds=(lambda v: date.fromisoformat(text(v)), text))
+        after = decode_cursor(
+            cursor, scope="reviews-due", kinds=(lambda v: date.fromisoformat(text(v)), text)
+        )
         if after:
             after_key = (after[0], after[1])
         async with engine.connect() as conn:
             rows = await store.reviews_due(conn, cutoff, limit=limit + 1, after=after_key)
-        items = [{
-            "customer_id": r.customer_id,
-            "name": r.name,
-            "grade": r.grade,
-            "computed_grade": r.computed_grade,
-            "score": r.score,
-            "risk_level": r.risk_level,
-            "next_review_date": r.next_review_date.isoformat(),
-            "days_overdue": max((today - r.next_review_date).days, 0),
-            "last_assessment_id": r.last_assessment_id,
-            "assessed_at": _iso(r.assessed_at),
-        } for r in rows[:limit]]
+        items = [
+            {
+                "customer_id": r.customer_id,
+                "name": r.name,
+                "grade": r.grade,
+                "computed_grade": r.computed_grade,
+                "score": r.score,
+                "risk_level": r.risk_level,
+                "next_review_date": r.next_review_date.isoformat(),
+                "days_overdue": max((today - r.next_review_date).days, 0),
+                "last_assessment_id": r.last_assessment_id,
+                "assessed_at": _iso(r.assessed_at),
+            }
+            for r in rows[:limit]
+        ]
         nxt = None
         if len(rows) > limit:
             last = rows[limit - 1]
-            nxt = encode_cursor([last.next_review_date.isoformat(), last.customer_id],
-                                scope="reviews-due")
+            nxt = encode_cursor(
+                [last.next_review_date.isoformat(), last.customer_id], scope="reviews-due"
+            )
         return {"items": items, "before": cutoff.isoformat(), "next_cursor": nxt}
 
     return router

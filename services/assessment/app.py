@@ -19,19 +19,32 @@ NAME = "assessment"
 UNRATED = "unrated"
 
 
-def build(settings: Settings, *, tokens: TokenRegistry, policy: Policy | None = None,
-          consume: bool = True, relay: bool = True,
-          clock: Clock = utcnow) -> tuple[FastAPI, ServiceHost]:
+def build(
+    settings: Settings,
+    *,
+    tokens: TokenRegistry,
+    policy: Policy | None = None,
+    consume: bool = True,
+    relay: bool = True,
+    clock: Clock = utcnow,
+) -> tuple[FastAPI, ServiceHost]:
     policy = policy or load_policy(settings.policy)
     service = AssessmentService(settings, policy)
 
     async def grades(engine: AsyncEngine) -> None:
         await refresh_grade_gauges(engine, policy)
 
-    return build_service_app(NAME, service, settings, tokens=tokens, consume=consume,
-                             relay=relay, clock=clock,
-                             router=lambda core: build_router(service, core),
-                             gauges=[grades])
+    return build_service_app(
+        NAME,
+        service,
+        settings,
+        tokens=tokens,
+        consume=consume,
+        relay=relay,
+        clock=clock,
+        router=lambda core: build_router(service, core),
+        gauges=[grades],
+    )
 
 
 async def refresh_grade_gauges(engine: AsyncEngine, policy: Policy) -> None:

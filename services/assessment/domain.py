@@ -223,8 +223,9 @@ def altman_z2(statement: Statement) -> Decimal | None:
     return c1 * x1 + c2 * x2 + c3 * x3 + c4 * x4
 
 
-def ratios(statement: Statement, prior: Statement | None = None,
-           policy: Policy | None = None) -> dict[str, Decimal]:
+def ratios(
+    statement: Statement, prior: Statement | None = None, policy: Policy | None = None
+) -> dict[str, Decimal]:
     """The contract's financial ratios of one statement, each rounded to 4 places.
 
     A key is absent when an input is missing or its denominator is zero. ``revenue_growth``
@@ -249,14 +250,16 @@ def ratios(statement: Statement, prior: Statement | None = None,
     return {key: _round(value) for key, value in values.items() if value is not None}
 
 
-def _growth(statement: Statement, prior: Statement | None,
-            policy: Policy | None) -> Decimal | None:
+def _growth(statement: Statement, prior: Statement | None, policy: Policy | None) -> Decimal | None:
     if prior is None or prior.period_months != statement.period_months:
         return None
     before: Decimal | None = prior.revenue
     if prior.currency != statement.currency:
-        before = policy.convert(prior.revenue, prior.currency, statement.currency) \
-            if policy is not None else None
+        before = (
+            policy.convert(prior.revenue, prior.currency, statement.currency)
+            if policy is not None
+            else None
+        )
     if before is None:
         return None
     return _div(statement.revenue - before, before)
@@ -281,9 +284,11 @@ def latest_statement(state: CustomerState) -> Statement | None:
 
 def prior_statement(state: CustomerState, statement: Statement) -> Statement | None:
     """The latest statement of the same period length ending before ``statement``'s end."""
-    earlier = [s for s in state.statements.values()
-               if s.period_months == statement.period_months
-               and s.period_end < statement.period_end]
+    earlier = [
+        s
+        for s in state.statements.values()
+        if s.period_months == statement.period_months and s.period_end < statement.period_end
+    ]
     return max(earlier, key=_statement_key) if earlier else None
 
 
@@ -319,12 +324,15 @@ def invoice_outcomes(state: CustomerState, on: date) -> list[InvoiceOutcome]:
     An open invoice's days overdue come from the dunning system when it has reported on it
     since the due date (aged on from its ``as_of``), else from the due date.
     """
-    invoices = {i.invoice_id: i for i in state.invoices.values()
-                if not i.cancelled and i.issue_date <= on}
+    invoices = {
+        i.invoice_id: i for i in state.invoices.values() if not i.cancelled and i.issue_date <= on
+    }
     open_amount = {i: inv.amount for i, inv in invoices.items()}
     fifo = sorted(invoices.values(), key=lambda i: (i.due_date, i.issue_date, i.invoice_id))
-    credits = sorted((c for c in state.credits.values() if not c.reversed and c.on <= on),
-                     key=lambda c: (c.kind != "credit_note", c.on, c.credit_id))
+    credits = sorted(
+        (c for c in state.credits.values() if not c.reversed and c.on <= on),
+        key=lambda c: (c.kind != "credit_note", c.on, c.credit_id),
+    )
     settled_on: dict[str, date] = {}
     oldest = 0
     for credit in credits:
@@ -382,8 +390,9 @@ def payment_behaviour(state: CustomerState, on: date, policy: Policy) -> dict[st
     rules = policy.payment_behaviour
     window_start = add_months(on, -rules.window_months)
     outcomes = invoice_outcomes(state, on)
-    settled = [o for o in outcomes
-               if o.settled_on is not None and window_start < o.settled_on <= on]
+    settled = [
+        o for o in outcomes if o.settled_on is not None and window_start < o.settled_on <= on
+    ]
     overdue_open = [o for o in outcomes if o.settled_on is None and o.due_date < on]
     population = settled + overdue_open
     out: dict[str, Decimal] = {}
@@ -413,8 +422,7 @@ def bureau_inputs(report: CreditReport | None, on: date, policy: Policy) -> dict
         return {}
     rules = policy.credit_reports
     since = add_months(on, -rules.legal_event_lookback_months)
-    recent = [e.type for e in report.legal_events
-              if e.event_date is None or e.event_date > since]
+    recent = [e.type for e in report.legal_events if e.event_date is None or e.event_date > since]
     out: dict[str, Decimal] = {
         "legal_events": rules.weighted_legal_events(recent),
     }
@@ -464,14 +472,16 @@ def score(inputs: Mapping[str, Decimal | None], policy: Policy) -> tuple[int, li
         value = inputs.get(factor.input)
         points, reason = policy.score_factor(factor, value)
         total += points
-        factors.append({
-            "factor": factor.factor,
-            "input": factor.input,
-            "value": value,
-            "points": points,
-            "max_points": factor.max_points,
-            "reason": reason,
-        })
+        factors.append(
+            {
+                "factor": factor.factor,
+                "input": factor.input,
+                "value": value,
+                "points": points,
+                "max_points": factor.max_points,
+                "reason": reason,
+            }
+        )
     rounded = int(total.to_integral_value(rounding=ROUND_HALF_UP))
     return min(max(rounded, 0), 100), factors
 
@@ -501,8 +511,14 @@ def assessment_id(customer_id: str, trigger: Trigger) -> str:
     return f"asm-{uuid.uuid5(uuid.NAMESPACE_URL, name)}"
 
 
-def assess(state: CustomerState, policy: Policy, trigger: Trigger, now: datetime, *,
-           review_from: date | None = None) -> AssessmentCompleted:
+def assess(
+    state: CustomerState,
+    policy: Policy,
+    trigger: Trigger,
+    now: datetime,
+    *,
+    review_from: date | None = None,
+) -> AssessmentCompleted:
     """The ``assessment.completed`` body for the customer as it stands at ``now``.
 
     With an active override the published grade is the override's (with its risk level);
@@ -520,30 +536,40 @@ def assess(state: CustomerState, policy: Policy, trigger: Trigger, now: datetime
     next_review = policy.next_review_date(grade, now.date())
     if review_from is not None:
         next_review = min(next_review, review_from)
-    published = {key: value for key, value in inputs.items()
-                 if key in FINANCIAL_RATIOS or key in PAYMENT_BEHAVIOUR}
-    return AssessmentCompleted.model_validate({
-        "assessment_id": assessment_id(state.customer_id, trigger),
-        "customer_id": state.customer_id,
-        "score": total,
-        "grade": grade,
-        "risk_level": risk_level,
-        "previous_grade": state.last.grade if state.last is not None else None,
-        "factors": factors,
-        "ratios": published,
-        "override": (
-            {"grade": override.grade, "reason": override.reason, "by": override.by,
-             "expires_at": override.expires_at}
-            if override is not None else None
-        ),
-        "policy_version": policy.version,
-        "trigger": {"event_id": trigger.event_id, "type": trigger.type},
-        "next_review_date": next_review,
-        "assessed_at": now,
-        # Added fields: the scorecard's own grade, which an override hides.
-        "computed_grade": computed,
-        "computed_risk_level": computed_risk,
-    })
+    published = {
+        key: value
+        for key, value in inputs.items()
+        if key in FINANCIAL_RATIOS or key in PAYMENT_BEHAVIOUR
+    }
+    return AssessmentCompleted.model_validate(
+        {
+            "assessment_id": assessment_id(state.customer_id, trigger),
+            "customer_id": state.customer_id,
+            "score": total,
+            "grade": grade,
+            "risk_level": risk_level,
+            "previous_grade": state.last.grade if state.last is not None else None,
+            "factors": factors,
+            "ratios": published,
+            "override": (
+                {
+                    "grade": override.grade,
+                    "reason": override.reason,
+                    "by": override.by,
+                    "expires_at": override.expires_at,
+                }
+                if override is not None
+                else None
+            ),
+            "policy_version": policy.version,
+            "trigger": {"event_id": trigger.event_id, "type": trigger.type},
+            "next_review_date": next_review,
+            "assessed_at": now,
+            # Added fields: the scorecard's own grade, which an override hides.
+            "computed_grade": computed,
+            "computed_risk_level": computed_risk,
+        }
+    )
 
 
 def record(state: CustomerState, body: AssessmentCompleted) -> CustomerState:
@@ -565,20 +591,25 @@ def record(state: CustomerState, body: AssessmentCompleted) -> CustomerState:
 # ---- the fold -------------------------------------------------------------------------------
 
 
-def _to_credit_currency(amount: Decimal, currency: str, state: CustomerState, policy: Policy,
-                        field_name: str) -> Decimal:
+def _to_credit_currency(
+    amount: Decimal, currency: str, state: CustomerState, policy: Policy, field_name: str
+) -> Decimal:
     if currency == state.currency:
         return amount
     converted = policy.convert(amount, currency, state.currency)
     if converted is None:
-        raise DeadLetter(NO_FX_RATE,
-                         f"data.{field_name}: no rate from {currency} to {state.currency} in "
-                         f"policy {policy.version}", field_name)
+        raise DeadLetter(
+            NO_FX_RATE,
+            f"data.{field_name}: no rate from {currency} to {state.currency} in "
+            f"policy {policy.version}",
+            field_name,
+        )
     return converted
 
 
-def statement_from(data: FinancialStatementPublished, state: CustomerState, policy: Policy,
-                   received_at: datetime) -> Statement:
+def statement_from(
+    data: FinancialStatementPublished, state: CustomerState, policy: Policy, received_at: datetime
+) -> Statement:
     """The statement in the customer's credit currency; ``DeadLetter(no_fx_rate)`` without
     a rate."""
     ccy = data.currency
@@ -612,40 +643,56 @@ def statement_from(data: FinancialStatementPublished, state: CustomerState, poli
         ebit=opt(inc.ebit, "income_statement.ebit"),
         interest_expense=opt(inc.interest_expense, "income_statement.interest_expense"),
         net_income=conv(inc.net_income, "income_statement.net_income"),
-        operating_cash_flow=opt(cf.operating_cash_flow if cf is not None else None,
-                                "cash_flow.operating_cash_flow"),
+        operating_cash_flow=opt(
+            cf.operating_cash_flow if cf is not None else None, "cash_flow.operating_cash_flow"
+        ),
     )
 
 
-def _customer(state: CustomerState, d: CustomerData, _t: datetime,
-              _p: Policy) -> CustomerState:
-    return replace(state, registered=True, name=d.name, country=d.country, industry=d.industry,
-                   currency=d.currency, payment_terms_days=d.payment_terms_days,
-                   parent_id=d.parent_id)
+def _customer(state: CustomerState, d: CustomerData, _t: datetime, _p: Policy) -> CustomerState:
+    return replace(
+        state,
+        registered=True,
+        name=d.name,
+        country=d.country,
+        industry=d.industry,
+        currency=d.currency,
+        payment_terms_days=d.payment_terms_days,
+        parent_id=d.parent_id,
+    )
 
 
-def _statement(state: CustomerState, d: FinancialStatementPublished, t: datetime,
-               p: Policy) -> CustomerState:
+def _statement(
+    state: CustomerState, d: FinancialStatementPublished, t: datetime, p: Policy
+) -> CustomerState:
     # The same statement id again is a restatement: it replaces the earlier figures.
     statement = statement_from(d, state, p, t)
     return replace(state, statements={**state.statements, d.statement_id: statement})
 
 
-def _report(state: CustomerState, d: CreditReportReceived, _t: datetime,
-            _p: Policy) -> CustomerState:
+def _report(
+    state: CustomerState, d: CreditReportReceived, _t: datetime, _p: Policy
+) -> CustomerState:
     report = CreditReport(
-        report_id=d.report_id, bureau=d.bureau, score=d.score, score_min=d.score_min,
-        score_max=d.score_max, reported_at=d.reported_at,
-        delinquencies_12m=d.delinquencies_12m, defaults=d.defaults,
-        legal_events=tuple(LegalEvent(e.type, e.date) for e in d.legal_events))
+        report_id=d.report_id,
+        bureau=d.bureau,
+        score=d.score,
+        score_min=d.score_min,
+        score_max=d.score_max,
+        reported_at=d.reported_at,
+        delinquencies_12m=d.delinquencies_12m,
+        defaults=d.defaults,
+        legal_events=tuple(LegalEvent(e.type, e.date) for e in d.legal_events),
+    )
     current = state.report
     if current is not None and current.reported_at > report.reported_at:
         return state  # an older report arriving late does not replace a newer one
     return replace(state, report=report)
 
 
-def _invoice_issued(state: CustomerState, d: InvoiceIssued, _t: datetime,
-                    p: Policy) -> CustomerState:
+def _invoice_issued(
+    state: CustomerState, d: InvoiceIssued, _t: datetime, p: Policy
+) -> CustomerState:
     if d.invoice_id in state.invoices:
         return state  # the same invoice number twice under another event id: keep the first
     amount = _to_credit_currency(d.amount, d.currency, state, p, "amount")
@@ -653,17 +700,20 @@ def _invoice_issued(state: CustomerState, d: InvoiceIssued, _t: datetime,
     return replace(state, invoices={**state.invoices, d.invoice_id: invoice})
 
 
-def _invoice_cancelled(state: CustomerState, d: InvoiceCancelled, _t: datetime,
-                       _p: Policy) -> CustomerState:
+def _invoice_cancelled(
+    state: CustomerState, d: InvoiceCancelled, _t: datetime, _p: Policy
+) -> CustomerState:
     invoice = state.invoices.get(d.invoice_id)
     if invoice is None or invoice.cancelled:
         return state
-    return replace(state, invoices={**state.invoices,
-                                    d.invoice_id: replace(invoice, cancelled=True)})
+    return replace(
+        state, invoices={**state.invoices, d.invoice_id: replace(invoice, cancelled=True)}
+    )
 
 
-def _credit_note(state: CustomerState, d: CreditNoteIssued, _t: datetime,
-                 p: Policy) -> CustomerState:
+def _credit_note(
+    state: CustomerState, d: CreditNoteIssued, _t: datetime, p: Policy
+) -> CustomerState:
     key = f"credit_note:{d.credit_note_id}"
     if key in state.credits:
         return state
@@ -673,23 +723,22 @@ def _credit_note(state: CustomerState, d: CreditNoteIssued, _t: datetime,
     return replace(state, credits={**state.credits, key: credit})
 
 
-def _payment(state: CustomerState, d: PaymentReceived, _t: datetime,
-             p: Policy) -> CustomerState:
+def _payment(state: CustomerState, d: PaymentReceived, _t: datetime, p: Policy) -> CustomerState:
     key = f"payment:{d.payment_id}"
     if key in state.credits:
         return state
     amount = _to_credit_currency(d.amount, d.currency, state, p, "amount")
     allocations = tuple(
-        (a.invoice_id, _to_credit_currency(a.amount, d.currency, state, p,
-                                           "allocations.amount"))
+        (a.invoice_id, _to_credit_currency(a.amount, d.currency, state, p, "allocations.amount"))
         for a in (d.allocations or ())
     )
     credit = Credit(key, "payment", amount, d.received_date, allocations)
     return replace(state, credits={**state.credits, key: credit})
 
 
-def _payment_reversed(state: CustomerState, d: PaymentReversed, _t: datetime,
-                      _p: Policy) -> CustomerState:
+def _payment_reversed(
+    state: CustomerState, d: PaymentReversed, _t: datetime, _p: Policy
+) -> CustomerState:
     key = f"payment:{d.payment_id}"
     credit = state.credits.get(key)
     if credit is None or credit.reversed:
@@ -697,8 +746,7 @@ def _payment_reversed(state: CustomerState, d: PaymentReversed, _t: datetime,
     return replace(state, credits={**state.credits, key: replace(credit, reversed=True)})
 
 
-def _overdue(state: CustomerState, d: InvoiceOverdue, _t: datetime,
-             _p: Policy) -> CustomerState:
+def _overdue(state: CustomerState, d: InvoiceOverdue, _t: datetime, _p: Policy) -> CustomerState:
     known = state.dunning.get(d.invoice_id)
     if known is not None and known.as_of > d.as_of:
         return state  # an older dunning run arriving late does not override a newer one
@@ -706,8 +754,7 @@ def _overdue(state: CustomerState, d: InvoiceOverdue, _t: datetime,
     return replace(state, dunning={**state.dunning, d.invoice_id: dunning})
 
 
-def _override_set(state: CustomerState, d: OverrideSet, t: datetime,
-                  p: Policy) -> CustomerState:
+def _override_set(state: CustomerState, d: OverrideSet, t: datetime, p: Policy) -> CustomerState:
     if d.grade not in {grade.name for grade in p.grades}:
         # The API only takes the policy's grades; a replay under a policy without this grade
         # keeps the scorecard's grade rather than failing.
@@ -716,15 +763,17 @@ def _override_set(state: CustomerState, d: OverrideSet, t: datetime,
     return replace(state, override=override)
 
 
-def _override_ended(state: CustomerState, d: OverrideExpired | OverrideRemoved,
-                    _t: datetime, _p: Policy) -> CustomerState:
+def _override_ended(
+    state: CustomerState, d: OverrideExpired | OverrideRemoved, _t: datetime, _p: Policy
+) -> CustomerState:
     if state.override is None or state.override.override_id != d.override_id:
         return state  # a stale expiry of an override replaced since
     return replace(state, override=None)
 
 
-def _recompute(state: CustomerState, _d: RecomputeRequested, _t: datetime,
-               _p: Policy) -> CustomerState:
+def _recompute(
+    state: CustomerState, _d: RecomputeRequested, _t: datetime, _p: Policy
+) -> CustomerState:
     return state
 
 
@@ -748,8 +797,9 @@ _HANDLERS: dict[str, _Handler] = {
 HANDLED_TYPES: Final = frozenset(_HANDLERS)
 
 
-def apply(state: CustomerState, event_type: str, data: Any, time: datetime,
-          policy: Policy) -> CustomerState:
+def apply(
+    state: CustomerState, event_type: str, data: Any, time: datetime, policy: Policy
+) -> CustomerState:
     """Fold one event into the customer's state. Raises ``DeadLetter`` when it cannot apply
     (an amount in a currency the policy has no rate for)."""
     handler = _HANDLERS.get(event_type)
@@ -763,16 +813,30 @@ def apply(state: CustomerState, event_type: str, data: Any, time: datetime,
 # ---- when to (re)assess ---------------------------------------------------------------------
 
 # New information or an analyst's act: always a new assessment (and a new review date).
-ALWAYS: Final = frozenset({
-    "customer.registered", "financial_statement.published", "credit_report.received",
-    OverrideSet.TYPE, OverrideExpired.TYPE, OverrideRemoved.TYPE, RecomputeRequested.TYPE,
-})
+ALWAYS: Final = frozenset(
+    {
+        "customer.registered",
+        "financial_statement.published",
+        "credit_report.received",
+        OverrideSet.TYPE,
+        OverrideExpired.TYPE,
+        OverrideRemoved.TYPE,
+        RecomputeRequested.TYPE,
+    }
+)
 # Re-scored, published only when the score or the grade moves (a registered customer's
 # first assessment aside); such a re-score is no review, so it never pushes the review out.
-RESCORE: Final = frozenset({
-    "customer.updated", "invoice.issued", "invoice.cancelled", "credit_note.issued",
-    "payment.received", "payment.reversed", "invoice.overdue",
-})
+RESCORE: Final = frozenset(
+    {
+        "customer.updated",
+        "invoice.issued",
+        "invoice.cancelled",
+        "credit_note.issued",
+        "payment.received",
+        "payment.reversed",
+        "invoice.overdue",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -783,8 +847,14 @@ class Step:
     assessment: AssessmentCompleted | None = None
 
 
-def process(state: CustomerState, event_type: str, data: Any, trigger: Trigger,
-            time: datetime, policy: Policy) -> Step:
+def process(
+    state: CustomerState,
+    event_type: str,
+    data: Any,
+    trigger: Trigger,
+    time: datetime,
+    policy: Policy,
+) -> Step:
     """Fold one event and, when it calls for it, assess and record the assessment.
 
     The assessment is made at the latest business time seen for the customer, so a late
@@ -793,8 +863,10 @@ def process(state: CustomerState, event_type: str, data: Any, trigger: Trigger,
     new = apply(state, event_type, data, time, policy)
     at = new.last_time or time
     if event_type in ALWAYS:
-        if event_type in (OverrideExpired.TYPE, OverrideRemoved.TYPE) and \
-                new.override == state.override:
+        if (
+            event_type in (OverrideExpired.TYPE, OverrideRemoved.TYPE)
+            and new.override == state.override
+        ):
             return Step(new)
         body = assess(new, policy, trigger, at)
         return Step(record(new, body), body)
@@ -812,8 +884,9 @@ def process(state: CustomerState, event_type: str, data: Any, trigger: Trigger,
     return Step(record(new, body), body)
 
 
-def replay(events: Iterable[tuple[str, Any, Trigger, datetime]], customer_id: str,
-           policy: Policy) -> tuple[CustomerState, list[AssessmentCompleted]]:
+def replay(
+    events: Iterable[tuple[str, Any, Trigger, datetime]], customer_id: str, policy: Policy
+) -> tuple[CustomerState, list[AssessmentCompleted]]:
     """Fold a customer's events from scratch: the state and every assessment published."""
     state = new_customer(customer_id, policy)
     published: list[AssessmentCompleted] = []

@@ -26,11 +26,20 @@ from shared.runtime import Incoming, Tx
 from shared.settings import Settings
 
 SOURCE = "/creditwatch/assessment"
-CONTRACT_TYPES = frozenset({
-    "customer.registered", "customer.updated", "financial_statement.published",
-    "credit_report.received", "invoice.issued", "invoice.cancelled", "credit_note.issued",
-    "payment.received", "payment.reversed", "invoice.overdue",
-})
+CONTRACT_TYPES = frozenset(
+    {
+        "customer.registered",
+        "customer.updated",
+        "financial_statement.published",
+        "credit_report.received",
+        "invoice.issued",
+        "invoice.cancelled",
+        "credit_note.issued",
+        "payment.received",
+        "payment.reversed",
+        "invoice.overdue",
+    }
+)
 STATES = "assessment.states"
 PUBLISHED = "assessment.published"
 
@@ -56,8 +65,14 @@ class AssessmentService:
 
     def input_topics(self) -> list[str]:
         s = self.settings
-        return [s.topic_customers, s.topic_financials, s.topic_credit_reports,
-                s.topic_invoices, s.topic_payments, s.topic_overdue]
+        return [
+            s.topic_customers,
+            s.topic_financials,
+            s.topic_credit_reports,
+            s.topic_invoices,
+            s.topic_payments,
+            s.topic_overdue,
+        ]
 
     def parse_stored(self, env: Envelope) -> BaseModel | None:
         return ev.parse_any(env)
@@ -84,8 +99,9 @@ class AssessmentService:
             loaded = cached[cid]
             trigger = domain.Trigger(env.id, env.type, env.source)
             try:
-                step = domain.process(loaded.state, env.type, inc.event, trigger, env.time,
-                                      self.policy)
+                step = domain.process(
+                    loaded.state, env.type, inc.event, trigger, env.time, self.policy
+                )
             except DeadLetter as dl:
                 tx.reject(inc, dl)
                 continue
@@ -94,15 +110,27 @@ class AssessmentService:
             body = step.assessment
             if body is None:
                 continue
-            out = new_event(body.TYPE, source=SOURCE, subject=cid, data=body,
-                            id=body.assessment_id, time=body.assessed_at)
+            out = new_event(
+                body.TYPE,
+                source=SOURCE,
+                subject=cid,
+                data=body,
+                id=body.assessment_id,
+                time=body.assessed_at,
+            )
             tx.emit(self.settings.topic_assessments, out)
             published[cid] = out.data
-            history.append({
-                "assessment_id": body.assessment_id, "customer_id": cid, "seq": inc.seq,
-                "assessed_at": body.assessed_at, "grade": body.grade, "score": body.score,
-                "body": as_json(out.data),
-            })
+            history.append(
+                {
+                    "assessment_id": body.assessment_id,
+                    "customer_id": cid,
+                    "seq": inc.seq,
+                    "assessed_at": body.assessed_at,
+                    "grade": body.grade,
+                    "score": body.score,
+                    "body": as_json(out.data),
+                }
+            )
 
         saved = []
         for cid, seq in touched.items():
@@ -122,10 +150,10 @@ class AssessmentService:
         return out
 
 
-def internal_event(model: ev.InternalEvent, *, id: str, time: datetime, subject: str,
-                   source: str = SOURCE) -> Envelope:
-    return new_event(model.TYPE, source=source, subject=subject,
-                     data=model, id=id, time=time)
+def internal_event(
+    model: ev.InternalEvent, *, id: str, time: datetime, subject: str, source: str = SOURCE
+) -> Envelope:
+    return new_event(model.TYPE, source=source, subject=subject, data=model, id=id, time=time)
 
 
 def due_for(state: domain.CustomerState, now: datetime) -> list[Envelope]:
@@ -136,9 +164,14 @@ def due_for(state: domain.CustomerState, now: datetime) -> list[Envelope]:
     if override is None or override.expires_at is None or override.expires_at > now:
         return []
     cid = state.customer_id
-    return [internal_event(
-        ev.OverrideExpired(customer_id=cid, override_id=override.override_id),
-        id=f"override-expired-{override.override_id}", time=override.expires_at, subject=cid)]
+    return [
+        internal_event(
+            ev.OverrideExpired(customer_id=cid, override_id=override.override_id),
+            id=f"override-expired-{override.override_id}",
+            time=override.expires_at,
+            subject=cid,
+        )
+    ]
 
 
 __all__ = ["SOURCE", "AssessmentService", "due_for", "internal_event"]

@@ -116,8 +116,7 @@ async def customer(conn: AsyncConnection, customer_id: str) -> Any:
 
 async def latest_assessment(conn: AsyncConnection, customer_id: str) -> dict[str, Any] | None:
     a = assessments
-    stmt = (select(a.c.body).where(a.c.customer_id == customer_id)
-            .order_by(a.c.seq.desc()).limit(1))
+    stmt = select(a.c.body).where(a.c.customer_id == customer_id).order_by(a.c.seq.desc()).limit(1)
     row = (await conn.execute(stmt)).first()
     if row is None:
         return None
@@ -125,9 +124,14 @@ async def latest_assessment(conn: AsyncConnection, customer_id: str) -> dict[str
     return body
 
 
-async def history(conn: AsyncConnection, customer_id: str, *, limit: int,
-                  before_seq: int | None = None,
-                  as_of: datetime | None = None) -> list[tuple[int, dict[str, Any]]]:
+async def history(
+    conn: AsyncConnection,
+    customer_id: str,
+    *,
+    limit: int,
+    before_seq: int | None = None,
+    as_of: datetime | None = None,
+) -> list[tuple[int, dict[str, Any]]]:
     """A customer's assessments, newest first: (seq, body), at most ``limit``."""
     a = assessments
     stmt = select(a.c.seq, a.c.body).where(a.c.customer_id == customer_id)
@@ -139,27 +143,39 @@ async def history(conn: AsyncConnection, customer_id: str, *, limit: int,
     return [(r.seq, json.loads(r.body)) for r in rows]
 
 
-async def reviews_due(conn: AsyncConnection, before: date, *, limit: int,
-                      after: tuple[date, str] | None = None) -> list[Any]:
+async def reviews_due(
+    conn: AsyncConnection, before: date, *, limit: int, after: tuple[date, str] | None = None
+) -> list[Any]:
     """Customers whose next review date is before ``before``, oldest review first."""
     c = customers
-    stmt = select(c.c.customer_id, c.c.name, c.c.grade, c.c.computed_grade, c.c.score,
-                  c.c.risk_level, c.c.next_review_date, c.c.assessed_at,
-                  c.c.last_assessment_id).where(
-        c.c.next_review_date.is_not(None), c.c.next_review_date < before)
+    stmt = select(
+        c.c.customer_id,
+        c.c.name,
+        c.c.grade,
+        c.c.computed_grade,
+        c.c.score,
+        c.c.risk_level,
+        c.c.next_review_date,
+        c.c.assessed_at,
+        c.c.last_assessment_id,
+    ).where(c.c.next_review_date.is_not(None), c.c.next_review_date < before)
     if after is not None:
         day, cid = after
-        stmt = stmt.where((c.c.next_review_date > day)
-                          | ((c.c.next_review_date == day) & (c.c.customer_id > cid)))
+        stmt = stmt.where(
+            (c.c.next_review_date > day) | ((c.c.next_review_date == day) & (c.c.customer_id > cid))
+        )
     stmt = stmt.order_by(c.c.next_review_date, c.c.customer_id).limit(limit)
     return list(await conn.execute(stmt))
 
 
 async def overrides_expiring(conn: AsyncConnection, now: datetime, limit: int = 1000) -> list[Any]:
     c = customers
-    stmt = (select(c.c.customer_id, c.c.state)
-            .where(c.c.override_expires_at.is_not(None), c.c.override_expires_at <= now)
-            .order_by(c.c.override_expires_at, c.c.customer_id).limit(limit))
+    stmt = (
+        select(c.c.customer_id, c.c.state)
+        .where(c.c.override_expires_at.is_not(None), c.c.override_expires_at <= now)
+        .order_by(c.c.override_expires_at, c.c.customer_id)
+        .limit(limit)
+    )
     return list(await conn.execute(stmt))
 
 

@@ -76,8 +76,12 @@ def _ppm_key(value: Any) -> int | None:
 
 # How a portfolio cursor's sort value reads back, by sort key (customer_id: text).
 _SORT_VALUE: dict[str, Callable[[Any], Any]] = {
-    "utilization": _ppm_key, "exposure": _amount_key, "available": _amount_key,
-    "limit": _amount_key, "overdue_amount": _amount_key}
+    "utilization": _ppm_key,
+    "exposure": _amount_key,
+    "available": _amount_key,
+    "limit": _amount_key,
+    "overdue_amount": _amount_key,
+}
 
 
 def _currency(value: object) -> str:
@@ -124,8 +128,9 @@ class LimitRequestBody(BaseModel):
     def _limit(cls, value: object) -> Decimal:
         try:
             # Scale is checked against the customer's currency once it is known.
-            return parse_decimal(value, field="requested_limit", places=MAX_MINOR_UNITS,
-                                 allow_zero=True)
+            return parse_decimal(
+                value, field="requested_limit", places=MAX_MINOR_UNITS, allow_zero=True
+            )
         except AmountError as exc:
             raise ValueError(exc.detail) from None
 
@@ -146,26 +151,38 @@ def answered(verdict: Verdict, order: CheckOrder, started: float) -> None:
     metrics.CREDIT_CHECK_SECONDS.observe(time.perf_counter() - started)
     if verdict.fresh:
         # Refusals are worth an operator's eye; approvals are the routine (stored either way).
-        log.log(logging.DEBUG if verdict.decision == "approved" else logging.INFO,
-                "credit check %s for order %s: %s %s", verdict.check_id, order.order_id,
-                verdict.decision, ",".join(verdict.body["reasons"]),
-                extra={"service": "limits", "check_id": verdict.check_id,
-                       "customer_id": order.customer_id, "event_id": verdict.event_id})
+        log.log(
+            logging.DEBUG if verdict.decision == "approved" else logging.INFO,
+            "credit check %s for order %s: %s %s",
+            verdict.check_id,
+            order.order_id,
+            verdict.decision,
+            ",".join(verdict.body["reasons"]),
+            extra={
+                "service": "limits",
+                "check_id": verdict.check_id,
+                "customer_id": order.customer_id,
+                "event_id": verdict.event_id,
+            },
+        )
 
 
-def build_router(service: LimitsService, core: EventCore,
-                 checks: CoreChecks | None = None) -> APIRouter:
+def build_router(
+    service: LimitsService, core: EventCore, checks: CoreChecks | None = None
+) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["limits"])
     engine = core.engine
     policy = service.policy
     clock = core.clock
 
     async def _customer_row(conn: Any, cid: str) -> Any:
-        row = (await conn.execute(select(store.customers).where(
-            store.customers.c.customer_id == cid))).first()
+        row = (
+            await conn.execute(select(store.customers).where(store.customers.c.customer_id == cid))
+        ).first()
         if row is None or not row.known:
-            raise NotFound(f"customer {cid!r} is not known to the limits service",
-                           field="customer_id")
+            raise NotFound(
+                f"customer {cid!r} is not known to the limits service", field="customer_id"
+            )
         return row
 
     if checks is None:
@@ -177,30 +194,43 @@ def build_router(service: LimitsService, core: EventCore,
         loaded, _ = await _locked(conn, cid)
         # Nothing stored (a state made up for the unknown), or only checks and alerts.
         if loaded[cid].last_seq == 0 or not domain.known(loaded[cid].state):
-            raise NotFound(f"customer {cid!r} is not known to the limits service",
-                           field="customer_id")
+            raise NotFound(
+                f"customer {cid!r} is not known to the limits service", field="customer_id"
+            )
         return loaded
 
     # ---- credit checks --------------------------------------------------------------------
-    @router.post("/credit-checks", openapi_extra=body_schema(CheckRequest),
-                 summary="May this order go out on credit?")
-    async def credit_check(request: Request,
-                           principal: Principal = Depends(require("credit:check"))
-                           ) -> dict[str, Any]:
+    @router.post(
+        "/credit-checks",
+        openapi_extra=body_schema(CheckRequest),
+        summary="May this order go out on credit?",
+    )
+    async def credit_check(
+        request: Request, principal: Principal = Depends(require("credit:check"))
+    ) -> dict[str, Any]:
         # The plain cases rarely get here: FastCreditCheck answers them in front of the app.
         started = time.perf_counter()
         req = await json_body(request, CheckRequest)
-        order = CheckOrder(order_id=req.order_id, customer_id=req.customer_id,
-                           amount=req.amount, currency=req.currency, reserve=req.reserve,
-                           requested_by=principal.name)
+        order = CheckOrder(
+            order_id=req.order_id,
+            customer_id=req.customer_id,
+            amount=req.amount,
+            currency=req.currency,
+            reserve=req.reserve,
+            requested_by=principal.name,
+        )
         verdict = await checks.check(order)
         answered(verdict, order, started)
         return verdict.body
 
-    @router.delete("/credit-checks/{order_id}", status_code=204,
-                   summary="Release the order's reservation (order cancelled)")
-    async def release(order_id: str,
-                      principal: Principal = Depends(require("credit:check"))) -> Response:
+    @router.delete(
+        "/credit-checks/{order_id}",
+        status_code=204,
+        summary="Release the order's reservation (order cancelled)",
+    )
+    async def release(
+        order_id: str, principal: Principal = Depends(require("credit:check"))
+    ) -> Response:
         now = clock()
         async with engine.begin() as conn:
             prior = await store.latest_check(conn, order_id)
@@ -211,22 +241,30 @@ def build_router(service: LimitsService, core: EventCore,
             res = state.reservations.get(order_id)
             if res is None or domain.reserved_for(state, order_id, now) <= 0:
                 raise NotFound(f"no open reservation for order {order_id!r}", field="order_id")
-            env = new_event(ev.ReservationReleased.TYPE, source=SOURCE + "/api",
-                            subject=prior.customer_id,
-                            data=ev.ReservationReleased(customer_id=prior.customer_id,
-                                                        order_id=order_id,
-                                                        check_id=res.check_id,
-                                                        by=principal.name),
-                            id=f"release-{res.check_id}", time=now)
+            env = new_event(
+                ev.ReservationReleased.TYPE,
+                source=SOURCE + "/api",
+                subject=prior.customer_id,
+                data=ev.ReservationReleased(
+                    customer_id=prior.customer_id,
+                    order_id=order_id,
+                    check_id=res.check_id,
+                    by=principal.name,
+                ),
+                id=f"release-{res.check_id}",
+                time=now,
+            )
             await core.submit(conn, [env], scratch={"limits.states": loaded})
         return Response(status_code=204)
 
     @router.get("/credit-checks/{check_id}", summary="A stored credit decision")
-    async def get_check(check_id: str,
-                        _p: Principal = Depends(require("credit:read"))) -> dict[str, Any]:
+    async def get_check(
+        check_id: str, _p: Principal = Depends(require("credit:read"))
+    ) -> dict[str, Any]:
         async with engine.connect() as conn:
-            row = (await conn.execute(select(store.checks).where(
-                store.checks.c.check_id == check_id))).first()
+            row = (
+                await conn.execute(select(store.checks).where(store.checks.c.check_id == check_id))
+            ).first()
         if row is None:
             raise NotFound(f"no credit check {check_id!r}", field="check_id")
         body: dict[str, Any] = json.loads(row.body)
@@ -234,8 +272,11 @@ def build_router(service: LimitsService, core: EventCore,
 
     # ---- exposure and limits --------------------------------------------------------------
     @router.get("/customers/{customer_id}/exposure", summary="Exposure now or as of a time")
-    async def exposure(customer_id: str, as_of: UtcTimestamp | None = None,
-                       _p: Principal = Depends(require("credit:read"))) -> dict[str, Any]:
+    async def exposure(
+        customer_id: str,
+        as_of: UtcTimestamp | None = None,
+        _p: Principal = Depends(require("credit:read")),
+    ) -> dict[str, Any]:
         async with engine.connect() as conn:
             if as_of is None:
                 row = await _customer_row(conn, customer_id)
@@ -251,9 +292,13 @@ def build_router(service: LimitsService, core: EventCore,
             body = exposure_body(state, fig)
             body["as_of"] = _iso(at)
             body["grade"] = state.grade
-            children = (await conn.execute(select(func.count()).select_from(store.customers)
-                                           .where(store.customers.c.parent_id == customer_id))
-                        ).scalar_one()
+            children = (
+                await conn.execute(
+                    select(func.count())
+                    .select_from(store.customers)
+                    .where(store.customers.c.parent_id == customer_id)
+                )
+            ).scalar_one()
             if children:
                 others, members = await store.group_exposure(conn, customer_id, customer_id)
                 if as_of is not None:
@@ -262,18 +307,24 @@ def build_router(service: LimitsService, core: EventCore,
                     for member in await store.group_members(conn, customer_id, customer_id):
                         with contextlib.suppress(NotFound):  # no events yet at that time
                             then = await _fold_until(conn, member, as_of)
-                            others[then.currency] = others.get(then.currency, Decimal(0)) \
+                            others[then.currency] = (
+                                others.get(then.currency, Decimal(0))
                                 + domain.figures(then, policy, as_of).exposure
+                            )
                 ccy = state.currency
                 # The members keep their own currencies: summed in the parent's.
                 group_exposure = domain.in_currency(others, ccy, policy) + fig.exposure
-                body["group"] = {"members": members + 1, "limit": money(fig.limit, ccy),
-                                 "exposure": money(group_exposure, ccy),
-                                 "available": money(fig.limit - group_exposure, ccy)}
+                body["group"] = {
+                    "members": members + 1,
+                    "limit": money(fig.limit, ccy),
+                    "exposure": money(group_exposure, ccy),
+                    "available": money(fig.limit - group_exposure, ccy),
+                }
         return body
 
-    async def _fold_until(conn: Any, cid: str, as_of: datetime,
-                          none_yet_is_empty: bool = False) -> domain.CustomerState:
+    async def _fold_until(
+        conn: Any, cid: str, as_of: datetime, none_yet_is_empty: bool = False
+    ) -> domain.CustomerState:
         """The customer's state as of business time ``as_of``; with no event up to then, a
         404 or (``none_yet_is_empty``) a state with nothing in it."""
         state = domain.new_customer(cid, policy)
@@ -287,28 +338,38 @@ def build_router(service: LimitsService, core: EventCore,
                 e = stored.envelope
                 state = domain.apply(state, e.type, model, e.time, policy)
         if not seen and not none_yet_is_empty:
-            raise NotFound(f"customer {cid!r} has no events up to {_iso(as_of)}",
-                           field="customer_id")
+            raise NotFound(
+                f"customer {cid!r} has no events up to {_iso(as_of)}", field="customer_id"
+            )
         return state
 
     @router.get("/customers/{customer_id}/limit", summary="The customer's credit limit")
-    async def limit(customer_id: str,
-                    _p: Principal = Depends(require("credit:read"))) -> dict[str, Any]:
+    async def limit(
+        customer_id: str, _p: Principal = Depends(require("credit:read"))
+    ) -> dict[str, Any]:
         async with engine.connect() as conn:
             row = await _customer_row(conn, customer_id)
         state = store.load_state(row.state, row.as_of)  # its reservations aside
         amount, source, expires = domain.effective_limit(state, policy, clock())
-        return {"customer_id": customer_id, "limit": money(amount, state.currency),
-                "currency": state.currency, "grade": state.grade, "source": source,
-                "expires_at": _iso(expires), "on_hold": state.hold is not None,
-                "hold_reason": state.hold.reason if state.hold else None,
-                "policy_version": policy.version}
+        return {
+            "customer_id": customer_id,
+            "limit": money(amount, state.currency),
+            "currency": state.currency,
+            "grade": state.grade,
+            "source": source,
+            "expires_at": _iso(expires),
+            "on_hold": state.hold is not None,
+            "hold_reason": state.hold.reason if state.hold else None,
+            "policy_version": policy.version,
+        }
 
     @router.get("/customers/{customer_id}/limit/history", summary="limit.changed, newest first")
-    async def limit_history(customer_id: str,
-                            limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
-                            cursor: str | None = None,
-                            _p: Principal = Depends(require("credit:read"))) -> dict[str, Any]:
+    async def limit_history(
+        customer_id: str,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+        cursor: str | None = None,
+        _p: Principal = Depends(require("credit:read")),
+    ) -> dict[str, Any]:
         h = store.limit_history
         after = decode_cursor(cursor, scope=f"limit-history:{customer_id}", kinds=(integer,))
         async with engine.connect() as conn:
@@ -318,101 +379,145 @@ def build_router(service: LimitsService, core: EventCore,
                 stmt = stmt.where(h.c.seq < after[0])
             rows = list(await conn.execute(stmt.order_by(h.c.seq.desc()).limit(limit + 1)))
         items = [json.loads(r.body) for r in rows[:limit]]
-        nxt = (encode_cursor([rows[limit - 1].seq], scope=f"limit-history:{customer_id}")
-               if len(rows) > limit else None)
+        nxt = (
+            encode_cursor([rows[limit - 1].seq], scope=f"limit-history:{customer_id}")
+            if len(rows) > limit
+            else None
+        )
         return {"items": items, "next_cursor": nxt}
 
     # ---- limit requests (maker–checker) ---------------------------------------------------
-    @router.post("/customers/{customer_id}/limit-requests", status_code=201,
-                 openapi_extra=body_schema(LimitRequestBody), summary="Request a limit")
-    async def request_limit(customer_id: str, request: Request,
-                            principal: Principal = Depends(require("credit:write"))
-                            ) -> dict[str, Any]:
+    @router.post(
+        "/customers/{customer_id}/limit-requests",
+        status_code=201,
+        openapi_extra=body_schema(LimitRequestBody),
+        summary="Request a limit",
+    )
+    async def request_limit(
+        customer_id: str, request: Request, principal: Principal = Depends(require("credit:write"))
+    ) -> dict[str, Any]:
         body = await json_body(request, LimitRequestBody)
         now = clock()
         async with engine.begin() as conn:
             loaded = await _locked_known(conn, customer_id)
             state = loaded[customer_id].state
             try:
-                amount = parse_amount(format(body.requested_limit, "f"), state.currency,
-                                      field="requested_limit", allow_zero=True)
+                amount = parse_amount(
+                    format(body.requested_limit, "f"),
+                    state.currency,
+                    field="requested_limit",
+                    allow_zero=True,
+                )
             except AmountError as exc:
                 raise ValidationFailed(str(exc), field="requested_limit") from None
             if body.expires_at is not None:
                 if body.expires_at <= now:
-                    raise ValidationFailed("expires_at: must be in the future",
-                                           field="expires_at")
+                    raise ValidationFailed("expires_at: must be in the future", field="expires_at")
                 max_days = policy.limits.temporary_limit_max_days
                 if body.expires_at > now + timedelta(days=max_days):
                     raise ValidationFailed(
                         f"expires_at: a temporary limit may last at most {max_days} days",
-                        field="expires_at")
+                        field="expires_at",
+                    )
             request_id = str(uuid.uuid4())
             event = ev.LimitRequestSubmitted(
-                customer_id=customer_id, request_id=request_id, requested_limit=amount,
-                currency=state.currency, reason=body.reason, expires_at=body.expires_at,
-                requested_by=principal.name)
-            env = new_event(event.TYPE, source=SOURCE + "/api", subject=customer_id,
-                            data=event, id=f"request-{request_id}", time=now)
+                customer_id=customer_id,
+                request_id=request_id,
+                requested_limit=amount,
+                currency=state.currency,
+                reason=body.reason,
+                expires_at=body.expires_at,
+                requested_by=principal.name,
+            )
+            env = new_event(
+                event.TYPE,
+                source=SOURCE + "/api",
+                subject=customer_id,
+                data=event,
+                id=f"request-{request_id}",
+                time=now,
+            )
             await core.submit(conn, [env], scratch={"limits.states": loaded})
             status = loaded[customer_id].state.requests[request_id].status
-        return {"request_id": request_id, "status": status, "customer_id": customer_id,
-                "requested_limit": money(amount, state.currency), "currency": state.currency,
-                "requested_by": principal.name,
-                "applied": status == "approved"}
+        return {
+            "request_id": request_id,
+            "status": status,
+            "customer_id": customer_id,
+            "requested_limit": money(amount, state.currency),
+            "currency": state.currency,
+            "requested_by": principal.name,
+            "applied": status == "approved",
+        }
 
-    async def _decide(request_id: str, request: Request, principal: Principal,
-                      approve: bool) -> dict[str, Any]:
+    async def _decide(
+        request_id: str, request: Request, principal: Principal, approve: bool
+    ) -> dict[str, Any]:
         note = (await json_body(request, DecisionNote)).note if await request.body() else None
         now = clock()
         async with engine.begin() as conn:
-            row = (await conn.execute(select(store.requests).where(
-                store.requests.c.request_id == request_id))).first()
+            row = (
+                await conn.execute(
+                    select(store.requests).where(store.requests.c.request_id == request_id)
+                )
+            ).first()
             if row is None:
                 raise NotFound(f"no limit request {request_id!r}", field="request_id")
             if row.requested_by == principal.name:
-                raise Forbidden("the requester may not decide its own request",
-                                field="request_id")
+                raise Forbidden("the requester may not decide its own request", field="request_id")
             loaded, _ = await _locked(conn, row.customer_id)
             req = loaded[row.customer_id].state.requests[request_id]
             if req.status != "pending":
-                raise Conflict(f"limit request {request_id!r} is already {req.status}",
-                               field="request_id")
+                raise Conflict(
+                    f"limit request {request_id!r} is already {req.status}", field="request_id"
+                )
             if approve and req.expires_at is not None and req.expires_at <= now:
                 # Approved now it would end before it began, replacing the limit in force.
-                raise Conflict(f"limit request {request_id!r} ended at "
-                               f"{_iso(req.expires_at)}; it can only be rejected",
-                               field="request_id")
+                raise Conflict(
+                    f"limit request {request_id!r} ended at "
+                    f"{_iso(req.expires_at)}; it can only be rejected",
+                    field="request_id",
+                )
             model: ev.LimitRequestApproved | ev.LimitRequestRejected
             if approve:
-                model = ev.LimitRequestApproved(customer_id=row.customer_id,
-                                                request_id=request_id, by=principal.name,
-                                                note=note)
+                model = ev.LimitRequestApproved(
+                    customer_id=row.customer_id, request_id=request_id, by=principal.name, note=note
+                )
             else:
-                model = ev.LimitRequestRejected(customer_id=row.customer_id,
-                                                request_id=request_id, by=principal.name,
-                                                note=note)
-            env = new_event(model.TYPE, source=SOURCE + "/api", subject=row.customer_id,
-                            data=model, id=f"decision-{request_id}", time=now)
+                model = ev.LimitRequestRejected(
+                    customer_id=row.customer_id, request_id=request_id, by=principal.name, note=note
+                )
+            env = new_event(
+                model.TYPE,
+                source=SOURCE + "/api",
+                subject=row.customer_id,
+                data=model,
+                id=f"decision-{request_id}",
+                time=now,
+            )
             await core.submit(conn, [env], scratch={"limits.states": loaded})
             state = loaded[row.customer_id].state
         decided = state.requests[request_id]
-        return {"request_id": request_id, "status": decided.status,
-                "customer_id": row.customer_id, "decided_by": principal.name, "note": note,
-                "requested_by": decided.requested_by,
-                "requested_limit": money(decided.requested_limit, state.currency),
-                "currency": state.currency}
+        return {
+            "request_id": request_id,
+            "status": decided.status,
+            "customer_id": row.customer_id,
+            "decided_by": principal.name,
+            "note": note,
+            "requested_by": decided.requested_by,
+            "requested_limit": money(decided.requested_limit, state.currency),
+            "currency": state.currency,
+        }
 
     @router.post("/limit-requests/{request_id}/approve", summary="Approve (not your own)")
-    async def approve(request_id: str, request: Request,
-                      principal: Principal = Depends(require("credit:approve"))
-                      ) -> dict[str, Any]:
+    async def approve(
+        request_id: str, request: Request, principal: Principal = Depends(require("credit:approve"))
+    ) -> dict[str, Any]:
         return await _decide(request_id, request, principal, True)
 
     @router.post("/limit-requests/{request_id}/reject", summary="Reject (not your own)")
-    async def reject(request_id: str, request: Request,
-                     principal: Principal = Depends(require("credit:approve"))
-                     ) -> dict[str, Any]:
+    async def reject(
+        request_id: str, request: Request, principal: Principal = Depends(require("credit:approve"))
+    ) -> dict[str, Any]:
         return await _decide(request_id, request, principal, False)
 
     # ---- holds ------------------------------------------------------------------------------
@@ -420,34 +525,51 @@ def build_router(service: LimitsService, core: EventCore,
         now = clock()
         async with engine.begin() as conn:
             loaded = await _locked_known(conn, customer_id)
-            env = new_event(model.TYPE, source=SOURCE + "/api", subject=customer_id,
-                            data=model, id=f"{model.TYPE}-{uuid.uuid4()}", time=now)
+            env = new_event(
+                model.TYPE,
+                source=SOURCE + "/api",
+                subject=customer_id,
+                data=model,
+                id=f"{model.TYPE}-{uuid.uuid4()}",
+                time=now,
+            )
             await core.submit(conn, [env], scratch={"limits.states": loaded})
             state = loaded[customer_id].state
-        return {"customer_id": customer_id, "on_hold": state.hold is not None,
-                "reason": state.hold.reason if state.hold else None}
+        return {
+            "customer_id": customer_id,
+            "on_hold": state.hold is not None,
+            "reason": state.hold.reason if state.hold else None,
+        }
 
-    @router.post("/customers/{customer_id}/hold", openapi_extra=body_schema(HoldBody),
-                 summary="Put the customer on hold: every new check is rejected")
-    async def hold(customer_id: str, request: Request,
-                   principal: Principal = Depends(require("credit:write"))) -> dict[str, Any]:
+    @router.post(
+        "/customers/{customer_id}/hold",
+        openapi_extra=body_schema(HoldBody),
+        summary="Put the customer on hold: every new check is rejected",
+    )
+    async def hold(
+        customer_id: str, request: Request, principal: Principal = Depends(require("credit:write"))
+    ) -> dict[str, Any]:
         body = await json_body(request, HoldBody)
-        return await _hold(customer_id, ev.HoldPlaced(customer_id=customer_id,
-                                                      reason=body.reason, by=principal.name))
+        return await _hold(
+            customer_id,
+            ev.HoldPlaced(customer_id=customer_id, reason=body.reason, by=principal.name),
+        )
 
     @router.delete("/customers/{customer_id}/hold", summary="Release the hold")
-    async def unhold(customer_id: str,
-                     principal: Principal = Depends(require("credit:write"))) -> dict[str, Any]:
-        return await _hold(customer_id, ev.HoldReleased(customer_id=customer_id,
-                                                        by=principal.name))
+    async def unhold(
+        customer_id: str, principal: Principal = Depends(require("credit:write"))
+    ) -> dict[str, Any]:
+        return await _hold(customer_id, ev.HoldReleased(customer_id=customer_id, by=principal.name))
 
     # ---- portfolio --------------------------------------------------------------------------
     @router.get("/portfolio", summary="Customers with their figures, filtered and sorted")
     async def portfolio(
         grade: str | None = None,
         status: Annotated[str | None, Query(pattern="^(over_limit|on_hold|overdue)$")] = None,
-        sort: Annotated[str, Query(pattern="^-?(utilization|exposure|available|limit|"
-                                           "overdue_amount|customer_id)$")] = "customer_id",
+        sort: Annotated[
+            str,
+            Query(pattern="^-?(utilization|exposure|available|limit|overdue_amount|customer_id)$"),
+        ] = "customer_id",
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
         cursor: str | None = None,
         _p: Principal = Depends(require("credit:read")),
@@ -464,26 +586,47 @@ def build_router(service: LimitsService, core: EventCore,
             where.append(c.c.max_days_overdue > 0)
         desc = sort.startswith("-")
         key_name = sort.lstrip("-")
-        column = {"utilization": c.c.utilization_ppm, "exposure": c.c.exposure,
-                  "available": c.c.available, "limit": c.c.limit_amount,
-                  "overdue_amount": c.c.overdue_amount, "customer_id": c.c.customer_id}[key_name]
+        column = {
+            "utilization": c.c.utilization_ppm,
+            "exposure": c.c.exposure,
+            "available": c.c.available,
+            "limit": c.c.limit_amount,
+            "overdue_amount": c.c.overdue_amount,
+            "customer_id": c.c.customer_id,
+        }[key_name]
         key: ColumnElement[Any] = column
         async with engine.connect() as conn:
-            totals_row = (await conn.execute(
-                select(func.count(), func.sum(c.c.over_limit.cast(type_=_int())))
-                .where(*where))).first()
-            amounts = list(await conn.execute(
-                select(c.c.currency, c.c.limit_amount, c.c.exposure).where(*where)))
+            totals_row = (
+                await conn.execute(
+                    select(func.count(), func.sum(c.c.over_limit.cast(type_=_int()))).where(*where)
+                )
+            ).first()
+            amounts = list(
+                await conn.execute(
+                    select(c.c.currency, c.c.limit_amount, c.c.exposure).where(*where)
+                )
+            )
             # Amounts sort as they compare, converted into the base currency with the
             # policy's rates (each customer's amounts are in its own currency); a customer
             # whose currency has no rate to it sorts with the nulls, last.
-            factors = {code: rate_between(code, policy.base_currency, policy.fx_rates())
-                       for code in sorted({r.currency for r in amounts})}
+            factors = {
+                code: rate_between(code, policy.base_currency, policy.fx_rates())
+                for code in sorted({r.currency for r in amounts})
+            }
             value_of = _converted(column.name, factors)
             if key_name not in ("customer_id", "utilization") and factors:
-                key = case(*((c.c.currency == code, null() if f is None else
-                              key * literal(f[0], Numeric()) / literal(f[1], Numeric()))
-                             for code, f in factors.items()), else_=null())
+                key = case(
+                    *(
+                        (
+                            c.c.currency == code,
+                            null()
+                            if f is None
+                            else key * literal(f[0], Numeric()) / literal(f[1], Numeric()),
+                        )
+                        for code, f in factors.items()
+                    ),
+                    else_=null(),
+                )
             # A cursor holds where the page ended in this sort and selection, and only there.
             scope = f"portfolio:{sort}:{grade or ''}:{status or ''}"
             if conn.dialect.name == "sqlite" and key_name not in ("customer_id", "utilization"):
@@ -500,13 +643,17 @@ def build_router(service: LimitsService, core: EventCore,
 
                 rows.sort(key=rank)
                 start = after[0] if after else 0
-                page = rows[start:start + limit]
-                nxt = (encode_cursor([start + limit], scope=scope)
-                       if start + limit < len(rows) else None)
+                page = rows[start : start + limit]
+                nxt = (
+                    encode_cursor([start + limit], scope=scope)
+                    if start + limit < len(rows)
+                    else None
+                )
             else:
                 stmt = select(c, key.label("sort_value")).where(*where)
-                after = decode_cursor(cursor, scope=scope, kinds=(
-                    _SORT_VALUE.get(key_name, text), text))
+                after = decode_cursor(
+                    cursor, scope=scope, kinds=(_SORT_VALUE.get(key_name, text), text)
+                )
                 if after:
                     value, cid = after
                     if key_name == "customer_id":
@@ -514,42 +661,56 @@ def build_router(service: LimitsService, core: EventCore,
                     elif value is None:
                         cond = and_(key.is_(None), c.c.customer_id > cid)
                     elif desc:
-                        cond = or_(key < value, and_(key == value, c.c.customer_id > cid),
-                                   key.is_(None))
+                        cond = or_(
+                            key < value, and_(key == value, c.c.customer_id > cid), key.is_(None)
+                        )
                     else:
                         # NULLs sort last either way, so they follow any value.
-                        cond = or_(key > value, and_(key == value, c.c.customer_id > cid),
-                                   key.is_(None))
+                        cond = or_(
+                            key > value, and_(key == value, c.c.customer_id > cid), key.is_(None)
+                        )
                     stmt = stmt.where(cond)
-                order = [key.desc().nulls_last() if desc else key.asc().nulls_last(),
-                         c.c.customer_id.desc() if desc and key_name == "customer_id"
-                         else c.c.customer_id.asc()]
+                order = [
+                    key.desc().nulls_last() if desc else key.asc().nulls_last(),
+                    c.c.customer_id.desc()
+                    if desc and key_name == "customer_id"
+                    else c.c.customer_id.asc(),
+                ]
                 page = list(await conn.execute(stmt.order_by(*order).limit(limit + 1)))
                 nxt = None
                 if len(page) > limit:
                     last = page[limit - 1]
                     page = page[:limit]
                     value = last.sort_value
-                    nxt = encode_cursor([None if value is None else str(value),
-                                         last.customer_id], scope=scope)
+                    nxt = encode_cursor(
+                        [None if value is None else str(value), last.customer_id], scope=scope
+                    )
         items = []
         for r in page:
             util = r.utilization_ppm
-            items.append({
-                "customer_id": r.customer_id, "name": r.name, "grade": r.grade,
-                "currency": r.currency,
-                "limit": money(r.limit_amount, r.currency),
-                "exposure": money(r.exposure, r.currency),
-                "available": money(r.available, r.currency),
-                # Spelled like exposure.updated's utilization (four places).
-                "utilization": (format((Decimal(util) / Decimal(1_000_000))
-                                       .quantize(Decimal("0.0001")), "f")
-                                if util is not None else None),
-                "overdue_amount": money(r.overdue_amount, r.currency),
-                "max_days_overdue": r.max_days_overdue,
-                "on_hold": r.on_hold,
-                "open_alerts": r.open_alerts,
-            })
+            items.append(
+                {
+                    "customer_id": r.customer_id,
+                    "name": r.name,
+                    "grade": r.grade,
+                    "currency": r.currency,
+                    "limit": money(r.limit_amount, r.currency),
+                    "exposure": money(r.exposure, r.currency),
+                    "available": money(r.available, r.currency),
+                    # Spelled like exposure.updated's utilization (four places).
+                    "utilization": (
+                        format(
+                            (Decimal(util) / Decimal(1_000_000)).quantize(Decimal("0.0001")), "f"
+                        )
+                        if util is not None
+                        else None
+                    ),
+                    "overdue_amount": money(r.overdue_amount, r.currency),
+                    "max_days_overdue": r.max_days_overdue,
+                    "on_hold": r.on_hold,
+                    "open_alerts": r.open_alerts,
+                }
+            )
         limits_by: dict[str, Decimal] = {}
         exposure_by: dict[str, Decimal] = {}
         for r in amounts:
@@ -567,16 +728,19 @@ def build_router(service: LimitsService, core: EventCore,
             "currency": ccy if limit_total is not None and exposure_total is not None else None,
             "limit": None if limit_total is None else money(limit_total, ccy),
             "exposure": None if exposure_total is None else money(exposure_total, ccy),
-            "by_currency": {k: {"limit": money(v, k), "exposure": money(exposure_by[k], k)}
-                            for k, v in sorted(limits_by.items())},
+            "by_currency": {
+                k: {"limit": money(v, k), "exposure": money(exposure_by[k], k)}
+                for k, v in sorted(limits_by.items())
+            },
         }
         return {"items": items, "totals": totals, "next_cursor": nxt}
 
     return router
 
 
-def _total(by_currency: dict[str, Decimal], ccy: str,
-           rates: Mapping[str, Decimal]) -> Decimal | None:
+def _total(
+    by_currency: dict[str, Decimal], ccy: str, rates: Mapping[str, Decimal]
+) -> Decimal | None:
     """The sum of amounts by currency in ``ccy``; None when one of them has no rate to it."""
     total = Decimal(0)
     for code, amount in by_currency.items():
@@ -587,12 +751,15 @@ def _total(by_currency: dict[str, Decimal], ccy: str,
     return total
 
 
-def _converted(column: str, factors: Mapping[str, tuple[Decimal, Decimal] | None]
-               ) -> Callable[[Any], Decimal | None]:
+def _converted(
+    column: str, factors: Mapping[str, tuple[Decimal, Decimal] | None]
+) -> Callable[[Any], Decimal | None]:
     """A row's amount in ``column`` as the portfolio sorts it (see ``portfolio``)."""
+
     def value(row: Any) -> Decimal | None:
         f = factors.get(row.currency)
         return None if f is None else Decimal(getattr(row, column)) * f[0] / f[1]
+
     return value
 
 
@@ -600,4 +767,3 @@ def _int() -> Any:
     from sqlalchemy import Integer
 
     return Integer()
-

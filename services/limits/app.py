@@ -22,9 +22,15 @@ from shared.settings import Settings
 NAME = "limits"
 
 
-def build(settings: Settings, *, tokens: TokenRegistry, policy: Policy | None = None,
-          consume: bool = True, relay: bool = True,
-          clock: Clock = utcnow) -> tuple[FastAPI, ServiceHost]:
+def build(
+    settings: Settings,
+    *,
+    tokens: TokenRegistry,
+    policy: Policy | None = None,
+    consume: bool = True,
+    relay: bool = True,
+    clock: Clock = utcnow,
+) -> tuple[FastAPI, ServiceHost]:
     service = LimitsService(settings, policy or load_policy(settings.policy))
     made: list[CoreChecks] = []
 
@@ -32,13 +38,26 @@ def build(settings: Settings, *, tokens: TokenRegistry, policy: Policy | None = 
         made.append(for_dialect(core.engine.dialect.name, service, core))
         return build_router(service, core, made[0])
 
-    app, host = build_service_app(NAME, service, settings, tokens=tokens, consume=consume,
-                                  relay=relay, clock=clock, router=router,
-                                  gauges=[refresh_portfolio_gauges])
+    app, host = build_service_app(
+        NAME,
+        service,
+        settings,
+        tokens=tokens,
+        consume=consume,
+        relay=relay,
+        clock=clock,
+        router=router,
+        gauges=[refresh_portfolio_gauges],
+    )
     host.closers.append(made[0].close)
     # Outermost: the plain credit checks skip the framework's layers (see fastpath.py).
-    app.add_middleware(FastCreditCheck, checks=made[0], tokens=tokens, service=NAME,
-                       max_body_bytes=DEFAULT_MAX_BODY_BYTES)
+    app.add_middleware(
+        FastCreditCheck,
+        checks=made[0],
+        tokens=tokens,
+        service=NAME,
+        max_body_bytes=DEFAULT_MAX_BODY_BYTES,
+    )
     return app, host
 
 
@@ -51,11 +70,18 @@ async def refresh_portfolio_gauges(engine: AsyncEngine) -> None:
     on the same loop would wait for it.)"""
     c = store.customers
     async with engine.connect() as conn:
-        rows = list(await conn.execute(
-            select(c.c.currency, func.sum(c.c.limit_amount).label("limits"),
-                   func.sum(c.c.exposure).label("exposure")).group_by(c.c.currency)))
-        over = (await conn.execute(select(func.count()).select_from(c)
-                                   .where(c.c.over_limit.is_(True)))).scalar_one()
+        rows = list(
+            await conn.execute(
+                select(
+                    c.c.currency,
+                    func.sum(c.c.limit_amount).label("limits"),
+                    func.sum(c.c.exposure).label("exposure"),
+                ).group_by(c.c.currency)
+            )
+        )
+        over = (
+            await conn.execute(select(func.count()).select_from(c).where(c.c.over_limit.is_(True)))
+        ).scalar_one()
     for r in rows:
         # Gauges are floats by nature; the exact figures are in the API.
         metrics.PORTFOLIO_EXPOSURE.labels(r.currency).set(float(r.exposure))

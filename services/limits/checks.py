@@ -116,8 +116,9 @@ class CheckContext:
         root_state = self.loaded[root].state if root in self.loaded else None
         limit = Decimal(0)
         if root_state is not None:
-            limit = domain.limit_in(domain.effective_limit(root_state, policy, now)[0],
-                                    root_state.currency, ccy, policy)
+            limit = domain.limit_in(
+                domain.effective_limit(root_state, policy, now)[0], root_state.currency, ccy, policy
+            )
         return domain.GroupView(root, limit, domain.in_currency(self.others, ccy, policy))
 
 
@@ -125,8 +126,13 @@ def _iso(t: datetime | None) -> str | None:
     return t.isoformat().replace("+00:00", "Z") if t is not None else None
 
 
-def _still_standing(state: domain.CustomerState, prior: Prior, body: dict[str, Any],
-                    order: CheckOrder, now: datetime) -> bool:
+def _still_standing(
+    state: domain.CustomerState,
+    prior: Prior,
+    body: dict[str, Any],
+    order: CheckOrder,
+    now: datetime,
+) -> bool:
     """A retry gets the earlier decision unless its reservation was released or expired, or
     it asks to reserve what an approval without reserving did not (a quote, then the
     order: judged anew)."""
@@ -135,8 +141,7 @@ def _still_standing(state: domain.CustomerState, prior: Prior, body: dict[str, A
     if not body.get("reserve", True):
         return not order.reserve
     res = state.reservations.get(prior.order_id)
-    return res is not None and res.check_id == prior.check_id \
-        and res.expires_at > now
+    return res is not None and res.check_id == prior.check_id and res.expires_at > now
 
 
 @dataclass
@@ -148,8 +153,9 @@ class Decided:
     event: ev.CreditCheckDecided
 
 
-def evaluate(service: LimitsService, order: CheckOrder, ctx: CheckContext,
-             now: datetime) -> Verdict | Decided:
+def evaluate(
+    service: LimitsService, order: CheckOrder, ctx: CheckContext, now: datetime
+) -> Verdict | Decided:
     """Decide ``order`` against the locked context: the stored decision for a retry that
     still stands, else a new decision and its event. Raises ``Conflict`` for an order id
     already checked for another customer."""
@@ -157,16 +163,24 @@ def evaluate(service: LimitsService, order: CheckOrder, ctx: CheckContext,
     cid = order.customer_id
     prior = ctx.prior
     if prior is not None and prior.customer_id != cid:
-        raise Conflict(f"order {order.order_id!r} was checked for another customer",
-                       field="order_id")
+        raise Conflict(
+            f"order {order.order_id!r} was checked for another customer", field="order_id"
+        )
     state = ctx.loaded[cid].state
     if prior is not None and prior.amount == order.amount and prior.currency == order.currency:
         stored: dict[str, Any] = json.loads(prior.body)
         if _still_standing(state, prior, stored, order, now):
             return Verdict(stored, stored["decision"], prior.check_id, fresh=False)
     outcome = domain.decide_credit_check(
-        state, order_id=order.order_id, amount=order.amount, currency=order.currency,
-        reserve=order.reserve, policy=policy, now=now, group=ctx.group(cid, policy, now))
+        state,
+        order_id=order.order_id,
+        amount=order.amount,
+        currency=order.currency,
+        reserve=order.reserve,
+        policy=policy,
+        now=now,
+        group=ctx.group(cid, policy, now),
+    )
     check_id = str(uuid.uuid4())
     ccy = state.currency
     expires = None
@@ -189,8 +203,7 @@ def evaluate(service: LimitsService, order: CheckOrder, ctx: CheckContext,
         "grade": outcome.grade,
         "reserve": order.reserve,
         "reservation_expires_at": _iso(expires),
-        "group": ({k: money(v, ccy) for k, v in outcome.group.items()}
-                  if outcome.group else None),
+        "group": ({k: money(v, ccy) for k, v in outcome.group.items()} if outcome.group else None),
         "policy_version": policy.version,
         "requested_by": order.requested_by,
         "evaluated_at": _iso(now),
@@ -198,23 +211,45 @@ def evaluate(service: LimitsService, order: CheckOrder, ctx: CheckContext,
     # Built from a validated request and the domain's own figures: no validation again on
     # the hot path (a unit test pins it to what new_event would build).
     event = ev.CreditCheckDecided.model_construct(
-        customer_id=cid, check_id=check_id, order_id=order.order_id,
-        amount=order.amount, currency=order.currency,
-        amount_in_credit_currency=outcome.amount, reserve=order.reserve,
-        decision=outcome.decision, reasons=list(outcome.reasons), expires_at=expires,
-        requested_by=order.requested_by, response=body)
+        customer_id=cid,
+        check_id=check_id,
+        order_id=order.order_id,
+        amount=order.amount,
+        currency=order.currency,
+        amount_in_credit_currency=outcome.amount,
+        reserve=order.reserve,
+        decision=outcome.decision,
+        reasons=list(outcome.reasons),
+        expires_at=expires,
+        requested_by=order.requested_by,
+        response=body,
+    )
     # The event's JSON form, as ``model_dump(mode="json")`` writes it (same test).
     data = {
-        "customer_id": cid, "check_id": check_id, "order_id": order.order_id,
-        "amount": str(order.amount), "currency": order.currency,
-        "amount_in_credit_currency": str(outcome.amount), "reserve": order.reserve,
-        "decision": outcome.decision, "reasons": list(outcome.reasons),
-        "expires_at": _iso(expires), "requested_by": order.requested_by, "response": body,
+        "customer_id": cid,
+        "check_id": check_id,
+        "order_id": order.order_id,
+        "amount": str(order.amount),
+        "currency": order.currency,
+        "amount_in_credit_currency": str(outcome.amount),
+        "reserve": order.reserve,
+        "decision": outcome.decision,
+        "reasons": list(outcome.reasons),
+        "expires_at": _iso(expires),
+        "requested_by": order.requested_by,
+        "response": body,
     }
-    env = trusted_event(ev.CreditCheckDecided.TYPE, source=SOURCE + "/api", subject=cid,
-                        data=data, id=f"check-{check_id}", time=now)
-    return Decided(Verdict(body, outcome.decision, check_id, fresh=True, event_id=env.id),
-                   env, event)
+    env = trusted_event(
+        ev.CreditCheckDecided.TYPE,
+        source=SOURCE + "/api",
+        subject=cid,
+        data=data,
+        id=f"check-{check_id}",
+        time=now,
+    )
+    return Decided(
+        Verdict(body, outcome.decision, check_id, fresh=True, event_id=env.id), env, event
+    )
 
 
 class CoreChecks:
@@ -226,8 +261,11 @@ class CoreChecks:
 
     async def lock(self, conn: AsyncConnection, cid: str) -> tuple[dict[str, Loaded], Any]:
         """Lock the customer and its group's parent, in id order; load their states."""
-        first = (await conn.execute(select(store.customers.c.parent_id).where(
-            store.customers.c.customer_id == cid))).first()
+        first = (
+            await conn.execute(
+                select(store.customers.c.parent_id).where(store.customers.c.customer_id == cid)
+            )
+        ).first()
         parent = first.parent_id if first is not None else None
         rows = await store.lock_customers(conn, [cid, parent] if parent else [cid])
         row = rows.get(cid)
@@ -237,8 +275,9 @@ class CoreChecks:
             if parent:
                 rows.update(await store.lock_customers(conn, [parent]))
         states = await store.load_states(conn, rows)
-        loaded = {key: Loaded.committed(states[key], r.published, r.last_seq)
-                  for key, r in rows.items()}
+        loaded = {
+            key: Loaded.committed(states[key], r.published, r.last_seq) for key, r in rows.items()
+        }
         if cid not in loaded:
             loaded[cid] = Loaded(domain.new_customer(cid, self.service.policy), None, 0)
         return loaded, parent
@@ -251,13 +290,25 @@ class CoreChecks:
         async with self.core.engine.begin() as conn:
             loaded, parent = await self.lock(conn, order.customer_id)
             row = await store.latest_check(conn, order.order_id)
-            prior = None if row is None else Prior(
-                row.check_id, row.order_id, row.customer_id, row.amount, row.currency,
-                row.decision, row.body)
-            others, members = await store.group_exposure(conn, parent or order.customer_id,
-                                                         order.customer_id)
-            result = evaluate(self.service, order, CheckContext(
-                loaded, parent, prior, others, members), now)
+            prior = (
+                None
+                if row is None
+                else Prior(
+                    row.check_id,
+                    row.order_id,
+                    row.customer_id,
+                    row.amount,
+                    row.currency,
+                    row.decision,
+                    row.body,
+                )
+            )
+            others, members = await store.group_exposure(
+                conn, parent or order.customer_id, order.customer_id
+            )
+            result = evaluate(
+                self.service, order, CheckContext(loaded, parent, prior, others, members), now
+            )
             if isinstance(result, Verdict):
                 return result
             await self.core.submit(conn, [result.envelope], scratch={"limits.states": loaded})
@@ -295,6 +346,7 @@ ORDER BY c.customer_id"""
 
 LOCK_SQL = _customer_rows(_WITH_PARENTS, lock=True)
 LOCK_MORE_SQL = _customer_rows("SELECT DISTINCT unnest($1::text[]) AS id ORDER BY id", lock=True)
+
 
 # What a decision reads besides the customer rows, one row per fact, the columns by kind:
 #   k  an order's latest check   key order, ref check, customer_id, amount, code currency,
@@ -338,8 +390,12 @@ FROM {reading} CROSS JOIN LATERAL (
 # rows committed meanwhile only from its next statement on, so a concurrent check of a
 # sibling or a retry of the same order that committed while we waited is seen; the event
 # numbers are drawn under the locks too, so they follow the order in which the states change.
-CONTEXT_SQL = _context_sql("unnest($1::text[]) AS o(id)", "unnest($2::text[]) AS g(id)",
-                           "$3::int", "unnest($4::text[]) AS c(id)")
+CONTEXT_SQL = _context_sql(
+    "unnest($1::text[]) AS o(id)",
+    "unnest($2::text[]) AS g(id)",
+    "$3::int",
+    "unnest($4::text[]) AS c(id)",
+)
 
 # Without locks, everything at once (one snapshot): the customers (c rows: key customer,
 # ref parent, amount exposure, text published, body state or NULL, n last_seq, at as_of) and
@@ -368,8 +424,13 @@ _C = [c.name for c in store.customers.columns]
 # The tables a batch writes, in the order of WRITE_SQL's parameters: one JSON array of rows
 # each ($1..$5). One text parameter per table costs the driver next to nothing; the same rows
 # as an array per column (53 of them) cost it a tenth of the API process's CPU at 1,000/s.
-_WRITTEN = ((store.core.events, _E), (store.checks, _K), (store.core.outbox, _O),
-            (store.reservations, _R), (store.customers, _C))
+_WRITTEN = (
+    (store.core.events, _E),
+    (store.checks, _K),
+    (store.core.outbox, _O),
+    (store.reservations, _R),
+    (store.customers, _C),
+)
 
 
 def _write_sql(guarded: bool) -> str:
@@ -378,31 +439,45 @@ def _write_sql(guarded: bool) -> str:
         columns = ", ".join(f'"{c}"' for c in names)
         rows = f"json_populate_recordset(NULL::{table.name}, ${n}::text::json)"
         parts.append((table.name, columns, rows))
-    (ev_t, ev_c, ev_r), (ck_t, ck_c, ck_r), (ob_t, ob_c, ob_r), (rs_t, rs_c, rs_r), \
-        (cu_t, cu_c, cu_r) = parts
-    held = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in _R
-                     if c not in ("customer_id", "order_id"))
-    sets = ", ".join(kept_unless_marked(cu_t, c, store.UNCHANGED) if c == "state"
-                     else f'"{c}" = EXCLUDED."{c}"' for c in _C if c != "customer_id")
+    (
+        (ev_t, ev_c, ev_r),
+        (ck_t, ck_c, ck_r),
+        (ob_t, ob_c, ob_r),
+        (rs_t, rs_c, rs_r),
+        (cu_t, cu_c, cu_r),
+    ) = parts
+    held = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in _R if c not in ("customer_id", "order_id"))
+    sets = ", ".join(
+        kept_unless_marked(cu_t, c, store.UNCHANGED) if c == "state" else f'"{c}" = EXCLUDED."{c}"'
+        for c in _C
+        if c != "customer_id"
+    )
     # Guarded, limits_lock_and_verify (migration limits_0004) runs first: it locks the
     # customers and checks, under the locks, what the decisions relied on; every write waits
     # for its answer and writes nothing on a no.
     only_if = " WHERE (SELECT ok FROM ok)" if guarded else ""
-    writes = ",\n".join((
-        f"ev AS (INSERT INTO {ev_t} ({ev_c}) SELECT {ev_c} FROM {ev_r}{only_if})",
-        f"ck AS (INSERT INTO {ck_t} ({ck_c}) SELECT {ck_c} FROM {ck_r}{only_if})",
-        f"ob AS (INSERT INTO {ob_t} ({ob_c}) SELECT {ob_c} FROM {ob_r}{only_if})",
-        f"rs AS (INSERT INTO {rs_t} ({rs_c}) SELECT {rs_c} FROM {rs_r}{only_if}\n"
-        f"       ON CONFLICT (customer_id, order_id) DO UPDATE SET {held})",
-        f"cu AS (INSERT INTO {cu_t} ({cu_c}) SELECT {cu_c} FROM {cu_r}{only_if}\n"
-        f"       ON CONFLICT (customer_id) DO UPDATE SET {sets})"))
+    writes = ",\n".join(
+        (
+            f"ev AS (INSERT INTO {ev_t} ({ev_c}) SELECT {ev_c} FROM {ev_r}{only_if})",
+            f"ck AS (INSERT INTO {ck_t} ({ck_c}) SELECT {ck_c} FROM {ck_r}{only_if})",
+            f"ob AS (INSERT INTO {ob_t} ({ob_c}) SELECT {ob_c} FROM {ob_r}{only_if})",
+            f"rs AS (INSERT INTO {rs_t} ({rs_c}) SELECT {rs_c} FROM {rs_r}{only_if}\n"
+            f"       ON CONFLICT (customer_id, order_id) DO UPDATE SET {held})",
+            f"cu AS (INSERT INTO {cu_t} ({cu_c}) SELECT {cu_c} FROM {cu_r}{only_if}\n"
+            f"       ON CONFLICT (customer_id) DO UPDATE SET {sets})",
+        )
+    )
     if not guarded:
         return f"WITH {writes}\nSELECT true"
     first = len(_WRITTEN) + 1
-    expect = ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(
-        ("text", "bigint", "text", "numeric", "bigint", "text", "text")))
-    return (f"WITH ok AS MATERIALIZED (SELECT limits_lock_and_verify({expect}) AS ok),\n"
-            f"{writes}\nSELECT ok FROM ok")
+    expect = ", ".join(
+        f"${first + i}::{t}[]"
+        for i, t in enumerate(("text", "bigint", "text", "numeric", "bigint", "text", "text"))
+    )
+    return (
+        f"WITH ok AS MATERIALIZED (SELECT limits_lock_and_verify({expect}) AS ok),\n"
+        f"{writes}\nSELECT ok FROM ok"
+    )
 
 
 def _plain(value: Any) -> str:
@@ -423,8 +498,12 @@ GUARDED_WRITE_SQL = _write_sql(guarded=True)
 
 
 # A connection that is no more (the driver's errors for it, and the server's on shutdown).
-_LOST = (OSError, asyncpg.exceptions.InterfaceError, asyncpg.exceptions.PostgresConnectionError,
-         asyncpg.exceptions.OperatorInterventionError)
+_LOST = (
+    OSError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -440,8 +519,9 @@ class _Row:
 
     @classmethod
     def locked(cls, r: Any) -> _Row:
-        return cls(r["parent_id"], r["exposure"], r["published"], r["last_seq"], r["as_of"],
-                   r["state"])
+        return cls(
+            r["parent_id"], r["exposure"], r["published"], r["last_seq"], r["as_of"], r["state"]
+        )
 
 
 def _roots(rows: dict[str, _Row], ids: list[str]) -> list[str]:
@@ -465,25 +545,27 @@ class _Read:
     expected: tuple[list[Any], ...] = ()
 
     @classmethod
-    def of(cls, records: Any, ids: list[str], orders: list[str],
-           rows: dict[str, _Row] | None = None) -> _Read:
+    def of(
+        cls, records: Any, ids: list[str], orders: list[str], rows: dict[str, _Row] | None = None
+    ) -> _Read:
         read = cls(rows if rows is not None else {})
         for r in records:
             kind, key = r["kind"], r["key"]
             if kind == "c":
-                read.rows[key] = _Row(r["ref"], r["amount"], r["text"], r["n"], r["at"],
-                                      r["body"])
+                read.rows[key] = _Row(r["ref"], r["amount"], r["text"], r["n"], r["at"], r["body"])
             elif kind == "k":
-                read.priors[key] = Prior(r["ref"], key, r["customer_id"], r["amount"],
-                                         r["code"], r["text"], r["body"])
+                read.priors[key] = Prior(
+                    r["ref"], key, r["customer_id"], r["amount"], r["code"], r["text"], r["body"]
+                )
             elif kind == "g":
                 read.totals.setdefault(key, {})[r["code"]] = r["total"]
                 read.counts[key] = read.counts.get(key, 0) + r["n"]
             elif kind == "s":
                 read.seqs.append(r["n"])
             else:
-                read.held.setdefault(r["customer_id"], []).append(domain.Reservation(
-                    key, r["ref"], r["amount"], r["at"]))
+                read.held.setdefault(r["customer_id"], []).append(
+                    domain.Reservation(key, r["ref"], r["amount"], r["at"])
+                )
         read.seqs.sort()
         read.expect(ids, orders)
         return read
@@ -492,12 +574,16 @@ class _Read:
         customers = sorted(self.rows.keys() | set(ids))
         groups = _roots(self.rows, ids)
         self.expected = (
-            customers, [row.last_seq if (row := self.rows.get(c)) else None for c in customers],
+            customers,
+            [row.last_seq if (row := self.rows.get(c)) else None for c in customers],
             # limits_lock_and_verify compares the plain sum of the members' exposure: a
             # change in any of them changes it (whatever their currencies).
-            groups, [sum(self.totals.get(g, {}).values(), Decimal(0)) for g in groups],
+            groups,
+            [sum(self.totals.get(g, {}).values(), Decimal(0)) for g in groups],
             [self.counts.get(g, 0) for g in groups],
-            orders, [prior.check_id if (prior := self.priors.get(o)) else None for o in orders])
+            orders,
+            [prior.check_id if (prior := self.priors.get(o)) else None for o in orders],
+        )
 
 
 @dataclass
@@ -530,8 +616,7 @@ class PostgresChecks(CoreChecks):
     """The same effects as ``CoreChecks``, with the checks that queue up while a batch is
     in flight decided together in the next one."""
 
-    def __init__(self, service: LimitsService, core: EventCore,
-                 max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, service: LimitsService, core: EventCore, max_batch: int = MAX_BATCH) -> None:
         super().__init__(service, core)
         self.max_batch = max_batch
         self._queue: list[_Pending] = []
@@ -603,19 +688,24 @@ class PostgresChecks(CoreChecks):
 
     async def _drain(self) -> None:
         while self._queue:
-            batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
+            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
             await self._settle(batch, self._run)
 
-    async def _settle(self, batch: list[_Pending],
-                      run: Callable[[list[_Pending]], Awaitable[dict[int, Verdict
-                                                                     | Exception]]]) -> None:
+    async def _settle(
+        self,
+        batch: list[_Pending],
+        run: Callable[[list[_Pending]], Awaitable[dict[int, Verdict | Exception]]],
+    ) -> None:
         try:
             results = await run(batch)
         except Exception as exc:  # the transaction failed: nothing of it was stored
             if len(batch) > 1:
                 # Take them one by one, so one check's trouble is its own answer only.
-                log.warning("a batch of %d credit checks failed (%s); retrying one by one",
-                            len(batch), type(exc).__name__)
+                log.warning(
+                    "a batch of %d credit checks failed (%s); retrying one by one",
+                    len(batch),
+                    type(exc).__name__,
+                )
                 for pending in batch:
                     await self._settle([pending], self._run)
                 return
@@ -648,14 +738,18 @@ class PostgresChecks(CoreChecks):
                 # The kept connection was gone (a server restart, an idle timeout on the
                 # way): once more on a new one (not kept, so only once). Safe whatever was
                 # written: the orders are idempotent.
-                log.info("credit checks: the kept database connection was lost (%s); "
-                         "trying the batch again on a new one", type(exc).__name__)
+                log.info(
+                    "credit checks: the kept database connection was lost (%s); "
+                    "trying the batch again on a new one",
+                    type(exc).__name__,
+                )
             except BaseException:
                 await self._drop_connection()
                 raise
 
-    async def _run_on(self, sa_conn: AsyncConnection, raw: Any,
-                      batch: list[_Pending]) -> dict[int, Verdict | Exception]:
+    async def _run_on(
+        self, sa_conn: AsyncConnection, raw: Any, batch: list[_Pending]
+    ) -> dict[int, Verdict | Exception]:
         # ``raw``, the bare driver connection: the hot path's round trips skip SQLAlchemy's
         # layers (asyncpg caches the prepared statements).
         core = self.core
@@ -676,12 +770,12 @@ class PostgresChecks(CoreChecks):
             else:
                 metrics.CREDIT_CHECK_READ_SKIPPED.inc()
         if read is None:
-            read = _Read.of(await raw.fetch(READ_SQL, ids, *known, orders, len(batch)),
-                            ids, orders)
+            read = _Read.of(await raw.fetch(READ_SQL, ids, *known, orders, len(batch)), ids, orders)
             with domain.remembering():
                 decided = self._decide(sa_conn, batch, now, read, hits)
         stale = decided.params is not None and not await raw.fetchval(
-            GUARDED_WRITE_SQL, *decided.params, *read.expected)
+            GUARDED_WRITE_SQL, *decided.params, *read.expected
+        )
         if stale:
             metrics.CREDIT_CHECK_REDECIDED.inc()
             now = core.clock()
@@ -699,8 +793,9 @@ class PostgresChecks(CoreChecks):
             core.outbox_ready.set()
         return decided.results
 
-    async def _held_read(self, raw: Any, ids: list[str], orders: list[str],
-                         hits: dict[str, Loaded], count: int) -> _Read | None:
+    async def _held_read(
+        self, raw: Any, ids: list[str], orders: list[str], hits: dict[str, Loaded], count: int
+    ) -> _Read | None:
         """What the batch's read would return, when this process holds all of it: every
         customer's state at its row's version, alone in its group, written by nobody else
         since this process last wrote it (else None: read). The orders are taken to have no
@@ -719,12 +814,16 @@ class PostgresChecks(CoreChecks):
         numbers = self._numbers
         if len(numbers) < count or numbers[0] <= max(versions):
             numbers[:] = sorted(r[0] for r in await raw.fetch(_NUMBERS_SQL, NUMBERS_AHEAD))
-        read = _Read({cid: _Row(None, quiet[cid][1], hits[cid].published, hits[cid].last_seq,
-                                None, None) for cid in ids},
-                     priors={o: prior for o in orders
-                             if (prior := self._orders.get(o)) is not None},
-                     totals={cid: {hits[cid].state.currency: quiet[cid][1]} for cid in ids},
-                     counts=dict.fromkeys(ids, 1), seqs=numbers[:count])
+        read = _Read(
+            {
+                cid: _Row(None, quiet[cid][1], hits[cid].published, hits[cid].last_seq, None, None)
+                for cid in ids
+            },
+            priors={o: prior for o in orders if (prior := self._orders.get(o)) is not None},
+            totals={cid: {hits[cid].state.currency: quiet[cid][1]} for cid in ids},
+            counts=dict.fromkeys(ids, 1),
+            seqs=numbers[:count],
+        )
         del numbers[:count]
         read.expect(ids, orders)
         return read
@@ -737,8 +836,13 @@ class PostgresChecks(CoreChecks):
             row = read.rows.get(cid)
             loaded = decided.loaded.get(cid)
             quiet.pop(cid, None)
-            if row is not None and loaded is not None and row.state is None \
-                    and row.parent_id is None and read.counts.get(cid) == 1:
+            if (
+                row is not None
+                and loaded is not None
+                and row.state is None
+                and row.parent_id is None
+                and read.counts.get(cid) == 1
+            ):
                 # The row was at the version this process held: nobody else wrote it.
                 doubt = doubted.get(cid)
                 if doubt is not None and doubt[0] > 0:
@@ -767,27 +871,46 @@ class PostgresChecks(CoreChecks):
         """The states this process holds for the customers and their known parents."""
         cache = self._states
         wanted = set(ids)
-        wanted.update(p for cid in ids if (hit := cache.get(cid)) is not None
-                      and (p := hit.state.parent_id))
+        wanted.update(
+            p for cid in ids if (hit := cache.get(cid)) is not None and (p := hit.state.parent_id)
+        )
         return {cid: hit for cid in wanted if (hit := cache.get(cid)) is not None}
 
     @staticmethod
-    async def _read_locked(raw: Any, ids: list[str], orders: list[str],
-                           known: tuple[list[str], list[int]], count: int) -> _Read:
+    async def _read_locked(
+        raw: Any, ids: list[str], orders: list[str], known: tuple[list[str], list[int]], count: int
+    ) -> _Read:
         """Lock every customer and group parent in id order, then read the context."""
         rows = {r["customer_id"]: _Row.locked(r) for r in await raw.fetch(LOCK_SQL, ids, *known)}
         # A parent that appeared or changed after the lock's subquery ran (rare).
-        late = sorted({row.parent_id for cid in ids if (row := rows.get(cid)) is not None
-                       and row.parent_id and row.parent_id not in rows})
+        late = sorted(
+            {
+                row.parent_id
+                for cid in ids
+                if (row := rows.get(cid)) is not None
+                and row.parent_id
+                and row.parent_id not in rows
+            }
+        )
         if late:
-            rows.update({r["customer_id"]: _Row.locked(r)
-                         for r in await raw.fetch(LOCK_MORE_SQL, late, *known)})
+            rows.update(
+                {
+                    r["customer_id"]: _Row.locked(r)
+                    for r in await raw.fetch(LOCK_MORE_SQL, late, *known)
+                }
+            )
         reading = [cid for cid, row in rows.items() if row.state is not None]
         context = await raw.fetch(CONTEXT_SQL, orders, _roots(rows, ids), count, reading)
         return _Read.of(context, ids, orders, rows)
 
-    def _decide(self, sa_conn: AsyncConnection, batch: list[_Pending], now: datetime,
-                read: _Read, hits: dict[str, Loaded]) -> _Decided:
+    def _decide(
+        self,
+        sa_conn: AsyncConnection,
+        batch: list[_Pending],
+        now: datetime,
+        read: _Read,
+        hits: dict[str, Loaded],
+    ) -> _Decided:
         """Every check of the batch in arrival order, each seeing the ones before it: the
         answers, the states after them, and the statement parameters of what to write."""
         service = self.service
@@ -841,31 +964,62 @@ class PostgresChecks(CoreChecks):
             exposure[cid] = after
             data = result.event
             priors[order.order_id] = Prior(
-                data.check_id, order.order_id, cid, order.amount, order.currency,
-                data.decision, out.checks[-1]["body"])  # the stored body, as a retry reads it
+                data.check_id,
+                order.order_id,
+                cid,
+                order.amount,
+                order.currency,
+                data.decision,
+                out.checks[-1]["body"],
+            )  # the stored body, as a retry reads it
             results[i] = result.verdict
         params = None
         if out.events:
-            outbox = [{"event_id": e.id, "topic": topic, "key": e.subject,
-                       "value": e.to_json().decode(), "created_at": now}
-                      for topic, e in tx.outbox]
-            params = (_rows_json(out.events), _rows_json(out.checks), _rows_json(outbox),
-                      _rows_json(list(out.reservations.values())),
-                      _rows_json(list(out.customers.values())))
+            outbox = [
+                {
+                    "event_id": e.id,
+                    "topic": topic,
+                    "key": e.subject,
+                    "value": e.to_json().decode(),
+                    "created_at": now,
+                }
+                for topic, e in tx.outbox
+            ]
+            params = (
+                _rows_json(out.events),
+                _rows_json(out.checks),
+                _rows_json(outbox),
+                _rows_json(list(out.reservations.values())),
+                _rows_json(list(out.customers.values())),
+            )
         return _Decided(results, loaded, tx, params, exposure, priors)
 
     def _remember(self, loaded: dict[str, Loaded]) -> None:
         """Keep the states just committed (the unknown customers' made-up ones aside)."""
         self._states.remember((cid, item) for cid, item in loaded.items() if item.last_seq)
 
-    def _fold(self, tx: Tx, loaded: dict[str, Loaded], seq: int, decided: Decided,
-              out: _Batch, now: datetime) -> None:
+    def _fold(
+        self,
+        tx: Tx,
+        loaded: dict[str, Loaded],
+        seq: int,
+        decided: Decided,
+        out: _Batch,
+        now: datetime,
+    ) -> None:
         writes = self.service.fold(tx, loaded, [Incoming(seq, decided.envelope, decided.event)])
-        if tx.rejected or writes.history or writes.requests or writes.ended \
-                or len(writes.customers) != 1 or len(writes.checks) != 1:
+        if (
+            tx.rejected
+            or writes.history
+            or writes.requests
+            or writes.ended
+            or len(writes.customers) != 1
+            or len(writes.checks) != 1
+        ):
             raise RuntimeError(f"a credit check folded into unexpected writes: {writes}")
-        event = es.envelope_row(decided.envelope, topic=None, partition=None, offset=None,
-                                recorded_at=now)
+        event = es.envelope_row(
+            decided.envelope, topic=None, partition=None, offset=None, recorded_at=now
+        )
         event["seq"] = seq
         out.events.append(event)
         out.checks.extend(writes.checks)
@@ -881,4 +1035,3 @@ class PostgresChecks(CoreChecks):
 
 def for_dialect(name: str, service: LimitsService, core: EventCore) -> CoreChecks:
     return PostgresChecks(service, core) if name == "postgresql" else CoreChecks(service, core)
-

@@ -145,9 +145,16 @@ def known(state: CustomerState) -> bool:
     checks (order entry asking about an id, perhaps mistyped) or alerts. An unknown customer
     gets no credit (``no_credit_limit``, whatever the policy grants the unrated), is not in
     the portfolio, and its exposure is not published."""
-    return (state.registered or state.grade is not None or bool(state.invoices)
-            or bool(state.credits) or bool(state.dunning) or bool(state.requests)
-            or state.manual is not None or state.hold is not None)
+    return (
+        state.registered
+        or state.grade is not None
+        or bool(state.invoices)
+        or bool(state.credits)
+        or bool(state.dunning)
+        or bool(state.requests)
+        or state.manual is not None
+        or state.hold is not None
+    )
 
 
 # ---- derived figures ------------------------------------------------------------------------
@@ -181,8 +188,9 @@ class Figures:
         return (self.exposure / self.limit).quantize(Decimal("0.0001"))
 
 
-def effective_limit(state: CustomerState, policy: Policy,
-                    at: datetime | None = None) -> tuple[Decimal, LimitSource, datetime | None]:
+def effective_limit(
+    state: CustomerState, policy: Policy, at: datetime | None = None
+) -> tuple[Decimal, LimitSource, datetime | None]:
     """Manual limit while it stands; else the policy's limit for the grade (or unrated)."""
     manual = state.manual
     if manual is not None and (manual.expires_at is None or at is None or manual.expires_at > at):
@@ -252,8 +260,9 @@ def _kept_items(state: CustomerState) -> dict[str, Decimal] | None:
 
 
 def _walk_open_items(state: CustomerState) -> dict[str, Decimal]:
-    open_amount = {inv.invoice_id: inv.amount for inv in state.invoices.values()
-                   if not inv.cancelled}
+    open_amount = {
+        inv.invoice_id: inv.amount for inv in state.invoices.values() if not inv.cancelled
+    }
     if not state.credits:
         return open_amount
     pool = ZERO
@@ -292,8 +301,11 @@ def reserved_amounts(state: CustomerState, at: datetime | None) -> dict[str, Dec
         return {}
     invoiced = invoiced_on_orders(state.invoices)
     if not invoiced:
-        return {res.order_id: res.amount for res in reservations.values()
-                if (at is None or res.expires_at > at) and res.amount > 0}
+        return {
+            res.order_id: res.amount
+            for res in reservations.values()
+            if (at is None or res.expires_at > at) and res.amount > 0
+        }
     out: dict[str, Decimal] = {}
     for res in reservations.values():
         if at is None or res.expires_at > at:
@@ -312,7 +324,8 @@ def reserved_total(state: CustomerState, at: datetime | None) -> Decimal:
     held = _held(reservations)
     invoiced = invoiced_on_orders(state.invoices)
     if (at is None or (held.earliest is not None and held.earliest > at)) and (
-            not invoiced or reservations.keys().isdisjoint(invoiced)):
+        not invoiced or reservations.keys().isdisjoint(invoiced)
+    ):
         return held.total
     return sum(reserved_amounts(state, at).values(), ZERO)
 
@@ -387,8 +400,9 @@ _HELD = _Derived(4096)  # reservations mapping → _Held
 _STEP = _Derived(4096)  # reservations mapping → (the mapping it was made from, order changed)
 
 
-def changed_reservation(before: Mapping[str, Reservation],
-                        after: Mapping[str, Reservation]) -> str | None:
+def changed_reservation(
+    before: Mapping[str, Reservation], after: Mapping[str, Reservation]
+) -> str | None:
     """The one order whose reservation differs, if ``after`` was made from ``before`` by one
     event here; None: not known (compare them)."""
     step: tuple[Mapping[str, Reservation], str] | None = _STEP.get(after)
@@ -412,19 +426,26 @@ def invoiced_on_orders(invoices: Mapping[str, Invoice]) -> dict[str, Decimal]:
 def _held(reservations: Mapping[str, Reservation]) -> _Held:
     held: _Held | None = _HELD.get(reservations)
     if held is None:
-        held = _Held(sum((r.amount for r in reservations.values()), ZERO),
-                     min((r.expires_at for r in reservations.values()), default=None))
+        held = _Held(
+            sum((r.amount for r in reservations.values()), ZERO),
+            min((r.expires_at for r in reservations.values()), default=None),
+        )
         _HELD.put(reservations, held)
     return held
 
 
-def _with_reservations(state: CustomerState, reservations: dict[str, Reservation],
-                       added: Reservation | None, removed: Reservation | None) -> CustomerState:
+def _with_reservations(
+    state: CustomerState,
+    reservations: dict[str, Reservation],
+    added: Reservation | None,
+    removed: Reservation | None,
+) -> CustomerState:
     """``state`` with ``reservations`` (``added`` and/or ``removed`` against the state's):
     the summary follows from the state's own where that is known, without a walk."""
     known: _Held | None = _HELD.get(state.reservations)
-    if known is not None and not (removed is not None and known.earliest is not None
-                                  and removed.expires_at <= known.earliest):
+    if known is not None and not (
+        removed is not None and known.earliest is not None and removed.expires_at <= known.earliest
+    ):
         total, earliest = known.total, known.earliest
         if removed is not None:
             total -= removed.amount
@@ -450,8 +471,9 @@ def bucket_of(days: int) -> str | None:
     return "90+"
 
 
-def ageing(state: CustomerState, on: date | None,
-           items: dict[str, Decimal] | None = None) -> tuple[Decimal, dict[str, Decimal], int]:
+def ageing(
+    state: CustomerState, on: date | None, items: dict[str, Decimal] | None = None
+) -> tuple[Decimal, dict[str, Decimal], int]:
     """Overdue amount, buckets and worst days overdue as of business date ``on``.
 
     The service ages open invoices by due date (due today is not overdue); a dunning record
@@ -463,8 +485,7 @@ def ageing(state: CustomerState, on: date | None,
     if items is _kept_items(state):
         # Derived once per invoices, credits, dunning and date (a check changes none).
         hit = _AGED.get(state.invoices)
-        if hit is not None and hit[0] is state.credits and hit[1] is state.dunning \
-                and hit[2] == on:
+        if hit is not None and hit[0] is state.credits and hit[1] is state.dunning and hit[2] == on:
             overdue, buckets, worst = hit[3]
             return overdue, dict(buckets), worst
         aged = _age(state, on, items)
@@ -474,8 +495,9 @@ def ageing(state: CustomerState, on: date | None,
     return _age(state, on, items)
 
 
-def _age(state: CustomerState, on: date,
-         items: dict[str, Decimal]) -> tuple[Decimal, dict[str, Decimal], int]:
+def _age(
+    state: CustomerState, on: date, items: dict[str, Decimal]
+) -> tuple[Decimal, dict[str, Decimal], int]:
     buckets = dict.fromkeys(BUCKETS, ZERO)
     worst = 0
     invoices = state.invoices
@@ -509,17 +531,22 @@ def _add(buckets: dict[str, Decimal], days: int, amount: Decimal) -> None:
         buckets[name] += amount
 
 
-def figures(state: CustomerState, policy: Policy, at: datetime | None = None,
-            items: dict[str, Decimal] | None = None,
-            reserved: Decimal | None = None, *, today: bool = False) -> Figures:
+def figures(
+    state: CustomerState,
+    policy: Policy,
+    at: datetime | None = None,
+    items: dict[str, Decimal] | None = None,
+    reserved: Decimal | None = None,
+    *,
+    today: bool = False,
+) -> Figures:
     """The exposure picture as of business time ``at`` (default: the last event's time),
     aged as of the later of its day and the latest business day the state has seen — or,
     with ``today``, as of ``at``'s own day (a credit check's "today": an event stamped in
     the future must not age the ledger ahead of it); ``items``/``reserved``:
     ``open_items(state)``/``reserved_total(state, at)`` if known."""
     at = at or state.last_time
-    on = (at.astimezone(UTC) if at.utcoffset() else at).date() if at is not None \
-        else state.as_of
+    on = (at.astimezone(UTC) if at.utcoffset() else at).date() if at is not None else state.as_of
     if state.as_of is not None and (on is None or (state.as_of > on and not today)):
         on = state.as_of
     overdue, buckets, worst = ageing(state, on, items)
@@ -538,20 +565,22 @@ def figures(state: CustomerState, policy: Policy, at: datetime | None = None,
     )
 
 
-def next_ageing_date(state: CustomerState,
-                     items: dict[str, Decimal] | None = None) -> date | None:
+def next_ageing_date(state: CustomerState, items: dict[str, Decimal] | None = None) -> date | None:
     """The next business date on which the ageing figures change (None: nothing open)."""
     items = open_items(state) if items is None else items
     if items is _kept_items(state):
         hit = _NEXT_AGEING.get(state.invoices)
-        if hit is not None and hit[0] is state.credits and hit[1] is state.dunning \
-                and hit[2] == state.as_of:
+        if (
+            hit is not None
+            and hit[0] is state.credits
+            and hit[1] is state.dunning
+            and hit[2] == state.as_of
+        ):
             known: date | None = hit[3]
             return known
         first = _next_ageing_date(state, items)
         if _remembering:
-            _NEXT_AGEING.put(state.invoices,
-                             (state.credits, state.dunning, state.as_of, first))
+            _NEXT_AGEING.put(state.invoices, (state.credits, state.dunning, state.as_of, first))
         return first
     return _next_ageing_date(state, items)
 
@@ -586,20 +615,24 @@ def _next_ageing_date(state: CustomerState, items: dict[str, Decimal]) -> date |
 # ---- the fold -------------------------------------------------------------------------------
 
 
-def _convert(amount: Decimal, ccy: str, state: CustomerState, policy: Policy,
-             field_name: str) -> Decimal:
+def _convert(
+    amount: Decimal, ccy: str, state: CustomerState, policy: Policy, field_name: str
+) -> Decimal:
     if ccy == state.currency:
         return amount
     converted = convert(amount, ccy, state.currency, policy.fx_rates())
     if converted is None:
-        raise DeadLetter(NO_FX_RATE,
-                         f"data.{field_name}: no rate from {ccy} to {state.currency} in policy "
-                         f"{policy.version}", field_name)
+        raise DeadLetter(
+            NO_FX_RATE,
+            f"data.{field_name}: no rate from {ccy} to {state.currency} in policy {policy.version}",
+            field_name,
+        )
     return converted
 
 
-def apply(state: CustomerState, event_type: str, data: Any, time: datetime,
-          policy: Policy) -> CustomerState:
+def apply(
+    state: CustomerState, event_type: str, data: Any, time: datetime, policy: Policy
+) -> CustomerState:
     """Fold one event into the customer's state. Raises ``DeadLetter`` when it cannot apply."""
     handler = _HANDLERS.get(event_type)
     if handler is None:
@@ -612,8 +645,12 @@ def apply(state: CustomerState, event_type: str, data: Any, time: datetime,
     if event_type in ALERT_TYPES:
         return new  # our alerts service's view, not a business fact: it ages nothing
     stamp = time.date()
-    if new.as_of is not None and stamp <= new.as_of and new.last_time is not None \
-            and time <= new.last_time:
+    if (
+        new.as_of is not None
+        and stamp <= new.as_of
+        and new.last_time is not None
+        and time <= new.last_time
+    ):
         return new
     as_of = stamp if new.as_of is None or stamp > new.as_of else new.as_of
     last = time if new.last_time is None or time > new.last_time else new.last_time
@@ -623,8 +660,14 @@ def apply(state: CustomerState, event_type: str, data: Any, time: datetime,
 def _customer(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerState:
     if d.currency != state.currency:
         state = _in_currency(state, d.currency, p)
-    return replace(state, name=d.name, currency=d.currency, registered=True,
-                   payment_terms_days=d.payment_terms_days, parent_id=d.parent_id)
+    return replace(
+        state,
+        name=d.name,
+        currency=d.currency,
+        registered=True,
+        payment_terms_days=d.payment_terms_days,
+        parent_id=d.parent_id,
+    )
 
 
 def _in_currency(state: CustomerState, ccy: str, p: Policy) -> CustomerState:
@@ -641,32 +684,51 @@ def _in_currency(state: CustomerState, ccy: str, p: Policy) -> CustomerState:
         source, from_ccy = original if original is not None else (amount, state.currency)
         converted = convert(source, from_ccy, ccy, rates)
         if converted is None:
-            raise DeadLetter(NO_FX_RATE,
-                             f"data.currency: {what} recorded in {from_ccy} cannot be converted "
-                             f"to {ccy} with the rates of policy {p.version}", "currency")
+            raise DeadLetter(
+                NO_FX_RATE,
+                f"data.currency: {what} recorded in {from_ccy} cannot be converted "
+                f"to {ccy} with the rates of policy {p.version}",
+                "currency",
+            )
         return converted
 
-    invoices = {k: replace(i, amount=conv(i.amount, i.original, f"invoice {k}"))
-                for k, i in state.invoices.items()}
+    invoices = {
+        k: replace(i, amount=conv(i.amount, i.original, f"invoice {k}"))
+        for k, i in state.invoices.items()
+    }
     credits = {}
     for k, c in state.credits.items():
         if c.original is not None:
-            alloc = tuple((inv, conv(a, (a, c.original[1]), k))
-                          for inv, a in c.original_allocations)
+            alloc = tuple(
+                (inv, conv(a, (a, c.original[1]), k)) for inv, a in c.original_allocations
+            )
         else:
             alloc = tuple((inv, conv(a, None, k)) for inv, a in c.allocations)
         credits[k] = replace(c, amount=conv(c.amount, c.original, k), allocations=alloc)
-    dunning = {k: replace(d, amount_overdue=conv(d.amount_overdue, d.original, f"dunning {k}"))
-               for k, d in state.dunning.items()}
-    reservations = {k: replace(r, amount=conv(r.amount, None, f"reservation {k}"))
-                    for k, r in state.reservations.items()}
-    requests = {k: replace(r, requested_limit=conv(r.requested_limit, None, f"request {k}"))
-                for k, r in state.requests.items()}
+    dunning = {
+        k: replace(d, amount_overdue=conv(d.amount_overdue, d.original, f"dunning {k}"))
+        for k, d in state.dunning.items()
+    }
+    reservations = {
+        k: replace(r, amount=conv(r.amount, None, f"reservation {k}"))
+        for k, r in state.reservations.items()
+    }
+    requests = {
+        k: replace(r, requested_limit=conv(r.requested_limit, None, f"request {k}"))
+        for k, r in state.requests.items()
+    }
     manual = state.manual
     if manual is not None:
         manual = replace(manual, amount=conv(manual.amount, None, "the manual limit"))
-    return replace(state, invoices=invoices, credits=credits, dunning=dunning,
-                   reservations=reservations, requests=requests, manual=manual)
+    return replace(
+        state,
+        invoices=invoices,
+        credits=credits,
+        dunning=dunning,
+        reservations=reservations,
+        requests=requests,
+        manual=manual,
+    )
 
 
 # A cancellation (reversal) that came before its invoice (payment) is kept as a cancelled
@@ -677,14 +739,17 @@ def _stand_in(amount: Decimal, done: bool) -> bool:
     return done and amount == ZERO
 
 
-def _same_or_conflict(kept: tuple[Any, ...] | None, again: tuple[Any, ...], what: str,
-                      field_name: str) -> None:
+def _same_or_conflict(
+    kept: tuple[Any, ...] | None, again: tuple[Any, ...], what: str, field_name: str
+) -> None:
     """A fact's number seen again under another event id: the same fact sent twice changes
     nothing; other figures under that number are set aside, not silently dropped."""
     if kept is not None and kept != again:
-        raise DeadLetter(CONFLICTING_DUPLICATE,
-                         f"data.{field_name}: {what} was already received with other figures; "
-                         "the first stands", field_name)
+        raise DeadLetter(
+            CONFLICTING_DUPLICATE,
+            f"data.{field_name}: {what} was already received with other figures; the first stands",
+            field_name,
+        )
 
 
 def _invoice_issued(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerState:
@@ -692,14 +757,24 @@ def _invoice_issued(state: CustomerState, d: Any, _t: datetime, p: Policy) -> Cu
     if known is not None and not _stand_in(known.amount, known.cancelled):
         # The same invoice number twice under another event id: keep the first.
         _same_or_conflict(
-            None if known.original is None else
-            (known.original, known.issue_date, known.due_date, known.order_id),
+            None
+            if known.original is None
+            else (known.original, known.issue_date, known.due_date, known.order_id),
             ((d.amount, d.currency), d.issue_date, d.due_date, d.order_id),
-            f"invoice {d.invoice_id!r}", "invoice_id")
+            f"invoice {d.invoice_id!r}",
+            "invoice_id",
+        )
         return state
     amount = _convert(d.amount, d.currency, state, p, "amount")
-    inv = Invoice(d.invoice_id, amount, d.issue_date, d.due_date, d.order_id,
-                  cancelled=known is not None, original=(d.amount, d.currency))
+    inv = Invoice(
+        d.invoice_id,
+        amount,
+        d.issue_date,
+        d.due_date,
+        d.order_id,
+        cancelled=known is not None,
+        original=(d.amount, d.currency),
+    )
     return replace(state, invoices={**state.invoices, d.invoice_id: inv})
 
 
@@ -718,17 +793,29 @@ def _credit_note(state: CustomerState, d: Any, _t: datetime, p: Policy) -> Custo
     known = state.credits.get(key)
     if known is not None:
         _same_or_conflict(
-            None if known.original is None else
-            (known.original, known.on, known.original_allocations),
-            ((d.amount, d.currency), d.issue_date,
-             ((d.invoice_id, d.amount),) if d.invoice_id else ()),
-            f"credit note {d.credit_note_id!r}", "credit_note_id")
+            None
+            if known.original is None
+            else (known.original, known.on, known.original_allocations),
+            (
+                (d.amount, d.currency),
+                d.issue_date,
+                ((d.invoice_id, d.amount),) if d.invoice_id else (),
+            ),
+            f"credit note {d.credit_note_id!r}",
+            "credit_note_id",
+        )
         return state
     amount = _convert(d.amount, d.currency, state, p, "amount")
     alloc = ((d.invoice_id, amount),) if d.invoice_id else ()
-    credit = Credit(key, "credit_note", amount, d.issue_date, alloc,
-                    original=(d.amount, d.currency),
-                    original_allocations=((d.invoice_id, d.amount),) if d.invoice_id else ())
+    credit = Credit(
+        key,
+        "credit_note",
+        amount,
+        d.issue_date,
+        alloc,
+        original=(d.amount, d.currency),
+        original_allocations=((d.invoice_id, d.amount),) if d.invoice_id else (),
+    )
     return replace(state, credits={**state.credits, key: credit})
 
 
@@ -737,21 +824,33 @@ def _payment(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerS
     known = state.credits.get(key)
     if known is not None and not _stand_in(known.amount, known.reversed):
         _same_or_conflict(
-            None if known.original is None else
-            (known.original, known.on, known.original_allocations),
-            ((d.amount, d.currency), d.received_date,
-             tuple((a.invoice_id, a.amount) for a in (d.allocations or ()))),
-            f"payment {d.payment_id!r}", "payment_id")
+            None
+            if known.original is None
+            else (known.original, known.on, known.original_allocations),
+            (
+                (d.amount, d.currency),
+                d.received_date,
+                tuple((a.invoice_id, a.amount) for a in (d.allocations or ())),
+            ),
+            f"payment {d.payment_id!r}",
+            "payment_id",
+        )
         return state
     amount = _convert(d.amount, d.currency, state, p, "amount")
     alloc = tuple(
         (a.invoice_id, _convert(a.amount, d.currency, state, p, "allocations.amount"))
         for a in (d.allocations or ())
     )
-    credit = Credit(key, "payment", amount, d.received_date, alloc,
-                    reversed=known is not None, original=(d.amount, d.currency),
-                    original_allocations=tuple((a.invoice_id, a.amount)
-                                               for a in (d.allocations or ())))
+    credit = Credit(
+        key,
+        "payment",
+        amount,
+        d.received_date,
+        alloc,
+        reversed=known is not None,
+        original=(d.amount, d.currency),
+        original_allocations=tuple((a.invoice_id, a.amount) for a in (d.allocations or ())),
+    )
     return replace(state, credits={**state.credits, key: credit})
 
 
@@ -770,18 +869,23 @@ def _overdue(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerS
     if known is not None and known.as_of > d.as_of:
         return state  # an older dunning run arriving late does not override a newer one
     amount = _convert(d.amount_overdue, d.currency, state, p, "amount_overdue")
-    dun = Dunning(d.as_of, d.days_overdue, amount, d.due_date,
-                  original=(d.amount_overdue, d.currency))
-    return replace(state, dunning={**state.dunning, d.invoice_id: dun},
-                   as_of=max(state.as_of, d.as_of) if state.as_of else d.as_of)
+    dun = Dunning(
+        d.as_of, d.days_overdue, amount, d.due_date, original=(d.amount_overdue, d.currency)
+    )
+    return replace(
+        state,
+        dunning={**state.dunning, d.invoice_id: dun},
+        as_of=max(state.as_of, d.as_of) if state.as_of else d.as_of,
+    )
 
 
 def _assessed(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerState:
     # The grade always follows the assessments (eligibility, answers, the portfolio); with
     # dynamic_adjustment off, the policy limit stays that of the first grade.
     follows = state.grade is None or p.limits.dynamic_adjustment
-    return replace(state, grade=d.grade,
-                   limit_grade=d.grade if follows else (state.limit_grade or state.grade))
+    return replace(
+        state, grade=d.grade, limit_grade=d.grade if follows else (state.limit_grade or state.grade)
+    )
 
 
 def _aged(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> CustomerState:
@@ -793,8 +897,9 @@ def _check_decided(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> Cu
     if d.decision != "approved" or not d.reserve:
         return state
     res = Reservation(d.order_id, d.check_id, d.amount_in_credit_currency, d.expires_at)
-    return _with_reservations(state, {**state.reservations, d.order_id: res}, res,
-                              state.reservations.get(d.order_id))
+    return _with_reservations(
+        state, {**state.reservations, d.order_id: res}, res, state.reservations.get(d.order_id)
+    )
 
 
 def _reservation_ended(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> CustomerState:
@@ -802,18 +907,22 @@ def _reservation_ended(state: CustomerState, d: Any, _t: datetime, _p: Policy) -
     res = state.reservations.get(d.order_id)
     if res is None or res.check_id != d.check_id:
         return state
-    return _with_reservations(state, {k: r for k, r in state.reservations.items()
-                                      if k != d.order_id}, None, res)
+    return _with_reservations(
+        state, {k: r for k, r in state.reservations.items() if k != d.order_id}, None, res
+    )
 
 
 def _request_submitted(state: CustomerState, d: Any, t: datetime, p: Policy) -> CustomerState:
-    req = LimitRequest(d.request_id, d.requested_limit, d.reason, d.requested_by, t,
-                       d.expires_at)
+    req = LimitRequest(d.request_id, d.requested_limit, d.reason, d.requested_by, t, d.expires_at)
     state = replace(state, requests={**state.requests, d.request_id: req})
     current, _, _ = effective_limit(state, p, t)
     manual = state.manual
-    if manual is not None and manual.expires_at is not None and manual.expires_at > t and (
-            d.expires_at is None or d.expires_at > manual.expires_at):
+    if (
+        manual is not None
+        and manual.expires_at is not None
+        and manual.expires_at > t
+        and (d.expires_at is None or d.expires_at > manual.expires_at)
+    ):
         # It would outlast the temporary limit in force: it must be lower than what follows
         # that, too, or a "decrease" from a temporary high would make the high permanent
         # with nobody's approval.
@@ -837,13 +946,17 @@ def _request_decided(approved: bool) -> Any:
     return _decide
 
 
-def _grant(state: CustomerState, req: LimitRequest, by: str, note: str | None,
-           _t: datetime) -> CustomerState:
-    manual = ManualLimit(req.requested_limit, req.request_id, by, req.requested_by,
-                         req.expires_at)
+def _grant(
+    state: CustomerState, req: LimitRequest, by: str, note: str | None, _t: datetime
+) -> CustomerState:
+    manual = ManualLimit(req.requested_limit, req.request_id, by, req.requested_by, req.expires_at)
     decided = replace(req, status="approved", decided_by=by, note=note)
-    return replace(state, manual=manual, limit_lapsed=False,
-                   requests={**state.requests, req.request_id: decided})
+    return replace(
+        state,
+        manual=manual,
+        limit_lapsed=False,
+        requests={**state.requests, req.request_id: decided},
+    )
 
 
 def _manual_expired(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> CustomerState:
@@ -936,9 +1049,17 @@ class CheckOutcome:
     group: dict[str, Decimal] | None = None
 
 
-def decide_credit_check(state: CustomerState, *, order_id: str, amount: Decimal, currency: str,
-                        reserve: bool, policy: Policy, now: datetime,
-                        group: GroupView | None = None) -> CheckOutcome:
+def decide_credit_check(
+    state: CustomerState,
+    *,
+    order_id: str,
+    amount: Decimal,
+    currency: str,
+    reserve: bool,
+    policy: Policy,
+    now: datetime,
+    group: GroupView | None = None,
+) -> CheckOutcome:
     """May this order go out on credit? Every applicable reason is listed.
 
     The order's own earlier reservation never counts against it (amendments), nor does
@@ -949,8 +1070,11 @@ def decide_credit_check(state: CustomerState, *, order_id: str, amount: Decimal,
     lp = policy.limits
     reasons: list[str] = []
     hard = False
-    converted = amount if currency == state.currency else convert(
-        amount, currency, state.currency, policy.fx_rates())
+    converted = (
+        amount
+        if currency == state.currency
+        else convert(amount, currency, state.currency, policy.fx_rates())
+    )
     if converted is None:
         reasons.append("currency_mismatch")
         hard = True
@@ -982,7 +1106,8 @@ def decide_credit_check(state: CustomerState, *, order_id: str, amount: Decimal,
     if not has_own_limit and not in_group:
         manual = state.manual
         lapsed = state.limit_lapsed or (
-            manual is not None and manual.expires_at is not None and manual.expires_at <= now)
+            manual is not None and manual.expires_at is not None and manual.expires_at <= now
+        )
         reasons.append("limit_expired" if lapsed else "no_credit_limit")
         hard = True
 
@@ -1009,25 +1134,32 @@ def decide_credit_check(state: CustomerState, *, order_id: str, amount: Decimal,
                 review = True
             else:
                 hard = True
-        group_figs = {"limit": group.limit, "exposure": group_exposure,
-                      "available": group_available}
+        group_figs = {
+            "limit": group.limit,
+            "exposure": group_exposure,
+            "available": group_available,
+        }
 
     decision: Decision = "rejected" if hard else ("review" if review else "approved")
     if decision == "approved":
         reasons = ["within_limit"]
     shortfall = max(ZERO, needed - room)
     # Only an approved reservation replaces the order's earlier one; otherwise that stands.
-    reserved_after = others_reserved + (needed if decision == "approved" and reserve
-                                        else earlier)
+    reserved_after = others_reserved + (needed if decision == "approved" and reserve else earlier)
     exposure_after = fig.open_receivables + reserved_after
     delta = exposure_after - exposure
     if group_figs is not None:
-        group_figs = {"limit": group_figs["limit"],
-                      "exposure": group_figs["exposure"] + delta,
-                      "available": group_figs["available"] - delta}
+        group_figs = {
+            "limit": group_figs["limit"],
+            "exposure": group_figs["exposure"] + delta,
+            "available": group_figs["available"] - delta,
+        }
     shown_limit = limit if has_own_limit or group_figs is None else group_figs["limit"]
-    shown_available = shown_limit - exposure_after if has_own_limit else (
-        group_figs["available"] if group_figs is not None else limit - exposure_after)
+    shown_available = (
+        shown_limit - exposure_after
+        if has_own_limit
+        else (group_figs["available"] if group_figs is not None else limit - exposure_after)
+    )
     if has_own_limit and group_figs is not None:
         shown_available = min(shown_available, group_figs["available"])
     return CheckOutcome(

@@ -94,9 +94,18 @@ class LedgerAged(Internal):
 
 INTERNAL: dict[str, type[Internal]] = {
     m.TYPE: m
-    for m in (CreditCheckDecided, ReservationReleased, ReservationExpired, LimitRequestSubmitted,
-              LimitRequestApproved, LimitRequestRejected, LimitExpired, HoldPlaced, HoldReleased,
-              LedgerAged)
+    for m in (
+        CreditCheckDecided,
+        ReservationReleased,
+        ReservationExpired,
+        LimitRequestSubmitted,
+        LimitRequestApproved,
+        LimitRequestRejected,
+        LimitExpired,
+        HoldPlaced,
+        HoldReleased,
+        LedgerAged,
+    )
 }
 
 

@@ -30,8 +30,15 @@ _JSON = [(b"content-type", b"application/json")]
 
 
 class FastCreditCheck:
-    def __init__(self, app: ASGIApp, *, checks: CoreChecks, tokens: TokenRegistry,
-                 service: str, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        checks: CoreChecks,
+        tokens: TokenRegistry,
+        service: str,
+        max_body_bytes: int,
+    ) -> None:
         self.app = app
         self.checks = checks
         self.tokens = tokens
@@ -61,8 +68,13 @@ class FastCreditCheck:
             return
         answered(verdict, order, started)
         payload = orjson.dumps(verdict.body)
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [*_JSON, (b"content-length", str(len(payload)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [*_JSON, (b"content-length", str(len(payload)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": payload})
         self._requests.inc()
         self._seconds.observe(time.perf_counter() - started)
@@ -103,9 +115,14 @@ class FastCreditCheck:
             req = CheckRequest.model_validate(loads_exact(body))
         except (ValueError, UnicodeDecodeError, ValidationError):
             return None
-        return CheckOrder(order_id=req.order_id, customer_id=req.customer_id,
-                          amount=req.amount, currency=req.currency, reserve=req.reserve,
-                          requested_by=principal.name)
+        return CheckOrder(
+            order_id=req.order_id,
+            customer_id=req.customer_id,
+            amount=req.amount,
+            currency=req.currency,
+            reserve=req.reserve,
+            requested_by=principal.name,
+        )
 
 
 def _replay(body: bytes, complete: bool, receive: Receive) -> Receive:

@@ -32,11 +32,22 @@ RECENT_STATES = 50_000
 # A batch's fold yields to the event loop after this many events / settled customers.
 FOLD_SLICE_EVENTS = 200
 FOLD_SLICE_CUSTOMERS = 40
-CONTRACT_TYPES = frozenset({
-    "customer.registered", "customer.updated", "invoice.issued", "invoice.cancelled",
-    "credit_note.issued", "payment.received", "payment.reversed", "invoice.overdue",
-    "assessment.completed", "alert.raised", "alert.updated", "alert.resolved",
-})
+CONTRACT_TYPES = frozenset(
+    {
+        "customer.registered",
+        "customer.updated",
+        "invoice.issued",
+        "invoice.cancelled",
+        "credit_note.issued",
+        "payment.received",
+        "payment.reversed",
+        "invoice.overdue",
+        "assessment.completed",
+        "alert.raised",
+        "alert.updated",
+        "alert.resolved",
+    }
+)
 LIMIT_REASON = {
     "assessment.completed": "policy",
     "customer.registered": "policy",
@@ -110,8 +121,7 @@ class Loaded:
     stored: domain.CustomerState | None = None
 
     @classmethod
-    def committed(cls, state: domain.CustomerState, published: str | None,
-                  last_seq: int) -> Loaded:
+    def committed(cls, state: domain.CustomerState, published: str | None, last_seq: int) -> Loaded:
         return cls(state, published, last_seq, state)
 
 
@@ -132,8 +142,14 @@ class LimitsService:
 
     def input_topics(self) -> list[str]:
         s = self.settings
-        return [s.topic_customers, s.topic_invoices, s.topic_payments, s.topic_overdue,
-                s.topic_assessments, s.topic_alerts]
+        return [
+            s.topic_customers,
+            s.topic_invoices,
+            s.topic_payments,
+            s.topic_overdue,
+            s.topic_assessments,
+            s.topic_alerts,
+        ]
 
     def parse_stored(self, env: Envelope) -> BaseModel | None:
         return ev.parse_any(env)
@@ -152,12 +168,13 @@ class LimitsService:
         writes = Writes()
         touched: dict[str, int] = {}
         for start in range(0, len(events), FOLD_SLICE_EVENTS):
-            self._apply_events(tx, cached, events[start:start + FOLD_SLICE_EVENTS], touched,
-                               writes)
+            self._apply_events(
+                tx, cached, events[start : start + FOLD_SLICE_EVENTS], touched, writes
+            )
             await asyncio.sleep(0)
         items = list(touched.items())
         for start in range(0, len(items), FOLD_SLICE_CUSTOMERS):
-            for cid, seq in items[start:start + FOLD_SLICE_CUSTOMERS]:
+            for cid, seq in items[start : start + FOLD_SLICE_CUSTOMERS]:
                 self._settle(tx, cid, cached[cid], seq, writes)
             await asyncio.sleep(0)
         await self.write(tx.conn, writes)
@@ -165,8 +182,9 @@ class LimitsService:
             settled = set(touched)
             tx.after_commit.append(lambda: self._remember(cached, settled))
 
-    async def _load_recent(self, conn: AsyncConnection, cached: dict[str, Loaded],
-                           ids: set[str]) -> None:
+    async def _load_recent(
+        self, conn: AsyncConnection, cached: dict[str, Loaded], ids: set[str]
+    ) -> None:
         """Like ``load``, but reuse a state this process committed when the row's version
         (``last_seq``) says nobody has written it since: the JSON document is the costliest
         part of a batch, and a consumer owns its customers' partitions."""
@@ -174,8 +192,11 @@ class LimitsService:
         if not missing:
             return
         versions = await store.lock_versions(conn, missing)
-        hits = {cid: hit for cid, row in versions.items()
-                if (hit := self._recent.current(cid, row.last_seq)) is not None}
+        hits = {
+            cid: hit
+            for cid, row in versions.items()
+            if (hit := self._recent.current(cid, row.last_seq)) is not None
+        }
         states = await store.read_states(conn, versions.keys() - hits.keys())
         for cid in missing:
             row = versions.get(cid)
@@ -188,11 +209,12 @@ class LimitsService:
 
     def _remember(self, cached: dict[str, Loaded], touched: set[str]) -> None:
         # Copies: the transaction's own entries change with its next events.
-        self._recent.remember((cid, Loaded.committed(cached[cid].state, cached[cid].published,
-                                                     cached[cid].last_seq)) for cid in touched)
+        self._recent.remember(
+            (cid, Loaded.committed(cached[cid].state, cached[cid].published, cached[cid].last_seq))
+            for cid in touched
+        )
 
-    async def load(self, conn: AsyncConnection, cached: dict[str, Loaded],
-                   ids: set[str]) -> None:
+    async def load(self, conn: AsyncConnection, cached: dict[str, Loaded], ids: set[str]) -> None:
         """Lock and load the states not loaded yet (an API command may have them already)."""
         missing = ids - cached.keys()
         if not missing:
@@ -201,8 +223,11 @@ class LimitsService:
         states = await store.load_states(conn, locked)
         for cid in missing:
             row = locked.get(cid)
-            cached[cid] = (Loaded(domain.new_customer(cid, self.policy), None, 0) if row is None
-                           else Loaded.committed(states[cid], row.published, row.last_seq))
+            cached[cid] = (
+                Loaded(domain.new_customer(cid, self.policy), None, 0)
+                if row is None
+                else Loaded.committed(states[cid], row.published, row.last_seq)
+            )
 
     def fold(self, tx: Tx, cached: dict[str, Loaded], events: Sequence[Incoming]) -> Writes:
         """Apply the events to the loaded states (CPU only): the rows to write and, through
@@ -214,8 +239,14 @@ class LimitsService:
             self._settle(tx, cid, cached[cid], seq, writes)
         return writes
 
-    def _apply_events(self, tx: Tx, cached: dict[str, Loaded], events: Sequence[Incoming],
-                      touched: dict[str, int], writes: Writes) -> None:
+    def _apply_events(
+        self,
+        tx: Tx,
+        cached: dict[str, Loaded],
+        events: Sequence[Incoming],
+        touched: dict[str, int],
+        writes: Writes,
+    ) -> None:
         """Fold each event into its customer's state; ``touched``: customer → last seq."""
         for inc in events:
             env = inc.envelope
@@ -241,20 +272,40 @@ class LimitsService:
         text = plain_json({**body, "as_of": None})
         # Nothing is published for a customer only credit checks or alerts spoke of.
         if text != loaded.published and domain.known(st):
-            tx.emit(self.settings.topic_exposure, trusted_event(
-                "exposure.updated", source=SOURCE, subject=cid, data=body,
-                id=f"exposure-{cid}-{seq}", time=st.last_time or tx.now))
+            tx.emit(
+                self.settings.topic_exposure,
+                trusted_event(
+                    "exposure.updated",
+                    source=SOURCE,
+                    subject=cid,
+                    data=body,
+                    id=f"exposure-{cid}-{seq}",
+                    time=st.last_time or tx.now,
+                ),
+            )
             loaded.published = text
         stored = loaded.stored
-        document = (store.UNCHANGED if stored is not None and store.same_document(stored, st)
-                    else store.dump_state(st))
+        document = (
+            store.UNCHANGED
+            if stored is not None and store.same_document(stored, st)
+            else store.dump_state(st)
+        )
         held, ended = store.reservation_changes(
-            cid, stored.reservations if stored is not None else {}, st.reservations)
+            cid, stored.reservations if stored is not None else {}, st.reservations
+        )
         writes.reservations += held
         writes.ended += ended
-        writes.customers.append(store.customer_row(
-            st, fig, seq, domain.next_ageing_date(st, items), _next_expiry(st),
-            loaded.published, document))
+        writes.customers.append(
+            store.customer_row(
+                st,
+                fig,
+                seq,
+                domain.next_ageing_date(st, items),
+                _next_expiry(st),
+                loaded.published,
+                document,
+            )
+        )
         loaded.stored = st
         loaded.last_seq = seq
 
@@ -266,36 +317,66 @@ class LimitsService:
         await store.record_limit_changes(conn, writes.history)
         await store.record_requests(conn, writes.requests)
 
-    def _record(self, tx: Tx, inc: Incoming, prev: domain.CustomerState,
-                nxt: domain.CustomerState, checks: list[dict[str, Any]],
-                history: list[dict[str, Any]], reqs: list[dict[str, Any]]) -> None:
+    def _record(
+        self,
+        tx: Tx,
+        inc: Incoming,
+        prev: domain.CustomerState,
+        nxt: domain.CustomerState,
+        checks: list[dict[str, Any]],
+        history: list[dict[str, Any]],
+        reqs: list[dict[str, Any]],
+    ) -> None:
         """The side tables and output events one applied event calls for."""
         env, data = inc.envelope, inc.event
         if isinstance(data, ev.CreditCheckDecided):
-            checks.append({
-                "check_id": data.check_id, "order_id": data.order_id,
-                "customer_id": data.customer_id, "seq": inc.seq, "amount": data.amount,
-                "currency": data.currency, "decision": data.decision,
-                "evaluated_at": env.time, "body": plain_json(data.response),
-            })
+            checks.append(
+                {
+                    "check_id": data.check_id,
+                    "order_id": data.order_id,
+                    "customer_id": data.customer_id,
+                    "seq": inc.seq,
+                    "amount": data.amount,
+                    "currency": data.currency,
+                    "decision": data.decision,
+                    "evaluated_at": env.time,
+                    "body": plain_json(data.response),
+                }
+            )
             return
-        if isinstance(data, ev.LimitRequestSubmitted | ev.LimitRequestApproved
-                      | ev.LimitRequestRejected):
+        if isinstance(
+            data, ev.LimitRequestSubmitted | ev.LimitRequestApproved | ev.LimitRequestRejected
+        ):
             req = nxt.requests[data.request_id]
-            reqs.append({"request_id": req.request_id, "customer_id": nxt.customer_id,
-                         "status": req.status, "requested_by": req.requested_by})
+            reqs.append(
+                {
+                    "request_id": req.request_id,
+                    "customer_id": nxt.customer_id,
+                    "status": req.status,
+                    "requested_by": req.requested_by,
+                }
+            )
         # A manual limit stands until its expiry is recorded: judged at the expiry time
         # itself it would already have lapsed, and the change would go unpublished.
         before = domain.effective_limit(
-            prev, self.policy, None if isinstance(data, ev.LimitExpired) else env.time)
+            prev, self.policy, None if isinstance(data, ev.LimitExpired) else env.time
+        )
         after = domain.effective_limit(nxt, self.policy, env.time)
         hold_changed = (prev.hold is None) != (nxt.hold is None)
-        if before[0] == after[0] and before[1] == after[1] and not hold_changed \
-                and prev.currency == nxt.currency:
+        if (
+            before[0] == after[0]
+            and before[1] == after[1]
+            and not hold_changed
+            and prev.currency == nxt.currency
+        ):
             return
-        reason = LIMIT_REASON.get(env.type) or ("temporary" if after[1] == "temporary"
-                                                 else "manual" if after[1] == "manual"
-                                                 else "policy")
+        reason = LIMIT_REASON.get(env.type) or (
+            "temporary"
+            if after[1] == "temporary"
+            else "manual"
+            if after[1] == "manual"
+            else "policy"
+        )
         request_id = changed_by = requested_by = None
         if nxt.manual is not None and after[1] in ("manual", "temporary"):
             request_id = nxt.manual.request_id
@@ -320,20 +401,41 @@ class LimitsService:
             "on_hold": nxt.hold is not None,
             "policy_version": self.policy.version,
         }
-        history.append({"seq": inc.seq, "customer_id": nxt.customer_id,
-                        "effective_at": env.time, "body": as_json(body)})
-        tx.emit(self.settings.topic_limits, new_event(
-            "limit.changed", source=SOURCE, subject=nxt.customer_id, data=body,
-            id=f"limit-{nxt.customer_id}-{inc.seq}", time=env.time))
+        history.append(
+            {
+                "seq": inc.seq,
+                "customer_id": nxt.customer_id,
+                "effective_at": env.time,
+                "body": as_json(body),
+            }
+        )
+        tx.emit(
+            self.settings.topic_limits,
+            new_event(
+                "limit.changed",
+                source=SOURCE,
+                subject=nxt.customer_id,
+                data=body,
+                id=f"limit-{nxt.customer_id}-{inc.seq}",
+                time=env.time,
+            ),
+        )
 
     # ---- time-driven events ---------------------------------------------------------------
     async def due_events(self, conn: AsyncConnection, now: datetime) -> list[Envelope]:
         today = now.date()
         c = store.customers.c
-        stmt = select(c.customer_id, c.state, c.as_of, c.next_ageing_on, c.next_expiry_at).where(
-            or_(and_(c.next_ageing_on.is_not(None), c.next_ageing_on <= today),
-                and_(c.next_expiry_at.is_not(None), c.next_expiry_at <= now)),
-        ).order_by(c.customer_id).limit(1000)
+        stmt = (
+            select(c.customer_id, c.state, c.as_of, c.next_ageing_on, c.next_expiry_at)
+            .where(
+                or_(
+                    and_(c.next_ageing_on.is_not(None), c.next_ageing_on <= today),
+                    and_(c.next_expiry_at.is_not(None), c.next_expiry_at <= now),
+                ),
+            )
+            .order_by(c.customer_id)
+            .limit(1000)
+        )
         rows = {row.customer_id: row for row in await conn.execute(stmt)}
         states = await store.load_states(conn, rows)
         out: list[Envelope] = []
@@ -354,28 +456,44 @@ def _internal(model: ev.Internal, *, id: str, time: datetime, subject: str) -> E
     return new_event(model.TYPE, source=SOURCE, subject=subject, data=model, id=id, time=time)
 
 
-def due_for(st: domain.CustomerState, now: datetime,
-            ageing_on: date | None) -> list[Envelope]:
+def due_for(st: domain.CustomerState, now: datetime, ageing_on: date | None) -> list[Envelope]:
     """Expiries and ageing due for one customer at ``now``; ids are stable, so recording
     the same fact twice (two replicas, a retry) has no effect beyond the first."""
     cid = st.customer_id
     out: list[Envelope] = []
     for res in st.reservations.values():
         if res.expires_at <= now:
-            out.append(_internal(
-                ev.ReservationExpired(customer_id=cid, order_id=res.order_id,
-                                      check_id=res.check_id),
-                id=f"reservation-expired-{res.check_id}", time=res.expires_at, subject=cid))
+            out.append(
+                _internal(
+                    ev.ReservationExpired(
+                        customer_id=cid, order_id=res.order_id, check_id=res.check_id
+                    ),
+                    id=f"reservation-expired-{res.check_id}",
+                    time=res.expires_at,
+                    subject=cid,
+                )
+            )
     manual = st.manual
     if manual is not None and manual.expires_at is not None and manual.expires_at <= now:
-        out.append(_internal(ev.LimitExpired(customer_id=cid, request_id=manual.request_id),
-                             id=f"limit-expired-{manual.request_id}", time=manual.expires_at,
-                             subject=cid))
+        out.append(
+            _internal(
+                ev.LimitExpired(customer_id=cid, request_id=manual.request_id),
+                id=f"limit-expired-{manual.request_id}",
+                time=manual.expires_at,
+                subject=cid,
+            )
+        )
     if ageing_on is not None and ageing_on <= now.date():
         today = now.date()
         at = datetime.combine(today, time(0, 0), tzinfo=UTC)
-        out.append(_internal(ev.LedgerAged(customer_id=cid, as_of=today),
-                             id=f"aged-{cid}-{today.isoformat()}", time=at, subject=cid))
+        out.append(
+            _internal(
+                ev.LedgerAged(customer_id=cid, as_of=today),
+                id=f"aged-{cid}-{today.isoformat()}",
+                time=at,
+                subject=cid,
+            )
+        )
     return sorted(out, key=lambda e: e.time)
 
 

@@ -131,8 +131,9 @@ PROJECTIONS: Sequence[Table] = (customers, reservations, checks, limit_history, 
 
 _STATE = StateCodec(CustomerState)
 # What the document holds: everything but the reservations and the latest event's time.
-_DOCUMENT_FIELDS = tuple(f.name for f in fields(CustomerState)
-                         if f.name not in ("reservations", "last_time"))
+_DOCUMENT_FIELDS = tuple(
+    f.name for f in fields(CustomerState) if f.name not in ("reservations", "last_time")
+)
 # In a written row: the document did not change, keep the stored one.
 UNCHANGED = ""
 
@@ -142,11 +143,13 @@ def dump_state(state: CustomerState) -> str:
     return _STATE.dump(replace(state, reservations={}, last_time=None))
 
 
-def load_state(document: str, last_time: datetime | None,
-               held: Iterable[Reservation] = ()) -> CustomerState:
+def load_state(
+    document: str, last_time: datetime | None, held: Iterable[Reservation] = ()
+) -> CustomerState:
     """A customer's state from its document, its row's ``as_of`` and its reservations."""
-    return replace(_STATE.load(document), reservations={r.order_id: r for r in held},
-                   last_time=last_time)
+    return replace(
+        _STATE.load(document), reservations={r.order_id: r for r in held}, last_time=last_time
+    )
 
 
 def same_document(before: CustomerState, after: CustomerState) -> bool:
@@ -156,9 +159,11 @@ def same_document(before: CustomerState, after: CustomerState) -> bool:
     return all(getattr(before, n) is getattr(after, n) for n in _DOCUMENT_FIELDS)
 
 
-def reservation_changes(cid: str, before: Mapping[str, Reservation],
-                        after: Mapping[str, Reservation],
-                        ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+def reservation_changes(
+    cid: str,
+    before: Mapping[str, Reservation],
+    after: Mapping[str, Reservation],
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """The reservation rows to write and the (customer, order) keys to delete."""
     if before is after:
         return [], []
@@ -166,45 +171,55 @@ def reservation_changes(cid: str, before: Mapping[str, Reservation],
     if order_id is not None:  # one event's change (a credit check's): no walk
         res = after.get(order_id)
         return ([reservation_row(cid, res)], []) if res is not None else ([], [(cid, order_id)])
-    rows = [reservation_row(cid, res) for order_id, res in after.items()
-            if before.get(order_id) is not res]
+    rows = [
+        reservation_row(cid, res)
+        for order_id, res in after.items()
+        if before.get(order_id) is not res
+    ]
     gone = [(cid, order_id) for order_id in before if order_id not in after]
     return rows, gone
 
 
 def reservation_row(cid: str, res: Reservation) -> dict[str, Any]:
-    return {"customer_id": cid, "order_id": res.order_id, "check_id": res.check_id,
-            "amount": res.amount, "expires_at": res.expires_at}
+    return {
+        "customer_id": cid,
+        "order_id": res.order_id,
+        "check_id": res.check_id,
+        "amount": res.amount,
+        "expires_at": res.expires_at,
+    }
 
 
-async def read_reservations(conn: AsyncConnection,
-                            ids: Iterable[str]) -> dict[str, list[Reservation]]:
+async def read_reservations(
+    conn: AsyncConnection, ids: Iterable[str]
+) -> dict[str, list[Reservation]]:
     wanted = sorted(set(ids))
     out: dict[str, list[Reservation]] = {}
     if not wanted:
         return out
     r = reservations.c
-    stmt = select(reservations).where(r.customer_id.in_(wanted)).order_by(r.customer_id,
-                                                                           r.order_id)
+    stmt = select(reservations).where(r.customer_id.in_(wanted)).order_by(r.customer_id, r.order_id)
     for row in await conn.execute(stmt):
         out.setdefault(row.customer_id, []).append(
-            Reservation(row.order_id, row.check_id, row.amount, row.expires_at))
+            Reservation(row.order_id, row.check_id, row.amount, row.expires_at)
+        )
     return out
 
 
 async def load_states(conn: AsyncConnection, rows: Mapping[str, Any]) -> dict[str, CustomerState]:
     """The states of these customer rows (read with their ``state`` and ``as_of``)."""
     held = await read_reservations(conn, rows.keys())
-    return {cid: load_state(row.state, row.as_of, held.get(cid, ()))
-            for cid, row in rows.items()}
+    return {cid: load_state(row.state, row.as_of, held.get(cid, ())) for cid, row in rows.items()}
 
 
-async def save_reservations(conn: AsyncConnection, rows: Sequence[dict[str, Any]],
-                            gone: Sequence[tuple[str, str]]) -> None:
+async def save_reservations(
+    conn: AsyncConnection, rows: Sequence[dict[str, Any]], gone: Sequence[tuple[str, str]]
+) -> None:
     if gone:
         r = reservations.c
-        await conn.execute(delete(reservations).where(
-            tuple_(r.customer_id, r.order_id).in_(list(gone))))
+        await conn.execute(
+            delete(reservations).where(tuple_(r.customer_id, r.order_id).in_(list(gone)))
+        )
     await upsert(conn, reservations, ["customer_id", "order_id"], rows)
 
 
@@ -215,8 +230,9 @@ async def lock_customers(conn: AsyncConnection, ids: Iterable[str]) -> dict[str,
 
 async def lock_versions(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, Any]:
     """Lock these customers' rows (PostgreSQL, id order) and read only their versions."""
-    return await lock_rows(conn, customers, "customer_id", ids,
-                           columns=("customer_id", "last_seq", "published"))
+    return await lock_rows(
+        conn, customers, "customer_id", ids, columns=("customer_id", "last_seq", "published")
+    )
 
 
 async def read_states(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, CustomerState]:
@@ -225,14 +241,21 @@ async def read_states(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, Cu
     if not wanted:
         return {}
     c = customers.c
-    rows = await conn.execute(select(c.customer_id, c.state, c.as_of).where(
-        c.customer_id.in_(wanted)))
+    rows = await conn.execute(
+        select(c.customer_id, c.state, c.as_of).where(c.customer_id.in_(wanted))
+    )
     return await load_states(conn, {r.customer_id: r for r in rows})
 
 
-def customer_row(state: CustomerState, fig: Figures, last_seq: int,
-                 next_ageing_on: date | None, next_expiry_at: datetime | None,
-                 published: str | None, document: str) -> dict[str, Any]:
+def customer_row(
+    state: CustomerState,
+    fig: Figures,
+    last_seq: int,
+    next_ageing_on: date | None,
+    next_expiry_at: datetime | None,
+    published: str | None,
+    document: str,
+) -> dict[str, Any]:
     """The customer's row; ``document`` is its state document, or ``UNCHANGED``."""
     util = fig.utilization
     return {
@@ -269,12 +292,14 @@ async def save_customers(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) 
     await upsert(conn, customers, ["customer_id"], rows, keep_if=("state", UNCHANGED))
 
 
-async def group_exposure(conn: AsyncConnection, group_id: str,
-                         without: str) -> tuple[dict[str, Decimal], int]:
+async def group_exposure(
+    conn: AsyncConnection, group_id: str, without: str
+) -> tuple[dict[str, Decimal], int]:
     """Summed exposure of the group's other members by their currency, and how many there
     are (``domain.in_currency`` puts the sums in one currency)."""
     stmt = select(customers.c.currency, customers.c.exposure).where(
-        customers.c.group_id == group_id, customers.c.customer_id != without)
+        customers.c.group_id == group_id, customers.c.customer_id != without
+    )
     sums: dict[str, Decimal] = {}
     count = 0
     for r in await conn.execute(stmt):
@@ -284,15 +309,18 @@ async def group_exposure(conn: AsyncConnection, group_id: str,
 
 
 async def group_members(conn: AsyncConnection, group_id: str, without: str) -> list[str]:
-    stmt = select(customers.c.customer_id).where(
-        customers.c.group_id == group_id, customers.c.customer_id != without
-    ).order_by(customers.c.customer_id)
+    stmt = (
+        select(customers.c.customer_id)
+        .where(customers.c.group_id == group_id, customers.c.customer_id != without)
+        .order_by(customers.c.customer_id)
+    )
     return [r.customer_id for r in await conn.execute(stmt)]
 
 
 async def latest_check(conn: AsyncConnection, order_id: str) -> Any:
-    stmt = (select(checks).where(checks.c.order_id == order_id)
-            .order_by(checks.c.seq.desc()).limit(1))
+    stmt = (
+        select(checks).where(checks.c.order_id == order_id).order_by(checks.c.seq.desc()).limit(1)
+    )
     return (await conn.execute(stmt)).first()
 
 
@@ -308,4 +336,3 @@ async def record_limit_changes(conn: AsyncConnection, rows: Sequence[dict[str, A
 
 async def record_requests(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
     await upsert(conn, requests, ["request_id"], rows, update=["status"])
-

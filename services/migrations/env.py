@@ -41,8 +41,12 @@ existing = config.attributes.get("connection")
 if existing is not None:
     _run(existing)
 elif context.is_offline_mode():
-    context.configure(url=config.get_main_option("sqlalchemy.url"), target_metadata=target,
-                      version_table=f"alembic_version_{service}", literal_binds=True)
+    context.configure(
+        url=config.get_main_option("sqlalchemy.url"),
+        target_metadata=target,
+        version_table=f"alembic_version_{service}",
+        literal_binds=True,
+    )
     with context.begin_transaction():
         context.run_migrations()
 else:

@@ -30,21 +30,31 @@ from tests.processes import ALL, ServiceProcess, service_env
 
 # Contract topic → the settings' environment suffix (CREDITWATCH_TOPIC_<suffix>).
 TOPIC_ENV = {
-    "crm.customers": "CUSTOMERS", "ar.invoices": "INVOICES", "ar.payments": "PAYMENTS",
-    "ar.overdue": "OVERDUE", "crm.financials": "FINANCIALS",
-    "crm.credit-reports": "CREDIT_REPORTS", "credit.assessments": "ASSESSMENTS",
-    "credit.limits": "LIMITS", "credit.exposure": "EXPOSURE", "credit.alerts": "ALERTS",
+    "crm.customers": "CUSTOMERS",
+    "ar.invoices": "INVOICES",
+    "ar.payments": "PAYMENTS",
+    "ar.overdue": "OVERDUE",
+    "crm.financials": "FINANCIALS",
+    "crm.credit-reports": "CREDIT_REPORTS",
+    "credit.assessments": "ASSESSMENTS",
+    "credit.limits": "LIMITS",
+    "credit.exposure": "EXPOSURE",
+    "credit.alerts": "ALERTS",
     "credit.dlq": "DLQ",
 }
-OUTPUT_TOPICS = ("credit.assessments", "credit.limits", "credit.exposure", "credit.alerts",
-                 "credit.dlq")
+OUTPUT_TOPICS = (
+    "credit.assessments",
+    "credit.limits",
+    "credit.exposure",
+    "credit.alerts",
+    "credit.dlq",
+)
 SERVICES = ("assessment", "limits", "alerts")
 
 
 def topic_env(prefix: str) -> dict[str, str]:
     """Every topic of the contract under ``prefix.``, and consumer groups ``prefix-<service>``."""
-    env = {f"CREDITWATCH_TOPIC_{suffix}": f"{prefix}.{name}"
-           for name, suffix in TOPIC_ENV.items()}
+    env = {f"CREDITWATCH_TOPIC_{suffix}": f"{prefix}.{name}" for name, suffix in TOPIC_ENV.items()}
     env["CREDITWATCH_CONSUMER_GROUP_PREFIX"] = prefix
     return env
 
@@ -64,81 +74,201 @@ def iso(t: datetime) -> str:
     return t.isoformat().replace("+00:00", "Z")
 
 
-def cloudevent(type_: str, subject: str, data: dict[str, Any], *, id: str,
-               time: datetime | None = None, source: str = "/e2e/erp") -> dict[str, Any]:
-    return {"specversion": "1.0", "id": id, "source": source, "type": type_,
-            "subject": subject, "time": iso(time or utcnow()),
-            "datacontenttype": "application/json", "data": data}
+def cloudevent(
+    type_: str,
+    subject: str,
+    data: dict[str, Any],
+    *,
+    id: str,
+    time: datetime | None = None,
+    source: str = "/e2e/erp",
+) -> dict[str, Any]:
+    return {
+        "specversion": "1.0",
+        "id": id,
+        "source": source,
+        "type": type_,
+        "subject": subject,
+        "time": iso(time or utcnow()),
+        "datacontenttype": "application/json",
+        "data": data,
+    }
 
 
-def registered(cid: str, *, industry: str = "G", at: datetime | None = None,
-               currency: str = "EUR") -> dict[str, Any]:
-    return cloudevent("customer.registered", cid, {
-        "customer_id": cid, "name": f"Customer {cid}", "country": "DE", "industry": industry,
-        "currency": currency, "payment_terms_days": 30}, id=f"reg-{cid}", time=at,
-        source="/e2e/crm")
+def registered(
+    cid: str, *, industry: str = "G", at: datetime | None = None, currency: str = "EUR"
+) -> dict[str, Any]:
+    return cloudevent(
+        "customer.registered",
+        cid,
+        {
+            "customer_id": cid,
+            "name": f"Customer {cid}",
+            "country": "DE",
+            "industry": industry,
+            "currency": currency,
+            "payment_terms_days": 30,
+        },
+        id=f"reg-{cid}",
+        time=at,
+        source="/e2e/crm",
+    )
 
 
-def invoice(cid: str, inv: str, amount: str, *, issued: date, due: date,
-            at: datetime | None = None, order_id: str | None = None) -> dict[str, Any]:
-    data: dict[str, Any] = {"invoice_id": inv, "customer_id": cid, "amount": amount,
-                            "currency": "EUR", "issue_date": issued.isoformat(),
-                            "due_date": due.isoformat()}
+def invoice(
+    cid: str,
+    inv: str,
+    amount: str,
+    *,
+    issued: date,
+    due: date,
+    at: datetime | None = None,
+    order_id: str | None = None,
+) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "invoice_id": inv,
+        "customer_id": cid,
+        "amount": amount,
+        "currency": "EUR",
+        "issue_date": issued.isoformat(),
+        "due_date": due.isoformat(),
+    }
     if order_id:
         data["order_id"] = order_id
-    return cloudevent("invoice.issued", cid, data, id=f"inv-{inv}", time=at,
-                      source="/e2e/billing")
+    return cloudevent("invoice.issued", cid, data, id=f"inv-{inv}", time=at, source="/e2e/billing")
 
 
-def payment(cid: str, pay: str, amount: str, *, received: date,
-            allocations: list[tuple[str, str]] | None = None,
-            at: datetime | None = None) -> dict[str, Any]:
-    data: dict[str, Any] = {"payment_id": pay, "customer_id": cid, "amount": amount,
-                            "currency": "EUR", "received_date": received.isoformat()}
+def payment(
+    cid: str,
+    pay: str,
+    amount: str,
+    *,
+    received: date,
+    allocations: list[tuple[str, str]] | None = None,
+    at: datetime | None = None,
+) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "payment_id": pay,
+        "customer_id": cid,
+        "amount": amount,
+        "currency": "EUR",
+        "received_date": received.isoformat(),
+    }
     if allocations:
         data["allocations"] = [{"invoice_id": i, "amount": a} for i, a in allocations]
-    return cloudevent("payment.received", cid, data, id=f"pay-{pay}", time=at,
-                      source="/e2e/bank")
+    return cloudevent("payment.received", cid, data, id=f"pay-{pay}", time=at, source="/e2e/bank")
 
 
 def reversed_payment(cid: str, pay: str, reason: str = "chargeback") -> dict[str, Any]:
-    return cloudevent("payment.reversed", cid, {"payment_id": pay, "customer_id": cid,
-                                                "reason": reason},
-                      id=f"rev-{pay}", source="/e2e/bank")
+    return cloudevent(
+        "payment.reversed",
+        cid,
+        {"payment_id": pay, "customer_id": cid, "reason": reason},
+        id=f"rev-{pay}",
+        source="/e2e/bank",
+    )
 
 
-def dunning(cid: str, inv: str, amount: str, *, days: int, as_of: date,
-            due: date, run: str) -> dict[str, Any]:
-    return cloudevent("invoice.overdue", cid, {
-        "invoice_id": inv, "customer_id": cid, "amount_overdue": amount, "currency": "EUR",
-        "due_date": due.isoformat(), "days_overdue": days, "as_of": as_of.isoformat()},
-        id=f"dun-{inv}-{run}", source="/e2e/dunning")
+def dunning(
+    cid: str, inv: str, amount: str, *, days: int, as_of: date, due: date, run: str
+) -> dict[str, Any]:
+    return cloudevent(
+        "invoice.overdue",
+        cid,
+        {
+            "invoice_id": inv,
+            "customer_id": cid,
+            "amount_overdue": amount,
+            "currency": "EUR",
+            "due_date": due.isoformat(),
+            "days_overdue": days,
+            "as_of": as_of.isoformat(),
+        },
+        id=f"dun-{inv}-{run}",
+        source="/e2e/dunning",
+    )
 
 
-def statement(cid: str, sid: str, period_end: date, *, ca: str, ta: str, cl: str, tl: str,
-              eq: str, re: str, rev: str, ebit: str, ie: str, ni: str, ocf: str,
-              inventory: str = "0.00") -> dict[str, Any]:
-    return cloudevent("financial_statement.published", cid, {
-        "statement_id": sid, "customer_id": cid, "period_end": period_end.isoformat(),
-        "period_months": 12, "currency": "EUR", "audited": True,
-        "balance_sheet": {"inventory": inventory, "current_assets": ca, "total_assets": ta,
-                          "current_liabilities": cl, "total_liabilities": tl, "equity": eq,
-                          "retained_earnings": re},
-        "income_statement": {"revenue": rev, "ebit": ebit, "interest_expense": ie,
-                             "net_income": ni},
-        "cash_flow": {"operating_cash_flow": ocf}},
-        id=f"fs-{cid}-{sid}", source="/e2e/finance")
+def statement(
+    cid: str,
+    sid: str,
+    period_end: date,
+    *,
+    ca: str,
+    ta: str,
+    cl: str,
+    tl: str,
+    eq: str,
+    re: str,
+    rev: str,
+    ebit: str,
+    ie: str,
+    ni: str,
+    ocf: str,
+    inventory: str = "0.00",
+) -> dict[str, Any]:
+    return cloudevent(
+        "financial_statement.published",
+        cid,
+        {
+            "statement_id": sid,
+            "customer_id": cid,
+            "period_end": period_end.isoformat(),
+            "period_months": 12,
+            "currency": "EUR",
+            "audited": True,
+            "balance_sheet": {
+                "inventory": inventory,
+                "current_assets": ca,
+                "total_assets": ta,
+                "current_liabilities": cl,
+                "total_liabilities": tl,
+                "equity": eq,
+                "retained_earnings": re,
+            },
+            "income_statement": {
+                "revenue": rev,
+                "ebit": ebit,
+                "interest_expense": ie,
+                "net_income": ni,
+            },
+            "cash_flow": {"operating_cash_flow": ocf},
+        },
+        id=f"fs-{cid}-{sid}",
+        source="/e2e/finance",
+    )
 
 
-def credit_report(cid: str, rid: str, *, score: int, legal: Iterable[tuple[str, date]] = (),
-                  defaults: int = 0, bureau: str = "CRIF",
-                  at: datetime | None = None) -> dict[str, Any]:
+def credit_report(
+    cid: str,
+    rid: str,
+    *,
+    score: int,
+    legal: Iterable[tuple[str, date]] = (),
+    defaults: int = 0,
+    bureau: str = "CRIF",
+    at: datetime | None = None,
+) -> dict[str, Any]:
     when = at or utcnow()
-    return cloudevent("credit_report.received", cid, {
-        "report_id": rid, "customer_id": cid, "bureau": bureau, "score": score,
-        "score_min": 0, "score_max": 800, "delinquencies_12m": 0, "defaults": defaults,
-        "legal_events": [{"type": t, "date": d.isoformat()} for t, d in legal],
-        "reported_at": iso(when)}, id=f"cr-{cid}-{rid}", time=when, source="/e2e/bureau")
+    return cloudevent(
+        "credit_report.received",
+        cid,
+        {
+            "report_id": rid,
+            "customer_id": cid,
+            "bureau": bureau,
+            "score": score,
+            "score_min": 0,
+            "score_max": 800,
+            "delinquencies_12m": 0,
+            "defaults": defaults,
+            "legal_events": [{"type": t, "date": d.isoformat()} for t, d in legal],
+            "reported_at": iso(when),
+        },
+        id=f"cr-{cid}-{rid}",
+        time=when,
+        source="/e2e/bureau",
+    )
 
 
 # ---- Kafka ----------------------------------------------------------------------------------
@@ -149,8 +279,9 @@ class Publisher:
 
     def __init__(self, bootstrap: str, prefix: str) -> None:
         self.prefix = prefix
-        self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2,
-                                         enable_idempotence=False)
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, acks="all", linger_ms=2, enable_idempotence=False
+        )
 
     async def start(self) -> Publisher:
         await self.producer.start()
@@ -164,14 +295,19 @@ class Publisher:
 
     async def send(self, *events: dict[str, Any]) -> None:
         """Send in order and wait for every acknowledgement."""
-        futures = [await self.producer.send(self.topic_of(e), value=json.dumps(e).encode(),
-                                            key=str(e["subject"]).encode()) for e in events]
+        futures = [
+            await self.producer.send(
+                self.topic_of(e), value=json.dumps(e).encode(), key=str(e["subject"]).encode()
+            )
+            for e in events
+        ]
         await asyncio.gather(*futures)
 
     async def send_raw(self, items: Iterable[tuple[str, bytes, bytes]]) -> None:
         """(contract topic, key, value) records, in order."""
-        futures = [await self.producer.send(f"{self.prefix}.{t}", value=v, key=k)
-                   for t, k, v in items]
+        futures = [
+            await self.producer.send(f"{self.prefix}.{t}", value=v, key=k) for t, k, v in items
+        ]
         await asyncio.gather(*futures)
 
 
@@ -230,8 +366,14 @@ class Tap:
             now = time.monotonic()
             for tp, messages in batch.items():
                 for m in messages:
-                    self.records.append(Seen(tp.topic[cut:], m.key.decode() if m.key else None,
-                                             json.loads(m.value), now))
+                    self.records.append(
+                        Seen(
+                            tp.topic[cut:],
+                            m.key.decode() if m.key else None,
+                            json.loads(m.value),
+                            now,
+                        )
+                    )
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -241,8 +383,13 @@ class Tap:
         if self._consumer is not None:
             await self._consumer.stop()
 
-    def of(self, topic: str, customer: str | None = None, type_: str | None = None,
-           rule: str | None = None) -> list[Seen]:
+    def of(
+        self,
+        topic: str,
+        customer: str | None = None,
+        type_: str | None = None,
+        rule: str | None = None,
+    ) -> list[Seen]:
         """Records of one topic (and customer, type, alert rule) in arrival order; the same
         event id twice (an at-least-once re-publication) is kept once."""
         out: list[Seen] = []
@@ -263,8 +410,13 @@ class Tap:
     def alerts(self, customer: str, rule: str) -> list[Seen]:
         return self.of("credit.alerts", customer, rule=rule)
 
-    async def wait_for(self, what: str, found: Callable[[], Any], within: float = 60.0,
-                       on_timeout: Callable[[], str] | None = None) -> Any:
+    async def wait_for(
+        self,
+        what: str,
+        found: Callable[[], Any],
+        within: float = 60.0,
+        on_timeout: Callable[[], str] | None = None,
+    ) -> Any:
         """Poll ``found()`` until it returns something truthy (and return that)."""
         deadline = time.monotonic() + within
         while True:
@@ -280,8 +432,7 @@ class Tap:
 
 
 async def create_topics(bootstrap: str, prefix: str, partitions: int = 3) -> None:
-    await servers.create_topics_async(bootstrap, [f"{prefix}.{t}" for t in TOPIC_ENV],
-                                      partitions)
+    await servers.create_topics_async(bootstrap, [f"{prefix}.{t}" for t in TOPIC_ENV], partitions)
 
 
 async def end_offsets(bootstrap: str, topics: Iterable[str]) -> dict[tuple[str, int], int]:
@@ -290,16 +441,20 @@ async def end_offsets(bootstrap: str, topics: Iterable[str]) -> dict[tuple[str, 
     await consumer.start()
     try:
         await consumer._client.force_metadata_update()
-        tps = [TopicPartition(t, p) for t in topics
-               for p in sorted(consumer.partitions_for_topic(t) or ())]
+        tps = [
+            TopicPartition(t, p)
+            for t in topics
+            for p in sorted(consumer.partitions_for_topic(t) or ())
+        ]
         ends = await consumer.end_offsets(tps)
     finally:
         await consumer.stop()
     return {(tp.topic, tp.partition): off for tp, off in ends.items() if off}
 
 
-async def caught_up(engine: AsyncEngine, core: es.CoreTables,
-                    ends: dict[tuple[str, int], int]) -> bool:
+async def caught_up(
+    engine: AsyncEngine, core: es.CoreTables, ends: dict[tuple[str, int], int]
+) -> bool:
     """The service stored every offset up to ``ends`` and its outbox is empty."""
     async with engine.connect() as conn:
         stored = await es.load_offsets(conn, core, ends.keys())
@@ -314,13 +469,23 @@ class Stack:
     """Some or all of the services as ``creditwatch serve`` processes sharing ONE database
     (each service has its own tables there) and one topic prefix."""
 
-    def __init__(self, log_dir: Path, server_url: str, bootstrap: str,
-                 services: Iterable[str] = SERVICES, **extra_env: str) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        server_url: str,
+        bootstrap: str,
+        services: Iterable[str] = SERVICES,
+        **extra_env: str,
+    ) -> None:
         self.prefix = new_prefix()
         self.bootstrap = bootstrap
         self.database_url = servers.create_database(server_url)
-        self.env = service_env(database_url=self.database_url, bootstrap=bootstrap,
-                               **topic_env(self.prefix), **extra_env)
+        self.env = service_env(
+            database_url=self.database_url,
+            bootstrap=bootstrap,
+            **topic_env(self.prefix),
+            **extra_env,
+        )
         self.procs = {name: ServiceProcess(name, self.env, log_dir) for name in services}
         self.engine = make_engine(self.database_url)
 
@@ -334,13 +499,19 @@ class Stack:
         await create_topics(self.bootstrap, self.prefix)
         for proc in self.procs.values():
             proc.start()
-        await asyncio.gather(*(asyncio.to_thread(p.wait_ready, within)
-                               for p in self.procs.values()))
+        await asyncio.gather(
+            *(asyncio.to_thread(p.wait_ready, within) for p in self.procs.values())
+        )
         return self
 
     async def stop(self) -> dict[str, int | None]:
-        codes = dict(zip(self.procs, await asyncio.gather(
-            *(asyncio.to_thread(p.stop) for p in self.procs.values())), strict=True))
+        codes = dict(
+            zip(
+                self.procs,
+                await asyncio.gather(*(asyncio.to_thread(p.stop) for p in self.procs.values())),
+                strict=True,
+            )
+        )
         await self.engine.dispose()
         return codes
 
@@ -348,5 +519,6 @@ class Stack:
         return "\n".join(f"==== {name} ====\n{p.tail(lines)}" for name, p in self.procs.items())
 
     def client(self, service: str, token: str = ALL) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.url(service), timeout=15,
-                                 headers={"Authorization": f"Bearer {token}"})
+        return httpx.AsyncClient(
+            base_url=self.url(service), timeout=15, headers={"Authorization": f"Bearer {token}"}
+        )

@@ -41,8 +41,14 @@ pytestmark = pytest.mark.e2e
 POLICY = load_policy(None)
 GRADES = [g.name for g in POLICY.grades]
 RISK = {g.name: g.risk_level for g in POLICY.grades}
-INPUTS = ("credit.exposure", "credit.assessments", "credit.limits", "ar.overdue",
-          "ar.payments", "crm.credit-reports")
+INPUTS = (
+    "credit.exposure",
+    "credit.assessments",
+    "credit.limits",
+    "ar.overdue",
+    "ar.payments",
+    "crm.credit-reports",
+)
 T0 = datetime(2026, 6, 1, 8, 0, tzinfo=UTC)
 LIMIT = 100_000
 
@@ -59,35 +65,80 @@ def _exposure(cid: str, n: int, at: datetime, rng: random.Random) -> dict[str, A
     buckets = dict.fromkeys(("1-30", "31-60", "61-90", "90+"), "0.00")
     if days:
         buckets[domain.overdue_bucket(days) or "1-30"] = _money(overdue)
-    return s.cloudevent("exposure.updated", cid, {
-        "customer_id": cid, "currency": "EUR", "open_receivables": _money(exposure),
-        "overdue_amount": _money(overdue), "overdue_buckets": buckets,
-        "max_days_overdue": days, "reserved": "0.00", "exposure": _money(exposure),
-        "limit": _money(LIMIT), "available": _money(LIMIT - exposure),
-        "utilization": f"{util:.4f}", "on_hold": False, "as_of": s.iso(at)},
-        id=f"exposure-{cid}-{n}", time=at, source="/e2e/limits")
+    return s.cloudevent(
+        "exposure.updated",
+        cid,
+        {
+            "customer_id": cid,
+            "currency": "EUR",
+            "open_receivables": _money(exposure),
+            "overdue_amount": _money(overdue),
+            "overdue_buckets": buckets,
+            "max_days_overdue": days,
+            "reserved": "0.00",
+            "exposure": _money(exposure),
+            "limit": _money(LIMIT),
+            "available": _money(LIMIT - exposure),
+            "utilization": f"{util:.4f}",
+            "on_hold": False,
+            "as_of": s.iso(at),
+        },
+        id=f"exposure-{cid}-{n}",
+        time=at,
+        source="/e2e/limits",
+    )
 
 
 def _report(cid: str, n: int, at: datetime, rng: random.Random) -> dict[str, Any]:
-    legal = rng.choice([[], [], [("lawsuit", at.date() - timedelta(days=40))],
-                        [("bankruptcy", at.date() - timedelta(days=5))],
-                        [("lien", at.date() - timedelta(days=90))]])
-    return s.credit_report(cid, f"R{n}", score=rng.randint(100, 800), legal=legal,
-                           defaults=rng.choice([0, 0, 0, 1]), at=at)
+    legal = rng.choice(
+        [
+            [],
+            [],
+            [("lawsuit", at.date() - timedelta(days=40))],
+            [("bankruptcy", at.date() - timedelta(days=5))],
+            [("lien", at.date() - timedelta(days=90))],
+        ]
+    )
+    return s.credit_report(
+        cid,
+        f"R{n}",
+        score=rng.randint(100, 800),
+        legal=legal,
+        defaults=rng.choice([0, 0, 0, 1]),
+        at=at,
+    )
 
 
-def _assessment(cid: str, n: int, at: datetime, grade: str, previous: str | None,
-                rng: random.Random) -> dict[str, Any]:
-    ratios = {"current_ratio": rng.choice(["0.8000", "1.6000", "2.1000"]),
-              "altman_z2": rng.choice(["0.5000", "1.9000", "3.2000"]),
-              "debt_to_equity": rng.choice(["0.6000", "-3.0000", "1.2000"])}
-    return s.cloudevent("assessment.completed", cid, {
-        "assessment_id": f"asm-{cid}-{n}", "customer_id": cid, "score": rng.randint(0, 100),
-        "grade": grade, "risk_level": RISK[grade], "previous_grade": previous,
-        "factors": [], "ratios": ratios, "override": None, "policy_version": POLICY.version,
-        "trigger": {"event_id": f"e2e-{cid}-{n}", "type": "financial_statement.published"},
-        "next_review_date": "2031-01-01", "assessed_at": s.iso(at)},
-        id=f"asm-{cid}-{n}", time=at, source="/creditwatch/assessment")
+def _assessment(
+    cid: str, n: int, at: datetime, grade: str, previous: str | None, rng: random.Random
+) -> dict[str, Any]:
+    ratios = {
+        "current_ratio": rng.choice(["0.8000", "1.6000", "2.1000"]),
+        "altman_z2": rng.choice(["0.5000", "1.9000", "3.2000"]),
+        "debt_to_equity": rng.choice(["0.6000", "-3.0000", "1.2000"]),
+    }
+    return s.cloudevent(
+        "assessment.completed",
+        cid,
+        {
+            "assessment_id": f"asm-{cid}-{n}",
+            "customer_id": cid,
+            "score": rng.randint(0, 100),
+            "grade": grade,
+            "risk_level": RISK[grade],
+            "previous_grade": previous,
+            "factors": [],
+            "ratios": ratios,
+            "override": None,
+            "policy_version": POLICY.version,
+            "trigger": {"event_id": f"e2e-{cid}-{n}", "type": "financial_statement.published"},
+            "next_review_date": "2031-01-01",
+            "assessed_at": s.iso(at),
+        },
+        id=f"asm-{cid}-{n}",
+        time=at,
+        source="/creditwatch/assessment",
+    )
 
 
 def stream(customers: int, seed: int) -> list[dict[str, Any]]:
@@ -108,20 +159,38 @@ def stream(customers: int, seed: int) -> list[dict[str, Any]]:
             elif roll < 0.6:
                 events.append(_report(cid, n, at, rng))
             elif roll < 0.75:
-                nxt = GRADES[min(max(GRADES.index(grade) + rng.choice([-2, -1, 1, 2, 3]), 0),
-                                 len(GRADES) - 1)] if grade else rng.choice(GRADES[:4])
+                nxt = (
+                    GRADES[
+                        min(
+                            max(GRADES.index(grade) + rng.choice([-2, -1, 1, 2, 3]), 0),
+                            len(GRADES) - 1,
+                        )
+                    ]
+                    if grade
+                    else rng.choice(GRADES[:4])
+                )
                 events.append(_assessment(cid, n, at, nxt, grade, rng))
                 grade = nxt
             elif roll < 0.88 or not paid:
                 pay = f"{cid}-P{n}"
-                events.append(s.payment(cid, pay, _money(rng.choice([500, 1000, 3000])),
-                                        received=at.date(), at=at))
+                events.append(
+                    s.payment(
+                        cid, pay, _money(rng.choice([500, 1000, 3000])), received=at.date(), at=at
+                    )
+                )
                 paid.append(pay)
             else:
                 pay = paid.pop(rng.randrange(len(paid)))
-                events.append(s.cloudevent("payment.reversed", cid, {
-                    "payment_id": pay, "customer_id": cid, "reason": "chargeback"},
-                    id=f"rev-{pay}", time=at, source="/e2e/bank"))
+                events.append(
+                    s.cloudevent(
+                        "payment.reversed",
+                        cid,
+                        {"payment_id": pay, "customer_id": cid, "reason": "chargeback"},
+                        id=f"rev-{pay}",
+                        time=at,
+                        source="/e2e/bank",
+                    )
+                )
         queues.append(events)
     out: list[dict[str, Any]] = []
     while queues:
@@ -143,19 +212,22 @@ def reference(events: list[dict[str, Any]]) -> list[domain.AlertChange]:
         assert model is not None
         st = states.get(env.subject) or domain.new_customer(env.subject)
         states[env.subject], done = domain.step(
-            st, domain.Event(env.type, f"{env.source}|{env.id}", env.time, model), POLICY)
+            st, domain.Event(env.type, f"{env.source}|{env.id}", env.time, model), POLICY
+        )
         changes += done
     return changes
 
 
 def items(events: list[dict[str, Any]]) -> list[tuple[str, bytes, bytes]]:
     """(contract topic, key, value) of each event, as an upstream producer sends it."""
-    return [(TOPIC_OF_TYPE[e["type"]], e["subject"].encode(), json.dumps(e).encode())
-            for e in events]
+    return [
+        (TOPIC_OF_TYPE[e["type"]], e["subject"].encode(), json.dumps(e).encode()) for e in events
+    ]
 
 
 async def test_sigkill_and_redelivery_never_raise_a_second_alert(
-        tmp_path: Path, postgres_server_url: str, kafka_bootstrap: str) -> None:
+    tmp_path: Path, postgres_server_url: str, kafka_bootstrap: str
+) -> None:
     started = time.monotonic()
     events = stream(customers=240, seed=20261128)
     assert len(events) > 3000
@@ -170,8 +242,13 @@ async def test_sigkill_and_redelivery_never_raise_a_second_alert(
     assert sum(len(v) > 1 for v in expected_raised.values()) > 50
     expected_ids = {f"{ch.alert.alert_id}-{ch.alert.version}" for ch in changes}
 
-    stack = Stack(tmp_path, postgres_server_url, kafka_bootstrap, services=("alerts",),
-                  CREDITWATCH_CONSUMER_MAX_RECORDS="40")
+    stack = Stack(
+        tmp_path,
+        postgres_server_url,
+        kafka_bootstrap,
+        services=("alerts",),
+        CREDITWATCH_CONSUMER_MAX_RECORDS="40",
+    )
     proc = stack.procs["alerts"]
     pub = await Publisher(kafka_bootstrap, stack.prefix).start()
     core = store.core
@@ -196,7 +273,7 @@ async def test_sigkill_and_redelivery_never_raise_a_second_alert(
             kills += 1
             if k == 1:
                 # Redelivery mid-stream: records it has already consumed come again.
-                await pub.send_raw(items(events[:threshold // 2]))
+                await pub.send_raw(items(events[: threshold // 2]))
             proc.start()
             await asyncio.to_thread(proc.wait_ready, 90)
         assert kills == 4
@@ -216,13 +293,25 @@ async def test_sigkill_and_redelivery_never_raise_a_second_alert(
         # The event store holds every event once.
         async with stack.engine.connect() as conn:
             assert await es.count_events(conn, core) == total
-            rows = list(await conn.execute(select(
-                store.alerts.c.customer_id, store.alerts.c.rule, store.alerts.c.alert_id,
-                store.alerts.c.status, store.alerts.c.severity, store.alerts.c.version)))
-            active = list(await conn.execute(
-                select(store.alerts.c.customer_id, store.alerts.c.rule, func.count())
-                .where(store.alerts.c.status.in_(store.ACTIVE))
-                .group_by(store.alerts.c.customer_id, store.alerts.c.rule)))
+            rows = list(
+                await conn.execute(
+                    select(
+                        store.alerts.c.customer_id,
+                        store.alerts.c.rule,
+                        store.alerts.c.alert_id,
+                        store.alerts.c.status,
+                        store.alerts.c.severity,
+                        store.alerts.c.version,
+                    )
+                )
+            )
+            active = list(
+                await conn.execute(
+                    select(store.alerts.c.customer_id, store.alerts.c.rule, func.count())
+                    .where(store.alerts.c.status.in_(store.ACTIVE))
+                    .group_by(store.alerts.c.customer_id, store.alerts.c.rule)
+                )
+            )
     finally:
         await pub.stop()
         await stack.stop()
@@ -231,8 +320,9 @@ async def test_sigkill_and_redelivery_never_raise_a_second_alert(
     assert active and max(n for _, _, n in active) == 1
     # Every alert the database holds, exactly as the clean run left it.
     last = {ch.alert.alert_id: ch.alert for ch in changes}  # each alert as it stood last
-    want = {a.alert_id: (a.customer_id, a.rule, a.status, a.severity, a.version)
-            for a in last.values()}
+    want = {
+        a.alert_id: (a.customer_id, a.rule, a.status, a.severity, a.version) for a in last.values()
+    }
     have = {r.alert_id: (r.customer_id, r.rule, r.status, r.severity, r.version) for r in rows}
     assert have == want
 
@@ -242,8 +332,9 @@ async def test_sigkill_and_redelivery_never_raise_a_second_alert(
     tap = await Tap(kafka_bootstrap, stack.prefix, topics=("credit.alerts",)).start()
     try:
         alert_ends = await s.end_offsets(kafka_bootstrap, [stack.topic("credit.alerts")])
-        await tap.wait_for("the whole of credit.alerts",
-                           lambda: len(tap.records) >= sum(alert_ends.values()))
+        await tap.wait_for(
+            "the whole of credit.alerts", lambda: len(tap.records) >= sum(alert_ends.values())
+        )
     finally:
         await tap.stop()
     by_id: dict[str, set[str]] = defaultdict(set)
@@ -257,9 +348,11 @@ async def test_sigkill_and_redelivery_never_raise_a_second_alert(
             raised[(r.data["customer_id"], r.data["rule"])].add(r.data["alert_id"])
     assert raised == expected_raised
     republished = Counter(r.event["id"] for r in tap.records)
-    print(f"{total} events, {len(changes)} alert changes, {len(expected_ids)} distinct "
-          f"alert events, {sum(republished.values()) - len(republished)} re-published after "
-          f"crashes, {kills} kills, {time.monotonic() - started:.0f}s")
+    print(
+        f"{total} events, {len(changes)} alert changes, {len(expected_ids)} distinct "
+        f"alert events, {sum(republished.values()) - len(republished)} re-published after "
+        f"crashes, {kills} kills, {time.monotonic() - started:.0f}s"
+    )
 
 
 def test_the_reference_does_not_depend_on_how_topics_interleave() -> None:
@@ -270,10 +363,11 @@ def test_the_reference_does_not_depend_on_how_topics_interleave() -> None:
     a = {ch.alert.alert_id: ch.alert for ch in reference(events)}
     b = {ch.alert.alert_id: ch.alert for ch in reference(by_topic)}
     assert a.keys() == b.keys()
-    assert all((a[k].status, a[k].severity, a[k].version) == (b[k].status, b[k].severity,
-                                                                b[k].version) for k in a)
+    assert all(
+        (a[k].status, a[k].severity, a[k].version) == (b[k].status, b[k].severity, b[k].version)
+        for k in a
+    )
 
 
 def _topic(event: dict[str, Any]) -> str:
     return TOPIC_OF_TYPE[event["type"]]
-

@@ -64,19 +64,26 @@ def _cmdline(pid: int) -> str:
 def test_dev_demo_comes_alive_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     assessment, limits, alerts, broker = free_ports(4)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITWATCH_")}
-    env.update({
-        "CREDITWATCH_ASSESSMENT_PORT": str(assessment),
-        "CREDITWATCH_LIMITS_PORT": str(limits),
-        "CREDITWATCH_ALERTS_PORT": str(alerts),
-        "CREDITWATCH_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker}",
-        "PYTHONPATH": str(ROOT),
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "CREDITWATCH_ASSESSMENT_PORT": str(assessment),
+            "CREDITWATCH_LIMITS_PORT": str(limits),
+            "CREDITWATCH_ALERTS_PORT": str(alerts),
+            "CREDITWATCH_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker}",
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     log = tmp_path / "dev.log"
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "dev", "--demo"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "dev", "--demo"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     lines: list[str] = []
 
     def pump() -> None:
@@ -119,26 +126,33 @@ def test_dev_demo_comes_alive_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> Non
             return f"http://127.0.0.1:{port}"
 
         for port in (assessment, limits, alerts):
-            wait(f"readiness on {port}",
-                 lambda port=port: httpx.get(f"{base(port)}/readyz", timeout=3).status_code
-                 == 200)
+            wait(
+                f"readiness on {port}",
+                lambda port=port: httpx.get(f"{base(port)}/readyz", timeout=3).status_code == 200,
+            )
         # The embedded broker runs as a child of the dev process.
         descendants = _children(proc.pid)
         assert any("tansu" in _cmdline(pid) for pid in descendants), descendants
 
         def checks_answered() -> bool:
             text = httpx.get(f"{base(limits)}/metrics", timeout=3).text
-            counts = re.findall(r"^creditwatch_credit_checks_total\{[^}]*\} (\S+)$", text,
-                                re.MULTILINE)
+            counts = re.findall(
+                r"^creditwatch_credit_checks_total\{[^}]*\} (\S+)$", text, re.MULTILINE
+            )
             return sum(float(c) for c in counts) > 0
 
         wait("credit checks on limits /metrics", checks_answered)
 
         def portfolio_exposure() -> bool:
-            body = httpx.get(f"{base(limits)}/v1/portfolio", headers=headers,
-                             params={"sort": "-exposure"}, timeout=5).json()
+            body = httpx.get(
+                f"{base(limits)}/v1/portfolio",
+                headers=headers,
+                params={"sort": "-exposure"},
+                timeout=5,
+            ).json()
             return float(body["totals"]["exposure"] or 0) > 0 and any(
-                float(i["exposure"]) > 0 for i in body["items"])
+                float(i["exposure"]) > 0 for i in body["items"]
+            )
 
         wait("exposure in the portfolio", portfolio_exposure)
 
@@ -148,8 +162,9 @@ def test_dev_demo_comes_alive_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> Non
             cursor = None
             while True:
                 params = {"limit": 500, **({"cursor": cursor} if cursor else {})}
-                body = httpx.get(f"{base(alerts)}/v1/alerts", headers=headers, params=params,
-                                 timeout=5).json()
+                body = httpx.get(
+                    f"{base(alerts)}/v1/alerts", headers=headers, params=params, timeout=5
+                ).json()
                 rules.update(a["rule"] for a in body["items"])
                 cursor = body["next_cursor"]
                 if not cursor:

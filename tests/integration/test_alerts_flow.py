@@ -33,24 +33,53 @@ TOKENS = TokenRegistry({"t": Principal("ops", frozenset({"credit:read", "alerts:
 
 
 def _settings(postgres_url: str, kafka_bootstrap: str, suffix: str) -> Settings:
-    topics: dict[str, Any] = {name: f"{default}.{suffix}" for name, default in (
-        ("topic_exposure", "credit.exposure"), ("topic_assessments", "credit.assessments"),
-        ("topic_limits", "credit.limits"), ("topic_overdue", "ar.overdue"),
-        ("topic_payments", "ar.payments"), ("topic_credit_reports", "crm.credit-reports"),
-        ("topic_alerts", "credit.alerts"), ("topic_dlq", "credit.dlq"))}
-    return Settings(database_url=postgres_url, kafka_bootstrap=kafka_bootstrap, dev_mode=True,
-                    scheduler_interval_s=0.2, **topics)
+    topics: dict[str, Any] = {
+        name: f"{default}.{suffix}"
+        for name, default in (
+            ("topic_exposure", "credit.exposure"),
+            ("topic_assessments", "credit.assessments"),
+            ("topic_limits", "credit.limits"),
+            ("topic_overdue", "ar.overdue"),
+            ("topic_payments", "ar.payments"),
+            ("topic_credit_reports", "crm.credit-reports"),
+            ("topic_alerts", "credit.alerts"),
+            ("topic_dlq", "credit.dlq"),
+        )
+    }
+    return Settings(
+        database_url=postgres_url,
+        kafka_bootstrap=kafka_bootstrap,
+        dev_mode=True,
+        scheduler_interval_s=0.2,
+        **topics,
+    )
 
 
 def _exposure(cid: str, exposure: str, n: int) -> Envelope:
     exp, lim = Decimal(exposure), Decimal("100000.00")
     when = datetime(2026, 3, 1, 9, n, tzinfo=UTC)
-    return new_event("exposure.updated", source="/creditwatch/limits", subject=cid, data={
-        "customer_id": cid, "currency": "EUR", "open_receivables": exposure,
-        "overdue_amount": "0.00", "overdue_buckets": {}, "max_days_overdue": 0,
-        "reserved": "0.00", "exposure": exposure, "limit": "100000.00",
-        "available": str(lim - exp), "utilization": str((exp / lim).quantize(Decimal("0.0001"))),
-        "on_hold": False, "as_of": when}, id=f"exposure-{cid}-{n}", time=when)
+    return new_event(
+        "exposure.updated",
+        source="/creditwatch/limits",
+        subject=cid,
+        data={
+            "customer_id": cid,
+            "currency": "EUR",
+            "open_receivables": exposure,
+            "overdue_amount": "0.00",
+            "overdue_buckets": {},
+            "max_days_overdue": 0,
+            "reserved": "0.00",
+            "exposure": exposure,
+            "limit": "100000.00",
+            "available": str(lim - exp),
+            "utilization": str((exp / lim).quantize(Decimal("0.0001"))),
+            "on_hold": False,
+            "as_of": when,
+        },
+        id=f"exposure-{cid}-{n}",
+        time=when,
+    )
 
 
 async def _start(settings: Settings) -> ServiceHost:
@@ -62,8 +91,12 @@ async def _start(settings: Settings) -> ServiceHost:
 
 
 async def _alerts(bootstrap: str, topic: str, want: int, wait_s: float) -> list[dict[str, Any]]:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                group_id=f"probe-{uuid.uuid4().hex[:8]}")
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        group_id=f"probe-{uuid.uuid4().hex[:8]}",
+    )
     await consumer.start()
     seen: list[dict[str, Any]] = []
     try:
@@ -85,9 +118,20 @@ async def _alerts(bootstrap: str, topic: str, want: int, wait_s: float) -> list[
 @pytest.fixture
 async def settings(postgres_url: str, kafka_bootstrap: str) -> AsyncIterator[Settings]:
     s = _settings(postgres_url, kafka_bootstrap, uuid.uuid4().hex[:8])
-    await create_topics_async(kafka_bootstrap, [
-        s.topic_exposure, s.topic_assessments, s.topic_limits, s.topic_overdue,
-        s.topic_payments, s.topic_credit_reports, s.topic_alerts, s.topic_dlq], partitions=3)
+    await create_topics_async(
+        kafka_bootstrap,
+        [
+            s.topic_exposure,
+            s.topic_assessments,
+            s.topic_limits,
+            s.topic_overdue,
+            s.topic_payments,
+            s.topic_credit_reports,
+            s.topic_alerts,
+            s.topic_dlq,
+        ],
+        partitions=3,
+    )
     engine = make_engine(postgres_url)
     try:
         await reset(engine, "alerts")
@@ -97,7 +141,8 @@ async def settings(postgres_url: str, kafka_bootstrap: str) -> AsyncIterator[Set
 
 
 async def test_one_alert_per_problem_survives_redelivery_and_restart(
-        settings: Settings, kafka_bootstrap: str) -> None:
+    settings: Settings, kafka_bootstrap: str
+) -> None:
     cid = f"C-{uuid.uuid4().hex[:6]}"
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     await producer.start()
@@ -107,7 +152,8 @@ async def test_one_alert_per_problem_survives_redelivery_and_restart(
         await producer.send_and_wait(settings.topic_exposure, first.to_json(), key=first.key)
         raised = await _alerts(kafka_bootstrap, settings.topic_alerts, want=1, wait_s=60)
         assert [(e["type"], e["data"]["rule"], e["_key"]) for e in raised] == [
-            ("alert.raised", "utilization_high", cid)]
+            ("alert.raised", "utilization_high", cid)
+        ]
 
         # The same event again (a producer retry), then a restart of the service.
         await producer.send_and_wait(settings.topic_exposure, first.to_json(), key=first.key)
@@ -120,10 +166,16 @@ async def test_one_alert_per_problem_survives_redelivery_and_restart(
         published = await _alerts(kafka_bootstrap, settings.topic_alerts, want=2, wait_s=60)
         assert [(e["type"], e["data"]["alert_id"]) for e in published] == [
             ("alert.raised", raised[0]["data"]["alert_id"]),
-            ("alert.resolved", raised[0]["data"]["alert_id"])]
+            ("alert.resolved", raised[0]["data"]["alert_id"]),
+        ]
         async with host.engine.connect() as conn:
-            count = (await conn.execute(select(func.count()).select_from(store.alerts)
-                                        .where(store.alerts.c.customer_id == cid))).scalar()
+            count = (
+                await conn.execute(
+                    select(func.count())
+                    .select_from(store.alerts)
+                    .where(store.alerts.c.customer_id == cid)
+                )
+            ).scalar()
         assert count == 1
         assert await host.core.verify() == []
     finally:

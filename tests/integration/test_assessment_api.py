@@ -28,10 +28,12 @@ pytestmark = pytest.mark.integration
 
 ANALYST = "analyst-token"
 READER = "reader-token"
-TOKENS = TokenRegistry({
-    ANALYST: Principal("ana", frozenset({"credit:read", "credit:write"})),
-    READER: Principal("rita", frozenset({"credit:read"})),
-})
+TOKENS = TokenRegistry(
+    {
+        ANALYST: Principal("ana", frozenset({"credit:read", "credit:write"})),
+        READER: Principal("rita", frozenset({"credit:read"})),
+    }
+)
 START = datetime(2026, 3, 1, 12, tzinfo=UTC)
 
 
@@ -54,15 +56,29 @@ class Service:
     clock: Clock
     offset: int = 0
 
-    async def consume(self, topic: str, event_type: str, data: dict[str, Any], *,
-                      time: str = "2026-01-01T00:00:00Z", event_id: str | None = None,
-                      subject: str = "C-1") -> None:
+    async def consume(
+        self,
+        topic: str,
+        event_type: str,
+        data: dict[str, Any],
+        *,
+        time: str = "2026-01-01T00:00:00Z",
+        event_id: str | None = None,
+        subject: str = "C-1",
+    ) -> None:
         self.offset += 1
-        envelope = {"specversion": "1.0", "id": event_id or f"evt-{self.offset}",
-                    "source": "/test", "type": event_type, "subject": subject, "time": time,
-                    "data": data}
-        await self.host.core.process_records([Record(topic, 0, self.offset, subject.encode(),
-                                                     json.dumps(envelope).encode())])
+        envelope = {
+            "specversion": "1.0",
+            "id": event_id or f"evt-{self.offset}",
+            "source": "/test",
+            "type": event_type,
+            "subject": subject,
+            "time": time,
+            "data": data,
+        }
+        await self.host.core.process_records(
+            [Record(topic, 0, self.offset, subject.encode(), json.dumps(envelope).encode())]
+        )
 
     async def outbox(self) -> list[tuple[str, str, dict[str, Any]]]:
         async with self.host.engine.connect() as conn:
@@ -91,26 +107,39 @@ def customer(**changes: Any) -> dict[str, Any]:
 
 def statement(currency: str = "EUR", statement_id: str = "FY2025") -> dict[str, Any]:
     return {
-        "statement_id": statement_id, "customer_id": "C-1", "period_end": "2025-12-31",
-        "period_months": 12, "currency": currency,
-        "balance_sheet": {"current_assets": "500.00", "total_assets": "1000.00",
-                          "current_liabilities": "250.00", "total_liabilities": "600.00",
-                          "equity": "400.00", "retained_earnings": "200.00"},
-        "income_statement": {"revenue": "1200.00", "ebit": "100.00", "interest_expense": "20.00",
-                             "net_income": "60.00"},
+        "statement_id": statement_id,
+        "customer_id": "C-1",
+        "period_end": "2025-12-31",
+        "period_months": 12,
+        "currency": currency,
+        "balance_sheet": {
+            "current_assets": "500.00",
+            "total_assets": "1000.00",
+            "current_liabilities": "250.00",
+            "total_liabilities": "600.00",
+            "equity": "400.00",
+            "retained_earnings": "200.00",
+        },
+        "income_statement": {
+            "revenue": "1200.00",
+            "ebit": "100.00",
+            "interest_expense": "20.00",
+            "net_income": "60.00",
+        },
     }
 
 
 async def registered_and_rated(svc: Service) -> None:
     await svc.consume("crm.customers", "customer.registered", customer())
-    await svc.consume("crm.financials", "financial_statement.published", statement(),
-                      time="2026-02-01T00:00:00Z")
+    await svc.consume(
+        "crm.financials", "financial_statement.published", statement(), time="2026-02-01T00:00:00Z"
+    )
 
 
 # ---- consuming ----------------------------------------------------------------------------------
 
 
-async def test_given_a_registration_and_a_statement_when_consumed_then_both_assessments_are_published(  # noqa: E501
+async def test_given_a_registration_and_a_statement_when_consumed_then_both_assessments_are_published(
     service: Service,
 ) -> None:
     await registered_and_rated(service)
@@ -140,8 +169,9 @@ async def test_given_a_statement_without_fx_rate_when_consumed_then_it_is_dead_l
     service: Service,
 ) -> None:
     await service.consume("crm.customers", "customer.registered", customer())
-    await service.consume("crm.financials", "financial_statement.published",
-                          statement(currency="KRW"))
+    await service.consume(
+        "crm.financials", "financial_statement.published", statement(currency="KRW")
+    )
     topics = [topic for topic, _, _ in await service.outbox()]
     assert topics == ["credit.assessments", "credit.dlq"]
     dead = (await service.outbox())[-1][2]["data"]
@@ -154,28 +184,43 @@ async def test_given_a_statement_without_fx_rate_when_consumed_then_it_is_dead_l
 # ---- reading ------------------------------------------------------------------------------------
 
 
-async def test_given_several_assessments_when_the_history_is_read_then_it_is_newest_first_and_paginated(  # noqa: E501
+async def test_given_several_assessments_when_the_history_is_read_then_it_is_newest_first_and_paginated(
     service: Service,
 ) -> None:
     await registered_and_rated(service)
-    await service.consume("crm.financials", "financial_statement.published",
-                          statement(statement_id="FY2025b"), time="2026-02-10T00:00:00Z")
-    page = (await service.client.get("/v1/customers/C-1/assessments?limit=2",
-                                     headers=auth())).json()
-    assert [i["assessed_at"] for i in page["items"]] == \
-        ["2026-02-10T00:00:00Z", "2026-02-01T00:00:00Z"]
-    rest = (await service.client.get(
-        f"/v1/customers/C-1/assessments?limit=2&cursor={page['next_cursor']}",
-        headers=auth())).json()
+    await service.consume(
+        "crm.financials",
+        "financial_statement.published",
+        statement(statement_id="FY2025b"),
+        time="2026-02-10T00:00:00Z",
+    )
+    page = (
+        await service.client.get("/v1/customers/C-1/assessments?limit=2", headers=auth())
+    ).json()
+    assert [i["assessed_at"] for i in page["items"]] == [
+        "2026-02-10T00:00:00Z",
+        "2026-02-01T00:00:00Z",
+    ]
+    rest = (
+        await service.client.get(
+            f"/v1/customers/C-1/assessments?limit=2&cursor={page['next_cursor']}", headers=auth()
+        )
+    ).json()
     assert [i["assessed_at"] for i in rest["items"]] == ["2026-01-01T00:00:00Z"]
     assert rest["next_cursor"] is None
-    as_of = (await service.client.get(
-        "/v1/customers/C-1/assessments", params={"as_of": "2026-02-05T00:00:00+00:00"},
-        headers=auth())).json()
+    as_of = (
+        await service.client.get(
+            "/v1/customers/C-1/assessments",
+            params={"as_of": "2026-02-05T00:00:00+00:00"},
+            headers=auth(),
+        )
+    ).json()
     assert [i["grade"] for i in as_of["items"]] == ["BBB", "BB"]
     beyond = await service.client.get(  # past the range of dates once in UTC: 422, not 500
-        "/v1/customers/C-1/assessments", params={"as_of": "9999-12-31T23:59:59-01:00"},
-        headers=auth())
+        "/v1/customers/C-1/assessments",
+        params={"as_of": "9999-12-31T23:59:59-01:00"},
+        headers=auth(),
+    )
     assert beyond.status_code == 422 and beyond.json()["field"] == "as_of"
 
 
@@ -186,10 +231,12 @@ async def test_given_unknown_customers_when_read_then_404_but_only_after_auth(
     response = await service.client.get("/v1/customers/C-9/assessment", headers=auth())
     assert response.status_code == 404
     assert response.headers["content-type"] == "application/problem+json"
-    assert (await service.client.get("/v1/customers/C-9/assessments",
-                                     headers=auth())).status_code == 404
-    forbidden = await service.client.post("/v1/customers/C-9/assessment/recompute",
-                                          headers=auth(READER))
+    assert (
+        await service.client.get("/v1/customers/C-9/assessments", headers=auth())
+    ).status_code == 404
+    forbidden = await service.client.post(
+        "/v1/customers/C-9/assessment/recompute", headers=auth(READER)
+    )
     assert forbidden.status_code == 403
 
 
@@ -202,14 +249,19 @@ async def test_given_an_override_when_posted_then_a_new_assessment_carries_it_un
     await registered_and_rated(service)
     expires = START + timedelta(days=30)
     response = await service.client.post(
-        "/v1/customers/C-1/assessment/override", headers=auth(),
-        json={"grade": "CCC", "reason": "management turnover",
-              "expires_at": expires.isoformat()})
+        "/v1/customers/C-1/assessment/override",
+        headers=auth(),
+        json={"grade": "CCC", "reason": "management turnover", "expires_at": expires.isoformat()},
+    )
     assert response.status_code == 201
     body = response.json()
     assert (body["grade"], body["risk_level"], body["previous_grade"]) == ("CCC", "high", "BBB")
-    assert body["override"] == {"grade": "CCC", "reason": "management turnover", "by": "ana",
-                                "expires_at": "2026-03-31T12:00:00Z"}
+    assert body["override"] == {
+        "grade": "CCC",
+        "reason": "management turnover",
+        "by": "ana",
+        "expires_at": "2026-03-31T12:00:00Z",
+    }
     assert body["trigger"]["type"] == "assessment.override_set"
     assert (await service.outbox())[-1][2]["data"] == body
 
@@ -219,11 +271,9 @@ async def test_given_an_override_when_posted_then_a_new_assessment_carries_it_un
     assert await service.host.core.run_due() == 1
     assert await service.host.core.run_due() == 0
     latest = (await service.client.get("/v1/customers/C-1/assessment", headers=auth())).json()
-    assert (latest["grade"], latest["override"], latest["previous_grade"]) == \
-        ("BBB", None, "CCC")
+    assert (latest["grade"], latest["override"], latest["previous_grade"]) == ("BBB", None, "CCC")
     assert latest["assessed_at"] == "2026-03-31T12:00:00Z"
-    withdraw = await service.client.delete("/v1/customers/C-1/assessment/override",
-                                           headers=auth())
+    withdraw = await service.client.delete("/v1/customers/C-1/assessment/override", headers=auth())
     assert withdraw.status_code == 404
 
 
@@ -241,8 +291,9 @@ async def test_given_an_invalid_override_when_posted_then_422_names_the_field(
     service: Service, body: dict[str, Any], field: str
 ) -> None:
     await registered_and_rated(service)
-    response = await service.client.post("/v1/customers/C-1/assessment/override",
-                                         headers=auth(), json=body)
+    response = await service.client.post(
+        "/v1/customers/C-1/assessment/override", headers=auth(), json=body
+    )
     assert response.status_code == 422
     assert response.json()["field"] == field
     assert len(await service.outbox()) == 2  # nothing new published
@@ -252,10 +303,12 @@ async def test_given_a_withdrawn_override_when_deleted_then_the_computed_grade_i
     service: Service,
 ) -> None:
     await registered_and_rated(service)
-    await service.client.post("/v1/customers/C-1/assessment/override", headers=auth(),
-                              json={"grade": "A", "reason": "strong parent"})
-    response = await service.client.delete("/v1/customers/C-1/assessment/override",
-                                           headers=auth())
+    await service.client.post(
+        "/v1/customers/C-1/assessment/override",
+        headers=auth(),
+        json={"grade": "A", "reason": "strong parent"},
+    )
+    response = await service.client.delete("/v1/customers/C-1/assessment/override", headers=auth())
     assert response.status_code == 200
     assert (response.json()["grade"], response.json()["override"]) == ("BBB", None)
 
@@ -264,8 +317,7 @@ async def test_given_a_recompute_request_when_posted_then_the_customer_is_reasse
     service: Service,
 ) -> None:
     await registered_and_rated(service)
-    response = await service.client.post("/v1/customers/C-1/assessment/recompute",
-                                         headers=auth())
+    response = await service.client.post("/v1/customers/C-1/assessment/recompute", headers=auth())
     assert response.status_code == 200
     body = response.json()
     assert body["trigger"]["type"] == "assessment.recompute_requested"
@@ -281,21 +333,27 @@ async def test_given_review_dates_when_listed_then_those_before_the_date_are_due
     service: Service,
 ) -> None:
     for cid in ("C-1", "C-2", "C-3"):
-        await service.consume("crm.customers", "customer.registered", customer(customer_id=cid),
-                              subject=cid)  # BB: reviewed on 2026-07-01
+        await service.consume(
+            "crm.customers", "customer.registered", customer(customer_id=cid), subject=cid
+        )  # BB: reviewed on 2026-07-01
     due = (await service.client.get("/v1/reviews/due", headers=auth(READER))).json()
     assert due["items"] == [] and due["before"] == "2026-03-01"
-    first = (await service.client.get("/v1/reviews/due?before=2026-07-02&limit=2",
-                                      headers=auth())).json()
+    first = (
+        await service.client.get("/v1/reviews/due?before=2026-07-02&limit=2", headers=auth())
+    ).json()
     assert [i["customer_id"] for i in first["items"]] == ["C-1", "C-2"]
     assert first["items"][0]["next_review_date"] == "2026-07-01"
-    rest = (await service.client.get(
-        f"/v1/reviews/due?before=2026-07-02&limit=2&cursor={first['next_cursor']}",
-        headers=auth())).json()
+    rest = (
+        await service.client.get(
+            f"/v1/reviews/due?before=2026-07-02&limit=2&cursor={first['next_cursor']}",
+            headers=auth(),
+        )
+    ).json()
     assert [i["customer_id"] for i in rest["items"]] == ["C-3"]
     assert rest["next_cursor"] is None
-    on_the_day = (await service.client.get("/v1/reviews/due?before=2026-07-01",
-                                           headers=auth())).json()
+    on_the_day = (
+        await service.client.get("/v1/reviews/due?before=2026-07-01", headers=auth())
+    ).json()
     assert on_the_day["items"] == []
 
 
@@ -303,9 +361,19 @@ async def test_given_graded_customers_when_the_gauges_refresh_then_they_count_by
     service: Service,
 ) -> None:
     await registered_and_rated(service)
-    await service.consume("ar.invoices", "invoice.issued", {
-        "invoice_id": "I-1", "customer_id": "C-9", "amount": "10.00", "currency": "EUR",
-        "issue_date": "2026-01-01", "due_date": "2026-01-31"}, subject="C-9")
+    await service.consume(
+        "ar.invoices",
+        "invoice.issued",
+        {
+            "invoice_id": "I-1",
+            "customer_id": "C-9",
+            "amount": "10.00",
+            "currency": "EUR",
+            "issue_date": "2026-01-01",
+            "due_date": "2026-01-31",
+        },
+        subject="C-9",
+    )
     await refresh_grade_gauges(service.host.engine, load_policy())
     assert metrics.CUSTOMERS.labels("BBB")._value.get() == 1
     assert metrics.CUSTOMERS.labels("unrated")._value.get() == 1
@@ -316,20 +384,42 @@ async def test_given_a_history_when_replayed_then_the_projections_are_reproduced
     service: Service,
 ) -> None:
     await registered_and_rated(service)
-    await service.client.post("/v1/customers/C-1/assessment/override", headers=auth(),
-                              json={"grade": "B", "reason": "x"})
-    await service.consume("ar.invoices", "invoice.issued", {
-        "invoice_id": "I-1", "customer_id": "C-1", "amount": "10.00", "currency": "EUR",
-        "issue_date": "2026-01-01", "due_date": "2026-01-31"}, time="2026-03-01T00:00:00Z")
-    await service.consume("ar.payments", "payment.received", {
-        "payment_id": "P-1", "customer_id": "C-1", "amount": "10.00", "currency": "EUR",
-        "received_date": "2026-03-02"}, time="2026-03-02T00:00:00Z")
+    await service.client.post(
+        "/v1/customers/C-1/assessment/override", headers=auth(), json={"grade": "B", "reason": "x"}
+    )
+    await service.consume(
+        "ar.invoices",
+        "invoice.issued",
+        {
+            "invoice_id": "I-1",
+            "customer_id": "C-1",
+            "amount": "10.00",
+            "currency": "EUR",
+            "issue_date": "2026-01-01",
+            "due_date": "2026-01-31",
+        },
+        time="2026-03-01T00:00:00Z",
+    )
+    await service.consume(
+        "ar.payments",
+        "payment.received",
+        {
+            "payment_id": "P-1",
+            "customer_id": "C-1",
+            "amount": "10.00",
+            "currency": "EUR",
+            "received_date": "2026-03-02",
+        },
+        time="2026-03-02T00:00:00Z",
+    )
     assert await service.host.core.verify() == []
     async with service.host.engine.connect() as conn:
-        before = list(await conn.execute(select(store.assessments.c.body)
-                                         .order_by(store.assessments.c.seq)))
+        before = list(
+            await conn.execute(select(store.assessments.c.body).order_by(store.assessments.c.seq))
+        )
     await service.host.core.replay()
     async with service.host.engine.connect() as conn:
-        after = list(await conn.execute(select(store.assessments.c.body)
-                                        .order_by(store.assessments.c.seq)))
+        after = list(
+            await conn.execute(select(store.assessments.c.body).order_by(store.assessments.c.seq))
+        )
     assert before == after and len(after) == 4

@@ -26,20 +26,39 @@ TOKENS = TokenRegistry({"t": Principal("ana", frozenset({"credit:read", "credit:
 
 
 @pytest.fixture
-async def running(postgres_url: str, kafka_bootstrap: str) -> AsyncIterator[
-        tuple[ServiceHost, Settings]]:
+async def running(
+    postgres_url: str, kafka_bootstrap: str
+) -> AsyncIterator[tuple[ServiceHost, Settings]]:
     run = uuid.uuid4().hex[:8]
     # Topics of this run only, so that other tests' records never reach it.
-    topics: dict[str, Any] = {f"topic_{name}": f"{topic}-{run}" for name, topic in (
-        ("customers", "crm.customers"), ("financials", "crm.financials"),
-        ("credit_reports", "crm.credit-reports"), ("invoices", "ar.invoices"),
-        ("payments", "ar.payments"), ("overdue", "ar.overdue"),
-        ("assessments", "credit.assessments"), ("dlq", "credit.dlq"))}
+    topics: dict[str, Any] = {
+        f"topic_{name}": f"{topic}-{run}"
+        for name, topic in (
+            ("customers", "crm.customers"),
+            ("financials", "crm.financials"),
+            ("credit_reports", "crm.credit-reports"),
+            ("invoices", "ar.invoices"),
+            ("payments", "ar.payments"),
+            ("overdue", "ar.overdue"),
+            ("assessments", "credit.assessments"),
+            ("dlq", "credit.dlq"),
+        )
+    }
     settings = Settings(database_url=postgres_url, kafka_bootstrap=kafka_bootstrap, **topics)
-    await create_topics_async(kafka_bootstrap, [
-        settings.topic_customers, settings.topic_financials, settings.topic_credit_reports,
-        settings.topic_invoices, settings.topic_payments, settings.topic_overdue,
-        settings.topic_assessments, settings.topic_dlq], partitions=2)
+    await create_topics_async(
+        kafka_bootstrap,
+        [
+            settings.topic_customers,
+            settings.topic_financials,
+            settings.topic_credit_reports,
+            settings.topic_invoices,
+            settings.topic_payments,
+            settings.topic_overdue,
+            settings.topic_assessments,
+            settings.topic_dlq,
+        ],
+        partitions=2,
+    )
     _app, host = build(settings, tokens=TOKENS)
     await reset(host.engine, "assessment")
     await host.start()
@@ -52,17 +71,30 @@ async def running(postgres_url: str, kafka_bootstrap: str) -> AsyncIterator[
         await host.close()
 
 
-def envelope(event_id: str, event_type: str, data: dict[str, Any],
-             time: str = "2026-01-01T00:00:00Z") -> bytes:
-    return json.dumps({"specversion": "1.0", "id": event_id, "source": "/test",
-                       "type": event_type, "subject": data["customer_id"], "time": time,
-                       "data": data}).encode()
+def envelope(
+    event_id: str, event_type: str, data: dict[str, Any], time: str = "2026-01-01T00:00:00Z"
+) -> bytes:
+    return json.dumps(
+        {
+            "specversion": "1.0",
+            "id": event_id,
+            "source": "/test",
+            "type": event_type,
+            "subject": data["customer_id"],
+            "time": time,
+            "data": data,
+        }
+    ).encode()
 
 
 async def read(bootstrap: str, topic: str, count: int, linger: float = 0.0) -> list[Any]:
     """At least ``count`` records of ``topic``, and whatever more comes within ``linger``."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                group_id=f"reader-{uuid.uuid4().hex[:8]}")
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        group_id=f"reader-{uuid.uuid4().hex[:8]}",
+    )
     await consumer.start()
     records: list[Any] = []
     try:
@@ -81,20 +113,36 @@ async def read(bootstrap: str, topic: str, count: int, linger: float = 0.0) -> l
 
 
 async def test_given_events_on_kafka_when_consumed_then_assessments_and_dead_letters_come_out(
-    running: tuple[ServiceHost, Settings], kafka_bootstrap: str,
+    running: tuple[ServiceHost, Settings],
+    kafka_bootstrap: str,
 ) -> None:
     host, settings = running
-    registered = envelope("reg-1", "customer.registered",
-                          {"customer_id": "C-1", "name": "Acme", "currency": "EUR",
-                           "industry": "J"})
-    published = envelope("fs-1", "financial_statement.published", {
-        "statement_id": "FY2025", "customer_id": "C-1", "period_end": "2025-12-31",
-        "period_months": 12, "currency": "USD",
-        "balance_sheet": {"current_assets": "500.00", "total_assets": "1000.00",
-                          "current_liabilities": "250.00", "total_liabilities": "600.00",
-                          "equity": "400.00", "retained_earnings": "200.00"},
-        "income_statement": {"revenue": "1200.00", "ebit": "100.00", "net_income": "60.00"},
-    }, time="2026-02-01T00:00:00Z")
+    registered = envelope(
+        "reg-1",
+        "customer.registered",
+        {"customer_id": "C-1", "name": "Acme", "currency": "EUR", "industry": "J"},
+    )
+    published = envelope(
+        "fs-1",
+        "financial_statement.published",
+        {
+            "statement_id": "FY2025",
+            "customer_id": "C-1",
+            "period_end": "2025-12-31",
+            "period_months": 12,
+            "currency": "USD",
+            "balance_sheet": {
+                "current_assets": "500.00",
+                "total_assets": "1000.00",
+                "current_liabilities": "250.00",
+                "total_liabilities": "600.00",
+                "equity": "400.00",
+                "retained_earnings": "200.00",
+            },
+            "income_statement": {"revenue": "1200.00", "ebit": "100.00", "net_income": "60.00"},
+        },
+        time="2026-02-01T00:00:00Z",
+    )
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     await producer.start()
     try:
@@ -123,19 +171,28 @@ async def test_given_events_on_kafka_when_consumed_then_assessments_and_dead_let
 
 
 async def test_given_bad_statements_on_kafka_then_each_is_dead_lettered_with_its_reason(
-    running: tuple[ServiceHost, Settings], kafka_bootstrap: str,
+    running: tuple[ServiceHost, Settings],
+    kafka_bootstrap: str,
 ) -> None:
     # Given three statements no analyst could use
     host, settings = running
 
     def statement(statement_id: str, **changes: Any) -> bytes:
         data: dict[str, Any] = {
-            "statement_id": statement_id, "customer_id": "C-9", "period_end": "2025-12-31",
-            "period_months": 12, "currency": "EUR",
-            "balance_sheet": {"current_assets": "500.00", "total_assets": "1000.00",
-                              "current_liabilities": "250.00", "total_liabilities": "600.00",
-                              "equity": "400.00"},
-            "income_statement": {"revenue": "1200.00", "net_income": "60.00"}}
+            "statement_id": statement_id,
+            "customer_id": "C-9",
+            "period_end": "2025-12-31",
+            "period_months": 12,
+            "currency": "EUR",
+            "balance_sheet": {
+                "current_assets": "500.00",
+                "total_assets": "1000.00",
+                "current_liabilities": "250.00",
+                "total_liabilities": "600.00",
+                "equity": "400.00",
+            },
+            "income_statement": {"revenue": "1200.00", "net_income": "60.00"},
+        }
         for key, value in changes.items():
             part, _, name = key.partition("__")
             if name:
@@ -144,9 +201,11 @@ async def test_given_bad_statements_on_kafka_then_each_is_dead_lettered_with_its
                 data[part] = value
         return envelope(f"fs-{statement_id}", "financial_statement.published", data)
 
-    bad = [statement("NEG", balance_sheet__total_assets="-5.00"),
-           statement("NAN", balance_sheet__total_liabilities="lots"),
-           statement("PM5", period_months=5)]
+    bad = [
+        statement("NEG", balance_sheet__total_assets="-5.00"),
+        statement("NAN", balance_sheet__total_liabilities="lots"),
+        statement("PM5", period_months=5),
+    ]
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     await producer.start()
     try:
@@ -156,22 +215,26 @@ async def test_given_bad_statements_on_kafka_then_each_is_dead_lettered_with_its
         await producer.stop()
 
     # When they are consumed, then each is in credit.dlq with its reason and field
-    dead = [json.loads(m.value)["data"] for m in await read(kafka_bootstrap,
-                                                            settings.topic_dlq, 3)]
+    dead = [json.loads(m.value)["data"] for m in await read(kafka_bootstrap, settings.topic_dlq, 3)]
     assert sorted((d["reason"], d["error"].split(":")[0]) for d in dead) == [
         ("invalid_amount", "data.balance_sheet.total_assets"),
         ("invalid_amount", "data.balance_sheet.total_liabilities"),
         ("invalid_field", "data.period_months"),
     ]
-    assert all(d["service"] == "assessment" and d["topic"] == settings.topic_financials
-               for d in dead)
+    assert all(
+        d["service"] == "assessment" and d["topic"] == settings.topic_financials for d in dead
+    )
     # …and nothing was assessed from them
     async with host.engine.connect() as conn:
         from sqlalchemy import func, select
 
         from services.assessment import store
 
-        stored = (await conn.execute(select(func.count()).select_from(store.assessments)
-                                     .where(store.assessments.c.customer_id == "C-9"))
-                  ).scalar_one()
+        stored = (
+            await conn.execute(
+                select(func.count())
+                .select_from(store.assessments)
+                .where(store.assessments.c.customer_id == "C-9")
+            )
+        ).scalar_one()
     assert stored == 0

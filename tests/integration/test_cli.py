@@ -26,26 +26,44 @@ ROOT = Path(__file__).resolve().parents[2]
 def creditwatch(*args: str, url: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITWATCH_")}
     env["CREDITWATCH_DATABASE_URL"] = url
-    return subprocess.run([sys.executable, "-m", "services.cli", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 async def fill(url: str) -> None:
     engine = make_engine(url)
     settings = Settings()
-    core = EventCore(LimitsService(settings, load_policy(None)), engine,
-                     topic_of_type=settings.topic_of_type())
-    await core.process_records(f.records([
-        f.customer("C1"), f.invoice("C1", "I1", "100.00"), f.payment("C1", "P1", "40.00"),
-        f.customer("C2"), f.invoice("C2", "I2", "7.50")]))
+    core = EventCore(
+        LimitsService(settings, load_policy(None)), engine, topic_of_type=settings.topic_of_type()
+    )
+    await core.process_records(
+        f.records(
+            [
+                f.customer("C1"),
+                f.invoice("C1", "I1", "100.00"),
+                f.payment("C1", "P1", "40.00"),
+                f.customer("C2"),
+                f.invoice("C2", "I2", "7.50"),
+            ]
+        )
+    )
     await engine.dispose()
 
 
 async def tamper(url: str) -> None:
     engine = make_engine(url)
     async with engine.begin() as conn:
-        await conn.execute(update(store.customers).where(store.customers.c.customer_id == "C1")
-                           .values(max_days_overdue=999))
+        await conn.execute(
+            update(store.customers)
+            .where(store.customers.c.customer_id == "C1")
+            .values(max_days_overdue=999)
+        )
     await engine.dispose()
 
 

@@ -36,10 +36,12 @@ from tests.streams import Item
 pytestmark = pytest.mark.integration
 
 
-async def committed_offsets(bootstrap: str, group: str,
-                            partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
-                                enable_auto_commit=False)
+async def committed_offsets(
+    bootstrap: str, group: str, partitions: list[tuple[str, int]]
+) -> dict[tuple[str, int], int]:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
     await consumer.start()
     try:
         out = {}
@@ -66,7 +68,8 @@ def item(event: dict, topic: str) -> Item:
 
 
 async def test_while_a_batch_is_held_up_the_committed_offsets_stay_with_the_database(
-        tmp_path: Path, postgres_server_url: str, kafka_bootstrap: str) -> None:
+    tmp_path: Path, postgres_server_url: str, kafka_bootstrap: str
+) -> None:
     prefix = f"t{uuid.uuid4().hex[:8]}"
     url = servers.create_database(postgres_server_url)
     await create(kafka_bootstrap, prefix)
@@ -75,8 +78,9 @@ async def test_while_a_batch_is_held_up_the_committed_offsets_stay_with_the_data
     customers = [f"C{n:03d}" for n in range(40)]
     try:
         proc.start().wait_ready(90)
-        await produce(kafka_bootstrap, prefix, [item(f.customer(c), "crm.customers")
-                                                for c in customers])
+        await produce(
+            kafka_bootstrap, prefix, [item(f.customer(c), "crm.customers") for c in customers]
+        )
         await wait_caught_up(url, await end_offsets(kafka_bootstrap, prefix), proc, 60)
         await asyncio.sleep(1.5)  # lag commits go at most once a second
 
@@ -84,19 +88,26 @@ async def test_while_a_batch_is_held_up_the_committed_offsets_stay_with_the_data
         raw = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
         try:
             async with raw.transaction():
-                await raw.execute(f"SELECT 1 FROM {store.customers.name} "
-                                  "WHERE customer_id = $1 FOR UPDATE", customers[0])
-                invoices = [item(f.invoice(c, f"I-{c}-{n}", "100.00"), "ar.invoices")
-                            for n in range(5) for c in customers]
+                await raw.execute(
+                    f"SELECT 1 FROM {store.customers.name} WHERE customer_id = $1 FOR UPDATE",
+                    customers[0],
+                )
+                invoices = [
+                    item(f.invoice(c, f"I-{c}-{n}", "100.00"), "ar.invoices")
+                    for n in range(5)
+                    for c in customers
+                ]
                 await produce(kafka_bootstrap, prefix, invoices)
                 ends = await end_offsets(kafka_bootstrap, prefix)
                 partitions = [tp for tp in ends if tp[0].endswith("ar.invoices")]
                 await asyncio.sleep(4)  # several lag commits (one a second while fetching)
-                committed = await committed_offsets(kafka_bootstrap, f"{prefix}-limits",
-                                                    partitions)
+                committed = await committed_offsets(kafka_bootstrap, f"{prefix}-limits", partitions)
                 stored = await stored_offsets(url, partitions)
-                ahead = {tp: (offset, stored.get(tp)) for tp, offset in committed.items()
-                         if offset > stored.get(tp, 0)}
+                ahead = {
+                    tp: (offset, stored.get(tp))
+                    for tp, offset in committed.items()
+                    if offset > stored.get(tp, 0)
+                }
                 assert ahead == {}, f"committed ahead of the database: {ahead}"
         finally:
             await raw.close()

@@ -29,26 +29,43 @@ from tests.processes import ServiceProcess, service_env
 from tests.streams import Item, ledger
 
 pytestmark = pytest.mark.integration
-TOPICS = ("crm.customers", "ar.invoices", "ar.payments", "ar.overdue", "credit.assessments",
-          "credit.exposure", "credit.limits", "credit.dlq")
+TOPICS = (
+    "crm.customers",
+    "ar.invoices",
+    "ar.payments",
+    "ar.overdue",
+    "credit.assessments",
+    "credit.exposure",
+    "credit.limits",
+    "credit.dlq",
+)
 
 
 def topic_env(prefix: str) -> dict[str, str]:
-    names = {"crm.customers": "CUSTOMERS", "ar.invoices": "INVOICES", "ar.payments": "PAYMENTS",
-             "ar.overdue": "OVERDUE", "credit.assessments": "ASSESSMENTS",
-             "credit.exposure": "EXPOSURE", "credit.limits": "LIMITS", "credit.dlq": "DLQ"}
+    names = {
+        "crm.customers": "CUSTOMERS",
+        "ar.invoices": "INVOICES",
+        "ar.payments": "PAYMENTS",
+        "ar.overdue": "OVERDUE",
+        "credit.assessments": "ASSESSMENTS",
+        "credit.exposure": "EXPOSURE",
+        "credit.limits": "LIMITS",
+        "credit.dlq": "DLQ",
+    }
     env = {f"CREDITWATCH_TOPIC_{v}": f"{prefix}.{k}" for k, v in names.items()}
     env["CREDITWATCH_CONSUMER_GROUP_PREFIX"] = prefix
     return env
 
 
 async def produce(bootstrap: str, prefix: str, items: list[Item]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
-                                max_request_size=4 * 1024 * 1024)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_request_size=4 * 1024 * 1024
+    )
     await producer.start()
     try:
-        futures = [await producer.send(f"{prefix}.{it.topic}", value=it.value, key=it.key)
-                   for it in items]
+        futures = [
+            await producer.send(f"{prefix}.{it.topic}", value=it.value, key=it.key) for it in items
+        ]
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
@@ -82,22 +99,27 @@ def pure_fold(items: list[Item]) -> tuple[dict[str, domain.CustomerState], Count
 async def stored_states(url: str) -> dict[str, domain.CustomerState]:
     engine = make_engine(url)
     async with engine.connect() as conn:
-        states = await store.read_states(conn, (await conn.execute(
-            select(store.customers.c.customer_id))).scalars())
+        states = await store.read_states(
+            conn, (await conn.execute(select(store.customers.c.customer_id))).scalars()
+        )
     await engine.dispose()
     return states
 
 
-def differences(actual: dict[str, domain.CustomerState],
-                expected: dict[str, domain.CustomerState], ids: list[str]) -> str:
+def differences(
+    actual: dict[str, domain.CustomerState],
+    expected: dict[str, domain.CustomerState],
+    ids: list[str],
+) -> str:
     """Which fields differ, for a failure message that shows what went wrong."""
     lines = []
     for cid in ids:
         got, want = comparable(actual[cid]), comparable(expected[cid])
         for name in (f.name for f in fields(got)):
             if getattr(got, name) != getattr(want, name):
-                lines.append(f"{cid}.{name}: stored {getattr(got, name)!r}, "
-                             f"fold {getattr(want, name)!r}")
+                lines.append(
+                    f"{cid}.{name}: stored {getattr(got, name)!r}, fold {getattr(want, name)!r}"
+                )
     return "\n".join(lines)
 
 
@@ -110,10 +132,14 @@ async def end_offsets(bootstrap: str, prefix: str) -> dict[tuple[str, int], int]
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await consumer.start()
     try:
-        tps = [TopicPartition(f"{prefix}.{t}", p) for t in ("crm.customers", "ar.invoices",
-                                                          "ar.payments", "ar.overdue")
-               for p in (consumer.partitions_for_topic(f"{prefix}.{t}") or
-                         await _partitions(consumer, f"{prefix}.{t}"))]
+        tps = [
+            TopicPartition(f"{prefix}.{t}", p)
+            for t in ("crm.customers", "ar.invoices", "ar.payments", "ar.overdue")
+            for p in (
+                consumer.partitions_for_topic(f"{prefix}.{t}")
+                or await _partitions(consumer, f"{prefix}.{t}")
+            )
+        ]
         ends = await consumer.end_offsets(tps)
     finally:
         await consumer.stop()
@@ -145,8 +171,12 @@ async def wait_caught_up(url: str, ends: dict, proc: ServiceProcess, seconds: fl
 
 async def dead_letters(bootstrap: str, prefix: str) -> dict[str, dict]:
     """The dead-letter topic, read from the start, by event id (the relay is at-least-once)."""
-    consumer = AIOKafkaConsumer(f"{prefix}.credit.dlq", bootstrap_servers=bootstrap,
-                                auto_offset_reset="earliest", group_id=f"{prefix}-reader")
+    consumer = AIOKafkaConsumer(
+        f"{prefix}.credit.dlq",
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        group_id=f"{prefix}-reader",
+    )
     await consumer.start()
     out: dict[str, dict] = {}
     try:
@@ -169,19 +199,25 @@ async def create(bootstrap: str, prefix: str) -> None:
 
 
 def expected_dead(stream: list[Item], rejected: Counter[str]) -> Counter[str]:
-    reasons = Counter(it.kind for it in stream if it.kind not in ("valid", "duplicate",
-                                                                  "no_fx_rate"))
+    reasons = Counter(
+        it.kind for it in stream if it.kind not in ("valid", "duplicate", "no_fx_rate")
+    )
     return reasons + rejected
 
 
-async def run_stream(tmp_path: Path, postgres_server_url: str, kafka_bootstrap: str,
-                     *, crash_points: int) -> None:
+async def run_stream(
+    tmp_path: Path, postgres_server_url: str, kafka_bootstrap: str, *, crash_points: int
+) -> None:
     prefix = f"t{uuid.uuid4().hex[:8]}"
     url = servers.create_database(postgres_server_url)
     registrations, stream = ledger(customers=500, total=20_000, seed=len(prefix))
     await create(kafka_bootstrap, prefix)
-    env = service_env(database_url=url, bootstrap=kafka_bootstrap, **topic_env(prefix),
-                      CREDITWATCH_CONSUMER_MAX_RECORDS="200" if crash_points else "500")
+    env = service_env(
+        database_url=url,
+        bootstrap=kafka_bootstrap,
+        **topic_env(prefix),
+        CREDITWATCH_CONSUMER_MAX_RECORDS="200" if crash_points else "500",
+    )
     proc = ServiceProcess("limits", env, tmp_path)
     try:
         proc.start().wait_ready(90)
@@ -192,8 +228,7 @@ async def run_stream(tmp_path: Path, postgres_server_url: str, kafka_bootstrap: 
         rng = random.Random(prefix)
         engine = make_engine(url)
         total = 500 + sum(1 for it in stream if it.kind == "valid")
-        thresholds = sorted(rng.randint(total // 10, total * 9 // 10)
-                            for _ in range(crash_points))
+        thresholds = sorted(rng.randint(total // 10, total * 9 // 10) for _ in range(crash_points))
         kills = 0
         for threshold in thresholds:
             # Kill the consumer the moment the store passes a random point of the stream.
@@ -223,29 +258,43 @@ async def run_stream(tmp_path: Path, postgres_server_url: str, kafka_bootstrap: 
     for cid in list(expected)[:50]:
         # Figures as of one business time, whatever date the scheduler has aged to.
         assert domain.figures(comparable(actual[cid]), policy, at) == domain.figures(
-            comparable(expected[cid]), policy, at)
+            comparable(expected[cid]), policy, at
+        )
     # …applied once: the store holds each valid unique event exactly once…
     engine = make_engine(url)
     async with engine.connect() as conn:
-        count = (await conn.execute(select(func.count()).select_from(store.core.events)
-                                    .where(store.core.events.c.topic.is_not(None))
-                                    )).scalar_one()
+        count = (
+            await conn.execute(
+                select(func.count())
+                .select_from(store.core.events)
+                .where(store.core.events.c.topic.is_not(None))
+            )
+        ).scalar_one()
     await engine.dispose()
-    unique_valid = len({(decode(it.value).source, decode(it.value).id)
-                        for it in registrations + stream if it.kind in ("valid", "duplicate")})
+    unique_valid = len(
+        {
+            (decode(it.value).source, decode(it.value).id)
+            for it in registrations + stream
+            if it.kind in ("valid", "duplicate")
+        }
+    )
     assert count == unique_valid
     # …and every malformed record is in the dead-letter topic with its reason.
     dlq = await dead_letters(kafka_bootstrap, prefix)
     assert Counter(e["data"]["reason"] for e in dlq.values()) == expected_dead(stream, rejected)
-    assert all(e["data"]["service"] == "limits" and e["type"] == "event.dead_lettered"
-               for e in dlq.values())
+    assert all(
+        e["data"]["service"] == "limits" and e["type"] == "event.dead_lettered"
+        for e in dlq.values()
+    )
 
 
 async def test_twenty_thousand_events_equal_a_pure_fold_and_bad_ones_are_dead_lettered(
-        tmp_path, postgres_server_url, kafka_bootstrap):
+    tmp_path, postgres_server_url, kafka_bootstrap
+):
     await run_stream(tmp_path, postgres_server_url, kafka_bootstrap, crash_points=0)
 
 
 async def test_sigkill_at_five_random_points_converges_to_the_same_fold(
-        tmp_path, postgres_server_url, kafka_bootstrap):
+    tmp_path, postgres_server_url, kafka_bootstrap
+):
     await run_stream(tmp_path, postgres_server_url, kafka_bootstrap, crash_points=5)

@@ -38,13 +38,16 @@ ORDERS = "orders-token"  # order entry
 READER = "reader-token"
 ANALYST = "analyst-token"  # ana: may request limits and decide others' requests
 APPROVER = "approver-token"  # bob
-TOKENS = TokenRegistry({
-    ORDERS: Principal("order-entry", frozenset({"credit:check"})),
-    READER: Principal("rita", frozenset({"credit:read"})),
-    ANALYST: Principal("ana", frozenset({"credit:read", "credit:write", "credit:approve",
-                                         "credit:check"})),
-    APPROVER: Principal("bob", frozenset({"credit:read", "credit:approve"})),
-})
+TOKENS = TokenRegistry(
+    {
+        ORDERS: Principal("order-entry", frozenset({"credit:check"})),
+        READER: Principal("rita", frozenset({"credit:read"})),
+        ANALYST: Principal(
+            "ana", frozenset({"credit:read", "credit:write", "credit:approve", "credit:check"})
+        ),
+        APPROVER: Principal("bob", frozenset({"credit:read", "credit:approve"})),
+    }
+)
 START = datetime(2026, 3, 1, 12, tzinfo=UTC)
 D = Decimal
 
@@ -68,52 +71,113 @@ class Service:
     clock: Clock
     offsets: dict[str, int] = field(default_factory=dict)
 
-    async def consume(self, topic: str, event_type: str, data: dict[str, Any], *,
-                      time: str = "2026-03-01T09:00:00Z", event_id: str | None = None) -> Any:
+    async def consume(
+        self,
+        topic: str,
+        event_type: str,
+        data: dict[str, Any],
+        *,
+        time: str = "2026-03-01T09:00:00Z",
+        event_id: str | None = None,
+    ) -> Any:
         offset = self.offsets.get(topic, -1) + 1
         self.offsets[topic] = offset
         subject = data["customer_id"]
-        envelope = {"specversion": "1.0", "id": event_id or f"{topic}-{offset}",
-                    "source": "/test", "type": event_type, "subject": subject, "time": time,
-                    "data": data}
-        return await self.host.core.process_records([Record(
-            topic, 0, offset, subject.encode(), json.dumps(envelope).encode())])
+        envelope = {
+            "specversion": "1.0",
+            "id": event_id or f"{topic}-{offset}",
+            "source": "/test",
+            "type": event_type,
+            "subject": subject,
+            "time": time,
+            "data": data,
+        }
+        return await self.host.core.process_records(
+            [Record(topic, 0, offset, subject.encode(), json.dumps(envelope).encode())]
+        )
 
-    async def register(self, cid: str, *, currency: str = "EUR", parent: str | None = None,
-                       name: str | None = None) -> None:
-        data: dict[str, Any] = {"customer_id": cid, "name": name or f"Customer {cid}",
-                                "currency": currency}
+    async def register(
+        self, cid: str, *, currency: str = "EUR", parent: str | None = None, name: str | None = None
+    ) -> None:
+        data: dict[str, Any] = {
+            "customer_id": cid,
+            "name": name or f"Customer {cid}",
+            "currency": currency,
+        }
         if parent:
             data["parent_id"] = parent
-        await self.consume("crm.customers", "customer.registered", data,
-                           time="2026-01-01T00:00:00Z")
+        await self.consume(
+            "crm.customers", "customer.registered", data, time="2026-01-01T00:00:00Z"
+        )
 
     async def assess(self, cid: str, grade: str, *, time: str = "2026-01-02T00:00:00Z") -> None:
-        await self.consume("credit.assessments", "assessment.completed", {
-            "assessment_id": f"as-{cid}-{grade}-{time}", "customer_id": cid, "score": 60,
-            "grade": grade, "risk_level": "medium", "policy_version": "2026.1",
-            "assessed_at": time}, time=time)
+        await self.consume(
+            "credit.assessments",
+            "assessment.completed",
+            {
+                "assessment_id": f"as-{cid}-{grade}-{time}",
+                "customer_id": cid,
+                "score": 60,
+                "grade": grade,
+                "risk_level": "medium",
+                "policy_version": "2026.1",
+                "assessed_at": time,
+            },
+            time=time,
+        )
 
-    async def invoice(self, cid: str, invoice_id: str, amount: str, *, issued: str = "2026-02-20",
-                      due: str = "2026-03-20", currency: str = "EUR",
-                      order_id: str | None = None, time: str | None = None) -> None:
-        data = {"invoice_id": invoice_id, "customer_id": cid, "amount": amount,
-                "currency": currency, "issue_date": issued, "due_date": due}
+    async def invoice(
+        self,
+        cid: str,
+        invoice_id: str,
+        amount: str,
+        *,
+        issued: str = "2026-02-20",
+        due: str = "2026-03-20",
+        currency: str = "EUR",
+        order_id: str | None = None,
+        time: str | None = None,
+    ) -> None:
+        data = {
+            "invoice_id": invoice_id,
+            "customer_id": cid,
+            "amount": amount,
+            "currency": currency,
+            "issue_date": issued,
+            "due_date": due,
+        }
         if order_id:
             data["order_id"] = order_id
-        await self.consume("ar.invoices", "invoice.issued", data,
-                           time=time or f"{issued}T09:00:00Z")
+        await self.consume(
+            "ar.invoices", "invoice.issued", data, time=time or f"{issued}T09:00:00Z"
+        )
 
     async def customer(self, cid: str, grade: str | None = "BBB", **kw: Any) -> None:
         await self.register(cid, **kw)
         if grade:
             await self.assess(cid, grade)
 
-    async def check(self, cid: str, order_id: str, amount: str, *, currency: str = "EUR",
-                    token: str = ORDERS, **extra: Any) -> httpx.Response:
-        return await self.client.post("/v1/credit-checks", headers=auth(token), json={
-            "order_id": order_id, "customer_id": cid, "amount": amount, "currency": currency,
-            **extra})
+    async def check(
+        self,
+        cid: str,
+        order_id: str,
+        amount: str,
+        *,
+        currency: str = "EUR",
+        token: str = ORDERS,
+        **extra: Any,
+    ) -> httpx.Response:
+        return await self.client.post(
+            "/v1/credit-checks",
+            headers=auth(token),
+            json={
+                "order_id": order_id,
+                "customer_id": cid,
+                "amount": amount,
+                "currency": currency,
+                **extra,
+            },
+        )
 
     async def decided(self, cid: str, order_id: str, amount: str, **kw: Any) -> dict[str, Any]:
         response = await self.check(cid, order_id, amount, **kw)
@@ -122,8 +186,9 @@ class Service:
         return body
 
     async def exposure(self, cid: str, **params: str) -> dict[str, Any]:
-        response = await self.client.get(f"/v1/customers/{cid}/exposure", params=params,
-                                         headers=auth(READER))
+        response = await self.client.get(
+            f"/v1/customers/{cid}/exposure", params=params, headers=auth(READER)
+        )
         assert response.status_code == 200, response.text
         body: dict[str, Any] = response.json()
         return body
@@ -137,14 +202,17 @@ class Service:
     async def outbox(self, topic: str | None = None) -> list[dict[str, Any]]:
         async with self.host.engine.connect() as conn:
             rows = await es.pending_outbox(conn, store.core, 10_000)
-        return [json.loads(r.value) | {"_key": r.key} for r in rows
-                if topic is None or r.topic == topic]
+        return [
+            json.loads(r.value) | {"_key": r.key} for r in rows if topic is None or r.topic == topic
+        ]
 
     async def temporary_request(self, cid: str, amount: str, ends: datetime) -> str:
         """A temporary limit requested by the analyst: its request id."""
         response = await self.client.post(
-            f"/v1/customers/{cid}/limit-requests", headers=auth(),
-            json={"requested_limit": amount, "reason": "season", "expires_at": ends.isoformat()})
+            f"/v1/customers/{cid}/limit-requests",
+            headers=auth(),
+            json={"requested_limit": amount, "reason": "season", "expires_at": ends.isoformat()},
+        )
         assert response.status_code == 201, response.text
         request_id: str = response.json()["request_id"]
         return request_id
@@ -156,8 +224,9 @@ class Service:
 @pytest.fixture
 async def svc(postgres_url: str) -> AsyncIterator[Service]:
     clock = Clock()
-    app, host = build(Settings(database_url=postgres_url), tokens=TOKENS, consume=False,
-                      clock=clock)
+    app, host = build(
+        Settings(database_url=postgres_url), tokens=TOKENS, consume=False, clock=clock
+    )
     await reset(host.engine, "limits")
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://limits") as client:
@@ -168,8 +237,9 @@ async def svc(postgres_url: str) -> AsyncIterator[Service]:
 @pytest.fixture
 async def bare(postgres_url: str) -> AsyncIterator[httpx.AsyncClient]:
     """The app alone, for calls refused before the database is touched (auth, validation)."""
-    app, host = build(Settings(database_url=postgres_url), tokens=TOKENS, consume=False,
-                      clock=Clock())
+    app, host = build(
+        Settings(database_url=postgres_url), tokens=TOKENS, consume=False, clock=Clock()
+    )
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://limits") as client:
         yield client
@@ -186,17 +256,39 @@ async def test_given_room_when_an_order_is_checked_then_it_is_approved_and_reser
     await svc.invoice("C-1", "I-1", "20000.00")
     body = await svc.decided("C-1", "SO-1", "1500.00")
     assert body["decision"] == "approved" and body["reasons"] == ["within_limit"]
-    assert {k: body[k] for k in ("order_id", "customer_id", "limit", "exposure", "reserved",
-                                 "available", "shortfall", "currency", "grade")} == {
-        "order_id": "SO-1", "customer_id": "C-1", "limit": "100000.00",
-        "exposure": "21500.00", "reserved": "1500.00", "available": "78500.00",
-        "shortfall": "0.00", "currency": "EUR", "grade": "BBB"}
+    assert {
+        k: body[k]
+        for k in (
+            "order_id",
+            "customer_id",
+            "limit",
+            "exposure",
+            "reserved",
+            "available",
+            "shortfall",
+            "currency",
+            "grade",
+        )
+    } == {
+        "order_id": "SO-1",
+        "customer_id": "C-1",
+        "limit": "100000.00",
+        "exposure": "21500.00",
+        "reserved": "1500.00",
+        "available": "78500.00",
+        "shortfall": "0.00",
+        "currency": "EUR",
+        "grade": "BBB",
+    }
     assert body["evaluated_at"] == "2026-03-01T12:00:00Z"
     assert body["reservation_expires_at"] == "2026-03-04T12:00:00Z"  # policy TTL 72 h
 
     exposure = await svc.exposure("C-1")
-    assert (exposure["reserved"], exposure["exposure"], exposure["available"]) == \
-        ("1500.00", "21500.00", "78500.00")
+    assert (exposure["reserved"], exposure["exposure"], exposure["available"]) == (
+        "1500.00",
+        "21500.00",
+        "78500.00",
+    )
     stored = await svc.client.get(f"/v1/credit-checks/{body['check_id']}", headers=auth(READER))
     assert stored.status_code == 200 and stored.json() == body
     published = (await svc.outbox("credit.exposure"))[-1]
@@ -251,8 +343,11 @@ async def test_given_an_approved_order_when_amended_then_judged_on_the_new_amoun
     # Not approved: the earlier reservation stays as it was, and the figures say so.
     too_big = await svc.decided("C-1", "SO-1", "9000.00")
     assert (too_big["decision"], too_big["reasons"]) == ("rejected", ["exceeds_available"])
-    assert (too_big["reserved"], too_big["exposure"], too_big["available"]) == \
-        ("4000.00", "5000.00", "0.00")
+    assert (too_big["reserved"], too_big["exposure"], too_big["available"]) == (
+        "4000.00",
+        "5000.00",
+        "0.00",
+    )
     assert too_big["shortfall"] == "5000.00"  # 9,000 − the 4,000 the order could have
     assert (await svc.exposure("C-1"))["reserved"] == "4000.00"
 
@@ -300,18 +395,27 @@ async def test_given_the_limit_when_checked_around_it_then_exact_fit_approves_an
     await svc.customer("C-1", "BBB")
     await svc.invoice("C-1", "I-1", "60000.00")
     unreserved = await svc.decided("C-1", "SO-1", "40000.00", reserve=False)
-    assert (unreserved["decision"], unreserved["reserved"], unreserved["available"]) == \
-        ("approved", "0.00", "40000.00")  # reserve: false holds nothing back
+    assert (unreserved["decision"], unreserved["reserved"], unreserved["available"]) == (
+        "approved",
+        "0.00",
+        "40000.00",
+    )  # reserve: false holds nothing back
 
     review = await svc.decided("C-1", "SO-2", "44999.99")
-    assert (review["decision"], review["reasons"], review["shortfall"]) == \
-        ("review", ["exceeds_available"], "4999.99")
+    assert (review["decision"], review["reasons"], review["shortfall"]) == (
+        "review",
+        ["exceeds_available"],
+        "4999.99",
+    )
     rejected = await svc.decided("C-1", "SO-3", "45000.00")  # by exactly the 5 % tolerance
     assert (rejected["decision"], rejected["shortfall"]) == ("rejected", "5000.00")
     assert (await svc.exposure("C-1"))["reserved"] == "0.00"  # neither reserved anything
     exact = await svc.decided("C-1", "SO-4", "40000.00")
-    assert (exact["decision"], exact["exposure"], exact["available"]) == \
-        ("approved", "100000.00", "0.00")
+    assert (exact["decision"], exact["exposure"], exact["available"]) == (
+        "approved",
+        "100000.00",
+        "0.00",
+    )
 
 
 async def test_given_each_reason_when_checked_then_it_is_reported(svc: Service) -> None:
@@ -324,8 +428,10 @@ async def test_given_each_reason_when_checked_then_it_is_reported(svc: Service) 
 
     # grade_not_eligible: the worst grade (whose policy limit is 0 as well).
     await svc.customer("C-D", "D")
-    assert (await svc.decided("C-D", "SO-3", "10.00"))["reasons"] == \
-        ["grade_not_eligible", "no_credit_limit"]
+    assert (await svc.decided("C-D", "SO-3", "10.00"))["reasons"] == [
+        "grade_not_eligible",
+        "no_credit_limit",
+    ]
 
     # overdue_beyond_tolerance: 1,000 overdue for 45 days.
     await svc.customer("C-LATE", "BBB")
@@ -352,8 +458,9 @@ async def test_given_each_reason_when_checked_then_it_is_reported(svc: Service) 
 
 async def test_given_a_hold_when_placed_and_released_then_checks_follow_it(svc: Service) -> None:
     await svc.customer("C-1", "BBB")
-    placed = await svc.client.post("/v1/customers/C-1/hold", headers=auth(),
-                                   json={"reason": "disputed invoices"})
+    placed = await svc.client.post(
+        "/v1/customers/C-1/hold", headers=auth(), json={"reason": "disputed invoices"}
+    )
     assert placed.status_code == 200 and placed.json()["on_hold"] is True
     held = await svc.decided("C-1", "SO-1", "10.00")
     assert (held["decision"], held["reasons"]) == ("rejected", ["credit_hold"])
@@ -365,10 +472,13 @@ async def test_given_a_hold_when_placed_and_released_then_checks_follow_it(svc: 
     assert released.status_code == 200 and released.json()["on_hold"] is False
     assert (await svc.decided("C-1", "SO-2", "10.00"))["decision"] == "approved"
     changes = await svc.limit_changes("C-1")
-    assert [(c["reason"], c["changed_by"], c["on_hold"]) for c in changes[-2:]] == \
-        [("hold", "ana", True), ("release", "ana", False)]
-    unknown = await svc.client.post("/v1/customers/C-NONE/hold", headers=auth(),
-                                    json={"reason": "x"})
+    assert [(c["reason"], c["changed_by"], c["on_hold"]) for c in changes[-2:]] == [
+        ("hold", "ana", True),
+        ("release", "ana", False),
+    ]
+    unknown = await svc.client.post(
+        "/v1/customers/C-NONE/hold", headers=auth(), json={"reason": "x"}
+    )
     assert unknown.status_code == 404
 
 
@@ -400,10 +510,12 @@ async def test_given_a_group_when_checked_then_the_group_room_counts_for_child_a
     assert child["shortfall"] == "10000.00"
 
     fits = await svc.decided("G-CHILD", "SO-2", "4000.00")
-    assert (fits["decision"], fits["limit"], fits["available"]) == \
-        ("approved", "100000.00", "6000.00")
-    assert fits["group"] == {"limit": "100000.00", "exposure": "94000.00",
-                             "available": "6000.00"}
+    assert (fits["decision"], fits["limit"], fits["available"]) == (
+        "approved",
+        "100000.00",
+        "6000.00",
+    )
+    assert fits["group"] == {"limit": "100000.00", "exposure": "94000.00", "available": "6000.00"}
 
     parent = await svc.decided("G-PARENT", "SO-3", "20000.00")
     assert (parent["decision"], parent["reasons"]) == ("rejected", ["exceeds_group_available"])
@@ -411,12 +523,20 @@ async def test_given_a_group_when_checked_then_the_group_room_counts_for_child_a
 
     body = await svc.exposure("G-PARENT")
     assert (body["exposure"], body["available"]) == ("30000.00", "70000.00")
-    assert body["group"] == {"members": 2, "limit": "100000.00", "exposure": "94000.00",
-                             "available": "6000.00"}
+    assert body["group"] == {
+        "members": 2,
+        "limit": "100000.00",
+        "exposure": "94000.00",
+        "available": "6000.00",
+    }
     assert "group" not in await svc.exposure("G-CHILD")
     then = await svc.exposure("G-PARENT", as_of="2026-02-22T00:00:00Z")  # before I-2
-    assert then["group"] == {"members": 2, "limit": "100000.00", "exposure": "30000.00",
-                             "available": "70000.00"}
+    assert then["group"] == {
+        "members": 2,
+        "limit": "100000.00",
+        "exposure": "30000.00",
+        "available": "70000.00",
+    }
 
 
 async def test_given_a_group_in_several_currencies_then_each_member_counts_converted(
@@ -428,12 +548,17 @@ async def test_given_a_group_in_several_currencies_then_each_member_counts_conve
     await svc.customer("GE-CHILD", None, parent="GE-PARENT", currency="JPY")
     await svc.invoice("GE-CHILD", "I-1", "5000000", currency="JPY")
     parent = await svc.decided("GE-PARENT", "SO-1", "1000.00")
-    assert (parent["decision"], parent["group"]) == ("approved", {
-        "limit": "100000.00", "exposure": "31500.00", "available": "68500.00"})
+    assert (parent["decision"], parent["group"]) == (
+        "approved",
+        {"limit": "100000.00", "exposure": "31500.00", "available": "68500.00"},
+    )
     assert (await svc.exposure("GE-PARENT"))["group"]["exposure"] == "31500.00"
     child = await svc.decided("GE-CHILD", "SO-2", "1000000", currency="JPY")
-    assert (child["decision"], child["currency"], child["limit"]) == \
-        ("approved", "JPY", "16393443")  # the parent's 100,000.00 EUR, in yen
+    assert (child["decision"], child["currency"], child["limit"]) == (
+        "approved",
+        "JPY",
+        "16393443",
+    )  # the parent's 100,000.00 EUR, in yen
 
     # The other way round: a JPY parent (16,393,443 JPY) whose EUR child owes 90,000.00 EUR
     # (14,754,098 JPY) has 1,639,345 JPY of room, not 16,303,443.
@@ -442,11 +567,13 @@ async def test_given_a_group_in_several_currencies_then_each_member_counts_conve
     await svc.invoice("GJ-CHILD", "I-2", "90000.00")
     over = await svc.decided("GJ-PARENT", "SO-3", "3000000", currency="JPY")
     assert (over["decision"], over["reasons"]) == ("rejected", ["exceeds_group_available"])
-    assert over["group"] == {"limit": "16393443", "exposure": "14754098",
-                             "available": "1639345"}
+    assert over["group"] == {"limit": "16393443", "exposure": "14754098", "available": "1639345"}
     fits = await svc.decided("GJ-CHILD", "SO-4", "5000.00")
-    assert (fits["decision"], fits["limit"], fits["available"]) == \
-        ("approved", "100000.00", "5000.00")
+    assert (fits["decision"], fits["limit"], fits["available"]) == (
+        "approved",
+        "100000.00",
+        "5000.00",
+    )
 
 
 # ---- exposure -----------------------------------------------------------------------------------
@@ -458,39 +585,79 @@ async def test_given_ar_events_when_exposure_is_read_now_and_as_of_then_both_are
     await svc.customer("C-1", "BBB")
     await svc.invoice("C-1", "I-1", "1000.00", issued="2026-01-01", due="2026-01-31")
     await svc.invoice("C-1", "I-2", "500.00", issued="2026-02-10", due="2026-03-12")
-    await svc.consume("ar.payments", "payment.received", {
-        "payment_id": "P-1", "customer_id": "C-1", "amount": "300.00", "currency": "EUR",
-        "received_date": "2026-02-15"}, time="2026-02-15T10:00:00Z")
+    await svc.consume(
+        "ar.payments",
+        "payment.received",
+        {
+            "payment_id": "P-1",
+            "customer_id": "C-1",
+            "amount": "300.00",
+            "currency": "EUR",
+            "received_date": "2026-02-15",
+        },
+        time="2026-02-15T10:00:00Z",
+    )
 
     now = await svc.exposure("C-1")
     ExposureUpdated.model_validate(now)
-    assert {k: now[k] for k in ("open_receivables", "overdue_amount", "overdue_buckets",
-                                "max_days_overdue", "reserved", "exposure", "limit",
-                                "available", "utilization", "on_hold", "currency")} == {
-        "open_receivables": "1200.00", "overdue_amount": "700.00",
+    assert {
+        k: now[k]
+        for k in (
+            "open_receivables",
+            "overdue_amount",
+            "overdue_buckets",
+            "max_days_overdue",
+            "reserved",
+            "exposure",
+            "limit",
+            "available",
+            "utilization",
+            "on_hold",
+            "currency",
+        )
+    } == {
+        "open_receivables": "1200.00",
+        "overdue_amount": "700.00",
         "overdue_buckets": {"1-30": "700.00", "31-60": "0.00", "61-90": "0.00", "90+": "0.00"},
-        "max_days_overdue": 29, "reserved": "0.00", "exposure": "1200.00",
-        "limit": "100000.00", "available": "98800.00", "utilization": "0.0120",
-        "on_hold": False, "currency": "EUR"}
+        "max_days_overdue": 29,
+        "reserved": "0.00",
+        "exposure": "1200.00",
+        "limit": "100000.00",
+        "available": "98800.00",
+        "utilization": "0.0120",
+        "on_hold": False,
+        "currency": "EUR",
+    }
     assert now["as_of"] == "2026-03-01T12:00:00Z"
 
     before_payment = await svc.exposure("C-1", as_of="2026-02-12T00:00:00Z")
-    assert (before_payment["open_receivables"], before_payment["max_days_overdue"]) == \
-        ("1500.00", 12)
+    assert (before_payment["open_receivables"], before_payment["max_days_overdue"]) == (
+        "1500.00",
+        12,
+    )
     assert before_payment["as_of"] == "2026-02-12T00:00:00Z"
     assert before_payment["overdue_buckets"]["1-30"] == "1000.00"
     # Before anything happened to a customer known now: nothing owed, nothing granted.
     early = await svc.exposure("C-1", as_of="2025-12-01T00:00:00Z")
-    assert (early["open_receivables"], early["exposure"], early["limit"], early["as_of"]) == \
-        ("0.00", "0.00", "0.00", "2025-12-01T00:00:00Z")
+    assert (early["open_receivables"], early["exposure"], early["limit"], early["as_of"]) == (
+        "0.00",
+        "0.00",
+        "0.00",
+        "2025-12-01T00:00:00Z",
+    )
     for params in ({}, {"as_of": "2026-02-12T00:00:00Z"}):
-        unknown = await svc.client.get("/v1/customers/C-NONE/exposure", params=params,
-                                       headers=auth(READER))
+        unknown = await svc.client.get(
+            "/v1/customers/C-NONE/exposure", params=params, headers=auth(READER)
+        )
         assert unknown.status_code == 404 and unknown.json()["field"] == "customer_id"
-    for as_of in ("2026-02-12T00:00:00",  # naive
-                  "9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00"):  # past UTC's range
-        bad = await svc.client.get("/v1/customers/C-1/exposure", params={"as_of": as_of},
-                                   headers=auth(READER))
+    for as_of in (
+        "2026-02-12T00:00:00",  # naive
+        "9999-12-31T23:59:59-01:00",
+        "0001-01-01T00:00:00+01:00",
+    ):  # past UTC's range
+        bad = await svc.client.get(
+            "/v1/customers/C-1/exposure", params={"as_of": as_of}, headers=auth(READER)
+        )
         assert bad.status_code == 422 and bad.json()["field"] == "as_of", (as_of, bad.text)
 
 
@@ -499,19 +666,28 @@ async def test_given_an_invoice_for_the_order_when_consumed_then_it_consumes_the
 ) -> None:
     await svc.customer("C-1", "BBB")
     await svc.decided("C-1", "SO-1", "1000.00")
-    await svc.invoice("C-1", "I-1", "400.00", order_id="SO-1", issued="2026-03-01",
-                      time="2026-03-01T13:00:00Z")
+    await svc.invoice(
+        "C-1", "I-1", "400.00", order_id="SO-1", issued="2026-03-01", time="2026-03-01T13:00:00Z"
+    )
     body = await svc.exposure("C-1")
-    assert (body["open_receivables"], body["reserved"], body["exposure"]) == \
-        ("400.00", "600.00", "1000.00")
-    await svc.invoice("C-1", "I-2", "700.00", order_id="SO-1", issued="2026-03-01",
-                      time="2026-03-01T14:00:00Z")
+    assert (body["open_receivables"], body["reserved"], body["exposure"]) == (
+        "400.00",
+        "600.00",
+        "1000.00",
+    )
+    await svc.invoice(
+        "C-1", "I-2", "700.00", order_id="SO-1", issued="2026-03-01", time="2026-03-01T14:00:00Z"
+    )
     body = await svc.exposure("C-1")
-    assert (body["open_receivables"], body["reserved"], body["exposure"]) == \
-        ("1100.00", "0.00", "1100.00")
+    assert (body["open_receivables"], body["reserved"], body["exposure"]) == (
+        "1100.00",
+        "0.00",
+        "1100.00",
+    )
     # Fully invoiced: nothing left to release.
-    assert (await svc.client.delete("/v1/credit-checks/SO-1",
-                                    headers=auth(ORDERS))).status_code == 404
+    assert (
+        await svc.client.delete("/v1/credit-checks/SO-1", headers=auth(ORDERS))
+    ).status_code == 404
 
 
 async def test_given_a_reservation_when_its_ttl_passes_then_the_scheduler_frees_it(
@@ -547,8 +723,7 @@ async def test_given_checks_then_each_live_reservation_is_a_row_and_the_document
     document, held = await stored()
     assert held == {"SO-0": "1.00"}
     assert "SO-0" not in document
-    responses = await asyncio.gather(*(svc.check("C-1", f"SO-{n}", "100.00")
-                                       for n in range(1, 11)))
+    responses = await asyncio.gather(*(svc.check("C-1", f"SO-{n}", "100.00") for n in range(1, 11)))
     assert all(r.json()["decision"] == "approved" for r in responses)
     after, held = await stored()
     assert after == document
@@ -576,32 +751,49 @@ async def test_given_grade_changes_when_the_limit_is_read_then_it_and_its_histor
     await svc.assess("C-1", "A", time="2026-02-01T00:00:00Z")
     await svc.assess("C-1", "BB", time="2026-02-15T00:00:00Z")
     limit = await svc.limit("C-1")
-    assert {k: limit[k] for k in ("limit", "currency", "grade", "source", "expires_at",
-                                  "on_hold", "policy_version")} == {
-        "limit": "50000.00", "currency": "EUR", "grade": "BB", "source": "policy",
-        "expires_at": None, "on_hold": False, "policy_version": "2026.1"}
+    assert {
+        k: limit[k]
+        for k in ("limit", "currency", "grade", "source", "expires_at", "on_hold", "policy_version")
+    } == {
+        "limit": "50000.00",
+        "currency": "EUR",
+        "grade": "BB",
+        "source": "policy",
+        "expires_at": None,
+        "on_hold": False,
+        "policy_version": "2026.1",
+    }
 
-    history = (await svc.client.get("/v1/customers/C-1/limit/history",
-                                    headers=auth(READER))).json()
-    assert [(h["previous_limit"], h["limit"], h["reason"], h["grade"]) for h in
-            history["items"]] == [("250000.00", "50000.00", "policy", "BB"),
-                                  ("100000.00", "250000.00", "policy", "A"),
-                                  ("0.00", "100000.00", "policy", "BBB")]
+    history = (await svc.client.get("/v1/customers/C-1/limit/history", headers=auth(READER))).json()
+    assert [
+        (h["previous_limit"], h["limit"], h["reason"], h["grade"]) for h in history["items"]
+    ] == [
+        ("250000.00", "50000.00", "policy", "BB"),
+        ("100000.00", "250000.00", "policy", "A"),
+        ("0.00", "100000.00", "policy", "BBB"),
+    ]
     for item in history["items"]:
         LimitChanged.model_validate(item)
     assert history["next_cursor"] is None
 
-    first = (await svc.client.get("/v1/customers/C-1/limit/history?limit=2",
-                                  headers=auth(READER))).json()
+    first = (
+        await svc.client.get("/v1/customers/C-1/limit/history?limit=2", headers=auth(READER))
+    ).json()
     assert [h["limit"] for h in first["items"]] == ["50000.00", "250000.00"]
-    rest = (await svc.client.get("/v1/customers/C-1/limit/history",
-                                 params={"limit": 2, "cursor": first["next_cursor"]},
-                                 headers=auth(READER))).json()
+    rest = (
+        await svc.client.get(
+            "/v1/customers/C-1/limit/history",
+            params={"limit": 2, "cursor": first["next_cursor"]},
+            headers=auth(READER),
+        )
+    ).json()
     assert [h["limit"] for h in rest["items"]] == ["100000.00"] and rest["next_cursor"] is None
-    assert [c["limit"] for c in await svc.limit_changes("C-1")] == \
-        ["100000.00", "250000.00", "50000.00"]
-    bad = await svc.client.get("/v1/customers/C-1/limit/history?cursor=%%%",
-                               headers=auth(READER))
+    assert [c["limit"] for c in await svc.limit_changes("C-1")] == [
+        "100000.00",
+        "250000.00",
+        "50000.00",
+    ]
+    bad = await svc.client.get("/v1/customers/C-1/limit/history?cursor=%%%", headers=auth(READER))
     assert bad.status_code == 422 and bad.json()["field"] == "cursor"
 
 
@@ -609,15 +801,23 @@ async def test_given_a_limit_decrease_when_requested_then_it_applies_at_once(
     svc: Service,
 ) -> None:
     await svc.customer("C-1", "BBB")
-    response = await svc.client.post("/v1/customers/C-1/limit-requests", headers=auth(),
-                                     json={"requested_limit": "40000.00", "reason": "risk"})
+    response = await svc.client.post(
+        "/v1/customers/C-1/limit-requests",
+        headers=auth(),
+        json={"requested_limit": "40000.00", "reason": "risk"},
+    )
     assert response.status_code == 201
-    assert (response.json()["status"], response.json()["requested_limit"]) == \
-        ("approved", "40000.00")
+    assert (response.json()["status"], response.json()["requested_limit"]) == (
+        "approved",
+        "40000.00",
+    )
     assert (await svc.limit("C-1"))[("limit")] == "40000.00"
     change = (await svc.limit_changes("C-1"))[-1]
-    assert (change["previous_limit"], change["limit"], change["reason"]) == \
-        ("100000.00", "40000.00", "manual")
+    assert (change["previous_limit"], change["limit"], change["reason"]) == (
+        "100000.00",
+        "40000.00",
+        "manual",
+    )
     assert change["request_id"] == response.json()["request_id"]
 
 
@@ -625,8 +825,11 @@ async def test_given_a_limit_increase_when_another_principal_approves_then_it_ap
     svc: Service,
 ) -> None:
     await svc.customer("C-1", "BBB")
-    response = await svc.client.post("/v1/customers/C-1/limit-requests", headers=auth(),
-                                     json={"requested_limit": "150000.00", "reason": "growth"})
+    response = await svc.client.post(
+        "/v1/customers/C-1/limit-requests",
+        headers=auth(),
+        json={"requested_limit": "150000.00", "reason": "growth"},
+    )
     assert response.status_code == 201
     request_id = response.json()["request_id"]
     assert response.json()["status"] == "pending"
@@ -634,34 +837,59 @@ async def test_given_a_limit_increase_when_another_principal_approves_then_it_ap
 
     own = await svc.client.post(f"/v1/limit-requests/{request_id}/approve", headers=auth())
     assert own.status_code == 403 and own.headers["content-type"] == "application/problem+json"
-    approved = await svc.client.post(f"/v1/limit-requests/{request_id}/approve",
-                                     headers=auth(APPROVER), json={"note": "fine"})
+    approved = await svc.client.post(
+        f"/v1/limit-requests/{request_id}/approve", headers=auth(APPROVER), json={"note": "fine"}
+    )
     assert approved.status_code == 200
     assert (approved.json()["status"], approved.json()["decided_by"]) == ("approved", "bob")
     limit = await svc.limit("C-1")
     assert (limit["limit"], limit["source"]) == ("150000.00", "manual")
     change = (await svc.limit_changes("C-1"))[-1]
-    assert {k: change[k] for k in ("previous_limit", "limit", "reason", "request_id",
-                                   "changed_by", "requested_by", "grade")} == {
-        "previous_limit": "100000.00", "limit": "150000.00", "reason": "manual",
-        "request_id": request_id, "changed_by": "bob", "requested_by": "ana", "grade": "BBB"}
-    twice = await svc.client.post(f"/v1/limit-requests/{request_id}/approve",
-                                  headers=auth(APPROVER))
+    assert {
+        k: change[k]
+        for k in (
+            "previous_limit",
+            "limit",
+            "reason",
+            "request_id",
+            "changed_by",
+            "requested_by",
+            "grade",
+        )
+    } == {
+        "previous_limit": "100000.00",
+        "limit": "150000.00",
+        "reason": "manual",
+        "request_id": request_id,
+        "changed_by": "bob",
+        "requested_by": "ana",
+        "grade": "BBB",
+    }
+    twice = await svc.client.post(
+        f"/v1/limit-requests/{request_id}/approve", headers=auth(APPROVER)
+    )
     assert twice.status_code == 409
 
     # A later grade change does not override the approved manual limit.
     await svc.assess("C-1", "CCC", time="2026-02-20T00:00:00Z")
-    assert ((await svc.limit("C-1"))["limit"], (await svc.limit("C-1"))["grade"]) == \
-        ("150000.00", "CCC")
+    assert ((await svc.limit("C-1"))["limit"], (await svc.limit("C-1"))["grade"]) == (
+        "150000.00",
+        "CCC",
+    )
 
 
 async def test_given_a_limit_increase_when_rejected_then_the_limit_stays(svc: Service) -> None:
     await svc.customer("C-1", "BBB")
-    request_id = (await svc.client.post(
-        "/v1/customers/C-1/limit-requests", headers=auth(),
-        json={"requested_limit": "150000.00", "reason": "growth"})).json()["request_id"]
-    rejected = await svc.client.post(f"/v1/limit-requests/{request_id}/reject",
-                                     headers=auth(APPROVER), json={"note": "no"})
+    request_id = (
+        await svc.client.post(
+            "/v1/customers/C-1/limit-requests",
+            headers=auth(),
+            json={"requested_limit": "150000.00", "reason": "growth"},
+        )
+    ).json()["request_id"]
+    rejected = await svc.client.post(
+        f"/v1/limit-requests/{request_id}/reject", headers=auth(APPROVER), json={"note": "no"}
+    )
     assert rejected.status_code == 200 and rejected.json()["status"] == "rejected"
     assert (await svc.limit("C-1"))["limit"] == "100000.00"
     assert len(await svc.limit_changes("C-1")) == 1  # only the policy limit of the grade
@@ -677,8 +905,11 @@ async def test_given_a_temporary_limit_when_it_expires_then_the_scheduler_restor
     request_id = await svc.temporary_request("C-1", "300000.00", ends)
     await svc.client.post(f"/v1/limit-requests/{request_id}/approve", headers=auth(APPROVER))
     limit = await svc.limit("C-1")
-    assert (limit["limit"], limit["source"], limit["expires_at"]) == \
-        ("300000.00", "temporary", "2026-03-11T12:00:00Z")
+    assert (limit["limit"], limit["source"], limit["expires_at"]) == (
+        "300000.00",
+        "temporary",
+        "2026-03-11T12:00:00Z",
+    )
     assert (await svc.limit_changes("C-1"))[-1]["reason"] == "temporary"
 
     assert await svc.host.core.run_due() == 0
@@ -686,11 +917,13 @@ async def test_given_a_temporary_limit_when_it_expires_then_the_scheduler_restor
     assert await svc.host.core.run_due() == 1
     assert await svc.host.core.run_due() == 0
     limit = await svc.limit("C-1")
-    assert (limit["limit"], limit["source"], limit["expires_at"]) == \
-        ("100000.00", "policy", None)
+    assert (limit["limit"], limit["source"], limit["expires_at"]) == ("100000.00", "policy", None)
     change = (await svc.limit_changes("C-1"))[-1]
-    assert (change["previous_limit"], change["limit"], change["reason"]) == \
-        ("300000.00", "100000.00", "expired")
+    assert (change["previous_limit"], change["limit"], change["reason"]) == (
+        "300000.00",
+        "100000.00",
+        "expired",
+    )
     assert change["effective_at"] == "2026-03-11T12:00:00Z"
 
 
@@ -701,14 +934,14 @@ async def test_given_a_temporary_request_already_ended_when_approved_then_409_no
     ends = START + timedelta(days=2)
     request_id = await svc.temporary_request("C-1", "300000.00", ends)
     svc.clock.now = ends + timedelta(hours=1)
-    late = await svc.client.post(f"/v1/limit-requests/{request_id}/approve",
-                                 headers=auth(APPROVER))
+    late = await svc.client.post(f"/v1/limit-requests/{request_id}/approve", headers=auth(APPROVER))
     assert late.status_code == 409, late.text
     assert late.json()["field"] == "request_id"
     limit = await svc.limit("C-1")
     assert (limit["limit"], limit["source"]) == ("100000.00", "policy")
-    rejected = await svc.client.post(f"/v1/limit-requests/{request_id}/reject",
-                                     headers=auth(APPROVER))
+    rejected = await svc.client.post(
+        f"/v1/limit-requests/{request_id}/reject", headers=auth(APPROVER)
+    )
     assert rejected.status_code == 200 and rejected.json()["status"] == "rejected"
 
 
@@ -717,10 +950,13 @@ async def test_given_a_lapsed_temporary_limit_and_no_policy_limit_then_limit_exp
 ) -> None:
     await svc.customer("C-1", None)  # unrated: policy limit 0
     ends = START + timedelta(days=1)
-    request_id = (await svc.client.post(
-        "/v1/customers/C-1/limit-requests", headers=auth(),
-        json={"requested_limit": "5000.00", "reason": "trial",
-              "expires_at": ends.isoformat()})).json()["request_id"]
+    request_id = (
+        await svc.client.post(
+            "/v1/customers/C-1/limit-requests",
+            headers=auth(),
+            json={"requested_limit": "5000.00", "reason": "trial", "expires_at": ends.isoformat()},
+        )
+    ).json()["request_id"]
     await svc.client.post(f"/v1/limit-requests/{request_id}/approve", headers=auth(APPROVER))
     assert (await svc.decided("C-1", "SO-1", "100.00"))["decision"] == "approved"
     svc.clock.now = ends + timedelta(hours=1)
@@ -735,16 +971,16 @@ async def test_given_a_lapsed_temporary_limit_and_no_policy_limit_then_limit_exp
 async def test_given_a_portfolio_when_listed_then_filters_sort_pages_and_totals_work(
     svc: Service,
 ) -> None:
-    await svc.customer("P-1", "BBB")   # 100,000: 50 % used
+    await svc.customer("P-1", "BBB")  # 100,000: 50 % used
     await svc.invoice("P-1", "I-1", "50000.00")
-    await svc.customer("P-2", "CCC")   # 5,000: over the limit
+    await svc.customer("P-2", "CCC")  # 5,000: over the limit
     await svc.invoice("P-2", "I-2", "6000.00")
-    await svc.customer("P-3", "BBB")   # 100,000: 10 %, overdue
+    await svc.customer("P-3", "BBB")  # 100,000: 10 %, overdue
     await svc.invoice("P-3", "I-3", "10000.00", issued="2026-01-01", due="2026-01-31")
-    await svc.customer("P-4", "A")     # 250,000: unused, on hold
+    await svc.customer("P-4", "A")  # 250,000: unused, on hold
     await svc.client.post("/v1/customers/P-4/hold", headers=auth(), json={"reason": "x"})
-    await svc.customer("P-5", None)    # unrated: no limit, no utilisation
-    await svc.host.core.run_due()      # the daily ageing, as the scheduler records it
+    await svc.customer("P-5", None)  # unrated: no limit, no utilisation
+    await svc.host.core.run_due()  # the daily ageing, as the scheduler records it
 
     def ids(body: dict[str, Any]) -> list[str]:
         return [i["customer_id"] for i in body["items"]]
@@ -758,14 +994,38 @@ async def test_given_a_portfolio_when_listed_then_filters_sort_pages_and_totals_
     everyone = await page()
     assert ids(everyone) == ["P-1", "P-2", "P-3", "P-4", "P-5"]
     assert everyone["totals"] | {"by_currency": None} == {
-        "customers": 5, "limit": "455000.00", "exposure": "66000.00", "over_limit": 1,
-        "currency": "EUR", "by_currency": None}
+        "customers": 5,
+        "limit": "455000.00",
+        "exposure": "66000.00",
+        "over_limit": 1,
+        "currency": "EUR",
+        "by_currency": None,
+    }
     first = everyone["items"][0]
-    assert {k: first[k] for k in ("customer_id", "name", "grade", "limit", "exposure",
-                                  "available", "utilization", "overdue_amount", "on_hold")} == {
-        "customer_id": "P-1", "name": "Customer P-1", "grade": "BBB", "limit": "100000.00",
-        "exposure": "50000.00", "available": "50000.00", "utilization": "0.5000",
-        "overdue_amount": "0.00", "on_hold": False}
+    assert {
+        k: first[k]
+        for k in (
+            "customer_id",
+            "name",
+            "grade",
+            "limit",
+            "exposure",
+            "available",
+            "utilization",
+            "overdue_amount",
+            "on_hold",
+        )
+    } == {
+        "customer_id": "P-1",
+        "name": "Customer P-1",
+        "grade": "BBB",
+        "limit": "100000.00",
+        "exposure": "50000.00",
+        "available": "50000.00",
+        "utilization": "0.5000",
+        "overdue_amount": "0.00",
+        "on_hold": False,
+    }
     assert "open_alerts" in first
 
     assert ids(await page(grade="BBB")) == ["P-1", "P-3"]
@@ -802,28 +1062,45 @@ async def test_given_a_portfolio_when_listed_then_filters_sort_pages_and_totals_
     by_utilization = top["next_cursor"]
     history = await svc.client.post("/v1/customers/P-1/hold", headers=auth(), json={"reason": "x"})
     assert history.status_code == 200, history.text
-    history_cursor = (await svc.client.get("/v1/customers/P-1/limit/history?limit=1",
-                                           headers=auth(READER))).json()["next_cursor"]
+    history_cursor = (
+        await svc.client.get("/v1/customers/P-1/limit/history?limit=1", headers=auth(READER))
+    ).json()["next_cursor"]
     assert by_exposure and by_utilization and history_cursor
-    for sort, cursor in [("customer_id", history_cursor), ("customer_id", b64([1, 2, 3])),
-                         ("customer_id", b64(["0.5"])), ("customer_id", b64([[1], [2]])),
-                         ("-utilization", b64(["x", "y"])), ("-utilization", by_exposure),
-                         ("-exposure", by_utilization), ("-exposure", b64(["NaN", "P-1"])),
-                         ("-exposure", b64(["", "portfolio:-exposure"])), ("customer_id", "%%%")]:
-        response = await svc.client.get("/v1/portfolio", params={"sort": sort, "cursor": cursor},
-                                        headers=auth(READER))
+    for sort, cursor in [
+        ("customer_id", history_cursor),
+        ("customer_id", b64([1, 2, 3])),
+        ("customer_id", b64(["0.5"])),
+        ("customer_id", b64([[1], [2]])),
+        ("-utilization", b64(["x", "y"])),
+        ("-utilization", by_exposure),
+        ("-exposure", by_utilization),
+        ("-exposure", b64(["NaN", "P-1"])),
+        ("-exposure", b64(["", "portfolio:-exposure"])),
+        ("customer_id", "%%%"),
+    ]:
+        response = await svc.client.get(
+            "/v1/portfolio", params={"sort": sort, "cursor": cursor}, headers=auth(READER)
+        )
         assert response.status_code == 422, (sort, cursor, response.text)
         assert response.json()["field"] == "cursor"
     # Nor for another selection (it would page through another set of customers).
-    other = await svc.client.get("/v1/portfolio", headers=auth(READER), params={
-        "sort": "-exposure", "status": "overdue", "cursor": by_exposure})
+    other = await svc.client.get(
+        "/v1/portfolio",
+        headers=auth(READER),
+        params={"sort": "-exposure", "status": "overdue", "cursor": by_exposure},
+    )
     assert other.status_code == 422 and other.json()["field"] == "cursor"
-    for cid, cursor in [("P-1", by_exposure), ("P-1", b64(["x", "y"])),
-                        ("P-1", b64([None, "C-1"])), ("P-1", b64([True])),
-                        ("P-1", b64(["limit-history:P-1", "7"])),
-                        ("P-3", history_cursor)]:  # another customer's history
-        response = await svc.client.get(f"/v1/customers/{cid}/limit/history",
-                                        params={"cursor": cursor}, headers=auth(READER))
+    for cid, cursor in [
+        ("P-1", by_exposure),
+        ("P-1", b64(["x", "y"])),
+        ("P-1", b64([None, "C-1"])),
+        ("P-1", b64([True])),
+        ("P-1", b64(["limit-history:P-1", "7"])),
+        ("P-3", history_cursor),
+    ]:  # another customer's history
+        response = await svc.client.get(
+            f"/v1/customers/{cid}/limit/history", params={"cursor": cursor}, headers=auth(READER)
+        )
         assert response.status_code == 422, (cursor, response.text)
         assert response.json()["field"] == "cursor"
 
@@ -836,23 +1113,27 @@ async def test_given_a_portfolio_when_listed_then_filters_sort_pages_and_totals_
 async def test_given_customers_in_several_currencies_then_the_totals_are_in_the_base_currency(
     svc: Service,
 ) -> None:
-    await svc.customer("M-1", "BBB")                    # 100,000.00 EUR
+    await svc.customer("M-1", "BBB")  # 100,000.00 EUR
     await svc.invoice("M-1", "I-1", "1000.00")
-    await svc.customer("M-2", "BBB", currency="USD")    # 108,695.65 USD (EUR 100,000 / 0.92)
+    await svc.customer("M-2", "BBB", currency="USD")  # 108,695.65 USD (EUR 100,000 / 0.92)
     await svc.invoice("M-2", "I-2", "2000.00", currency="USD")
     response = await svc.client.get("/v1/portfolio", headers=auth(READER))
     assert response.status_code == 200, response.text
     totals = response.json()["totals"]
     assert totals["by_currency"] == {
         "EUR": {"limit": "100000.00", "exposure": "1000.00"},
-        "USD": {"limit": "108695.65", "exposure": "2000.00"}}
+        "USD": {"limit": "108695.65", "exposure": "2000.00"},
+    }
     # USD/EUR 0.92: 108,695.65 → 100,000.00 and 2,000.00 → 1,840.00
-    assert (totals["currency"], totals["limit"], totals["exposure"]) == \
-        ("EUR", "200000.00", "2840.00")
-    usd_only = (await svc.client.get("/v1/portfolio?grade=BBB&status=overdue",
-                                     headers=auth(READER))).json()["totals"]
+    assert (totals["currency"], totals["limit"], totals["exposure"]) == (
+        "EUR",
+        "200000.00",
+        "2840.00",
+    )
+    usd_only = (
+        await svc.client.get("/v1/portfolio?grade=BBB&status=overdue", headers=auth(READER))
+    ).json()["totals"]
     assert (usd_only["customers"], usd_only["currency"], usd_only["limit"]) == (0, "EUR", "0.00")
-
 
 
 async def test_given_customers_in_several_currencies_then_money_sorts_compare_converted_amounts(
@@ -874,8 +1155,7 @@ async def test_given_customers_in_several_currencies_then_money_sorts_compare_co
         cursor = None
         while True:
             params = {"sort": sort, "limit": size, **({"cursor": cursor} if cursor else {})}
-            response = await svc.client.get("/v1/portfolio", params=params,
-                                            headers=auth(READER))
+            response = await svc.client.get("/v1/portfolio", params=params, headers=auth(READER))
             assert response.status_code == 200, response.text
             seen += [i["customer_id"] for i in response.json()["items"]]
             cursor = response.json()["next_cursor"]
@@ -889,40 +1169,46 @@ async def test_given_customers_in_several_currencies_then_money_sorts_compare_co
     # JPY is 100,000.0023 EUR, 108,695.65 USD is 99,999.998 EUR.
     assert await order("-limit", 1) == ["S-JPY", "S-EUR", "S-USD", "S-NOK"]
 
+
 # ---- validation, size, auth -------------------------------------------------------------------
 
 _CHECK = {"order_id": "SO-1", "customer_id": "C-1", "amount": "10.00", "currency": "EUR"}
 
 
-@pytest.mark.parametrize(("changes", "field"), [
-    ({"amount": "-10.00"}, "amount"),
-    ({"amount": "0"}, "amount"),
-    ({"amount": "0.00"}, "amount"),
-    ({"amount": "1000000000000000.01"}, "amount"),
-    ({"amount": 10**16}, "amount"),
-    ({"amount": "10.001"}, "amount"),
-    ({"amount": "10.5", "currency": "JPY"}, "amount"),
-    ({"amount": "ten"}, "amount"),
-    ({"amount": "1e3"}, "amount"),
-    ({"amount": True}, "amount"),
-    ({"amount": None}, "amount"),
-    ({"currency": "XYZ"}, "currency"),
-    ({"currency": "eur"}, "currency"),
-    ({"amount": None, "_drop": "amount"}, "amount"),
-    ({"_drop": "currency"}, "currency"),
-    ({"_drop": "order_id"}, "order_id"),
-    ({"_drop": "customer_id"}, "customer_id"),
-    ({"order_id": ""}, "order_id"),
-    ({"order_id": "SO-\u0000-1"}, "order_id"),
-    ({"customer_id": "C-\u0000"}, "customer_id"),
-    ({"reserve": "yes"}, "reserve"),
-    ({"reserve": "false"}, "reserve"),
-    ({"reserve": 0}, "reserve"),
-    ({"reserve": 1}, "reserve"),
-    ({"reserve": None}, "reserve"),
-])
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"amount": "-10.00"}, "amount"),
+        ({"amount": "0"}, "amount"),
+        ({"amount": "0.00"}, "amount"),
+        ({"amount": "1000000000000000.01"}, "amount"),
+        ({"amount": 10**16}, "amount"),
+        ({"amount": "10.001"}, "amount"),
+        ({"amount": "10.5", "currency": "JPY"}, "amount"),
+        ({"amount": "ten"}, "amount"),
+        ({"amount": "1e3"}, "amount"),
+        ({"amount": True}, "amount"),
+        ({"amount": None}, "amount"),
+        ({"currency": "XYZ"}, "currency"),
+        ({"currency": "eur"}, "currency"),
+        ({"amount": None, "_drop": "amount"}, "amount"),
+        ({"_drop": "currency"}, "currency"),
+        ({"_drop": "order_id"}, "order_id"),
+        ({"_drop": "customer_id"}, "customer_id"),
+        ({"order_id": ""}, "order_id"),
+        ({"order_id": "SO-\u0000-1"}, "order_id"),
+        ({"customer_id": "C-\u0000"}, "customer_id"),
+        ({"reserve": "yes"}, "reserve"),
+        ({"reserve": "false"}, "reserve"),
+        ({"reserve": 0}, "reserve"),
+        ({"reserve": 1}, "reserve"),
+        ({"reserve": None}, "reserve"),
+    ],
+)
 async def test_given_a_bad_check_when_posted_then_422_problem_names_the_field(
-    bare: httpx.AsyncClient, changes: dict[str, Any], field: str,
+    bare: httpx.AsyncClient,
+    changes: dict[str, Any],
+    field: str,
 ) -> None:
     body = {**_CHECK, **changes}
     drop = body.pop("_drop", None)
@@ -942,31 +1228,42 @@ async def test_given_bad_checks_when_posted_then_nothing_is_recorded(svc: Servic
     for amount in ("-1.00", "0", "10.001", "1000000000000000.01", "x"):
         response = await svc.check("C-1", "SO-1", amount)
         assert response.status_code == 422
-    bad_json = await svc.client.post("/v1/credit-checks", headers=auth(ORDERS) | {
-        "content-type": "application/json"}, content=b"{not json")
+    bad_json = await svc.client.post(
+        "/v1/credit-checks",
+        headers=auth(ORDERS) | {"content-type": "application/json"},
+        content=b"{not json",
+    )
     assert bad_json.status_code == 422 and bad_json.json()["field"] == "body"
     assert await svc.outbox() == recorded
     assert (await svc.exposure("C-1"))["reserved"] == "0.00"
 
 
-@pytest.mark.parametrize(("body", "field"), [
-    ({"requested_limit": "-1.00", "reason": "x"}, "requested_limit"),
-    ({"requested_limit": "10.001", "reason": "x"}, "requested_limit"),
-    ({"requested_limit": "abc", "reason": "x"}, "requested_limit"),
-    ({"requested_limit": "1000000000000000.01", "reason": "x"}, "requested_limit"),
-    ({"reason": "x"}, "requested_limit"),
-    ({"requested_limit": "10.00"}, "reason"),
-    ({"requested_limit": "10.00", "reason": "x", "expires_at": "2026-02-01T00:00:00Z"},
-     "expires_at"),
-    ({"requested_limit": "10.00", "reason": "x", "expires_at": "2026-12-31T00:00:00Z"},
-     "expires_at"),
-])
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"requested_limit": "-1.00", "reason": "x"}, "requested_limit"),
+        ({"requested_limit": "10.001", "reason": "x"}, "requested_limit"),
+        ({"requested_limit": "abc", "reason": "x"}, "requested_limit"),
+        ({"requested_limit": "1000000000000000.01", "reason": "x"}, "requested_limit"),
+        ({"reason": "x"}, "requested_limit"),
+        ({"requested_limit": "10.00"}, "reason"),
+        (
+            {"requested_limit": "10.00", "reason": "x", "expires_at": "2026-02-01T00:00:00Z"},
+            "expires_at",
+        ),
+        (
+            {"requested_limit": "10.00", "reason": "x", "expires_at": "2026-12-31T00:00:00Z"},
+            "expires_at",
+        ),
+    ],
+)
 async def test_given_a_bad_limit_request_when_posted_then_422_names_the_field(
-    svc: Service, body: dict[str, Any], field: str,
+    svc: Service,
+    body: dict[str, Any],
+    field: str,
 ) -> None:
     await svc.customer("C-1", "BBB")
-    response = await svc.client.post("/v1/customers/C-1/limit-requests", headers=auth(),
-                                     json=body)
+    response = await svc.client.post("/v1/customers/C-1/limit-requests", headers=auth(), json=body)
     assert response.status_code == 422, response.text
     assert response.json()["field"] == field
 
@@ -984,8 +1281,12 @@ async def test_given_a_body_nested_thousands_deep_when_posted_then_422_names_the
     nested = "[" * 5000 + "]" * 5000
     raw = json.dumps(_CHECK)[:-1] + f', "x": {nested}}}'
     for path in ("/v1/credit-checks", "/v1/customers/C-1/hold"):
-        response = await bare.post(path, headers=auth(ORDERS if "checks" in path else ANALYST)
-                                   | {"content-type": "application/json"}, content=raw)
+        response = await bare.post(
+            path,
+            headers=auth(ORDERS if "checks" in path else ANALYST)
+            | {"content-type": "application/json"},
+            content=raw,
+        )
         assert response.status_code == 422, response.text
         assert response.headers["content-type"] == "application/problem+json"
         assert response.json()["field"] == "body"
@@ -1004,39 +1305,54 @@ async def test_given_amounts_up_to_10_to_the_15_when_used_then_they_stay_exact(
 ) -> None:
     await svc.customer("C-1", "BBB")
     huge = "999999999999999.99"
-    request_id = (await svc.client.post(
-        "/v1/customers/C-1/limit-requests", headers=auth(),
-        json={"requested_limit": huge, "reason": "whale"})).json()["request_id"]
+    request_id = (
+        await svc.client.post(
+            "/v1/customers/C-1/limit-requests",
+            headers=auth(),
+            json={"requested_limit": huge, "reason": "whale"},
+        )
+    ).json()["request_id"]
     await svc.client.post(f"/v1/limit-requests/{request_id}/approve", headers=auth(APPROVER))
     assert (await svc.limit("C-1"))["limit"] == huge
 
     body = await svc.decided("C-1", "SO-1", "999999999999999.98")
-    assert (body["decision"], body["amount"], body["reserved"], body["available"]) == \
-        ("approved", "999999999999999.98", "999999999999999.98", "0.01")
+    assert (body["decision"], body["amount"], body["reserved"], body["available"]) == (
+        "approved",
+        "999999999999999.98",
+        "999999999999999.98",
+        "0.01",
+    )
     assert (await svc.exposure("C-1"))["exposure"] == "999999999999999.98"
-    exact_number = await svc.client.post("/v1/credit-checks", headers=auth(ORDERS) | {
-        "content-type": "application/json"},
-        content=b'{"order_id":"SO-2","customer_id":"C-1","amount":0.01,"currency":"EUR"}')
+    exact_number = await svc.client.post(
+        "/v1/credit-checks",
+        headers=auth(ORDERS) | {"content-type": "application/json"},
+        content=b'{"order_id":"SO-2","customer_id":"C-1","amount":0.01,"currency":"EUR"}',
+    )
     assert exact_number.json()["decision"] == "approved"  # a JSON number read exactly
     assert exact_number.json()["available"] == "0.00"
 
 
-@pytest.mark.parametrize(("method", "path"), [
-    ("POST", "/v1/credit-checks"),
-    ("DELETE", "/v1/credit-checks/SO-NONE"),
-    ("GET", "/v1/credit-checks/no-such-check"),
-    ("GET", "/v1/customers/C-NONE/exposure"),
-    ("GET", "/v1/customers/C-NONE/limit"),
-    ("GET", "/v1/customers/C-NONE/limit/history"),
-    ("POST", "/v1/customers/C-NONE/limit-requests"),
-    ("POST", "/v1/limit-requests/nope/approve"),
-    ("POST", "/v1/limit-requests/nope/reject"),
-    ("POST", "/v1/customers/C-NONE/hold"),
-    ("DELETE", "/v1/customers/C-NONE/hold"),
-    ("GET", "/v1/portfolio"),
-])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/credit-checks"),
+        ("DELETE", "/v1/credit-checks/SO-NONE"),
+        ("GET", "/v1/credit-checks/no-such-check"),
+        ("GET", "/v1/customers/C-NONE/exposure"),
+        ("GET", "/v1/customers/C-NONE/limit"),
+        ("GET", "/v1/customers/C-NONE/limit/history"),
+        ("POST", "/v1/customers/C-NONE/limit-requests"),
+        ("POST", "/v1/limit-requests/nope/approve"),
+        ("POST", "/v1/limit-requests/nope/reject"),
+        ("POST", "/v1/customers/C-NONE/hold"),
+        ("DELETE", "/v1/customers/C-NONE/hold"),
+        ("GET", "/v1/portfolio"),
+    ],
+)
 async def test_given_no_or_an_unknown_token_when_called_then_401_before_anything_else(
-    bare: httpx.AsyncClient, method: str, path: str,
+    bare: httpx.AsyncClient,
+    method: str,
+    path: str,
 ) -> None:
     for headers in ({}, auth("not-a-token"), {"Authorization": "Basic abc"}):
         response = await bare.request(method, path, headers=headers, json={})
@@ -1046,18 +1362,24 @@ async def test_given_no_or_an_unknown_token_when_called_then_401_before_anything
         assert response.json()["field"] == "authorization"  # what is wrong is named
 
 
-@pytest.mark.parametrize(("method", "path", "token"), [
-    ("POST", "/v1/credit-checks", READER),
-    ("DELETE", "/v1/credit-checks/SO-NONE", READER),
-    ("GET", "/v1/credit-checks/no-such-check", ORDERS),
-    ("GET", "/v1/customers/C-NONE/exposure", ORDERS),
-    ("POST", "/v1/customers/C-NONE/limit-requests", APPROVER),
-    ("POST", "/v1/limit-requests/nope/approve", READER),
-    ("POST", "/v1/customers/C-NONE/hold", ORDERS),
-    ("GET", "/v1/portfolio", ORDERS),
-])
+@pytest.mark.parametrize(
+    ("method", "path", "token"),
+    [
+        ("POST", "/v1/credit-checks", READER),
+        ("DELETE", "/v1/credit-checks/SO-NONE", READER),
+        ("GET", "/v1/credit-checks/no-such-check", ORDERS),
+        ("GET", "/v1/customers/C-NONE/exposure", ORDERS),
+        ("POST", "/v1/customers/C-NONE/limit-requests", APPROVER),
+        ("POST", "/v1/limit-requests/nope/approve", READER),
+        ("POST", "/v1/customers/C-NONE/hold", ORDERS),
+        ("GET", "/v1/portfolio", ORDERS),
+    ],
+)
 async def test_given_a_token_without_the_scope_when_called_then_403_before_404(
-    bare: httpx.AsyncClient, method: str, path: str, token: str,
+    bare: httpx.AsyncClient,
+    method: str,
+    path: str,
+    token: str,
 ) -> None:
     response = await bare.request(method, path, headers=auth(token), json=_CHECK)
     assert response.status_code == 403, response.text
@@ -1078,7 +1400,7 @@ def _sample(text: str, name: str, labels: str = "") -> Decimal:
     prefix = f"{name}{{{labels}}} " if labels else f"{name} "
     for line in text.splitlines():
         if line.startswith(prefix):
-            return Decimal(line[len(prefix):])
+            return Decimal(line[len(prefix) :])
     return Decimal(0)
 
 
@@ -1115,40 +1437,56 @@ async def test_given_a_history_of_commands_and_events_when_replayed_then_nothing
 ) -> None:
     await svc.customer("R-1", "BBB")
     await svc.customer("R-2", None, parent="R-1")
-    await svc.invoice("R-1", "I-1", "1000.00", order_id="SO-1", issued="2026-03-01",
-                      time="2026-03-01T13:00:00Z")
+    await svc.invoice(
+        "R-1", "I-1", "1000.00", order_id="SO-1", issued="2026-03-01", time="2026-03-01T13:00:00Z"
+    )
     await svc.decided("R-1", "SO-1", "3000.00")
     await svc.decided("R-2", "SO-2", "500.00")
     await svc.client.post("/v1/customers/R-1/hold", headers=auth(), json={"reason": "x"})
-    await svc.client.post("/v1/customers/R-1/limit-requests", headers=auth(),
-                          json={"requested_limit": "1000.00", "reason": "x"})
+    await svc.client.post(
+        "/v1/customers/R-1/limit-requests",
+        headers=auth(),
+        json={"requested_limit": "1000.00", "reason": "x"},
+    )
     svc.clock.now = START + timedelta(days=5)
     await svc.host.core.run_due()
     assert await svc.host.core.verify() == []
 
 
 async def test_given_alerts_on_credit_alerts_then_the_portfolio_counts_the_unresolved_ones(
-        svc: Service) -> None:
+    svc: Service,
+) -> None:
     # Given a customer with two alerts raised, one of them later resolved
     await svc.customer("AL-1", "BBB")
     await svc.customer("AL-2", "BBB")
 
     def alert(alert_id: str, rule: str, status: str) -> dict[str, Any]:
-        return {"alert_id": alert_id, "customer_id": "AL-1", "rule": rule,
-                "severity": "warning", "status": status, "title": "t", "message": "m",
-                "facts": {}, "dedup_key": f"AL-1:{rule}", "raised_at": "2026-03-01T09:00:00Z",
-                "resolved_at": None}
+        return {
+            "alert_id": alert_id,
+            "customer_id": "AL-1",
+            "rule": rule,
+            "severity": "warning",
+            "status": status,
+            "title": "t",
+            "message": "m",
+            "facts": {},
+            "dedup_key": f"AL-1:{rule}",
+            "raised_at": "2026-03-01T09:00:00Z",
+            "resolved_at": None,
+        }
 
     await svc.consume("credit.alerts", "alert.raised", alert("a1", "overdue", "open"))
     await svc.consume("credit.alerts", "alert.raised", alert("a2", "utilization_high", "open"))
-    await svc.consume("credit.alerts", "alert.updated", alert("a2", "utilization_high",
-                                                              "acknowledged"))
+    await svc.consume(
+        "credit.alerts", "alert.updated", alert("a2", "utilization_high", "acknowledged")
+    )
     resolved = alert("a1", "overdue", "resolved") | {"resolved_at": "2026-03-02T09:00:00Z"}
     await svc.consume("credit.alerts", "alert.resolved", resolved)
 
     # When the portfolio is listed
-    page = (await svc.client.get("/v1/portfolio", params={"limit": 10},
-                                 headers=auth(READER))).json()
+    page = (
+        await svc.client.get("/v1/portfolio", params={"limit": 10}, headers=auth(READER))
+    ).json()
 
     # Then an acknowledged alert still counts as open; the resolved one does not
     counts = {i["customer_id"]: i["open_alerts"] for i in page["items"]}
@@ -1157,44 +1495,61 @@ async def test_given_alerts_on_credit_alerts_then_the_portfolio_counts_the_unres
 
 
 async def test_given_only_checks_and_alerts_for_an_id_then_it_is_no_customer_until_heard_of(
-        svc: Service) -> None:
+    svc: Service,
+) -> None:
     await svc.customer("K-1", "BBB")
     # Order entry asks about an id nobody registered (a typo), and an alert names another.
     ghost = await svc.decided("GHOST-1", "SO-G1", "10.00")
     assert (ghost["decision"], ghost["reasons"]) == ("rejected", ["no_credit_limit"])
-    stored = await svc.client.get(f"/v1/credit-checks/{ghost['check_id']}",
-                                  headers=auth(READER))
+    stored = await svc.client.get(f"/v1/credit-checks/{ghost['check_id']}", headers=auth(READER))
     assert stored.status_code == 200  # the decision is stored all the same
-    await svc.consume("credit.alerts", "alert.raised", {
-        "alert_id": "a-9", "customer_id": "GHOST-2", "rule": "overdue", "severity": "warning",
-        "status": "open", "title": "t", "message": "m", "facts": {},
-        "dedup_key": "GHOST-2:overdue", "raised_at": "2026-03-01T09:00:00Z",
-        "resolved_at": None})
+    await svc.consume(
+        "credit.alerts",
+        "alert.raised",
+        {
+            "alert_id": "a-9",
+            "customer_id": "GHOST-2",
+            "rule": "overdue",
+            "severity": "warning",
+            "status": "open",
+            "title": "t",
+            "message": "m",
+            "facts": {},
+            "dedup_key": "GHOST-2:overdue",
+            "raised_at": "2026-03-01T09:00:00Z",
+            "resolved_at": None,
+        },
+    )
 
     for cid in ("GHOST-1", "GHOST-2"):
-        for path in ("exposure", "exposure?as_of=2026-03-02T00:00:00Z", "limit",
-                     "limit/history"):
+        for path in ("exposure", "exposure?as_of=2026-03-02T00:00:00Z", "limit", "limit/history"):
             response = await svc.client.get(f"/v1/customers/{cid}/{path}", headers=auth(READER))
             assert response.status_code == 404, (cid, path, response.text)
             assert response.json()["field"] == "customer_id"
-        held = await svc.client.post(f"/v1/customers/{cid}/hold", headers=auth(),
-                                     json={"reason": "x"})
-        asked = await svc.client.post(f"/v1/customers/{cid}/limit-requests", headers=auth(),
-                                      json={"requested_limit": "100.00", "reason": "x"})
+        held = await svc.client.post(
+            f"/v1/customers/{cid}/hold", headers=auth(), json={"reason": "x"}
+        )
+        asked = await svc.client.post(
+            f"/v1/customers/{cid}/limit-requests",
+            headers=auth(),
+            json={"requested_limit": "100.00", "reason": "x"},
+        )
         assert (held.status_code, asked.status_code) == (404, 404)
     page = (await svc.client.get("/v1/portfolio", headers=auth(READER))).json()
     assert [i["customer_id"] for i in page["items"]] == ["K-1"]
     assert page["totals"]["customers"] == 1
-    assert not [e for e in await svc.outbox("credit.exposure")
-                if e["subject"] in ("GHOST-1", "GHOST-2")]
+    assert not [
+        e for e in await svc.outbox("credit.exposure") if e["subject"] in ("GHOST-1", "GHOST-2")
+    ]
 
     # Once registered it is a customer like any other, its alert counted.
     await svc.register("GHOST-2")
     assert (await svc.exposure("GHOST-2"))["customer_id"] == "GHOST-2"
     page = (await svc.client.get("/v1/portfolio", headers=auth(READER))).json()
     assert {i["customer_id"]: i["open_alerts"] for i in page["items"]} == {"K-1": 0, "GHOST-2": 1}
-    assert [e["data"]["as_of"] for e in await svc.outbox("credit.exposure")
-            if e["subject"] == "GHOST-2"] == ["2026-01-01T00:00:00Z"]
+    assert [
+        e["data"]["as_of"] for e in await svc.outbox("credit.exposure") if e["subject"] == "GHOST-2"
+    ] == ["2026-01-01T00:00:00Z"]
 
 
 # ---- checks decided together --------------------------------------------------------------------
@@ -1205,8 +1560,10 @@ async def test_given_only_checks_and_alerts_for_an_id_then_it_is_no_customer_unt
 def _batch_histogram() -> tuple[float, float]:
     """(checks, transactions) observed so far by creditwatch_credit_check_batch_size."""
     samples = {s.name: s.value for m in metrics.CREDIT_CHECK_BATCH.collect() for s in m.samples}
-    return (samples["creditwatch_credit_check_batch_size_sum"],
-            samples["creditwatch_credit_check_batch_size_count"])
+    return (
+        samples["creditwatch_credit_check_batch_size_sum"],
+        samples["creditwatch_credit_check_batch_size_count"],
+    )
 
 
 async def test_given_many_checks_at_once_when_batched_then_fewer_transactions_same_outcome(
@@ -1215,8 +1572,9 @@ async def test_given_many_checks_at_once_when_batched_then_fewer_transactions_sa
     await svc.customer("C-1", "CCC")  # 5,000.00
     await svc.customer("C-2", "CCC")
     checks_before, tx_before = _batch_histogram()
-    responses = await asyncio.gather(*(svc.check(f"C-{1 + n % 2}", f"SO-{n}", "400.00")
-                                       for n in range(30)))
+    responses = await asyncio.gather(
+        *(svc.check(f"C-{1 + n % 2}", f"SO-{n}", "400.00") for n in range(30))
+    )
     checks_after, tx_after = _batch_histogram()
     assert checks_after - checks_before == 30
     assert tx_after - tx_before < 30  # some went together
@@ -1251,9 +1609,11 @@ async def test_given_one_order_for_two_customers_in_one_batch_then_one_409_the_r
 ) -> None:
     await svc.customer("C-1", "CCC")
     await svc.customer("C-2", "CCC")
-    responses = await asyncio.gather(svc.check("C-1", "SO-X", "100.00"),
-                                     svc.check("C-2", "SO-X", "100.00"),
-                                     svc.check("C-2", "SO-Y", "100.00"))
+    responses = await asyncio.gather(
+        svc.check("C-1", "SO-X", "100.00"),
+        svc.check("C-2", "SO-X", "100.00"),
+        svc.check("C-2", "SO-Y", "100.00"),
+    )
     assert sorted(r.status_code for r in responses) == [200, 200, 409]
     conflict = next(r for r in responses if r.status_code == 409)
     assert conflict.headers["content-type"].startswith("application/problem+json")
@@ -1267,19 +1627,28 @@ async def test_given_group_members_in_one_batch_then_the_group_room_is_shared(
     await svc.customer("G-PARENT", "BBB")  # 100,000.00 for the whole group
     await svc.customer("G-A", None, parent="G-PARENT")
     await svc.customer("G-B", None, parent="G-PARENT")
-    responses = await asyncio.gather(*(svc.check(cid, f"SO-{n}", "30000.00") for n, cid in
-                                       enumerate(["G-A", "G-B", "G-PARENT", "G-A", "G-B"])))
+    responses = await asyncio.gather(
+        *(
+            svc.check(cid, f"SO-{n}", "30000.00")
+            for n, cid in enumerate(["G-A", "G-B", "G-PARENT", "G-A", "G-B"])
+        )
+    )
     decisions = [r.json()["decision"] for r in responses]
     assert decisions.count("approved") == 3, decisions  # 90,000 of 100,000
     assert decisions.count("rejected") == 2, decisions  # 20,000 over, beyond the tolerance
     group = (await svc.exposure("G-PARENT"))["group"]
-    assert group == {"members": 3, "limit": "100000.00", "exposure": "90000.00",
-                     "available": "10000.00"}
+    assert group == {
+        "members": 3,
+        "limit": "100000.00",
+        "exposure": "90000.00",
+        "available": "10000.00",
+    }
     assert await svc.host.core.verify() == []
 
 
 async def test_given_one_check_that_fails_in_a_batch_then_only_it_fails(
-    svc: Service, monkeypatch: pytest.MonkeyPatch,
+    svc: Service,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     await svc.customer("C-1", "CCC")
     service: Any = svc.host.core.service
@@ -1293,10 +1662,13 @@ async def test_given_one_check_that_fails_in_a_batch_then_only_it_fails(
     monkeypatch.setattr(service, "fold", failing_fold)
     tx_before = _batch_histogram()[1]
     # The failed check's 500 is the app's answer, not an exception out of the test client.
-    svc.client._transport = httpx.ASGITransport(app=svc.client._transport.app,  # type: ignore[attr-defined]
-                                                raise_app_exceptions=False)
-    responses = await asyncio.gather(*(svc.check("C-1", order, "100.00")
-                                       for order in ["SO-1", "SO-BAD", "SO-2", "SO-3"]))
+    svc.client._transport = httpx.ASGITransport(
+        app=svc.client._transport.app,  # type: ignore[attr-defined]
+        raise_app_exceptions=False,
+    )
+    responses = await asyncio.gather(
+        *(svc.check("C-1", order, "100.00") for order in ["SO-1", "SO-BAD", "SO-2", "SO-3"])
+    )
     assert [r.status_code for r in responses] == [200, 500, 200, 200]
     assert _batch_histogram()[1] - tx_before >= 2  # the batch, then one by one
     assert (await svc.exposure("C-1"))["reserved"] == "300.00"
@@ -1323,13 +1695,21 @@ async def test_given_checks_one_after_another_when_each_is_awaited_then_none_is_
 
 
 def _order(cid: str, order_id: str, amount: str) -> CheckOrder:
-    return CheckOrder(order_id=order_id, customer_id=cid, amount=D(amount), currency="EUR",
-                      reserve=True, requested_by="order-entry")
+    return CheckOrder(
+        order_id=order_id,
+        customer_id=cid,
+        amount=D(amount),
+        currency="EUR",
+        reserve=True,
+        requested_by="order-entry",
+    )
 
 
 @pytest.mark.parametrize("noticed", [True, False])
 async def test_given_the_kept_connection_was_cut_then_the_next_check_is_answered_on_a_new_one(
-    svc: Service, noticed: bool, monkeypatch: pytest.MonkeyPatch,
+    svc: Service,
+    noticed: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The batches keep a connection between them. Cut by the server (a restart, an admin,
     an idle timeout on the way), it is replaced, and the check in hand is still answered:
@@ -1342,8 +1722,9 @@ async def test_given_the_kept_connection_was_cut_then_the_next_check_is_answered
         assert raw is not None
         pid = raw.get_server_pid()
         async with svc.host.engine.connect() as admin:
-            assert (await admin.exec_driver_sql(
-                f"SELECT pg_terminate_backend({pid}, 5000)")).scalar_one()
+            assert (
+                await admin.exec_driver_sql(f"SELECT pg_terminate_backend({pid}, 5000)")
+            ).scalar_one()
         for _ in range(100):
             if raw.is_closed():
                 break
@@ -1355,8 +1736,9 @@ async def test_given_the_kept_connection_was_cut_then_the_next_check_is_answered
         second = await checks.check(_order("C-1", "SO-2", "10.00"))
         assert second.decision == "approved"
         assert checks._raw is not None and checks._raw.get_server_pid() != pid
-        assert (await checks.check(_order("C-1", "SO-2", "10.00"))).check_id \
-            == second.check_id  # a retry, answered with the stored decision
+        assert (
+            await checks.check(_order("C-1", "SO-2", "10.00"))
+        ).check_id == second.check_id  # a retry, answered with the stored decision
     finally:
         await checks.close()
     assert checks._raw is None
@@ -1367,8 +1749,12 @@ async def test_given_the_kept_connection_was_cut_then_the_next_check_is_answered
 
 
 def _skipped() -> float:
-    return sum(s.value for m in metrics.CREDIT_CHECK_READ_SKIPPED.collect() for s in m.samples
-               if s.name.endswith("_total"))
+    return sum(
+        s.value
+        for m in metrics.CREDIT_CHECK_READ_SKIPPED.collect()
+        for s in m.samples
+        if s.name.endswith("_total")
+    )
 
 
 def _replica(svc: Service) -> PostgresChecks:
@@ -1379,9 +1765,13 @@ def _replica(svc: Service) -> PostgresChecks:
 
 async def _seq_order(svc: Service, cid: str) -> list[str]:
     async with svc.host.engine.connect() as conn:
-        return list((await conn.exec_driver_sql(
-            "SELECT order_id FROM limits_checks WHERE customer_id = $1 ORDER BY seq",
-            (cid,))).scalars())
+        return list(
+            (
+                await conn.exec_driver_sql(
+                    "SELECT order_id FROM limits_checks WHERE customer_id = $1 ORDER BY seq", (cid,)
+                )
+            ).scalars()
+        )
 
 
 async def test_given_a_customer_only_this_process_writes_then_its_checks_skip_the_read(
@@ -1446,8 +1836,7 @@ async def test_given_another_replica_writes_a_customer_now_and_then_then_it_is_h
     redecided = _redecided()
     for n in range(10):
         for k in range(3):
-            assert (await one.check(_order("C-1", f"SO-{n}-{k}", "1.00"))).decision \
-                == "approved"
+            assert (await one.check(_order("C-1", f"SO-{n}-{k}", "1.00"))).decision == "approved"
         assert (await other.check(_order("C-1", f"SO-{n}-x", "1.00"))).decision == "approved"
     assert _redecided() - redecided <= 4  # rounds 2, 5 and 10 or so; else about nine
     assert (await svc.exposure("C-1"))["reserved"] == "40.00"
@@ -1475,16 +1864,23 @@ async def test_given_the_order_was_checked_elsewhere_then_a_check_without_read_s
 
 
 def _redecided() -> float:
-    return sum(s.value for m in metrics.CREDIT_CHECK_REDECIDED.collect() for s in m.samples
-               if s.name.endswith("_total"))
+    return sum(
+        s.value
+        for m in metrics.CREDIT_CHECK_REDECIDED.collect()
+        for s in m.samples
+        if s.name.endswith("_total")
+    )
 
 
 async def _until_waiting_for_locks(svc: Service, count: int) -> None:
     for _ in range(200):
         async with svc.host.engine.connect() as conn:
-            waiting = (await conn.exec_driver_sql(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND datname = current_database()")).scalar_one()
+            waiting = (
+                await conn.exec_driver_sql(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()"
+                )
+            ).scalar_one()
         if waiting >= count:
             return
         await asyncio.sleep(0.02)
@@ -1493,7 +1889,8 @@ async def _until_waiting_for_locks(svc: Service, count: int) -> None:
 
 @pytest.mark.parametrize("change", ["same customer", "group sibling", "same order"])
 async def test_given_a_change_between_a_batch_read_and_its_write_then_it_is_decided_again(
-    svc: Service, change: str,
+    svc: Service,
+    change: str,
 ) -> None:
     """Two replicas decide on what they read without locks; the write locks and checks that
     nothing it relied on changed. The one whose read went stale writes nothing and decides
@@ -1513,7 +1910,8 @@ async def test_given_a_change_between_a_batch_read_and_its_write_then_it_is_deci
     async with svc.host.engine.connect() as holder:
         # Hold C-1's row, so that the first replica's write waits after its read.
         await holder.exec_driver_sql(
-            "SELECT 1 FROM limits_customers WHERE customer_id = 'C-1' FOR UPDATE")
+            "SELECT 1 FROM limits_customers WHERE customer_id = 'C-1' FOR UPDATE"
+        )
         first = asyncio.create_task(one.check(order("C-1", "SO-A")))
         await _until_waiting_for_locks(svc, 1)
         if change == "same customer":
@@ -1522,8 +1920,7 @@ async def test_given_a_change_between_a_batch_read_and_its_write_then_it_is_deci
             await _until_waiting_for_locks(svc, 2)
         else:
             # Another customer: written at once, under the first one's feet.
-            second = asyncio.create_task(other.check(
-                order("C-2", "SO-B" if grouped else "SO-A")))
+            second = asyncio.create_task(other.check(order("C-2", "SO-B" if grouped else "SO-A")))
             await second
         await holder.rollback()
     a, b = await asyncio.gather(first, second, return_exceptions=True)

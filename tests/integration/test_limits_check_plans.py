@@ -45,12 +45,14 @@ def _literal(value: Any) -> str:
 @pytest.mark.parametrize("generic", [False, True], ids=["custom plan", "generic plan"])
 @pytest.mark.parametrize("name", sorted(STATEMENTS))
 async def test_given_tables_the_planner_takes_for_empty_then_every_table_is_read_by_key(
-        name: str, generic: bool, tmp_path: Path, postgres_server_url: str) -> None:
+    name: str, generic: bool, tmp_path: Path, postgres_server_url: str
+) -> None:
     """Both the plan made for the values at hand and the one made once without them, which
     the batches' connection keeps (``plan_cache_mode = force_generic_plan``)."""
     sql, args = STATEMENTS[name]
-    engine = await fresh_engine("postgresql", "limits", tmp_path=tmp_path,
-                                pg_server_url=postgres_server_url)
+    engine = await fresh_engine(
+        "postgresql", "limits", tmp_path=tmp_path, pg_server_url=postgres_server_url
+    )
     try:
         async with engine.connect() as conn:
             raw: Any = (await conn.get_raw_connection()).driver_connection
@@ -59,14 +61,18 @@ async def test_given_tables_the_planner_takes_for_empty_then_every_table_is_read
                 await raw.execute(f"PREPARE batch_statement AS {sql}")
                 values = ", ".join(_literal(a) for a in args)
                 found = await raw.fetchval(
-                    f"EXPLAIN (FORMAT JSON) EXECUTE batch_statement({values})")
+                    f"EXPLAIN (FORMAT JSON) EXECUTE batch_statement({values})"
+                )
             else:
                 found = await raw.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *args)
     finally:
         await engine.dispose()
     plan = (json.loads(found) if isinstance(found, str) else found)[0]["Plan"]
-    scans = [(node["Node Type"], node["Relation Name"]) for node in _nodes(plan)
-             if "Relation Name" in node]
+    scans = [
+        (node["Node Type"], node["Relation Name"])
+        for node in _nodes(plan)
+        if "Relation Name" in node
+    ]
     assert scans, plan
     whole = [table for kind, table in scans if kind == "Seq Scan"]
     assert not whole, f"{name} scans {whole} whole: {scans}"

@@ -25,12 +25,19 @@ def _gauge(gauge: object, *labels: str) -> float:
 
 async def test_portfolio_gauges_sum_every_customer_per_currency(engine: AsyncEngine) -> None:
     settings = Settings()
-    core = EventCore(LimitsService(settings, load_policy(None)), engine,
-                     topic_of_type=settings.topic_of_type())
-    events = [f.customer("G-1"), assessed("G-1"),  # AAA: a limit
-              f.customer("G-2"), f.invoice("G-2", "I-2", "1234.56", issued=date(2026, 3, 1)),
-              f.customer("G-3", currency="USD"), f.invoice("G-3", "I-3", "0.10", currency="USD"),
-              f.customer("G-4", currency="USD"), f.invoice("G-4", "I-4", "0.20", currency="USD")]
+    core = EventCore(
+        LimitsService(settings, load_policy(None)), engine, topic_of_type=settings.topic_of_type()
+    )
+    events = [
+        f.customer("G-1"),
+        assessed("G-1"),  # AAA: a limit
+        f.customer("G-2"),
+        f.invoice("G-2", "I-2", "1234.56", issued=date(2026, 3, 1)),
+        f.customer("G-3", currency="USD"),
+        f.invoice("G-3", "I-3", "0.10", currency="USD"),
+        f.customer("G-4", currency="USD"),
+        f.invoice("G-4", "I-4", "0.20", currency="USD"),
+    ]
     await core.process_records(f.records(events))
 
     await refresh_portfolio_gauges(engine)

@@ -27,11 +27,15 @@ async def test_migrations_produce_the_declared_schema(kind, service, tmp_path: P
     metadata = importlib.import_module(f"services.{service}.store").metadata
 
     def diff(sync_conn):
-        ctx = MigrationContext.configure(sync_conn, opts={
-            "compare_type": True,
-            "include_name": lambda name, kind, _parent: not (
-                kind == "table" and name.startswith("alembic_version")),
-        })
+        ctx = MigrationContext.configure(
+            sync_conn,
+            opts={
+                "compare_type": True,
+                "include_name": lambda name, kind, _parent: (
+                    not (kind == "table" and name.startswith("alembic_version"))
+                ),
+            },
+        )
         return compare_metadata(ctx, metadata)
 
     async with engine.connect() as conn:
@@ -42,7 +46,8 @@ async def test_migrations_produce_the_declared_schema(kind, service, tmp_path: P
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 async def test_limits_0003_moves_live_reservations_out_of_the_documents_and_back(
-        kind, tmp_path: Path, request):
+    kind, tmp_path: Path, request
+):
     """Stored before limits_0003: every reservation in the customer's document. After it: the
     live ones are rows, the ended ones gone, the document holds neither; the state the
     service reads is the same. Downgrading puts the live ones back."""
@@ -68,24 +73,33 @@ async def test_limits_0003_moves_live_reservations_out_of_the_documents_and_back
         '"SO-3":{"order_id":"SO-3","check_id":"k3","amount":"7.00",'
         '"expires_at":"2026-03-02T09:00:00Z","status":"expired"}},'
         '"requests":{},"grade":"BBB","manual":null,"limit_lapsed":false,"hold":null,'
-        '"open_alerts":{},"as_of":"2026-03-01","last_time":"2026-03-01T09:00:00Z"}')
+        '"open_alerts":{},"as_of":"2026-03-01","last_time":"2026-03-01T09:00:00Z"}'
+    )
     async with engine.begin() as conn:
-        await conn.execute(text(
-            "INSERT INTO limits_customers (customer_id, group_id, currency, limit_amount, "
-            "limit_source, on_hold, open_receivables, overdue_amount, max_days_overdue, "
-            "reserved, exposure, available, over_limit, open_alerts, as_of, last_seq, state) "
-            "VALUES ('C-1', 'C-1', 'EUR', :z, 'policy', false, :z, :z, 0, :z, :z, :z, false, "
-            "0, :t, 7, :doc)"),
-            {"z": "0" if kind == "sqlite" else 0, "doc": document,
-             "t": "2026-03-01 09:00:00" if kind == "sqlite" else
-             datetime(2026, 3, 1, 9, tzinfo=UTC)})
+        await conn.execute(
+            text(
+                "INSERT INTO limits_customers (customer_id, group_id, currency, limit_amount, "
+                "limit_source, on_hold, open_receivables, overdue_amount, max_days_overdue, "
+                "reserved, exposure, available, over_limit, open_alerts, as_of, last_seq, state) "
+                "VALUES ('C-1', 'C-1', 'EUR', :z, 'policy', false, :z, :z, 0, :z, :z, :z, false, "
+                "0, :t, 7, :doc)"
+            ),
+            {
+                "z": "0" if kind == "sqlite" else 0,
+                "doc": document,
+                "t": "2026-03-01 09:00:00"
+                if kind == "sqlite"
+                else datetime(2026, 3, 1, 9, tzinfo=UTC),
+            },
+        )
 
     await upgrade(engine, "limits")
     async with engine.connect() as conn:
         rows = (await conn.execute(store.reservations.select())).all()
         state = (await store.read_states(conn, ["C-1"]))["C-1"]
-        stored = (await conn.execute(text(
-            "SELECT state FROM limits_customers WHERE customer_id = 'C-1'"))).scalar_one()
+        stored = (
+            await conn.execute(text("SELECT state FROM limits_customers WHERE customer_id = 'C-1'"))
+        ).scalar_one()
     assert [(r.order_id, r.check_id, str(r.amount)) for r in rows] == [("SO-1", "k1", "1250.50")]
     assert list(state.reservations) == ["SO-1"]
     assert str(state.reservations["SO-1"].amount) == "1250.50"
@@ -98,9 +112,12 @@ async def test_limits_0003_moves_live_reservations_out_of_the_documents_and_back
 
     await downgrade(engine, "limits", "limits_0002")
     async with engine.connect() as conn:
-        back = (await conn.execute(text(
-            "SELECT state FROM limits_customers WHERE customer_id = 'C-1'"))).scalar_one()
+        back = (
+            await conn.execute(text("SELECT state FROM limits_customers WHERE customer_id = 'C-1'"))
+        ).scalar_one()
     await engine.dispose()
-    assert '"SO-1":{"order_id":"SO-1","check_id":"k1","amount":"1250.50",' \
-           '"expires_at":"2026-03-04T09:00:00Z","status":"active"}' in back
+    assert (
+        '"SO-1":{"order_id":"SO-1","check_id":"k1","amount":"1250.50",'
+        '"expires_at":"2026-03-04T09:00:00Z","status":"active"}' in back
+    )
     assert '"SO-2"' not in back and '"last_time":"2026-03-01T09:00:00Z"' in back

@@ -59,8 +59,13 @@ class FakeKafka:
 
 
 async def queue(core: EventCore, *ids: str) -> None:
-    items = [("credit.exposure", new_event("relay.tested", source="/t", subject=f"C-{i}",
-                                           data={"n": i}, id=i, time=T0)) for i in ids]
+    items = [
+        (
+            "credit.exposure",
+            new_event("relay.tested", source="/t", subject=f"C-{i}", data={"n": i}, id=i, time=T0),
+        )
+        for i in ids
+    ]
     async with core.engine.begin() as conn:
         await es.enqueue(conn, store.core, items, T0)
 
@@ -120,8 +125,9 @@ async def test_rows_the_broker_did_not_acknowledge_are_published_again(core: Eve
 
 async def test_one_relay_leads_at_a_time(postgres_server_url: str, tmp_path: Path) -> None:
     # PostgreSQL only: the advisory lock is PostgreSQL's; SQLite serialises writers instead.
-    engine = await fresh_engine("postgresql", "limits", tmp_path=tmp_path,
-                                pg_server_url=postgres_server_url)
+    engine = await fresh_engine(
+        "postgresql", "limits", tmp_path=tmp_path, pg_server_url=postgres_server_url
+    )
     core = EventCore(LimitsService(Settings(), load_policy(None)), engine)
     first, second = OutboxRelay(core, bootstrap="unused"), OutboxRelay(core, bootstrap="unused")
     leader = await first._lead(None)
@@ -135,21 +141,22 @@ async def test_one_relay_leads_at_a_time(postgres_server_url: str, tmp_path: Pat
 
 
 async def test_a_relay_that_does_not_lead_tries_again_at_its_own_pace_and_takes_over(
-        postgres_server_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    postgres_server_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An API replica's relay while another process publishes: commits keep coming (they
     wake the leader), yet it tries to take the lock only every ``takeover`` seconds — it
     tried on every commit, a connection every few milliseconds — and takes over, publishing
     what is pending, once the leader is gone."""
-    engine = await fresh_engine("postgresql", "limits", tmp_path=tmp_path,
-                                pg_server_url=postgres_server_url)
+    engine = await fresh_engine(
+        "postgresql", "limits", tmp_path=tmp_path, pg_server_url=postgres_server_url
+    )
     core = EventCore(LimitsService(Settings(), load_policy(None)), engine)
     other = OutboxRelay(core, bootstrap="unused")
     held = await other._lead(None)
     assert held is not None
     tries = 0
     try:
-        async with relay_running(core, monkeypatch, linger=0.001,
-                                 takeover=0.25) as (producer, _):
+        async with relay_running(core, monkeypatch, linger=0.001, takeover=0.25) as (producer, _):
             relay = running_relays[-1]
             real = relay._lead
 
@@ -181,8 +188,9 @@ running_relays: list[OutboxRelay] = []
 
 
 @contextlib.asynccontextmanager
-async def relay_running(core: EventCore, monkeypatch: pytest.MonkeyPatch,
-                        **options: Any) -> AsyncIterator[tuple[Producer, list[int]]]:
+async def relay_running(
+    core: EventCore, monkeypatch: pytest.MonkeyPatch, **options: Any
+) -> AsyncIterator[tuple[Producer, list[int]]]:
     """The relay's loop with the stand-in producer, idle (it looked and found nothing) when
     handed over; yields the producer and the sizes of the cycles that published anything."""
     relay = OutboxRelay(core, bootstrap="unused", **options)
@@ -220,7 +228,8 @@ async def sent(producer: Producer, count: int) -> list[str]:
 
 
 async def test_the_relay_is_woken_by_a_commit_and_not_only_by_its_poll(
-        core: EventCore, monkeypatch: pytest.MonkeyPatch) -> None:
+    core: EventCore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``outbox_ready`` set after the relay looked and found nothing still wakes it."""
     async with relay_running(core, monkeypatch, poll_interval=30.0) as (producer, _):
         await queue(core, "e1")
@@ -230,7 +239,8 @@ async def test_the_relay_is_woken_by_a_commit_and_not_only_by_its_poll(
 
 
 async def test_an_unreachable_database_is_retried_not_fatal(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Leading needs the database; while it is away the relay keeps trying (the consumer
     does the same), instead of ending the service's loops."""
     from shared.db import make_engine
@@ -238,8 +248,9 @@ async def test_an_unreachable_database_is_retried_not_fatal(
 
     monkeypatch.setattr("aiokafka.AIOKafkaProducer", FakeKafka)
     engine = make_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/nothing")
-    relay = OutboxRelay(EventCore(LimitsService(Settings(), load_policy(None)), engine),
-                        bootstrap="unused")
+    relay = OutboxRelay(
+        EventCore(LimitsService(Settings(), load_policy(None)), engine), bootstrap="unused"
+    )
     stop = asyncio.Event()
     running = asyncio.create_task(relay.run(stop))
     try:
@@ -252,7 +263,8 @@ async def test_an_unreachable_database_is_retried_not_fatal(
 
 
 async def test_one_statement_per_cycle_and_acknowledged_rows_deleted_when_cancelled(
-        core: EventCore, monkeypatch: pytest.MonkeyPatch) -> None:
+    core: EventCore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """After a cycle that read less than a batch, the relay waits for the next commit (the
     acknowledged rows go with the next cycle's read, not a read of their own); cancelled
     meanwhile, it still deletes them, so they are not published again."""
@@ -289,12 +301,14 @@ async def test_one_statement_per_cycle_and_acknowledged_rows_deleted_when_cancel
 
 @pytest.mark.parametrize(("linger", "expected"), [(0.6, [2]), (0.0, [1, 1])])
 async def test_commits_close_behind_each_other_go_out_in_one_cycle_when_lingering(
-        core: EventCore, monkeypatch: pytest.MonkeyPatch, linger: float,
-        expected: list[int]) -> None:
+    core: EventCore, monkeypatch: pytest.MonkeyPatch, linger: float, expected: list[int]
+) -> None:
     """Woken by a commit, the relay waits ``linger`` for the next ones: two commits 0.1 s
     apart are read and published together; without lingering, each has a cycle of its own."""
-    async with relay_running(core, monkeypatch, poll_interval=30.0,
-                             linger=linger) as (producer, cycles):
+    async with relay_running(core, monkeypatch, poll_interval=30.0, linger=linger) as (
+        producer,
+        cycles,
+    ):
         await queue(core, "e1")
         core.outbox_ready.set()
         await asyncio.sleep(0.1)
@@ -306,14 +320,16 @@ async def test_commits_close_behind_each_other_go_out_in_one_cycle_when_lingerin
 
 @pytest.mark.parametrize(("interval", "expected"), [(0.8, [1, 2]), (0.0, [1, 1, 1])])
 async def test_under_a_steady_flow_of_commits_cycles_keep_their_interval(
-        core: EventCore, monkeypatch: pytest.MonkeyPatch, interval: float,
-        expected: list[int]) -> None:
+    core: EventCore, monkeypatch: pytest.MonkeyPatch, interval: float, expected: list[int]
+) -> None:
     """A commit after a quiet spell goes out at once (no linger here), however long the
     interval; the commits that follow within ``interval`` of that cycle's start wait for it
     and go out together; without an interval, each has a cycle of its own."""
     loop = asyncio.get_running_loop()
-    async with relay_running(core, monkeypatch, poll_interval=30.0,
-                             interval=interval) as (producer, cycles):
+    async with relay_running(core, monkeypatch, poll_interval=30.0, interval=interval) as (
+        producer,
+        cycles,
+    ):
         await queue(core, "e1")
         core.outbox_ready.set()
         committed = loop.time()

@@ -26,19 +26,27 @@ async def pending(url: str) -> int:
     engine = make_engine(url)
     try:
         async with engine.connect() as conn:
-            return (await conn.execute(text(
-                f"SELECT count(*) FROM {store.core.outbox.name}"))).scalar_one()
+            return (
+                await conn.execute(text(f"SELECT count(*) FROM {store.core.outbox.name}"))
+            ).scalar_one()
     finally:
         await engine.dispose()
 
 
 async def test_an_api_replica_without_relay_leaves_its_outbox_to_the_worker(
-        tmp_path: Path, postgres_server_url: str, kafka_bootstrap: str) -> None:
+    tmp_path: Path, postgres_server_url: str, kafka_bootstrap: str
+) -> None:
     # Given: a customer graded A, and an API replica started --no-consume --no-relay, alone
     url = servers.create_database(postgres_server_url)
     cid = "C-RELAY"
-    await seed(url, [f.customer(cid), assessed(cid, "A"),
-                     f.invoice(cid, "I-1", "1000.00", issued=datetime.now(UTC).date())])
+    await seed(
+        url,
+        [
+            f.customer(cid),
+            assessed(cid, "A"),
+            f.invoice(cid, "I-1", "1000.00", issued=datetime.now(UTC).date()),
+        ],
+    )
     prefix = new_prefix()
     await create_topics(kafka_bootstrap, prefix)
     env = service_env(database_url=url, bootstrap=kafka_bootstrap, **topic_env(prefix))
@@ -56,9 +64,16 @@ async def test_an_api_replica_without_relay_leaves_its_outbox_to_the_worker(
 
         # When: an order is checked and reserved on the replica
         async with httpx.AsyncClient(base_url=api.url, timeout=30) as client:
-            reply = await client.post("/v1/credit-checks", json={
-                "order_id": "SO-1", "customer_id": cid, "amount": "500.00",
-                "currency": "EUR"}, headers={"Authorization": f"Bearer {CHECK}"})
+            reply = await client.post(
+                "/v1/credit-checks",
+                json={
+                    "order_id": "SO-1",
+                    "customer_id": cid,
+                    "amount": "500.00",
+                    "currency": "EUR",
+                },
+                headers={"Authorization": f"Bearer {CHECK}"},
+            )
         assert reply.status_code == 200, reply.text
         assert reply.json()["decision"] == "approved"
 
@@ -69,9 +84,11 @@ async def test_an_api_replica_without_relay_leaves_its_outbox_to_the_worker(
 
         # …and the worker, once it runs, publishes it (the reservation in its figures)
         worker.start().wait_ready(90)
-        seen = await tap.wait_for("the check's exposure event", lambda: [
-            r for r in tap.of("credit.exposure", cid) if r.data["reserved"] == "500.00"],
-            within=30)
+        seen = await tap.wait_for(
+            "the check's exposure event",
+            lambda: [r for r in tap.of("credit.exposure", cid) if r.data["reserved"] == "500.00"],
+            within=30,
+        )
         assert seen[0].data["exposure"] == "1500.00"
         for _ in range(100):
             if await pending(url) == 0:

@@ -42,8 +42,9 @@ class Customer:
     clock: datetime = T0
     counter: int = 0
 
-    def feed(self, type_: str, data: BaseModel, *, at: datetime | None = None
-             ) -> list[domain.AlertChange]:
+    def feed(
+        self, type_: str, data: BaseModel, *, at: datetime | None = None
+    ) -> list[domain.AlertChange]:
         self.counter += 1
         self.clock = at or self.clock + timedelta(minutes=1)
         event = domain.Event(type_, f"/test|e-{self.counter}", self.clock, data)
@@ -52,18 +53,34 @@ class Customer:
         return changes
 
     # -- contract events ----------------------------------------------------------------
-    def exposure(self, exposure: str, limit: str = "100000.00", *, days: int = 0,
-                 overdue: str = "0.00", at: datetime | None = None) -> list[domain.AlertChange]:
+    def exposure(
+        self,
+        exposure: str,
+        limit: str = "100000.00",
+        *,
+        days: int = 0,
+        overdue: str = "0.00",
+        at: datetime | None = None,
+    ) -> list[domain.AlertChange]:
         self.clock = at or self.clock + timedelta(minutes=1)
         exp, lim = Decimal(exposure), Decimal(limit)
-        data = ExposureUpdated.model_validate({
-            "customer_id": CID, "currency": "EUR", "open_receivables": exposure,
-            "overdue_amount": overdue, "overdue_buckets": {}, "max_days_overdue": days,
-            "reserved": "0.00", "exposure": exposure, "limit": limit,
-            "available": str(lim - exp),
-            "utilization": str((exp / lim).quantize(Decimal("0.0001"))) if lim else None,
-            "on_hold": False, "as_of": self.clock,
-        })
+        data = ExposureUpdated.model_validate(
+            {
+                "customer_id": CID,
+                "currency": "EUR",
+                "open_receivables": exposure,
+                "overdue_amount": overdue,
+                "overdue_buckets": {},
+                "max_days_overdue": days,
+                "reserved": "0.00",
+                "exposure": exposure,
+                "limit": limit,
+                "available": str(lim - exp),
+                "utilization": str((exp / lim).quantize(Decimal("0.0001"))) if lim else None,
+                "on_hold": False,
+                "as_of": self.clock,
+            }
+        )
         return self.feed(ExposureUpdated.TYPE, data, at=self.clock)
 
     def utilization(self, value: str) -> list[domain.AlertChange]:
@@ -72,50 +89,87 @@ class Customer:
     def overdue_days(self, days: int, amount: str = "5000.00") -> list[domain.AlertChange]:
         return self.exposure("10000.00", days=days, overdue=amount if days else "0.00")
 
-    def dunning(self, invoice: str, days: int, amount: str = "2500.00"
-                ) -> list[domain.AlertChange]:
-        data = InvoiceOverdue.model_validate({
-            "invoice_id": invoice, "customer_id": CID, "currency": "EUR",
-            "amount_overdue": amount, "due_date": "2026-01-01", "days_overdue": days,
-            "as_of": (self.clock + timedelta(minutes=1)).date().isoformat(),
-        })
+    def dunning(self, invoice: str, days: int, amount: str = "2500.00") -> list[domain.AlertChange]:
+        data = InvoiceOverdue.model_validate(
+            {
+                "invoice_id": invoice,
+                "customer_id": CID,
+                "currency": "EUR",
+                "amount_overdue": amount,
+                "due_date": "2026-01-01",
+                "days_overdue": days,
+                "as_of": (self.clock + timedelta(minutes=1)).date().isoformat(),
+            }
+        )
         return self.feed(InvoiceOverdue.TYPE, data)
 
-    def assessed(self, grade: str, *, ratios: dict[str, str] | None = None,
-                 next_review: date | None = None, previous: str | None = None,
-                 aid: str | None = None) -> list[domain.AlertChange]:
+    def assessed(
+        self,
+        grade: str,
+        *,
+        ratios: dict[str, str] | None = None,
+        next_review: date | None = None,
+        previous: str | None = None,
+        aid: str | None = None,
+    ) -> list[domain.AlertChange]:
         self.counter += 1
-        data = AssessmentCompleted.model_validate({
-            "assessment_id": aid or f"as-{self.counter}", "customer_id": CID, "score": 50,
-            "grade": grade, "risk_level": "medium", "previous_grade": previous,
-            "ratios": ratios or {}, "policy_version": POLICY.version,
-            "next_review_date": next_review.isoformat() if next_review else None,
-            "assessed_at": self.clock + timedelta(minutes=1),
-        })
+        data = AssessmentCompleted.model_validate(
+            {
+                "assessment_id": aid or f"as-{self.counter}",
+                "customer_id": CID,
+                "score": 50,
+                "grade": grade,
+                "risk_level": "medium",
+                "previous_grade": previous,
+                "ratios": ratios or {},
+                "policy_version": POLICY.version,
+                "next_review_date": next_review.isoformat() if next_review else None,
+                "assessed_at": self.clock + timedelta(minutes=1),
+            }
+        )
         return self.feed(AssessmentCompleted.TYPE, data)
 
-    def report(self, *, legal: list[tuple[str, str | None]] = (),  # type: ignore[assignment]
-               defaults: int | None = None, bureau: str = "Creditreform",
-               reported_at: datetime | None = None) -> list[domain.AlertChange]:
+    def report(
+        self,
+        *,
+        legal: list[tuple[str, str | None]] = (),  # type: ignore[assignment]
+        defaults: int | None = None,
+        bureau: str = "Creditreform",
+        reported_at: datetime | None = None,
+    ) -> list[domain.AlertChange]:
         self.counter += 1
-        data = CreditReportReceived.model_validate({
-            "report_id": f"r-{self.counter}", "customer_id": CID, "bureau": bureau,
-            "score": 500, "score_min": 0, "score_max": 1000, "defaults": defaults,
-            "legal_events": [{"type": kind, "date": day} for kind, day in legal],
-            "reported_at": reported_at or self.clock + timedelta(minutes=1),
-        })
+        data = CreditReportReceived.model_validate(
+            {
+                "report_id": f"r-{self.counter}",
+                "customer_id": CID,
+                "bureau": bureau,
+                "score": 500,
+                "score_min": 0,
+                "score_max": 1000,
+                "defaults": defaults,
+                "legal_events": [{"type": kind, "date": day} for kind, day in legal],
+                "reported_at": reported_at or self.clock + timedelta(minutes=1),
+            }
+        )
         return self.feed(CreditReportReceived.TYPE, data)
 
-    def paid(self, payment_id: str, amount: str, on: date | None = None
-             ) -> list[domain.AlertChange]:
-        data = PaymentReceived.model_validate({
-            "payment_id": payment_id, "customer_id": CID, "currency": "EUR", "amount": amount,
-            "received_date": (on or (self.clock + timedelta(minutes=1)).date()).isoformat(),
-        })
+    def paid(
+        self, payment_id: str, amount: str, on: date | None = None
+    ) -> list[domain.AlertChange]:
+        data = PaymentReceived.model_validate(
+            {
+                "payment_id": payment_id,
+                "customer_id": CID,
+                "currency": "EUR",
+                "amount": amount,
+                "received_date": (on or (self.clock + timedelta(minutes=1)).date()).isoformat(),
+            }
+        )
         return self.feed(PaymentReceived.TYPE, data)
 
-    def reversed(self, payment_id: str, reason: str = "insufficient funds"
-                 ) -> list[domain.AlertChange]:
+    def reversed(
+        self, payment_id: str, reason: str = "insufficient funds"
+    ) -> list[domain.AlertChange]:
         data = PaymentReversed(payment_id=payment_id, customer_id=CID, reason=reason)
         return self.feed(PaymentReversed.TYPE, data)
 
@@ -212,7 +266,10 @@ def test_utilisation_at_ninety_percent_raises_a_warning() -> None:
     c = Customer()
     change = only(c.utilization("0.90"))
     assert (change.kind, change.alert.rule, change.alert.severity) == (
-        "raised", "utilization_high", "warning")
+        "raised",
+        "utilization_high",
+        "warning",
+    )
     assert change.alert.facts["utilization"] == "0.9"
     assert "90.0 %" in change.alert.message
 
@@ -255,13 +312,16 @@ def test_with_the_limit_cut_to_zero_utilisation_resolves_and_the_breach_takes_ov
     c.utilization("0.95")
     changes = c.exposure("95000.00", limit="0.00")
     assert {(ch.alert.rule, ch.kind) for ch in changes} == {
-        ("utilization_high", "resolved"), ("limit_breach", "raised")}
+        ("utilization_high", "resolved"),
+        ("limit_breach", "raised"),
+    }
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(min_value=0, max_value=12000), min_size=1, max_size=60))
 def test_any_utilisation_sequence_keeps_one_alert_and_alternates_raise_and_resolve(
-        basis_points: list[int]) -> None:
+    basis_points: list[int],
+) -> None:
     c = Customer()
     lifecycle: list[str] = []
     for bp in basis_points:
@@ -270,8 +330,9 @@ def test_any_utilisation_sequence_keeps_one_alert_and_alternates_raise_and_resol
             if change.alert.rule != "utilization_high":
                 continue
             lifecycle.append(change.kind)
-            open_now = [a for a in c.state.alerts.values()
-                        if a.rule == "utilization_high" and a.active]
+            open_now = [
+                a for a in c.state.alerts.values() if a.rule == "utilization_high" and a.active
+            ]
             assert len(open_now) <= 1
             if change.kind == "raised":
                 assert util >= POLICY.alerts.utilization_high.raise_at
@@ -279,7 +340,8 @@ def test_any_utilisation_sequence_keeps_one_alert_and_alternates_raise_and_resol
                 assert util < POLICY.alerts.utilization_high.clear_below
     transitions = [k for k in lifecycle if k != "updated"]
     assert transitions == ["raised", "resolved"] * (len(transitions) // 2) + (
-        ["raised"] if len(transitions) % 2 else [])
+        ["raised"] if len(transitions) % 2 else []
+    )
     active = c.active("utilization_high")
     assert (active is not None) == (bool(transitions) and transitions[-1] == "raised")
 
@@ -344,7 +406,10 @@ def test_a_one_notch_downgrade_warns_and_two_notches_are_critical() -> None:
     c.assessed("A")
     warn = only(c.assessed("BBB"))
     assert (warn.kind, warn.alert.severity, warn.alert.facts["grade_before"]) == (
-        "raised", "warning", "A")
+        "raised",
+        "warning",
+        "A",
+    )
     worse = only(c.assessed("BB"))
     assert (worse.kind, worse.alert.severity) == ("updated", "critical")
     assert worse.alert.facts["notches"] == 2
@@ -391,16 +456,30 @@ def test_a_distressed_z_score_raises_financial_deterioration_listing_the_signal(
 
 def test_each_financial_warning_sign_is_listed() -> None:
     c = Customer()
-    alert = only(c.assessed("BB", ratios={
-        "altman_z2": "0.5", "current_ratio": "0.8", "debt_to_equity": "-3",
-        "operating_cash_flow_ratio": "-0.1", "revenue_growth": "-0.2"})).alert
+    alert = only(
+        c.assessed(
+            "BB",
+            ratios={
+                "altman_z2": "0.5",
+                "current_ratio": "0.8",
+                "debt_to_equity": "-3",
+                "operating_cash_flow_ratio": "-0.1",
+                "revenue_growth": "-0.2",
+            },
+        )
+    ).alert
     assert alert.facts["signals"] == [
-        "altman_z2_distress", "current_ratio_low", "negative_equity",
-        "negative_operating_cash_flow", "revenue_drop"]
+        "altman_z2_distress",
+        "current_ratio_low",
+        "negative_equity",
+        "negative_operating_cash_flow",
+        "revenue_drop",
+    ]
 
 
-def test_financial_deterioration_updates_when_the_signals_change_and_resolves_when_none_hold(
-) -> None:
+def test_financial_deterioration_updates_when_the_signals_change_and_resolves_when_none_hold() -> (
+    None
+):
     c = Customer()
     c.assessed("BB", ratios={"current_ratio": "0.9"})
     assert c.assessed("BB", ratios={"current_ratio": "0.95"}) == []  # same signal
@@ -433,7 +512,8 @@ def test_a_lawsuit_or_defaults_warn_and_a_later_clean_report_resolves() -> None:
     assert only(c.report(legal=[("lawsuit", "2026-01-15")])).alert.severity == "warning"
     updated = only(c.report(legal=[("lawsuit", "2026-01-15")], defaults=2))
     assert updated.kind == "updated" and updated.alert.facts["defaults"] == [
-        {"bureau": "Creditreform", "count": 2}]
+        {"bureau": "Creditreform", "count": 2}
+    ]
     assert only(c.report()).kind == "resolved"
 
 
@@ -509,8 +589,11 @@ def test_acknowledging_keeps_the_one_alert_and_it_still_updates_and_resolves() -
     c = Customer()
     raised = only(c.overdue_days(40)).alert
     acked = only(c.acknowledge(raised.alert_id))
-    assert (acked.kind, acked.history, acked.alert.status) == ("updated", "acknowledged",
-                                                                "acknowledged")
+    assert (acked.kind, acked.history, acked.alert.status) == (
+        "updated",
+        "acknowledged",
+        "acknowledged",
+    )
     assert acked.alert.acknowledged_by == "analyst"
     assert c.acknowledge(raised.alert_id) == []  # twice: nothing more
     updated = only(c.overdue_days(70))  # 61-90: material, same severity
@@ -553,9 +636,16 @@ def test_alert_ids_are_stable_for_the_same_problem_and_raising_event() -> None:
 
 def test_limit_changes_are_recorded_but_judged_with_the_exposure_that_follows() -> None:
     c = Customer()
-    data = LimitChanged.model_validate({
-        "customer_id": CID, "currency": "EUR", "previous_limit": "100000.00",
-        "limit": "50000.00", "reason": "policy", "effective_at": T0})
+    data = LimitChanged.model_validate(
+        {
+            "customer_id": CID,
+            "currency": "EUR",
+            "previous_limit": "100000.00",
+            "limit": "50000.00",
+            "reason": "policy",
+            "effective_at": T0,
+        }
+    )
     assert c.feed(LimitChanged.TYPE, data) == []
     assert c.state.limit is not None and c.state.limit.limit == Decimal("50000.00")
 
@@ -574,8 +664,7 @@ def test_alert_bodies_validate_as_contract_alert_events() -> None:
 def test_every_rule_is_described_with_its_thresholds(rule: str) -> None:
     overview = {r["rule"]: r for r in domain.rules_overview(POLICY)}
     assert overview[rule]["enabled"] is True
-    assert overview["utilization_high"]["thresholds"] == {"raise_at": "0.90",
-                                                         "clear_below": "0.85"}
+    assert overview["utilization_high"]["thresholds"] == {"raise_at": "0.90", "clear_below": "0.85"}
 
 
 def test_the_domain_imports_no_infrastructure() -> None:
@@ -588,7 +677,6 @@ def test_the_domain_imports_no_infrastructure() -> None:
     }
     banned = ("sqlalchemy", "fastapi", "aiokafka", "prometheus_client", "starlette")
     assert not [m for m in imported if m.split(".")[0] in banned]
-
 
 
 def test_a_rescore_that_keeps_the_past_review_date_leaves_the_review_overdue_open() -> None:

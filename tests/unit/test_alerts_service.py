@@ -30,10 +30,12 @@ POLICY = load_policy()
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 READ = "token-read"
 WRITE = "token-write"
-TOKENS = TokenRegistry({
-    READ: Principal("reader", frozenset({"credit:read"})),
-    WRITE: Principal("analyst", frozenset({"credit:read", "alerts:write"})),
-})
+TOKENS = TokenRegistry(
+    {
+        READ: Principal("reader", frozenset({"credit:read"})),
+        WRITE: Principal("analyst", frozenset({"credit:read", "alerts:write"})),
+    }
+)
 
 
 class Clock:
@@ -69,14 +71,16 @@ class World:
 
     def client(self, token: str | None = READ) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app),
-                                 base_url="http://alerts", headers=headers)
+        return httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app), base_url="http://alerts", headers=headers
+        )
 
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
-    settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/{{service}}.db",
-                        dev_mode=True)
+    settings = Settings(
+        database_url=f"sqlite+aiosqlite:///{tmp_path}/{{service}}.db", dev_mode=True
+    )
     clock = Clock(T0)
     app, host = build(settings, tokens=TOKENS, policy=POLICY, consume=False, clock=clock)
     await reset(host.engine, "alerts")
@@ -86,35 +90,69 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         await host.engine.dispose()
 
 
-def exposure_event(cid: str, exposure: str, limit: str = "100000.00", *, n: int,
-                   days: int = 0, at: datetime | None = None) -> Envelope:
+def exposure_event(
+    cid: str,
+    exposure: str,
+    limit: str = "100000.00",
+    *,
+    n: int,
+    days: int = 0,
+    at: datetime | None = None,
+) -> Envelope:
     exp, lim = Decimal(exposure), Decimal(limit)
     when = at or T0 + timedelta(minutes=n)
     data: dict[str, Any] = {
-        "customer_id": cid, "currency": "EUR", "open_receivables": exposure,
-        "overdue_amount": "1000.00" if days else "0.00", "overdue_buckets": {},
-        "max_days_overdue": days, "reserved": "0.00", "exposure": exposure, "limit": limit,
+        "customer_id": cid,
+        "currency": "EUR",
+        "open_receivables": exposure,
+        "overdue_amount": "1000.00" if days else "0.00",
+        "overdue_buckets": {},
+        "max_days_overdue": days,
+        "reserved": "0.00",
+        "exposure": exposure,
+        "limit": limit,
         "available": str(lim - exp),
         "utilization": str((exp / lim).quantize(Decimal("0.0001"))) if lim else None,
-        "on_hold": False, "as_of": when,
+        "on_hold": False,
+        "as_of": when,
     }
-    return new_event("exposure.updated", source="/creditwatch/limits", subject=cid, data=data,
-                     id=f"exposure-{cid}-{n}", time=when)
+    return new_event(
+        "exposure.updated",
+        source="/creditwatch/limits",
+        subject=cid,
+        data=data,
+        id=f"exposure-{cid}-{n}",
+        time=when,
+    )
 
 
-def assessment_event(cid: str, grade: str, *, n: int, next_review: date | None = None
-                     ) -> Envelope:
+def assessment_event(cid: str, grade: str, *, n: int, next_review: date | None = None) -> Envelope:
     when = T0 + timedelta(minutes=n)
-    data = {"assessment_id": f"as-{n}", "customer_id": cid, "score": 60, "grade": grade,
-            "risk_level": "medium", "ratios": {}, "policy_version": POLICY.version,
-            "next_review_date": next_review, "assessed_at": when}
-    return new_event("assessment.completed", source="/creditwatch/assessment", subject=cid,
-                     data=data, id=f"assessment-{n}", time=when)
+    data = {
+        "assessment_id": f"as-{n}",
+        "customer_id": cid,
+        "score": 60,
+        "grade": grade,
+        "risk_level": "medium",
+        "ratios": {},
+        "policy_version": POLICY.version,
+        "next_review_date": next_review,
+        "assessed_at": when,
+    }
+    return new_event(
+        "assessment.completed",
+        source="/creditwatch/assessment",
+        subject=cid,
+        data=data,
+        id=f"assessment-{n}",
+        time=when,
+    )
 
 
 def raised_total(rule: str, severity: str) -> float:
-    value = REGISTRY.get_sample_value("creditwatch_alerts_raised_total",
-                                      {"rule": rule, "severity": severity})
+    value = REGISTRY.get_sample_value(
+        "creditwatch_alerts_raised_total", {"rule": rule, "severity": severity}
+    )
     return value or 0.0
 
 
@@ -122,12 +160,15 @@ def raised_total(rule: str, severity: str) -> float:
 
 
 async def test_a_consumed_exposure_over_the_limit_publishes_one_alert_per_rule(
-        world: World) -> None:
+    world: World,
+) -> None:
     before = raised_total("limit_breach", "critical")
     await world.consume(world.record(exposure_event("C-1", "120000.00", n=1), "credit.exposure"))
     published = await world.outbox()
     assert sorted((e["type"], e["data"]["rule"]) for e in published) == [
-        ("alert.raised", "limit_breach"), ("alert.raised", "utilization_high")]
+        ("alert.raised", "limit_breach"),
+        ("alert.raised", "utilization_high"),
+    ]
     for event in published:
         assert event["topic"] == "credit.alerts"
         assert event["subject"] == "C-1" and event["source"] == "/creditwatch/alerts"
@@ -176,13 +217,17 @@ async def test_replay_reproduces_the_projections_exactly(world: World) -> None:
 
 
 async def test_an_event_of_an_unknown_type_is_skipped_and_garbage_is_dead_lettered(
-        world: World) -> None:
-    odd = new_event("exposure.recomputed", source="/x", subject="C-1", data={"x": 1}, id="odd",
-                    time=T0)
-    result = await world.core.process_records([
-        world.record(odd, "credit.exposure"),
-        Record("credit.exposure", 0, 99, b"C-1", b"{not json"),
-    ])
+    world: World,
+) -> None:
+    odd = new_event(
+        "exposure.recomputed", source="/x", subject="C-1", data={"x": 1}, id="odd", time=T0
+    )
+    result = await world.core.process_records(
+        [
+            world.record(odd, "credit.exposure"),
+            Record("credit.exposure", 0, 99, b"C-1", b"{not json"),
+        ]
+    )
     assert (result.skipped, result.dead_lettered) == (1, 1)
     assert [e["type"] for e in await world.outbox()] == ["event.dead_lettered"]
 
@@ -191,10 +236,13 @@ async def test_an_event_of_an_unknown_type_is_skipped_and_garbage_is_dead_letter
 
 
 async def test_the_scheduler_raises_review_overdue_once_when_the_date_has_passed(
-        world: World) -> None:
-    await world.consume(world.record(
-        assessment_event("C-3", "BBB", n=1, next_review=date(2026, 3, 10)),
-        "credit.assessments"))
+    world: World,
+) -> None:
+    await world.consume(
+        world.record(
+            assessment_event("C-3", "BBB", n=1, next_review=date(2026, 3, 10)), "credit.assessments"
+        )
+    )
     world.clock.now = datetime(2026, 3, 10, 12, tzinfo=UTC)
     assert await world.core.run_due() == 0
     world.clock.now = datetime(2026, 3, 11, 0, 1, tzinfo=UTC)
@@ -202,7 +250,8 @@ async def test_the_scheduler_raises_review_overdue_once_when_the_date_has_passed
     assert await world.core.run_due() == 0  # recorded: not again
     published = await world.outbox()
     assert [(e["type"], e["data"]["rule"], e["data"]["severity"]) for e in published] == [
-        ("alert.raised", "review_overdue", "info")]
+        ("alert.raised", "review_overdue", "info")
+    ]
     assert await world.core.verify() == []
 
 
@@ -211,24 +260,34 @@ async def test_the_scheduler_raises_review_overdue_once_when_the_date_has_passed
 
 async def test_alerts_are_listed_newest_first_filtered_and_paginated(world: World) -> None:
     for n in range(1, 6):
-        await world.consume(world.record(exposure_event(f"C-{n}", "95000.00", n=n),
-                                         "credit.exposure"))
+        await world.consume(
+            world.record(exposure_event(f"C-{n}", "95000.00", n=n), "credit.exposure")
+        )
     async with world.client() as http:
         first = (await http.get("/v1/alerts", params={"limit": 2})).json()
         assert [a["customer_id"] for a in first["items"]] == ["C-5", "C-4"]
-        second = (await http.get("/v1/alerts", params={"limit": 2,
-                                                      "cursor": first["next_cursor"]})).json()
+        second = (
+            await http.get("/v1/alerts", params={"limit": 2, "cursor": first["next_cursor"]})
+        ).json()
         assert [a["customer_id"] for a in second["items"]] == ["C-3", "C-2"]
-        third = (await http.get("/v1/alerts", params={"limit": 2,
-                                                     "cursor": second["next_cursor"]})).json()
+        third = (
+            await http.get("/v1/alerts", params={"limit": 2, "cursor": second["next_cursor"]})
+        ).json()
         assert [a["customer_id"] for a in third["items"]] == ["C-1"]
         assert third["next_cursor"] is None
-        mine = (await http.get("/v1/alerts", params={"customer_id": "C-3", "status": "open",
-                                                     "rule": "utilization_high",
-                                                     "severity": "warning"})).json()
+        mine = (
+            await http.get(
+                "/v1/alerts",
+                params={
+                    "customer_id": "C-3",
+                    "status": "open",
+                    "rule": "utilization_high",
+                    "severity": "warning",
+                },
+            )
+        ).json()
         assert [a["customer_id"] for a in mine["items"]] == ["C-3"]
-        assert (await http.get("/v1/alerts", params={"status": "resolved"})).json()[
-            "items"] == []
+        assert (await http.get("/v1/alerts", params={"status": "resolved"})).json()["items"] == []
         too_many = await http.get("/v1/alerts", params={"limit": 501})
         assert too_many.status_code == 422
         assert too_many.headers["content-type"].startswith("application/problem+json")
@@ -238,24 +297,29 @@ async def test_alerts_are_listed_newest_first_filtered_and_paginated(world: Worl
         assert bad_cursor.status_code == 422
 
 
-async def test_acknowledging_an_alert_publishes_an_update_and_records_who(
-        world: World) -> None:
+async def test_acknowledging_an_alert_publishes_an_update_and_records_who(world: World) -> None:
     await world.consume(world.record(exposure_event("C-1", "95000.00", n=1), "credit.exposure"))
     async with world.client() as http:
         alert_id = (await http.get("/v1/alerts")).json()["items"][0]["alert_id"]
     world.clock.now = T0 + timedelta(hours=1)
     async with world.client(WRITE) as http:
-        response = await http.post(f"/v1/alerts/{alert_id}/acknowledge",
-                                   json={"note": "calling them"})
+        response = await http.post(
+            f"/v1/alerts/{alert_id}/acknowledge", json={"note": "calling them"}
+        )
         assert response.status_code == 200
         body = response.json()
         assert (body["status"], body["acknowledged_by"], body["acknowledgement_note"]) == (
-            "acknowledged", "analyst", "calling them")
+            "acknowledged",
+            "analyst",
+            "calling them",
+        )
         again = await http.post(f"/v1/alerts/{alert_id}/acknowledge")
         assert again.status_code == 200 and again.json()["version"] == body["version"]
         detail = (await http.get(f"/v1/alerts/{alert_id}")).json()
     assert [(h["type"], h.get("by")) for h in detail["history"]] == [
-        ("raised", None), ("acknowledged", "analyst")]
+        ("raised", None),
+        ("acknowledged", "analyst"),
+    ]
     published = await world.outbox()
     assert [e["type"] for e in published] == ["alert.raised", "alert.updated"]
     assert published[-1]["data"]["status"] == "acknowledged"
@@ -265,7 +329,8 @@ async def test_acknowledging_an_alert_publishes_an_update_and_records_who(
 async def test_acknowledging_a_resolved_alert_is_a_conflict(world: World) -> None:
     await world.consume(
         world.record(exposure_event("C-1", "95000.00", n=1), "credit.exposure"),
-        world.record(exposure_event("C-1", "10000.00", n=2), "credit.exposure"))
+        world.record(exposure_event("C-1", "10000.00", n=2), "credit.exposure"),
+    )
     async with world.client() as http:
         alert_id = (await http.get("/v1/alerts")).json()["items"][0]["alert_id"]
     async with world.client(WRITE) as http:
@@ -297,19 +362,29 @@ async def test_the_open_alert_gauge_counts_open_and_acknowledged_alerts(world: W
     await world.consume(
         world.record(exposure_event("C-1", "95000.00", n=1), "credit.exposure"),
         world.record(exposure_event("C-2", "96000.00", n=2), "credit.exposure"),
-        world.record(exposure_event("C-2", "10000.00", n=3), "credit.exposure"))
+        world.record(exposure_event("C-2", "10000.00", n=3), "credit.exposure"),
+    )
     await refresh_open_alert_gauges(world.host.engine)
     labels = {"rule": "utilization_high", "severity": "warning"}
     assert REGISTRY.get_sample_value("creditwatch_alerts_open", labels) == 1
-    assert REGISTRY.get_sample_value("creditwatch_alerts_open",
-                                     {"rule": "limit_breach", "severity": "critical"}) == 0
+    assert (
+        REGISTRY.get_sample_value(
+            "creditwatch_alerts_open", {"rule": "limit_breach", "severity": "critical"}
+        )
+        == 0
+    )
 
 
 def test_the_service_consumes_the_contract_topics() -> None:
     service = AlertsService(Settings(), POLICY)
     assert set(service.input_topics()) == {
-        "credit.exposure", "credit.assessments", "credit.limits", "ar.overdue", "ar.payments",
-        "crm.credit-reports"}
+        "credit.exposure",
+        "credit.assessments",
+        "credit.limits",
+        "ar.overdue",
+        "ar.payments",
+        "crm.credit-reports",
+    }
 
 
 def test_a_customer_state_survives_its_json_round_trip_unchanged() -> None:
@@ -331,13 +406,17 @@ def test_a_customer_state_survives_its_json_round_trip_unchanged() -> None:
 
 async def stored_state(world: World, cid: str) -> Any:
     async with world.core.engine.connect() as conn:
-        row = (await conn.execute(select(store.customers.c.state)
-                                  .where(store.customers.c.customer_id == cid))).one()
+        row = (
+            await conn.execute(
+                select(store.customers.c.state).where(store.customers.c.customer_id == cid)
+            )
+        ).one()
     return store.load_state(row.state)
 
 
 async def test_the_consumer_reuses_the_states_it_committed_without_reading_them_again(
-        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
     read: list[list[str]] = []
     real = store.read_states
 
@@ -353,7 +432,8 @@ async def test_the_consumer_reuses_the_states_it_committed_without_reading_them_
 
 
 async def test_a_state_written_by_an_api_command_is_read_again_not_taken_from_the_cache(
-        world: World) -> None:
+    world: World,
+) -> None:
     await world.consume(world.record(exposure_event("C-1", "95000.00", n=1), "credit.exposure"))
     async with world.client() as http:
         alert_id = (await http.get("/v1/alerts")).json()["items"][0]["alert_id"]
@@ -368,13 +448,14 @@ async def test_a_state_written_by_an_api_command_is_read_again_not_taken_from_th
 
 
 async def test_a_state_written_by_another_consumer_is_read_again_not_taken_from_the_cache(
-        world: World) -> None:
+    world: World,
+) -> None:
     """After a rebalance another replica may have folded the customer meanwhile."""
-    other = EventCore(AlertsService(Settings(), POLICY), world.core.engine,
-                      clock=world.clock)
+    other = EventCore(AlertsService(Settings(), POLICY), world.core.engine, clock=world.clock)
     await world.consume(world.record(exposure_event("C-1", "50000.00", n=1), "credit.exposure"))
-    await other.process_records([world.record(exposure_event("C-1", "95000.00", n=2),
-                                              "credit.exposure")])
+    await other.process_records(
+        [world.record(exposure_event("C-1", "95000.00", n=2), "credit.exposure")]
+    )
     await world.consume(world.record(exposure_event("C-1", "97000.00", n=3), "credit.exposure"))
     assert (await stored_state(world, "C-1")).exposure.exposure == Decimal("97000.00")
     types = [e["type"] for e in await world.outbox()]

@@ -54,41 +54,82 @@ def registered(industry: str | None = "J", currency: str = "EUR") -> CustomerReg
     return CustomerRegistered(customer_id=CID, name="Acme", currency=currency, industry=industry)
 
 
-def invoice(invoice_id: str, amount: str, issue: str, due: str,
-            currency: str = "EUR") -> InvoiceIssued:
-    return InvoiceIssued.model_validate({
-        "invoice_id": invoice_id, "customer_id": CID, "amount": amount, "currency": currency,
-        "issue_date": issue, "due_date": due})
+def invoice(
+    invoice_id: str, amount: str, issue: str, due: str, currency: str = "EUR"
+) -> InvoiceIssued:
+    return InvoiceIssued.model_validate(
+        {
+            "invoice_id": invoice_id,
+            "customer_id": CID,
+            "amount": amount,
+            "currency": currency,
+            "issue_date": issue,
+            "due_date": due,
+        }
+    )
 
 
-def payment(payment_id: str, amount: str, received: str,
-            allocations: list[tuple[str, str]] | None = None) -> PaymentReceived:
-    data: dict[str, Any] = {"payment_id": payment_id, "customer_id": CID, "amount": amount,
-                            "currency": "EUR", "received_date": received}
+def payment(
+    payment_id: str, amount: str, received: str, allocations: list[tuple[str, str]] | None = None
+) -> PaymentReceived:
+    data: dict[str, Any] = {
+        "payment_id": payment_id,
+        "customer_id": CID,
+        "amount": amount,
+        "currency": "EUR",
+        "received_date": received,
+    }
     if allocations is not None:
         data["allocations"] = [{"invoice_id": i, "amount": a} for i, a in allocations]
     return PaymentReceived.model_validate(data)
 
 
-def statement(statement_id: str = "FY2025", period_end: str = "2025-12-31",
-              **income: str) -> FinancialStatementPublished:
-    return FinancialStatementPublished.model_validate({
-        "statement_id": statement_id, "customer_id": CID, "period_end": period_end,
-        "period_months": 12, "currency": "EUR",
-        "balance_sheet": {"current_assets": "500.00", "total_assets": "1000.00",
-                          "current_liabilities": "250.00", "total_liabilities": "600.00",
-                          "equity": "400.00", "retained_earnings": "200.00"},
-        "income_statement": {"revenue": "1200.00", "ebit": "100.00",
-                             "interest_expense": "20.00", "net_income": "60.00", **income},
-    })
+def statement(
+    statement_id: str = "FY2025", period_end: str = "2025-12-31", **income: str
+) -> FinancialStatementPublished:
+    return FinancialStatementPublished.model_validate(
+        {
+            "statement_id": statement_id,
+            "customer_id": CID,
+            "period_end": period_end,
+            "period_months": 12,
+            "currency": "EUR",
+            "balance_sheet": {
+                "current_assets": "500.00",
+                "total_assets": "1000.00",
+                "current_liabilities": "250.00",
+                "total_liabilities": "600.00",
+                "equity": "400.00",
+                "retained_earnings": "200.00",
+            },
+            "income_statement": {
+                "revenue": "1200.00",
+                "ebit": "100.00",
+                "interest_expense": "20.00",
+                "net_income": "60.00",
+                **income,
+            },
+        }
+    )
 
 
-def report(score_value: str = "720", legal: list[dict[str, Any]] | None = None,
-           reported_at: str = "2026-01-15T00:00:00Z") -> CreditReportReceived:
-    return CreditReportReceived.model_validate({
-        "report_id": f"R-{reported_at}", "customer_id": CID, "bureau": "acme-bureau",
-        "score": score_value, "score_min": "300", "score_max": "850",
-        "legal_events": legal or [], "reported_at": reported_at})
+def report(
+    score_value: str = "720",
+    legal: list[dict[str, Any]] | None = None,
+    reported_at: str = "2026-01-15T00:00:00Z",
+) -> CreditReportReceived:
+    return CreditReportReceived.model_validate(
+        {
+            "report_id": f"R-{reported_at}",
+            "customer_id": CID,
+            "bureau": "acme-bureau",
+            "score": score_value,
+            "score_min": "300",
+            "score_max": "850",
+            "legal_events": legal or [],
+            "reported_at": reported_at,
+        }
+    )
 
 
 @dataclass
@@ -109,26 +150,50 @@ class Customer:
             self.published.append(step.assessment)
         return step.assessment
 
-    def override(self, grade: str, time: datetime, expires_at: datetime | None = None,
-                 override_id: str = "ov-1") -> AssessmentCompleted | None:
-        return self.send(ev.OverrideSet.TYPE, ev.OverrideSet(
-            customer_id=CID, override_id=override_id, grade=grade, reason="site visit",
-            by="ana", expires_at=expires_at), time)
+    def override(
+        self,
+        grade: str,
+        time: datetime,
+        expires_at: datetime | None = None,
+        override_id: str = "ov-1",
+    ) -> AssessmentCompleted | None:
+        return self.send(
+            ev.OverrideSet.TYPE,
+            ev.OverrideSet(
+                customer_id=CID,
+                override_id=override_id,
+                grade=grade,
+                reason="site visit",
+                by="ana",
+                expires_at=expires_at,
+            ),
+            time,
+        )
 
 
 # ---- the scorecard ------------------------------------------------------------------------------
 
 BEST = {
-    "current_ratio": D("3"), "debt_ratio": D("0.1"), "interest_coverage": D("10"),
-    "net_margin": D("0.2"), "roa": D("0.1"), "operating_cash_flow_ratio": D("0.5"),
-    "revenue_growth": D("0.2"), "altman_z2": D("5"), "avg_days_beyond_terms": D("0"),
-    "late_payment_share_12m": D("0"), "max_days_overdue_12m": D("0"),
-    "bureau_score_normalised": D("0.9"), "legal_events": D("0"), "industry_outlook": D("1"),
+    "current_ratio": D("3"),
+    "debt_ratio": D("0.1"),
+    "interest_coverage": D("10"),
+    "net_margin": D("0.2"),
+    "roa": D("0.1"),
+    "operating_cash_flow_ratio": D("0.5"),
+    "revenue_growth": D("0.2"),
+    "altman_z2": D("5"),
+    "avg_days_beyond_terms": D("0"),
+    "late_payment_share_12m": D("0"),
+    "max_days_overdue_12m": D("0"),
+    "bureau_score_normalised": D("0.9"),
+    "legal_events": D("0"),
+    "industry_outlook": D("1"),
 }
 
 
-def test_given_no_inputs_when_scored_then_every_factor_earns_its_missing_points_and_says_so(
-) -> None:
+def test_given_no_inputs_when_scored_then_every_factor_earns_its_missing_points_and_says_so() -> (
+    None
+):
     total, factors = score({}, POLICY)
     assert total == sum(f.missing_points for f in POLICY.scorecard) == 43
     for line, factor in zip(factors, POLICY.scorecard, strict=True):
@@ -162,9 +227,20 @@ def test_given_a_value_beyond_the_last_band_when_scored_then_it_earns_zero_and_s
 
 @pytest.mark.parametrize(
     ("total", "grade", "risk"),
-    [(100, "AAA", "low"), (85, "AAA", "low"), (84, "AA", "low"), (65, "A", "low"),
-     (64, "BBB", "medium"), (55, "BBB", "medium"), (45, "BB", "medium"), (44, "B", "high"),
-     (35, "B", "high"), (20, "CCC", "high"), (19, "D", "unacceptable"), (0, "D", "unacceptable")],
+    [
+        (100, "AAA", "low"),
+        (85, "AAA", "low"),
+        (84, "AA", "low"),
+        (65, "A", "low"),
+        (64, "BBB", "medium"),
+        (55, "BBB", "medium"),
+        (45, "BB", "medium"),
+        (44, "B", "high"),
+        (35, "B", "high"),
+        (20, "CCC", "high"),
+        (19, "D", "unacceptable"),
+        (0, "D", "unacceptable"),
+    ],
 )
 def test_given_a_score_when_graded_then_the_first_band_it_reaches_applies(
     total: int, grade: str, risk: str
@@ -192,30 +268,40 @@ def test_given_a_new_customer_when_registered_then_it_gets_an_initial_assessment
     assert industry.reason == "industry outlook positive: 5 of 5 points"
 
 
-def test_given_payments_for_an_unregistered_customer_when_folded_then_nothing_is_published(
-) -> None:
+def test_given_payments_for_an_unregistered_customer_when_folded_then_nothing_is_published() -> (
+    None
+):
     customer = Customer()
-    assert customer.send("invoice.issued", invoice("I-1", "100.00", "2026-01-01", "2026-01-31"),
-                         at("2026-01-01")) is None
-    assert customer.send("payment.received", payment("P-1", "100.00", "2026-02-20"),
-                         at("2026-02-20")) is None
+    assert (
+        customer.send(
+            "invoice.issued", invoice("I-1", "100.00", "2026-01-01", "2026-01-31"), at("2026-01-01")
+        )
+        is None
+    )
+    assert (
+        customer.send("payment.received", payment("P-1", "100.00", "2026-02-20"), at("2026-02-20"))
+        is None
+    )
     assert customer.state.last is None
     assert "I-1" in customer.state.invoices
 
 
-def test_given_a_statement_before_registration_when_folded_then_it_is_assessed_all_the_same(
-) -> None:
+def test_given_a_statement_before_registration_when_folded_then_it_is_assessed_all_the_same() -> (
+    None
+):
     customer = Customer()
     body = customer.send("financial_statement.published", statement(), at("2026-02-01"))
     assert body is not None and body.ratios["current_ratio"] == D("2.0000")
 
 
-def test_given_an_invoice_not_yet_due_when_folded_then_the_score_is_unchanged_and_nothing_published(
-) -> None:
+def test_given_an_invoice_not_yet_due_when_folded_then_the_score_is_unchanged_and_nothing_published() -> (
+    None
+):
     customer = Customer()
     customer.send("customer.registered", registered(), at("2026-01-01"))
-    body = customer.send("invoice.issued", invoice("I-1", "100.00", "2026-01-02", "2026-01-31"),
-                         at("2026-01-02"))
+    body = customer.send(
+        "invoice.issued", invoice("I-1", "100.00", "2026-01-02", "2026-01-31"), at("2026-01-02")
+    )
     assert body is None
     assert "I-1" in customer.state.invoices
     assert len(customer.published) == 1
@@ -224,10 +310,12 @@ def test_given_an_invoice_not_yet_due_when_folded_then_the_score_is_unchanged_an
 def test_given_a_late_payment_when_folded_then_the_changed_score_is_published() -> None:
     customer = Customer()
     customer.send("customer.registered", registered(), at("2026-01-01"))
-    customer.send("invoice.issued", invoice("I-1", "100.00", "2026-01-02", "2026-01-31"),
-                  at("2026-01-02"))
-    body = customer.send("payment.received", payment("P-1", "100.00", "2026-03-20"),
-                         at("2026-03-20"))
+    customer.send(
+        "invoice.issued", invoice("I-1", "100.00", "2026-01-02", "2026-01-31"), at("2026-01-02")
+    )
+    body = customer.send(
+        "payment.received", payment("P-1", "100.00", "2026-03-20"), at("2026-03-20")
+    )
     assert body is not None
     # 48 days late: payment_delay 1 (was 4 missing), punctuality 0 (was 4), worst 2 (was 4)
     assert (body.score, body.grade, body.previous_grade) == (36, "B", "BB")
@@ -244,27 +332,31 @@ def test_given_the_same_statement_twice_when_folded_then_each_publishes_an_asses
     assert (second.score, second.previous_grade) == (first.score, first.grade)
 
 
-def test_given_an_invoice_in_a_currency_without_rate_when_folded_then_it_is_a_dead_letter(
-) -> None:
+def test_given_an_invoice_in_a_currency_without_rate_when_folded_then_it_is_a_dead_letter() -> None:
     customer = Customer()
     customer.send("customer.registered", registered(), at("2026-01-01"))
     with pytest.raises(DeadLetter) as caught:
-        customer.send("invoice.issued",
-                      invoice("I-1", "100.00", "2026-01-02", "2026-01-31", currency="KRW"),
-                      at("2026-01-02"))
+        customer.send(
+            "invoice.issued",
+            invoice("I-1", "100.00", "2026-01-02", "2026-01-31", currency="KRW"),
+            at("2026-01-02"),
+        )
     assert caught.value.reason == "no_fx_rate"
     assert customer.state.invoices == {}
 
 
-def test_given_a_trigger_when_its_assessment_id_is_derived_then_it_is_stable_per_customer_and_event(
-) -> None:
+def test_given_a_trigger_when_its_assessment_id_is_derived_then_it_is_stable_per_customer_and_event() -> (
+    None
+):
     trigger = Trigger("inv-1-issued", "invoice.issued", "/erp/billing")
     same = domain.assessment_id(CID, trigger)
-    assert same == domain.assessment_id(CID, Trigger("inv-1-issued", "invoice.issued",
-                                                     "/erp/billing"))
+    assert same == domain.assessment_id(
+        CID, Trigger("inv-1-issued", "invoice.issued", "/erp/billing")
+    )
     assert same != domain.assessment_id("C-2", trigger)
-    assert same != domain.assessment_id(CID, Trigger("inv-1-issued", "invoice.issued",
-                                                     "/erp/other"))
+    assert same != domain.assessment_id(
+        CID, Trigger("inv-1-issued", "invoice.issued", "/erp/other")
+    )
     assert len(same) <= 64
 
 
@@ -281,15 +373,19 @@ def test_given_an_override_when_assessed_then_its_grade_and_risk_level_are_publi
     assert body.model_extra is not None and body.model_extra["computed_grade"] == "BB"
     assert body.score == 45  # the scorecard is unchanged; only the grade is overridden
     assert body.override is not None
-    assert (body.override.grade, body.override.reason, body.override.by) == \
-        ("D", "site visit", "ana")
+    assert (body.override.grade, body.override.reason, body.override.by) == (
+        "D",
+        "site visit",
+        "ana",
+    )
     assert body.override.expires_at == expires
     assert body.next_review_date == date(2026, 5, 1)  # D is reviewed every 3 months
     assert body.trigger is not None and body.trigger.type == "assessment.override_set"
 
 
-def test_given_an_expired_override_when_reassessed_then_the_computed_grade_is_published_again(
-) -> None:
+def test_given_an_expired_override_when_reassessed_then_the_computed_grade_is_published_again() -> (
+    None
+):
     customer = Customer()
     customer.send("customer.registered", registered(), at("2026-01-01"))
     customer.override("AAA", at("2026-01-10"), expires_at=at("2026-02-01"))
@@ -344,22 +440,25 @@ def test_given_an_assessment_when_published_then_the_review_follows_the_grade_ca
     assert body.next_review_date == date(2027, 2, 28)  # 6 months, clamped to the month's end
 
 
-def test_given_re_scores_on_payments_when_published_then_they_never_push_the_review_out(
-) -> None:
+def test_given_re_scores_on_payments_when_published_then_they_never_push_the_review_out() -> None:
     customer = Customer()
     first = customer.send("customer.registered", registered(), at("2026-01-01"))
     assert first is not None and first.next_review_date == date(2026, 7, 1)  # BB: 6 months
-    customer.send("invoice.issued", invoice("I-1", "100.00", "2026-01-02", "2026-01-31"),
-                  at("2026-01-02"))
-    downgrade = customer.send("payment.received", payment("P-1", "100.00", "2026-03-20"),
-                              at("2026-03-20"))
+    customer.send(
+        "invoice.issued", invoice("I-1", "100.00", "2026-01-02", "2026-01-31"), at("2026-01-02")
+    )
+    downgrade = customer.send(
+        "payment.received", payment("P-1", "100.00", "2026-03-20"), at("2026-03-20")
+    )
     # Down to B (3 months): the earlier of 2026-07-01 and 2026-06-20
     assert downgrade is not None and downgrade.grade == "B"
     assert downgrade.next_review_date == date(2026, 6, 20)
-    customer.send("invoice.issued", invoice("I-2", "100.00", "2026-04-01", "2026-04-30"),
-                  at("2026-04-01"))
-    better = customer.send("payment.received", payment("P-2", "100.00", "2026-04-25"),
-                           at("2026-04-25"))
+    customer.send(
+        "invoice.issued", invoice("I-2", "100.00", "2026-04-01", "2026-04-30"), at("2026-04-01")
+    )
+    better = customer.send(
+        "payment.received", payment("P-2", "100.00", "2026-04-25"), at("2026-04-25")
+    )
     assert better is not None and better.score > downgrade.score
     assert better.next_review_date == date(2026, 6, 20)
 
@@ -367,8 +466,11 @@ def test_given_re_scores_on_payments_when_published_then_they_never_push_the_rev
 def test_given_a_recompute_request_when_folded_then_it_is_a_review_that_resets_the_date() -> None:
     customer = Customer()
     customer.send("customer.registered", registered(), at("2026-01-01"))
-    body = customer.send(ev.RecomputeRequested.TYPE,
-                         ev.RecomputeRequested(customer_id=CID, by="ana"), at("2026-07-15"))
+    body = customer.send(
+        ev.RecomputeRequested.TYPE,
+        ev.RecomputeRequested(customer_id=CID, by="ana"),
+        at("2026-07-15"),
+    )
     assert body is not None and body.next_review_date == date(2027, 1, 15)
 
 
@@ -376,15 +478,21 @@ def test_given_a_recompute_request_when_folded_then_it_is_a_review_that_resets_t
 
 
 def ledger(*events: tuple[str, Any]) -> CustomerState:
-    state = domain.apply(domain.new_customer(CID, POLICY), "customer.registered",
-                         registered(), at("2025-01-01"), POLICY)
+    state = domain.apply(
+        domain.new_customer(CID, POLICY),
+        "customer.registered",
+        registered(),
+        at("2025-01-01"),
+        POLICY,
+    )
     for event_type, data in events:
         state = domain.apply(state, event_type, data, at("2025-01-01"), POLICY)
     return state
 
 
-def test_given_paid_and_open_invoices_when_measured_then_the_metrics_match_the_hand_computation(
-) -> None:
+def test_given_paid_and_open_invoices_when_measured_then_the_metrics_match_the_hand_computation() -> (
+    None
+):
     state = ledger(
         ("invoice.issued", invoice("I-1", "100.00", "2026-01-01", "2026-01-31")),
         ("invoice.issued", invoice("I-2", "200.00", "2026-02-01", "2026-03-03")),
@@ -404,8 +512,9 @@ def test_given_paid_and_open_invoices_when_measured_then_the_metrics_match_the_h
     }
 
 
-def test_given_an_allocated_payment_when_measured_then_it_settles_that_invoice_not_the_oldest(
-) -> None:
+def test_given_an_allocated_payment_when_measured_then_it_settles_that_invoice_not_the_oldest() -> (
+    None
+):
     state = ledger(
         ("invoice.issued", invoice("I-1", "100.00", "2026-01-01", "2026-01-31")),
         ("invoice.issued", invoice("I-2", "100.00", "2026-01-10", "2026-02-09")),
@@ -423,9 +532,13 @@ def test_given_a_reversed_payment_when_measured_then_the_invoice_is_open_again()
         ("payment.received", payment("P-1", "100.00", "2026-01-20")),
     )
     assert domain.payment_behaviour(paid, date(2026, 3, 2), POLICY)["max_days_overdue_12m"] == 0
-    reversed_ = domain.apply(paid, "payment.reversed",
-                             PaymentReversed(payment_id="P-1", customer_id=CID),
-                             at("2026-02-01"), POLICY)
+    reversed_ = domain.apply(
+        paid,
+        "payment.reversed",
+        PaymentReversed(payment_id="P-1", customer_id=CID),
+        at("2026-02-01"),
+        POLICY,
+    )
     metrics = domain.payment_behaviour(reversed_, date(2026, 3, 2), POLICY)
     assert metrics["max_days_overdue_12m"] == 30
     assert "avg_days_to_pay" not in metrics
@@ -434,10 +547,20 @@ def test_given_a_reversed_payment_when_measured_then_the_invoice_is_open_again()
 def test_given_a_dunning_record_when_measured_then_it_overrides_the_open_invoice_days() -> None:
     state = ledger(
         ("invoice.issued", invoice("I-1", "100.00", "2026-01-01", "2026-01-31")),
-        ("invoice.overdue", InvoiceOverdue.model_validate({
-            "invoice_id": "I-1", "customer_id": CID, "amount_overdue": "100.00",
-            "currency": "EUR", "due_date": "2026-01-15", "days_overdue": 30,
-            "as_of": "2026-02-14"})),
+        (
+            "invoice.overdue",
+            InvoiceOverdue.model_validate(
+                {
+                    "invoice_id": "I-1",
+                    "customer_id": CID,
+                    "amount_overdue": "100.00",
+                    "currency": "EUR",
+                    "due_date": "2026-01-15",
+                    "days_overdue": 30,
+                    "as_of": "2026-02-14",
+                }
+            ),
+        ),
     )
     # The dunning system counts from its own due date: 30 days on 02-14, 36 on 02-20
     metrics = domain.payment_behaviour(state, date(2026, 2, 20), POLICY)
@@ -459,39 +582,58 @@ def test_given_old_history_when_measured_then_only_the_policy_window_counts() ->
 def test_given_an_invoice_credited_in_full_when_measured_then_it_says_nothing() -> None:
     state = ledger(
         ("invoice.issued", invoice("I-1", "100.00", "2026-01-01", "2026-01-31")),
-        ("credit_note.issued", CreditNoteIssued.model_validate({
-            "credit_note_id": "CN-1", "customer_id": CID, "amount": "100.00", "currency": "EUR",
-            "issue_date": "2026-01-05", "invoice_id": "I-1"})),
+        (
+            "credit_note.issued",
+            CreditNoteIssued.model_validate(
+                {
+                    "credit_note_id": "CN-1",
+                    "customer_id": CID,
+                    "amount": "100.00",
+                    "currency": "EUR",
+                    "issue_date": "2026-01-05",
+                    "invoice_id": "I-1",
+                }
+            ),
+        ),
         ("invoice.issued", invoice("I-2", "100.00", "2026-01-01", "2026-01-10")),
         ("invoice.cancelled", InvoiceCancelled(invoice_id="I-2", customer_id=CID)),
     )
     assert domain.payment_behaviour(state, date(2026, 3, 1), POLICY) == {}
 
 
-def test_given_a_tolerance_when_a_payment_is_a_little_late_then_it_does_not_count_as_late(
-) -> None:
+def test_given_a_tolerance_when_a_payment_is_a_little_late_then_it_does_not_count_as_late() -> None:
     lenient = Policy.from_mapping(
-        POLICY.model_dump() | {"payment_behaviour": {"late_after_days": 5, "window_months": 12}})
+        POLICY.model_dump() | {"payment_behaviour": {"late_after_days": 5, "window_months": 12}}
+    )
     state = ledger(
         ("invoice.issued", invoice("I-1", "100.00", "2026-01-01", "2026-01-31")),
         ("payment.received", payment("P-1", "100.00", "2026-02-03")),  # 3 days late
     )
-    assert domain.payment_behaviour(state, date(2026, 3, 1), lenient)[
-        "late_payment_share_12m"] == 0
-    assert domain.payment_behaviour(state, date(2026, 3, 1), POLICY)[
-        "late_payment_share_12m"] == 1
+    assert domain.payment_behaviour(state, date(2026, 3, 1), lenient)["late_payment_share_12m"] == 0
+    assert domain.payment_behaviour(state, date(2026, 3, 1), POLICY)["late_payment_share_12m"] == 1
 
 
 # ---- credit report and industry -----------------------------------------------------------------
 
 
-def test_given_a_credit_report_when_read_then_the_score_is_normalised_and_legal_events_weighed(
-) -> None:
-    folded = domain.apply(domain.new_customer(CID, POLICY), "credit_report.received", report(
-        "630", legal=[{"type": "lawsuit", "date": "2024-06-01"},
-                      {"type": "judgement", "date": "2025-11-01"},
-                      {"type": "bankruptcy", "date": "2022-01-01"},  # beyond 36 months
-                      {"type": "lien"}]), at("2026-01-20"), POLICY)  # undated: counts
+def test_given_a_credit_report_when_read_then_the_score_is_normalised_and_legal_events_weighed() -> (
+    None
+):
+    folded = domain.apply(
+        domain.new_customer(CID, POLICY),
+        "credit_report.received",
+        report(
+            "630",
+            legal=[
+                {"type": "lawsuit", "date": "2024-06-01"},
+                {"type": "judgement", "date": "2025-11-01"},
+                {"type": "bankruptcy", "date": "2022-01-01"},  # beyond 36 months
+                {"type": "lien"},
+            ],
+        ),
+        at("2026-01-20"),
+        POLICY,
+    )  # undated: counts
     inputs = domain.bureau_inputs(folded.report, date(2026, 2, 1), POLICY)
     assert inputs["bureau_score_normalised"] == D("0.6000")  # (630 − 300) / (850 − 300)
     assert inputs["legal_events"] == D("4")  # lawsuit 1 + judgement 2 + lien 1
@@ -499,12 +641,20 @@ def test_given_a_credit_report_when_read_then_the_score_is_normalised_and_legal_
 
 def test_given_an_older_report_arriving_late_when_folded_then_the_newer_one_stays() -> None:
     state = domain.new_customer(CID, POLICY)
-    state = domain.apply(state, "credit_report.received",
-                         report("800", reported_at="2026-02-01T00:00:00Z"), at("2026-02-01"),
-                         POLICY)
-    state = domain.apply(state, "credit_report.received",
-                         report("400", reported_at="2025-06-01T00:00:00Z"), at("2026-02-02"),
-                         POLICY)
+    state = domain.apply(
+        state,
+        "credit_report.received",
+        report("800", reported_at="2026-02-01T00:00:00Z"),
+        at("2026-02-01"),
+        POLICY,
+    )
+    state = domain.apply(
+        state,
+        "credit_report.received",
+        report("400", reported_at="2025-06-01T00:00:00Z"),
+        at("2026-02-02"),
+        POLICY,
+    )
     assert state.report is not None and state.report.score == D("800")
 
 
@@ -515,16 +665,22 @@ def test_given_an_older_report_arriving_late_when_folded_then_the_newer_one_stay
 def test_given_an_industry_code_when_scored_then_the_policy_outlook_applies(
     industry: str | None, value: Decimal | None
 ) -> None:
-    state = domain.apply(domain.new_customer(CID, POLICY), "customer.registered",
-                         registered(industry), at("2026-01-01"), POLICY)
+    state = domain.apply(
+        domain.new_customer(CID, POLICY),
+        "customer.registered",
+        registered(industry),
+        at("2026-01-01"),
+        POLICY,
+    )
     assert domain.industry_input(state, POLICY) == value
 
 
 # ---- properties ---------------------------------------------------------------------------------
 
 _DIRECTIONS: dict[str, str] = {f.input: f.direction for f in POLICY.scorecard}
-_VALUES = st.decimals(min_value=-1000, max_value=1000, places=4, allow_nan=False,
-                      allow_infinity=False)
+_VALUES = st.decimals(
+    min_value=-1000, max_value=1000, places=4, allow_nan=False, allow_infinity=False
+)
 
 
 @given(
@@ -551,8 +707,21 @@ def _money(cents: int) -> str:
 
 
 _CENTS = st.integers(min_value=1, max_value=10**8)
-_KINDS = ("registered", "updated", "statement", "report", "invoice", "payment", "reversal",
-          "overdue", "cancel", "credit_note", "override", "expire", "recompute")
+_KINDS = (
+    "registered",
+    "updated",
+    "statement",
+    "report",
+    "invoice",
+    "payment",
+    "reversal",
+    "overdue",
+    "cancel",
+    "credit_note",
+    "override",
+    "expire",
+    "recompute",
+)
 
 
 @st.composite
@@ -571,46 +740,77 @@ def histories(draw: st.DrawFn) -> list[Event]:
         data: Any
         if kind in ("registered", "updated"):
             model = CustomerRegistered if kind == "registered" else CustomerUpdated
-            data = model(customer_id=CID, name="Acme", currency=draw(st.sampled_from(
-                ("EUR", "USD"))), industry=draw(st.sampled_from((None, "J", "F", "C10"))))
+            data = model(
+                customer_id=CID,
+                name="Acme",
+                currency=draw(st.sampled_from(("EUR", "USD"))),
+                industry=draw(st.sampled_from((None, "J", "F", "C10"))),
+            )
             event_type = data.TYPE
         elif kind == "statement":
             ta = draw(_CENTS)
-            data = FinancialStatementPublished.model_validate({
-                "statement_id": f"S-{draw(st.integers(1, 4))}", "customer_id": CID,
-                "period_end": (today - timedelta(days=draw(st.integers(0, 900)))).isoformat(),
-                "period_months": draw(st.sampled_from((3, 6, 12))), "currency": ccy,
-                "balance_sheet": {
-                    "current_assets": _money(draw(st.integers(0, ta))),
-                    "total_assets": _money(ta),
-                    "current_liabilities": _money(draw(st.integers(0, ta))),
-                    "total_liabilities": _money(draw(st.integers(0, ta))),
-                    "equity": _money(draw(st.integers(0, ta))),
-                    "retained_earnings": draw(st.none() | st.just(_money(draw(_CENTS)))),
-                    "inventory": draw(st.none() | st.just("0.00"))},
-                "income_statement": {
-                    "revenue": _money(draw(st.integers(0, 10**8))),
-                    "ebit": draw(st.none() | st.just(_money(draw(_CENTS)))),
-                    "interest_expense": draw(st.none() | st.just(_money(draw(_CENTS)))),
-                    "net_income": "-" + _money(draw(_CENTS))},
-            })
+            data = FinancialStatementPublished.model_validate(
+                {
+                    "statement_id": f"S-{draw(st.integers(1, 4))}",
+                    "customer_id": CID,
+                    "period_end": (today - timedelta(days=draw(st.integers(0, 900)))).isoformat(),
+                    "period_months": draw(st.sampled_from((3, 6, 12))),
+                    "currency": ccy,
+                    "balance_sheet": {
+                        "current_assets": _money(draw(st.integers(0, ta))),
+                        "total_assets": _money(ta),
+                        "current_liabilities": _money(draw(st.integers(0, ta))),
+                        "total_liabilities": _money(draw(st.integers(0, ta))),
+                        "equity": _money(draw(st.integers(0, ta))),
+                        "retained_earnings": draw(st.none() | st.just(_money(draw(_CENTS)))),
+                        "inventory": draw(st.none() | st.just("0.00")),
+                    },
+                    "income_statement": {
+                        "revenue": _money(draw(st.integers(0, 10**8))),
+                        "ebit": draw(st.none() | st.just(_money(draw(_CENTS)))),
+                        "interest_expense": draw(st.none() | st.just(_money(draw(_CENTS)))),
+                        "net_income": "-" + _money(draw(_CENTS)),
+                    },
+                }
+            )
             event_type = data.TYPE
         elif kind == "report":
-            data = CreditReportReceived.model_validate({
-                "report_id": f"R-{index}", "customer_id": CID, "bureau": "b",
-                "score": draw(st.integers(0, 1000)), "score_min": 0, "score_max": 1000,
-                "legal_events": draw(st.lists(st.fixed_dictionaries({
-                    "type": st.sampled_from(("lawsuit", "lien", "bankruptcy")),
-                    "date": st.dates(date(2020, 1, 1), date(2027, 1, 1)).map(date.isoformat),
-                }), max_size=3)),
-                "reported_at": (time - timedelta(days=draw(st.integers(0, 400)))).isoformat()})
+            data = CreditReportReceived.model_validate(
+                {
+                    "report_id": f"R-{index}",
+                    "customer_id": CID,
+                    "bureau": "b",
+                    "score": draw(st.integers(0, 1000)),
+                    "score_min": 0,
+                    "score_max": 1000,
+                    "legal_events": draw(
+                        st.lists(
+                            st.fixed_dictionaries(
+                                {
+                                    "type": st.sampled_from(("lawsuit", "lien", "bankruptcy")),
+                                    "date": st.dates(date(2020, 1, 1), date(2027, 1, 1)).map(
+                                        date.isoformat
+                                    ),
+                                }
+                            ),
+                            max_size=3,
+                        )
+                    ),
+                    "reported_at": (time - timedelta(days=draw(st.integers(0, 400)))).isoformat(),
+                }
+            )
             event_type = data.TYPE
         elif kind == "invoice":
             issue = today - timedelta(days=draw(st.integers(0, 60)))
             invoice_id = f"I-{draw(st.integers(1, 12))}"
             invoices.append(invoice_id)
-            data = invoice(invoice_id, _money(draw(_CENTS)), issue.isoformat(),
-                           (issue + timedelta(days=draw(st.integers(0, 60)))).isoformat(), ccy)
+            data = invoice(
+                invoice_id,
+                _money(draw(_CENTS)),
+                issue.isoformat(),
+                (issue + timedelta(days=draw(st.integers(0, 60)))).isoformat(),
+                ccy,
+            )
             event_type = data.TYPE
         elif kind == "payment":
             payment_id = f"P-{draw(st.integers(1, 12))}"
@@ -619,44 +819,65 @@ def histories(draw: st.DrawFn) -> list[Event]:
             allocations = None
             allocate = draw(st.booleans())
             if invoices and allocate:
-                allocations = [(draw(st.sampled_from(invoices)),
-                                _money(draw(st.integers(1, cents))))]
+                allocations = [
+                    (draw(st.sampled_from(invoices)), _money(draw(st.integers(1, cents))))
+                ]
             data = payment(payment_id, _money(cents), today.isoformat(), allocations)
             event_type = data.TYPE
         elif kind == "reversal":
-            data = PaymentReversed(customer_id=CID, payment_id=draw(
-                st.sampled_from(payments)) if payments else "P-0")
+            data = PaymentReversed(
+                customer_id=CID, payment_id=draw(st.sampled_from(payments)) if payments else "P-0"
+            )
             event_type = data.TYPE
         elif kind == "overdue":
-            data = InvoiceOverdue.model_validate({
-                "invoice_id": draw(st.sampled_from(invoices)) if invoices else "I-0",
-                "customer_id": CID, "amount_overdue": _money(draw(_CENTS)), "currency": ccy,
-                "due_date": (today - timedelta(days=30)).isoformat(),
-                "days_overdue": draw(st.integers(0, 200)), "as_of": today.isoformat()})
+            data = InvoiceOverdue.model_validate(
+                {
+                    "invoice_id": draw(st.sampled_from(invoices)) if invoices else "I-0",
+                    "customer_id": CID,
+                    "amount_overdue": _money(draw(_CENTS)),
+                    "currency": ccy,
+                    "due_date": (today - timedelta(days=30)).isoformat(),
+                    "days_overdue": draw(st.integers(0, 200)),
+                    "as_of": today.isoformat(),
+                }
+            )
             event_type = data.TYPE
         elif kind == "cancel":
-            data = InvoiceCancelled(customer_id=CID, invoice_id=draw(
-                st.sampled_from(invoices)) if invoices else "I-0")
+            data = InvoiceCancelled(
+                customer_id=CID, invoice_id=draw(st.sampled_from(invoices)) if invoices else "I-0"
+            )
             event_type = data.TYPE
         elif kind == "credit_note":
-            data = CreditNoteIssued.model_validate({
-                "credit_note_id": f"CN-{index}", "customer_id": CID,
-                "amount": _money(draw(_CENTS)), "currency": ccy,
-                "issue_date": today.isoformat(),
-                "invoice_id": draw(st.sampled_from(invoices)) if invoices else None})
+            data = CreditNoteIssued.model_validate(
+                {
+                    "credit_note_id": f"CN-{index}",
+                    "customer_id": CID,
+                    "amount": _money(draw(_CENTS)),
+                    "currency": ccy,
+                    "issue_date": today.isoformat(),
+                    "invoice_id": draw(st.sampled_from(invoices)) if invoices else None,
+                }
+            )
             event_type = data.TYPE
         elif kind == "override":
             override_id = f"ov-{index}"
             overrides.append(override_id)
             days = draw(st.none() | st.integers(1, 90))
             expires = time + timedelta(days=days) if days is not None else None
-            data = ev.OverrideSet(customer_id=CID, override_id=override_id,
-                                  grade=draw(st.sampled_from([g.name for g in POLICY.grades])),
-                                  reason="judgement", by="ana", expires_at=expires)
+            data = ev.OverrideSet(
+                customer_id=CID,
+                override_id=override_id,
+                grade=draw(st.sampled_from([g.name for g in POLICY.grades])),
+                reason="judgement",
+                by="ana",
+                expires_at=expires,
+            )
             event_type = data.TYPE
         elif kind == "expire":
-            data = ev.OverrideExpired(customer_id=CID, override_id=draw(
-                st.sampled_from(overrides)) if overrides else "ov-0")
+            data = ev.OverrideExpired(
+                customer_id=CID,
+                override_id=draw(st.sampled_from(overrides)) if overrides else "ov-0",
+            )
             event_type = data.TYPE
         else:
             data = ev.RecomputeRequested(customer_id=CID, by="ana")
@@ -665,8 +886,9 @@ def histories(draw: st.DrawFn) -> list[Event]:
     return events
 
 
-def _fold(events: list[Event], *, through_store: bool = False
-          ) -> tuple[CustomerState, list[dict[str, Any]]]:
+def _fold(
+    events: list[Event], *, through_store: bool = False
+) -> tuple[CustomerState, list[dict[str, Any]]]:
     state = domain.new_customer(CID, POLICY)
     published: list[dict[str, Any]] = []
     for event_type, data, trigger, time in events:
@@ -682,8 +904,7 @@ def _fold(events: list[Event], *, through_store: bool = False
     return state, published
 
 
-_PROPERTY = settings(max_examples=60, deadline=None,
-                     suppress_health_check=[HealthCheck.too_slow])
+_PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @_PROPERTY
@@ -719,6 +940,7 @@ def test_the_domain_imports_no_infrastructure() -> None:
         "{'sqlalchemy', 'fastapi', 'aiokafka', 'prometheus_client', 'starlette'})\n"
         "print(','.join(bad))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == ""

@@ -45,14 +45,26 @@ def statement(**changes: Any) -> Statement:
 
 def published(**changes: Any) -> FinancialStatementPublished:
     data: dict[str, Any] = {
-        "statement_id": "S-2025", "customer_id": "C-1", "period_end": "2025-12-31",
-        "period_months": 12, "currency": "EUR",
-        "balance_sheet": {"current_assets": "500.00", "total_assets": "1000.00",
-                          "current_liabilities": "250.00", "total_liabilities": "600.00",
-                          "equity": "400.00", "retained_earnings": "200.00",
-                          "inventory": "100.00"},
-        "income_statement": {"revenue": "1200.00", "ebit": "100.00",
-                             "interest_expense": "20.00", "net_income": "60.00"},
+        "statement_id": "S-2025",
+        "customer_id": "C-1",
+        "period_end": "2025-12-31",
+        "period_months": 12,
+        "currency": "EUR",
+        "balance_sheet": {
+            "current_assets": "500.00",
+            "total_assets": "1000.00",
+            "current_liabilities": "250.00",
+            "total_liabilities": "600.00",
+            "equity": "400.00",
+            "retained_earnings": "200.00",
+            "inventory": "100.00",
+        },
+        "income_statement": {
+            "revenue": "1200.00",
+            "ebit": "100.00",
+            "interest_expense": "20.00",
+            "net_income": "60.00",
+        },
         "cash_flow": {"operating_cash_flow": "150.00"},
     }
     data.update(changes)
@@ -62,8 +74,9 @@ def published(**changes: Any) -> FinancialStatementPublished:
 # ---- the contract's formulas --------------------------------------------------------------
 
 
-def test_given_a_healthy_statement_when_ratios_are_computed_then_each_matches_the_hand_computation(
-) -> None:
+def test_given_a_healthy_statement_when_ratios_are_computed_then_each_matches_the_hand_computation() -> (
+    None
+):
     # Given the statement above (no prior statement)
     # When
     result = ratios(statement())
@@ -101,9 +114,14 @@ def test_given_a_weak_statement_when_z2_is_computed_then_it_lands_in_the_distres
     # X1 = (200 − 300)/1000 = −0.1, X2 = −50/1000 = −0.05, X3 = 10/1000 = 0.01,
     # X4 = 100/900 = 0.1111…
     # Z'' = −0.656 − 0.163 + 0.0672 + 0.116666… = −0.635133… → distress (< 1.1)
-    weak = statement(current_assets=D("200"), current_liabilities=D("300"),
-                     total_liabilities=D("900"), equity=D("100"),
-                     retained_earnings=D("-50"), ebit=D("10"))
+    weak = statement(
+        current_assets=D("200"),
+        current_liabilities=D("300"),
+        total_liabilities=D("900"),
+        equity=D("100"),
+        retained_earnings=D("-50"),
+        ebit=D("10"),
+    )
     assert ratios(weak)["altman_z2"] == D("-0.6351")
     z2 = altman_z2(weak)
     assert z2 is not None and altman_zone(z2, POLICY) == "distress"
@@ -121,8 +139,9 @@ def test_given_the_zone_cut_offs_when_z2_sits_around_them_then_the_zone_follows_
 
 def test_given_a_ratio_with_many_decimals_when_published_then_it_is_rounded_to_4_places() -> None:
     # CA/CL = 200/300 = 0.66666…, (CA − inventory)/CL = 100/300 = 0.33333…
-    result = ratios(statement(current_assets=D("200"), current_liabilities=D("300"),
-                              inventory=D("100")))
+    result = ratios(
+        statement(current_assets=D("200"), current_liabilities=D("300"), inventory=D("100"))
+    )
     assert result["current_ratio"] == D("0.6667")
     assert result["quick_ratio"] == D("0.3333")
 
@@ -130,8 +149,9 @@ def test_given_a_ratio_with_many_decimals_when_published_then_it_is_rounded_to_4
 # ---- absent keys --------------------------------------------------------------------------
 
 
-def test_given_zero_current_liabilities_when_ratios_are_computed_then_those_keys_are_absent(
-) -> None:
+def test_given_zero_current_liabilities_when_ratios_are_computed_then_those_keys_are_absent() -> (
+    None
+):
     result = ratios(statement(current_liabilities=D("0")))
     assert "current_ratio" not in result
     assert "quick_ratio" not in result
@@ -177,16 +197,17 @@ def test_given_a_missing_input_when_ratios_are_computed_then_the_keys_needing_it
 # ---- revenue growth -------------------------------------------------------------------------
 
 
-def test_given_a_prior_statement_of_the_same_length_when_ratios_are_computed_then_growth_is_on_it(
-) -> None:
+def test_given_a_prior_statement_of_the_same_length_when_ratios_are_computed_then_growth_is_on_it() -> (
+    None
+):
     prior = statement(statement_id="S-2024", period_end=date(2024, 12, 31), revenue=D("1000"))
     assert ratios(statement(), prior)["revenue_growth"] == D("0.2000")  # (1200 − 1000)/1000
 
 
-def test_given_a_prior_of_another_length_when_ratios_are_computed_then_there_is_no_growth(
-) -> None:
-    quarter = statement(statement_id="Q3", period_end=date(2025, 9, 30), period_months=3,
-                        revenue=D("300"))
+def test_given_a_prior_of_another_length_when_ratios_are_computed_then_there_is_no_growth() -> None:
+    quarter = statement(
+        statement_id="Q3", period_end=date(2025, 9, 30), period_months=3, revenue=D("300")
+    )
     assert "revenue_growth" not in ratios(statement(), quarter)
 
 
@@ -195,16 +216,19 @@ def test_given_a_prior_with_zero_revenue_when_ratios_are_computed_then_growth_is
     assert "revenue_growth" not in ratios(statement(), prior)
 
 
-def test_given_statements_of_several_lengths_when_the_prior_is_chosen_then_it_is_the_latest_earlier_one_of_the_same_length(  # noqa: E501
-) -> None:
+def test_given_statements_of_several_lengths_when_the_prior_is_chosen_then_it_is_the_latest_earlier_one_of_the_same_length() -> (
+    None
+):
     state = domain.new_customer("C-1", POLICY)
     history = [
         statement(statement_id="FY2023", period_end=date(2023, 12, 31), revenue=D("800")),
         statement(statement_id="FY2024", period_end=date(2024, 12, 31), revenue=D("1000")),
-        statement(statement_id="Q3-2025", period_end=date(2025, 9, 30), period_months=3,
-                  revenue=D("250")),
-        statement(statement_id="Q4-2025", period_end=date(2025, 12, 31), period_months=3,
-                  revenue=D("350")),
+        statement(
+            statement_id="Q3-2025", period_end=date(2025, 9, 30), period_months=3, revenue=D("250")
+        ),
+        statement(
+            statement_id="Q4-2025", period_end=date(2025, 12, 31), period_months=3, revenue=D("350")
+        ),
         statement(statement_id="FY2025"),
     ]
     state = replace(state, statements={s.statement_id: s for s in history})
@@ -214,37 +238,43 @@ def test_given_statements_of_several_lengths_when_the_prior_is_chosen_then_it_is
     assert prior is not None and prior.statement_id == "FY2024"
     assert domain.financial_ratios(state, POLICY)["revenue_growth"] == D("0.2000")
     quarter = state.statements["Q4-2025"]
-    assert domain.ratios(quarter, domain.prior_statement(state, quarter))["revenue_growth"] == \
-        D("0.4000")  # (350 − 250)/250
+    assert domain.ratios(quarter, domain.prior_statement(state, quarter))["revenue_growth"] == D(
+        "0.4000"
+    )  # (350 − 250)/250
 
 
 def test_given_a_prior_in_another_currency_when_growth_is_computed_then_it_is_converted() -> None:
     # 1000 USD at 0.92 = 920 EUR; (1200 − 920)/920 = 0.304347…
-    prior = statement(statement_id="S-2024", period_end=date(2024, 12, 31), revenue=D("1000"),
-                      currency="USD")
+    prior = statement(
+        statement_id="S-2024", period_end=date(2024, 12, 31), revenue=D("1000"), currency="USD"
+    )
     assert ratios(statement(), prior, POLICY)["revenue_growth"] == D("0.3043")
 
 
 # ---- from the event ---------------------------------------------------------------------------
 
 
-def test_given_a_statement_in_another_currency_when_folded_then_it_is_converted_and_ratios_hold(
-) -> None:
+def test_given_a_statement_in_another_currency_when_folded_then_it_is_converted_and_ratios_hold() -> (
+    None
+):
     state = domain.new_customer("C-1", POLICY)  # credit currency EUR
-    folded = domain.apply(state, "financial_statement.published", published(currency="USD"),
-                          RECEIVED, POLICY)
+    folded = domain.apply(
+        state, "financial_statement.published", published(currency="USD"), RECEIVED, POLICY
+    )
     converted = folded.statements["S-2025"]
     assert converted.currency == "EUR"
     assert converted.total_assets == D("920.00")  # 1000 USD at 0.92
     assert domain.financial_ratios(folded, POLICY)["current_ratio"] == D("2.0000")
 
 
-def test_given_a_statement_in_a_currency_without_rate_when_folded_then_it_is_a_no_fx_rate_dead_letter(  # noqa: E501
-) -> None:
+def test_given_a_statement_in_a_currency_without_rate_when_folded_then_it_is_a_no_fx_rate_dead_letter() -> (
+    None
+):
     state = domain.new_customer("C-1", POLICY)
     with pytest.raises(DeadLetter) as caught:
-        domain.apply(state, "financial_statement.published", published(currency="KRW"),
-                     RECEIVED, POLICY)
+        domain.apply(
+            state, "financial_statement.published", published(currency="KRW"), RECEIVED, POLICY
+        )
     assert caught.value.reason == "no_fx_rate"
     assert "KRW" in caught.value.error
 

@@ -27,11 +27,16 @@ sys.stdin.read()  # stay alive (the grandchild reaped) until told to go
 """
 
 
-def test_given_descendants_when_they_burn_cpu_then_the_tree_counts_them_running_and_reaped(
-) -> None:
+def test_given_descendants_when_they_burn_cpu_then_the_tree_counts_them_running_and_reaped() -> (
+    None
+):
     before = tree_cpu(os.getpid())
-    child = subprocess.Popen([sys.executable, "-c", BURN, "0.3"], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", BURN, "0.3"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout is not None and child.stdout.readline().strip() == "done"
         # The child is alive and has reaped its own child: both burns are counted.
@@ -47,10 +52,15 @@ def test_given_descendants_when_they_burn_cpu_then_the_tree_counts_them_running_
 
 
 def test_given_a_sibling_burning_cpu_then_an_idle_process_tree_does_not_count_it() -> None:
-    idle = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
-                            stdin=subprocess.PIPE)
-    busy = subprocess.Popen([sys.executable, "-c", BURN, "0.3"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    idle = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    busy = subprocess.Popen(
+        [sys.executable, "-c", BURN, "0.3"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert busy.stdout is not None and busy.stdout.readline().strip() == "done"
         assert tree_cpu(busy.pid) >= 0.55

@@ -55,7 +55,8 @@ def creditwatch_cli(args: list[str]) -> tuple[list[str], dict[str, Any]]:
         name = rest.pop(0)
         assert name in command.commands, (
             f"`creditwatch {' '.join([*path, name])}`: no such command "
-            f"(known: {', '.join(sorted(command.commands))})")
+            f"(known: {', '.join(sorted(command.commands))})"
+        )
         path.append(name)
         command = command.commands[name]
     try:
@@ -72,12 +73,20 @@ def exported_metric_names() -> frozenset[str]:
     A counter ``x`` is exported as ``x_total``, a histogram as ``x_bucket``, ``x_sum`` and
     ``x_count``, a gauge as ``x``.
     """
-    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count"),
-                "summary": ("", "_sum", "_count"), "info": ("_info",)}
+    suffixes = {
+        "counter": ("_total",),
+        "gauge": ("",),
+        "histogram": ("_bucket", "_sum", "_count"),
+        "summary": ("", "_sum", "_count"),
+        "info": ("_info",),
+    }
     assert metrics.CREDIT_CHECKS  # imported for its registrations
-    return frozenset(family.name + suffix for family in REGISTRY.collect()
-                     if family.name.startswith("creditwatch_")
-                     for suffix in suffixes[family.type])
+    return frozenset(
+        family.name + suffix
+        for family in REGISTRY.collect()
+        if family.name.startswith("creditwatch_")
+        for suffix in suffixes[family.type]
+    )
 
 
 EXPORTED = exported_metric_names()
@@ -85,26 +94,40 @@ EXPORTED = exported_metric_names()
 PROMETHEUS_SYNTHETIC = frozenset({"up"})
 
 _PROMQL_STRING = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|`[^`]*`')
-_PROMQL_GROUPING = re.compile(
-    r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
-_PROMQL_KEYWORDS = frozenset({"and", "or", "unless", "bool", "offset", "by", "without", "on",
-                              "ignoring", "group_left", "group_right", "inf", "nan"})
+_PROMQL_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+_PROMQL_KEYWORDS = frozenset(
+    {
+        "and",
+        "or",
+        "unless",
+        "bool",
+        "offset",
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "inf",
+        "nan",
+    }
+)
 _IDENTIFIER = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
 
 
 def promql_metric_names(expr: str) -> set[str]:
     """The metric names a PromQL expression selects (functions, keywords, labels left out)."""
     text = _PROMQL_STRING.sub('""', expr)
-    text = re.sub(r"\{[^}]*\}", " ", text)          # label matchers
-    text = re.sub(r"\[[^\]]*\]", " ", text)         # ranges, subqueries, $__rate_interval
-    text = _PROMQL_GROUPING.sub(" ", text)         # by (le), on (service), ...
-    text = re.sub(r"\$\{?\w+\}?", " ", text)        # Grafana variables elsewhere
+    text = re.sub(r"\{[^}]*\}", " ", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", " ", text)  # ranges, subqueries, $__rate_interval
+    text = _PROMQL_GROUPING.sub(" ", text)  # by (le), on (service), ...
+    text = re.sub(r"\$\{?\w+\}?", " ", text)  # Grafana variables elsewhere
     names = set()
     for match in _IDENTIFIER.finditer(text):
         before = text[match.start() - 1] if match.start() else " "
         if before.isalnum() or before in "._":  # part of a number (1e3) or a duration (5m)
             continue
-        if text[match.end():].lstrip().startswith("("):  # a function or an aggregation
+        if text[match.end() :].lstrip().startswith("("):  # a function or an aggregation
             continue
         if match.group().lower() in _PROMQL_KEYWORDS:
             continue
@@ -116,8 +139,10 @@ def assert_known_metrics(expr: str, where: str, extra: frozenset[str] = frozense
     names = promql_metric_names(expr)
     assert names, f"{where}: no metric in {expr!r}"
     unknown = names - EXPORTED - extra
-    assert not unknown, (f"{where}: {sorted(unknown)} are not exported by the services "
-                         f"(shared/metrics.py) in {expr!r}")
+    assert not unknown, (
+        f"{where}: {sorted(unknown)} are not exported by the services "
+        f"(shared/metrics.py) in {expr!r}"
+    )
 
 
 def load_yaml(path: Path) -> Any:
@@ -163,9 +188,17 @@ def healthcheck_text(service: dict[str, Any]) -> str:
 
 
 def test_compose_has_the_whole_system() -> None:
-    assert set(compose_services()) >= {"kafka", "kafka-init", "postgres", "migrate",
-                                       "assessment", "limits", "alerts", "prometheus",
-                                       "grafana"}
+    assert set(compose_services()) >= {
+        "kafka",
+        "kafka-init",
+        "postgres",
+        "migrate",
+        "assessment",
+        "limits",
+        "alerts",
+        "prometheus",
+        "grafana",
+    }
     assert compose_services()["postgres"]["image"].startswith("postgres:15")
     kafka = compose_services()["kafka"]
     assert kafka["image"].startswith("apache/kafka:4.")
@@ -178,11 +211,13 @@ def test_compose_dependencies_exist_and_wait_for_health_or_completion() -> None:
         for dep, condition in depends_on(svc).items():
             assert dep in services, f"{name} depends on unknown service {dep}"
             if condition == "service_healthy":
-                assert services[dep].get("healthcheck"), f"{name} waits for {dep}'s health, " \
-                                                         "which has no healthcheck"
+                assert services[dep].get("healthcheck"), (
+                    f"{name} waits for {dep}'s health, which has no healthcheck"
+                )
             if condition == "service_completed_successfully":
-                assert services[dep].get("restart", "no") == "no", \
+                assert services[dep].get("restart", "no") == "no", (
                     f"{dep} is a one-shot for {name} and must not restart"
+                )
 
 
 @pytest.mark.parametrize("service", registry.SERVICES)
@@ -236,14 +271,21 @@ def test_compose_services_reach_postgres_and_kafka_as_configured() -> None:
     pg = environment(services["postgres"])
     kafka = environment(services["kafka"])
     # {"kafka:9092": "PLAINTEXT", ...}: the address each listener hands out to clients.
-    advertised = {address: name for name, address in
-                  (listener.split("://", 1)
-                   for listener in kafka["KAFKA_ADVERTISED_LISTENERS"].split(","))}
+    advertised = {
+        address: name
+        for name, address in (
+            listener.split("://", 1) for listener in kafka["KAFKA_ADVERTISED_LISTENERS"].split(",")
+        )
+    }
     for name, svc in creditwatch_containers().items():
         env = environment(svc)
         url = make_url(env["CREDITWATCH_DATABASE_URL"])
         assert (url.host, url.username, url.password, url.database) == (
-            "postgres", pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], pg["POSTGRES_DB"]), name
+            "postgres",
+            pg["POSTGRES_USER"],
+            pg["POSTGRES_PASSWORD"],
+            pg["POSTGRES_DB"],
+        ), name
         assert advertised.get(env["CREDITWATCH_KAFKA_BOOTSTRAP"]) == "PLAINTEXT", name
 
 
@@ -272,15 +314,24 @@ def test_compose_creates_every_topic_of_the_contract() -> None:
 
 def test_compose_prometheus_and_grafana_mount_the_provisioned_files() -> None:
     services = compose_services()
-    mounts = {m.split(":")[1]: REPO / m.split(":")[0]
-              for m in services["prometheus"]["volumes"] if m.startswith("./")}
-    config = next(a.split("=", 1)[1] for a in services["prometheus"]["command"]
-                  if a.startswith("--config.file="))
+    mounts = {
+        m.split(":")[1]: REPO / m.split(":")[0]
+        for m in services["prometheus"]["volumes"]
+        if m.startswith("./")
+    }
+    config = next(
+        a.split("=", 1)[1]
+        for a in services["prometheus"]["command"]
+        if a.startswith("--config.file=")
+    )
     folder, file = config.rsplit("/", 1)
     assert (mounts[folder] / file).resolve() == (PROMETHEUS / "prometheus.yml").resolve()
 
-    mounts = {m.split(":")[1]: (REPO / m.split(":")[0]).resolve()
-              for m in services["grafana"]["volumes"] if m.startswith("./")}
+    mounts = {
+        m.split(":")[1]: (REPO / m.split(":")[0]).resolve()
+        for m in services["grafana"]["volumes"]
+        if m.startswith("./")
+    }
     assert mounts["/etc/grafana/provisioning"] == (GRAFANA / "provisioning").resolve()
     provider = load_yaml(GRAFANA / "provisioning" / "dashboards" / "dashboards.yml")
     path = provider["providers"][0]["options"]["path"]
@@ -316,8 +367,12 @@ def test_dockerfile_is_multi_stage_and_installs_the_project() -> None:
     # Everything the wheel packages is copied into the build.
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     packages = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
-    copied = {source for ins, a in steps if ins == "COPY" and not a.startswith("--")
-              for source in a.split()[:-1]}
+    copied = {
+        source
+        for ins, a in steps
+        if ins == "COPY" and not a.startswith("--")
+        for source in a.split()[:-1]
+    }
     for needed in ["pyproject.toml", "README.md", *packages]:
         assert needed in copied, f"the Dockerfile does not copy {needed}"
         assert (REPO / needed).exists()
@@ -359,16 +414,23 @@ def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
 def test_every_manifest_parses_and_is_namespaced() -> None:
     docs = list(k8s_documents())
     assert {doc["kind"] for _, doc in docs} >= {
-        "Namespace", "ConfigMap", "Secret", "Deployment", "Service", "Job",
-        "HorizontalPodAutoscaler"}
+        "Namespace",
+        "ConfigMap",
+        "Secret",
+        "Deployment",
+        "Service",
+        "Job",
+        "HorizontalPodAutoscaler",
+    }
     namespaces = set(k8s_kind("Namespace"))
     assert namespaces == {"creditwatch"}
     for file, doc in docs:
         assert doc.get("apiVersion") and doc.get("kind"), file
         assert doc.get("metadata", {}).get("name"), f"{file}: a {doc['kind']} without a name"
         if doc["kind"] != "Namespace":
-            assert doc["metadata"].get("namespace") in namespaces, \
+            assert doc["metadata"].get("namespace") in namespaces, (
                 f"{file}: {doc['kind']} {doc['metadata']['name']}"
+            )
 
 
 def test_deployments_probe_health_and_readiness_and_run_as_non_root() -> None:
@@ -449,8 +511,11 @@ def test_policy_and_token_files_are_mounted_where_the_settings_point() -> None:
         files = {}
         for mount in spec["containers"][0]["volumeMounts"]:
             volume = volumes[mount["name"]]
-            keys = (volume.get("configMap") and policy_map) or \
-                   (volume.get("secret") and tokens_secret) or {}
+            keys = (
+                (volume.get("configMap") and policy_map)
+                or (volume.get("secret") and tokens_secret)
+                or {}
+            )
             files.update({f"{mount['mountPath']}/{key}": value for key, value in keys.items()})
         assert config["CREDITWATCH_POLICY"] in files, name
         tokens = parse_tokens(files[config["CREDITWATCH_API_TOKENS_FILE"]], source=name)
@@ -461,8 +526,11 @@ def test_services_select_existing_deployment_pods() -> None:
     deployments = k8s_kind("Deployment")
     for name, service in k8s_kind("Service").items():
         selector = service["spec"]["selector"]
-        selected = [d for d in deployments.values()
-                    if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+        selected = [
+            d
+            for d in deployments.values()
+            if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
         assert selected, f"Service {name} selects no Deployment's pods"
         for deployment in selected:
             ports = {p["name"] for c in pod_spec(deployment)["containers"] for p in c["ports"]}
@@ -483,23 +551,31 @@ def test_autoscalers_target_existing_deployments_within_the_partition_count() ->
         if creditwatch_cli(container["args"])[1]["consume"]:
             # Consumers beyond the partition count would sit idle.
             assert hpa["spec"]["maxReplicas"] <= partitions, name
-    assert any(not creditwatch_cli(pod_spec(deployments[h["spec"]["scaleTargetRef"]["name"]])
-                                   ["containers"][0]["args"])[1]["consume"]
-               for h in hpas.values()), "the API-only limits Deployment has no autoscaler"
+    assert any(
+        not creditwatch_cli(
+            pod_spec(deployments[h["spec"]["scaleTargetRef"]["name"]])["containers"][0]["args"]
+        )[1]["consume"]
+        for h in hpas.values()
+    ), "the API-only limits Deployment has no autoscaler"
 
 
 # ---- Prometheus ----------------------------------------------------------------------------
 
 
 def alert_rules() -> list[dict[str, Any]]:
-    return [rule for group in load_yaml(PROMETHEUS / "rules.yml")["groups"]
-            for rule in group["rules"]]
+    return [
+        rule for group in load_yaml(PROMETHEUS / "rules.yml")["groups"] for rule in group["rules"]
+    ]
 
 
 def test_prometheus_scrapes_the_three_services_where_compose_runs_them() -> None:
     config = load_yaml(PROMETHEUS / "prometheus.yml")
-    targets = {target for job in config["scrape_configs"] for sc in job["static_configs"]
-               for target in sc["targets"]}
+    targets = {
+        target
+        for job in config["scrape_configs"]
+        for sc in job["static_configs"]
+        for target in sc["targets"]
+    }
     assert targets == {f"{service}:{port}" for service, port in PORTS.items()}
     for job in config["scrape_configs"]:
         assert job.get("metrics_path", "/metrics") == "/metrics"
@@ -542,7 +618,8 @@ def test_alert_rules_cover_lag_dead_letters_errors_latency_and_silence() -> None
 
 def datasource_uid() -> str:
     (source,) = load_yaml(GRAFANA / "provisioning" / "datasources" / "datasource.yml")[
-        "datasources"]
+        "datasources"
+    ]
     assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
     uid: str = source["uid"]
     return uid
@@ -590,27 +667,42 @@ def test_dashboard_queries_name_only_exported_metrics(path: Path) -> None:
     for variable in dashboard.get("templating", {}).get("list", []):
         if variable["type"] != "query":
             continue
-        query = variable["query"]["query"] if isinstance(variable["query"], dict) \
-            else variable["query"]
+        query = (
+            variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
+        )
         match = re.fullmatch(r"label_values\((\w+)(?:\{[^}]*\})?,\s*\w+\)", query)
         assert match, f"variable {variable['name']}: unexpected query {query!r}"
         assert match.group(1) in EXPORTED
 
 
 def test_dashboards_cover_portfolio_event_flow_decisions_and_alerts() -> None:
-    used = {path.stem: set().union(*(promql_metric_names(expr) for _, expr in
-                                     dashboard_exprs(json.loads(path.read_text()))))
-            for path in DASHBOARDS}
+    used = {
+        path.stem: set().union(
+            *(
+                promql_metric_names(expr)
+                for _, expr in dashboard_exprs(json.loads(path.read_text()))
+            )
+        )
+        for path in DASHBOARDS
+    }
     assert used.keys() == {"portfolio", "event-flow", "credit-decisions", "alerts"}
-    assert used["portfolio"] >= {"creditwatch_portfolio_exposure", "creditwatch_portfolio_limit",
-                                 "creditwatch_customers", "creditwatch_customers_over_limit"}
-    assert used["event-flow"] >= {"creditwatch_events_consumed_total",
-                                  "creditwatch_consumer_lag",
-                                  "creditwatch_events_dead_lettered_total",
-                                  "creditwatch_event_processing_seconds_bucket",
-                                  "creditwatch_event_lag_seconds_bucket"}
-    assert used["credit-decisions"] >= {"creditwatch_credit_checks_total",
-                                        "creditwatch_credit_check_seconds_bucket"}
+    assert used["portfolio"] >= {
+        "creditwatch_portfolio_exposure",
+        "creditwatch_portfolio_limit",
+        "creditwatch_customers",
+        "creditwatch_customers_over_limit",
+    }
+    assert used["event-flow"] >= {
+        "creditwatch_events_consumed_total",
+        "creditwatch_consumer_lag",
+        "creditwatch_events_dead_lettered_total",
+        "creditwatch_event_processing_seconds_bucket",
+        "creditwatch_event_lag_seconds_bucket",
+    }
+    assert used["credit-decisions"] >= {
+        "creditwatch_credit_checks_total",
+        "creditwatch_credit_check_seconds_bucket",
+    }
     assert used["alerts"] >= {"creditwatch_alerts_raised_total", "creditwatch_alerts_open"}
     uids = [json.loads(path.read_text())["uid"] for path in DASHBOARDS]
     assert len(uids) == len(set(uids))
@@ -619,20 +711,30 @@ def test_dashboards_cover_portfolio_event_flow_decisions_and_alerts() -> None:
 # ---- the checker itself --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("expr", "names"), [
-    ('sum by (service, le) (rate(a_bucket{x=~"5..", le!="1"}[$__rate_interval]))', {"a_bucket"}),
-    ("histogram_quantile(0.99, sum by (le) (rate(b_bucket[5m]))) > 0.025", {"b_bucket"}),
-    ("x / on (service) group_left (topic) y offset 5m > bool 1e3", {"x", "y"}),
-    ('up{part_of="creditwatch"} == 0 and max(z) unless w', {"up", "z", "w"}),
-    ('label_replace(m, "dst", "$1", "src", "(.*)")', {"m"}),
-])
+@pytest.mark.parametrize(
+    ("expr", "names"),
+    [
+        (
+            'sum by (service, le) (rate(a_bucket{x=~"5..", le!="1"}[$__rate_interval]))',
+            {"a_bucket"},
+        ),
+        ("histogram_quantile(0.99, sum by (le) (rate(b_bucket[5m]))) > 0.025", {"b_bucket"}),
+        ("x / on (service) group_left (topic) y offset 5m > bool 1e3", {"x", "y"}),
+        ('up{part_of="creditwatch"} == 0 and max(z) unless w', {"up", "z", "w"}),
+        ('label_replace(m, "dst", "$1", "src", "(.*)")', {"m"}),
+    ],
+)
 def test_promql_metric_names_finds_selectors_only(expr: str, names: set[str]) -> None:
     assert promql_metric_names(expr) == names
 
 
 def test_exported_names_carry_the_prometheus_suffixes() -> None:
-    assert {"creditwatch_credit_checks_total", "creditwatch_credit_check_seconds_bucket",
-            "creditwatch_credit_check_seconds_count", "creditwatch_alerts_open",
-            "creditwatch_consumer_lag"} <= EXPORTED
+    assert {
+        "creditwatch_credit_checks_total",
+        "creditwatch_credit_check_seconds_bucket",
+        "creditwatch_credit_check_seconds_count",
+        "creditwatch_alerts_open",
+        "creditwatch_consumer_lag",
+    } <= EXPORTED
     assert "creditwatch_credit_check_seconds" not in EXPORTED  # a histogram has no bare series
     assert "creditwatch_credit_checks" not in EXPORTED

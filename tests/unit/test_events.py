@@ -289,10 +289,13 @@ def test_a_value_that_is_not_a_json_object_is_invalid_json(raw: bytes) -> None:
     assert dead_letter_of(raw).reason == "invalid_json"
 
 
-@pytest.mark.parametrize(("data", "path"), [
-    (invoice(order_id="SO-\x00-1"), "data.order_id"),
-    (invoice(customer_id="C-\x00"), "data.customer_id"),
-])
+@pytest.mark.parametrize(
+    ("data", "path"),
+    [
+        (invoice(order_id="SO-\x00-1"), "data.order_id"),
+        (invoice(customer_id="C-\x00"), "data.customer_id"),
+    ],
+)
 def test_text_holding_nul_is_dead_lettered_naming_the_field(data: Any, path: str) -> None:
     raw = record(data=data)
     assert b"\\u0000" in raw
@@ -1323,24 +1326,48 @@ def test_arbitrary_data_of_any_type_is_parsed_or_dead_lettered(
 # Whatever may sit in an envelope's data: what the services build (JSON forms), and what a
 # careless caller might pass (Decimals, big ints, non-string keys, lone surrogates, naive
 # datetimes, other time zones), nested.
-_ZONES = st.sampled_from([dt.UTC, dt.timezone(dt.timedelta(0)), dt.timezone(dt.timedelta(hours=1)),
-                          dt.timezone(dt.timedelta(hours=-5, minutes=-30)), None])
-_LEAVES = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True)
-           | st.text() | st.decimals(allow_nan=False) | st.dates()
-           | st.builds(lambda d, z: d.replace(tzinfo=z), st.datetimes(), _ZONES))
-_DATA = st.recursive(_LEAVES, lambda inner: st.lists(inner, max_size=4)
-                     | st.dictionaries(st.text(max_size=8) | st.integers(), inner, max_size=4),
-                     max_leaves=12)
+_ZONES = st.sampled_from(
+    [
+        dt.UTC,
+        dt.timezone(dt.timedelta(0)),
+        dt.timezone(dt.timedelta(hours=1)),
+        dt.timezone(dt.timedelta(hours=-5, minutes=-30)),
+        None,
+    ]
+)
+_LEAVES = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=True)
+    | st.text()
+    | st.decimals(allow_nan=False)
+    | st.dates()
+    | st.builds(lambda d, z: d.replace(tzinfo=z), st.datetimes(), _ZONES)
+)
+_DATA = st.recursive(
+    _LEAVES,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=8) | st.integers(), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.dictionaries(st.text(max_size=8), _DATA, max_size=5),
-       time=st.builds(lambda d, z: d.replace(tzinfo=z), st.datetimes(),
-                      _ZONES.filter(lambda z: z is not None)),
-       subject=st.text(min_size=1, max_size=20))
+@given(
+    data=st.dictionaries(st.text(max_size=8), _DATA, max_size=5),
+    time=st.builds(
+        lambda d, z: d.replace(tzinfo=z), st.datetimes(), _ZONES.filter(lambda z: z is not None)
+    ),
+    subject=st.text(min_size=1, max_size=20),
+)
 def test_an_envelopes_json_is_pydantics_whatever_its_data(
-        data: dict[str, Any], time: dt.datetime, subject: str) -> None:
+    data: dict[str, Any], time: dt.datetime, subject: str
+) -> None:
     """``to_json`` takes a faster way for plain JSON; the bytes must be pydantic's all the same."""
-    env = events.trusted_event("any.thing", source="test", subject=subject, data=data,
-                               id="e-1", time=time)
+    env = events.trusted_event(
+        "any.thing", source="test", subject=subject, data=data, id="e-1", time=time
+    )
     assert env.to_json() == env.model_dump_json().encode("utf-8")

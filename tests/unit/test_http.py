@@ -203,8 +203,13 @@ async def test_healthz_is_a_503_problem_once_a_background_loop_has_died(
     readiness: FakeReadiness,
 ) -> None:
     # Given a service whose consumer loop stopped for good
-    app = create_app("limits", settings=Settings(), tokens=TOKENS, readiness=readiness,
-                     liveness=lambda: "RuntimeError: consumer crashed")
+    app = create_app(
+        "limits",
+        settings=Settings(),
+        tokens=TOKENS,
+        readiness=readiness,
+        liveness=lambda: "RuntimeError: consumer crashed",
+    )
     async with _client(app) as http:
         # When liveness is probed, then it says so, so that the orchestrator restarts it
         response = await http.get("/healthz")
@@ -213,8 +218,7 @@ async def test_healthz_is_a_503_problem_once_a_background_loop_has_died(
     assert "consumer crashed" in response.json()["detail"]
 
 
-async def test_a_host_whose_loops_crashed_reports_why_and_one_stopped_on_purpose_does_not(
-) -> None:
+async def test_a_host_whose_loops_crashed_reports_why_and_one_stopped_on_purpose_does_not() -> None:
     import asyncio
     from types import SimpleNamespace
 

@@ -48,26 +48,49 @@ def at(day: str, hour: int = 9) -> datetime:
 # ---- event builders ---------------------------------------------------------------------------
 
 
-def registered(currency: str = "EUR", parent: str | None = None, cid: str = CID,
-               time: datetime = T0) -> Event:
+def registered(
+    currency: str = "EUR", parent: str | None = None, cid: str = CID, time: datetime = T0
+) -> Event:
     data = CustomerRegistered(customer_id=cid, name="Acme", currency=currency, parent_id=parent)
     return data.TYPE, data, time
 
 
 def assessed(grade: str, time: datetime = T0, cid: str = CID) -> Event:
-    data = AssessmentCompleted.model_validate({
-        "assessment_id": f"as-{grade}-{time.isoformat()}", "customer_id": cid, "score": 50,
-        "grade": grade, "risk_level": "medium", "policy_version": POLICY.version,
-        "assessed_at": time.isoformat()})
+    data = AssessmentCompleted.model_validate(
+        {
+            "assessment_id": f"as-{grade}-{time.isoformat()}",
+            "customer_id": cid,
+            "score": 50,
+            "grade": grade,
+            "risk_level": "medium",
+            "policy_version": POLICY.version,
+            "assessed_at": time.isoformat(),
+        }
+    )
     return data.TYPE, data, time
 
 
-def invoice(invoice_id: str, amount: str, *, issued: str = "2026-03-01", due: str = "2026-03-31",
-            currency: str = "EUR", order_id: str | None = None,
-            time: datetime | None = None) -> Event:
-    data = InvoiceIssued.model_validate({
-        "invoice_id": invoice_id, "customer_id": CID, "amount": amount, "currency": currency,
-        "issue_date": issued, "due_date": due, "order_id": order_id})
+def invoice(
+    invoice_id: str,
+    amount: str,
+    *,
+    issued: str = "2026-03-01",
+    due: str = "2026-03-31",
+    currency: str = "EUR",
+    order_id: str | None = None,
+    time: datetime | None = None,
+) -> Event:
+    data = InvoiceIssued.model_validate(
+        {
+            "invoice_id": invoice_id,
+            "customer_id": CID,
+            "amount": amount,
+            "currency": currency,
+            "issue_date": issued,
+            "due_date": due,
+            "order_id": order_id,
+        }
+    )
     return data.TYPE, data, time or at(issued)
 
 
@@ -76,18 +99,42 @@ def cancelled(invoice_id: str, time: datetime = T0) -> Event:
     return data.TYPE, data, time
 
 
-def credit_note(note_id: str, amount: str, *, invoice_id: str | None = None,
-                currency: str = "EUR", issued: str = "2026-03-02") -> Event:
-    data = CreditNoteIssued.model_validate({
-        "credit_note_id": note_id, "customer_id": CID, "amount": amount, "currency": currency,
-        "issue_date": issued, "invoice_id": invoice_id})
+def credit_note(
+    note_id: str,
+    amount: str,
+    *,
+    invoice_id: str | None = None,
+    currency: str = "EUR",
+    issued: str = "2026-03-02",
+) -> Event:
+    data = CreditNoteIssued.model_validate(
+        {
+            "credit_note_id": note_id,
+            "customer_id": CID,
+            "amount": amount,
+            "currency": currency,
+            "issue_date": issued,
+            "invoice_id": invoice_id,
+        }
+    )
     return data.TYPE, data, at(issued)
 
 
-def payment(payment_id: str, amount: str, *, received: str = "2026-03-10",
-            allocations: list[tuple[str, str]] | None = None, currency: str = "EUR") -> Event:
-    body: dict[str, Any] = {"payment_id": payment_id, "customer_id": CID, "amount": amount,
-                            "currency": currency, "received_date": received}
+def payment(
+    payment_id: str,
+    amount: str,
+    *,
+    received: str = "2026-03-10",
+    allocations: list[tuple[str, str]] | None = None,
+    currency: str = "EUR",
+) -> Event:
+    body: dict[str, Any] = {
+        "payment_id": payment_id,
+        "customer_id": CID,
+        "amount": amount,
+        "currency": currency,
+        "received_date": received,
+    }
     if allocations is not None:
         body["allocations"] = [{"invoice_id": i, "amount": a} for i, a in allocations]
     data = PaymentReceived.model_validate(body)
@@ -99,21 +146,47 @@ def reversed_payment(payment_id: str, time: datetime = T0) -> Event:
     return data.TYPE, data, time
 
 
-def dunning(invoice_id: str, amount: str, *, due: str, days: int, as_of: str,
-            currency: str = "EUR") -> Event:
-    data = InvoiceOverdue.model_validate({
-        "invoice_id": invoice_id, "customer_id": CID, "amount_overdue": amount,
-        "currency": currency, "due_date": due, "days_overdue": days, "as_of": as_of})
+def dunning(
+    invoice_id: str, amount: str, *, due: str, days: int, as_of: str, currency: str = "EUR"
+) -> Event:
+    data = InvoiceOverdue.model_validate(
+        {
+            "invoice_id": invoice_id,
+            "customer_id": CID,
+            "amount_overdue": amount,
+            "currency": currency,
+            "due_date": due,
+            "days_overdue": days,
+            "as_of": as_of,
+        }
+    )
     return data.TYPE, data, at(as_of)
 
 
-def decided(order_id: str, amount: str, *, now: datetime = T0, check_id: str | None = None,
-            decision: str = "approved", reserve: bool = True, cid: str = CID) -> Event:
+def decided(
+    order_id: str,
+    amount: str,
+    *,
+    now: datetime = T0,
+    check_id: str | None = None,
+    decision: str = "approved",
+    reserve: bool = True,
+    cid: str = CID,
+) -> Event:
     data = ev.CreditCheckDecided(
-        customer_id=cid, check_id=check_id or f"chk-{order_id}-{amount}", order_id=order_id,
-        amount=D(amount), currency="EUR", amount_in_credit_currency=D(amount), reserve=reserve,
-        decision=decision, reasons=[], expires_at=domain.reservation_expiry(now, POLICY),
-        requested_by="orders", response={})
+        customer_id=cid,
+        check_id=check_id or f"chk-{order_id}-{amount}",
+        order_id=order_id,
+        amount=D(amount),
+        currency="EUR",
+        amount_in_credit_currency=D(amount),
+        reserve=reserve,
+        decision=decision,
+        reasons=[],
+        expires_at=domain.reservation_expiry(now, POLICY),
+        requested_by="orders",
+        response={},
+    )
     return data.TYPE, data, now
 
 
@@ -129,22 +202,45 @@ def rated(grade: str = "BBB", *events: Event) -> CustomerState:
     return fold([registered(), assessed(grade), *events])
 
 
-def check(state: CustomerState, amount: str, *, order_id: str = "SO-1", currency: str = "EUR",
-          reserve: bool = True, now: datetime = T0,
-          group: GroupView | None = None) -> domain.CheckOutcome:
-    return decide_credit_check(state, order_id=order_id, amount=D(amount), currency=currency,
-                               reserve=reserve, policy=POLICY, now=now, group=group)
+def check(
+    state: CustomerState,
+    amount: str,
+    *,
+    order_id: str = "SO-1",
+    currency: str = "EUR",
+    reserve: bool = True,
+    now: datetime = T0,
+    group: GroupView | None = None,
+) -> domain.CheckOutcome:
+    return decide_credit_check(
+        state,
+        order_id=order_id,
+        amount=D(amount),
+        currency=currency,
+        reserve=reserve,
+        policy=POLICY,
+        now=now,
+        group=group,
+    )
 
 
 # ---- exposure -----------------------------------------------------------------------------------
 
 
-def test_given_invoices_credits_and_payments_when_folded_then_exposure_is_what_is_still_owed(
-) -> None:
-    state = rated("BBB",
-                  invoice("I-1", "1000.00"), invoice("I-2", "500.00"), invoice("I-3", "70.00"),
-                  credit_note("CN-1", "100.00", invoice_id="I-1"), cancelled("I-3"),
-                  payment("P-1", "300.00"), payment("P-2", "50.00"), reversed_payment("P-2"))
+def test_given_invoices_credits_and_payments_when_folded_then_exposure_is_what_is_still_owed() -> (
+    None
+):
+    state = rated(
+        "BBB",
+        invoice("I-1", "1000.00"),
+        invoice("I-2", "500.00"),
+        invoice("I-3", "70.00"),
+        credit_note("CN-1", "100.00", invoice_id="I-1"),
+        cancelled("I-3"),
+        payment("P-1", "300.00"),
+        payment("P-2", "50.00"),
+        reversed_payment("P-2"),
+    )
     fig = figures(state, POLICY)
     assert fig.open_receivables == D("1100.00")  # 1500 − 100 − 300 (P-2 reversed, I-3 gone)
     assert fig.exposure == D("1100.00") and fig.reserved == 0
@@ -152,10 +248,12 @@ def test_given_invoices_credits_and_payments_when_folded_then_exposure_is_what_i
     assert fig.utilization == D("0.0110")
 
 
-def test_given_a_payment_before_its_invoice_when_the_invoice_arrives_then_the_cash_is_applied(
-) -> None:
-    early = rated("BBB", payment("P-1", "400.00", allocations=[("I-1", "400.00")],
-                                 received="2026-03-01"))
+def test_given_a_payment_before_its_invoice_when_the_invoice_arrives_then_the_cash_is_applied() -> (
+    None
+):
+    early = rated(
+        "BBB", payment("P-1", "400.00", allocations=[("I-1", "400.00")], received="2026-03-01")
+    )
     fig = figures(early, POLICY)
     # Unapplied cash lowers exposure at once: a credit balance, nothing dead-lettered.
     assert fig.open_receivables == D("-400.00") and fig.exposure == D("-400.00")
@@ -167,35 +265,41 @@ def test_given_a_payment_before_its_invoice_when_the_invoice_arrives_then_the_ca
     assert (fig.overdue_amount, fig.max_days_overdue) == (0, 0)
 
 
-def test_given_cash_for_an_invoice_not_yet_here_then_it_waits_and_clears_no_other_invoice(
-) -> None:
+def test_given_cash_for_an_invoice_not_yet_here_then_it_waits_and_clears_no_other_invoice() -> None:
     # "held as unapplied cash (it lowers exposure at once) and applied when the invoice
     # arrives": meanwhile it must not pay off, and so hide, another invoice that is overdue.
     overdue = invoice("I-A", "1000.00", issued="2026-01-01", due="2026-01-31")
-    early = rated("BBB", overdue, payment("P-1", "1000.00", allocations=[("I-B", "1000.00")],
-                                          received="2026-03-12"))
+    early = rated(
+        "BBB",
+        overdue,
+        payment("P-1", "1000.00", allocations=[("I-B", "1000.00")], received="2026-03-12"),
+    )
     assert domain.open_items(early) == {"I-A": D("1000.00")}
     fig = figures(early, POLICY, at("2026-03-12"))
-    assert (fig.open_receivables, fig.overdue_amount, fig.max_days_overdue) == \
-        (0, D("1000.00"), 40)
+    assert (fig.open_receivables, fig.overdue_amount, fig.max_days_overdue) == (0, D("1000.00"), 40)
     assert check(early, "10.00", now=at("2026-03-12")).reasons == ("overdue_beyond_tolerance",)
 
     later = fold([invoice("I-B", "1000.00", issued="2026-03-01", due="2026-03-31")], early)
     assert domain.open_items(later) == {"I-A": D("1000.00"), "I-B": D("0.00")}
     # Cash for an invoice that was cancelled goes to the oldest open ones, as unallocated.
-    voided = fold([invoice("I-C", "500.00", issued="2026-02-01", due="2026-02-15"),
-                   cancelled("I-C", at("2026-02-02")),
-                   payment("P-2", "300.00", allocations=[("I-C", "300.00")])], early)
+    voided = fold(
+        [
+            invoice("I-C", "500.00", issued="2026-02-01", due="2026-02-15"),
+            cancelled("I-C", at("2026-02-02")),
+            payment("P-2", "300.00", allocations=[("I-C", "300.00")]),
+        ],
+        early,
+    )
     assert domain.open_items(voided)["I-A"] == D("700.00")
 
 
-def test_given_event_times_with_an_offset_then_days_are_utc_days_in_memory_and_reloaded(
-) -> None:
+def test_given_event_times_with_an_offset_then_days_are_utc_days_in_memory_and_reloaded() -> None:
     # 22:00 at UTC-5 on the due date is 03:00 UTC the next day: one day overdue, whether the
     # state was just folded or read back from its row (which keeps times in UTC).
     late = datetime(2026, 3, 31, 22, tzinfo=timezone(timedelta(hours=-5)))
-    state = fold([registered(), invoice("I-1", "1000.00", issued="2026-03-01",
-                                        due="2026-03-31", time=late)])
+    state = fold(
+        [registered(), invoice("I-1", "1000.00", issued="2026-03-01", due="2026-03-31", time=late)]
+    )
     assert state.last_time is not None and state.last_time.utcoffset() == timedelta(0)
     reloaded = replace(state, last_time=late.astimezone(UTC))
     for each in (state, reloaded):
@@ -204,8 +308,7 @@ def test_given_event_times_with_an_offset_then_days_are_utc_days_in_memory_and_r
     assert figures(state, POLICY, late) == figures(state, POLICY, late.astimezone(UTC))
 
 
-def test_given_a_cancellation_or_reversal_before_its_fact_then_the_fact_arrives_undone(
-) -> None:
+def test_given_a_cancellation_or_reversal_before_its_fact_then_the_fact_arrives_undone() -> None:
     # Neither lost nor applied twice: whatever the order, the same state and figures.
     issue, cancel = invoice("I-1", "1000.00"), cancelled("I-1", at("2026-03-02"))
     pay, reverse = payment("P-1", "300.00"), reversed_payment("P-1", at("2026-03-11"))
@@ -225,8 +328,12 @@ def test_given_an_explicit_allocation_when_folded_then_it_wins_over_oldest_first
     old = invoice("I-OLD", "100.00", issued="2026-01-01", due="2026-01-31")
     new = invoice("I-NEW", "100.00", issued="2026-02-01", due="2026-02-28")
     unallocated = rated("BBB", old, new, payment("P-1", "100.00", received="2026-03-02"))
-    allocated = rated("BBB", old, new, payment("P-1", "100.00", received="2026-03-02",
-                                               allocations=[("I-NEW", "100.00")]))
+    allocated = rated(
+        "BBB",
+        old,
+        new,
+        payment("P-1", "100.00", received="2026-03-02", allocations=[("I-NEW", "100.00")]),
+    )
     assert domain.open_items(unallocated) == {"I-OLD": D("0.00"), "I-NEW": D("100.00")}
     assert domain.open_items(allocated) == {"I-OLD": D("100.00"), "I-NEW": D("0.00")}
     # Same exposure either way; the ageing tells them apart.
@@ -236,15 +343,17 @@ def test_given_an_explicit_allocation_when_folded_then_it_wins_over_oldest_first
     assert figures(allocated, POLICY, on).max_days_overdue == 33
 
 
-def test_given_a_partial_allocation_when_folded_then_the_rest_goes_to_the_oldest_open_invoice(
-) -> None:
-    state = rated("BBB",
-                  invoice("I-1", "100.00", issued="2026-01-01", due="2026-01-31"),
-                  invoice("I-2", "100.00", issued="2026-02-01", due="2026-02-28"),
-                  invoice("I-3", "100.00", issued="2026-02-10", due="2026-03-10"),
-                  payment("P-1", "150.00", allocations=[("I-3", "60.00")]))
-    assert domain.open_items(state) == {"I-1": D("10.00"), "I-2": D("100.00"),
-                                        "I-3": D("40.00")}
+def test_given_a_partial_allocation_when_folded_then_the_rest_goes_to_the_oldest_open_invoice() -> (
+    None
+):
+    state = rated(
+        "BBB",
+        invoice("I-1", "100.00", issued="2026-01-01", due="2026-01-31"),
+        invoice("I-2", "100.00", issued="2026-02-01", due="2026-02-28"),
+        invoice("I-3", "100.00", issued="2026-02-10", due="2026-03-10"),
+        payment("P-1", "150.00", allocations=[("I-3", "60.00")]),
+    )
+    assert domain.open_items(state) == {"I-1": D("10.00"), "I-2": D("100.00"), "I-3": D("40.00")}
 
 
 # ---- ageing -------------------------------------------------------------------------------------
@@ -256,16 +365,19 @@ def test_given_no_invoices_when_aged_then_all_four_buckets_are_present_and_zero(
     assert (fig.overdue_amount, fig.max_days_overdue) == (0, 0)
 
 
-@pytest.mark.parametrize(("today", "bucket", "days"), [
-    ("2026-03-31", None, 0),  # due today: not overdue
-    ("2026-04-01", "1-30", 1),
-    ("2026-04-30", "1-30", 30),
-    ("2026-05-01", "31-60", 31),
-    ("2026-05-30", "31-60", 60),
-    ("2026-05-31", "61-90", 61),
-    ("2026-06-29", "61-90", 90),
-    ("2026-06-30", "90+", 91),
-])
+@pytest.mark.parametrize(
+    ("today", "bucket", "days"),
+    [
+        ("2026-03-31", None, 0),  # due today: not overdue
+        ("2026-04-01", "1-30", 1),
+        ("2026-04-30", "1-30", 30),
+        ("2026-05-01", "31-60", 31),
+        ("2026-05-30", "31-60", 60),
+        ("2026-05-31", "61-90", 61),
+        ("2026-06-29", "61-90", 90),
+        ("2026-06-30", "90+", 91),
+    ],
+)
 def test_given_an_open_invoice_when_aged_by_due_date_then_it_lands_in_its_bucket(
     today: str, bucket: str | None, days: int
 ) -> None:
@@ -279,18 +391,23 @@ def test_given_an_open_invoice_when_aged_by_due_date_then_it_lands_in_its_bucket
 
 
 def test_given_several_overdue_invoices_when_aged_then_max_days_is_the_worst_open_one() -> None:
-    state = rated("BBB",
-                  invoice("I-1", "100.00", issued="2026-01-01", due="2026-01-10"),
-                  invoice("I-2", "200.00", issued="2026-02-01", due="2026-03-01"),
-                  payment("P-1", "100.00", allocations=[("I-1", "100.00")]))
+    state = rated(
+        "BBB",
+        invoice("I-1", "100.00", issued="2026-01-01", due="2026-01-10"),
+        invoice("I-2", "200.00", issued="2026-02-01", due="2026-03-01"),
+        payment("P-1", "100.00", allocations=[("I-1", "100.00")]),
+    )
     fig = figures(state, POLICY, at("2026-03-21"))
     assert fig.max_days_overdue == 20  # I-1 is paid, so its 70 days no longer count
     assert fig.overdue_buckets["1-30"] == D("200.00") and fig.overdue_amount == D("200.00")
 
 
 def test_given_a_dunning_notice_when_aged_then_it_overrides_the_invoice_and_ages_on() -> None:
-    state = rated("BBB", invoice("I-1", "300.00", issued="2026-02-01", due="2026-03-01"),
-                  dunning("I-1", "120.00", due="2026-03-01", days=40, as_of="2026-03-10"))
+    state = rated(
+        "BBB",
+        invoice("I-1", "300.00", issued="2026-02-01", due="2026-03-01"),
+        dunning("I-1", "120.00", due="2026-03-01", days=40, as_of="2026-03-10"),
+    )
     fig = figures(state, POLICY, at("2026-03-12"))
     assert fig.max_days_overdue == 42
     assert fig.overdue_buckets["31-60"] == D("120.00") and fig.overdue_amount == D("120.00")
@@ -304,27 +421,44 @@ def test_given_a_dunning_notice_when_aged_then_it_overrides_the_invoice_and_ages
 # ---- currencies ---------------------------------------------------------------------------------
 
 
-def test_given_amounts_in_another_currency_when_folded_then_they_are_converted_by_policy_rates(
-) -> None:
-    state = rated("BBB", invoice("I-1", "1000.00", currency="USD"),
-                  payment("P-1", "100.00", currency="GBP", allocations=[("I-1", "100.00")]))
+def test_given_amounts_in_another_currency_when_folded_then_they_are_converted_by_policy_rates() -> (
+    None
+):
+    state = rated(
+        "BBB",
+        invoice("I-1", "1000.00", currency="USD"),
+        payment("P-1", "100.00", currency="GBP", allocations=[("I-1", "100.00")]),
+    )
     assert state.invoices["I-1"].amount == D("920.00")  # USD/EUR 0.92
     assert figures(state, POLICY).open_receivables == D("803.00")  # − 100 GBP × 1.17
     assert domain.open_items(state) == {"I-1": D("803.00")}
 
 
-def test_given_a_fact_number_again_with_other_figures_then_it_is_a_conflicting_duplicate(
-) -> None:
-    state = rated("BBB", invoice("I-1", "1000.00"), payment("P-1", "100.00"),
-                  credit_note("CN-1", "50.00", invoice_id="I-1"))
+def test_given_a_fact_number_again_with_other_figures_then_it_is_a_conflicting_duplicate() -> None:
+    state = rated(
+        "BBB",
+        invoice("I-1", "1000.00"),
+        payment("P-1", "100.00"),
+        credit_note("CN-1", "50.00", invoice_id="I-1"),
+    )
     # The same facts again (under other event ids): nothing changes, nothing is an error.
-    assert fold([invoice("I-1", "1000.00"), payment("P-1", "100.00"),
-                 credit_note("CN-1", "50.00", invoice_id="I-1")], state) == state
-    for again, field in ((invoice("I-1", "10000.00"), "invoice_id"),
-                         (invoice("I-1", "1000.00", due="2026-05-31"), "invoice_id"),
-                         (payment("P-1", "100.00", allocations=[("I-1", "100.00")]),
-                          "payment_id"),
-                         (credit_note("CN-1", "60.00", invoice_id="I-1"), "credit_note_id")):
+    assert (
+        fold(
+            [
+                invoice("I-1", "1000.00"),
+                payment("P-1", "100.00"),
+                credit_note("CN-1", "50.00", invoice_id="I-1"),
+            ],
+            state,
+        )
+        == state
+    )
+    for again, field in (
+        (invoice("I-1", "10000.00"), "invoice_id"),
+        (invoice("I-1", "1000.00", due="2026-05-31"), "invoice_id"),
+        (payment("P-1", "100.00", allocations=[("I-1", "100.00")]), "payment_id"),
+        (credit_note("CN-1", "60.00", invoice_id="I-1"), "credit_note_id"),
+    ):
         with pytest.raises(DeadLetter) as caught:
             fold([again], state)
         assert (caught.value.reason, caught.value.field) == ("conflicting_duplicate", field)
@@ -336,15 +470,25 @@ def test_given_an_amount_without_a_rate_when_folded_then_it_is_a_no_fx_rate_dead
         fold([invoice("I-1", "100.00", currency="BRL")], state)
     assert caught.value.reason == "no_fx_rate"
     with pytest.raises(DeadLetter) as caught:
-        fold([dunning("I-1", "100.00", due="2026-03-01", days=3, as_of="2026-03-04",
-                      currency="BRL")], state)
+        fold(
+            [
+                dunning(
+                    "I-1", "100.00", due="2026-03-01", days=3, as_of="2026-03-04", currency="BRL"
+                )
+            ],
+            state,
+        )
     assert caught.value.reason == "no_fx_rate"
 
 
-def test_given_facts_before_the_registration_when_it_names_another_currency_then_they_follow_it(
-) -> None:
-    facts = [invoice("I-1", "100.00", currency="USD"), invoice("I-2", "50.00", currency="EUR"),
-             payment("P-1", "10.00", currency="USD", allocations=[("I-2", "10.00")])]
+def test_given_facts_before_the_registration_when_it_names_another_currency_then_they_follow_it() -> (
+    None
+):
+    facts = [
+        invoice("I-1", "100.00", currency="USD"),
+        invoice("I-2", "50.00", currency="EUR"),
+        payment("P-1", "10.00", currency="USD", allocations=[("I-2", "10.00")]),
+    ]
     after = fold([registered("USD"), *facts])
     before = fold([*facts, registered("USD")])
     assert before == after
@@ -371,16 +515,19 @@ def test_given_a_currency_change_when_updated_then_limits_and_reservations_follo
 # ---- reservations -------------------------------------------------------------------------------
 
 
-def test_given_an_approved_check_when_the_order_is_invoiced_then_the_reservation_is_consumed(
-) -> None:
+def test_given_an_approved_check_when_the_order_is_invoiced_then_the_reservation_is_consumed() -> (
+    None
+):
     state = rated("BBB", decided("SO-1", "1000.00"))
     assert figures(state, POLICY).reserved == D("1000.00")
 
-    partly = fold([invoice("I-1", "400.00", order_id="SO-1", time=T0 + timedelta(hours=1))],
-                  state)
+    partly = fold([invoice("I-1", "400.00", order_id="SO-1", time=T0 + timedelta(hours=1))], state)
     fig = figures(partly, POLICY)
-    assert (fig.reserved, fig.open_receivables, fig.exposure) == \
-        (D("600.00"), D("400.00"), D("1000.00"))  # partial invoicing leaves the rest
+    assert (fig.reserved, fig.open_receivables, fig.exposure) == (
+        D("600.00"),
+        D("400.00"),
+        D("1000.00"),
+    )  # partial invoicing leaves the rest
 
     over = fold([invoice("I-2", "700.00", order_id="SO-1", time=T0 + timedelta(hours=2))], partly)
     fig = figures(over, POLICY)
@@ -396,8 +543,18 @@ def test_given_an_approved_check_when_the_order_is_invoiced_then_the_reservation
 
 def test_given_a_reservation_when_released_or_expired_then_nothing_stays_reserved() -> None:
     state = rated("BBB", decided("SO-1", "1000.00", check_id="chk-1"))
-    released = fold([(ev.ReservationReleased.TYPE, ev.ReservationReleased(
-        customer_id=CID, order_id="SO-1", check_id="chk-1", by="orders"), T0)], state)
+    released = fold(
+        [
+            (
+                ev.ReservationReleased.TYPE,
+                ev.ReservationReleased(
+                    customer_id=CID, order_id="SO-1", check_id="chk-1", by="orders"
+                ),
+                T0,
+            )
+        ],
+        state,
+    )
     assert figures(released, POLICY).reserved == 0
     assert "SO-1" not in released.reservations  # an ended reservation is gone
 
@@ -405,33 +562,67 @@ def test_given_a_reservation_when_released_or_expired_then_nothing_stays_reserve
     assert expires == T0 + timedelta(hours=72)
     assert figures(state, POLICY, expires - timedelta(seconds=1)).reserved == D("1000.00")
     assert figures(state, POLICY, expires).reserved == 0  # lapsed at its TTL already
-    expired = fold([(ev.ReservationExpired.TYPE, ev.ReservationExpired(
-        customer_id=CID, order_id="SO-1", check_id="chk-1"), expires)], state)
+    expired = fold(
+        [
+            (
+                ev.ReservationExpired.TYPE,
+                ev.ReservationExpired(customer_id=CID, order_id="SO-1", check_id="chk-1"),
+                expires,
+            )
+        ],
+        state,
+    )
     assert "SO-1" not in expired.reservations
     assert figures(expired, POLICY).reserved == 0
 
     # A release naming an older check of the same order leaves the newer one alone.
-    stale = fold([(ev.ReservationReleased.TYPE, ev.ReservationReleased(
-        customer_id=CID, order_id="SO-1", check_id="chk-0", by="orders"), T0)], state)
+    stale = fold(
+        [
+            (
+                ev.ReservationReleased.TYPE,
+                ev.ReservationReleased(
+                    customer_id=CID, order_id="SO-1", check_id="chk-0", by="orders"
+                ),
+                T0,
+            )
+        ],
+        state,
+    )
     assert figures(stale, POLICY).reserved == D("1000.00")
 
 
-def test_given_rejected_or_review_or_unreserved_checks_when_folded_then_nothing_is_reserved(
-) -> None:
-    state = rated("BBB", decided("SO-1", "10.00", decision="rejected"),
-                  decided("SO-2", "10.00", decision="review"),
-                  decided("SO-3", "10.00", reserve=False))
+def test_given_rejected_or_review_or_unreserved_checks_when_folded_then_nothing_is_reserved() -> (
+    None
+):
+    state = rated(
+        "BBB",
+        decided("SO-1", "10.00", decision="rejected"),
+        decided("SO-2", "10.00", decision="review"),
+        decided("SO-3", "10.00", reserve=False),
+    )
     assert figures(state, POLICY).reserved == 0
 
 
 # ---- limits -------------------------------------------------------------------------------------
 
 
-def submitted(request_id: str, amount: str, *, by: str = "ana", time: datetime = T0,
-              expires: datetime | None = None) -> Event:
-    data = ev.LimitRequestSubmitted(customer_id=CID, request_id=request_id,
-                                    requested_limit=D(amount), currency="EUR", reason="r",
-                                    expires_at=expires, requested_by=by)
+def submitted(
+    request_id: str,
+    amount: str,
+    *,
+    by: str = "ana",
+    time: datetime = T0,
+    expires: datetime | None = None,
+) -> Event:
+    data = ev.LimitRequestSubmitted(
+        customer_id=CID,
+        request_id=request_id,
+        requested_limit=D(amount),
+        currency="EUR",
+        reason="r",
+        expires_at=expires,
+        requested_by=by,
+    )
     return data.TYPE, data, time
 
 
@@ -449,8 +640,7 @@ def test_given_grades_when_assessed_then_the_policy_limit_for_the_grade_applies(
     assert domain.effective_limit(usd, POLICY)[0] == D("108695.65")  # 100,000 EUR / 0.92
 
 
-def test_given_an_event_stamped_in_the_future_then_a_check_still_ages_as_of_its_own_day(
-) -> None:
+def test_given_an_event_stamped_in_the_future_then_a_check_still_ages_as_of_its_own_day() -> None:
     # A producer's clock ahead, or a typo: the ledger must not look overdue today because
     # of it ("an invoice due today is not overdue" is judged on the check's own day).
     state = rated("BBB", invoice("I-1", "1000.00", issued="2026-03-01", due="2026-03-31"))
@@ -464,23 +654,40 @@ def test_given_an_event_stamped_in_the_future_then_a_check_still_ages_as_of_its_
 def test_given_limits_that_do_not_follow_grades_then_the_grade_still_does() -> None:
     # dynamic_adjustment: false keeps the policy limit of the first grade, not the grade
     # itself: a customer downgraded to D is not eligible, whatever its limit.
-    still = POLICY.model_copy(update={"limits": POLICY.limits.model_copy(
-        update={"dynamic_adjustment": False})})
+    still = POLICY.model_copy(
+        update={"limits": POLICY.limits.model_copy(update={"dynamic_adjustment": False})}
+    )
     state = domain.new_customer(CID, still)
-    for event_type, data, time in (registered(), assessed("A"),
-                                   assessed("D", T0 + timedelta(days=1))):
+    for event_type, data, time in (
+        registered(),
+        assessed("A"),
+        assessed("D", T0 + timedelta(days=1)),
+    ):
         state = domain.apply(state, event_type, data, time, still)
     assert state.grade == "D"
     assert domain.effective_limit(state, still)[:2] == (D("250000.00"), "policy")
-    outcome = decide_credit_check(state, order_id="SO-1", amount=D("10.00"), currency="EUR",
-                                  reserve=True, policy=still, now=T0 + timedelta(days=2))
+    outcome = decide_credit_check(
+        state,
+        order_id="SO-1",
+        amount=D("10.00"),
+        currency="EUR",
+        reserve=True,
+        policy=still,
+        now=T0 + timedelta(days=2),
+    )
     assert (outcome.decision, outcome.reasons) == ("rejected", ("grade_not_eligible",))
 
 
-def test_given_an_approved_manual_limit_when_the_grade_changes_then_the_manual_limit_stands(
-) -> None:
-    state = rated("BBB", submitted("R-1", "150000.00"), approved("R-1"),
-                  assessed("AAA", T0 + timedelta(days=1)), assessed("CCC", T0 + timedelta(days=2)))
+def test_given_an_approved_manual_limit_when_the_grade_changes_then_the_manual_limit_stands() -> (
+    None
+):
+    state = rated(
+        "BBB",
+        submitted("R-1", "150000.00"),
+        approved("R-1"),
+        assessed("AAA", T0 + timedelta(days=1)),
+        assessed("CCC", T0 + timedelta(days=2)),
+    )
     assert domain.effective_limit(state, POLICY)[:2] == (D("150000.00"), "manual")
     assert state.manual is not None
     assert (state.manual.changed_by, state.manual.requested_by) == ("bob", "ana")
@@ -493,8 +700,16 @@ def test_given_limit_requests_when_submitted_then_decreases_apply_and_increases_
     pending = fold([submitted("R-2", "60000.00")], state)
     assert pending.requests["R-2"].status == "pending"
     assert domain.effective_limit(pending, POLICY)[0] == D("40000.00")
-    rejected = fold([(ev.LimitRequestRejected.TYPE, ev.LimitRequestRejected(
-        customer_id=CID, request_id="R-2", by="bob"), T0)], pending)
+    rejected = fold(
+        [
+            (
+                ev.LimitRequestRejected.TYPE,
+                ev.LimitRequestRejected(customer_id=CID, request_id="R-2", by="bob"),
+                T0,
+            )
+        ],
+        pending,
+    )
     assert rejected.requests["R-2"].status == "rejected"
     assert domain.effective_limit(rejected, POLICY)[0] == D("40000.00")
 
@@ -502,11 +717,15 @@ def test_given_limit_requests_when_submitted_then_decreases_apply_and_increases_
 def test_given_a_temporary_limit_when_it_expires_then_the_policy_limit_is_back() -> None:
     ends = T0 + timedelta(days=10)
     state = rated("BBB", submitted("R-1", "300000.00", expires=ends), approved("R-1"))
-    assert domain.effective_limit(state, POLICY, ends - timedelta(seconds=1)) == \
-        (D("300000.00"), "temporary", ends)
+    assert domain.effective_limit(state, POLICY, ends - timedelta(seconds=1)) == (
+        D("300000.00"),
+        "temporary",
+        ends,
+    )
     assert domain.effective_limit(state, POLICY, ends)[:2] == (D("100000.00"), "policy")
-    lapsed = fold([(ev.LimitExpired.TYPE, ev.LimitExpired(customer_id=CID, request_id="R-1"),
-                    ends)], state)
+    lapsed = fold(
+        [(ev.LimitExpired.TYPE, ev.LimitExpired(customer_id=CID, request_id="R-1"), ends)], state
+    )
     assert lapsed.manual is None and lapsed.limit_lapsed
 
 
@@ -529,19 +748,26 @@ def test_given_a_temporary_high_limit_then_a_lower_request_outlasting_it_needs_a
 # ---- credit decisions ---------------------------------------------------------------------------
 
 
-def test_given_room_when_checked_then_approved_within_limit_with_figures_after_the_decision(
-) -> None:
+def test_given_room_when_checked_then_approved_within_limit_with_figures_after_the_decision() -> (
+    None
+):
     state = rated("BBB", invoice("I-1", "20000.00"), decided("SO-0", "5000.00"))
     outcome = check(state, "1000.00")
     assert (outcome.decision, outcome.reasons) == ("approved", ("within_limit",))
     assert outcome.limit == D("100000.00")
-    assert (outcome.reserved, outcome.exposure, outcome.available) == \
-        (D("6000.00"), D("26000.00"), D("74000.00"))  # this order's reservation included
+    assert (outcome.reserved, outcome.exposure, outcome.available) == (
+        D("6000.00"),
+        D("26000.00"),
+        D("74000.00"),
+    )  # this order's reservation included
     assert outcome.shortfall == 0 and outcome.grade == "BBB"
 
     unreserved = check(state, "1000.00", reserve=False)
-    assert (unreserved.decision, unreserved.reserved, unreserved.available) == \
-        ("approved", D("5000.00"), D("75000.00"))
+    assert (unreserved.decision, unreserved.reserved, unreserved.available) == (
+        "approved",
+        D("5000.00"),
+        D("75000.00"),
+    )
 
 
 def test_given_an_order_landing_exactly_on_the_limit_when_checked_then_it_is_approved() -> None:
@@ -552,38 +778,48 @@ def test_given_an_order_landing_exactly_on_the_limit_when_checked_then_it_is_app
     assert over.decision == "review" and over.shortfall == D("0.01")
 
 
-def test_given_an_order_over_the_limit_by_less_than_the_tolerance_when_checked_then_review(
-) -> None:
+def test_given_an_order_over_the_limit_by_less_than_the_tolerance_when_checked_then_review() -> (
+    None
+):
     state = rated("BBB", invoice("I-1", "60000.00"))
     tolerance = check(state, "44999.99")  # 4,999.99 over: less than 5 % of 100,000
     assert (tolerance.decision, tolerance.reasons) == ("review", ("exceeds_available",))
     assert tolerance.shortfall == D("4999.99")
-    assert (tolerance.reserved, tolerance.exposure, tolerance.available) == \
-        (0, D("60000.00"), D("40000.00"))  # review reserves nothing
+    assert (tolerance.reserved, tolerance.exposure, tolerance.available) == (
+        0,
+        D("60000.00"),
+        D("40000.00"),
+    )  # review reserves nothing
 
     # By exactly the tolerance is not "by less than" it (contract): rejected.
     at = check(state, "45000.00")
-    assert (at.decision, at.reasons, at.shortfall) == ("rejected", ("exceeds_available",),
-                                                       D("5000.00"))
+    assert (at.decision, at.reasons, at.shortfall) == (
+        "rejected",
+        ("exceeds_available",),
+        D("5000.00"),
+    )
 
 
 def test_given_a_hold_when_checked_then_rejected_for_credit_hold() -> None:
-    state = rated("BBB", (ev.HoldPlaced.TYPE, ev.HoldPlaced(customer_id=CID, reason="fraud",
-                                                           by="ana"), T0))
+    state = rated(
+        "BBB", (ev.HoldPlaced.TYPE, ev.HoldPlaced(customer_id=CID, reason="fraud", by="ana"), T0)
+    )
     outcome = check(state, "10.00")
     assert (outcome.decision, outcome.reasons) == ("rejected", ("credit_hold",))
     assert outcome.reserved == 0
-    released = fold([(ev.HoldReleased.TYPE, ev.HoldReleased(customer_id=CID, by="ana"), T0)],
-                    state)
+    released = fold([(ev.HoldReleased.TYPE, ev.HoldReleased(customer_id=CID, by="ana"), T0)], state)
     assert check(released, "10.00").decision == "approved"
 
 
-@pytest.mark.parametrize(("amount", "due", "rejected"), [
-    ("1000.00", "2026-01-29", True),   # 31 days, 1,000 > 500
-    ("1000.00", "2026-01-30", False),  # 30 days: within the tolerated days
-    ("500.00", "2026-01-01", False),   # 59 days, but 500 is within the tolerated amount
-    ("500.01", "2026-01-01", True),
-])
+@pytest.mark.parametrize(
+    ("amount", "due", "rejected"),
+    [
+        ("1000.00", "2026-01-29", True),  # 31 days, 1,000 > 500
+        ("1000.00", "2026-01-30", False),  # 30 days: within the tolerated days
+        ("500.00", "2026-01-01", False),  # 59 days, but 500 is within the tolerated amount
+        ("500.01", "2026-01-01", True),
+    ],
+)
 def test_given_overdue_items_when_checked_then_beyond_tolerance_means_rejected(
     amount: str, due: str, rejected: bool
 ) -> None:
@@ -605,13 +841,23 @@ def test_given_an_unknown_or_unrated_customer_when_checked_then_no_credit_limit(
 def test_given_a_policy_granting_the_unrated_then_only_customers_heard_of_get_it() -> None:
     # "Unknown customer … → rejected, no_credit_limit": the unrated limit is for customers
     # heard of (registered, or with receivables) but not assessed, not for any id asked about.
-    generous = POLICY.model_copy(update={"limits": POLICY.limits.model_copy(
-        update={"unrated_limit": D("1000.00")})})
-    for state, decision in ((domain.new_customer("C-NEW", POLICY), "rejected"),
-                            (fold([registered()]), "approved"),
-                            (fold([invoice("I-1", "100.00")]), "approved")):
-        outcome = decide_credit_check(state, order_id="SO-1", amount=D("250.00"),
-                                      currency="EUR", reserve=True, policy=generous, now=T0)
+    generous = POLICY.model_copy(
+        update={"limits": POLICY.limits.model_copy(update={"unrated_limit": D("1000.00")})}
+    )
+    for state, decision in (
+        (domain.new_customer("C-NEW", POLICY), "rejected"),
+        (fold([registered()]), "approved"),
+        (fold([invoice("I-1", "100.00")]), "approved"),
+    ):
+        outcome = decide_credit_check(
+            state,
+            order_id="SO-1",
+            amount=D("250.00"),
+            currency="EUR",
+            reserve=True,
+            policy=generous,
+            now=T0,
+        )
         assert outcome.decision == decision, state
         if decision == "rejected":
             assert (outcome.reasons, outcome.limit) == (("no_credit_limit",), 0)
@@ -624,13 +870,11 @@ def test_given_only_checks_and_alerts_then_the_customer_is_not_known() -> None:
         assert domain.known(fold(events))
 
 
-def test_given_no_limit_and_open_invoices_when_checked_then_shortfall_follows_the_formula(
-) -> None:
+def test_given_no_limit_and_open_invoices_when_checked_then_shortfall_follows_the_formula() -> None:
     state = fold([registered(), invoice("I-1", "100.00")])
     outcome = check(state, "250.00")
     assert outcome.reasons == ("no_credit_limit",)
-    assert (outcome.limit, outcome.exposure, outcome.available) == \
-        (0, D("100.00"), D("-100.00"))
+    assert (outcome.limit, outcome.exposure, outcome.available) == (0, D("100.00"), D("-100.00"))
     assert outcome.shortfall == D("350.00")  # amount − available
 
 
@@ -640,21 +884,24 @@ def test_given_the_worst_grade_when_checked_then_grade_not_eligible_and_no_limit
     assert outcome.reasons == ("grade_not_eligible", "no_credit_limit")
 
 
-def test_given_an_expired_temporary_limit_and_no_policy_limit_when_checked_then_limit_expired(
-) -> None:
+def test_given_an_expired_temporary_limit_and_no_policy_limit_when_checked_then_limit_expired() -> (
+    None
+):
     ends = T0 + timedelta(days=5)
     state = fold([registered(), submitted("R-1", "5000.00", expires=ends), approved("R-1")])
     assert check(state, "100.00").decision == "approved"
     # Already past its end (before the scheduler records it) and once recorded.
     assert check(state, "100.00", now=ends).reasons == ("limit_expired",)
-    lapsed = fold([(ev.LimitExpired.TYPE, ev.LimitExpired(customer_id=CID, request_id="R-1"),
-                    ends)], state)
+    lapsed = fold(
+        [(ev.LimitExpired.TYPE, ev.LimitExpired(customer_id=CID, request_id="R-1"), ends)], state
+    )
     outcome = check(lapsed, "100.00", now=ends + timedelta(days=1))
     assert (outcome.decision, outcome.reasons) == ("rejected", ("limit_expired",))
 
 
-def test_given_an_order_in_another_currency_when_checked_then_converted_or_currency_mismatch(
-) -> None:
+def test_given_an_order_in_another_currency_when_checked_then_converted_or_currency_mismatch() -> (
+    None
+):
     state = rated("BBB")
     usd = check(state, "1000.00", currency="USD")
     assert (usd.decision, usd.amount, usd.reserved) == ("approved", D("920.00"), D("920.00"))
@@ -664,12 +911,14 @@ def test_given_an_order_in_another_currency_when_checked_then_converted_or_curre
 
 
 def test_given_several_problems_when_checked_then_every_applicable_reason_is_listed() -> None:
-    state = rated("BBB", invoice("I-1", "99000.00", issued="2026-01-01", due="2026-01-15"),
-                  (ev.HoldPlaced.TYPE, ev.HoldPlaced(customer_id=CID, reason="x", by="a"), T0))
+    state = rated(
+        "BBB",
+        invoice("I-1", "99000.00", issued="2026-01-01", due="2026-01-15"),
+        (ev.HoldPlaced.TYPE, ev.HoldPlaced(customer_id=CID, reason="x", by="a"), T0),
+    )
     outcome = check(state, "20000.00", currency="USD", now=at("2026-03-01"))
     assert outcome.decision == "rejected"
-    assert set(outcome.reasons) == {"credit_hold", "overdue_beyond_tolerance",
-                                    "exceeds_available"}
+    assert set(outcome.reasons) == {"credit_hold", "overdue_beyond_tolerance", "exceeds_available"}
     assert outcome.shortfall == D("17400.00")  # 18,400 EUR − 1,000 available
 
 
@@ -677,31 +926,38 @@ def test_given_an_approved_order_when_amended_then_its_own_reservation_does_not_
     state = rated("BBB", invoice("I-1", "90000.00"), decided("SO-1", "8000.00", check_id="c1"))
     assert figures(state, POLICY).available == D("2000.00")
     amended = check(state, "10000.00")  # fits once the order's own 8,000 is set aside
-    assert (amended.decision, amended.reserved, amended.available) == \
-        ("approved", D("10000.00"), 0)
+    assert (amended.decision, amended.reserved, amended.available) == ("approved", D("10000.00"), 0)
 
     # Not approved: the earlier reservation stays, and the figures show it.
     too_big = check(state, "20000.00")
     assert too_big.decision == "rejected"
-    assert (too_big.reserved, too_big.exposure, too_big.available) == \
-        (D("8000.00"), D("98000.00"), D("2000.00"))
+    assert (too_big.reserved, too_big.exposure, too_big.available) == (
+        D("8000.00"),
+        D("98000.00"),
+        D("2000.00"),
+    )
     assert too_big.shortfall == D("10000.00")
     after = fold([decided("SO-1", "20000.00", check_id="c2", decision="rejected")], state)
     assert after.reservations["SO-1"].check_id == "c1"
     assert figures(after, POLICY).reserved == D("8000.00")
 
 
-def test_given_a_partly_invoiced_order_when_amended_then_the_invoiced_part_counts_once(
-) -> None:
-    state = rated("CCC", decided("SO-1", "1000.00"),  # limit 5,000.00
-                  invoice("I-1", "400.00", order_id="SO-1", time=T0 + timedelta(hours=1)))
+def test_given_a_partly_invoiced_order_when_amended_then_the_invoiced_part_counts_once() -> None:
+    state = rated(
+        "CCC",
+        decided("SO-1", "1000.00"),  # limit 5,000.00
+        invoice("I-1", "400.00", order_id="SO-1", time=T0 + timedelta(hours=1)),
+    )
     assert figures(state, POLICY).exposure == D("1000.00")
     # 4,900 for the whole order: 400 invoiced, 4,500 still to reserve against 4,600 room.
     outcome = check(state, "4900.00", now=T0 + timedelta(hours=2))
-    assert (outcome.decision, outcome.reserved, outcome.exposure, outcome.available) == \
-        ("approved", D("4500.00"), D("4900.00"), D("100.00"))
-    after = fold([decided("SO-1", "4900.00", check_id="c2", now=T0 + timedelta(hours=2))],
-                 state)
+    assert (outcome.decision, outcome.reserved, outcome.exposure, outcome.available) == (
+        "approved",
+        D("4500.00"),
+        D("4900.00"),
+        D("100.00"),
+    )
+    after = fold([decided("SO-1", "4900.00", check_id="c2", now=T0 + timedelta(hours=2))], state)
     assert figures(after, POLICY).reserved == outcome.reserved  # the fold agrees
 
 
@@ -736,11 +992,16 @@ def test_given_a_parent_when_checked_then_the_whole_group_counts_against_its_lim
     outcome = check(parent, "8000.00", group=group)
     assert (outcome.decision, outcome.reasons) == ("rejected", ("exceeds_group_available",))
     assert outcome.shortfall == D("7000.00")
-    assert outcome.group == {"limit": D("100000.00"), "exposure": D("99000.00"),
-                             "available": D("1000.00")}
+    assert outcome.group == {
+        "limit": D("100000.00"),
+        "exposure": D("99000.00"),
+        "available": D("1000.00"),
+    }
     within_tolerance = check(parent, "5000.00", group=group)
-    assert (within_tolerance.decision, within_tolerance.reasons) == \
-        ("review", ("exceeds_group_available",))
+    assert (within_tolerance.decision, within_tolerance.reasons) == (
+        "review",
+        ("exceeds_group_available",),
+    )
     alone = check(parent, "8000.00")
     assert alone.decision == "approved"
 
@@ -771,22 +1032,34 @@ def ledgers(draw: st.DrawFn) -> tuple[list[Event], Decimal]:
     reversed_ids: set[str] = set()
     owed = D(0)
     for n in range(draw(st.integers(0, 25))):
-        kind = draw(st.sampled_from(["invoice", "invoice", "payment", "credit_note", "cancel",
-                                     "reverse", "dunning"]))
+        kind = draw(
+            st.sampled_from(
+                ["invoice", "invoice", "payment", "credit_note", "cancel", "reverse", "dunning"]
+            )
+        )
         day = _day(draw(_DAYS))
         cents = draw(_CENTS)
         amount = D(cents).scaleb(-2)
         if kind == "invoice" or (kind in ("cancel", "dunning") and not invoices):
             invoice_id = f"I-{n}"
-            events.append(invoice(invoice_id, _money(cents), issued=day,
-                                  due=_day(draw(_DAYS) + 120)))
+            events.append(
+                invoice(invoice_id, _money(cents), issued=day, due=_day(draw(_DAYS) + 120))
+            )
             invoices.append((invoice_id, amount))
             owed += amount
         elif kind == "payment" or (kind == "reverse" and not payments):
             targets = [i for i, _ in invoices] + ["I-LATER"]
             allocation = draw(st.none() | st.sampled_from(targets))
-            events.append(payment(f"P-{n}", _money(cents), received=day, allocations=(
-                [(allocation, _money(draw(st.integers(1, cents))))] if allocation else None)))
+            events.append(
+                payment(
+                    f"P-{n}",
+                    _money(cents),
+                    received=day,
+                    allocations=(
+                        [(allocation, _money(draw(st.integers(1, cents))))] if allocation else None
+                    ),
+                )
+            )
             payments.append((f"P-{n}", amount))
             owed -= amount
         elif kind == "credit_note":
@@ -807,8 +1080,15 @@ def ledgers(draw: st.DrawFn) -> tuple[list[Event], Decimal]:
                 owed += value
         else:
             invoice_id, value = draw(st.sampled_from(invoices))
-            events.append(dunning(invoice_id, _money(draw(st.integers(1, cents))),
-                                  due="2026-01-01", days=draw(_DAYS), as_of=day))
+            events.append(
+                dunning(
+                    invoice_id,
+                    _money(draw(st.integers(1, cents))),
+                    due="2026-01-01",
+                    days=draw(_DAYS),
+                    as_of=day,
+                )
+            )
     return events, owed
 
 
@@ -841,30 +1121,55 @@ def commuting_facts(draw: st.DrawFn) -> list[Event]:
     invoice_ids = [f"I-{n}" for n in range(draw(st.integers(1, 6)))]
     for n, invoice_id in enumerate(invoice_ids):
         issued = draw(st.integers(0, 60))
-        facts.append(invoice(invoice_id, _money(draw(_CENTS)), issued=_day(issued),
-                             due=_day(issued + draw(st.integers(0, 60))),
-                             currency=draw(st.sampled_from(["EUR", "USD", currency])),
-                             order_id=draw(st.none() | st.just(f"SO-{n}"))))
+        facts.append(
+            invoice(
+                invoice_id,
+                _money(draw(_CENTS)),
+                issued=_day(issued),
+                due=_day(issued + draw(st.integers(0, 60))),
+                currency=draw(st.sampled_from(["EUR", "USD", currency])),
+                order_id=draw(st.none() | st.just(f"SO-{n}")),
+            )
+        )
     for n in range(draw(st.integers(0, 4))):
         cents = draw(_CENTS)
         target = draw(st.none() | st.sampled_from(invoice_ids))
-        facts.append(payment(f"P-{n}", _money(cents), received=_day(draw(_DAYS)),
-                             currency=draw(st.sampled_from(["EUR", currency])), allocations=(
-                                 [(target, _money(draw(st.integers(1, cents))))]
-                                 if target else None)))
+        facts.append(
+            payment(
+                f"P-{n}",
+                _money(cents),
+                received=_day(draw(_DAYS)),
+                currency=draw(st.sampled_from(["EUR", currency])),
+                allocations=([(target, _money(draw(st.integers(1, cents))))] if target else None),
+            )
+        )
     for n in range(draw(st.integers(0, 2))):
-        facts.append(credit_note(f"CN-{n}", _money(draw(_CENTS)), issued=_day(draw(_DAYS)),
-                                 invoice_id=draw(st.none() | st.sampled_from(invoice_ids))))
+        facts.append(
+            credit_note(
+                f"CN-{n}",
+                _money(draw(_CENTS)),
+                issued=_day(draw(_DAYS)),
+                invoice_id=draw(st.none() | st.sampled_from(invoice_ids)),
+            )
+        )
     for invoice_id in draw(st.lists(st.sampled_from(invoice_ids), unique=True, max_size=2)):
-        facts.append(dunning(invoice_id, _money(draw(_CENTS)), due="2026-01-01",
-                             days=draw(_DAYS), as_of=_day(draw(_DAYS))))
+        facts.append(
+            dunning(
+                invoice_id,
+                _money(draw(_CENTS)),
+                due="2026-01-01",
+                days=draw(_DAYS),
+                as_of=_day(draw(_DAYS)),
+            )
+        )
     return facts
 
 
 @_PROPERTY
 @given(commuting_facts(), st.randoms(use_true_random=False))
 def test_property_any_order_of_commuting_facts_gives_the_same_state_and_figures(
-    facts: list[Event], rng: Any,
+    facts: list[Event],
+    rng: Any,
 ) -> None:
     shuffled = list(facts)
     rng.shuffle(shuffled)
@@ -877,18 +1182,22 @@ def test_property_any_order_of_commuting_facts_gives_the_same_state_and_figures(
 @_PROPERTY
 @given(ledgers(), st.lists(st.integers(1, 5), min_size=1, max_size=10))
 def test_property_folding_in_batches_through_the_stored_state_equals_a_replay(
-    ledger: tuple[list[Event], Decimal], sizes: list[int],
+    ledger: tuple[list[Event], Decimal],
+    sizes: list[int],
 ) -> None:
     events, _ = ledger
-    events = [*events, decided("SO-1", "100.00", now=at("2026-02-01")),
-              invoice("I-SO", "40.00", issued="2026-02-02", order_id="SO-1")]
+    events = [
+        *events,
+        decided("SO-1", "100.00", now=at("2026-02-01")),
+        invoice("I-SO", "40.00", issued="2026-02-02", order_id="SO-1"),
+    ]
     replayed = fold(events)
     state, position, turn = domain.new_customer(CID, POLICY), 0, 0
     while position < len(events):
         size = sizes[turn % len(sizes)]
         # Between batches the service keeps only what it stores: the document, the
         # reservation rows and the time of the latest event.
-        state = stored(fold(events[position:position + size], state))
+        state = stored(fold(events[position : position + size], state))
         position += size
         turn += 1
     assert state == replayed
@@ -900,7 +1209,8 @@ def test_property_folding_in_batches_through_the_stored_state_equals_a_replay(
 @_PROPERTY
 @given(st.integers(1, 10**17 - 1), st.integers(1, 10**17 - 1))
 def test_property_shortfall_is_the_amount_less_the_smaller_available(
-    own_cents: int, amount_cents: int,
+    own_cents: int,
+    amount_cents: int,
 ) -> None:
     exposure = D(own_cents).scaleb(-2)
     amount = D(amount_cents).scaleb(-2) % D("1000000")  # keep the order a plausible size
@@ -924,15 +1234,20 @@ def test_the_domain_imports_no_infrastructure() -> None:
         "{'sqlalchemy', 'fastapi', 'aiokafka', 'prometheus_client', 'starlette'})\n"
         "print(','.join(bad))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == ""
 
 
 def test_a_state_survives_the_store_round_trip_exactly() -> None:
-    state = rated("BBB", invoice("I-1", "999999999999999.99"), decided("SO-1", "1.00"),
-                  submitted("R-1", "1.00"),
-                  (ev.HoldPlaced.TYPE, ev.HoldPlaced(customer_id=CID, reason="x", by="a"), T0))
+    state = rated(
+        "BBB",
+        invoice("I-1", "999999999999999.99"),
+        decided("SO-1", "1.00"),
+        submitted("R-1", "1.00"),
+        (ev.HoldPlaced.TYPE, ev.HoldPlaced(customer_id=CID, reason="x", by="a"), T0),
+    )
     loaded = stored(state)
     assert loaded == state
     assert loaded.reservations["SO-1"].amount == D("1.00")
@@ -944,8 +1259,9 @@ def stored(state: CustomerState) -> CustomerState:
     """``state`` as the store writes and reads it back: document, rows and row time."""
     rows, gone = reservation_changes(CID, {}, state.reservations)
     assert gone == []
-    held = [domain.Reservation(r["order_id"], r["check_id"], r["amount"], r["expires_at"])
-            for r in rows]
+    held = [
+        domain.Reservation(r["order_id"], r["check_id"], r["amount"], r["expires_at"]) for r in rows
+    ]
     return load_state(dump_state(state), state.last_time, held)
 
 
@@ -958,11 +1274,25 @@ def test_the_document_leaves_reservations_and_event_time_to_the_row() -> None:
     assert same_document(state, checked)
     rows, gone = reservation_changes(CID, state.reservations, checked.reservations)
     assert [r["order_id"] for r in rows] == ["SO-1"] and gone == []
-    released = fold([(ev.ReservationReleased.TYPE, ev.ReservationReleased(
-        customer_id=CID, order_id="SO-1", check_id=checked.reservations["SO-1"].check_id,
-        by="orders"), T0 + timedelta(hours=2))], checked)
+    released = fold(
+        [
+            (
+                ev.ReservationReleased.TYPE,
+                ev.ReservationReleased(
+                    customer_id=CID,
+                    order_id="SO-1",
+                    check_id=checked.reservations["SO-1"].check_id,
+                    by="orders",
+                ),
+                T0 + timedelta(hours=2),
+            )
+        ],
+        checked,
+    )
     assert reservation_changes(CID, checked.reservations, released.reservations) == (
-        [], [(CID, "SO-1")])
+        [],
+        [(CID, "SO-1")],
+    )
     # Anything else changes the document.
     invoiced = fold([invoice("I-2", "5.00")], checked)
     assert not same_document(checked, invoiced)
@@ -978,8 +1308,9 @@ def reservation_histories(draw: Any) -> list[Event]:
     for n in range(draw(st.integers(1, 25))):
         t += timedelta(hours=draw(st.integers(0, 30)))
         order_id = f"SO-{draw(st.integers(0, 6))}"
-        kind = draw(st.sampled_from(["check", "check", "check", "release", "expire",
-                                     "invoice", "cancel"]))
+        kind = draw(
+            st.sampled_from(["check", "check", "check", "release", "expire", "invoice", "cancel"])
+        )
         if kind == "check":
             amount = draw(st.sampled_from(["0.00", "10.00", "250.50", "1000.00"]))
             checks[order_id] = f"chk-{n}"
@@ -987,13 +1318,25 @@ def reservation_histories(draw: Any) -> list[Event]:
         elif kind in ("release", "expire") and order_id in checks:
             cls = ev.ReservationReleased if kind == "release" else ev.ReservationExpired
             extra = {"by": "orders"} if kind == "release" else {}
-            events.append((cls.TYPE, cls(customer_id=CID, order_id=order_id,
-                                         check_id=checks[order_id], **extra), t))
+            events.append(
+                (
+                    cls.TYPE,
+                    cls(customer_id=CID, order_id=order_id, check_id=checks[order_id], **extra),
+                    t,
+                )
+            )
         elif kind == "invoice":
             amount = draw(st.sampled_from(["5.00", "100.00", "2000.00"]))
-            events.append(invoice(f"I-{n}", amount, order_id=order_id, time=t,
-                                  issued=t.date().isoformat(),
-                                  due=(t.date() + timedelta(days=30)).isoformat()))
+            events.append(
+                invoice(
+                    f"I-{n}",
+                    amount,
+                    order_id=order_id,
+                    time=t,
+                    issued=t.date().isoformat(),
+                    due=(t.date() + timedelta(days=30)).isoformat(),
+                )
+            )
         elif kind == "cancel" and any(e[0] == InvoiceIssued.TYPE for e in events):
             last = next(e for e in reversed(events) if e[0] == InvoiceIssued.TYPE)
             events.append(cancelled(last[1].invoice_id, t))
@@ -1003,7 +1346,8 @@ def reservation_histories(draw: Any) -> list[Event]:
 @_PROPERTY
 @given(reservation_histories(), st.lists(st.integers(0, 400), min_size=1, max_size=5))
 def test_property_the_shortcuts_over_reservations_equal_walking_them(
-    events: list[Event], hours: list[int],
+    events: list[Event],
+    hours: list[int],
 ) -> None:
     """The credit check's shortcuts over the reservations (a summary and the changed order,
     kept from state to state) give what walking every reservation gives, after every event:
@@ -1033,7 +1377,10 @@ def _derived_from_scratch(state: CustomerState, on: date) -> tuple[Any, ...]:
     """The ledger's figures with nothing remembered from earlier states."""
     kept = domain._LEDGER, domain._AGED, domain._NEXT_AGEING
     domain._LEDGER, domain._AGED, domain._NEXT_AGEING = (
-        domain._Derived(1), domain._Derived(1), domain._Derived(1))
+        domain._Derived(1),
+        domain._Derived(1),
+        domain._Derived(1),
+    )
     try:
         return _derived(state, on)
     finally:
@@ -1042,16 +1389,25 @@ def _derived_from_scratch(state: CustomerState, on: date) -> tuple[Any, ...]:
 
 def _derived(state: CustomerState, on: date) -> tuple[Any, ...]:
     with domain.remembering():
-        return (dict(domain.open_items(state)), domain.open_receivables(state),
-                domain.ageing(state, on), domain.next_ageing_date(state),
-                figures(state, POLICY, datetime.combine(on, datetime.min.time(), tzinfo=UTC)))
+        return (
+            dict(domain.open_items(state)),
+            domain.open_receivables(state),
+            domain.ageing(state, on),
+            domain.next_ageing_date(state),
+            figures(state, POLICY, datetime.combine(on, datetime.min.time(), tzinfo=UTC)),
+        )
 
 
 @_PROPERTY
-@given(ledgers(), st.lists(st.sampled_from(["check", "age", "dunning"]), max_size=6),
-       st.lists(_DAYS, min_size=1, max_size=3))
+@given(
+    ledgers(),
+    st.lists(st.sampled_from(["check", "age", "dunning"]), max_size=6),
+    st.lists(_DAYS, min_size=1, max_size=3),
+)
 def test_property_the_ledger_figures_kept_from_state_to_state_equal_deriving_them_again(
-    ledger: tuple[list[Event], Decimal], extra: list[str], days: list[int],
+    ledger: tuple[list[Event], Decimal],
+    extra: list[str],
+    days: list[int],
 ) -> None:
     """Open items, receivables, ageing and the next ageing date are remembered per invoices
     (and credits, dunning, date) mapping, so that a check on a customer with many invoices
@@ -1064,12 +1420,18 @@ def test_property_the_ledger_figures_kept_from_state_to_state_equal_deriving_the
         if kind == "check":
             events.append(decided(f"SO-{n}", "10.00", now=at("2026-03-01")))
         elif kind == "dunning":  # for an invoice never seen: overdue whatever the dates
-            events.append(dunning(f"I-UNSEEN-{n}", "50.00", due="2026-01-01", days=10,
-                                  as_of=_day(n)))
+            events.append(
+                dunning(f"I-UNSEEN-{n}", "50.00", due="2026-01-01", days=10, as_of=_day(n))
+            )
         else:
             on = date(2026, 1, 1) + timedelta(days=30 * (n + 1))
-            events.append((ev.LedgerAged.TYPE, ev.LedgerAged(customer_id=CID, as_of=on),
-                           datetime.combine(on, datetime.min.time(), tzinfo=UTC)))
+            events.append(
+                (
+                    ev.LedgerAged.TYPE,
+                    ev.LedgerAged(customer_id=CID, as_of=on),
+                    datetime.combine(on, datetime.min.time(), tzinfo=UTC),
+                )
+            )
     state = domain.new_customer(CID, POLICY)
     for event in events:
         state = fold([event], state)
@@ -1081,8 +1443,11 @@ def test_property_the_ledger_figures_kept_from_state_to_state_equal_deriving_the
 
 
 def test_a_check_leaves_the_ledger_mappings_shared_so_their_figures_are_reused() -> None:
-    state = rated("BBB", *[invoice(f"I-{n}", "100.00") for n in range(50)],
-                  payment("P-1", "120.00", received="2026-03-10"))
+    state = rated(
+        "BBB",
+        *[invoice(f"I-{n}", "100.00") for n in range(50)],
+        payment("P-1", "120.00", received="2026-03-10"),
+    )
     after = fold([decided("SO-1", "10.00")], state)
     assert after.invoices is state.invoices and after.credits is state.credits
     with domain.remembering():
@@ -1094,8 +1459,11 @@ def test_a_check_leaves_the_ledger_mappings_shared_so_their_figures_are_reused()
 
 def test_given_a_dunned_invoice_paid_or_cancelled_then_nothing_is_left_to_age() -> None:
     # Else every customer ever dunned would be aged (a ledger.aged event) every day forever.
-    dunned = rated("BBB", invoice("I-1", "100.00", issued="2026-02-01", due="2026-02-28"),
-                   dunning("I-1", "100.00", due="2026-02-28", days=5, as_of="2026-03-05"))
+    dunned = rated(
+        "BBB",
+        invoice("I-1", "100.00", issued="2026-02-01", due="2026-02-28"),
+        dunning("I-1", "100.00", due="2026-02-28", days=5, as_of="2026-03-05"),
+    )
     assert domain.next_ageing_date(dunned) is not None
     paid = fold([payment("P-1", "100.00", received="2026-03-06")], dunned)
     assert figures(paid, POLICY, at("2026-04-30")).overdue_amount == 0
@@ -1112,8 +1480,9 @@ def test_dunning_that_leaves_the_invoices_as_they_are_still_moves_the_ageing() -
     on = date(2026, 4, 10)
     with domain.remembering():
         assert domain.ageing(state, on)[0] == D("100.00")
-    dunned = fold([dunning("I-UNSEEN", "40.00", due="2026-03-01", days=5, as_of="2026-03-06")],
-                  state)
+    dunned = fold(
+        [dunning("I-UNSEEN", "40.00", due="2026-03-01", days=5, as_of="2026-03-06")], state
+    )
     assert dunned.invoices is state.invoices
     with domain.remembering():
         assert domain.ageing(dunned, on)[0] == D("140.00")

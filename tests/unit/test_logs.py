@@ -18,14 +18,21 @@ def test_a_json_line_carries_the_event_check_and_customer_ids() -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     # When a record with context is logged
-    log.info("credit check %s: %s", "chk-1", "approved",
-             extra={"check_id": "chk-1", "customer_id": "C-9", "event_id": "check-chk-1"})
+    log.info(
+        "credit check %s: %s",
+        "chk-1",
+        "approved",
+        extra={"check_id": "chk-1", "customer_id": "C-9", "event_id": "check-chk-1"},
+    )
     log.removeHandler(handler)
     # Then the line is JSON with the message and the ids as fields
     line = json.loads(stream.getvalue())
     assert line["message"] == "credit check chk-1: approved"
     assert (line["check_id"], line["customer_id"], line["event_id"]) == (
-        "chk-1", "C-9", "check-chk-1")
+        "chk-1",
+        "C-9",
+        "check-chk-1",
+    )
     assert line["level"] == "info" and line["ts"].endswith("Z")
 
 

@@ -201,8 +201,9 @@ async def test_a_field_named_in_its_own_message_is_named_once(client: httpx.Asyn
     raised = (await client.get("/v1/alerts/A-1/history")).json()
     assert raised["detail"] == "cursor: not a cursor this API returned"
     assert raised["errors"] == [{"field": "cursor", "message": "not a cursor this API returned"}]
-    validated = (await client.post("/v1/credit-checks",
-                                   json={"order_id": "SO-1", "amount": "1e16"})).json()
+    validated = (
+        await client.post("/v1/credit-checks", json={"order_id": "SO-1", "amount": "1e16"})
+    ).json()
     assert validated["detail"] == "amount: more than 10^15"
     assert validated["errors"] == [{"field": "amount", "message": "more than 10^15"}]
 
@@ -249,8 +250,7 @@ async def test_after_a_500_a_keep_alive_client_goes_on_without_a_reset_connectio
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(_app(), port=port, log_level="critical",
-                                           lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(_app(), port=port, log_level="critical", lifespan="off"))
     serving = asyncio.create_task(server.serve())
     try:
         for _ in range(1000):  # up to 10 s

@@ -51,7 +51,8 @@ async def _running(**options: float) -> AsyncIterator[None]:
 
 
 async def test_what_survives_a_while_is_moved_out_of_the_young_collections_sight(
-        collector: None) -> None:
+    collector: None,
+) -> None:
     runtime.tune_gc()
     async with _running(freeze_every=0.02):
         kept = [_Node() for _ in range(100)]
@@ -78,7 +79,8 @@ def _grown(peak: list[int]) -> None:
 
 
 async def test_garbage_in_cycles_frozen_meanwhile_is_freed_by_the_full_collection(
-        collector: None, peak: list[int]) -> None:
+    collector: None, peak: list[int]
+) -> None:
     runtime.tune_gc()
     before = gc.get_stats()[2]["collections"]
     async with _running(freeze_every=0.02):
@@ -97,7 +99,8 @@ async def test_garbage_in_cycles_frozen_meanwhile_is_freed_by_the_full_collectio
 
 
 async def test_the_full_collection_comes_when_memory_doubles(
-        collector: None, peak: list[int]) -> None:
+    collector: None, peak: list[int]
+) -> None:
     """A full collection walks every object the process holds (0.7 s in a limits process
     under load): it is not run on a schedule, only when memory has grown."""
     runtime.tune_gc()
@@ -114,7 +117,8 @@ async def test_the_full_collection_comes_when_memory_doubles(
 
 
 async def test_no_full_collection_comes_however_long_memory_stays_put(
-        collector: None, peak: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    collector: None, peak: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Not once a day, not once an hour: the job reads no clock to decide on one. (Here a
     day passes at every look at the loop's clock.)"""
     loop = asyncio.get_running_loop()
@@ -143,14 +147,18 @@ async def test_no_full_collection_comes_however_long_memory_stays_put(
 
 
 async def test_one_job_per_process_does_the_work_and_another_takes_over(
-        collector: None, monkeypatch: pytest.MonkeyPatch, peak: list[int]) -> None:
+    collector: None, monkeypatch: pytest.MonkeyPatch, peak: list[int]
+) -> None:
     """`creditwatch dev` hosts three services in one process, each with the job: memory that
     grows brings one full collection, not one per service."""
     runtime.tune_gc()
     full: list[float] = []
     monkeypatch.setattr(gc, "collect", lambda *args: full.append(0) or 0)
-    async with _running(freeze_every=0.01), _running(freeze_every=0.01), \
-            _running(freeze_every=0.01):
+    async with (
+        _running(freeze_every=0.01),
+        _running(freeze_every=0.01),
+        _running(freeze_every=0.01),
+    ):
         await asyncio.sleep(0.05)
         _grown(peak)
         await asyncio.sleep(0.1)

@@ -27,7 +27,10 @@ class FakeCore:
         for r in records:
             prepared.positions[(r.topic, r.partition)] = r.offset + 1
             prepared.candidates[("/test", f"{r.topic}-{r.partition}-{r.offset}")] = (
-                r, cast(Any, None), cast(Any, None))
+                r,
+                cast(Any, None),
+                cast(Any, None),
+            )
         await asyncio.sleep(0)
         return prepared
 
@@ -165,14 +168,22 @@ def test_extending_a_prepared_batch_keeps_order_positions_and_counts_duplicates(
     first = Prepared([rec(0), rec(1)], T0, positions={("ar.invoices", 0): 2})
     first.candidates[("/s", "a")] = (rec(0), cast(Any, None), cast(Any, None))
     first.dead.append((rec(1), DeadLetter("invalid_json", "x")))
-    later = Prepared([rec(2), rec(0, partition=1), rec(3)], T0,
-                     positions={("ar.invoices", 0): 4, ("ar.invoices", 1): 1})
+    later = Prepared(
+        [rec(2), rec(0, partition=1), rec(3)],
+        T0,
+        positions={("ar.invoices", 0): 4, ("ar.invoices", 1): 1},
+    )
     later.candidates[("/s", "a")] = (rec(2), cast(Any, None), cast(Any, None))  # same event
     later.candidates[("/s", "b")] = (rec(3), cast(Any, None), cast(Any, None))
     later.skipped[("ar.invoices", "unknown_type")] += 1
     first.extend(later)
-    assert [(r.partition, r.offset) for r in first.records] == [(0, 0), (0, 1), (0, 2), (1, 0),
-                                                                 (0, 3)]
+    assert [(r.partition, r.offset) for r in first.records] == [
+        (0, 0),
+        (0, 1),
+        (0, 2),
+        (1, 0),
+        (0, 3),
+    ]
     assert first.positions == {("ar.invoices", 0): 4, ("ar.invoices", 1): 1}
     assert list(first.candidates) == [("/s", "a"), ("/s", "b")]
     assert first.candidates[("/s", "a")][0].offset == 0  # the first occurrence is applied
@@ -193,5 +204,10 @@ def test_one_fetch_is_merged_across_partitions_by_time_keeping_each_partitions_o
         "invoices-0": [M("i1", 25), M("i2", 5)],
     }
     assert [m.name for m in in_time_order(fetched)] == [
-        "registration", "statement", "i1", "i2", "update"]
+        "registration",
+        "statement",
+        "i1",
+        "i2",
+        "update",
+    ]
     assert in_time_order({"a": [], "b": []}) == []

@@ -18,6 +18,7 @@ def test_idle_connections_outlive_those_of_the_usual_clients() -> None:
 
 
 def test_the_keep_alive_is_a_setting() -> None:
-    config = server_config(FastAPI(), Settings(http_keep_alive_s=30), host="127.0.0.1",
-                           port=1, graceful_s=5)
+    config = server_config(
+        FastAPI(), Settings(http_keep_alive_s=30), host="127.0.0.1", port=1, graceful_s=5
+    )
     assert config.timeout_keep_alive == 30
