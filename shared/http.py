@@ -1,19 +1,23 @@
 """The FastAPI application every service starts from: errors, limits, metrics and probes.
 
 `create_app` returns an app with ``/healthz``, ``/readyz`` and ``/metrics`` (no token needed),
-problem+json errors, the 64 KiB body limit and HTTP metrics; services add their routers.
+problem+json errors, the 64 KiB body limit and HTTP metrics; services add their routers, whose
+path and query parameters are typed with `PathText`, `QueryText` or `Printable` so that they
+are validated like body fields.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Path, Query
+from pydantic import AfterValidator
 from starlette.responses import JSONResponse, Response
 
 from shared.auth import TokenRegistry
@@ -27,7 +31,17 @@ from shared.problems import (
 )
 from shared.settings import ConfigError, Settings
 
-__all__ = ["READINESS_TIMEOUT_S", "Readiness", "create_app"]
+__all__ = [
+    "MAX_CURSOR_CHARS",
+    "MAX_PARAM_CHARS",
+    "READINESS_TIMEOUT_S",
+    "CursorParam",
+    "PathText",
+    "Printable",
+    "QueryText",
+    "Readiness",
+    "create_app",
+]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +50,43 @@ Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[Any]]
 
 # A probe that hangs is a failed probe; Kubernetes would otherwise pile up pending checks.
 READINESS_TIMEOUT_S = 5.0
+
+
+# The contract caps string fields at 1,000 characters; parameters are held to the same.
+MAX_PARAM_CHARS = 1000
+# A cursor carries a page's last sort key and the list's filters (ids and a grade of up to
+# 1,000 characters each), base64-encoded: room for them, still bounded.
+MAX_CURSOR_CHARS = 4096
+
+# C0 controls, DEL and C1 controls (Unicode category Cc). PostgreSQL's text cannot store
+# U+0000 (asyncpg raised, and the request was a 500); the others are never part of an id, a
+# grade or a filter, and in a log line they forge lines or drive the terminal.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(value: str | None) -> str | None:
+    found = _CONTROL.search(value) if value is not None else None
+    if found is None:
+        return value
+    code = ord(found.group())
+    # Worded as for a body's text (shared.body.NulInText), whose field is named the same way.
+    if code == 0:
+        raise ValueError("NUL (U+0000) is not allowed in text")
+    raise ValueError(f"control character U+{code:04X} is not allowed in text")
+
+
+# Path and query parameters get the same treatment as a body's strings: FastAPI validates them
+# after authentication, and a failure is a 422 problem naming the parameter, before anything
+# reaches the database. `Printable` adds the control-character rule to a parameter with a
+# constraint of its own: ``Annotated[str | None, Query(max_length=255), Printable]``.
+Printable = AfterValidator(_printable)
+PathText = Annotated[str, Path(max_length=MAX_PARAM_CHARS), Printable]
+QueryText = Annotated[str | None, Query(max_length=MAX_PARAM_CHARS), Printable]
+CursorParam = Annotated[
+    str | None,
+    Query(max_length=MAX_CURSOR_CHARS, description="next_cursor of the previous page"),
+    Printable,
+]
 
 
 def _package_version() -> str:

@@ -15,6 +15,7 @@ from services.alerts.handlers import SOURCE, STATES, AlertsService, _Loaded, loa
 from shared.auth import Principal, require
 from shared.body import body_schema, json_body
 from shared.events import new_event
+from shared.http import CursorParam, PathText, Printable, QueryText
 from shared.pagination import MAX_PAGE, decode_cursor, encode_cursor, text
 from shared.problems import Conflict, NotFound, ValidationFailed
 from shared.runtime import EventCore
@@ -76,11 +77,11 @@ def build_router(service: AlertsService, core: EventCore) -> APIRouter:
                 description="open, acknowledged, resolved, or active (open or acknowledged)",
             ),
         ] = None,
-        customer_id: Annotated[str | None, Query(max_length=255)] = None,
-        rule: str | None = None,
+        customer_id: Annotated[str | None, Query(max_length=255), Printable] = None,
+        rule: QueryText = None,
         severity: Annotated[str | None, Query(pattern=SEVERITY_FILTER)] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
-        cursor: str | None = None,
+        cursor: CursorParam = None,
         _p: Principal = Depends(require("credit:read")),
     ) -> dict[str, Any]:
         if rule is not None and rule not in domain.RULES:
@@ -108,7 +109,7 @@ def build_router(service: AlertsService, core: EventCore) -> APIRouter:
 
     @router.get("/alerts/{alert_id}", summary="One alert with its history")
     async def get_alert(
-        alert_id: str, _p: Principal = Depends(require("credit:read"))
+        alert_id: PathText, _p: Principal = Depends(require("credit:read"))
     ) -> dict[str, Any]:
         async with engine.connect() as conn:
             row = await store.get_alert(conn, alert_id)
@@ -125,7 +126,9 @@ def build_router(service: AlertsService, core: EventCore) -> APIRouter:
         summary="Take the alert in hand: status acknowledged",
     )
     async def acknowledge(
-        alert_id: str, request: Request, principal: Principal = Depends(require("alerts:write"))
+        alert_id: PathText,
+        request: Request,
+        principal: Principal = Depends(require("alerts:write")),
     ) -> dict[str, Any]:
         note = (await json_body(request, AcknowledgeBody)).note if await request.body() else None
         now = clock()

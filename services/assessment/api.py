@@ -23,6 +23,7 @@ from services.assessment.handlers import (
 )
 from shared.auth import Principal, require
 from shared.body import UtcTimestamp, body_schema, json_body
+from shared.http import CursorParam, PathText
 from shared.pagination import MAX_PAGE, decode_cursor, encode_cursor, integer, text
 from shared.problems import NotFound, ValidationFailed
 from shared.runtime import EventCore
@@ -86,7 +87,7 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
         "/customers/{customer_id}/assessment", summary="The latest assessment.completed body"
     )
     async def latest(
-        customer_id: str, _p: Principal = Depends(require("credit:read"))
+        customer_id: PathText, _p: Principal = Depends(require("credit:read"))
     ) -> dict[str, Any]:
         async with engine.connect() as conn:
             await _known(conn, customer_id)
@@ -102,13 +103,13 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
         summary="Assessment history, newest first (as of a business time)",
     )
     async def assessments(
-        customer_id: str,
+        customer_id: PathText,
         as_of: Annotated[
             UtcTimestamp | None,
             Query(description="RFC 3339: only assessments made at or before this business time"),
         ] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
-        cursor: str | None = None,
+        cursor: CursorParam = None,
         _p: Principal = Depends(require("credit:read")),
     ) -> dict[str, Any]:
         after = decode_cursor(cursor, scope="assessments", kinds=(integer,))
@@ -132,7 +133,9 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
         summary="Override the grade (expert judgement) with a reason and an expiry",
     )
     async def override(
-        customer_id: str, request: Request, principal: Principal = Depends(require("credit:write"))
+        customer_id: PathText,
+        request: Request,
+        principal: Principal = Depends(require("credit:write")),
     ) -> dict[str, Any]:
         body = await json_body(request, OverrideBody)
         names = [g.name for g in policy.grades]
@@ -163,7 +166,7 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
         summary="Withdraw the override; the scorecard's grade applies again",
     )
     async def withdraw(
-        customer_id: str, principal: Principal = Depends(require("credit:write"))
+        customer_id: PathText, principal: Principal = Depends(require("credit:write"))
     ) -> dict[str, Any]:
         now = clock()
         async with engine.begin() as conn:
@@ -185,7 +188,7 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
         summary="Reassess now under the current policy (completes a periodic review)",
     )
     async def recompute(
-        customer_id: str, principal: Principal = Depends(require("credit:write"))
+        customer_id: PathText, principal: Principal = Depends(require("credit:write"))
     ) -> dict[str, Any]:
         now = clock()
         async with engine.begin() as conn:
@@ -203,7 +206,7 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
             Query(description="ISO date; reviews dated before it are listed (default: today)"),
         ] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
-        cursor: str | None = None,
+        cursor: CursorParam = None,
         _p: Principal = Depends(require("credit:read")),
     ) -> dict[str, Any]:
         today = clock().date()

@@ -33,6 +33,7 @@ from shared import metrics
 from shared.auth import Principal, require
 from shared.body import UtcTimestamp, body_schema, json_body
 from shared.events import new_event
+from shared.http import CursorParam, PathText, QueryText
 from shared.money import (
     MAX_MINOR_UNITS,
     AmountError,
@@ -229,7 +230,7 @@ def build_router(
         summary="Release the order's reservation (order cancelled)",
     )
     async def release(
-        order_id: str, principal: Principal = Depends(require("credit:check"))
+        order_id: PathText, principal: Principal = Depends(require("credit:check"))
     ) -> Response:
         now = clock()
         async with engine.begin() as conn:
@@ -259,7 +260,7 @@ def build_router(
 
     @router.get("/credit-checks/{check_id}", summary="A stored credit decision")
     async def get_check(
-        check_id: str, _p: Principal = Depends(require("credit:read"))
+        check_id: PathText, _p: Principal = Depends(require("credit:read"))
     ) -> dict[str, Any]:
         async with engine.connect() as conn:
             row = (
@@ -273,7 +274,7 @@ def build_router(
     # ---- exposure and limits --------------------------------------------------------------
     @router.get("/customers/{customer_id}/exposure", summary="Exposure now or as of a time")
     async def exposure(
-        customer_id: str,
+        customer_id: PathText,
         as_of: UtcTimestamp | None = None,
         _p: Principal = Depends(require("credit:read")),
     ) -> dict[str, Any]:
@@ -345,7 +346,7 @@ def build_router(
 
     @router.get("/customers/{customer_id}/limit", summary="The customer's credit limit")
     async def limit(
-        customer_id: str, _p: Principal = Depends(require("credit:read"))
+        customer_id: PathText, _p: Principal = Depends(require("credit:read"))
     ) -> dict[str, Any]:
         async with engine.connect() as conn:
             row = await _customer_row(conn, customer_id)
@@ -365,9 +366,9 @@ def build_router(
 
     @router.get("/customers/{customer_id}/limit/history", summary="limit.changed, newest first")
     async def limit_history(
-        customer_id: str,
+        customer_id: PathText,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
-        cursor: str | None = None,
+        cursor: CursorParam = None,
         _p: Principal = Depends(require("credit:read")),
     ) -> dict[str, Any]:
         h = store.limit_history
@@ -394,7 +395,9 @@ def build_router(
         summary="Request a limit",
     )
     async def request_limit(
-        customer_id: str, request: Request, principal: Principal = Depends(require("credit:write"))
+        customer_id: PathText,
+        request: Request,
+        principal: Principal = Depends(require("credit:write")),
     ) -> dict[str, Any]:
         body = await json_body(request, LimitRequestBody)
         now = clock()
@@ -510,13 +513,17 @@ def build_router(
 
     @router.post("/limit-requests/{request_id}/approve", summary="Approve (not your own)")
     async def approve(
-        request_id: str, request: Request, principal: Principal = Depends(require("credit:approve"))
+        request_id: PathText,
+        request: Request,
+        principal: Principal = Depends(require("credit:approve")),
     ) -> dict[str, Any]:
         return await _decide(request_id, request, principal, True)
 
     @router.post("/limit-requests/{request_id}/reject", summary="Reject (not your own)")
     async def reject(
-        request_id: str, request: Request, principal: Principal = Depends(require("credit:approve"))
+        request_id: PathText,
+        request: Request,
+        principal: Principal = Depends(require("credit:approve")),
     ) -> dict[str, Any]:
         return await _decide(request_id, request, principal, False)
 
@@ -547,7 +554,9 @@ def build_router(
         summary="Put the customer on hold: every new check is rejected",
     )
     async def hold(
-        customer_id: str, request: Request, principal: Principal = Depends(require("credit:write"))
+        customer_id: PathText,
+        request: Request,
+        principal: Principal = Depends(require("credit:write")),
     ) -> dict[str, Any]:
         body = await json_body(request, HoldBody)
         return await _hold(
@@ -557,21 +566,21 @@ def build_router(
 
     @router.delete("/customers/{customer_id}/hold", summary="Release the hold")
     async def unhold(
-        customer_id: str, principal: Principal = Depends(require("credit:write"))
+        customer_id: PathText, principal: Principal = Depends(require("credit:write"))
     ) -> dict[str, Any]:
         return await _hold(customer_id, ev.HoldReleased(customer_id=customer_id, by=principal.name))
 
     # ---- portfolio --------------------------------------------------------------------------
     @router.get("/portfolio", summary="Customers with their figures, filtered and sorted")
     async def portfolio(
-        grade: str | None = None,
+        grade: QueryText = None,
         status: Annotated[str | None, Query(pattern="^(over_limit|on_hold|overdue)$")] = None,
         sort: Annotated[
             str,
             Query(pattern="^-?(utilization|exposure|available|limit|overdue_amount|customer_id)$"),
         ] = "customer_id",
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
-        cursor: str | None = None,
+        cursor: CursorParam = None,
         _p: Principal = Depends(require("credit:read")),
     ) -> dict[str, Any]:
         c = store.customers
