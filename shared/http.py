@@ -1,9 +1,9 @@
 """The FastAPI application every service starts from: errors, limits, metrics and probes.
 
 `create_app` returns an app with ``/healthz``, ``/readyz`` and ``/metrics`` (no token needed),
-problem+json errors, the 64 KiB body limit and HTTP metrics; services add their routers, whose
-path and query parameters are typed with `PathText`, `QueryText` or `Printable` so that they
-are validated like body fields.
+problem+json errors (503 with ``Retry-After`` while a database or broker is away), the 64 KiB
+body limit and HTTP metrics; services add their routers, whose path and query parameters are
+typed with `PathText`, `QueryText` or `Printable` so that they are validated like body fields.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from shared.problems import (
     DEFAULT_MAX_BODY_BYTES,
     BodySizeLimit,
     ServiceUnavailable,
+    Unavailable,
     install,
     problem_response,
 )
@@ -133,6 +134,8 @@ def create_app(
     app.state.tokens = tokens
 
     install(app)
+    # Innermost: a route that finds its database away answers 503, which metrics then count.
+    app.add_middleware(Unavailable, service=service)
     # Added last = outermost: metrics also see the 413s the size limit answers.
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     app.add_middleware(HttpMetrics, service=service)

@@ -1,17 +1,23 @@
 """The `CreditwatchError` family and its one mapping to RFC 9457 ``application/problem+json``.
 
 `install(app)` registers the handlers; `BodySizeLimit` is the ASGI guard for HTTP bodies over
-64 KiB (contract §5). Every error body has ``type``, ``title``, ``status``, ``detail`` and
-``instance`` (the request path); ``field`` and ``errors`` [{field, message}] are present when
-the error is about particular input fields.
+64 KiB (contract §5); `Unavailable` answers 503 with ``Retry-After`` for a request that failed
+because a database or broker is away (`shared.transient`'s rule), where a bug stays a 500.
+Every error body has ``type``, ``title``, ``status``, ``detail`` and ``instance`` (the
+request path); ``field`` and ``errors`` [{field, message}] are present when the error is
+about particular input fields (a body's by their path in it, a path or query parameter by
+its name).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import secrets
+import time
 from collections.abc import Mapping, Sequence
+from functools import cache
 from http import HTTPStatus
 from typing import Any, ClassVar
 
@@ -21,9 +27,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.transient import is_transient
+
 __all__ = [
     "PROBLEM_BASE",
     "PROBLEM_CONTENT_TYPE",
+    "RETRY_AFTER_S",
     "BodySizeLimit",
     "Conflict",
     "CreditwatchError",
@@ -32,9 +41,12 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "ServiceUnavailable",
+    "TemporarilyUnavailable",
     "Unauthorized",
+    "Unavailable",
     "ValidationFailed",
     "install",
+    "outage_response",
     "problem_response",
 ]
 
@@ -163,6 +175,31 @@ class ServiceUnavailable(CreditwatchError):
     default_title = "Service unavailable"
 
 
+# How long a client is asked to wait before trying again while a dependency is away: about
+# what a database restart or a fail-over takes; a client that retries sooner only adds load.
+RETRY_AFTER_S = 2
+
+
+class TemporarilyUnavailable(ServiceUnavailable):
+    """503 with ``Retry-After``: a dependency (``database``, ``broker``) is away for a while;
+    the same request can be sent again then (a credit check sent again gets the decision
+    made for its order, if one was made)."""
+
+    slug = "temporarily-unavailable"
+    default_title = "Service temporarily unavailable"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        retry_after: int = RETRY_AFTER_S,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        merged = {"Retry-After": str(retry_after), **(headers or {})}
+        super().__init__(detail, headers=merged, **extra)
+
+
 # --------------------------------------------------------------------------------------------
 # Rendering
 
@@ -285,6 +322,10 @@ async def _handle_http_exception(request: Request, exc: Exception) -> Response:
 
 
 async def _handle_unexpected(request: Request, exc: Exception) -> Response:
+    if is_transient(exc):
+        # Only reached by an outage that got past `Unavailable` (it is innermost): still a 503.
+        service = getattr(request.app.state, "service", "api")
+        return outage_response(exc, service, request.method, request.url.path)
     # The id ties the client's report to the log line holding the traceback.
     error_id = secrets.token_hex(8)
     log.error(
@@ -394,3 +435,101 @@ class BodySizeLimit:
 
 async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
+
+
+# --------------------------------------------------------------------------------------------
+# Outages
+
+
+def _dependency_of(exc: BaseException) -> str:
+    """Which dependency an outage is of, for the client and the log: the broker if a Kafka
+    client's error is among the causes, else the database."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if type(current).__module__.startswith("aiokafka"):
+            return "broker"
+        current = current.__cause__ or current.__context__
+    return "database"
+
+
+class _OutageReport:
+    """The log of one service's 503s: a line at the first, then at most one every
+    ``every`` seconds with how many were answered since. While a database is away every
+    request fails; a line for each would bury everything else."""
+
+    def __init__(self, service: str, every: float = 30.0) -> None:
+        self.service = service
+        self.every = every
+        self._last = -math.inf
+        self._since_last = 0
+
+    def failed(self, exc: BaseException, dependency: str, method: str, path: str) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every:
+            self._since_last += 1
+            return
+        more = f" ({self._since_last} more since the last report)" if self._since_last else ""
+        log.warning(
+            "%s: %s %s answered 503: the %s is unavailable (%s)%s",
+            self.service,
+            method,
+            path,
+            dependency,
+            f"{type(exc).__name__}: {exc}"[:300],
+            more,
+        )
+        self._last = now
+        self._since_last = 0
+
+
+@cache
+def _outage_report(service: str) -> _OutageReport:
+    # One per service, shared by the app and whatever answers in front of it (the fast path).
+    return _OutageReport(service)
+
+
+def outage_response(exc: BaseException, service: str, method: str, path: str) -> Response:
+    """The 503 problem for a request that failed because a dependency is away (``exc`` is
+    transient), reported in the log at a bounded rate. The exception's text stays in the log:
+    it names hosts and ports, nothing a client can act on."""
+    dependency = _dependency_of(exc)
+    _outage_report(service).failed(exc, dependency, method, path)
+    problem = TemporarilyUnavailable(
+        f"The {dependency} is unavailable at the moment. Try again in {RETRY_AFTER_S} seconds.",
+        dependency=dependency,
+    )
+    return problem_response(problem.to_problem(path), headers=problem.headers)
+
+
+class Unavailable:
+    """Pure-ASGI: a request that fails because its database or broker is away — down,
+    restarting, refusing connections, out of pooled connections — is answered 503 with
+    ``Retry-After`` instead of 500 (``shared.transient.is_transient`` tells an outage from
+    a bug, which stays a 500). Placed inside the error middleware, so the exception never
+    reaches it, the server logs no traceback per request, and the connection stays open."""
+
+    def __init__(self, app: ASGIApp, service: str) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        response_started = False
+
+        async def watched_send(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except Exception as exc:
+            if response_started or not is_transient(exc):
+                raise
+            response = outage_response(exc, self.service, scope["method"], scope["path"])
+            await response(scope, _no_receive, send)

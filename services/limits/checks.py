@@ -42,6 +42,7 @@ from shared.events import Envelope, trusted_event
 from shared.problems import Conflict
 from shared.projection import CommittedStates, kept_unless_marked
 from shared.runtime import EventCore, Incoming, Tx
+from shared.transient import is_transient
 
 log = logging.getLogger("creditwatch.limits")
 
@@ -57,6 +58,11 @@ CACHED_ORDERS = 20_000
 NUMBERS_AHEAD = 256
 # The most reads a customer must be found untouched by before it is held again (see _doubt).
 DOUBT_MAX = 64
+# The longest a check waits for its batch (healthy: milliseconds). A database that stopped
+# answering without closing the connection would otherwise hold every check for as long as
+# TCP takes to give up; past this the caller gets a TimeoutError, answered 503 (transient).
+# The batch may still commit later: a retry of the order gets the decision made for it.
+CHECK_WAIT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -684,12 +690,25 @@ class PostgresChecks(CoreChecks):
         # another then, or this check would wait with nobody to take it.
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._drain(), name="limits-checks")
-        return await future
+        async with asyncio.timeout(CHECK_WAIT_S):
+            return await future
 
     async def _drain(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-            await self._settle(batch, self._run)
+        batch: list[_Pending] = []
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+                await self._settle(batch, self._run)
+        except BaseException as exc:
+            # Stopped (close: 503, another replica answers) or broken (that error, a 500):
+            # whoever still waits is told, not left hanging.
+            if isinstance(exc, asyncio.CancelledError):
+                exc = ConnectionAbortedError("the credit checks stopped before this one")
+            waiting, self._queue = [*batch, *self._queue], []
+            for pending in waiting:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+            raise
 
     async def _settle(
         self,
@@ -699,7 +718,9 @@ class PostgresChecks(CoreChecks):
         try:
             results = await run(batch)
         except Exception as exc:  # the transaction failed: nothing of it was stored
-            if len(batch) > 1:
+            # A database that is away fails every check alike: all are told at once (503),
+            # rather than each waiting for its own attempt to fail in turn.
+            if len(batch) > 1 and not is_transient(exc):
                 # Take them one by one, so one check's trouble is its own answer only.
                 log.warning(
                     "a batch of %d credit checks failed (%s); retrying one by one",
@@ -709,7 +730,7 @@ class PostgresChecks(CoreChecks):
                 for pending in batch:
                     await self._settle([pending], self._run)
                 return
-            results = {0: exc}
+            results = dict.fromkeys(range(len(batch)), exc)
         for i, pending in enumerate(batch):
             if pending.future.done():  # the caller went away; its decision is stored anyway
                 continue

@@ -7,7 +7,9 @@ token holds ``credit:check``, the body is within the size limit and valid for th
 bad token, a missing scope, an oversize or malformed body, a conflict, a failure — goes on to
 the full application with the body replayed, which answers exactly as it would have anyway
 (401/403/413/422/409/500 problem+json; a check that failed stored nothing, so it is simply
-tried again there). Either way the same metrics move and the same log lines are written.
+tried again there). A check that failed because the database is away is answered here, 503
+with ``Retry-After`` as the full app would: trying it again there would only double the
+wait. Either way the same metrics move and the same log lines are written.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from services.limits.checks import CheckOrder, CoreChecks, Verdict
 from shared import metrics
 from shared.auth import Principal, TokenRegistry, parse_bearer
 from shared.body import loads_exact
+from shared.problems import outage_response
+from shared.transient import is_transient
 
 PATH = "/v1/credit-checks"
 SCOPE = "credit:check"
@@ -43,7 +47,9 @@ class FastCreditCheck:
         self.checks = checks
         self.tokens = tokens
         self.max_body_bytes = max_body_bytes
+        self.service = service
         self._requests = metrics.HTTP_REQUESTS.labels(service, PATH, "POST", "200")
+        self._unavailable_requests = metrics.HTTP_REQUESTS.labels(service, PATH, "POST", "503")
         self._seconds = metrics.HTTP_REQUEST_SECONDS.labels(service, PATH)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -61,7 +67,10 @@ class FastCreditCheck:
         if order is not None:
             try:
                 verdict = await self.checks.check(order)
-            except Exception:
+            except Exception as exc:
+                if is_transient(exc):
+                    await self._unavailable(exc, scope, send, started)
+                    return
                 verdict = None  # nothing was stored; the full app tries again and answers
         if order is None or verdict is None:
             await self.app(scope, _replay(body, complete, receive), send)
@@ -77,6 +86,12 @@ class FastCreditCheck:
         )
         await send({"type": "http.response.body", "body": payload})
         self._requests.inc()
+        self._seconds.observe(time.perf_counter() - started)
+
+    async def _unavailable(self, exc: Exception, scope: Scope, send: Send, started: float) -> None:
+        response = outage_response(exc, self.service, "POST", PATH)
+        await response(scope, _no_receive, send)
+        self._unavailable_requests.inc()
         self._seconds.observe(time.perf_counter() - started)
 
     def _principal(self, scope: Scope) -> Principal | None:
@@ -137,3 +152,7 @@ def _replay(body: bytes, complete: bool, receive: Receive) -> Receive:
         return await receive()
 
     return replay
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
