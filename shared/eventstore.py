@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -83,6 +83,10 @@ def core_tables(metadata: MetaData, service: str) -> CoreTables:
         Column("partition", Integer, primary_key=True, autoincrement=False),
         Column("next_offset", BigId, nullable=False),
         Column("updated_at", UtcDateTime, nullable=False),
+        # The Kafka cluster whose log the offset is a position in (null: not known, stored
+        # before it was recorded). A restarted in-memory broker, or another cluster, has a
+        # log of its own: an offset from one means nothing in the other.
+        Column("cluster_id", String(200)),
     )
     snapshots = Table(
         f"{p}_snapshots",
@@ -217,7 +221,11 @@ async def enqueue(
 
 
 async def store_offsets(
-    conn: AsyncConnection, core: CoreTables, positions: dict[tuple[str, int], int], now: datetime
+    conn: AsyncConnection,
+    core: CoreTables,
+    positions: dict[tuple[str, int], int],
+    now: datetime,
+    cluster_id: str | None = None,
 ) -> None:
     """Upsert next offsets; never move one backwards (a late, revoked consumer may try)."""
     if not positions:
@@ -229,30 +237,84 @@ async def store_offsets(
         set_={
             "next_offset": greatest(core.offsets.c.next_offset, ins.excluded.next_offset),
             "updated_at": ins.excluded.updated_at,
+            "cluster_id": func.coalesce(ins.excluded.cluster_id, core.offsets.c.cluster_id),
         },
     )
     await conn.execute(
         stmt,
         [
-            {"topic": t, "partition": p, "next_offset": o, "updated_at": now}
+            {
+                "topic": t,
+                "partition": p,
+                "next_offset": o,
+                "updated_at": now,
+                "cluster_id": cluster_id,
+            }
             for (t, p), o in sorted(positions.items())
         ],
     )
 
 
+@dataclass(frozen=True, slots=True)
+class StoredOffset:
+    next_offset: int
+    cluster_id: str | None
+
+
 async def load_offsets(
     conn: AsyncConnection, core: CoreTables, partitions: Iterable[tuple[str, int]]
 ) -> dict[tuple[str, int], int]:
+    """The next offset stored per partition."""
+    stored = await load_positions(conn, core, partitions)
+    return {key: position.next_offset for key, position in stored.items()}
+
+
+async def load_positions(
+    conn: AsyncConnection, core: CoreTables, partitions: Iterable[tuple[str, int]]
+) -> dict[tuple[str, int], StoredOffset]:
+    """The next offset stored per partition, with the cluster whose log it is in."""
     wanted = list(partitions)
     if not wanted:
         return {}
     o = core.offsets
     rows = await conn.execute(
-        select(o.c.topic, o.c.partition, o.c.next_offset).where(
+        select(o.c.topic, o.c.partition, o.c.next_offset, o.c.cluster_id).where(
             tuple_(o.c.topic, o.c.partition).in_(wanted)
         )
     )
-    return {(r.topic, r.partition): r.next_offset for r in rows}
+    return {(r.topic, r.partition): StoredOffset(r.next_offset, r.cluster_id) for r in rows}
+
+
+async def all_offsets(conn: AsyncConnection, core: CoreTables) -> list[Any]:
+    """Every stored position (topic, partition, next_offset, cluster_id, updated_at)."""
+    o = core.offsets
+    return list(await conn.execute(select(o).order_by(o.c.topic, o.c.partition)))
+
+
+async def reset_offsets(
+    conn: AsyncConnection,
+    core: CoreTables,
+    positions: dict[tuple[str, int], int],
+    now: datetime,
+    cluster_id: str | None,
+) -> None:
+    """Set positions as given, backwards too: a new log (another cluster, a broker that lost
+    its data) starts again, or an operator moves a consumer on purpose."""
+    if not positions:
+        return
+    o = core.offsets
+    await conn.execute(delete(o).where(tuple_(o.c.topic, o.c.partition).in_(list(positions))))
+    rows = [
+        {
+            "topic": t,
+            "partition": p,
+            "next_offset": off,
+            "updated_at": now,
+            "cluster_id": cluster_id,
+        }
+        for (t, p), off in sorted(positions.items())
+    ]
+    await conn.execute(_insert(conn, o), rows)
 
 
 async def pending_outbox(conn: AsyncConnection, core: CoreTables, limit: int) -> list[Any]:
@@ -289,6 +351,18 @@ async def delete_outbox(
 
 async def count_outbox(conn: AsyncConnection, core: CoreTables) -> int:
     return int((await conn.execute(select(func.count()).select_from(core.outbox))).scalar_one())
+
+
+async def outbox_backlog(conn: AsyncConnection, core: CoreTables) -> tuple[int, datetime | None]:
+    """How many derived events wait to be published, and when the oldest was queued."""
+    ob = core.outbox
+    row = (await conn.execute(select(func.count(), func.min(ob.c.created_at)))).one()
+    oldest = row[1]
+    if isinstance(oldest, str):  # SQLite hands an aggregate back untyped
+        oldest = datetime.fromisoformat(oldest)
+    if oldest is not None and oldest.tzinfo is None:
+        oldest = oldest.replace(tzinfo=UTC)
+    return int(row[0]), oldest
 
 
 def row_to_stored(row: Any) -> StoredEvent:
@@ -339,6 +413,8 @@ async def count_events(conn: AsyncConnection, core: CoreTables) -> int:
 __all__ = [
     "CoreTables",
     "StoredEvent",
+    "StoredOffset",
+    "all_offsets",
     "append",
     "core_tables",
     "count_events",
@@ -348,8 +424,11 @@ __all__ = [
     "envelope_row",
     "forget",
     "load_offsets",
+    "load_positions",
+    "outbox_backlog",
     "pending_outbox",
     "read_events",
+    "reset_offsets",
     "row_to_stored",
     "store_offsets",
     "take_outbox",

@@ -26,6 +26,7 @@ __all__ = [
     "CREDIT_CHECK_SECONDS",
     "CUSTOMERS",
     "CUSTOMERS_OVER_LIMIT",
+    "DEPENDENCY_UP",
     "EVENTS_CONSUMED",
     "EVENTS_DEAD_LETTERED",
     "EVENTS_SKIPPED",
@@ -33,10 +34,13 @@ __all__ = [
     "EVENT_PROCESSING_SECONDS",
     "HTTP_REQUESTS",
     "HTTP_REQUEST_SECONDS",
+    "LOOP_RUNNING",
+    "OUTBOX_OLDEST_SECONDS",
     "OUTBOX_PENDING",
     "OUTBOX_PUBLISHED",
     "PORTFOLIO_EXPOSURE",
     "PORTFOLIO_LIMIT",
+    "RELAY_FAILURES",
     "HttpMetrics",
     "metrics_response",
 ]
@@ -110,6 +114,28 @@ OUTBOX_PUBLISHED = Counter(
     "creditwatch_outbox_published_total",
     "Outbox rows published to Kafka.",
     ["service", "topic"],
+)
+OUTBOX_OLDEST_SECONDS = Gauge(
+    "creditwatch_outbox_oldest_seconds",
+    "Age of the oldest outbox row not yet published (0: none waiting). Grows while the "
+    "relay cannot publish, whatever the reason.",
+    ["service"],
+)
+RELAY_FAILURES = Counter(
+    "creditwatch_outbox_publish_failures_total",
+    "Relay cycles that failed (database or broker unreachable); retried with back-off.",
+    ["service"],
+)
+DEPENDENCY_UP = Gauge(
+    "creditwatch_dependency_up",
+    "1 while the process reaches a dependency (database, broker), 0 while it does not.",
+    ["service", "dependency"],
+)
+LOOP_RUNNING = Gauge(
+    "creditwatch_loop_running",
+    "1 while a background loop (consumer, relay, scheduler) runs; 0 once it has ended for "
+    "good (the process is then not alive: /healthz fails).",
+    ["service", "loop"],
 )
 
 # --- credit checks and portfolio (limits) ---------------------------------------------------

@@ -25,12 +25,12 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 from sqlalchemy import MetaData, Table, delete, select, text
-from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared import eventstore as es
 from shared import metrics
 from shared.events import DeadLetter, Envelope, dead_letter_record, decode, parse
+from shared.transient import Backoff, OutageLog, is_transient
 
 log = logging.getLogger("creditwatch.runtime")
 
@@ -232,12 +232,6 @@ class BatchResult:
     skipped: int = 0
 
 
-def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, OperationalError | OSError | ConnectionError | asyncio.TimeoutError):
-        return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
-
-
 class EventCore:
     """Applies batches of records or local events to one service's store, atomically."""
 
@@ -255,6 +249,8 @@ class EventCore:
         self.dlq_topic = dlq_topic
         self.clock = clock
         self.outbox_ready = asyncio.Event()
+        # The Kafka cluster the consumed records come from (stored with their offsets).
+        self.cluster_id: str | None = None
         self.topic_of_type = topic_of_type
         self._svc = service.name
 
@@ -312,7 +308,7 @@ class EventCore:
         try:
             result = await self._apply(prepared)
         except Exception as exc:
-            if _is_transient(exc):
+            if is_transient(exc):
                 raise
             if len(records) == 1:
                 log.exception("event could not be processed; dead-lettering it")
@@ -382,7 +378,7 @@ class EventCore:
             await es.forget(conn, core, rejected)
             letters = [self._dead(rec, dl, now) for rec, dl in dead]
             await es.enqueue(conn, core, [*tx.outbox, *letters], now)
-            await es.store_offsets(conn, core, prepared.positions, now)
+            await es.store_offsets(conn, core, prepared.positions, now, self.cluster_id)
         for callback in tx.after_commit:
             callback()
 
@@ -675,6 +671,27 @@ def in_time_order(batches: Mapping[Any, Sequence[Any]]) -> list[Any]:
     return list(heapq.merge(*parts, key=lambda m: m.timestamp))
 
 
+async def _bounded(awaitable: Coroutine[Any, Any, Any], seconds: float, what: str) -> None:
+    """Await a clean-up step for at most ``seconds``: with the broker or the database gone,
+    leaving a consumer group or flushing a producer would wait for their own timeouts
+    (tens of seconds), past any container's stop grace period."""
+    try:
+        await asyncio.wait_for(awaitable, timeout=seconds)
+    except TimeoutError:
+        log.warning("%s did not finish within %.0fs; abandoned", what, seconds)
+    except Exception as exc:
+        log.debug("%s failed: %s", what, exc)
+
+
+class Stopped(Exception):
+    """Stopping was requested while a batch waited for the database: it is given up
+    uncommitted (its offsets were not stored, so the next start reads it again)."""
+
+
+class NewLogError(RuntimeError):
+    """A stored offset is a position in another log than the broker's."""
+
+
 # How the consumer fetches: the broker answers once it has FETCH_MIN_BYTES for us or after
 # FETCH_MAX_WAIT_MS, whichever comes first. With Kafka's defaults (1 byte, 500 ms) a busy
 # consumer sends a fetch for every few records (over a hundred a second at 2,000 events/s),
@@ -686,8 +703,105 @@ FETCH_MAX_WAIT_MS = 20
 FETCH_MIN_BYTES = 16 * 1024
 
 
+class BrokerWatch:
+    """Asks the broker for its metadata every ``interval`` seconds: whether it is reachable
+    (readiness, ``creditwatch_dependency_up``) and its cluster id (whose log a stored offset
+    belongs to). One small request per interval per process."""
+
+    def __init__(
+        self,
+        service: str,
+        *,
+        bootstrap: str,
+        client_kwargs: dict[str, Any] | None = None,
+        interval: float = 2.0,
+        timeout: float = 3.0,
+        grace: float = 5.0,
+    ) -> None:
+        self.service = service
+        self.bootstrap = bootstrap
+        self.client_kwargs = client_kwargs or {}
+        self.interval = interval
+        self.timeout = timeout
+        # Unreachable for this long before readiness says so (one lost probe is not an outage).
+        self.grace = grace
+        self.cluster_id: str | None = None
+        self._ok_at: float | None = None
+        self._failing_since: float | None = None
+        self._probed = asyncio.Event()
+        self._admin: Any = None
+        self._outage = OutageLog(log, f"{service}: Kafka broker {bootstrap}")
+
+    @property
+    def reachable(self) -> bool:
+        if self._ok_at is None:
+            return False
+        return self._failing_since is None or (time.monotonic() - self._failing_since < self.grace)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            while not stop.is_set():
+                await self.probe()
+                if await wait_or_stop(stop, self.interval):
+                    return
+        finally:
+            await self._close_admin()
+
+    async def wait_for_cluster_id(self, stop: asyncio.Event) -> str | None:
+        """The broker's cluster id, once a probe has answered (None when stopping)."""
+        while self.cluster_id is None and not stop.is_set():
+            self._probed.clear()
+            waiter = asyncio.create_task(self._probed.wait())
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stopper.cancel()
+        return self.cluster_id
+
+    async def probe(self) -> bool:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        try:
+            if self._admin is None:
+                self._admin = AIOKafkaAdminClient(
+                    bootstrap_servers=self.bootstrap,
+                    request_timeout_ms=int(self.timeout * 1000),
+                    **self.client_kwargs,
+                )
+                await asyncio.wait_for(self._admin.start(), self.timeout)
+            described = await asyncio.wait_for(self._admin.describe_cluster(), self.timeout)
+        except Exception as exc:
+            if not is_transient(exc) and not isinstance(exc, TimeoutError):
+                log.warning("%s: broker probe failed: %s", self.service, _describe(exc))
+            self._outage.failed(exc)
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+            metrics.DEPENDENCY_UP.labels(self.service, "broker").set(0)
+            await self._close_admin()
+            self._probed.set()
+            return False
+        self.cluster_id = described.get("cluster_id") or self.cluster_id
+        self._ok_at = time.monotonic()
+        self._failing_since = None
+        self._outage.recovered()
+        metrics.DEPENDENCY_UP.labels(self.service, "broker").set(1)
+        self._probed.set()
+        return True
+
+    async def _close_admin(self) -> None:
+        admin, self._admin = self._admin, None
+        if admin is not None:
+            await _bounded(admin.close(), 2.0, f"{self.service}: closing the broker probe")
+
+
 class ConsumerLoop:
-    """Kafka → EventCore, seeking to the offsets stored in the database on assignment."""
+    """Kafka → EventCore, seeking to the offsets stored in the database on assignment.
+
+    It never ends on an outage: a database that is away keeps the batch in hand and retries
+    it with back-off; a broker that is away is waited for (aiokafka reconnects, the group
+    rebalances when it is back). A failure of any other kind ends the loop, which makes the
+    process not alive (``/healthz``) with one log line saying why.
+    """
 
     def __init__(
         self,
@@ -703,6 +817,8 @@ class ConsumerLoop:
         heartbeat_interval_ms: int = 2000,
         fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS,
         fetch_min_bytes: int = FETCH_MIN_BYTES,
+        broker: BrokerWatch | None = None,
+        on_new_log: str = "fail",
     ) -> None:
         self.core = core
         self.bootstrap = bootstrap
@@ -715,37 +831,50 @@ class ConsumerLoop:
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.fetch_max_wait_ms = fetch_max_wait_ms
         self.fetch_min_bytes = fetch_min_bytes
+        self.broker = broker or BrokerWatch(
+            core.service.name, bootstrap=bootstrap, client_kwargs=client_kwargs
+        )
+        self._own_broker_watch = broker is None
+        self.on_new_log = on_new_log
         self.assigned = asyncio.Event()
         self.healthy = False
         self._consumer: Any = None
         # Next offset per (topic, partition) of the batches this consumer committed.
         self._applied: dict[tuple[str, int], int] = {}
+        # Partitions assigned but not yet positioned at their stored offsets (kept paused).
+        self._to_seek: set[Any] = set()
+        self._seek_failed: BaseException | None = None
+        self._db_outage = OutageLog(log, f"{core.service.name}: database (consumer)")
+        self._svc = core.service.name
 
     async def run(self, stop: asyncio.Event) -> None:
         from aiokafka import AIOKafkaConsumer  # local: the domain and unit tests never need it
         from aiokafka.abc import ConsumerRebalanceListener
 
         loop = self
+        watch: asyncio.Task[None] | None = None
+        if self._own_broker_watch:
+            watch = asyncio.create_task(self.broker.run(stop))
 
         class SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
             async def on_partitions_revoked(self, revoked: Any) -> None:
+                loop._to_seek.difference_update(revoked)
                 # Commit what is in flight before another member takes the partitions over.
-                await pipeline.drain()
+                with contextlib.suppress(Stopped):
+                    await pipeline.drain()
+                loop._forget_lag(revoked)
 
             async def on_partitions_assigned(self, assigned: Any) -> None:
                 # aiokafka starts fetching newly assigned partitions from the group's
-                # committed offsets while this callback waits for the database; paused,
-                # nothing of that reaches getmany before the seek to the stored offsets.
+                # committed offsets while this callback waits; paused, nothing of that reaches
+                # getmany before the seek to the stored offsets (done by the loop, which can
+                # wait for the database and report what it finds).
                 partitions = list(assigned)
-                loop._consumer.pause(*partitions)
-                try:
-                    await loop._seek(assigned)
-                finally:
-                    loop._consumer.resume(*partitions)
-                # The group answered and the positions are set: ready, before the first
-                # fetch of the new assignment comes back (up to a poll timeout later).
-                loop.healthy = True
-                loop.assigned.set()
+                if partitions:
+                    loop._consumer.pause(*partitions)
+                    loop._to_seek.update(partitions)
+                else:
+                    loop._mark_assigned()
 
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
@@ -763,24 +892,38 @@ class ConsumerLoop:
             **self.client_kwargs,
         )
         self._consumer = consumer
-        while not stop.is_set():
-            try:
-                await consumer.start()
-                break
-            except Exception as exc:
-                log.warning("broker not reachable yet (%s); retrying", exc)
-                if await wait_or_stop(stop, 2.0):
-                    return
-        consumer.subscribe(self.topics, listener=SeekToStored())
-        last_commit = 0.0
         pipeline = Pipeline(self.core, lambda prepared: self._apply_with_retry(prepared, stop))
         self._applied.clear()
-        # Fetching never waits for a transaction: while one is in flight, what arrives is
-        # fetched and decoded into the next batch, which starts as soon as it commits.
         fetch: asyncio.Task[dict[Any, Any]] | None = None
         lag_commit: asyncio.Task[None] | None = None
+        started = False
         try:
+            backoff = Backoff(first=1.0, cap=10.0)
             while not stop.is_set():
+                try:
+                    await consumer.start()
+                    started = True
+                    break
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    self.broker._outage.failed(exc)
+                    if await wait_or_stop(stop, backoff.next_delay()):
+                        return
+            if self.broker.cluster_id is None:
+                await self.broker.probe()
+            consumer.subscribe(self.topics, listener=SeekToStored())
+            last_commit = 0.0
+            seek_backoff = Backoff(first=0.5, cap=10.0)
+            next_seek = 0.0
+            # Fetching never waits for a transaction: while one is in flight, what arrives is
+            # fetched and decoded into the next batch, which starts as soon as it commits.
+            while not stop.is_set():
+                if self._to_seek and time.monotonic() >= next_seek:
+                    if await self._position(stop):
+                        seek_backoff.reset()
+                    else:
+                        next_seek = time.monotonic() + seek_backoff.next_delay()
                 room = self.max_records - pipeline.queued
                 if fetch is None and room > 0:
                     fetch = asyncio.create_task(
@@ -790,7 +933,6 @@ class ConsumerLoop:
                 await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 if fetch is not None and fetch.done():
                     batches, fetch = fetch.result(), None
-                    self.healthy = True
                     records = [
                         Record(m.topic, m.partition, m.offset, m.key, m.value)
                         for m in in_time_order(batches)
@@ -803,56 +945,158 @@ class ConsumerLoop:
                         ):
                             last_commit = time.monotonic()
                             lag_commit = asyncio.create_task(self._commit_for_lag_tools(consumer))
-                pipeline.advance()
-            # Stopping: commit what was fetched and decoded.
-            await pipeline.drain()
+                try:
+                    pipeline.advance()
+                except Stopped:
+                    break
+            # Stopping: commit what was fetched and decoded (given up if the database is away).
+            with contextlib.suppress(Stopped):
+                await pipeline.drain()
         finally:
+            self.healthy = False
             # A fetch still waiting has taken nothing (records leave aiokafka's buffer only
-            # when it returns); then leave the group cleanly.
-            pending = [t for t in (fetch, lag_commit) if t is not None and not t.done()]
+            # when it returns); then leave the group cleanly, or give up after a while.
+            pending = [t for t in (fetch, lag_commit, pipeline.inflight) if t is not None]
             for task in pending:
-                task.cancel()
+                if not task.done():
+                    task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await consumer.stop()
+            if started:
+                await _bounded(consumer.stop(), 5.0, f"{self._svc}: leaving the consumer group")
+            if watch is not None:
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
+
+    def _mark_assigned(self) -> None:
+        self.healthy = True
+        self.assigned.set()
+
+    async def _position(self, stop: asyncio.Event) -> bool:
+        """Seek the partitions waiting for it to their stored offsets and resume them; False
+        when the database or broker is away (the partitions stay paused; retried)."""
+        partitions = list(self._to_seek)
+        try:
+            await self._seek(partitions, stop)
+        except NewLogError:
+            raise
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            self._db_outage.failed(exc)
+            self.healthy = False
+            return False
+        self._db_outage.recovered()
+        self._to_seek.difference_update(partitions)
+        assigned = self._consumer.assignment()
+        self._consumer.resume(*[tp for tp in partitions if tp in assigned])
+        if not self._to_seek:
+            # The group answered and the positions are set: ready, before the first fetch
+            # of the new assignment comes back (up to a poll timeout later).
+            self._mark_assigned()
+        return True
+
+    async def _seek(self, partitions: list[Any], stop: asyncio.Event) -> None:
+        consumer = self._consumer
+        parts = [(tp.topic, tp.partition) for tp in partitions]
+        async with self.core.engine.connect() as conn:
+            stored = await es.load_positions(conn, self.core.service.core, parts)
+        cluster = self.broker.cluster_id or await self.broker.wait_for_cluster_id(stop)
+        ends = await consumer.end_offsets(partitions)
+        begins = await consumer.beginning_offsets(partitions)
+        new_log: dict[Any, str] = {}
+        for tp in partitions:
+            pos = stored.get((tp.topic, tp.partition))
+            if pos is None:
+                consumer.seek(tp, begins[tp])
+                continue
+            if pos.cluster_id is not None and cluster is not None and pos.cluster_id != cluster:
+                new_log[tp] = (
+                    f"stored offset {pos.next_offset} is in the log of cluster "
+                    f"{pos.cluster_id!r}, the broker is cluster {cluster!r}"
+                )
+            elif pos.next_offset > ends[tp]:
+                new_log[tp] = (
+                    f"stored offset {pos.next_offset} is past the log's end {ends[tp]} "
+                    "(the broker lost its data, or the topic was made again)"
+                )
+            elif pos.next_offset < begins[tp]:
+                log.error(
+                    "%s: %s/%s: records %d..%d were deleted (retention) before this service "
+                    "consumed them; consuming on from %d",
+                    self._svc,
+                    tp.topic,
+                    tp.partition,
+                    pos.next_offset,
+                    begins[tp] - 1,
+                    begins[tp],
+                )
+                consumer.seek(tp, begins[tp])
+            else:
+                consumer.seek(tp, pos.next_offset)
+        if not new_log:
+            return
+        named = "; ".join(f"{tp.topic}/{tp.partition}: {why}" for tp, why in new_log.items())
+        if self.on_new_log != "restart":
+            raise NewLogError(
+                f"{self._svc}: the broker's log is not the one the stored offsets are in — "
+                f"{named}. Nothing was consumed from these partitions. If the log is new on "
+                "purpose, move the offsets with `creditwatch offsets reset "
+                f"{self._svc} --to beginning`"
+            )
+        log.warning(
+            "%s: NEW BROKER LOG — %s. Consuming these partitions again from their beginning; "
+            "events already stored are recognised by id and not applied twice",
+            self._svc,
+            named,
+        )
+        async with self.core.engine.begin() as conn:
+            await es.reset_offsets(
+                conn,
+                self.core.service.core,
+                {(tp.topic, tp.partition): begins[tp] for tp in new_log},
+                self.core.clock(),
+                cluster,
+            )
+        for tp in new_log:
+            consumer.seek(tp, begins[tp])
 
     async def _apply_with_retry(self, prepared: Prepared, stop: asyncio.Event) -> BatchResult:
-        delay = 0.5
+        backoff = Backoff(first=0.5, cap=10.0)
         while True:
+            self.core.cluster_id = self.broker.cluster_id
             try:
                 result = await self.core.apply(prepared)
-                for key, position in prepared.positions.items():
-                    if position > self._applied.get(key, -1):
-                        self._applied[key] = position
-                return result
             except Exception as exc:
-                if not _is_transient(exc):
+                if not is_transient(exc):
                     raise
                 # The database is away: keep the batch and try again; nothing is lost.
                 self.healthy = False
-                log.warning("database unavailable (%s); retrying batch in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-
-    async def _seek(self, assigned: Any) -> None:
-        parts = [(tp.topic, tp.partition) for tp in assigned]
-        async with self.core.engine.connect() as conn:
-            stored = await es.load_offsets(conn, self.core.service.core, parts)
-        for tp in assigned:
-            pos = stored.get((tp.topic, tp.partition))
-            if pos is None:
-                await self._consumer.seek_to_beginning(tp)
-            else:
-                self._consumer.seek(tp, pos)
+                self._db_outage.failed(exc)
+                if await wait_or_stop(stop, backoff.next_delay()):
+                    raise Stopped from exc
+                continue
+            if self._db_outage.down:
+                self._db_outage.recovered()
+                self.healthy = self.assigned.is_set()
+            for key, position in prepared.positions.items():
+                if position > self._applied.get(key, -1):
+                    self._applied[key] = position
+            return result
 
     def _observe_lag(self, consumer: Any, batches: dict[Any, Any]) -> None:
         for tp, msgs in batches.items():
             high = consumer.highwater(tp)
             if high is not None and msgs:
-                gauge = metrics.CONSUMER_LAG.labels(
-                    self.core.service.name, tp.topic, str(tp.partition)
-                )
+                gauge = metrics.CONSUMER_LAG.labels(self._svc, tp.topic, str(tp.partition))
                 gauge.set(max(high - (msgs[-1].offset + 1), 0))
+
+    def _forget_lag(self, revoked: Any) -> None:
+        """A partition that moved to another member is no longer this process's to report:
+        its last lag would otherwise stay, and alert, for good."""
+        for tp in revoked:
+            with contextlib.suppress(KeyError):
+                metrics.CONSUMER_LAG.remove(self._svc, tp.topic, str(tp.partition))
+            self._applied.pop((tp.topic, tp.partition), None)
 
     async def _commit_for_lag_tools(self, consumer: Any) -> None:
         """Mirror the positions the database has committed to Kafka, for lag tooling; the
@@ -892,6 +1136,11 @@ class OutboxRelay:
     A relay that does not hold the lock (another process of the service publishes) tries to
     take it every ``takeover`` seconds, whatever the commits: it takes over that long at most
     after the leader is gone, and costs next to nothing until then.
+
+    An outage of either side never ends it: a cycle that fails for a transient reason
+    (``shared.transient``) gives up its database connection — and with it the lock, which
+    a connection that died has lost anyway — and tries again with back-off, on a new one.
+    ``failing_for`` says for how long it has not been able to publish (readiness).
     """
 
     def __init__(
@@ -905,6 +1154,7 @@ class OutboxRelay:
         linger: float = 0.0,
         interval: float = 0.0,
         takeover: float = 1.0,
+        idempotent: bool = False,
     ) -> None:
         self.core = core
         self.bootstrap = bootstrap
@@ -914,9 +1164,32 @@ class OutboxRelay:
         self.linger = linger
         self.interval = interval
         self.takeover = takeover
+        self.idempotent = idempotent
         self.healthy = False
+        self.leading = False
+        self._failing_since: float | None = None
         # Published and acknowledged, not yet deleted (the next read deletes them).
         self._acked: list[int] = []
+        self._svc = core.service.name
+        self._outage = OutageLog(log, f"{self._svc}: outbox relay")
+
+    @property
+    def failing_for(self) -> float:
+        """Seconds since the relay last managed a cycle, while it cannot (0: it can)."""
+        if self._failing_since is None:
+            return 0.0
+        return time.monotonic() - self._failing_since
+
+    def _failed(self, exc: BaseException) -> None:
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+        metrics.RELAY_FAILURES.labels(self._svc).inc()
+        self._outage.failed(exc)
+
+    def _succeeded(self) -> None:
+        self._failing_since = None
+        self.healthy = True
+        self._outage.recovered()
 
     async def run(self, stop: asyncio.Event) -> None:
         from aiokafka import AIOKafkaProducer
@@ -927,73 +1200,80 @@ class OutboxRelay:
             bootstrap_servers=self.bootstrap,
             acks="all",
             linger_ms=0,
-            enable_idempotence=False,  # the embedded dev broker has no idempotent producers
+            # Off where the broker lacks idempotent producers (the embedded dev broker);
+            # output event ids are stable, so consumers drop re-publications either way.
+            enable_idempotence=self.idempotent,
             **self.client_kwargs,
         )
-        while not stop.is_set():
-            try:
-                await producer.start()
-                break
-            except Exception as exc:
-                log.warning("relay: broker not reachable yet (%s); retrying", exc)
-                if await wait_or_stop(stop, 2.0):
-                    return
-        self.healthy = True
+        backoff = Backoff(first=0.5, cap=10.0)
+        started = False
         leader: AsyncConnection | None = None
-        ready = self.core.outbox_ready
-        clock = asyncio.get_running_loop().time
-        began = started = -math.inf  # when the last cycle (that published) began
         try:
-            while True:
-                if self.core.engine.dialect.name == "postgresql":
-                    try:
-                        leader = await self._lead(leader)
-                    except Exception as exc:
-                        # The database is away: keep trying, as the consumer does.
-                        log.warning("relay: cannot reach the database (%s); retrying", exc)
-                        if await wait_or_stop(stop, 0.5):
-                            break
-                        continue
-                    if leader is None:
-                        # Another process publishes. Not woken by commits: those are for the
-                        # leader (retrying on each one cost a connection every few ms).
-                        if await wait_or_stop(stop, self.takeover):
-                            break
-                        continue
-                sent = 0
-                # Cleared before reading: a commit after this point wakes the relay again.
-                ready.clear()
-                began = clock()
+            while not stop.is_set():
                 try:
+                    await producer.start()
+                    started = True
+                    break
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    self._failed(exc)
+                    if await wait_or_stop(stop, backoff.next_delay()):
+                        return
+            backoff.reset()
+            ready = self.core.outbox_ready
+            clock = asyncio.get_running_loop().time
+            began = started_at = -math.inf  # when the last cycle (that published) began
+            while not stop.is_set():
+                sent = 0
+                try:
+                    if self.core.engine.dialect.name == "postgresql":
+                        leader = await self._lead(leader)
+                        self.leading = leader is not None
+                        if leader is None:
+                            # Another process publishes. Not woken by commits: those are for
+                            # the leader (retrying on each one cost a connection every few ms).
+                            self._succeeded()
+                            if await wait_or_stop(stop, self.takeover):
+                                break
+                            continue
+                    # Cleared before reading: a commit after this point wakes the relay again.
+                    ready.clear()
+                    began = clock()
                     sent = await self.publish_pending(producer, leader)
                 except Exception as exc:
-                    log.warning("relay: publish failed (%s); retrying", exc)
-                    if leader is not None and isinstance(exc, DBAPIError | OSError):
-                        # The lock may have gone with the connection: lead again.
+                    if not is_transient(exc):
+                        raise
+                    self._failed(exc)
+                    if leader is not None:
+                        # The lock may have gone with the connection: lead again, afresh.
                         await self._resign(leader)
                         leader = None
-                    await asyncio.sleep(0.5)
+                        self.leading = False
+                    if await wait_or_stop(stop, backoff.next_delay()):
+                        break
+                    continue
+                self._succeeded()
+                backoff.reset()
                 # Only a cycle that published counts: after a quiet spell, a commit goes
                 # out after ``linger`` alone.
-                started = began if sent else -math.inf
+                started_at = began if sent else -math.inf
                 if sent >= self.batch:
                     continue  # a full read: more may be waiting
-                if stop.is_set():
-                    break
                 # Anything queued since the read has set ``ready``; the rows just acknowledged
                 # are deleted by the next cycle's statement (one round trip per cycle, not two).
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ready.wait(), self.poll_interval)
-                    pause = max(self.linger, self.interval - (clock() - started))
+                    pause = max(self.linger, self.interval - (clock() - started_at))
                     if pause > 0 and await wait_or_stop(stop, pause):
                         break
         finally:
-            with contextlib.suppress(Exception):
-                await self._forget_acked(leader)
+            self.healthy = False
+            await _bounded(self._forget_acked(leader), 2.0, f"{self._svc}: relay clean-up")
             if leader is not None:
                 await self._resign(leader)
-            with contextlib.suppress(Exception):
-                await producer.stop()
+            if started:
+                await _bounded(producer.stop(), 3.0, f"{self._svc}: stopping the producer")
 
     async def _lead(self, leader: AsyncConnection | None) -> AsyncConnection | None:
         """Only one relay per service publishes (a PostgreSQL advisory lock), keeping order."""
@@ -1005,11 +1285,14 @@ class OutboxRelay:
             got = (
                 await conn.execute(
                     text("SELECT pg_try_advisory_lock(hashtext(:k))"),
-                    {"k": f"creditwatch-relay-{self.core.service.name}"},
+                    {"k": f"creditwatch-relay-{self._svc}"},
                 )
             ).scalar()
         except BaseException:
-            await conn.close()
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+            with contextlib.suppress(Exception):
+                await conn.close()
             raise
         if got:
             return conn
@@ -1032,9 +1315,11 @@ class OutboxRelay:
         # Rows acknowledged but not deleted are published again by whoever leads next.
         self._acked = []
         with contextlib.suppress(Exception):
-            await leader.invalidate()  # closing the session releases the advisory lock
+            # Never back to the pool: closing the session is what releases the advisory
+            # lock, and a connection that failed may be dead.
+            await asyncio.wait_for(leader.invalidate(), 2.0)
         with contextlib.suppress(Exception):
-            await leader.close()
+            await asyncio.wait_for(leader.close(), 2.0)
 
     async def publish_pending(self, producer: Any, leader: AsyncConnection | None = None) -> int:
         """Publish the oldest pending rows, in order; returns how many."""
@@ -1049,18 +1334,41 @@ class OutboxRelay:
                 rows = await es.pending_outbox(conn, core, self.batch)
             self._acked = []
         if not rows:
-            metrics.OUTBOX_PENDING.labels(self.core.service.name).set(0)
             return 0
         futures = [
-            await producer.send(topic, value=value.encode(), key=key.encode())
+            await producer.send(topic, value=value.encode(), key=key.encode(), headers=HEADERS)
             for _seq, topic, key, value in rows
         ]
         await asyncio.gather(*futures)
         self._acked = [seq for seq, _topic, _key, _value in rows]
         published = Counter(topic for _seq, topic, _key, _value in rows)
         for topic, count in published.items():
-            metrics.OUTBOX_PUBLISHED.labels(self.core.service.name, topic).inc(count)
+            metrics.OUTBOX_PUBLISHED.labels(self._svc, topic).inc(count)
         return len(rows)
+
+
+# The CloudEvents Kafka binding (structured mode): the record says what its value is.
+HEADERS = [("content-type", b"application/cloudevents+json; charset=UTF-8")]
+
+
+async def report_outbox(core: EventCore, stop: asyncio.Event, every: float = 5.0) -> None:
+    """``creditwatch_outbox_pending`` and ``…_oldest_seconds``: what is actually waiting,
+    counted in the table (a relay that cannot publish cannot be trusted to say so)."""
+    svc = core.service.name
+    while not stop.is_set():
+        try:
+            async with core.engine.connect() as conn:
+                count, oldest = await es.outbox_backlog(conn, core.service.core)
+            metrics.OUTBOX_PENDING.labels(svc).set(count)
+            age = (core.clock() - oldest).total_seconds() if oldest is not None else 0.0
+            metrics.OUTBOX_OLDEST_SECONDS.labels(svc).set(max(age, 0.0))
+            metrics.DEPENDENCY_UP.labels(svc, "database").set(1)
+        except Exception as exc:
+            if not is_transient(exc):
+                log.warning("%s: outbox not measured: %s", svc, _describe(exc))
+            metrics.DEPENDENCY_UP.labels(svc, "database").set(0)
+        if await wait_or_stop(stop, every):
+            return
 
 
 class Scheduler:
@@ -1069,28 +1377,64 @@ class Scheduler:
     def __init__(self, core: EventCore, *, interval: float = 1.0) -> None:
         self.core = core
         self.interval = interval
+        self._outage = OutageLog(log, f"{core.service.name}: database (scheduler)")
 
     async def run(self, stop: asyncio.Event) -> None:
+        backoff = Backoff(first=self.interval, cap=max(self.interval, 10.0))
         while not stop.is_set():
+            delay = self.interval
             try:
                 await self.core.run_due()
-            except Exception:
-                log.exception("scheduler tick failed")
-            if await wait_or_stop(stop, self.interval):
+                self._outage.recovered()
+                backoff.reset()
+            except Exception as exc:
+                if is_transient(exc):
+                    self._outage.failed(exc)
+                    delay = backoff.next_delay()
+                else:
+                    # A bug in one tick: said loudly, and the next tick tries again.
+                    log.exception("%s: scheduler tick failed", self.core.service.name)
+            if await wait_or_stop(stop, delay):
                 return
 
 
+class LoopEnded(RuntimeError):
+    """A background loop ended while nobody asked it to stop."""
+
+
 async def run_all(
-    stop: asyncio.Event, *jobs: Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+    stop: asyncio.Event,
+    *jobs: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
+    names: Sequence[str] | None = None,
+    service: str = "",
 ) -> None:
-    """Run background loops until ``stop``; one crashing loop stops the others."""
-    tasks = [asyncio.create_task(job(stop)) for job in jobs]
+    """Run background loops until ``stop``. A loop that ends on its own (an exception, or a
+    return while nobody asked it to stop) stops the others and is raised: the process is then
+    not alive, and says why in one log line."""
+    labels = (
+        list(names) if names is not None else [getattr(j, "__qualname__", "loop") for j in jobs]
+    )
+    tasks = {asyncio.create_task(job(stop)): label for job, label in zip(jobs, labels, strict=True)}
+    for label in labels:
+        metrics.LOOP_RUNNING.labels(service, label).set(1)
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            return
         for task in done:
-            if task.exception() is not None:
-                stop.set()
-                raise task.exception()  # type: ignore[misc]
+            label = tasks[task]
+            metrics.LOOP_RUNNING.labels(service, label).set(0)
+            exc = task.exception() if not task.cancelled() else None
+            reason = _describe(exc) if exc is not None else "returned"
+            log.critical(
+                "%s: the %s loop ended (%s); this process no longer does its work and reports "
+                "itself not alive (/healthz 503)",
+                service,
+                label,
+                reason,
+                exc_info=exc,
+            )
+            raise LoopEnded(f"{label} loop ended: {reason}") from exc
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)

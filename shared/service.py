@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from shared.auth import TokenRegistry
 from shared.db import make_engine
 from shared.http import create_app
 from shared.runtime import (
+    BrokerWatch,
     Clock,
     ConsumerLoop,
     EventCore,
@@ -30,17 +32,21 @@ from shared.runtime import (
     Scheduler,
     Service,
     collect_garbage,
+    report_outbox,
     run_all,
     utcnow,
     wait_or_stop,
 )
 from shared.settings import Settings
+from shared.transient import silence_repeated_client_logs
 
 log = logging.getLogger("creditwatch.service")
 
 # A gauge refresher: reads the service's tables and sets Prometheus gauges.
 Refresh = Callable[[AsyncEngine], Awaitable[None]]
 GAUGE_INTERVAL_S = 5.0
+# A relay that has not managed a cycle for this long makes its process not ready.
+RELAY_READY_GRACE_S = 10.0
 
 
 @dataclass
@@ -58,15 +64,24 @@ class ServiceHost:
     consumer: ConsumerLoop | None = None
     relay: OutboxRelay | None = None
     scheduler: Scheduler | None = None
+    broker: BrokerWatch | None = None
     gauges: Sequence[Refresh] = ()
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     # Run on close, before the engine is disposed: whatever holds a connection of its own.
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     _task: asyncio.Task[None] | None = None
+    _closing: bool = False
 
     def __post_init__(self) -> None:
         s = self.settings
         kwargs = s.kafka_client_kwargs()
+        if self.consume or self.publish:
+            self.broker = BrokerWatch(
+                self.service.name,
+                bootstrap=s.kafka_bootstrap,
+                client_kwargs=kwargs,
+                interval=s.broker_probe_interval_s,
+            )
         if self.consume:
             self.consumer = ConsumerLoop(
                 self.core,
@@ -78,6 +93,8 @@ class ServiceHost:
                 poll_timeout_ms=s.consumer_poll_timeout_ms,
                 session_timeout_ms=s.consumer_session_timeout_ms,
                 heartbeat_interval_ms=s.consumer_heartbeat_interval_ms,
+                broker=self.broker,
+                on_new_log=s.on_new_log,
             )
             self.scheduler = Scheduler(self.core, interval=s.scheduler_interval_s)
         if self.publish:
@@ -92,13 +109,28 @@ class ServiceHost:
             )
 
     async def start(self) -> None:
+        silence_repeated_client_logs()
         jobs: list[Callable[[asyncio.Event], Any]] = []
-        for loop in (self.consumer, self.relay, self.scheduler):
+        names: list[str] = []
+        for name, loop in (
+            ("broker-watch", self.broker),
+            ("consumer", self.consumer),
+            ("relay", self.relay),
+            ("scheduler", self.scheduler),
+        ):
             if loop is not None:
                 jobs.append(loop.run)
-        jobs += [functools.partial(self._refresh_every, refresh) for refresh in self.gauges]
+                names.append(name)
+        for n, refresh in enumerate(self.gauges):
+            jobs.append(functools.partial(self._refresh_every, refresh))
+            names.append(f"gauges-{n}")
+        jobs.append(functools.partial(report_outbox, self.core))
+        names.append("outbox-gauges")
         jobs.append(collect_garbage)
-        self._task = asyncio.create_task(run_all(self.stop, *jobs))
+        names.append("gc")
+        self._task = asyncio.create_task(
+            run_all(self.stop, *jobs, names=names, service=self.service.name)
+        )
 
     async def _refresh_every(self, refresh: Refresh, stop: asyncio.Event) -> None:
         """Gauges computed from the tables every few seconds, not on the hot paths."""
@@ -111,38 +143,58 @@ class ServiceHost:
                 return
 
     async def close(self) -> None:
+        """Stop the loops (the batch in hand committed, the group left, the relay's last
+        cycle), within ``shutdown_timeout_s`` even with the database and the broker
+        unreachable: what is not done by then is cancelled (nothing uncommitted counts)."""
+        self._closing = True
         self.stop.set()
+        budget = self.settings.shutdown_timeout_s
+        deadline = time.monotonic() + budget
         if self._task is not None:
-            with contextlib.suppress(Exception):
-                await self._task
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout=budget)
+            except TimeoutError:
+                log.warning(
+                    "%s: background loops did not stop within %.0fs; cancelled",
+                    self.service.name,
+                    budget,
+                )
+                self._task.cancel()
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(self._task, timeout=1.0)
+            except Exception:
+                pass  # already reported when the loop ended
         for close in self.closers:
             with contextlib.suppress(Exception):
-                await close()
-        await self.engine.dispose()
+                await asyncio.wait_for(close(), timeout=max(deadline - time.monotonic(), 0.5))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                self.engine.dispose(), timeout=max(deadline - time.monotonic(), 0.5)
+            )
 
     def fatal(self) -> str | None:
         """Why the background loops stopped for good, or None while they run (liveness)."""
         task = self._task
-        if task is None or not task.done() or self.stop.is_set():
+        if task is None or not task.done() or self._closing:
             return None
         exc = task.exception() if not task.cancelled() else None
         return f"{type(exc).__name__}: {exc}" if exc is not None else "stopped"
 
     async def readiness(self) -> dict[str, bool]:
-        checks = {"database": False, "broker": False}
+        checks = {"database": False}
         try:
-            async with self.engine.connect() as conn:
+            async with asyncio.timeout(3.0), self.engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
             checks["database"] = True
         except Exception as exc:
-            log.warning("readiness: database unreachable: %s", exc)
+            log.debug("readiness: database unreachable: %s", exc)
+        if self.broker is not None:
+            # The broker is this process's concern only if it consumes or publishes.
+            checks["broker"] = self.broker.reachable
         if self.consumer is not None:
-            checks["broker"] = self.consumer.assigned.is_set() and self.consumer.healthy
-            checks["consumer_assigned"] = self.consumer.assigned.is_set()
-        elif self.relay is not None:
-            checks["broker"] = self.relay.healthy
-        else:
-            del checks["broker"]  # neither consumes nor publishes: the broker is not its concern
+            checks["consumer_assigned"] = self.consumer.assigned.is_set() and self.consumer.healthy
+        if self.relay is not None and self.relay.failing_for > RELAY_READY_GRACE_S:
+            checks["outbox"] = False
         if self._task is not None and self._task.done():
             checks["loops"] = False
         return checks

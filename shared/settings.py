@@ -141,6 +141,20 @@ class Settings(BaseSettings):
     # over this often: the most an output event waits after the publishing process is gone.
     outbox_takeover_s: float = Field(default=1.0, gt=0, le=60)
     scheduler_interval_s: float = Field(default=1.0, gt=0)
+    # What a consumer does when a stored offset belongs to another log than the broker's
+    # (another cluster id, or past the partition's end: a broker that lost its data, a topic
+    # deleted and made again). "fail": stop with an error naming the partition (production:
+    # an operator decides, e.g. with `creditwatch offsets reset`). "restart": consume that
+    # partition again from its beginning, with one warning (events already stored are
+    # recognised by id). Default: "restart" in dev mode (its embedded broker keeps nothing
+    # across restarts), "fail" otherwise.
+    consumer_on_new_log: Literal["fail", "restart"] | None = None
+    # How long a stopping process waits for its loops (the batch in hand, leaving the group,
+    # the relay's last cycle) before it cancels them: within a container's stop grace period
+    # (Kubernetes: 30 s, compose: 10 s) even with the database and the broker unreachable.
+    shutdown_timeout_s: float = Field(default=8.0, gt=0, le=300)
+    # How often the broker is asked for its metadata (readiness, the cluster id).
+    broker_probe_interval_s: float = Field(default=2.0, gt=0, le=60)
 
     # --- logging -------------------------------------------------------------------------
     log_level: str = "INFO"
@@ -231,6 +245,12 @@ class Settings(BaseSettings):
             "credit.dlq": self.topic_dlq,
         }
         return {type_: by_default[topic] for type_, topic in TOPIC_OF_TYPE.items()}
+
+    @property
+    def on_new_log(self) -> Literal["fail", "restart"]:
+        if self.consumer_on_new_log is not None:
+            return self.consumer_on_new_log
+        return "restart" if self.dev_mode else "fail"
 
     def database_url_for(self, service: str) -> str:
         """The database URL of one service (``{service}`` in the template replaced)."""

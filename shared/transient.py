@@ -160,3 +160,41 @@ class OutageLog:
             )
         self.since = None
         self._folded = 0
+
+
+class RepeatFilter(logging.Filter):
+    """Lets a client library's message through once per ``every`` seconds per kind (logger
+    and message template), then says how many of the kind it held back.
+
+    aiokafka logs every failed attempt to reach a node at ERROR; while the broker is away
+    that is every reconnect of every client, forever (784,000 lines in 56 s were seen)."""
+
+    def __init__(self, prefixes: tuple[str, ...] = ("aiokafka",), every: float = 30.0) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+        self.every = every
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefixes) or record.levelno >= logging.CRITICAL:
+            return True
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        last = self._seen.get(key)
+        if last is not None and now - last[0] < self.every:
+            self._seen[key] = (last[0], last[1] + 1)
+            return False
+        held = last[1] if last is not None else 0
+        self._seen[key] = (now, 0)
+        if len(self._seen) > 1000:
+            self._seen.clear()
+        if held:
+            record.msg = f"{record.msg} [and {held} more like it held back]"
+        return True
+
+
+def silence_repeated_client_logs(every: float = 30.0) -> None:
+    """Install ``RepeatFilter`` on the root logger's handlers (once)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RepeatFilter) for f in handler.filters):
+            handler.addFilter(RepeatFilter(every=every))

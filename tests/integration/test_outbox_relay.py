@@ -40,7 +40,9 @@ class Producer:
         self.sent: list[tuple[str, str, str]] = []
         self.fail = False
 
-    async def send(self, topic: str, value: bytes, key: bytes) -> asyncio.Future[None]:
+    async def send(
+        self, topic: str, value: bytes, key: bytes, headers: Any = None
+    ) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self.fail:
             future.set_exception(ConnectionError("broker away"))

@@ -234,5 +234,7 @@ async def test_a_host_whose_loops_crashed_reports_why_and_one_stopped_on_purpose
     await asyncio.sleep(0)
     await asyncio.sleep(0)
     assert host.fatal() == "RuntimeError: boom"
-    host.stop.set()  # a graceful stop is not a death
+    host.stop.set()  # the loops stopping each other after one died: still a death
+    assert host.fatal() == "RuntimeError: boom"
+    host._closing = True  # a graceful stop is not a death
     assert host.fatal() is None
