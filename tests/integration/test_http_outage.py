@@ -16,18 +16,25 @@ import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from services.limits import checks as limits_checks
+from services.limits.checks import CheckOrder, PostgresChecks, Verdict
+from services.limits.handlers import LimitsService
 from services.registry import SERVICES, build
 from services.schema import upgrade
 from shared.auth import SCOPES, Principal, TokenRegistry
+from shared.db import make_engine
+from shared.policy import load_policy
 from shared.problems import PROBLEM_CONTENT_TYPE
 from shared.runtime import EventCore, Record
 from shared.settings import Settings
+from shared.transient import is_transient
 from tests.infra import servers
 
 pytestmark = pytest.mark.integration
@@ -225,3 +232,58 @@ async def test_given_postgresql_down_when_the_apis_are_called_then_503_with_retr
     for service, client in running.clients.items():
         ready = await client.get("/readyz")
         assert ready.status_code == 200, (service, ready.text)
+
+
+# ---- checks waiting for a batch that does not come back ------------------------------------------
+
+
+@pytest.fixture
+async def stuck_checks(postgres_url: str) -> AsyncIterator[PostgresChecks]:
+    """Batched checks whose database takes every statement and never answers (a server that
+    stopped without closing its connections, a network that drops everything)."""
+    engine = make_engine(postgres_url)
+    settings = Settings(database_url=postgres_url)
+    core = EventCore(
+        LimitsService(settings, load_policy(None)), engine, topic_of_type=settings.topic_of_type()
+    )
+    checks = PostgresChecks(core.service, core)  # type: ignore[arg-type]
+
+    async def never_answers(_batch: Any) -> dict[int, Verdict | Exception]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    checks._run = never_answers  # type: ignore[method-assign]
+    yield checks
+    await checks.close()
+    await engine.dispose()
+
+
+def _order(i: int) -> CheckOrder:
+    return CheckOrder(f"SO-{i}", "C-1", Decimal("10.00"), "EUR", True, "order-entry")
+
+
+async def test_given_a_database_that_never_answers_when_a_check_waits_then_it_ends_as_an_outage(
+    stuck_checks: PostgresChecks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(limits_checks, "CHECK_WAIT_S", 0.2)
+    # When a check waits for its batch longer than CHECK_WAIT_S
+    with pytest.raises(TimeoutError) as raised:
+        async with asyncio.timeout(PATIENCE_S):
+            await stuck_checks.check(_order(1))
+    # Then it ends with an error the API answers 503 (transient), not a hang
+    assert is_transient(raised.value)
+
+
+async def test_given_checks_waiting_when_the_checks_stop_then_every_one_is_told(
+    stuck_checks: PostgresChecks,
+) -> None:
+    # Given one check in a batch that hangs and two more queued behind it
+    waiting = [asyncio.create_task(stuck_checks.check(_order(i))) for i in range(3)]
+    await asyncio.sleep(0.05)
+    assert not any(task.done() for task in waiting)
+    # When the checks stop (the service shutting down)
+    await stuck_checks.close()
+    # Then each waiting check ends at once, with an error the API answers 503
+    async with asyncio.timeout(PATIENCE_S):
+        outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+    assert all(isinstance(o, Exception) and is_transient(o) for o in outcomes), outcomes
