@@ -103,9 +103,14 @@ async def upsert(
 ) -> None:
     """Insert rows, or update the named columns (default: all but the keys) where they exist.
     ``keep_if=(column, marker)``: where a row's ``column`` is ``marker``, the stored value
-    stays (a large value that did not change is not sent again)."""
+    stays (a large value that did not change is not sent again).
+
+    Rows with the same key are one row, the later winning: one statement cannot touch a row
+    twice (PostgreSQL: "ON CONFLICT DO UPDATE command cannot affect row a second time"), and
+    a replay's page may hold, say, a limit request's submission and its decision."""
     if not rows:
         return
+    rows = collapse_by_key(rows, keys, keep_if)
     columns = (
         update if update is not None else [c.name for c in table.columns if c.name not in keys]
     )
@@ -119,6 +124,31 @@ async def upsert(
         sets[name] = case((ins.excluded[name] == marker, table.c[name]), else_=ins.excluded[name])
     stmt = ins.on_conflict_do_update(index_elements=list(keys), set_=sets)
     await conn.execute(stmt, list(rows))
+
+
+def collapse_by_key(
+    rows: Sequence[dict[str, Any]],
+    keys: Sequence[str],
+    keep_if: tuple[str, str] | None = None,
+) -> Sequence[dict[str, Any]]:
+    """One row per key, in first-seen order, each the merge of that key's rows in order (a
+    later value wins; a ``keep_if`` marker does not override an earlier real value)."""
+    if len(rows) < 2:
+        return rows
+    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in rows:
+        key = tuple(row[k] for k in keys)
+        before = merged.get(key)
+        if before is None:
+            merged[key] = row
+            continue
+        combined = {**before, **row}
+        if keep_if is not None:
+            name, marker = keep_if
+            if row.get(name) == marker and before.get(name, marker) != marker:
+                combined[name] = before[name]
+        merged[key] = combined
+    return rows if len(merged) == len(rows) else list(merged.values())
 
 
 def kept_unless_marked(table: str, column: str, marker: str) -> str:

@@ -126,7 +126,10 @@ class CustomerState:
     # The grade the policy limit follows: the grade itself, unless the policy's
     # dynamic_adjustment is off, when it stays the first grade the customer had.
     limit_grade: str | None = None
+    # The standing manual limit (approved without an end); a temporary limit overlays it
+    # while it lasts, and when it ends what stood before stands again.
     manual: ManualLimit | None = None
+    temporary: ManualLimit | None = None
     limit_lapsed: bool = False
     hold: Hold | None = None
     # Unresolved alerts about this customer (alert_id → rule), from credit.alerts.
@@ -153,6 +156,7 @@ def known(state: CustomerState) -> bool:
         or bool(state.dunning)
         or bool(state.requests)
         or state.manual is not None
+        or state.temporary is not None
         or state.hold is not None
     )
 
@@ -192,10 +196,14 @@ def effective_limit(
     state: CustomerState, policy: Policy, at: datetime | None = None
 ) -> tuple[Decimal, LimitSource, datetime | None]:
     """Manual limit while it stands; else the policy's limit for the grade (or unrated)."""
+    temporary = state.temporary
+    if temporary is not None and (
+        temporary.expires_at is None or at is None or temporary.expires_at > at
+    ):
+        return temporary.amount, "temporary", temporary.expires_at
     manual = state.manual
     if manual is not None and (manual.expires_at is None or at is None or manual.expires_at > at):
-        source: LimitSource = "temporary" if manual.expires_at else "manual"
-        return manual.amount, source, manual.expires_at
+        return manual.amount, "manual", manual.expires_at
     if state.grade is None:
         amount = policy.limits.unrated_limit
         return _to_ccy(amount, policy.base_currency, state.currency, policy), "unrated", None
@@ -720,6 +728,9 @@ def _in_currency(state: CustomerState, ccy: str, p: Policy) -> CustomerState:
     manual = state.manual
     if manual is not None:
         manual = replace(manual, amount=conv(manual.amount, None, "the manual limit"))
+    temporary = state.temporary
+    if temporary is not None:
+        temporary = replace(temporary, amount=conv(temporary.amount, None, "the temporary limit"))
     return replace(
         state,
         invoices=invoices,
@@ -728,6 +739,7 @@ def _in_currency(state: CustomerState, ccy: str, p: Policy) -> CustomerState:
         reservations=reservations,
         requests=requests,
         manual=manual,
+        temporary=temporary,
     )
 
 
@@ -916,17 +928,17 @@ def _request_submitted(state: CustomerState, d: Any, t: datetime, p: Policy) -> 
     req = LimitRequest(d.request_id, d.requested_limit, d.reason, d.requested_by, t, d.expires_at)
     state = replace(state, requests={**state.requests, d.request_id: req})
     current, _, _ = effective_limit(state, p, t)
-    manual = state.manual
+    temporary = state.temporary
     if (
-        manual is not None
-        and manual.expires_at is not None
-        and manual.expires_at > t
-        and (d.expires_at is None or d.expires_at > manual.expires_at)
+        temporary is not None
+        and temporary.expires_at is not None
+        and temporary.expires_at > t
+        and (d.expires_at is None or d.expires_at > temporary.expires_at)
     ):
-        # It would outlast the temporary limit in force: it must be lower than what follows
-        # that, too, or a "decrease" from a temporary high would make the high permanent
-        # with nobody's approval.
-        current = min(current, effective_limit(replace(state, manual=None), p, t)[0])
+        # It would outlast the temporary limit in force: it must be lower than what stands
+        # after that (the standing manual limit, or the policy's), too, or a "decrease" from
+        # a temporary high would make the high last with nobody's approval.
+        current = min(current, effective_limit(replace(state, temporary=None), p, t)[0])
     if d.requested_limit < current:
         # A decrease needs nobody's approval: less credit is always the safe side.
         return _grant(state, req, d.requested_by, None, t)
@@ -949,20 +961,23 @@ def _request_decided(approved: bool) -> Any:
 def _grant(
     state: CustomerState, req: LimitRequest, by: str, note: str | None, _t: datetime
 ) -> CustomerState:
-    manual = ManualLimit(req.requested_limit, req.request_id, by, req.requested_by, req.expires_at)
+    """A temporary limit overlays what stands (which stands again when it ends); a standing
+    one replaces the standing limit and ends any temporary overlay (the latest decision
+    governs)."""
+    granted = ManualLimit(req.requested_limit, req.request_id, by, req.requested_by, req.expires_at)
     decided = replace(req, status="approved", decided_by=by, note=note)
-    return replace(
-        state,
-        manual=manual,
-        limit_lapsed=False,
-        requests={**state.requests, req.request_id: decided},
-    )
+    requests = {**state.requests, req.request_id: decided}
+    if req.expires_at is not None:
+        return replace(state, temporary=granted, limit_lapsed=False, requests=requests)
+    return replace(state, manual=granted, temporary=None, limit_lapsed=False, requests=requests)
 
 
 def _manual_expired(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> CustomerState:
-    if state.manual is None or state.manual.request_id != d.request_id:
+    """A temporary limit ended: what stood before it stands again (the standing manual limit,
+    or the policy's; ``limit_lapsed`` says the latter, for ``limit_expired``)."""
+    if state.temporary is None or state.temporary.request_id != d.request_id:
         return state
-    return replace(state, manual=None, limit_lapsed=True)
+    return replace(state, temporary=None, limit_lapsed=state.manual is None)
 
 
 def _hold_placed(state: CustomerState, d: Any, t: datetime, _p: Policy) -> CustomerState:
@@ -1104,9 +1119,12 @@ def decide_credit_check(
         reasons.append("overdue_beyond_tolerance")
         hard = True
     if not has_own_limit and not in_group:
-        manual = state.manual
+        temporary = state.temporary
         lapsed = state.limit_lapsed or (
-            manual is not None and manual.expires_at is not None and manual.expires_at <= now
+            temporary is not None
+            and temporary.expires_at is not None
+            and temporary.expires_at <= now
+            and state.manual is None
         )
         reasons.append("limit_expired" if lapsed else "no_credit_limit")
         hard = True

@@ -378,10 +378,11 @@ class LimitsService:
             else "policy"
         )
         request_id = changed_by = requested_by = None
-        if nxt.manual is not None and after[1] in ("manual", "temporary"):
-            request_id = nxt.manual.request_id
-            changed_by = nxt.manual.changed_by
-            requested_by = nxt.manual.requested_by
+        granted = {"manual": nxt.manual, "temporary": nxt.temporary}.get(after[1])
+        if granted is not None:
+            request_id = granted.request_id
+            changed_by = granted.changed_by
+            requested_by = granted.requested_by
         if isinstance(data, ev.HoldPlaced | ev.HoldReleased):
             changed_by = data.by
         ccy = nxt.currency
@@ -447,8 +448,8 @@ class LimitsService:
 def _next_expiry(st: domain.CustomerState) -> datetime | None:
     first = domain.earliest_expiry(st)
     times = [first] if first is not None else []
-    if st.manual is not None and st.manual.expires_at is not None:
-        times.append(st.manual.expires_at)
+    if st.temporary is not None and st.temporary.expires_at is not None:
+        times.append(st.temporary.expires_at)
     return min(times) if times else None
 
 
@@ -473,13 +474,13 @@ def due_for(st: domain.CustomerState, now: datetime, ageing_on: date | None) -> 
                     subject=cid,
                 )
             )
-    manual = st.manual
-    if manual is not None and manual.expires_at is not None and manual.expires_at <= now:
+    temporary = st.temporary
+    if temporary is not None and temporary.expires_at is not None and temporary.expires_at <= now:
         out.append(
             _internal(
-                ev.LimitExpired(customer_id=cid, request_id=manual.request_id),
-                id=f"limit-expired-{manual.request_id}",
-                time=manual.expires_at,
+                ev.LimitExpired(customer_id=cid, request_id=temporary.request_id),
+                id=f"limit-expired-{temporary.request_id}",
+                time=temporary.expires_at,
                 subject=cid,
             )
         )

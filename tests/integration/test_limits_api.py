@@ -927,6 +927,111 @@ async def test_given_a_temporary_limit_when_it_expires_then_the_scheduler_restor
     assert change["effective_at"] == "2026-03-11T12:00:00Z"
 
 
+async def test_given_a_standing_manual_limit_when_a_temporary_decrease_ends_then_the_manual_limit_stands_again(
+    svc: Service,
+) -> None:
+    """Issue 19, finding 1: one credit:write principal must not raise credit by lowering it
+    for a moment. A temporary limit overlays the standing one and gives it back at its end."""
+    # Given grade A (policy 250,000) under a standing manual limit of 20,000 (a decrease:
+    # it needs no approver)
+    await svc.customer("C-1", "A")
+    standing = await svc.client.post(
+        "/v1/customers/C-1/limit-requests",
+        headers=auth(),
+        json={"requested_limit": "20000.00", "reason": "watch list"},
+    )
+    assert standing.status_code == 201 and standing.json()["status"] == "approved"
+    assert (await svc.limit("C-1"))["limit"] == "20000.00"
+    # When the same principal asks for a temporary 19,999 for 70 s (applied at once: lower)
+    ends = START + timedelta(seconds=70)
+    request_id = await svc.temporary_request("C-1", "19999.00", ends)
+    limit = await svc.limit("C-1")
+    assert (limit["limit"], limit["source"]) == ("19999.00", "temporary")
+    # And it ends
+    svc.clock.now = ends + timedelta(seconds=1)
+    assert await svc.host.core.run_due() == 1
+    # Then the standing manual limit stands again, not the policy's 250,000
+    limit = await svc.limit("C-1")
+    assert (limit["limit"], limit["source"], limit["expires_at"]) == ("20000.00", "manual", None)
+    change = (await svc.limit_changes("C-1"))[-1]
+    assert (change["previous_limit"], change["limit"], change["reason"]) == (
+        "19999.00",
+        "20000.00",
+        "expired",
+    )
+    assert change["request_id"] == standing.json()["request_id"]
+    assert request_id != change["request_id"]
+    # And a 150,000 order is not approved
+    order = await svc.decided("C-1", "SO-BIG", "150000.00")
+    assert order["decision"] == "rejected" and "exceeds_available" in order["reasons"]
+    # And a replay reproduces it (issue 19, finding 2: replay crashed on decided requests)
+    assert await svc.host.core.verify() == []
+
+
+async def test_given_a_temporary_increase_approved_over_a_manual_limit_when_it_ends_then_the_manual_limit_stands(
+    svc: Service,
+) -> None:
+    await svc.customer("C-1", "A")
+    await svc.client.post(
+        "/v1/customers/C-1/limit-requests",
+        headers=auth(),
+        json={"requested_limit": "20000.00", "reason": "watch list"},
+    )
+    ends = START + timedelta(days=5)
+    request_id = await svc.temporary_request("C-1", "60000.00", ends)
+    assert (await svc.limit("C-1"))["limit"] == "20000.00"  # an increase waits for approval
+    approved = await svc.client.post(
+        f"/v1/limit-requests/{request_id}/approve", headers=auth(APPROVER)
+    )
+    assert approved.status_code == 200, approved.text
+    assert (await svc.limit("C-1"))["limit"] == "60000.00"
+    # A "decrease" to 50,000 that would outlast the temporary 60,000 is above the standing
+    # 20,000 that follows it: it waits for approval like any increase
+    longer = await svc.client.post(
+        "/v1/customers/C-1/limit-requests",
+        headers=auth(),
+        json={
+            "requested_limit": "50000.00",
+            "reason": "season",
+            "expires_at": (ends + timedelta(days=5)).isoformat(),
+        },
+    )
+    assert longer.status_code == 201 and longer.json()["status"] == "pending"
+    assert (await svc.limit("C-1"))["limit"] == "60000.00"
+    svc.clock.now = ends + timedelta(minutes=1)
+    await svc.host.core.run_due()
+    limit = await svc.limit("C-1")
+    assert (limit["limit"], limit["source"]) == ("20000.00", "manual")
+    assert await svc.host.core.verify() == []
+
+
+async def test_given_decided_limit_requests_when_replayed_and_verified_then_both_succeed(
+    svc: Service,
+) -> None:
+    """Issue 19, finding 2: a replay page held a request's submission and its decision, and
+    one upsert touched the same limits_requests row twice (PostgreSQL refuses that)."""
+    # Given an increase approved by another principal and one rejected
+    await svc.customer("C-1", "BBB")
+    for amount, verb in (("150000.00", "approve"), ("170000.00", "reject")):
+        request_id = (
+            await svc.client.post(
+                "/v1/customers/C-1/limit-requests",
+                headers=auth(),
+                json={"requested_limit": amount, "reason": "growth"},
+            )
+        ).json()["request_id"]
+        decided = await svc.client.post(
+            f"/v1/limit-requests/{request_id}/{verb}", headers=auth(APPROVER)
+        )
+        assert decided.status_code == 200, decided.text
+    # When the projections are verified against a replay, and replayed
+    # Then both run, and find nothing to differ
+    assert await svc.host.core.verify() == []
+    assert await svc.host.core.replay() > 0
+    assert (await svc.limit("C-1"))["limit"] == "150000.00"
+    assert await svc.host.core.verify() == []
+
+
 async def test_given_a_temporary_request_already_ended_when_approved_then_409_nothing_changes(
     svc: Service,
 ) -> None:
