@@ -93,7 +93,15 @@ def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         # then invalidates the whole pool; recycling bounds how stale a connection can get.
         pool_recycle=1800,
         # asyncpg caches prepared statements per connection; the hot path reuses them.
-        connect_args={"server_settings": {"application_name": "creditwatch"}},
+        connect_args={
+            "server_settings": {"application_name": "creditwatch"},
+            # A database that stops answering without closing its connections (a network
+            # partition) must fail a statement, not hang it: then the loops retry with
+            # back-off and the API answers 503 instead of holding requests forever.
+            "timeout": 10,  # connecting
+            "command_timeout": 60,  # any one statement
+        },
+        pool_timeout=10,  # waiting for a free connection
     )
 
 
