@@ -19,6 +19,15 @@ then killed after a timeout, is registered for an ``atexit`` backstop, and - unl
 deliberately detached for ``scripts/test-infra`` - asks the kernel to SIGKILL it should the
 Python process die without running ``atexit`` at all (``PR_SET_PDEATHSIG``).
 
+Several harness runs share one machine (parallel pytest sessions, CI, a detached pair from
+``scripts/test-infra``), and each start sweeps away the temp dirs that SIGKILLed runs left
+behind. A run only ever removes what is provably nobody's: every temp dir carries its owner
+(``owner.lock``, held by the owning harness process and inherited by its servers, and
+``owner.json``, naming the run and the processes by pid *and* start time), and a dir goes
+only when its lock is free and none of those processes lives - never because a server's pid
+is dead, which it is after every restart. Servers can be stopped and started again on the
+same port and data (``stop_process``, ``start_process``, ``restart``) for fault tests.
+
 Only the standard library is needed to import this module; ``asyncpg``, ``aiokafka`` and
 ``sqlalchemy`` (all in the project's virtualenv) are imported where they are used.
 """
@@ -28,13 +37,16 @@ from __future__ import annotations
 import asyncio
 import atexit
 import base64
+import concurrent.futures
 import contextlib
 import ctypes
 import ctypes.util
 import fcntl
 import hashlib
+import json
 import os
 import pwd
+import queue
 import re
 import shutil
 import signal
@@ -56,9 +68,13 @@ __all__ = [
     "DATABASE_URL_ENV",
     "KAFKA_BOOTSTRAP_ENV",
     "KAFKA_POM",
+    "DirFacts",
     "InfraError",
     "KafkaServer",
+    "OwnerRecord",
     "PostgresServer",
+    "ProcessIdentity",
+    "SweepDecision",
     "cache_dir",
     "create_database",
     "create_topics",
@@ -68,9 +84,13 @@ __all__ = [
     "ensure_postgres_installed",
     "free_port",
     "free_ports",
+    "is_alive",
     "is_server_running",
     "kafka_version",
+    "process_identity",
+    "run_id",
     "stop_detached",
+    "sweep_decision",
     "wait_for_kafka",
 ]
 
@@ -260,6 +280,52 @@ def _parent_death_hook() -> Callable[[], None] | None:
     return set_parent_death_signal
 
 
+class _LongLivedThread:
+    """Runs calls in one daemon thread that lasts as long as the process.
+
+    Servers that must die with this process are spawned from the main thread, or else from
+    here: the parent-death signal fires when the spawning *thread* ends, and a fixture or a
+    fault test may well restart a server from a worker thread that ends long before.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]]
+        self._calls = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def call(self, function: Callable[[], _T]) -> _T:
+        if threading.current_thread() is threading.main_thread():
+            return function()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._serve, name="creditwatch-infra-spawner", daemon=True
+                )
+                self._thread.start()
+        done: concurrent.futures.Future[_T] = concurrent.futures.Future()
+        self._calls.put((function, done))
+        return done.result()
+
+    def forget(self) -> None:
+        """After fork: the child has no spawner thread, whatever the parent had."""
+        self._lock = threading.Lock()
+        self._calls = queue.SimpleQueue()
+        self._thread = None
+
+    def _serve(self) -> None:
+        while True:
+            function, done = self._calls.get()
+            if done.set_running_or_notify_cancel():
+                try:
+                    done.set_result(function())
+                except BaseException as exc:  # handed to the calling thread
+                    done.set_exception(exc)
+
+
+_SPAWNER = _LongLivedThread()
+
+
 def _spawn(
     argv: Sequence[str | Path],
     *,
@@ -268,25 +334,32 @@ def _spawn(
     run_as: _OsUser | None,
     die_with_parent: bool,
     env: dict[str, str] | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.Popen[bytes]:
     """Start a long-running server in a new session, its output going to ``log_path``.
 
-    The log is truncated so that it only ever describes this attempt.
+    The log is truncated so that it only ever describes this attempt. ``pass_fds`` are
+    inherited by the server (its temp dir's owner lock: see "ownership" below).
     """
-    with log_path.open("wb") as log:
-        return subprocess.Popen(
-            [str(arg) for arg in argv],
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # own process group: teardown can sweep grandchildren
-            preexec_fn=_parent_death_hook() if die_with_parent else None,
-            user=run_as.uid if run_as else None,
-            group=run_as.gid if run_as else None,
-            extra_groups=[] if run_as else None,
-        )
+
+    def spawn() -> subprocess.Popen[bytes]:
+        with log_path.open("wb") as log:
+            return subprocess.Popen(
+                [str(arg) for arg in argv],
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # own process group: teardown can sweep grandchildren
+                preexec_fn=_parent_death_hook() if die_with_parent else None,
+                user=run_as.uid if run_as else None,
+                group=run_as.gid if run_as else None,
+                extra_groups=[] if run_as else None,
+                pass_fds=tuple(pass_fds),
+            )
+
+    return _SPAWNER.call(spawn) if die_with_parent else spawn()
 
 
 def _is_running(pid: int) -> bool:
@@ -311,87 +384,556 @@ def _is_running(pid: int) -> bool:
     return True
 
 
+# --------------------------------------------------------------------------------------
+# process identity: a pid alone names a process only until the kernel reuses it
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class ProcessIdentity:
+    """One process for as long as it lives: its pid and its start time.
+
+    ``start_ticks`` is field 22 of ``/proc/<pid>/stat`` (clock ticks since boot). The kernel
+    hands a pid out again soon after its process is gone (``pid_max`` can be as low as
+    32768, and test runs start thousands of processes), but never with the same start time
+    within one boot, so the pair tells a live process from an impostor.
+    """
+
+    pid: int
+    start_ticks: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"pid": self.pid, "start_ticks": self.start_ticks}
+
+    @classmethod
+    def from_json(cls, data: Any) -> ProcessIdentity:
+        if not isinstance(data, dict):
+            raise ValueError(f"a process identity must be an object, not {data!r}")
+        return cls(pid=int(data["pid"]), start_ticks=int(data["start_ticks"]))
+
+
+@dataclass(frozen=True)
+class _ProcStat:
+    identity: ProcessIdentity
+    state: str
+    ppid: int
+    pgrp: int
+
+
+def _proc_stat(pid: int) -> _ProcStat | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        # The command name (field 2) may hold spaces and parentheses: split after its end.
+        fields = text.rsplit(")", 1)[1].split()
+        return _ProcStat(
+            identity=ProcessIdentity(pid, int(fields[19])),
+            state=fields[0],
+            ppid=int(fields[1]),
+            pgrp=int(fields[2]),
+        )
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_identity(pid: int) -> ProcessIdentity | None:
+    """The identity of process ``pid`` if it is alive (a zombie is not), else None."""
+    stat = _proc_stat(pid)
+    if stat is None or stat.state in {"Z", "X"}:
+        return None
+    return stat.identity
+
+
+def is_alive(identity: ProcessIdentity) -> bool:
+    """Whether the very process ``identity`` names is still alive (not merely its pid)."""
+    return process_identity(identity.pid) == identity
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def _all_processes() -> list[_ProcStat]:
+    table: list[_ProcStat] = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                stat = _proc_stat(int(entry.name))
+                if stat is not None and stat.state not in {"Z", "X"}:
+                    table.append(stat)
+    return table
+
+
+def _inside(path_text: str, directory: Path) -> bool:
+    root = str(directory)
+    return path_text == root or path_text.startswith(root + os.sep)
+
+
+def _names_dir(cmdline: str, directory: Path) -> bool:
+    """Whether a command line names ``directory`` itself or a path inside it.
+
+    A bare substring test would also accept a longer sibling (``...-pg-ab`` in ``...-pg-abc``).
+    """
+    return re.search(re.escape(str(directory)) + r"(?=/|\s|$)", cmdline) is not None
+
+
+def _related_processes(
+    leader: ProcessIdentity | None, base_dir: Path | None
+) -> set[ProcessIdentity]:
+    """The processes that belong to a server, found before it is stopped.
+
+    Those are the leader's process group and descendants (only while the leader itself is
+    alive: once it is gone its pid and group id may name strangers) and every process whose
+    working directory lies inside the server's own temp dir (PostgreSQL's backends run in
+    its data dir and outlive a SIGKILLed postmaster for a moment; nothing else on the
+    machine works inside a dir that ``mkdtemp`` made for us).
+    """
+    related: set[ProcessIdentity] = set()
+    table = _all_processes()
+    if leader is not None and is_alive(leader):
+        children: dict[int, list[_ProcStat]] = {}
+        for stat in table:
+            children.setdefault(stat.ppid, []).append(stat)
+            if stat.pgrp == leader.pid:
+                related.add(stat.identity)
+        pending = [leader.pid]
+        while pending:
+            for child in children.get(pending.pop(), []):
+                if child.identity not in related:
+                    related.add(child.identity)
+                    pending.append(child.identity.pid)
+    if base_dir is not None:
+        for stat in table:
+            with contextlib.suppress(OSError):
+                if _inside(os.readlink(f"/proc/{stat.identity.pid}/cwd"), base_dir):
+                    related.add(stat.identity)
+    return {
+        identity
+        for identity in related
+        if identity.pid != os.getpid() and (leader is None or identity != leader)
+    }
+
+
+def _signal_identity(identity: ProcessIdentity, signum: signal.Signals) -> bool:
+    """Send ``signum`` to exactly the process ``identity`` names; False if it is gone.
+
+    A pidfd pins the process: whatever happens to the pid after the identity check, the
+    signal can only reach the process that was checked.
+    """
+    try:
+        pidfd = os.pidfd_open(identity.pid)
+    except ProcessLookupError:
+        return False
+    except OSError:  # no pidfds (old kernel): the check-then-kill window is all we have
+        if not is_alive(identity):
+            return False
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(identity.pid, signum)
+            return True
+        return False
+    try:
+        if process_identity(identity.pid) != identity:
+            return False
+        signal.pidfd_send_signal(pidfd, signum)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+    finally:
+        os.close(pidfd)
+
+
+def _child_exited(popen: subprocess.Popen[bytes]) -> bool:
+    """Whether our child has exited, without reaping it.
+
+    While unreaped it stays a zombie, and a zombie's pid (and so its process group id) is
+    never handed out again: the ``killpg`` that follows cannot hit a stranger's group.
+    """
+    if popen.returncode is not None:
+        return True
+    try:
+        state = os.waitid(os.P_PID, popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return popen.poll() is not None
+    return state is not None
+
+
 def _stop_group(
     pid: int,
     *,
     first_signal: signal.Signals,
     timeout: float,
     popen: subprocess.Popen[bytes] | None = None,
+    base_dir: Path | None = None,
+    identity: ProcessIdentity | None = None,
 ) -> None:
     """Stop a server whose process group id is ``pid``: politely, then by force.
 
     ``first_signal`` goes to the group leader only (PostgreSQL and Kafka both shut their
     own helpers down cleanly); whatever is still alive after ``timeout`` - leader or
-    stragglers in its group - gets SIGKILL. PostgreSQL's children move to process groups
-    of their own, but they watch the postmaster and exit as soon as it is gone.
+    stragglers in its group - gets SIGKILL. PostgreSQL's children move to sessions of their
+    own and outlive a SIGKILLed postmaster for a moment, so the processes that belong to
+    the server (see ``_related_processes``, with ``base_dir`` its temp dir) are noted before
+    the first signal and killed, by identity, if they are still there after the leader.
+
+    Nothing here signals a bare pid that might have been reused: our own child (``popen``)
+    is waited for without being reaped, and any other leader - ``identity``, or whatever
+    runs as ``pid`` now - is signalled through a pidfd.
     """
+    leader = identity if identity is not None else process_identity(pid)
+    if popen is not None and _child_exited(popen):
+        leader = None
+    related = _related_processes(leader, base_dir)
 
     def leader_gone() -> bool:
         if popen is not None:
-            return popen.poll() is not None
-        return not _is_running(pid)
+            return _child_exited(popen)
+        return leader is None or not is_alive(leader)
 
     if not leader_gone():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, first_signal)
+        if popen is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, first_signal)  # unreaped child: the pid is still ours
+        elif leader is not None:
+            _signal_identity(leader, first_signal)
     deadline = time.monotonic() + timeout
     while not leader_gone() and time.monotonic() < deadline:
         time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
+    if popen is not None and popen.returncode is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    elif leader is not None:
+        _signal_identity(leader, signal.SIGKILL)
+    related |= _related_processes(None, base_dir)  # a child forked after the first look
+    for straggler in related:
+        _signal_identity(straggler, signal.SIGKILL)
     if popen is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             popen.wait(timeout=10)
-    else:
-        deadline = time.monotonic() + 10
-        while _is_running(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (
+        (popen is None and leader is not None and is_alive(leader))
+        or any(is_alive(straggler) for straggler in related)
+    ):
+        time.sleep(0.05)
 
 
 def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------------------
+# ownership of the servers' temp dirs
+# --------------------------------------------------------------------------------------
+#
+# Several harness runs share one machine (pytest sessions of several engineers, CI, a
+# detached pair from scripts/test-infra), and each removes what an earlier run left behind
+# when it was SIGKILLed. Whether a dir is such a leftover is decided from explicit ownership,
+# never from the server's pid alone (a restarted server has a new one):
+#
+# * owner.lock - flock()ed by the harness process that made the dir, for as long as it
+#   lives; every server process started from the dir inherits the locked descriptor, so a
+#   server outliving its harness (a detached one, above all) keeps the lock held too;
+# * owner.json - the run id, the boot, and the identities (pid + start time) of the owning
+#   harness process and of the server process now running; rewritten on every start,
+#   stop and restart of the server, and on detach (after which the server owns itself).
+
+_OWNER_FILE = "owner.json"
+_OWNER_LOCK = "owner.lock"
+#: Kept current for older harness versions sweeping concurrently from other checkouts: they
+#: keep a dir whose server.pid names a live process, and one touched within the hour. It
+#: is removed before a server is stopped (touching the dir), never left naming a dead pid.
 _SERVER_PID_FILE = "server.pid"
-_STALE_UNSTARTED_DIR_SECONDS = 3600.0
+#: How long a dir without an owner record is left alone: being set up right now, or made by
+#: an older harness version (those have no restart, so their server.pid is accurate).
+_UNCLAIMED_DIR_GRACE_SECONDS = 3600.0
 
 
-def _sweep_stale_dirs(prefix: str) -> None:
-    """Delete temp dirs left behind by servers whose test run was SIGKILLed.
+@dataclass(frozen=True)
+class OwnerRecord:
+    """Who owns a server temp dir: the content of its ``owner.json``."""
 
-    The kernel then kills the servers (see ``_parent_death_hook``) but nobody removes their
-    files. A dir survives while the pid in its ``server.pid`` is alive and still names it,
-    or - without a pid file - while it is younger than an hour (a server being set up by a
-    concurrent session right now).
+    run_id: str
+    boot_id: str
+    #: The harness process that made the dir; None once the server was detached.
+    owner: ProcessIdentity | None
+    #: The server process running from the dir now; empty while it is stopped.
+    servers: tuple[ProcessIdentity, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "boot_id": self.boot_id,
+            "owner": None if self.owner is None else self.owner.to_json(),
+            "servers": [server.to_json() for server in self.servers],
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> OwnerRecord:
+        if not isinstance(data, dict):
+            raise ValueError(f"an owner record must be an object, not {data!r}")
+        owner = data["owner"]
+        return cls(
+            run_id=str(data["run_id"]),
+            boot_id=str(data["boot_id"]),
+            owner=None if owner is None else ProcessIdentity.from_json(owner),
+            servers=tuple(ProcessIdentity.from_json(server) for server in data["servers"]),
+        )
+
+
+@dataclass(frozen=True)
+class DirFacts:
+    """What a sweep found out about a dir and the processes its record names."""
+
+    #: Someone holds the dir's owner.lock (the owning harness process or one of its servers).
+    lock_held: bool
+    #: This boot's id (/proc/sys/kernel/random/boot_id).
+    boot_id: str
+    #: Those of the record's processes that are alive with the recorded start time.
+    living: frozenset[ProcessIdentity]
+    #: Seconds since the dir or its owner record last changed.
+    age_seconds: float
+    #: server.pid names a live process whose command line names the dir.
+    pid_file_server_alive: bool
+
+
+@dataclass(frozen=True)
+class SweepDecision:
+    remove: bool
+    reason: str
+
+
+def sweep_decision(record: OwnerRecord | None, facts: DirFacts) -> SweepDecision:
+    """Whether a sweep may delete a server temp dir: only when its owner is provably gone.
+
+    Provably gone means: nobody holds the dir's lock, and no process the owner record
+    names is alive with its recorded start time (or the record is from an earlier boot).
+    A dir without a record is left alone for an hour. A server pid that is dead proves
+    nothing on its own - a server that was restarted has a new one.
     """
-    for path in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+    if facts.lock_held:
+        return SweepDecision(False, "its owner.lock is held: the owning run or its server lives")
+    if facts.pid_file_server_alive:
+        return SweepDecision(False, "server.pid names a live server that runs from the dir")
+    if record is None:
+        if facts.age_seconds < _UNCLAIMED_DIR_GRACE_SECONDS:
+            return SweepDecision(False, "no owner record yet, and the dir is recent")
+        return SweepDecision(True, "no owner record and no live server for over an hour")
+    if record.boot_id != facts.boot_id:
+        return SweepDecision(True, f"run {record.run_id} was before the last reboot")
+    if facts.living:
+        pids = ", ".join(str(identity.pid) for identity in sorted(facts.living))
+        return SweepDecision(False, f"run {record.run_id}'s process {pids} is alive")
+    return SweepDecision(
+        True, f"run {record.run_id}'s harness and servers are gone and its lock is free"
+    )
+
+
+_RUN_ID: str | None = None
+
+
+def run_id() -> str:
+    """The id of this harness run (this process), recorded in the dirs it owns."""
+    global _RUN_ID
+    if _RUN_ID is None:
+        _RUN_ID = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    return _RUN_ID
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def _read_owner_record(base_dir: Path) -> OwnerRecord | None:
+    try:
+        return OwnerRecord.from_json(json.loads((base_dir / _OWNER_FILE).read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+class _DirClaim:
+    """This process's ownership of one server temp dir: the held lock and the record."""
+
+    def __init__(self, base_dir: Path) -> None:
+        self.base_dir = base_dir
+        self.run_id = run_id()
+        fd = os.open(base_dir / _OWNER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            pid = int((path / _SERVER_PID_FILE).read_text())
-        except (OSError, ValueError):
-            try:
-                if time.time() - path.stat().st_mtime < _STALE_UNSTARTED_DIR_SECONDS:
-                    continue
-            except OSError:
-                continue
+            # Blocks only while a concurrent sweep looks at the brand-new dir (and keeps it).
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd: int | None = fd
+        self._owner = process_identity(os.getpid())
+        self._servers: tuple[ProcessIdentity, ...] = ()
+        self._write()
+
+    @property
+    def lock_fd(self) -> int:
+        """The locked descriptor, for server processes to inherit (``pass_fds``)."""
+        if self._lock_fd is None:
+            raise InfraError(f"{self.base_dir} is no longer claimed by this process")
+        return self._lock_fd
+
+    @property
+    def record(self) -> OwnerRecord:
+        return OwnerRecord(self.run_id, _boot_id(), self._owner, self._servers)
+
+    def server_started(self, pid: int) -> ProcessIdentity:
+        identity = process_identity(pid)
+        if identity is None:
+            raise InfraError(f"server process {pid} in {self.base_dir} exited just after start")
+        self._servers = (identity,)
+        self._write()
+        _write_atomically(self.base_dir / _SERVER_PID_FILE, f"{pid}\n")
+        return identity
+
+    def server_stopping(self) -> None:
+        (self.base_dir / _SERVER_PID_FILE).unlink(missing_ok=True)
+        self._servers = ()
+        self._write()
+
+    def detach(self) -> None:
+        """Hand the dir to its running server: it holds the inherited lock from now on."""
+        self._owner = None
+        self._write()
+        self.release()
+
+    def release(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def _write(self) -> None:
+        _write_atomically(self.base_dir / _OWNER_FILE, json.dumps(self.record.to_json()) + "\n")
+
+
+@contextlib.contextmanager
+def _probe_lock(base_dir: Path) -> Iterator[bool]:
+    """Yield whether someone holds ``base_dir``'s owner.lock.
+
+    When nobody does, the sweep holds it itself until the block ends, so the dir cannot be
+    claimed while it is judged and removed. A lock that cannot even be opened (another
+    user's dir) counts as held: what we cannot judge we leave alone.
+    """
+    try:
+        fd = os.open(base_dir / _OWNER_LOCK, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        yield False
+        return
+    except OSError:
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            held = True
         else:
-            if _is_running(pid) and str(path) in _cmdline(pid):
-                continue
-        _remove_tree(path)
+            held = False
+        yield held
+    finally:
+        os.close(fd)
+
+
+def _pid_file_server_alive(base_dir: Path) -> bool:
+    try:
+        pid = int((base_dir / _SERVER_PID_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return _is_running(pid) and _names_dir(_cmdline(pid), base_dir)
+
+
+def _dir_facts(base_dir: Path, record: OwnerRecord | None, *, lock_held: bool) -> DirFacts:
+    named: list[ProcessIdentity] = []
+    if record is not None:
+        named = [*([record.owner] if record.owner is not None else []), *record.servers]
+    changed = 0.0
+    for path in (base_dir, base_dir / _OWNER_FILE):
+        with contextlib.suppress(OSError):
+            changed = max(changed, path.stat().st_mtime)
+    return DirFacts(
+        lock_held=lock_held,
+        boot_id=_boot_id(),
+        living=frozenset(identity for identity in named if is_alive(identity)),
+        age_seconds=time.time() - changed,
+        pid_file_server_alive=_pid_file_server_alive(base_dir),
+    )
+
+
+def _sweep_stale_dirs(prefix: str, root: Path | None = None) -> list[Path]:
+    """Delete the temp dirs of harness runs that are provably gone; return what was deleted.
+
+    Such dirs are left when a run is SIGKILLed: the kernel then kills its servers (see
+    ``_parent_death_hook``) but nobody removes their files. Which dirs qualify is
+    ``sweep_decision``'s to say; dirs of live runs - running, restarting or detached
+    servers alike - are never touched.
+    """
+    removed: list[Path] = []
+    for path in sorted(Path(root or tempfile.gettempdir()).glob(f"{prefix}*")):
+        if path.is_symlink() or not path.is_dir():
+            continue
+        with _probe_lock(path) as lock_held:
+            record = _read_owner_record(path)
+            if sweep_decision(record, _dir_facts(path, record, lock_held=lock_held)).remove:
+                _remove_tree(path)
+                removed.append(path)
+    return removed
+
+
+# --------------------------------------------------------------------------------------
+# the servers' shared lifecycle
+# --------------------------------------------------------------------------------------
 
 
 class _TempServer:
-    """Shared lifecycle of a server process that lives in a private temp directory."""
+    """Shared lifecycle of a server process that lives in a private temp directory.
+
+    Restarts (for fault tests): ``stop_process()`` stops the server but keeps its temp dir,
+    data and port; ``start_process()`` starts it again from them; ``restart()`` does both.
+    The dir stays owned by this harness run throughout (see "ownership" above), so no
+    concurrent run's sweep removes it while the server is down or after it came back with
+    a new pid. ``stop()`` ends it all: process and files.
+
+    Start and restart servers from a thread that lives as long as they should: the main
+    thread (as pytest runs tests and fixtures). From any other thread the server is
+    spawned by a helper thread that lives as long as the process, because the kernel's
+    parent-death signal fires when the *thread* that spawned a server ends.
+    """
 
     _stop_signal: signal.Signals = signal.SIGTERM
     _stop_timeout: float = 15.0
+    _start_timeout: float = 60.0
 
-    def __init__(self, *, process: subprocess.Popen[bytes], base_dir: Path, startup: float):
-        (base_dir / _SERVER_PID_FILE).write_text(f"{process.pid}\n")
+    def __init__(
+        self,
+        *,
+        process: subprocess.Popen[bytes],
+        base_dir: Path,
+        startup: float,
+        claim: _DirClaim,
+        die_with_parent: bool,
+    ):
         self._process: subprocess.Popen[bytes] | None = process
         self.base_dir = base_dir
         #: Seconds from ``start()`` until the server answered its first real request.
         self.startup_seconds = startup
+        self._claim = claim
+        self._die_with_parent = die_with_parent
+        self._detached = False
+        self._closed = False
+        self._owner_pid = os.getpid()
+        claim.server_started(process.pid)
         _LIVE.add(self)
+
+    @property
+    def run_id(self) -> str:
+        """The harness run that owns this server's temp dir."""
+        return self._claim.run_id
 
     @property
     def pid(self) -> int:
@@ -399,30 +941,93 @@ class _TempServer:
             raise InfraError(f"{type(self).__name__} is not running")
         return self._process.pid
 
-    def stop(self) -> None:
-        """Stop the server (signal, then SIGKILL after a timeout) and delete its files."""
-        _LIVE.discard(self)
+    @property
+    def running(self) -> bool:
+        """Whether the server process is alive (it may have been stopped or have crashed)."""
+        return self._process is not None and self._process.poll() is None
+
+    def _launch(self, deadline: float) -> subprocess.Popen[bytes]:
+        """Start the server process from the existing dir on the existing port(s)."""
+        raise NotImplementedError
+
+    def stop_process(self, *, kill: bool = False) -> None:
+        """Stop the server process but keep its dir, data and port for ``start_process()``.
+
+        ``kill=False`` shuts down cleanly (PostgreSQL "fast": sessions aborted, a checkpoint
+        written; Kafka: controlled shutdown). ``kill=True`` is a crash: the server and every
+        process it left get SIGKILL at once (PostgreSQL replays its WAL at the next start,
+        Kafka recovers its logs). No-op when the process is not running.
+        """
         process, self._process = self._process, None
-        if process is not None:
+        if process is None:
+            return
+        try:
+            self._claim.server_stopping()
+        finally:  # even with the dir gone (deleted under us), the process must be stopped
             _stop_group(
                 process.pid,
-                first_signal=self._stop_signal,
-                timeout=self._stop_timeout,
+                first_signal=signal.SIGKILL if kill else self._stop_signal,
+                timeout=0 if kill else self._stop_timeout,
                 popen=process,
+                base_dir=self.base_dir,
             )
+
+    def start_process(self, *, timeout: float | None = None) -> None:
+        """Start the server again after ``stop_process()``: same port, same data.
+
+        Returns once it serves. Its clients reconnect to the same address. Raises
+        InfraError if it does not come up within ``timeout`` seconds, or if another
+        process took its port meanwhile (the port cannot change: clients hold the URL).
+        A server that crashed on its own is cleaned up and started the same way.
+        """
+        if self._detached or self._closed:
+            raise InfraError(f"{type(self).__name__} in {self.base_dir} was stopped or detached")
+        if self.running:
+            raise InfraError(f"{type(self).__name__} in {self.base_dir} is already running")
+        self.stop_process()  # a crashed process: reap it and its stragglers first
+        deadline = time.monotonic() + (self._start_timeout if timeout is None else timeout)
+        process = self._launch(deadline)
+        self._process = process
+        try:
+            self._claim.server_started(process.pid)
+        except BaseException:
+            self.stop_process(kill=True)
+            raise
+
+    def restart(self, *, kill: bool = False, timeout: float | None = None) -> None:
+        """``stop_process(kill=kill)`` then ``start_process(timeout=timeout)``."""
+        self.stop_process(kill=kill)
+        self.start_process(timeout=timeout)
+
+    def stop(self) -> None:
+        """Stop the server (signal, then SIGKILL after a timeout) and delete its files."""
+        if self._detached:
+            return
+        _LIVE.discard(self)
+        self._closed = True
+        self.stop_process()
         _remove_tree(self.base_dir)
+        self._claim.release()
 
     def detach(self) -> dict[str, Any]:
         """Leave the server running after this process exits; return what ``stop_detached`` needs.
 
-        Only meaningful for servers started with ``die_with_parent=False``.
+        Only meaningful for servers started with ``die_with_parent=False``. The dir passes
+        to the server itself: it keeps holding the inherited owner lock, and the record
+        names it alone, so sweeps leave the dir be for as long as the server runs.
         """
-        _LIVE.discard(self)
-        process, self._process = self._process, None
-        if process is None:
+        process = self._process
+        if process is None or self._detached:
             raise InfraError(f"{type(self).__name__} is not running")
+        server = self._claim.record.servers[0]
+        _LIVE.discard(self)
+        self._process = None
+        self._detached = True
+        self._claim.detach()
         return {
             "pid": process.pid,
+            "start_ticks": server.start_ticks,
+            "run_id": self._claim.run_id,
             "base_dir": str(self.base_dir),
             "stop_signal": self._stop_signal.name,
             "stop_timeout": self._stop_timeout,
@@ -443,24 +1048,62 @@ class _TempServer:
 def is_server_running(state: dict[str, Any]) -> bool:
     """Whether the server described by ``_TempServer.detach()`` is still alive.
 
-    The pid only counts while its command line still names the server's temp dir, so a
-    stale state file can never make us signal an unrelated process that reused the pid.
+    The pid only counts while it is the very process that was detached (same start time)
+    and its command line still names the server's temp dir, so a stale state file can never
+    make us signal an unrelated process that reused the pid.
     """
     pid = int(state["pid"])
-    return _is_running(pid) and str(state["base_dir"]) in _cmdline(pid)
+    started = state.get("start_ticks")
+    if started is not None and process_identity(pid) != ProcessIdentity(pid, int(started)):
+        return False
+    return _is_running(pid) and _names_dir(_cmdline(pid), _server_dir(state))
+
+
+def _server_dir(state: dict[str, Any]) -> Path:
+    """The temp dir a state file names, if it can be one of ours.
+
+    Its processes are killed and its files deleted, so a damaged state file must not be able
+    to point that anywhere else ("/", a home folder).
+    """
+    base_dir = Path(str(state["base_dir"]))
+    prefixes = (_PG_DIR_PREFIX, _KAFKA_DIR_PREFIX)
+    if (
+        not base_dir.is_absolute()
+        or ".." in base_dir.parts
+        or not base_dir.name.startswith(prefixes)
+    ):
+        raise InfraError(f"{base_dir} is not a test server dir: refusing to stop or delete it")
+    return base_dir
 
 
 def stop_detached(state: dict[str, Any]) -> bool:
-    """Stop a server described by ``_TempServer.detach()``; False if it was already gone."""
+    """Stop a server described by ``_TempServer.detach()``; False if it was already gone.
+
+    Its temp dir is deleted only while it still belongs to the detached run (its owner
+    record names the same run id), never a dir that someone else owns by now.
+    """
+    base_dir = _server_dir(state)
+    pid = int(state["pid"])
     stopped = False
-    if is_server_running(state):
+    # Taken before the check below, so that the process checked is the one signalled.
+    identity = (
+        ProcessIdentity(pid, int(state["start_ticks"]))
+        if "start_ticks" in state
+        else process_identity(pid)
+    )
+    if identity is not None and is_server_running(state):
         _stop_group(
-            int(state["pid"]),
+            identity.pid,
             first_signal=signal.Signals[str(state["stop_signal"])],
             timeout=float(state["stop_timeout"]),
+            base_dir=base_dir,
+            identity=identity,
         )
         stopped = True
-    _remove_tree(Path(state["base_dir"]))
+    record = _read_owner_record(base_dir)
+    recorded_run = None if record is None else record.run_id
+    if recorded_run == state.get("run_id"):
+        _remove_tree(base_dir)
     return stopped
 
 
@@ -480,8 +1123,21 @@ _LIVE: set[_TempServer] = set()
 def _stop_all_servers() -> None:
     """Backstop: stop every server this process started and did not stop or detach."""
     for server in list(_LIVE):
+        if server._owner_pid != os.getpid():  # inherited through fork: not this process's
+            continue
         with contextlib.suppress(Exception):
             server.stop()
+
+
+def _forget_after_fork() -> None:
+    """A forked child is not the harness run: it must neither stop nor sweep as one."""
+    global _RUN_ID
+    _LIVE.clear()
+    _RUN_ID = None
+    _SPAWNER.forget()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 # --------------------------------------------------------------------------------------
@@ -626,7 +1282,10 @@ class PostgresServer(_TempServer):
     """A private PostgreSQL cluster in a temp dir; see the module docstring.
 
     ``url`` points at the ``postgres`` maintenance database; tests should work in a
-    database of their own from ``create_database()``.
+    database of their own from ``create_database()``. ``stop_process()``,
+    ``start_process()`` and ``restart()`` (see ``_TempServer``) stop and start the same
+    cluster on the same port, as ``pg_ctl -m fast stop`` / ``start`` would; its databases
+    survive, its client connections do not.
     """
 
     _stop_signal = signal.SIGINT  # "fast" shutdown: abort sessions, no waiting for clients
@@ -638,14 +1297,26 @@ class PostgresServer(_TempServer):
         process: subprocess.Popen[bytes],
         base_dir: Path,
         startup: float,
+        claim: _DirClaim,
+        die_with_parent: bool,
         port: int,
         version: str,
+        bindir: Path,
+        run_as: _OsUser | None,
     ):
-        super().__init__(process=process, base_dir=base_dir, startup=startup)
+        super().__init__(
+            process=process,
+            base_dir=base_dir,
+            startup=startup,
+            claim=claim,
+            die_with_parent=die_with_parent,
+        )
         self.host = LOOPBACK
         self.port = port
         self.user = PG_SUPERUSER
         self.version = version
+        self._bindir = bindir
+        self._run_as = run_as
 
     @property
     def url(self) -> str:
@@ -657,9 +1328,29 @@ class PostgresServer(_TempServer):
         """libpq DSN of the maintenance database (psql, psycopg)."""
         return f"postgresql://{self.user}@{self.host}:{self.port}/postgres"
 
+    @property
+    def data_dir(self) -> Path:
+        return self.base_dir / "data"
+
     def create_database(self, name: str | None = None) -> str:
         """Create a fresh database and return its SQLAlchemy async URL."""
         return create_database(self.url, name)
+
+    def _launch(self, deadline: float) -> subprocess.Popen[bytes]:
+        try:
+            return _launch_postgres(
+                bindir=self._bindir,
+                base_dir=self.base_dir,
+                port=self.port,
+                run_as=self._run_as,
+                die_with_parent=self._die_with_parent,
+                lock_fd=self._claim.lock_fd,
+                deadline=deadline,
+            )
+        except _PortTaken as exc:
+            raise InfraError(
+                f"PostgreSQL cannot start again: another process took its port {self.port}"
+            ) from exc
 
     @classmethod
     def start(cls, *, timeout: float = 60.0, die_with_parent: bool = True) -> PostgresServer:
@@ -669,61 +1360,107 @@ class PostgresServer(_TempServer):
         run_as = _postgres_os_user()
         _sweep_stale_dirs(_PG_DIR_PREFIX)
         base_dir = Path(tempfile.mkdtemp(prefix=_PG_DIR_PREFIX))
+        claim: _DirClaim | None = None
         process: subprocess.Popen[bytes] | None = None
         try:
+            claim = _DirClaim(base_dir)
             data_dir = base_dir / "data"
             sockets = base_dir / "sockets"
             sockets.mkdir()
             if run_as is not None:
                 for path in (base_dir, sockets):
                     os.chown(path, run_as.uid, run_as.gid)
-            env = _child_env()
             _run(
                 [bindir / "initdb", "--pgdata", data_dir, *_INITDB_OPTIONS],
                 what="initdb",
                 timeout=120,
                 cwd=base_dir,
                 run_as=run_as,
-                env=env,
+                env=_child_env(),
             )
             (data_dir / "pg_hba.conf").write_text(_PG_HBA)
             with (data_dir / "postgresql.conf").open("a") as conf:
                 conf.write(_PG_SETTINGS.format(sockets=sockets))
 
-            log_path = base_dir / "postgres.log"
             deadline = started + timeout
             for _attempt in range(_PORT_ATTEMPTS):
                 port = free_port()
-                process = _spawn(
-                    [bindir / "postgres", "-D", data_dir, "-p", str(port)],
-                    log_path=log_path,
-                    cwd=base_dir,
-                    run_as=run_as,
-                    die_with_parent=die_with_parent,
-                    env=env,
-                )
                 try:
-                    _wait_for_postgres(process, data_dir, port, log_path, deadline)
+                    process = _launch_postgres(
+                        bindir=bindir,
+                        base_dir=base_dir,
+                        port=port,
+                        run_as=run_as,
+                        die_with_parent=die_with_parent,
+                        lock_fd=claim.lock_fd,
+                        deadline=deadline,
+                    )
                 except _PortTaken:
-                    _stop_group(process.pid, first_signal=signal.SIGKILL, timeout=0, popen=process)
-                    process = None
                     continue
                 return cls(
                     process=process,
                     base_dir=base_dir,
                     startup=time.monotonic() - started,
+                    claim=claim,
+                    die_with_parent=die_with_parent,
                     port=port,
                     version=bindir.parent.name,
+                    bindir=bindir,
+                    run_as=run_as,
                 )
             raise InfraError(
                 f"PostgreSQL could not bind a free port in {_PORT_ATTEMPTS} attempts:\n"
-                f"{_tail(log_path)}"
+                f"{_tail(base_dir / 'postgres.log')}"
             )
         except BaseException:
             if process is not None:
-                _stop_group(process.pid, first_signal=signal.SIGKILL, timeout=0, popen=process)
+                _stop_group(
+                    process.pid,
+                    first_signal=signal.SIGKILL,
+                    timeout=0,
+                    popen=process,
+                    base_dir=base_dir,
+                )
             _remove_tree(base_dir)
+            if claim is not None:
+                claim.release()
             raise
+
+
+def _launch_postgres(
+    *,
+    bindir: Path,
+    base_dir: Path,
+    port: int,
+    run_as: _OsUser | None,
+    die_with_parent: bool,
+    lock_fd: int,
+    deadline: float,
+) -> subprocess.Popen[bytes]:
+    """Start the postmaster of the cluster in ``base_dir``; return once it serves.
+
+    Raises ``_PortTaken`` when the port was taken, InfraError for any other failure; the
+    process is gone in both cases.
+    """
+    data_dir = base_dir / "data"
+    log_path = base_dir / "postgres.log"
+    process = _spawn(
+        [bindir / "postgres", "-D", data_dir, "-p", str(port)],
+        log_path=log_path,
+        cwd=base_dir,
+        run_as=run_as,
+        die_with_parent=die_with_parent,
+        env=_child_env(),
+        pass_fds=(lock_fd,),
+    )
+    try:
+        _wait_for_postgres(process, data_dir, port, log_path, deadline)
+    except BaseException:
+        _stop_group(
+            process.pid, first_signal=signal.SIGKILL, timeout=0, popen=process, base_dir=base_dir
+        )
+        raise
+    return process
 
 
 def _wait_for_postgres(
@@ -862,31 +1599,42 @@ def kafka_version(pom: Path = KAFKA_POM) -> str:
 def ensure_kafka_jars(pom: Path = KAFKA_POM) -> KafkaDistribution:
     """Return the Kafka class path, fetching it with Maven into the cache on first use.
 
-    The cache folder is ``<cache>/kafka-<version>/libs``; a ``.complete`` marker holding the
-    pom's hash is written last, so an interrupted download or an edited pom refetches.
+    The cache folder is ``<cache>/kafka-<version>/libs-<hash of the pom>``, complete once
+    its ``.complete`` marker exists (written last, so an interrupted download refetches).
+    A folder is never replaced or deleted: a broker of another run - another checkout with
+    another pom - may be running from it, and would lose the jars it has not opened yet.
+    The ``libs`` folder of older harness versions is still used while its ``.complete``
+    marker holds the pom's hash.
     """
     version = kafka_version(pom)
     home = cache_dir() / f"kafka-{version}"
-    libs = home / "libs"
-    marker = home / ".complete"
     pom_hash = hashlib.sha256(pom.read_bytes()).hexdigest()
+    libs = home / f"libs-{pom_hash[:16]}"
+    marker = home / f"libs-{pom_hash[:16]}.complete"
 
-    def complete() -> bool:
-        try:
-            return marker.read_text().strip() == pom_hash and libs.is_dir()
-        except OSError:
-            return False
+    def cached() -> Path | None:
+        with contextlib.suppress(OSError):
+            legacy = home / "libs"
+            if (home / ".complete").read_text().strip() == pom_hash and legacy.is_dir():
+                return legacy
+        with contextlib.suppress(OSError):
+            if marker.read_text().strip() == pom_hash and libs.is_dir():
+                return libs
+        return None
 
-    if complete():
-        return KafkaDistribution(version, libs)
+    found = cached()
+    if found is not None:
+        return KafkaDistribution(version, found)
     with _file_lock(home.with_name(f"kafka-{version}.lock")):
-        if complete():
-            return KafkaDistribution(version, libs)
+        found = cached()
+        if found is not None:
+            return KafkaDistribution(version, found)
         mvn = shutil.which("mvn")
         if mvn is None:
             raise InfraError("Maven (mvn) is needed to fetch the Kafka jars: apt-get install maven")
         home.mkdir(parents=True, exist_ok=True)
-        partial = home / f"libs.partial-{os.getpid()}"
+        # Under the lock: whoever left this (an interrupted fetch) is gone.
+        partial = home / f"{libs.name}.partial"
         _remove_tree(partial)
         try:
             maven: list[str | Path] = [mvn, "-q", "-B", "-Dstyle.color=never", "-f", pom]
@@ -898,9 +1646,10 @@ def ensure_kafka_jars(pom: Path = KAFKA_POM) -> KafkaDistribution:
             )
             if not (partial / f"kafka_2.13-{version}.jar").is_file():
                 raise InfraError(f"Maven finished but kafka_2.13-{version}.jar is not in {partial}")
-            marker.unlink(missing_ok=True)
-            _remove_tree(libs)
-            partial.rename(libs)
+            if libs.exists():  # complete but unmarked (interrupted after the rename): keep it
+                _remove_tree(partial)
+            else:
+                partial.rename(libs)
             marker.write_text(pom_hash + "\n")
         finally:
             _remove_tree(partial)
@@ -1021,10 +1770,17 @@ def wait_for_kafka(bootstrap: str, timeout: float = 30.0) -> None:
 
 
 class KafkaServer(_TempServer):
-    """A single-node Apache Kafka 4.x KRaft cluster in a temp dir; see the module docstring."""
+    """A single-node Apache Kafka 4.x KRaft cluster in a temp dir; see the module docstring.
+
+    ``stop_process()``, ``start_process()`` and ``restart()`` (see ``_TempServer``) stop the
+    broker (controlled shutdown, or a crash with ``kill=True``) and start it again with the
+    same storage, cluster id and ports: its topics, committed offsets and transactions
+    survive; clients reconnect to the same bootstrap address.
+    """
 
     _stop_signal = signal.SIGTERM  # runs the broker's shutdown hook: controlled shutdown
     _stop_timeout = 20.0
+    _start_timeout = 120.0
 
     def __init__(
         self,
@@ -1032,16 +1788,28 @@ class KafkaServer(_TempServer):
         process: subprocess.Popen[bytes],
         base_dir: Path,
         startup: float,
+        claim: _DirClaim,
+        die_with_parent: bool,
         port: int,
         controller_port: int,
         version: str,
         cluster_id: str,
+        java: str,
+        classpath: str,
     ):
-        super().__init__(process=process, base_dir=base_dir, startup=startup)
+        super().__init__(
+            process=process,
+            base_dir=base_dir,
+            startup=startup,
+            claim=claim,
+            die_with_parent=die_with_parent,
+        )
         self.port = port
         self.controller_port = controller_port
         self.version = version
         self.cluster_id = cluster_id
+        self._java = java
+        self._classpath = classpath
 
     @property
     def bootstrap(self) -> str:
@@ -1051,6 +1819,23 @@ class KafkaServer(_TempServer):
     def log_file(self) -> Path:
         return self.base_dir / "server.log"
 
+    def _launch(self, deadline: float) -> subprocess.Popen[bytes]:
+        try:
+            return _launch_kafka(
+                java=self._java,
+                classpath=self._classpath,
+                base_dir=self.base_dir,
+                bootstrap=self.bootstrap,
+                die_with_parent=self._die_with_parent,
+                lock_fd=self._claim.lock_fd,
+                deadline=deadline,
+            )
+        except _PortTaken as exc:
+            raise InfraError(
+                f"Kafka cannot start again: another process took port {self.port} "
+                f"or {self.controller_port}"
+            ) from exc
+
     @classmethod
     def start(cls, *, timeout: float = 120.0, die_with_parent: bool = True) -> KafkaServer:
         """Format storage and start the broker; return once it serves metadata requests."""
@@ -1059,15 +1844,16 @@ class KafkaServer(_TempServer):
         java = _java()
         _sweep_stale_dirs(_KAFKA_DIR_PREFIX)
         base_dir = Path(tempfile.mkdtemp(prefix=_KAFKA_DIR_PREFIX))
+        claim: _DirClaim | None = None
         process: subprocess.Popen[bytes] | None = None
         try:
+            claim = _DirClaim(base_dir)
             data_dir = base_dir / "data"
             properties = base_dir / "server.properties"
             (base_dir / "log4j2.xml").write_text(
                 _KAFKA_LOG4J2.format(log_file=base_dir / "server.log")
             )
             cluster_id = _new_cluster_id()
-            jvm_output = base_dir / "kafka.out"
             deadline = started + timeout
             formatted = False
             for _attempt in range(_PORT_ATTEMPTS):
@@ -1098,36 +1884,30 @@ class KafkaServer(_TempServer):
                         cwd=base_dir,
                     )
                     formatted = True
-                process = _spawn(
-                    [
-                        java,
-                        *_BROKER_JVM_OPTIONS,
-                        *_logging_options(base_dir),
-                        "-cp",
-                        distribution.classpath,
-                        _KAFKA_MAIN,
-                        properties,
-                    ],
-                    log_path=jvm_output,
-                    cwd=base_dir,
-                    run_as=None,
-                    die_with_parent=die_with_parent,
-                )
-                bootstrap = f"{LOOPBACK}:{port}"
                 try:
-                    _wait_for_broker(process, bootstrap, base_dir, deadline)
+                    process = _launch_kafka(
+                        java=java,
+                        classpath=distribution.classpath,
+                        base_dir=base_dir,
+                        bootstrap=f"{LOOPBACK}:{port}",
+                        die_with_parent=die_with_parent,
+                        lock_fd=claim.lock_fd,
+                        deadline=deadline,
+                    )
                 except _PortTaken:
-                    _stop_group(process.pid, first_signal=signal.SIGKILL, timeout=0, popen=process)
-                    process = None
                     continue
                 return cls(
                     process=process,
                     base_dir=base_dir,
                     startup=time.monotonic() - started,
+                    claim=claim,
+                    die_with_parent=die_with_parent,
                     port=port,
                     controller_port=controller_port,
                     version=distribution.version,
                     cluster_id=cluster_id,
+                    java=java,
+                    classpath=distribution.classpath,
                 )
             raise InfraError(
                 f"Kafka could not bind free ports in {_PORT_ATTEMPTS} attempts:\n"
@@ -1135,9 +1915,58 @@ class KafkaServer(_TempServer):
             )
         except BaseException:
             if process is not None:
-                _stop_group(process.pid, first_signal=signal.SIGKILL, timeout=0, popen=process)
+                _stop_group(
+                    process.pid,
+                    first_signal=signal.SIGKILL,
+                    timeout=0,
+                    popen=process,
+                    base_dir=base_dir,
+                )
             _remove_tree(base_dir)
+            if claim is not None:
+                claim.release()
             raise
+
+
+def _launch_kafka(
+    *,
+    java: str,
+    classpath: str,
+    base_dir: Path,
+    bootstrap: str,
+    die_with_parent: bool,
+    lock_fd: int,
+    deadline: float,
+) -> subprocess.Popen[bytes]:
+    """Start the broker configured in ``base_dir``; return once it serves metadata requests.
+
+    Raises ``_PortTaken`` when a port was taken, InfraError for any other failure; the
+    process is gone in both cases.
+    """
+    process = _spawn(
+        [
+            java,
+            *_BROKER_JVM_OPTIONS,
+            *_logging_options(base_dir),
+            "-cp",
+            classpath,
+            _KAFKA_MAIN,
+            base_dir / "server.properties",
+        ],
+        log_path=base_dir / "kafka.out",
+        cwd=base_dir,
+        run_as=None,
+        die_with_parent=die_with_parent,
+        pass_fds=(lock_fd,),
+    )
+    try:
+        _wait_for_broker(process, bootstrap, base_dir, deadline)
+    except BaseException:
+        _stop_group(
+            process.pid, first_signal=signal.SIGKILL, timeout=0, popen=process, base_dir=base_dir
+        )
+        raise
+    return process
 
 
 def _kafka_logs(base_dir: Path) -> str:
