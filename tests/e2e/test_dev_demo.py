@@ -69,7 +69,7 @@ def test_dev_demo_comes_alive_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> Non
             "CREDITWATCH_ASSESSMENT_PORT": str(assessment),
             "CREDITWATCH_LIMITS_PORT": str(limits),
             "CREDITWATCH_ALERTS_PORT": str(alerts),
-            "CREDITWATCH_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker}",
+            "CREDITWATCH_DEV_BROKER_PORT": str(broker),
             "PYTHONPATH": str(ROOT),
             "PYTHONUNBUFFERED": "1",
         }
