@@ -146,6 +146,22 @@ def test_given_run_b_killed_after_a_restart_when_run_a_sweeps_then_only_run_b_di
     _assert_answers(run_a)
 
 
+def test_given_a_bystander_process_in_the_server_dir_when_the_server_is_killed_then_it_lives(
+    run_a: RunA,
+) -> None:
+    # Stragglers of a crashed PostgreSQL are found by their working dir; a shell someone
+    # opened there to look around is no straggler.
+    bystander = subprocess.Popen(["sleep", "120"], cwd=run_a.pg.data_dir)
+    try:
+        run_a.pg.restart(kill=True)
+
+        assert bystander.poll() is None
+        _assert_answers(run_a)
+    finally:
+        bystander.kill()
+        bystander.wait(timeout=10)
+
+
 def test_given_a_detached_server_when_another_run_sweeps_then_it_survives_until_stopped() -> None:
     done = subprocess.run(
         [sys.executable, "-c", DETACHED],

@@ -479,16 +479,24 @@ def _names_dir(cmdline: str, directory: Path) -> bool:
     return re.search(re.escape(str(directory)) + r"(?=/|\s|$)", cmdline) is not None
 
 
+def _executable(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
 def _related_processes(
-    leader: ProcessIdentity | None, base_dir: Path | None
+    leader: ProcessIdentity | None, base_dir: Path | None, executable: str | None
 ) -> set[ProcessIdentity]:
     """The processes that belong to a server, found before it is stopped.
 
     Those are the leader's process group and descendants (only while the leader itself is
-    alive: once it is gone its pid and group id may name strangers) and every process whose
-    working directory lies inside the server's own temp dir (PostgreSQL's backends run in
-    its data dir and outlive a SIGKILLed postmaster for a moment; nothing else on the
-    machine works inside a dir that ``mkdtemp`` made for us).
+    alive: once it is gone its pid and group id may name strangers) and every process of
+    the server's ``executable`` whose working directory lies inside the server's own temp
+    dir (PostgreSQL's backends run in its data dir and outlive a SIGKILLed postmaster for a
+    moment). The executable must match so that, say, a shell someone opened in the dir to
+    look around is not taken for part of the server.
     """
     related: set[ProcessIdentity] = set()
     table = _all_processes()
@@ -504,10 +512,11 @@ def _related_processes(
                 if child.identity not in related:
                     related.add(child.identity)
                     pending.append(child.identity.pid)
-    if base_dir is not None:
+    if base_dir is not None and executable is not None:
         for stat in table:
             with contextlib.suppress(OSError):
-                if _inside(os.readlink(f"/proc/{stat.identity.pid}/cwd"), base_dir):
+                cwd = os.readlink(f"/proc/{stat.identity.pid}/cwd")
+                if _inside(cwd, base_dir) and _executable(stat.identity.pid) == executable:
                     related.add(stat.identity)
     return {
         identity
@@ -584,7 +593,13 @@ def _stop_group(
     leader = identity if identity is not None else process_identity(pid)
     if popen is not None and _child_exited(popen):
         leader = None
-    related = _related_processes(leader, base_dir)
+    executable = _executable(leader.pid) if leader is not None else None
+    if popen is not None:
+        argv = popen.args
+        program = argv[0] if isinstance(argv, (list, tuple)) and argv else argv
+        if isinstance(program, (str, bytes, os.PathLike)):
+            executable = os.path.realpath(os.fsdecode(program))
+    related = _related_processes(leader, base_dir, executable)
 
     def leader_gone() -> bool:
         if popen is not None:
@@ -605,7 +620,7 @@ def _stop_group(
             os.killpg(pid, signal.SIGKILL)
     elif leader is not None:
         _signal_identity(leader, signal.SIGKILL)
-    related |= _related_processes(None, base_dir)  # a child forked after the first look
+    related |= _related_processes(None, base_dir, executable)  # forked after the first look
     for straggler in related:
         _signal_identity(straggler, signal.SIGKILL)
     if popen is not None:
@@ -770,7 +785,11 @@ class _DirClaim:
         self._lock_fd: int | None = fd
         self._owner = process_identity(os.getpid())
         self._servers: tuple[ProcessIdentity, ...] = ()
-        self._write()
+        try:
+            self._write()
+        except BaseException:
+            self.release()
+            raise
 
     @property
     def lock_fd(self) -> int:
@@ -1005,9 +1024,11 @@ class _TempServer:
             return
         _LIVE.discard(self)
         self._closed = True
-        self.stop_process()
-        _remove_tree(self.base_dir)
-        self._claim.release()
+        try:
+            self.stop_process()  # raises only if the dir was deleted under us: worth knowing
+        finally:
+            _remove_tree(self.base_dir)
+            self._claim.release()
 
     def detach(self) -> dict[str, Any]:
         """Leave the server running after this process exits; return what ``stop_detached`` needs.
