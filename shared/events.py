@@ -37,6 +37,7 @@ from shared.money import (
     MONEY_CONTEXT,
     AmountError,
     is_currency,
+    is_iso_code,
     parse_amount,
     parse_decimal,
     quantize,
@@ -951,6 +952,16 @@ def parse(
             field="subject",
         )
     currency = data.get("currency")
+    if isinstance(currency, str) and is_iso_code(currency) and not is_currency(currency):
+        # A real ISO 4217 code (XAU, XDR) that no amount can be held in: the contract's
+        # "converted with the rates of the policy, or set aside with no_fx_rate" — the
+        # policy cannot rate it.
+        raise DeadLetter(
+            NO_FX_RATE,
+            f"data.currency: {currency} is an ISO 4217 code without minor units; the policy "
+            "has no rate for it",
+            field="data.currency",
+        )
     if isinstance(currency, str) and not is_currency(currency):
         raise DeadLetter(
             UNKNOWN_CURRENCY,

@@ -16,37 +16,24 @@ from decimal import (
     InvalidOperation,
     Overflow,
 )
+from types import MappingProxyType
 from typing import Final, Literal, TypeGuard
 
-# ISO 4217 List One (SIX, published 2026-01-01): alphabetic code -> minor units.
-# Codes whose minor unit is "N.A." (precious metals XAU/XAG/XPD/XPT, the bond-market units
-# XBA-XBD, XDR, XSU, XUA, the testing code XTS and XXX "no currency") are left out on
-# purpose: an invoice or a credit limit cannot be denominated in them. Withdrawn codes
-# (BGN since the euro changeover on 2026-01-01, ANG -> XCG, HRK, CUC, SLL, ZWL, VEF, ...)
-# are not active and are therefore unknown here.
-CURRENCY_MINOR_UNITS: Final[Mapping[str, int]] = {
-    "AED": 2, "AFN": 2, "ALL": 2, "AMD": 2, "AOA": 2, "ARS": 2, "AUD": 2, "AWG": 2,
-    "AZN": 2, "BAM": 2, "BBD": 2, "BDT": 2, "BHD": 3, "BIF": 0, "BMD": 2, "BND": 2,
-    "BOB": 2, "BOV": 2, "BRL": 2, "BSD": 2, "BTN": 2, "BWP": 2, "BYN": 2, "BZD": 2,
-    "CAD": 2, "CDF": 2, "CHE": 2, "CHF": 2, "CHW": 2, "CLF": 4, "CLP": 0, "CNY": 2,
-    "COP": 2, "COU": 2, "CRC": 2, "CUP": 2, "CVE": 2, "CZK": 2, "DJF": 0, "DKK": 2,
-    "DOP": 2, "DZD": 2, "EGP": 2, "ERN": 2, "ETB": 2, "EUR": 2, "FJD": 2, "FKP": 2,
-    "GBP": 2, "GEL": 2, "GHS": 2, "GIP": 2, "GMD": 2, "GNF": 0, "GTQ": 2, "GYD": 2,
-    "HKD": 2, "HNL": 2, "HTG": 2, "HUF": 2, "IDR": 2, "ILS": 2, "INR": 2, "IQD": 3,
-    "IRR": 2, "ISK": 0, "JMD": 2, "JOD": 3, "JPY": 0, "KES": 2, "KGS": 2, "KHR": 2,
-    "KMF": 0, "KPW": 2, "KRW": 0, "KWD": 3, "KYD": 2, "KZT": 2, "LAK": 2, "LBP": 2,
-    "LKR": 2, "LRD": 2, "LSL": 2, "LYD": 3, "MAD": 2, "MDL": 2, "MGA": 2, "MKD": 2,
-    "MMK": 2, "MNT": 2, "MOP": 2, "MRU": 2, "MUR": 2, "MVR": 2, "MWK": 2, "MXN": 2,
-    "MXV": 2, "MYR": 2, "MZN": 2, "NAD": 2, "NGN": 2, "NIO": 2, "NOK": 2, "NPR": 2,
-    "NZD": 2, "OMR": 3, "PAB": 2, "PEN": 2, "PGK": 2, "PHP": 2, "PKR": 2, "PLN": 2,
-    "PYG": 0, "QAR": 2, "RON": 2, "RSD": 2, "RUB": 2, "RWF": 0, "SAR": 2, "SBD": 2,
-    "SCR": 2, "SDG": 2, "SEK": 2, "SGD": 2, "SHP": 2, "SLE": 2, "SOS": 2, "SRD": 2,
-    "SSP": 2, "STN": 2, "SVC": 2, "SYP": 2, "SZL": 2, "THB": 2, "TJS": 2, "TMT": 2,
-    "TND": 3, "TOP": 2, "TRY": 2, "TTD": 2, "TWD": 2, "TZS": 2, "UAH": 2, "UGX": 0,
-    "USD": 2, "USN": 2, "UYI": 0, "UYU": 2, "UYW": 4, "UZS": 2, "VED": 2, "VES": 2,
-    "VND": 0, "VUV": 0, "WST": 2, "XAD": 2, "XAF": 0, "XCD": 2, "XCG": 2, "XOF": 0,
-    "XPF": 0, "YER": 2, "ZAR": 2, "ZMW": 2, "ZWG": 2,
-}  # fmt: skip
+import iso4217 as _iso4217
+
+# ISO 4217 List One, from the `iso4217` package (kept current with SIX's publication): the
+# active codes with their minor units. Codes whose minor unit is "N.A." (precious metals
+# XAU/XAG/XPD/XPT, the bond-market units XBA-XBD, XDR, XSU, XUA, the testing code XTS and
+# XXX "no currency") are real codes, but no amount can be held in them: an invoice or a
+# credit limit in them has nothing to round to, and the policy cannot rate them. Withdrawn
+# codes (BGN since the euro changeover on 2026-01-01, ANG -> XCG, HRK, CUC, ...) are not
+# active and are therefore unknown here.
+CURRENCY_MINOR_UNITS: Final[Mapping[str, int]] = MappingProxyType(
+    {c.code: c.exponent for c in _iso4217.Currency if c.exponent is not None}
+)
+CODES_WITHOUT_MINOR_UNITS: Final[frozenset[str]] = frozenset(
+    c.code for c in _iso4217.Currency if c.exponent is None
+)
 
 MAX_MINOR_UNITS: Final = max(CURRENCY_MINOR_UNITS.values())
 MAX_AMOUNT: Final = Decimal(10) ** 15
@@ -82,6 +69,11 @@ class AmountError(ValueError):
 def is_currency(code: object) -> TypeGuard[str]:
     """True for an active ISO 4217 code (upper case, as the standard writes it)."""
     return isinstance(code, str) and code in CURRENCY_MINOR_UNITS
+
+
+def is_iso_code(code: object) -> TypeGuard[str]:
+    """True for any active ISO 4217 code, also one that no amount can be held in (XAU)."""
+    return is_currency(code) or (isinstance(code, str) and code in CODES_WITHOUT_MINOR_UNITS)
 
 
 def minor_units(code: str) -> int:

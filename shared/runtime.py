@@ -565,8 +565,10 @@ def _canon(value: Any) -> Any:
     return value
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:500]
+def _describe(exc: BaseException, limit: int = 500) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    # A cut text says so: a dead letter's reader must not take a prefix for the whole.
+    return text if len(text) <= limit else text[: limit - 14] + " …[truncated]"
 
 
 # ---- the loops ------------------------------------------------------------------------------

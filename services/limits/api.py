@@ -39,6 +39,7 @@ from shared.money import (
     AmountError,
     convert,
     is_currency,
+    is_iso_code,
     parse_amount,
     parse_decimal,
     rate_between,
@@ -86,7 +87,9 @@ _SORT_VALUE: dict[str, Callable[[Any], Any]] = {
 
 
 def _currency(value: object) -> str:
-    if not is_currency(value):
+    # Any active ISO 4217 code is a currency an order may be in; one the policy cannot
+    # rate (XAU, or one without a rate) is a decision (currency_mismatch), not a 422.
+    if not is_iso_code(value):
         raise ValueError(f"unknown ISO 4217 currency code {str(value)[:20]!r}")
     return str(value)
 
@@ -110,8 +113,9 @@ class CheckRequest(BaseModel):
     def _amount(cls, value: object, info: ValidationInfo) -> Decimal:
         ccy = info.data.get("currency")
         try:
-            if ccy is None:
-                # The currency is wrong and reported on its own; judge the number alone.
+            if ccy is None or not is_currency(ccy):
+                # The currency is wrong and reported on its own, or has no minor units to
+                # judge the number by (XAU): judge the number alone.
                 return parse_decimal(value, field="amount", places=MAX_MINOR_UNITS)
             return parse_amount(value, ccy, field="amount")
         except AmountError as exc:

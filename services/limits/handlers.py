@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from services.limits import domain, store
 from services.limits import events as ev
 from shared.events import DeadLetter, Envelope, new_event, trusted_event
-from shared.money import MONEY_CONTEXT, quantize
+from shared.money import MONEY_CONTEXT, is_currency, quantize
 from shared.policy import Policy
 from shared.projection import CommittedStates, as_json, plain_json
 from shared.runtime import Incoming, Tx
@@ -62,6 +62,9 @@ def money(amount: Decimal, currency: str) -> str:
     """An amount as the API and events show it: the currency's minor units, no exponent."""
     key = (amount, currency, amount.is_signed())  # equal amounts, one spelling ("-0.00")
     text = _SHOWN.get(key)
+    if text is None and not is_currency(currency):
+        # An ISO code without minor units (an order in XAU): shown as it was given.
+        return format(amount, "f")
     if text is None:
         quantum = _QUANTA.get(currency)
         if quantum is None:

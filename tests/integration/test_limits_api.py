@@ -443,6 +443,12 @@ async def test_given_each_reason_when_checked_then_it_is_reported(svc: Service) 
     await svc.customer("C-FX", "BBB")
     brl = await svc.decided("C-FX", "SO-5", "10.00", currency="BRL")
     assert (brl["decision"], brl["reasons"]) == ("rejected", ["currency_mismatch"])
+    # An ISO 4217 code no amount can be held in (gold) is a currency the policy cannot
+    # rate: currency_mismatch, not a 422 (issue 19, finding 12).
+    gold = await svc.decided("C-FX", "SO-5-XAU", "1.5", currency="XAU")
+    assert (gold["decision"], gold["reasons"]) == ("rejected", ["currency_mismatch"])
+    stored = await svc.client.get(f"/v1/credit-checks/{gold['check_id']}", headers=auth(READER))
+    assert stored.status_code == 200, stored.text
     usd = await svc.decided("C-FX", "SO-6", "1000.00", currency="USD")
     assert (usd["decision"], usd["reserved"], usd["currency"]) == ("approved", "920.00", "EUR")
     assert (usd["amount"], usd["amount_currency"]) == ("1000.00", "USD")
