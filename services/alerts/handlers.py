@@ -5,6 +5,14 @@ States of the customers a batch touches are loaded (and locked) once, folded in 
 the pure domain, and written back once. A redelivered event never reaches here (the core
 drops it by id) and the state lives in the database, so neither a redelivery nor a restart
 can raise a second alert for the same problem.
+
+A replay folds the stored events in store order (``seq``), so the live fold must fold each
+customer's events in that order too. The number is drawn when an event is stored, before the
+customer's row is locked; two transactions on one customer (a consumed batch and the
+scheduler, or an acknowledgement) can therefore fold in the other order than they were
+numbered. A transaction that finds a customer already folded past its own first event is
+refused as a serialization failure and retried: stored again, its events are numbered after
+what is committed (``FoldOrderConflict``).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from typing import Any
 from pydantic import BaseModel
 from sqlalchemy import MetaData, Table, event
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.alerts import domain, store
@@ -53,6 +62,32 @@ _RAISED_KEY = "creditwatch.alerts.raised"
 class _Loaded:
     state: domain.CustomerState
     last_seq: int
+
+
+class SerializationFailure(Exception):
+    """What PostgreSQL calls a transaction that conflicts with a concurrent one."""
+
+    sqlstate = "40001"
+
+
+class FoldOrderConflict(OperationalError):
+    """Events of these customers were numbered before events another transaction has folded
+    (and committed) meanwhile: folded now, they would be folded after events a replay folds
+    after them. Raised before anything is written, as a serialization failure: the consumer
+    retries the batch (a transient failure, never a dead letter), and stored again its
+    events are numbered after everything committed."""
+
+    def __init__(self, customers: Sequence[str]) -> None:
+        shown = ", ".join(customers[:5]) + (", …" if len(customers) > 5 else "")
+        super().__init__(
+            None,
+            None,
+            SerializationFailure(
+                f"{len(customers)} customer(s) ({shown}) already folded past events this "
+                "transaction numbered earlier; retry"
+            ),
+        )
+        self.customers = list(customers)
 
 
 class AlertsService:
@@ -93,6 +128,7 @@ class AlertsService:
             await load_states(tx.conn, cached, ids)
         else:
             await self._load_recent(tx.conn, cached, ids)
+            refuse_out_of_order(cached, events)
         touched: dict[str, int] = {}
         alert_rows: dict[str, dict[str, Any]] = {}
         history: list[dict[str, Any]] = []
@@ -175,12 +211,31 @@ class AlertsService:
             return []
         today = now.date()
         grace = self.policy.alerts.review_overdue.grace_days
+        due = await store.reviews_due(conn, today - timedelta(days=grace))
+        # Locked before the events are stored (and numbered), as an acknowledgement locks its
+        # customer first: then no batch can fold these customers between the numbering and
+        # the fold, and the states judged are the ones the events will be folded into.
+        locked = await store.lock_customers(conn, [row.customer_id for row in due])
         out: list[Envelope] = []
-        for row in await store.reviews_due(conn, today - timedelta(days=grace)):
-            env = review_event(store.load_state(row.state), self.policy, now)
+        for row in due:
+            current = locked.get(row.customer_id)
+            if current is None:
+                continue  # gone meanwhile (a replay truncated the projections)
+            env = review_event(store.load_state(current.state), self.policy, now)
             if env is not None:
                 out.append(env)
         return out
+
+
+def refuse_out_of_order(cached: dict[str, _Loaded], events: Sequence[Incoming]) -> None:
+    """Raise ``FoldOrderConflict`` when a customer's locked row is already at a later event
+    than this transaction's first for that customer (``last_seq`` only grows otherwise)."""
+    first: dict[str, int] = {}
+    for inc in events:
+        first.setdefault(inc.envelope.subject, inc.seq)
+    late = sorted(cid for cid, seq in first.items() if cached[cid].last_seq > seq)
+    if late:
+        raise FoldOrderConflict(late)
 
 
 async def load_states(conn: AsyncConnection, cached: dict[str, _Loaded], ids: set[str]) -> None:
@@ -240,4 +295,12 @@ def count_raises_on_commit(engine: AsyncEngine) -> None:
         event.listen(target, "rollback", _on_rollback)
 
 
-__all__ = ["AlertsService", "count_raises_on_commit", "load_states", "note_raised", "review_event"]
+__all__ = [
+    "AlertsService",
+    "FoldOrderConflict",
+    "count_raises_on_commit",
+    "load_states",
+    "note_raised",
+    "refuse_out_of_order",
+    "review_event",
+]

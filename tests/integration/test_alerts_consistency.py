@@ -1,0 +1,167 @@
+"""The alerts projections equal a replay of the alerts event store, on the real PostgreSQL.
+
+A replay folds the stored events in store order (``seq``). The live service must fold each
+customer's events in that order too, whatever runs beside the consumer: the scheduler
+records an overdue review in a transaction of its own, and an event is numbered when it is
+stored, before its customer is locked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.alerts import store
+from services.alerts.handlers import AlertsService
+from shared.events import new_event
+from shared.policy import Policy, load_policy
+from shared.runtime import EventCore, Incoming, Record, Tx
+from shared.settings import Settings
+from shared.transient import is_transient
+from tests.databases import fresh_engine
+
+pytestmark = pytest.mark.integration
+
+POLICY = load_policy()
+NOW = datetime(2026, 6, 1, 8, 0, tzinfo=UTC)
+CID = "SIM-0021"
+
+
+class HeldBatch(AlertsService):
+    """The alerts service whose next consumed batch, once ``hold`` is set, stops after its
+    events are stored (and numbered) and before its customers are locked, until released:
+    the moment another transaction can slip in."""
+
+    def __init__(self, settings: Settings, policy: Policy) -> None:
+        super().__init__(settings, policy)
+        self.hold = False
+        self.held = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def handle(self, tx: Tx, events: Sequence[Incoming]) -> None:
+        consumed = events[0].topic is not None  # the scheduler's events come from no topic
+        if self.hold and consumed and not tx.replaying:
+            self.hold = False
+            self.held.set()
+            await self.release.wait()
+        await super().handle(tx, events)
+
+
+@pytest.fixture
+async def engine(tmp_path: Path, postgres_server_url: str) -> AsyncIterator[AsyncEngine]:
+    eng = await fresh_engine(
+        "postgresql", "alerts", tmp_path=tmp_path, pg_server_url=postgres_server_url
+    )
+    yield eng
+    await eng.dispose()
+
+
+def assessment(
+    n: int,
+    *,
+    grade: str,
+    previous: str | None,
+    assessed_at: datetime,
+    next_review: date,
+    score: int = 70,
+) -> Record:
+    """An ``assessment.completed`` record as the assessment service publishes it."""
+    risk = next(g.risk_level for g in POLICY.grades if g.name == grade)
+    env = new_event(
+        "assessment.completed",
+        source="/creditwatch/assessment",
+        subject=CID,
+        data={
+            "assessment_id": f"asm-{CID}-{n}",
+            "customer_id": CID,
+            "score": score,
+            "grade": grade,
+            "risk_level": risk,
+            "previous_grade": previous,
+            "policy_version": POLICY.version,
+            "next_review_date": next_review,
+            "assessed_at": assessed_at,
+        },
+        id=f"asm-{CID}-{n}",
+        time=assessed_at,
+    )
+    return Record("credit.assessments", 0, n, CID.encode(), env.to_json())
+
+
+async def consume(core: EventCore, records: list[Record]) -> None:
+    """What the consumer loop does with a batch: apply it, and after a transient failure (an
+    unreachable database, a serialization failure) apply the same batch again."""
+    prepared = core.prepare(records)
+    for _ in range(3):
+        try:
+            await core.apply(prepared)
+            return
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+    raise AssertionError("the batch kept failing")
+
+
+async def stored_types(engine: AsyncEngine) -> list[str]:
+    ev = store.core.events
+    async with engine.connect() as conn:
+        rows = await conn.execute(select(ev.c.type).where(ev.c.subject == CID).order_by(ev.c.seq))
+        return [r.type for r in rows]
+
+
+async def test_given_the_scheduler_folds_between_a_batchs_numbering_and_its_locks_when_the_batch_commits_then_a_replay_reproduces_the_projections(
+    engine: AsyncEngine,
+) -> None:
+    service = HeldBatch(Settings(), POLICY)
+    core = EventCore(service, engine, clock=lambda: NOW)
+    # Given a customer whose periodic review (15 January) has passed
+    await consume(
+        core,
+        [
+            assessment(
+                0,
+                grade="A",
+                previous=None,
+                assessed_at=datetime(2025, 1, 15, 9, 0, tzinfo=UTC),
+                next_review=date(2026, 1, 15),
+            )
+        ],
+    )
+    # and a consumed batch with the review done (a new assessment) stored, not yet folded,
+    service.hold = True
+    batch = asyncio.create_task(
+        consume(
+            core,
+            [
+                assessment(
+                    1,
+                    grade="A",
+                    previous="A",
+                    assessed_at=datetime(2026, 5, 20, 9, 0, tzinfo=UTC),
+                    next_review=date(2027, 5, 20),
+                )
+            ],
+        )
+    )
+    await asyncio.wait_for(service.held.wait(), 30)
+
+    # When the scheduler records the overdue review (numbered after the batch's event) and
+    # folds it first, then the batch goes on
+    assert await asyncio.wait_for(core.run_due(), 30) == 1
+    service.release.set()
+    await asyncio.wait_for(batch, 30)
+
+    # Then the projections are what a replay of the store makes of them
+    assert await core.verify() == []
+    # (the new assessment was stored again, after the overdue review it was folded after)
+    assert await stored_types(engine) == [
+        "assessment.completed",
+        "review.overdue_detected",
+        "assessment.completed",
+    ]
