@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
@@ -140,7 +140,10 @@ class AlertsService:
             env = inc.envelope
             cid = env.subject
             loaded = cached[cid]
-            happened = domain.Event(env.type, f"{env.source}|{env.id}", env.time, inc.event)
+            # In UTC, as the store gives it back to a replay: a producer's offset would
+            # otherwise reach alert times and the state document ("+02:00" against "Z").
+            at = env.time.astimezone(UTC)
+            happened = domain.Event(env.type, f"{env.source}|{env.id}", at, inc.event)
             loaded.state, changes = domain.step(loaded.state, happened, self.policy)
             touched[cid] = inc.seq
             for change in changes:

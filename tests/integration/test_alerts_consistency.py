@@ -3,14 +3,15 @@
 A replay folds the stored events in store order (``seq``). The live service must fold each
 customer's events in that order too, whatever runs beside the consumer: the scheduler
 records an overdue review in a transaction of its own, and an event is numbered when it is
-stored, before its customer is locked.
+stored, before its customer is locked. And what a replay reads back from the store (times in
+UTC) must be what the live fold saw.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,28 @@ async def test_given_the_scheduler_folds_between_a_batchs_numbering_and_its_lock
         "review.overdue_detected",
         "assessment.completed",
     ]
+
+
+async def test_given_an_event_time_with_a_utc_offset_when_it_is_consumed_then_a_replay_reproduces_the_projections(
+    engine: AsyncEngine,
+) -> None:
+    core = EventCore(AlertsService(Settings(), POLICY), engine, clock=lambda: NOW)
+    plus_two = timezone(timedelta(hours=2))
+    # Given a downgrade whose CloudEvent time says +02:00 (the store gives it back in UTC)
+    record = assessment(
+        0,
+        grade="BB",
+        previous="A",
+        assessed_at=datetime(2026, 5, 20, 1, 30, tzinfo=plus_two),
+        next_review=date(2027, 5, 20),
+        score=50,
+    )
+    assert b'"time":"2026-05-20T01:30:00+02:00"' in (record.value or b"")
+    # When it is consumed
+    await consume(core, [record])
+    # Then the alert it raised is the replay's, to the letter
+    assert await core.verify() == []
+    async with engine.connect() as conn:
+        raised = (await conn.execute(select(store.alerts.c.rule, store.alerts.c.body))).all()
+    assert [r.rule for r in raised] == ["grade_downgrade"]
+    assert '"raised_at":"2026-05-19T23:30:00Z"' in raised[0].body
