@@ -731,6 +731,7 @@ class BrokerWatch:
         self._ok_at: float | None = None
         self._failing_since: float | None = None
         self._probed = asyncio.Event()
+        self._lock = asyncio.Lock()
         self._admin: Any = None
         self._outage = OutageLog(log, f"{service}: Kafka broker {bootstrap}")
 
@@ -761,17 +762,23 @@ class BrokerWatch:
         return self.cluster_id
 
     async def probe(self) -> bool:
+        async with self._lock:  # one probe at a time: the loop's, or a consumer's first
+            return await self._probe()
+
+    async def _probe(self) -> bool:
         from aiokafka.admin import AIOKafkaAdminClient
 
         try:
-            if self._admin is None:
-                self._admin = AIOKafkaAdminClient(
+            admin = self._admin
+            if admin is None:
+                admin = AIOKafkaAdminClient(
                     bootstrap_servers=self.bootstrap,
                     request_timeout_ms=int(self.timeout * 1000),
                     **self.client_kwargs,
                 )
-                await asyncio.wait_for(self._admin.start(), self.timeout)
-            described = await asyncio.wait_for(self._admin.describe_cluster(), self.timeout)
+                self._admin = admin
+                await asyncio.wait_for(admin.start(), self.timeout)
+            described = await asyncio.wait_for(admin.describe_cluster(), self.timeout)
         except Exception as exc:
             if not is_transient(exc) and not isinstance(exc, TimeoutError):
                 log.warning("%s: broker probe failed: %s", self.service, _describe(exc))
@@ -1016,7 +1023,7 @@ class ConsumerLoop:
                     f"stored offset {pos.next_offset} is in the log of cluster "
                     f"{pos.cluster_id!r}, the broker is cluster {cluster!r}"
                 )
-            elif pos.next_offset > ends[tp]:
+            elif pos.next_offset > ends[tp] and await self._past_end(tp, pos.next_offset):
                 new_log[tp] = (
                     f"stored offset {pos.next_offset} is past the log's end {ends[tp]} "
                     "(the broker lost its data, or the topic was made again)"
@@ -1061,6 +1068,30 @@ class ConsumerLoop:
             )
         for tp in new_log:
             consumer.seek(tp, begins[tp])
+
+    async def _past_end(self, tp: Any, position: int) -> bool:
+        """Whether the log has no record before ``position``: the end a broker reports is
+        taken as a hint only, confirmed by fetching. (The dev broker, Tansu 0.6, reports
+        the first offset of the last record batch plus one, not the log's end.)"""
+        from aiokafka import AIOKafkaConsumer
+
+        probe = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="none",
+            **self.client_kwargs,
+        )
+        await probe.start()
+        try:
+            probe.assign([tp])
+            probe.seek(tp, position - 1)
+            try:
+                fetched = await probe.getmany(tp, timeout_ms=2000)
+            except Exception:  # out of range: nothing there
+                return True
+            return not any(m.offset >= position - 1 for m in fetched.get(tp, ()))
+        finally:
+            await _bounded(probe.stop(), 3.0, f"{self._svc}: the log-end probe")
 
     async def _apply_with_retry(self, prepared: Prepared, stop: asyncio.Event) -> BatchResult:
         backoff = Backoff(first=0.5, cap=10.0)
@@ -1170,6 +1201,7 @@ class OutboxRelay:
         self.healthy = False
         self.leading = False
         self._failing_since: float | None = None
+        self._cycle_since: float | None = None  # when the cycle in flight began
         # Published and acknowledged, not yet deleted (the next read deletes them).
         self._acked: list[int] = []
         self._svc = core.service.name
@@ -1177,10 +1209,13 @@ class OutboxRelay:
 
     @property
     def failing_for(self) -> float:
-        """Seconds since the relay last managed a cycle, while it cannot (0: it can)."""
-        if self._failing_since is None:
-            return 0.0
-        return time.monotonic() - self._failing_since
+        """Seconds since the relay last managed a cycle, while it cannot (0: it can). A
+        cycle still waiting for the broker counts too: the producer retries a send for up
+        to its request timeout (40 s) before it gives up."""
+        now = time.monotonic()
+        stuck = now - self._cycle_since if self._cycle_since is not None else 0.0
+        failing = now - self._failing_since if self._failing_since is not None else 0.0
+        return max(stuck, failing)
 
     def _failed(self, exc: BaseException) -> None:
         if self._failing_since is None:
@@ -1242,7 +1277,11 @@ class OutboxRelay:
                     # Cleared before reading: a commit after this point wakes the relay again.
                     ready.clear()
                     began = clock()
-                    sent = await self.publish_pending(producer, leader)
+                    self._cycle_since = time.monotonic()
+                    try:
+                        sent = await self.publish_pending(producer, leader)
+                    finally:
+                        self._cycle_since = None
                 except Exception as exc:
                     if not is_transient(exc):
                         raise

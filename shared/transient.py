@@ -174,8 +174,17 @@ class RepeatFilter(logging.Filter):
         self.prefixes = prefixes
         self.every = every
         self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+        self._last: tuple[logging.LogRecord, bool] | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # One decision per record, whichever of the handlers sharing this filter asks.
+        if self._last is not None and self._last[0] is record:
+            return self._last[1]
+        decision = self._decide(record)
+        self._last = (record, decision)
+        return decision
+
+    def _decide(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith(self.prefixes) or record.levelno >= logging.CRITICAL:
             return True
         key = (record.name, str(record.msg))
@@ -194,7 +203,13 @@ class RepeatFilter(logging.Filter):
 
 
 def silence_repeated_client_logs(every: float = 30.0) -> None:
-    """Install ``RepeatFilter`` on the root logger's handlers (once)."""
+    """Install one ``RepeatFilter`` on all of the root logger's handlers (once each)."""
+    global _shared_filter
+    if _shared_filter is None:
+        _shared_filter = RepeatFilter(every=every)
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, RepeatFilter) for f in handler.filters):
-            handler.addFilter(RepeatFilter(every=every))
+            handler.addFilter(_shared_filter)
+
+
+_shared_filter: RepeatFilter | None = None
