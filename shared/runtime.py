@@ -18,7 +18,7 @@ import math
 import resource
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from shared import eventstore as es
 from shared import metrics
 from shared.events import DeadLetter, Envelope, dead_letter_record, decode, parse
-from shared.transient import Backoff, OutageLog, is_transient
+from shared.transient import Backoff, OutageLog, is_conflict, is_transient
 
 log = logging.getLogger("creditwatch.runtime")
 
@@ -171,6 +171,9 @@ class Service(Protocol):
 
     def input_topics(self) -> list[str]: ...
 
+    # Optional: ``customers`` (a Table keyed by ``customer_id``): the rows locked, in id
+    # order, before a transaction's events are numbered (see ``EventCore.lock_subjects``).
+
     def parse_stored(self, env: Envelope) -> BaseModel | None:
         """Validate a stored or locally made event: the service's own types and the contract's."""
         ...
@@ -253,6 +256,29 @@ class EventCore:
         self.cluster_id: str | None = None
         self.topic_of_type = topic_of_type
         self._svc = service.name
+
+    async def lock_subjects(self, conn: AsyncConnection, subjects: Iterable[str]) -> None:
+        """Lock the customers' rows (in id order) before their events are stored.
+
+        A replay folds the stored events in store order (``seq``), so the live fold must
+        fold each customer's events in that order too. Numbers are drawn when the events are
+        stored; a transaction that numbered its events before locking the customer (a
+        consumed batch) could fold them after another one's (the API, the scheduler, credit
+        checks) that numbered later but locked first — and a replay then disagrees (issue
+        19, finding 6). Every path locks first: the API and the checks lock the rows they
+        load, and this is the consumer's and the scheduler's. SQLite has one writer at a
+        time (``BEGIN IMMEDIATE``): nothing to do."""
+        table = getattr(self.service, "customers", None)
+        if table is None or conn.dialect.name != "postgresql":
+            return
+        ids = sorted(set(subjects))
+        if ids:
+            await conn.execute(
+                select(table.c.customer_id)
+                .where(table.c.customer_id.in_(ids))
+                .order_by(table.c.customer_id)
+                .with_for_update()
+            )
 
     # ---- consumed records -------------------------------------------------------------
     def prepare(self, records: Sequence[Record], poison: BaseException | None = None) -> Prepared:
@@ -338,6 +364,9 @@ class EventCore:
         skipped = Counter(prepared.skipped)
         dead = list(prepared.dead)
         async with self.engine.begin() as conn:
+            await self.lock_subjects(
+                conn, (env.subject for _, env, _ in prepared.candidates.values())
+            )
             rows = [
                 es.envelope_row(
                     env,
@@ -466,6 +495,7 @@ class EventCore:
             if model is None:
                 raise ValueError(f"unknown event type {env.type!r}")
             parsed.append((env, model))
+        await self.lock_subjects(conn, (env.subject for env, _ in parsed))
         rows = [
             es.envelope_row(env, topic=None, partition=None, offset=None, recorded_at=now)
             for env, _ in parsed
@@ -531,8 +561,24 @@ class EventCore:
             return await self._refold(conn, progress)
 
     async def verify(self) -> list[str]:
-        """Compare the projections with a replay (rolled back); returns the differences."""
+        """Compare the projections with a replay (rolled back); returns the differences.
+
+        On PostgreSQL it reads one snapshot (REPEATABLE READ): a batch that commits while
+        it runs is neither half in what it compares nor reported as a difference; if such a
+        batch touches what the replay rewrites, the verification is retried."""
+        for attempt in range(5):
+            try:
+                return await self._verify()
+            except Exception as exc:
+                if not is_conflict(exc) or attempt == 4:
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def _verify(self) -> list[str]:
         async with self.engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                await conn.execution_options(isolation_level="REPEATABLE READ")
             trans = await conn.begin()
             try:
                 before = await _dump(conn, self.service.projection_tables)
@@ -1102,6 +1148,12 @@ class ConsumerLoop:
             except Exception as exc:
                 if not is_transient(exc):
                     raise
+                if is_conflict(exc):
+                    # Lost to a concurrent transaction: nothing is down; again, at once.
+                    log.debug("%s: batch conflicted (%s); retrying", self._svc, exc)
+                    if await wait_or_stop(stop, 0.05):
+                        raise Stopped from exc
+                    continue
                 # The database is away: keep the batch and try again; nothing is lost.
                 self.healthy = False
                 self._db_outage.failed(exc)

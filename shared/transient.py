@@ -88,6 +88,16 @@ def _one_is_transient(exc: BaseException) -> bool:
     return False
 
 
+def is_conflict(exc: BaseException) -> bool:
+    """True when a transaction lost to a concurrent one (serialization failure, deadlock):
+    retry it at once; nothing is down."""
+    for e in _causes(exc):
+        sqlstate = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
+        if sqlstate in _TRANSIENT_SQLSTATES:
+            return True
+    return False
+
+
 def is_transient(exc: BaseException) -> bool:
     """True when ``exc`` (or anything it wraps) says a database or broker is unreachable,
     restarting or overloaded: wait and retry, it is nobody's fault and nothing is lost."""

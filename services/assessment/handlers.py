@@ -57,6 +57,7 @@ class AssessmentService:
     metadata: MetaData = store.metadata
     core = store.core
     projection_tables: Sequence[Table] = store.PROJECTIONS
+    customers: Table = store.customers  # locked before a batch's events are numbered
     consumed_types = CONTRACT_TYPES
 
     def __init__(self, settings: Settings, policy: Policy) -> None:
