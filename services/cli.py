@@ -228,6 +228,148 @@ def verify(service: ServiceName) -> None:
     typer.echo(f"{name}: projections match a replay of the event store")
 
 
+# ---- offsets ----------------------------------------------------------------------------------
+
+offsets_app = typer.Typer(
+    no_args_is_help=True,
+    help="The consumer positions a service stores (in its database, not in Kafka).",
+)
+app.add_typer(offsets_app, name="offsets")
+
+
+async def _broker_view(
+    settings: Settings, topics: list[str]
+) -> tuple[str | None, dict[tuple[str, int], tuple[int, int]]]:
+    """The broker's cluster id and (beginning, end) offsets of every partition of ``topics``."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.structs import TopicPartition
+
+    kwargs = settings.kafka_client_kwargs()
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **kwargs)
+    await asyncio.wait_for(admin.start(), 15)
+    try:
+        cluster = (await admin.describe_cluster()).get("cluster_id")
+        described = await admin.describe_topics(topics) if topics else []
+    finally:
+        await admin.close()
+    tps = [
+        TopicPartition(t["topic"], p["partition"])
+        for t in described
+        if not t.get("error_code")
+        for p in sorted(t["partitions"], key=lambda p: p["partition"])
+    ]
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, **kwargs)
+    await asyncio.wait_for(consumer.start(), 15)
+    try:
+        begins = await consumer.beginning_offsets(tps) if tps else {}
+        ends = await consumer.end_offsets(tps) if tps else {}
+    finally:
+        await consumer.stop()
+    return cluster, {(tp.topic, tp.partition): (begins[tp], ends[tp]) for tp in tps}
+
+
+@offsets_app.command("show")
+def offsets_show(service: ServiceName) -> None:
+    """Each input partition: the position stored, the cluster it is in, and the broker's log."""
+    from shared import eventstore as es
+
+    name = _check_service(service)
+    settings = _settings()
+    _setup_logging(settings)
+
+    async def run() -> tuple[list[Any], str | None, dict[tuple[str, int], tuple[int, int]]]:
+        core, engine = registry.core_for(name, settings)
+        try:
+            async with engine.connect() as conn:
+                stored = await es.all_offsets(conn, core.service.core)
+        finally:
+            await engine.dispose()
+        cluster, logs = await _broker_view(settings, core.service.input_topics())
+        return stored, cluster, logs
+
+    try:
+        stored, cluster, logs = asyncio.run(run())
+    except Exception as exc:
+        typer.secho(f"offsets: {type(exc).__name__}: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"broker {settings.kafka_bootstrap}: cluster {cluster}")
+    known = {(r.topic, r.partition): r for r in stored}
+    for key in sorted(set(known) | set(logs)):
+        row = known.get(key)
+        begin, end = logs.get(key, (None, None))
+        position = row.next_offset if row is not None else None
+        note = ""
+        if row is not None and row.cluster_id not in (None, cluster):
+            note = f"  ANOTHER LOG (stored for cluster {row.cluster_id})"
+        elif position is not None and end is not None and position > end:
+            note = "  PAST THE LOG'S END"
+        elif position is not None and end is not None:
+            note = f"  lag {end - position}"
+        typer.echo(
+            f"  {key[0]}/{key[1]}: stored {position if position is not None else '-'}"
+            f"  log {begin if begin is not None else '-'}..{end if end is not None else '-'}"
+            f"{note}"
+        )
+
+
+@offsets_app.command("reset")
+def offsets_reset(
+    service: ServiceName,
+    to: Annotated[str, typer.Option(help="beginning | end (of each partition's log)")],
+    topic: Annotated[str | None, typer.Option(help="Only this topic")] = None,
+    partition: Annotated[int | None, typer.Option(help="Only this partition")] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Do it (otherwise: show only)")] = False,
+) -> None:
+    """Move a service's stored positions, e.g. after its broker's log was made anew.
+
+    Stop the service's consumers first (a running one stores its own positions over these).
+    From the beginning, events the service already stored are recognised by id and not
+    applied twice; to the end, what lies before it is skipped for good. The positions are
+    recorded as the current broker's (its cluster id).
+    """
+    from shared import eventstore as es
+
+    if to not in ("beginning", "end"):
+        typer.secho("--to must be beginning or end", fg="red", err=True)
+        raise typer.Exit(2)
+    name = _check_service(service)
+    settings = _settings()
+    _setup_logging(settings)
+
+    async def run() -> dict[tuple[str, int], int]:
+        core, engine = registry.core_for(name, settings)
+        try:
+            topics = [t for t in core.service.input_topics() if topic in (None, t)]
+            cluster, logs = await _broker_view(settings, topics)
+            chosen = {
+                key: (begin if to == "beginning" else end)
+                for key, (begin, end) in logs.items()
+                if partition in (None, key[1])
+            }
+            if yes and chosen:
+                async with engine.begin() as conn:
+                    await es.reset_offsets(conn, core.service.core, chosen, core.clock(), cluster)
+            return chosen
+        finally:
+            await engine.dispose()
+
+    try:
+        chosen = asyncio.run(run())
+    except Exception as exc:
+        typer.secho(f"offsets: {type(exc).__name__}: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    if not chosen:
+        typer.secho("no partition matches", fg="red", err=True)
+        raise typer.Exit(1)
+    for (t, p), offset in sorted(chosen.items()):
+        typer.echo(f"  {t}/{p} -> {offset}")
+    if yes:
+        typer.echo(f"{name}: {len(chosen)} position(s) set to the {to} of the broker's log")
+    else:
+        typer.echo("nothing changed: add --yes to store these positions")
+
+
 # ---- simulate -------------------------------------------------------------------------------
 
 

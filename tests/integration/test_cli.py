@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import update
@@ -118,3 +119,60 @@ def test_serve_stops_gracefully_on_sigterm_and_exits_zero(tmp_path, request):
     # When it is asked to stop, then it finishes cleanly with exit code 0
     assert proc.stop() == 0, proc.tail()
     assert "Application shutdown complete" in proc.tail()
+
+
+def test_given_offsets_of_another_log_when_shown_and_reset_then_the_operator_sees_and_moves_them(
+    postgres_server_url: str, kafka_bootstrap: str
+) -> None:
+    """The tool NewLogError names: see where a service's stored positions are against the
+    broker's log, and move them (only with --yes)."""
+    import uuid
+
+    from shared import eventstore as es
+    from tests.e2e import support as e2e
+    from tests.infra.servers import create_database
+
+    url = create_database(postgres_server_url)
+    assert creditwatch("db", "upgrade", url=url).returncode == 0
+    prefix = f"off{uuid.uuid4().hex[:6]}"
+    asyncio.run(e2e.create_topics(kafka_bootstrap, prefix, partitions=1))
+    topic = f"{prefix}.ar.invoices"
+
+    async def store_foreign() -> None:
+        engine = make_engine(url)
+        async with engine.begin() as conn:
+            await es.store_offsets(conn, store.core, {(topic, 0): 7}, f.T0, "gone-cluster")
+        await engine.dispose()
+
+    asyncio.run(store_foreign())
+    env = {**e2e.topic_env(prefix), "CREDITWATCH_KAFKA_BOOTSTRAP": kafka_bootstrap}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("CREDITWATCH_")}
+        return subprocess.run(
+            [sys.executable, "-m", "services.cli", *args],
+            env={**clean, **env, "CREDITWATCH_DATABASE_URL": url},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    shown = run("offsets", "show", "limits")
+    assert shown.returncode == 0, shown.stderr
+    assert f"{topic}/0: stored 7" in shown.stdout and "ANOTHER LOG" in shown.stdout
+    dry = run("offsets", "reset", "limits", "--to", "beginning", "--topic", topic)
+    assert dry.returncode == 0 and "nothing changed" in dry.stdout
+    done = run("offsets", "reset", "limits", "--to", "beginning", "--topic", topic, "--yes")
+    assert done.returncode == 0, done.stderr
+
+    async def positions() -> Any:
+        engine = make_engine(url)
+        async with engine.connect() as conn:
+            stored = await es.load_positions(conn, store.core, [(topic, 0)])
+        await engine.dispose()
+        return stored[(topic, 0)]
+
+    after = asyncio.run(positions())
+    assert after.next_offset == 0 and after.cluster_id not in (None, "gone-cluster")
+    assert "ANOTHER LOG" not in run("offsets", "show", "limits").stdout
