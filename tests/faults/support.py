@@ -383,8 +383,6 @@ class Operators:
         self.answers: list[Answer] = []
         self.reserved: list[str] = []  # orders approved with a reservation
         self.pending: list[str] = []  # limit requests awaiting a decision
-        self.decided: dict[str, str] = {}  # request id -> "approved" | "rejected"
-        self.requests: dict[str, dict[str, Any]] = {}  # request id -> what was asked
         self.latest_expiry = datetime.now(UTC)  # of a temporary limit or override asked
         self.orders = 0
         # No keep-alive: a connection to a process killed since would fail on reuse.
@@ -477,25 +475,26 @@ class Operators:
         response = await self.call(
             "request", "POST", f"/v1/customers/{cid}/limit-requests", WRITE, body
         )
-        if response is not None and response.status_code == 201:
-            request_id = response.json()["request_id"]
-            self.pending.append(request_id)
-            self.requests[request_id] = {"customer_id": cid, **body}
+        # A decrease applies at once (201, approved): only an increase waits for a checker.
+        if (
+            response is not None
+            and response.status_code == 201
+            and response.json()["status"] == "pending"
+        ):
+            self.pending.append(response.json()["request_id"])
 
     async def _decide(self, cid: str) -> None:
         if not self.pending:
             return await self._request(cid)
         request_id = self.pending.pop(self.rng.randrange(len(self.pending)))
         verdict = "approve" if self.rng.random() < 0.7 else "reject"
-        response = await self.call(
+        await self.call(
             verdict,
             "POST",
             f"/v1/limit-requests/{request_id}/{verdict}",
             APPROVE,
             {"note": f"fault suite: {verdict}d"},
         )
-        if response is not None and response.status_code == 200:
-            self.decided[request_id] = response.json()["status"]
         return None
 
     async def _self_approve(self, cid: str) -> None:
@@ -1017,7 +1016,7 @@ class FaultSystem:
         verified = await asyncio.gather(*(self.verify(svc) for svc in SERVICES))
         for svc, done in zip(SERVICES, verified, strict=True):
             self.expect(
-                done.returncode == 0, f"verify {svc} exited {done.returncode}:\n{_tail(done)}"
+                done.returncode == 0, f"verify {svc} exited {done.returncode}:\n{output_tail(done)}"
             )
         self.mark(f"verified: {dict(zip(SERVICES, [d.returncode for d in verified], strict=True))}")
         try:
@@ -1138,7 +1137,8 @@ async def cli(
         ) from exc
 
 
-def _tail(done: subprocess.CompletedProcess[str], lines: int = 25) -> str:
+def output_tail(done: subprocess.CompletedProcess[str], lines: int = 25) -> str:
+    """The last lines a command printed (stdout, then stderr)."""
     text = (done.stdout or "") + (done.stderr or "")
     return "\n".join(text.splitlines()[-lines:])
 
@@ -1238,7 +1238,11 @@ __all__ = [
     "Window",
     "Workload",
     "cli",
+    "describe",
+    "now_s",
+    "output_tail",
     "read_topics",
+    "rfc3339",
     "running_system",
     "unexpected_answers",
     "wait_until",
