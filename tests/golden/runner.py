@@ -161,12 +161,12 @@ def tokens() -> TokenRegistry:
 def settings_for(url: str) -> Settings:
     """The contract's topic names whatever the environment says (``CREDITWATCH_TOPIC_*``):
     the golden files name them."""
-    fixed = {
+    fixed: dict[str, Any] = {
         name: info.default
         for name, info in Settings.model_fields.items()
         if name.startswith("topic_") and isinstance(info.default, str)
     }
-    return Settings(database_url=url, **fixed)
+    return Settings.model_validate({**fixed, "database_url": url})
 
 
 # Alembic keeps its context in module state: streams played side by side migrate in turn.
