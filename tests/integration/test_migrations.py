@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 SERVICES = ["assessment", "limits", "alerts"]
 # Fields of the limits state document added after limits_0003 (the service's own documents
 # have them; older ones read them as their defaults).
-_SINCE_0003 = {"limit_grade"}
+_SINCE_0003 = {"limit_grade", "temporary"}
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
