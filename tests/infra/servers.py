@@ -1246,6 +1246,73 @@ def ensure_prometheus_installed() -> Path:
     return Path(binary).parent
 
 
+# The static validators of deploy/ (tests/unit/test_deploy.py): kustomize renders the
+# overlays; kubernetes-validate checks the rendered manifests against the Kubernetes schemas it
+# ships (so no schema is downloaded at test time), and check-jsonschema checks
+# docker-compose.yml against the compose-spec schema it ships.
+KUSTOMIZE_MODULE = "sigs.k8s.io/kustomize/kustomize/v5"
+KUSTOMIZE_VERSION = "v5.8.0"
+MANIFEST_VALIDATORS = ("kubernetes-validate==1.37.0", "check-jsonschema==0.39.0")
+
+
+def ensure_kustomize_installed() -> Path:
+    """Return the ``kustomize`` binary, built by ``go install`` (Go module proxy) into the
+    cache the first time."""
+    target = cache_dir() / "tools" / f"kustomize-{KUSTOMIZE_VERSION}"
+    binary = target / "kustomize"
+    if binary.is_file():
+        return binary
+    go = shutil.which("go")
+    if go is None:
+        raise InfraError(f"kustomize {KUSTOMIZE_VERSION} is built with `go install`: go is missing")
+    with _file_lock(cache_dir() / "tools.lock"):
+        if not binary.is_file():
+            # Built aside and renamed, so that an interrupted build never passes for a binary.
+            staging = target.with_name(f"{target.name}.partial")
+            _remove_tree(staging)
+            _run(
+                [go, "install", f"{KUSTOMIZE_MODULE}@{KUSTOMIZE_VERSION}"],
+                what=f"go install {KUSTOMIZE_MODULE}@{KUSTOMIZE_VERSION}",
+                timeout=900,
+                cwd=cache_dir(),
+                env={**os.environ, "GOBIN": str(staging)},
+            )
+            staging.rename(target)
+    return binary
+
+
+def ensure_manifest_validators_installed() -> Path:
+    """Return the bin dir of a virtualenv of its own (in the cache) holding
+    MANIFEST_VALIDATORS, installed from PyPI the first time."""
+    key = hashlib.sha256("\n".join(MANIFEST_VALIDATORS).encode()).hexdigest()[:12]
+    venv = cache_dir() / "tools" / f"validators-{key}"
+    done = venv / "installed"  # written last: a venv without it is an interrupted install
+    if done.is_file():
+        return venv / "bin"
+    with _file_lock(cache_dir() / "tools.lock"):
+        if not done.is_file():
+            _remove_tree(venv)
+            _run(
+                [sys.executable, "-m", "venv", venv],
+                what="creating the validators' venv",
+                timeout=300,
+            )
+            _run(
+                [
+                    venv / "bin" / "python",
+                    "-m",
+                    "pip",
+                    "install",
+                    "--no-input",
+                    *MANIFEST_VALIDATORS,
+                ],
+                what=f"pip install {' '.join(MANIFEST_VALIDATORS)}",
+                timeout=900,
+            )
+            done.write_text("\n".join(MANIFEST_VALIDATORS) + "\n")
+    return venv / "bin"
+
+
 def ensure_postgres_installed() -> Path:
     """Return the PostgreSQL bin dir, installing Debian's ``postgresql`` package if needed."""
     bindir = find_postgres_bindir()

@@ -227,6 +227,32 @@ RULE_CASES: list[tuple[str, list[tuple[str, str]], list[tuple[str, dict[str, Any
         ],
     ),
     (
+        # rate(...) == 0 needs a series: a consumer that never consumed exports none.
+        "a consumer that never consumed anything",
+        [
+            (
+                'creditwatch_events_consumed_total{service="limits",topic="ar.invoices",'
+                'type="invoice.issued"}',
+                "0+50x60",
+            ),
+            (
+                'creditwatch_events_consumed_total{service="alerts",topic="credit.exposure",'
+                'type="exposure.updated"}',
+                "0+50x60",
+            ),
+        ],
+        [
+            ("30m", _alert("CreditwatchConsumerNeverConsumed")),
+            (
+                "50m",
+                _alert(
+                    "CreditwatchConsumerNeverConsumed", severity="warning", service="assessment"
+                ),
+            ),
+            ("50m", _alert("CreditwatchNoEventsConsumed")),
+        ],
+    ),
+    (
         "a target that is down",
         [
             (

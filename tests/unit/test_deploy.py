@@ -5,9 +5,12 @@ the ports, and the metric names shared/metrics.py registers."""
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import re
 import shlex
+import subprocess
 import tomllib
 from collections.abc import Iterator
 from functools import cache
@@ -23,12 +26,14 @@ from services import cli, registry
 from shared import metrics
 from shared.auth import parse_tokens
 from shared.settings import Settings
+from tests.infra import servers
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 K8S = DEPLOY / "k8s"
+DEV_SECRETS = K8S / "overlays" / "dev" / "settings" / "dev-secrets"
 PROMETHEUS = DEPLOY / "prometheus"
 GRAFANA = DEPLOY / "grafana"
 DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
@@ -199,7 +204,7 @@ def test_compose_has_the_whole_system() -> None:
         "prometheus",
         "grafana",
     }
-    assert compose_services()["postgres"]["image"].startswith("postgres:15")
+    assert re.match(r"postgres:1[67](\.\d+)?@", compose_services()["postgres"]["image"])
     kafka = compose_services()["kafka"]
     assert kafka["image"].startswith("apache/kafka:4.")
     assert environment(kafka)["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft
@@ -338,6 +343,32 @@ def test_compose_prometheus_and_grafana_mount_the_provisioned_files() -> None:
     assert mounts[path] == (GRAFANA / "dashboards").resolve()
 
 
+def test_compose_pulls_every_image_by_digest() -> None:
+    for name, svc in compose_services().items():
+        if "build" in svc:
+            continue  # creditwatch:local, built here from the pinned Dockerfile
+        image = svc["image"]
+        # The tag for the reader, the digest for what runs (a tag can be moved, a digest not).
+        assert re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", image), f"{name}: {image}"
+
+
+def test_compose_file_passes_the_compose_spec_schema(validators: Path) -> None:
+    run_tool([validators / "check-jsonschema", "--builtin-schema", "vendor.compose-spec", COMPOSE])
+
+
+def test_the_compose_schema_check_rejects_an_unknown_key(validators: Path, tmp_path: Path) -> None:
+    broken = dict(compose())
+    broken["services"] = {**compose_services(), "postgres": {**compose_services()["postgres"]}}
+    broken["services"]["postgres"]["helthcheck"] = broken["services"]["postgres"]["healthcheck"]
+    path = tmp_path / "docker-compose.yml"
+    path.write_text(yaml.safe_dump(broken))
+    done = run_tool(
+        [validators / "check-jsonschema", "--builtin-schema", "vendor.compose-spec", path],
+        check=False,
+    )
+    assert done.returncode != 0 and "helthcheck" in done.stdout, done.stdout
+
+
 # ---- Dockerfile ----------------------------------------------------------------------------
 
 
@@ -360,7 +391,10 @@ def test_dockerfile_is_multi_stage_and_installs_the_project() -> None:
     args = dict(a.split("=", 1) for ins, a in steps if ins == "ARG" and "=" in a)
     runtime_base = stages[-1].split()[0]
     runtime_base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], runtime_base)
-    assert runtime_base.startswith("python:3.11-slim")
+    assert re.match(r"python:3\.11(\.\d+)?-slim", runtime_base), runtime_base
+    builder_base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], stages[0].split()[0])
+    for base in (builder_base, runtime_base):
+        assert DIGEST.search(base), f"the base image {base} is not pinned by digest"
     builder = stages[0].split()[-1]
     assert any(ins == "RUN" and re.search(r"pip install (\S+ )*\.(\s|$)", a) for ins, a in steps)
     assert any(ins == "COPY" and a.startswith(f"--from={builder} ") for ins, a in steps)
@@ -392,18 +426,96 @@ def test_dockerfile_runs_creditwatch_as_a_non_root_user() -> None:
     assert exposed >= set(PORTS.values())
 
 
-# ---- Kubernetes ----------------------------------------------------------------------------
+# ---- Kubernetes: the kustomize builds --------------------------------------------------------
+#
+# What an operator applies is what kustomize renders, so the checks run on the rendered
+# builds: each overlay's application and its migration Job (applied first), and the prod
+# overlay with the optional ServiceMonitor component added as deploy/README.md says.
+
+OVERLAYS = ("dev", "prod")
+APP_BUILDS = {overlay: K8S / "overlays" / overlay for overlay in OVERLAYS}
+MIGRATION_BUILDS = {
+    f"{overlay}/migration": path / "migration" for overlay, path in APP_BUILDS.items()
+}
+WITH_SERVICE_MONITOR = "prod+service-monitor"
+# The Secrets the operator creates (deploy/README.md); no build outside dev renders them.
+OPERATOR_SECRETS = frozenset({"creditwatch-database", "creditwatch-api-tokens"})
+# Where prod's creditwatch image stands until the operator pins theirs (overlays/prod/settings).
+PROD_IMAGE_PLACEHOLDER = "registry.example.com/creditwatch"
+# The oldest Kubernetes the manifests claim (deploy/README.md) and the newest schema shipped.
+KUBERNETES_VERSIONS = ("1.31.0", "1.37.0")
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+
+Docs = list[dict[str, Any]]
 
 
-def k8s_documents() -> Iterator[tuple[str, dict[str, Any]]]:
-    for path in sorted(K8S.glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
-            if doc is not None:
-                yield path.name, doc
+def tool_or_fail(install: Any) -> Path:
+    """A validator from tests/infra/servers.py (installed when missing): a machine that cannot
+    have it fails the test, as a missing server does."""
+    try:
+        path: Path = install()
+    except servers.InfraError as exc:
+        pytest.fail(f"{exc} (scripts/test-infra fetch installs the validators)", pytrace=False)
+    return path
 
 
-def k8s_kind(kind: str) -> dict[str, dict[str, Any]]:
-    return {doc["metadata"]["name"]: doc for _, doc in k8s_documents() if doc["kind"] == kind}
+def run_tool(argv: list[str | Path], *, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [str(a) for a in argv], capture_output=True, text=True, timeout=300, check=False
+    )
+    if check:
+        assert done.returncode == 0, (
+            f"{' '.join(map(str, argv))} failed:\n{done.stdout}\n{done.stderr}"
+        )
+    return done
+
+
+def kustomize_build(kustomize: Path, directory: Path) -> str:
+    return run_tool([kustomize, "build", directory]).stdout
+
+
+@pytest.fixture(scope="module")
+def kustomize() -> Path:
+    return tool_or_fail(servers.ensure_kustomize_installed)
+
+
+@pytest.fixture(scope="module")
+def validators() -> Path:
+    return tool_or_fail(servers.ensure_manifest_validators_installed)
+
+
+@pytest.fixture(scope="module")
+def rendered(kustomize: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Every build's kustomize output (YAML text), by build name."""
+    out = {
+        name: kustomize_build(kustomize, path)
+        for name, path in {**APP_BUILDS, **MIGRATION_BUILDS}.items()
+    }
+    # The optional ServiceMonitor, added to the prod overlay as deploy/README.md says.
+    wrapper = tmp_path_factory.mktemp("service-monitor")
+    up = Path(os.path.relpath(K8S, wrapper))
+    (wrapper / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "resources": [str(up / "overlays" / "prod")],
+                "components": [str(up / "components" / "service-monitor")],
+            }
+        )
+    )
+    out[WITH_SERVICE_MONITOR] = kustomize_build(kustomize, wrapper)
+    return out
+
+
+@pytest.fixture(scope="module")
+def builds(rendered: dict[str, str]) -> dict[str, Docs]:
+    return {
+        name: [doc for doc in yaml.safe_load_all(text) if doc is not None]
+        for name, text in rendered.items()
+    }
+
+
+def of_kind(docs: Docs, kind: str) -> dict[str, dict[str, Any]]:
+    return {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == kind}
 
 
 def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
@@ -411,35 +523,296 @@ def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def test_every_manifest_parses_and_is_namespaced() -> None:
-    docs = list(k8s_documents())
-    assert {doc["kind"] for _, doc in docs} >= {
-        "Namespace",
-        "ConfigMap",
-        "Secret",
-        "Deployment",
-        "Service",
-        "Job",
-        "HorizontalPodAutoscaler",
-    }
-    namespaces = set(k8s_kind("Namespace"))
-    assert namespaces == {"creditwatch"}
-    for file, doc in docs:
-        assert doc.get("apiVersion") and doc.get("kind"), file
-        assert doc.get("metadata", {}).get("name"), f"{file}: a {doc['kind']} without a name"
+def containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = pod_spec(workload)
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions) against labels."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator = expression["key"], expression["operator"]
+        if operator in ("In", "NotIn"):
+            inside = labels.get(key) in expression["values"]
+            if inside != (operator == "In"):
+                return False
+        elif (key in labels) != (operator == "Exists"):
+            return False
+    return True
+
+
+def template_labels(deployment: dict[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = deployment["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def generated_name(name: str, available: dict[str, Any]) -> str | None:
+    """The name kustomize gave a generated object, "<name>-<hash>", among those rendered."""
+    if name in available:
+        return name
+    return next(
+        (n for n in available if re.fullmatch(rf"{re.escape(name)}-[a-z0-9]{{10}}", n)), None
+    )
+
+
+def test_the_old_numbered_manifests_are_gone() -> None:
+    # `kubectl apply -f deploy/k8s/` applied Secrets with CHANGE-ME values over real ones.
+    assert not list(K8S.glob("*.yaml")), "deploy/k8s/ holds manifests outside the kustomize tree"
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_build_passes_the_kubernetes_schemas(
+    rendered: dict[str, str], validators: Path, tmp_path: Path, version: str
+) -> None:
+    files = []
+    for name, text in rendered.items():
+        files.append(tmp_path / f"{name.replace('/', '-')}.yaml")
+        files[-1].write_text(text)
+    done = run_tool([validators / "kubernetes-validate", "--strict", "-k", version, *files])
+    passed = re.findall(r"^INFO .* passed for resource (\S+) ", done.stdout, re.M)
+    skipped = re.findall(r"^WARN .* Couldn't find schema for kind (\w+)", done.stdout, re.M)
+    total = sum(len([d for d in yaml.safe_load_all(t) if d]) for t in rendered.values())
+    # Each object is checked, or is the optional ServiceMonitor (a CRD, no schema shipped).
+    assert len(passed) + len(skipped) == total, done.stdout
+    assert set(skipped) == {"ServiceMonitor"}, done.stdout
+
+
+def test_the_schema_check_rejects_a_broken_manifest(validators: Path, tmp_path: Path) -> None:
+    # The check above can fail: a field Kubernetes does not know is an error under --strict.
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "policy/v1",
+                "kind": "PodDisruptionBudget",
+                "metadata": {"name": "x"},
+                "spec": {"maxUnavailabel": 1, "selector": {"matchLabels": {"a": "b"}}},
+            }
+        )
+    )
+    done = run_tool([validators / "kubernetes-validate", "--strict", broken], check=False)
+    assert done.returncode != 0 and "maxUnavailabel" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("build", [*APP_BUILDS, *MIGRATION_BUILDS, WITH_SERVICE_MONITOR])
+def test_every_object_is_in_the_creditwatch_namespace(builds: dict[str, Docs], build: str) -> None:
+    docs = builds[build]
+    assert set(of_kind(docs, "Namespace")) == {"creditwatch"}
+    for doc in docs:
         if doc["kind"] != "Namespace":
-            assert doc["metadata"].get("namespace") in namespaces, (
-                f"{file}: {doc['kind']} {doc['metadata']['name']}"
+            assert doc["metadata"].get("namespace") == "creditwatch", (
+                f"{doc['kind']} {doc['metadata']['name']}"
             )
 
 
-def test_deployments_probe_health_and_readiness_and_run_as_non_root() -> None:
-    deployments = k8s_kind("Deployment")
+def test_no_secret_value_is_rendered_outside_dev(
+    builds: dict[str, Docs], rendered: dict[str, str]
+) -> None:
+    dev_values = [
+        line.split("=", 1)[1]
+        for line in (DEV_SECRETS / "database.env").read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    ]
+    dev_values += list(json.loads((DEV_SECRETS / "api-tokens.json").read_text()))
+    for name, docs in builds.items():
+        if name.startswith("dev"):
+            continue
+        assert not of_kind(docs, "Secret"), f"{name} renders a Secret"
+        assert not [d for d in docs if "stringData" in d], name
+        for value in dev_values:
+            assert value not in rendered[name], f"{name} carries a dev secret value"
+    # Nor is there a Secret manifest anywhere kustomize reads, but dev's generated ones.
+    for path in K8S.rglob("*"):
+        if (
+            path.is_file()
+            and path.suffix in (".yaml", ".yml")
+            and DEV_SECRETS.parent not in path.parents
+        ):
+            for doc in yaml.safe_load_all(path.read_text()):
+                assert not (doc or {}).get("secretGenerator"), f"{path} generates a Secret"
+                assert (doc or {}).get("kind") != "Secret", f"{path} is a Secret manifest"
+
+
+@pytest.mark.parametrize("build", ["dev", "dev/migration"])
+def test_dev_generates_throwaway_secrets_from_obviously_dev_files(
+    builds: dict[str, Docs], build: str
+) -> None:
+    secrets = of_kind(builds[build], "Secret")
+    database = secrets[generated_name("creditwatch-database", secrets) or "?"]["data"]
+    url = base64.b64decode(database["CREDITWATCH_DATABASE_URL"]).decode()
+    assert url.startswith("postgresql+asyncpg://") and "dev-only" in url
+    tokens_secret = secrets[generated_name("creditwatch-api-tokens", secrets) or "?"]["data"]
+    tokens = parse_tokens(base64.b64decode(tokens_secret["api-tokens.json"]).decode(), source=build)
+    assert tokens and all(token.startswith("dev-") for token in tokens)
+    assert "DEV ONLY" in (DEV_SECRETS / "database.env").read_text()
+
+
+@pytest.mark.parametrize("build", [*APP_BUILDS, *MIGRATION_BUILDS])
+def test_workloads_reference_rendered_config_and_operator_secrets_only(
+    builds: dict[str, Docs], build: str
+) -> None:
+    docs = builds[build]
+    config_maps, secrets = of_kind(docs, "ConfigMap"), of_kind(docs, "Secret")
+    workloads = {**of_kind(docs, "Deployment"), **of_kind(docs, "Job")}
+    assert workloads
+    secrets_named = set()
+    for name, workload in workloads.items():
+        env_keys: set[str] = set()
+        for container in containers(workload):
+            for source in container.get("envFrom", []):
+                if "configMapRef" in source:
+                    env_keys |= set(config_maps[source["configMapRef"]["name"]]["data"])
+                else:
+                    secrets_named.add(source["secretRef"]["name"])
+                    secret = secrets.get(source["secretRef"]["name"], {})
+                    env_keys |= set(secret.get("data", {}))
+            env_keys |= {e["name"] for e in container.get("env", [])}
+        unknown = {k for k in env_keys if k.startswith("CREDITWATCH_")} - SETTINGS_ENV
+        assert not unknown, f"{name}: {sorted(unknown)} are not Settings fields"
+        for volume in pod_spec(workload).get("volumes", []):
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in config_maps, name
+            if "secret" in volume:
+                secrets_named.add(volume["secret"]["secretName"])
+    if build.startswith("dev"):
+        # Generated in the build itself: the references carry the generated names.
+        assert secrets_named <= set(secrets), sorted(secrets_named - set(secrets))
+    else:
+        # Nothing rendered: the names the operator's Secrets have (deploy/README.md).
+        assert secrets_named <= OPERATOR_SECRETS, sorted(secrets_named - OPERATOR_SECRETS)
+    bases = {re.sub(r"-[a-z0-9]{10}$", "", secret) for secret in secrets_named}
+    assert "creditwatch-database" in bases and bases <= OPERATOR_SECRETS, sorted(bases)
+
+
+def test_the_operator_secrets_carry_what_the_workloads_read() -> None:
+    """deploy/README.md creates each Secret the prod build names, with the keys it reads."""
+    readme = (DEPLOY / "README.md").read_text()
+    created = dict(
+        re.findall(
+            r"kubectl -n creditwatch create secret generic (\S+) \\\n\s+(--from-[^\n]+)", readme
+        )
+    )
+    assert set(created) == OPERATOR_SECRETS
+    assert created["creditwatch-database"].startswith("--from-env-file=")
+    assert "CREDITWATCH_DATABASE_URL=postgresql+asyncpg://" in readme
+    assert created["creditwatch-api-tokens"].startswith("--from-file=api-tokens.json=")
+
+
+@pytest.mark.parametrize("build", [*APP_BUILDS, *MIGRATION_BUILDS])
+def test_policy_and_token_files_are_mounted_where_the_settings_point(
+    builds: dict[str, Docs], build: str
+) -> None:
+    docs = builds[build]
+    config_maps = of_kind(docs, "ConfigMap")
+    config = config_maps[generated_name("creditwatch-config", config_maps) or "?"]["data"]
+    policy = config_maps[generated_name("creditwatch-policy", config_maps) or "?"]["data"]
+    assert policy == {"policy.yaml": (REPO / "shared" / "default_policy.yaml").read_text()}
+    for name, workload in {**of_kind(docs, "Deployment"), **of_kind(docs, "Job")}.items():
+        spec = pod_spec(workload)
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        files = set()
+        for mount in spec["containers"][0].get("volumeMounts", []):
+            volume = volumes[mount["name"]]
+            if "configMap" in volume:
+                keys = set(config_maps[volume["configMap"]["name"]]["data"])
+            elif "secret" in volume:
+                # The operator's Secret holds api-tokens.json (deploy/README.md).
+                keys = {"api-tokens.json"}
+            else:
+                keys = set()
+            files |= {f"{mount['mountPath']}/{key}" for key in keys}
+        assert config["CREDITWATCH_POLICY"] in files, name
+        if workload["kind"] == "Deployment":  # serve needs tokens; db upgrade does not
+            assert config["CREDITWATCH_API_TOKENS_FILE"] in files, name
+
+
+@pytest.mark.parametrize("build", [*APP_BUILDS, *MIGRATION_BUILDS])
+def test_only_the_migration_job_runs_db_upgrade(builds: dict[str, Docs], build: str) -> None:
+    docs = builds[build]
+    jobs, deployments = of_kind(docs, "Job"), of_kind(docs, "Deployment")
+    if build in MIGRATION_BUILDS:
+        assert not deployments
+        (job,) = jobs.values()
+        (container,) = containers(job)
+        assert creditwatch_cli(container["args"])[0] == ["db", "upgrade"]
+        assert pod_spec(job)["securityContext"]["runAsNonRoot"] is True
+        return
+    assert not jobs, f"{build}: the migration Job belongs to {build}/migration"
     assert deployments
     for name, deployment in deployments.items():
-        template_labels = deployment["spec"]["template"]["metadata"]["labels"]
-        selector = deployment["spec"]["selector"]["matchLabels"]
-        assert selector.items() <= template_labels.items(), f"{name}: selector misses its pods"
+        for container in containers(deployment):
+            path, params = creditwatch_cli(container["args"])
+            # No replica migrates: serve refuses a database not at the newest revision.
+            assert path == ["serve"] and params["migrate"] is False, f"{name}: {container['args']}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_migration_job_runs_on_the_applications_image_and_config(
+    builds: dict[str, Docs], overlay: str
+) -> None:
+    app, migration = builds[overlay], builds[f"{overlay}/migration"]
+    (job,) = of_kind(migration, "Job").values()
+    images = {c["image"] for d in of_kind(app, "Deployment").values() for c in containers(d)}
+    assert {c["image"] for c in containers(job)} == images and len(images) == 1
+    for kind in ("ConfigMap", "Secret", "Namespace"):
+        # Same names (content hashes included) and data in both builds of the overlay.
+        assert of_kind(migration, kind).items() <= of_kind(app, kind).items(), kind
+
+
+@pytest.mark.parametrize("build", [*APP_BUILDS, WITH_SERVICE_MONITOR])
+def test_no_deployment_under_an_autoscaler_sets_replicas(
+    builds: dict[str, Docs], build: str
+) -> None:
+    deployments = of_kind(builds[build], "Deployment")
+    hpas = of_kind(builds[build], "HorizontalPodAutoscaler")
+    scaled = {hpa["spec"]["scaleTargetRef"]["name"] for hpa in hpas.values()}
+    assert scaled == set(deployments), "every Deployment scales with an autoscaler"
+    for name in scaled:
+        # kubectl apply would reset the autoscaler's count to it every time.
+        assert "replicas" not in deployments[name]["spec"], name
+
+
+@pytest.mark.parametrize("build", [*APP_BUILDS, WITH_SERVICE_MONITOR])
+def test_every_deployment_has_exactly_one_disruption_budget(
+    builds: dict[str, Docs], build: str
+) -> None:
+    budgets = of_kind(builds[build], "PodDisruptionBudget")
+    hpas = {
+        h["spec"]["scaleTargetRef"]["name"]: h
+        for h in of_kind(builds[build], "HorizontalPodAutoscaler").values()
+    }
+    deployments = of_kind(builds[build], "Deployment")
+    for name, deployment in deployments.items():
+        covering = [
+            b
+            for b in budgets.values()
+            if selects(b["spec"]["selector"], template_labels(deployment))
+        ]
+        # A pod under two budgets cannot be evicted at all.
+        assert len(covering) == 1, f"{name}: {[b['metadata']['name'] for b in covering]}"
+        spec = covering[0]["spec"]
+        # A drain must be able to proceed at the autoscaler's smallest count.
+        if "minAvailable" in spec:
+            assert spec["minAvailable"] < hpas[name]["spec"]["minReplicas"], name
+        else:
+            assert spec["maxUnavailable"] >= 1, name
+    for name, budget in budgets.items():
+        assert any(
+            selects(budget["spec"]["selector"], template_labels(d)) for d in deployments.values()
+        ), f"PodDisruptionBudget {name} selects no pods"
+
+
+@pytest.mark.parametrize("build", [*APP_BUILDS, WITH_SERVICE_MONITOR])
+def test_deployments_probe_health_and_readiness_and_run_as_non_root(
+    builds: dict[str, Docs], build: str
+) -> None:
+    deployments = of_kind(builds[build], "Deployment")
+    assert deployments
+    for name, deployment in deployments.items():
+        selector = deployment["spec"]["selector"]
+        assert selects(selector, template_labels(deployment)), f"{name}: selector misses its pods"
         spec = pod_spec(deployment)
         security = spec["securityContext"]
         assert security["runAsNonRoot"] is True and security.get("runAsUser", 1) != 0, name
@@ -453,11 +826,13 @@ def test_deployments_probe_health_and_readiness_and_run_as_non_root() -> None:
             assert container["resources"]["requests"] and container["resources"]["limits"]
 
 
-def test_deployments_run_real_commands_on_the_service_port() -> None:
+@pytest.mark.parametrize("build", [*APP_BUILDS])
+def test_deployments_run_real_commands_on_the_service_port(
+    builds: dict[str, Docs], build: str
+) -> None:
     commands = {}
-    for name, deployment in k8s_kind("Deployment").items():
+    for name, deployment in of_kind(builds[build], "Deployment").items():
         (container,) = pod_spec(deployment)["containers"]
-        assert container["image"].split(":")[0].endswith("creditwatch"), name
         path, params = creditwatch_cli(container["args"])
         assert path == ["serve"], name
         assert [p["containerPort"] for p in container["ports"]] == [PORTS[params["service"]]]
@@ -469,67 +844,14 @@ def test_deployments_run_real_commands_on_the_service_port() -> None:
     assert api_only and {commands[n]["service"] for n in consumers} == set(registry.SERVICES)
 
 
-def test_migration_job_runs_db_upgrade() -> None:
-    (job,) = k8s_kind("Job").values()
-    (container,) = pod_spec(job)["containers"]
-    assert creditwatch_cli(container["args"])[0] == ["db", "upgrade"]
-    assert pod_spec(job)["securityContext"]["runAsNonRoot"] is True
-
-
-def test_workloads_reference_existing_config_and_use_real_settings() -> None:
-    config_maps, secrets = k8s_kind("ConfigMap"), k8s_kind("Secret")
-    workloads = {**k8s_kind("Deployment"), **k8s_kind("Job")}
-    for name, workload in workloads.items():
-        spec = pod_spec(workload)
-        env_keys: set[str] = set()
-        for container in spec["containers"]:
-            for source in container.get("envFrom", []):
-                if "configMapRef" in source:
-                    env_keys |= set(config_maps[source["configMapRef"]["name"]]["data"])
-                else:
-                    secret = secrets[source["secretRef"]["name"]]
-                    env_keys |= set(secret.get("stringData") or secret.get("data") or {})
-            env_keys |= {e["name"] for e in container.get("env", [])}
-        unknown = {k for k in env_keys if k.startswith("CREDITWATCH_")} - SETTINGS_ENV
-        assert not unknown, f"{name}: {sorted(unknown)} are not Settings fields"
-        assert "CREDITWATCH_DATABASE_URL" in env_keys, name
-        for volume in spec.get("volumes", []):
-            if "configMap" in volume:
-                assert volume["configMap"]["name"] in config_maps, name
-            if "secret" in volume:
-                assert volume["secret"]["secretName"] in secrets, name
-
-
-def test_policy_and_token_files_are_mounted_where_the_settings_point() -> None:
-    config = k8s_kind("ConfigMap")["creditwatch-config"]["data"]
-    policy_map = k8s_kind("ConfigMap")["creditwatch-policy"]["data"]
-    assert policy_map["policy.yaml"] == (REPO / "shared" / "default_policy.yaml").read_text()
-    tokens_secret = k8s_kind("Secret")["creditwatch-api-tokens"]["stringData"]
-    for name, deployment in k8s_kind("Deployment").items():
-        spec = pod_spec(deployment)
-        volumes = {v["name"]: v for v in spec["volumes"]}
-        files = {}
-        for mount in spec["containers"][0]["volumeMounts"]:
-            volume = volumes[mount["name"]]
-            keys = (
-                (volume.get("configMap") and policy_map)
-                or (volume.get("secret") and tokens_secret)
-                or {}
-            )
-            files.update({f"{mount['mountPath']}/{key}": value for key, value in keys.items()})
-        assert config["CREDITWATCH_POLICY"] in files, name
-        tokens = parse_tokens(files[config["CREDITWATCH_API_TOKENS_FILE"]], source=name)
-        assert tokens
-
-
-def test_services_select_existing_deployment_pods() -> None:
-    deployments = k8s_kind("Deployment")
-    for name, service in k8s_kind("Service").items():
-        selector = service["spec"]["selector"]
+@pytest.mark.parametrize("build", [*APP_BUILDS])
+def test_services_select_existing_deployment_pods(builds: dict[str, Docs], build: str) -> None:
+    deployments = of_kind(builds[build], "Deployment")
+    for name, service in of_kind(builds[build], "Service").items():
         selected = [
             d
             for d in deployments.values()
-            if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+            if selects({"matchLabels": service["spec"]["selector"]}, template_labels(d))
         ]
         assert selected, f"Service {name} selects no Deployment's pods"
         for deployment in selected:
@@ -538,25 +860,88 @@ def test_services_select_existing_deployment_pods() -> None:
                 assert port["targetPort"] in ports, f"Service {name}: no port {port['targetPort']}"
 
 
-def test_autoscalers_target_existing_deployments_within_the_partition_count() -> None:
-    deployments = k8s_kind("Deployment")
-    hpas = k8s_kind("HorizontalPodAutoscaler")
+@pytest.mark.parametrize("build", [*APP_BUILDS])
+def test_autoscalers_target_existing_deployments_within_the_partition_count(
+    builds: dict[str, Docs], build: str
+) -> None:
+    deployments = of_kind(builds[build], "Deployment")
+    hpas = of_kind(builds[build], "HorizontalPodAutoscaler")
     assert hpas
     partitions = int(environment(compose_services()["kafka-init"])["CREDITWATCH_TOPIC_PARTITIONS"])
+    consume = {}
     for name, hpa in hpas.items():
         target = hpa["spec"]["scaleTargetRef"]
         assert target["kind"] == "Deployment" and target["name"] in deployments, name
         assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"], name
         (container,) = pod_spec(deployments[target["name"]])["containers"]
-        if creditwatch_cli(container["args"])[1]["consume"]:
+        consume[name] = creditwatch_cli(container["args"])[1]["consume"]
+        if consume[name]:
             # Consumers beyond the partition count would sit idle.
             assert hpa["spec"]["maxReplicas"] <= partitions, name
-    assert any(
-        not creditwatch_cli(
-            pod_spec(deployments[h["spec"]["scaleTargetRef"]["name"]])["containers"][0]["args"]
-        )[1]["consume"]
-        for h in hpas.values()
-    ), "the API-only limits Deployment has no autoscaler"
+    assert not all(consume.values()), "the API-only limits Deployment has no autoscaler"
+
+
+@pytest.mark.parametrize("build", [*APP_BUILDS, *MIGRATION_BUILDS])
+def test_images_are_the_one_creditwatch_image_and_prods_is_pinned_or_the_placeholder(
+    builds: dict[str, Docs], build: str
+) -> None:
+    images = {
+        c["image"]
+        for kind in ("Deployment", "Job")
+        for workload in of_kind(builds[build], kind).values()
+        for c in containers(workload)
+    }
+    (image,) = images
+    if build.startswith("dev"):
+        assert image == "creditwatch:local"  # built from this checkout, loaded into the cluster
+    else:
+        # Pinned by digest by the operator (deploy/README.md "The image"); until then the
+        # placeholder, which resolves nowhere, rather than a tag that could be moved.
+        assert DIGEST.search(image) or image.startswith(f"{PROD_IMAGE_PLACEHOLDER}:"), image
+
+
+def test_the_service_monitor_is_an_option_that_scrapes_each_pod_once(
+    builds: dict[str, Docs],
+) -> None:
+    for name, docs in builds.items():
+        if name != WITH_SERVICE_MONITOR:
+            assert not of_kind(docs, "ServiceMonitor"), f"{name} carries a ServiceMonitor"
+    docs = builds[WITH_SERVICE_MONITOR]
+    (monitor,) = of_kind(docs, "ServiceMonitor").values()
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    scraped = [
+        s
+        for s in of_kind(docs, "Service").values()
+        if selects(monitor["spec"]["selector"], s["metadata"].get("labels", {}))
+    ]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert {"action": "replace", "targetLabel": "part_of", "replacement": "creditwatch"} in (
+        endpoint["relabelings"]
+    )  # what CreditwatchTargetDown selects
+    for service in scraped:
+        assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    for name, deployment in of_kind(docs, "Deployment").items():
+        behind = [
+            s["metadata"]["name"]
+            for s in scraped
+            if selects({"matchLabels": s["spec"]["selector"]}, template_labels(deployment))
+        ]
+        # Twice would double every counter in the dashboards and rules.
+        assert len(behind) == 1, f"{name} is scraped through {behind}"
+
+
+def test_readme_applies_the_builds_that_exist() -> None:
+    readme = (DEPLOY / "README.md").read_text()
+    applied = re.findall(r"kubectl apply -k (\S+)", readme)
+    assert "deploy/k8s/overlays/prod" in applied
+    assert "deploy/k8s/overlays/prod/migration" in applied
+    assert applied.index("deploy/k8s/overlays/prod/migration") < applied.index(
+        "deploy/k8s/overlays/prod"
+    ), "the README applies the application before its migration"
+    for path in applied:
+        assert (REPO / path / "kustomization.yaml").is_file(), path
+    assert "components/service-monitor" in readme
 
 
 # ---- Prometheus ----------------------------------------------------------------------------
@@ -611,6 +996,15 @@ def test_alert_rules_cover_lag_dead_letters_errors_latency_and_silence() -> None
     assert some(r'creditwatch_http_requests_total\{[^}]*status=~"5\.\."')
     assert some(r"histogram_quantile\(0\.99, .*creditwatch_credit_check_seconds_bucket")
     assert some(r"rate\(creditwatch_events_consumed_total\[\w+\]\)\) == 0")
+
+
+@pytest.mark.parametrize("service", registry.SERVICES)
+def test_alert_rules_catch_a_consumer_that_never_exported_a_series(service: str) -> None:
+    # `rate(...) == 0` is empty, not 0, for a series that does not exist, so it cannot fire
+    # for a consumer that never consumed; absent() can, and names the service in its labels.
+    exprs = [" ".join(rule["expr"].split()) for rule in alert_rules()]
+    wanted = f'absent(creditwatch_events_consumed_total{{service="{service}"}})'
+    assert any(wanted in expr for expr in exprs), wanted
 
 
 # ---- Grafana -------------------------------------------------------------------------------
