@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -63,6 +65,24 @@ def _check_service(name: str) -> str:
 
 def main() -> None:
     app()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"creditwatch {importlib.metadata.version('creditwatch')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    pass
 
 
 # ---- serve ------------------------------------------------------------------------------------
@@ -597,6 +617,15 @@ def dev(
     ] = None,
 ) -> None:
     """Everything on one machine: embedded broker, SQLite, all three services."""
+    if demo and importlib.util.find_spec("httpx") is None:  # else the demo task dies unseen
+        _refuse(
+            devbroker.DevStartError(
+                [
+                    "--demo needs the HTTP client httpx, which comes with the dev extra "
+                    "(scripts/setup, or pip install 'creditwatch[dev]')"
+                ]
+            )
+        )
     os.environ.setdefault("CREDITWATCH_DEV_MODE", "true")
     settings = _settings(dev_mode=True)
     _setup_logging(settings)
