@@ -1,7 +1,12 @@
 """The deployment files, checked without Docker or a cluster: docker-compose.yml, the
 Dockerfile, the Kubernetes manifests, the Prometheus scrape config and alert rules, and the
 Grafana dashboards agree with the code — the settings that exist, the CLI's real commands,
-the ports, and the metric names shared/metrics.py registers."""
+the ports, and the metric names shared/metrics.py registers.
+
+The Kubernetes checks run on what `kustomize build` renders for each overlay, and the rendered
+manifests and docker-compose.yml go through schema validators (kubernetes-validate and
+check-jsonschema, with the schemas those packages ship): tests/infra/servers.py installs the
+three tools into the cache when missing (scripts/test-infra fetch does it up front)."""
 
 from __future__ import annotations
 
