@@ -281,7 +281,7 @@ async def fold(
     cache: dict[str, Any] = {}
 
     async def handle(events: list[Incoming]) -> None:
-        tx = Tx(conn, now, replaying=not collect, scratch=cache)
+        tx = Tx(conn, now, replaying=not collect, states=cache)
         async with conn.begin_nested():
             await service.handle(tx, events)
         result.outputs += [env for _, env in tx.outbox]
