@@ -717,6 +717,7 @@ class Refold:
         self.state = state
         self.policy = policy
         self.archive: dict[str, lg.Archived] = {}
+        self.rejected: list[DeadLetter] = []  # what the service dead-lettered, skipped here
 
     def evolve(self, event: Event) -> CustomerState:
         recall: dict[str, lg.Archived | None] = {}
@@ -726,7 +727,8 @@ class Refold:
                 break
             except lg.NeedRecall as need:
                 recall.update({k: self.archive.get(k) for k in need.keys})
-            except DeadLetter:
+            except DeadLetter as dl:
+                self.rejected.append(dl)
                 return self.state
         if nxt.step is not None:
             for key in nxt.step.restored:
