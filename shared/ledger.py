@@ -113,14 +113,15 @@ class Invoice:
     order_id: str | None = None
     applied: tuple[Application, ...] = ()  # (credit key, amount, amount as the credit came)
     dunning: Dunning | None = None
-
-    @property
-    def paid(self) -> Decimal:
-        return sum((a[1] for a in self.applied), ZERO)
+    # The sum of ``applied`` (kept: the ledger asks for it on every fact and every ageing).
+    paid: Decimal = ZERO
 
     @property
     def open(self) -> Decimal:
         return self.amount - self.paid
+
+    def with_applied(self, applied: tuple[Application, ...]) -> Invoice:
+        return replace(self, applied=applied, paid=sum((a[1] for a in applied), ZERO))
 
     def fifo_key(self) -> tuple[date, date, str]:
         return (self.due_date, self.issue_date, self.invoice_id)
@@ -382,7 +383,9 @@ class _Work:
             return credit, inv
         original, ccy = credit.share(amount)
         credit = replace(credit, applied=(*credit.applied, (inv.invoice_id, amount, original, ccy)))
-        inv = replace(inv, applied=(*inv.applied, (credit.key, amount, original, ccy)))
+        inv = replace(
+            inv, applied=(*inv.applied, (credit.key, amount, original, ccy)), paid=inv.paid + amount
+        )
         return credit, inv
 
     def fifo(self, credit: Credit) -> Credit:
@@ -572,7 +575,7 @@ def cancel_invoice(ledger: Ledger, recall: Recall, *, invoice_id: str) -> Step:
         credit = replace(credit, applied=_without(credit.applied, invoice_id, amount))
         freed[ckey] = credit
         work.credits[ckey] = credit
-    work.archived[key] = Archived(key, "cancelled", invoice=replace(inv, applied=()))
+    work.archived[key] = Archived(key, "cancelled", invoice=inv.with_applied(()))
     for ckey in sorted(freed, key=lambda k: (freed[k].on, k)):
         freed[ckey] = work.credits[ckey] = work.fifo(work.credits[ckey])
     work.close(freed)
@@ -669,7 +672,7 @@ def reverse_payment(ledger: Ledger, recall: Recall, *, payment_id: str) -> Step:
             if record is None or record.invoice is None or record.status == "cancelled":
                 continue
             inv = work.bring_back_invoice(record)
-        inv = replace(inv, applied=_without(inv.applied, key, amount))
+        inv = inv.with_applied(_without(inv.applied, key, amount))
         work.invoices[invoice_id] = inv
     work.archived[key] = Archived(key, "reversed", credit=replace(credit, applied=(), held=()))
     # Invoices open again take what unapplied cash there is.
@@ -738,9 +741,8 @@ def reexpress(
         k: replace(
             inv,
             amount=convert(inv.original[0], inv.original[1], f"invoice {k}"),
-            applied=conv_all(inv.applied, f"invoice {k}"),
             dunning=dun(inv.dunning, f"dunning {k}"),
-        )
+        ).with_applied(conv_all(inv.applied, f"invoice {k}"))
         for k, inv in ledger.invoices.items()
     }
     unseen = {k: dun(d, f"dunning {k}") for k, d in ledger.unseen_dunning.items()}

@@ -349,9 +349,14 @@ class EventCore:
         skipped = Counter(prepared.skipped)
         dead = list(prepared.dead)
         async with self.engine.begin() as conn:
-            await self.lock_subjects(
-                conn, (env.subject for _, env, _ in prepared.candidates.values())
-            )
+            tx = UnitOfWork(conn, now)
+            subjects = {env.subject for _, env, _ in prepared.candidates.values()}
+            repository = getattr(self.service, "repository", None)
+            if repository is not None:
+                # Lock (id order) and load at once, before the events are numbered.
+                await repository.load(tx, subjects)
+            else:
+                await self.lock_subjects(conn, subjects)
             rows = [
                 es.envelope_row(
                     env,
@@ -372,7 +377,6 @@ class EventCore:
                     result.duplicates += 1
                     continue
                 fresh.append(Incoming(seq, env, model, rec.topic, rec.partition, rec.offset))
-            tx = UnitOfWork(conn, now)
             if fresh:
                 await self.service.handle(tx, fresh)
             rejected = {inc.seq for inc, _ in tx.rejected}
@@ -495,7 +499,12 @@ class EventCore:
             if model is None:
                 raise ValueError(f"unknown event type {env.type!r}")
             parsed.append((env, model))
-        await self.lock_subjects(uow.conn, (env.subject for env, _ in parsed))
+        subjects = {env.subject for env, _ in parsed}
+        repository = getattr(self.service, "repository", None)
+        if repository is not None:
+            await repository.load(uow, subjects)  # locked (id order), before the numbering
+        else:
+            await self.lock_subjects(uow.conn, subjects)
         rows = [
             es.envelope_row(env, topic=None, partition=None, offset=None, recorded_at=uow.now)
             for env, _ in parsed

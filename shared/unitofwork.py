@@ -28,7 +28,7 @@ from sqlalchemy import Column, MetaData, String, Table, Text, delete, select, tu
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.ledger import Archived, NeedRecall, Step
-from shared.projection import insert_for, lock_rows
+from shared.projection import lock_rows, upsert
 
 if TYPE_CHECKING:
     from shared.events import DeadLetter, Envelope
@@ -220,16 +220,29 @@ class LedgerArchive:
                     mine[key] = None
                     lookup.append((cid, key))
         if lookup:
-            c = self.table.c
-            for start in range(0, len(lookup), 1000):
-                part = lookup[start : start + 1000]
-                rows = await uow.conn.execute(
-                    select(c.customer_id, c.item_key, c.body).where(
-                        tuple_(c.customer_id, c.item_key).in_(part)
-                    )
+            for row in await self._read(uow.conn, lookup):
+                out[row[0]][row[1]] = _ARCHIVED.validate_json(row[2])
+        return out
+
+    async def _read(self, conn: AsyncConnection, keys: list[tuple[str, str]]) -> list[Any]:
+        if conn.dialect.name == "postgresql":
+            # One index lookup per key (a row-value IN list is planned far worse).
+            name = self.table.name
+            result = await conn.exec_driver_sql(
+                f"SELECT a.customer_id, a.item_key, a.body FROM unnest($1::text[], $2::text[]) "
+                f'AS k(c, i) JOIN "{name}" a ON a.customer_id = k.c AND a.item_key = k.i',
+                ([k[0] for k in keys], [k[1] for k in keys]),
+            )
+            return list(result)
+        c = self.table.c
+        out: list[Any] = []
+        for start in range(0, len(keys), 500):
+            rows = await conn.execute(
+                select(c.customer_id, c.item_key, c.body).where(
+                    tuple_(c.customer_id, c.item_key).in_(keys[start : start + 500])
                 )
-                for row in rows:
-                    out[row.customer_id][row.item_key] = _ARCHIVED.validate_json(row.body)
+            )
+            out.extend(rows)
         return out
 
     def note(self, uow: UnitOfWork, customer_id: str, step: Step) -> None:
@@ -254,20 +267,22 @@ class LedgerArchive:
             for (cid, key), item in uow.archive.items()
             if item is not None
         ]
-        c = self.table.c
-        for start in range(0, len(gone), 1000):
-            await uow.conn.execute(
-                delete(self.table).where(
-                    tuple_(c.customer_id, c.item_key).in_(gone[start : start + 1000])
+        conn = uow.conn
+        if gone and conn.dialect.name == "postgresql":
+            await conn.exec_driver_sql(
+                f'DELETE FROM "{self.table.name}" a USING unnest($1::text[], $2::text[]) '
+                "AS k(c, i) WHERE a.customer_id = k.c AND a.item_key = k.i",
+                ([k[0] for k in gone], [k[1] for k in gone]),
+            )
+        elif gone:
+            c = self.table.c
+            for start in range(0, len(gone), 500):
+                await conn.execute(
+                    delete(self.table).where(
+                        tuple_(c.customer_id, c.item_key).in_(gone[start : start + 500])
+                    )
                 )
-            )
-        if kept:
-            ins = insert_for(uow.conn, self.table)
-            stmt = ins.on_conflict_do_update(
-                index_elements=["customer_id", "item_key"],
-                set_={"status": ins.excluded.status, "body": ins.excluded.body},
-            )
-            await uow.conn.execute(stmt, kept)
+        await upsert(conn, self.table, ["customer_id", "item_key"], kept)
         uow.archive.clear()
 
 

@@ -22,6 +22,8 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
+import orjson
+
 from shared import ledger as lg
 from shared.events import DeadLetter
 from shared.money import MONEY_CONTEXT, convert, is_currency, quantize
@@ -895,9 +897,7 @@ def decide_exposure(
 
 def exposure_key(body: Mapping[str, Any]) -> str:
     """The body but for ``as_of``, as text: what must change for a publication."""
-    import json
-
-    return json.dumps({**body, "as_of": None}, sort_keys=True, separators=(",", ":"))
+    return orjson.dumps({**body, "as_of": None}, option=orjson.OPT_SORT_KEYS).decode()
 
 
 # ---- credit checks --------------------------------------------------------------------------
