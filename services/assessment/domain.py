@@ -15,7 +15,8 @@ next event does not grow with its history:
   only when an event names them (``Event.recall``);
 - payment behaviour as aggregates of the invoices settled per day within the policy's
   window (``paid``) and the worst days overdue the dunning system reported per day
-  (``dunned``), both updated from the ledger's steps and pruned as the window moves on;
+  (``dunned``), each with its sum over the days, updated from the ledger's steps and pruned
+  as the window moves on;
 - of the financial statements, only those the ratios can choose from (``_kept``);
 - the latest credit report, the override and the last assessment.
 
@@ -31,6 +32,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Context, Decimal
+from itertools import islice
 from typing import Any, ClassVar, Final, Literal
 
 from services.assessment.events import (
@@ -136,39 +138,162 @@ class CreditReport:
     legal_events: tuple[LegalEvent, ...] = ()
 
 
+# How many of something had each number of days: ((days, how many), …), by days.
+Counts = tuple[tuple[int, int], ...]
+
+
+def _counted(counts: Counts, changes: Iterable[tuple[int, int]]) -> Counts:
+    out = dict(counts)
+    for days, n in changes:
+        out[days] = out.get(days, 0) + n
+    return tuple(sorted((days, n) for days, n in out.items() if n))
+
+
 @dataclass(frozen=True, slots=True)
 class PaidOn:
-    """The invoices payments settled on one day: how many, their days to pay summed, and how
-    many were how many days beyond terms. Kept as counts per number of days (not as a sum and
-    a maximum) so that an outcome taken back (a reversal, a cancellation) leaves the exact
-    worst behind, and the policy's ``late_after_days`` applies when measured."""
+    """Invoices payments settled (on one day, or over days): how many, their days to pay
+    summed, and how many were how many days beyond terms. Counts per number of days rather
+    than a sum and a maximum, so that an outcome taken back (a reversal, a cancellation)
+    leaves the exact worst behind, and the policy's ``late_after_days`` applies when
+    measured."""
 
     count: int = 0
     days_to_pay: int = 0
-    beyond: tuple[tuple[int, int], ...] = ()  # (days beyond terms, invoices), by days
+    beyond: Counts = ()
 
-    def plus(self, outcome: lg.Outcome) -> PaidOn:
-        counts = dict(self.beyond)
-        days = outcome.days_beyond_terms
-        counts[days] = counts.get(days, 0) + 1
+    def merged(self, other: PaidOn, sign: int = 1) -> PaidOn:
         return PaidOn(
-            self.count + 1, self.days_to_pay + outcome.days_to_pay, tuple(sorted(counts.items()))
+            self.count + sign * other.count,
+            self.days_to_pay + sign * other.days_to_pay,
+            _counted(self.beyond, ((days, sign * n) for days, n in other.beyond)),
         )
 
-    def minus(self, outcome: lg.Outcome) -> PaidOn | None:
-        """Without ``outcome`` (None: nothing left); unchanged if it was never counted."""
-        counts = dict(self.beyond)
-        days = outcome.days_beyond_terms
-        if counts.get(days, 0) <= 0:
+    def holds(self, other: PaidOn) -> bool:
+        mine = dict(self.beyond)
+        return all(mine.get(days, 0) >= n for days, n in other.beyond)
+
+
+def _paid_one(outcome: lg.Outcome) -> PaidOn:
+    return PaidOn(1, outcome.days_to_pay, ((outcome.days_beyond_terms, 1),))
+
+
+_NOTHING_PAID: Final = PaidOn()
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """The invoices payments settled within the payment-behaviour window: per settlement day
+    (in day order), summed over the days held, and the first and last day held — so that
+    neither measuring nor moving the window on walks the days (a window has up to 366)."""
+
+    days: Mapping[date, PaidOn] = field(default_factory=dict)
+    total: PaidOn = _NOTHING_PAID
+    first: date | None = None
+    last: date | None = None
+
+    def changed(
+        self, settled: Iterable[lg.Outcome], unsettled: Iterable[lg.Outcome], since: date
+    ) -> Settled:
+        """With outcomes taken back and added; days on or before ``since`` count no more
+        (and were pruned already)."""
+        days = dict(self.days)
+        total = self.total
+        in_order = True
+        for outcome in unsettled:
+            day, one = outcome.settled_on, _paid_one(outcome)
+            held = days.get(day)
+            if day <= since or held is None or not held.holds(one):
+                continue
+            total = total.merged(one, -1)
+            if held.count <= 1:
+                del days[day]
+            else:
+                days[day] = held.merged(one, -1)
+        for outcome in settled:
+            day, one = outcome.settled_on, _paid_one(outcome)
+            if day <= since:
+                continue
+            held = days.get(day)
+            if held is None and days and day < next(reversed(days)):
+                in_order = False  # a payment dated before the latest settlement day
+            days[day] = (held or _NOTHING_PAID).merged(one)
+            total = total.merged(one)
+        if not in_order:
+            days = dict(sorted(days.items()))
+        if not days:
+            return Settled()
+        return Settled(days, total, next(iter(days)), next(reversed(days)))
+
+    def after(self, since: date) -> Settled:
+        """Without the days on or before ``since`` (the first ones: they are in order)."""
+        if self.first is None or self.first > since:
             return self
-        if self.count <= 1:
+        total, cut = self.total, 0
+        for day, paid in self.days.items():
+            if day > since:
+                break
+            total, cut = total.merged(paid, -1), cut + 1
+        kept = dict(islice(self.days.items(), cut, None))
+        if not kept:
+            return Settled()
+        return Settled(kept, total, next(iter(kept)), self.last)
+
+    def within(self, since: date, on: date) -> PaidOn:
+        """What was settled on the days after ``since`` up to ``on``."""
+        if self.first is None or self.last is None:
+            return _NOTHING_PAID
+        if self.first > since and self.last <= on:
+            return self.total  # the usual case: every day held is in the window
+        out = _NOTHING_PAID
+        for day, paid in self.days.items():
+            if since < day <= on:
+                out = out.merged(paid)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Dunned:
+    """The worst days overdue the dunning system reported, per ``as_of`` day within the
+    window (in day order; whether the invoice was paid since or not), and how many days had
+    each worst, so that the window's worst needs no walk through the days."""
+
+    days: Mapping[date, int] = field(default_factory=dict)
+    worsts: Counts = ()
+    first: date | None = None
+    last: date | None = None
+
+    def reported(self, on: date, days_overdue: int, since: date) -> Dunned:
+        known = self.days.get(on)
+        if on <= since or (known is not None and known >= days_overdue):
+            return self
+        change = [(days_overdue, 1)] if known is None else [(known, -1), (days_overdue, 1)]
+        days = {**self.days, on: days_overdue}
+        if known is None and self.last is not None and on < self.last:
+            days = dict(sorted(days.items()))  # a run dated before the latest one
+        first, last = next(iter(days)), next(reversed(days))
+        return Dunned(days, _counted(self.worsts, change), first, last)
+
+    def after(self, since: date) -> Dunned:
+        """Without the days on or before ``since`` (the first ones: they are in order)."""
+        if self.first is None or self.first > since:
+            return self
+        gone: list[tuple[int, int]] = []
+        for day, worst in self.days.items():
+            if day > since:
+                break
+            gone.append((worst, -1))
+        kept = dict(islice(self.days.items(), len(gone), None))
+        if not kept:
+            return Dunned()
+        return Dunned(kept, _counted(self.worsts, gone), next(iter(kept)), self.last)
+
+    def worst(self, since: date, on: date) -> int | None:
+        """The worst reported on the days after ``since`` up to ``on`` (None: none)."""
+        if self.first is None or self.last is None:
             return None
-        counts[days] -= 1
-        if counts[days] == 0:
-            del counts[days]
-        return PaidOn(
-            self.count - 1, self.days_to_pay - outcome.days_to_pay, tuple(sorted(counts.items()))
-        )
+        if self.first > since and self.last <= on:
+            return self.worsts[-1][0] if self.worsts else None
+        return max((d for day, d in self.days.items() if since < day <= on), default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,11 +341,10 @@ class CustomerState:
     statements: Mapping[str, Statement] = field(default_factory=dict)
     report: CreditReport | None = None
     ledger: lg.Ledger = field(default_factory=lambda: lg.Ledger(""))
-    # Invoices settled by payments, per settlement day within the payment-behaviour window.
-    paid: Mapping[date, PaidOn] = field(default_factory=dict)
-    # The worst days overdue the dunning system reported, per ``as_of`` day within the window
-    # (whether the invoice was paid since or not).
-    dunned: Mapping[date, int] = field(default_factory=dict)
+    # Invoices settled by payments within the payment-behaviour window, per settlement day.
+    paid: Settled = field(default_factory=Settled)
+    # The worst days overdue the dunning system reported within the window, per day.
+    dunned: Dunned = field(default_factory=Dunned)
     override: Override | None = None
     last: LastAssessment | None = None
     last_time: datetime | None = None
@@ -367,42 +491,10 @@ def _since(state: CustomerState, policy: Policy) -> date:
     return window_start(state.last_time.date(), policy)
 
 
-def _tally(
-    paid: Mapping[date, PaidOn],
-    settled: Iterable[lg.Outcome],
-    unsettled: Iterable[lg.Outcome],
-    since: date,
-) -> Mapping[date, PaidOn]:
-    """The settlement aggregates with outcomes taken back and added (those of days before
-    the window count no more, and were pruned already)."""
-    out = dict(paid)
-    for outcome in unsettled:
-        day = outcome.settled_on
-        known = out.get(day)
-        if day > since and known is not None:
-            less = known.minus(outcome)
-            if less is None:
-                del out[day]
-            else:
-                out[day] = less
-    for outcome in settled:
-        day = outcome.settled_on
-        if day > since:
-            out[day] = out.get(day, _NOTHING_PAID).plus(outcome)
-    return out
-
-
-_NOTHING_PAID: Final = PaidOn()
-
-
 def _pruned(state: CustomerState, policy: Policy) -> CustomerState:
     """The aggregates without the days the window has left behind."""
     since = _since(state, policy)
-    paid, dunned = state.paid, state.dunned
-    if any(day <= since for day in paid):
-        paid = {day: p for day, p in paid.items() if day > since}
-    if any(day <= since for day in dunned):
-        dunned = {day: d for day, d in dunned.items() if day > since}
+    paid, dunned = state.paid.after(since), state.dunned.after(since)
     if paid is state.paid and dunned is state.dunned:
         return state
     return replace(state, paid=paid, dunned=dunned)
@@ -434,32 +526,24 @@ def payment_behaviour(state: CustomerState, on: date, policy: Policy) -> dict[st
     """
     rules = policy.payment_behaviour
     since = window_start(on, policy)
-    settled = to_pay = beyond = late = 0
-    worst: int | None = None
-    for day, paid in state.paid.items():
-        if not since < day <= on:
-            continue
-        settled += paid.count
-        to_pay += paid.days_to_pay
-        for days, count in paid.beyond:
-            beyond += days * count
-            if days > rules.late_after_days:
-                late += count
-            worst = days if worst is None or days > worst else worst
+    paid = state.paid.within(since, on)
     open_days = overdue_open(state, on)
-    population = settled + len(open_days)
-    beyond += sum(open_days)
+    population = paid.count + len(open_days)
+    beyond = sum(days * n for days, n in paid.beyond) + sum(open_days)
+    late = sum(n for days, n in paid.beyond if days > rules.late_after_days)
     late += sum(1 for days in open_days if days > rules.late_after_days)
     out: dict[str, Decimal] = {}
-    if settled:
-        out["avg_days_to_pay"] = _round(_DIVISION.divide(Decimal(to_pay), settled))
+    if paid.count:
+        out["avg_days_to_pay"] = _round(_DIVISION.divide(Decimal(paid.days_to_pay), paid.count))
     if population:
         out["avg_days_beyond_terms"] = _round(_DIVISION.divide(Decimal(beyond), population))
         out["late_payment_share_12m"] = _round(_DIVISION.divide(Decimal(late), population))
-    dunned = [days for day, days in state.dunned.items() if since < day <= on]
-    candidates = [*open_days, *dunned]
-    if worst is not None:
-        candidates.append(worst)
+    candidates = list(open_days)
+    if paid.beyond:
+        candidates.append(paid.beyond[-1][0])
+    dunned = state.dunned.worst(since, on)
+    if dunned is not None:
+        candidates.append(dunned)
     if candidates:
         out["max_days_overdue_12m"] = Decimal(max(candidates))
     return out
@@ -767,7 +851,7 @@ def _with_step(state: CustomerState, step: lg.Step, policy: Policy) -> CustomerS
     a reversal or cancellation reopened counts no more."""
     paid = state.paid
     if step.settled or step.unsettled:
-        paid = _tally(paid, step.settled, step.unsettled, _since(state, policy))
+        paid = paid.changed(step.settled, step.unsettled, _since(state, policy))
     return replace(state, ledger=step.ledger, paid=paid, step=step)
 
 
@@ -919,10 +1003,8 @@ def _overdue(
     state = _with_step(
         state, lg.record_dunning(state.ledger, recall, invoice_id=d.invoice_id, dunning=dun), p
     )
-    worst = state.dunned.get(d.as_of)
-    if d.as_of > _since(state, p) and (worst is None or d.days_overdue > worst):
-        state = replace(state, dunned={**state.dunned, d.as_of: d.days_overdue})
-    return state
+    dunned = state.dunned.reported(d.as_of, d.days_overdue, _since(state, p))
+    return state if dunned is state.dunned else replace(state, dunned=dunned)
 
 
 def _override_set(

@@ -426,7 +426,7 @@ async def test_given_a_paid_invoice_when_its_payment_is_reversed_in_a_later_batc
         row = await store.customer(conn, "C-1")
     state = store.load_state(row.state)
     assert (dict(state.ledger.invoices), dict(state.ledger.credits)) == ({}, {})
-    assert len(state.paid) == 1
+    assert state.paid.total.count == 1
 
     # When the payment is reversed (a batch of its own: the items are read back by key)
     await service.consume(
@@ -441,7 +441,7 @@ async def test_given_a_paid_invoice_when_its_payment_is_reversed_in_a_later_batc
     async with service.host.engine.connect() as conn:
         row = await store.customer(conn, "C-1")
     state = store.load_state(row.state)
-    assert list(state.ledger.invoices) == ["I-1"] and state.paid == {}
+    assert list(state.ledger.invoices) == ["I-1"] and state.paid.total.count == 0
     latest = (await service.client.get("/v1/customers/C-1/assessment", headers=auth())).json()
     assert latest["trigger"]["type"] == "payment.reversed"
     assert latest["ratios"]["max_days_overdue_12m"] == "30"

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from services.assessment import domain
 from services.assessment import events as ev
-from services.assessment.domain import CustomerState, PaidOn, Trigger, score
+from services.assessment.domain import CustomerState, Dunned, PaidOn, Settled, Trigger, score
 from services.assessment.handlers import due_for
 from services.assessment.store import LayoutError, dump_state, load_state
 from shared.events import (
@@ -296,7 +296,7 @@ def test_given_payments_for_an_unregistered_customer_when_folded_then_nothing_is
     )
     assert customer.state.last is None
     # …but they are folded: the invoice was paid (it left the open ledger) 20 days late
-    assert customer.state.paid == {
+    assert customer.state.paid.days == {
         date(2026, 2, 20): PaidOn(count=1, days_to_pay=50, beyond=((20, 1),))
     }
 
@@ -536,7 +536,7 @@ def test_given_an_allocated_payment_when_measured_then_it_settles_that_invoice_n
     )
     # I-2 settled on 02-05, 26 days after issue and before its due date; I-1 stays open
     assert list(state.ledger.invoices) == ["I-1"]
-    assert state.paid == {date(2026, 2, 5): PaidOn(count=1, days_to_pay=26, beyond=((0, 1),))}
+    assert state.paid.days == {date(2026, 2, 5): PaidOn(count=1, days_to_pay=26, beyond=((0, 1),))}
     assert domain.overdue_open(state, date(2026, 2, 10)) == [10]
     assert domain.payment_behaviour(state, date(2026, 2, 10), POLICY) == {
         "avg_days_to_pay": D("26.0000"),
@@ -561,7 +561,7 @@ def test_given_a_reversed_payment_when_measured_then_the_invoice_is_open_again()
             at("2026-02-01"),
         )
     )
-    assert reversed_.paid == {}  # the outcome is taken back out of the aggregates
+    assert reversed_.paid == Settled()  # the outcome is taken back out of the aggregates
     metrics = domain.payment_behaviour(reversed_, date(2026, 3, 2), POLICY)
     assert metrics["max_days_overdue_12m"] == 30
     assert "avg_days_to_pay" not in metrics
@@ -692,11 +692,13 @@ def test_given_payments_settled_long_ago_when_the_window_moves_on_then_the_state
         ("payment.received", payment("P-1", "100.00", "2024-04-30")),
         ("invoice.overdue", overdue("I-9", 20, "2024-03-01")),
     )
-    assert date(2024, 4, 30) in folding.state.paid and date(2024, 3, 1) in folding.state.dunned
+    assert date(2024, 4, 30) in folding.state.paid.days
+    assert date(2024, 3, 1) in folding.state.dunned.days
     # When a later event moves the latest business day more than the window on
     state = folding.evolve(domain.Event("credit_report.received", report(), at("2026-01-20")))
     # Then the days the window has left behind are gone: nothing of the history stays
-    assert (state.paid, state.dunned, dict(state.ledger.invoices)) == ({}, {}, {})
+    assert (state.paid, state.dunned) == (Settled(), Dunned())
+    assert dict(state.ledger.invoices) == {}
     assert set(folding.archive) == {"invoice:I-1", "payment:P-1"}
 
 
@@ -715,7 +717,7 @@ def test_given_a_paid_invoice_when_cancelled_then_its_outcome_is_taken_back_and_
             at("2026-02-11"),
         )
     )
-    assert state.paid == {}
+    assert state.paid == Settled()
     assert domain.payment_behaviour(state, date(2026, 3, 1), POLICY) == {}
     # The cash is a credit balance the next invoice takes, settling it on its issue day
     state = folding.evolve(
@@ -723,7 +725,7 @@ def test_given_a_paid_invoice_when_cancelled_then_its_outcome_is_taken_back_and_
             "invoice.issued", invoice("I-2", "100.00", "2026-02-20", "2026-03-22"), at("2026-02-20")
         )
     )
-    assert state.paid == {date(2026, 2, 20): PaidOn(count=1, days_to_pay=0, beyond=((0, 1),))}
+    assert state.paid.days == {date(2026, 2, 20): PaidOn(count=1, days_to_pay=0, beyond=((0, 1),))}
 
 
 def test_given_a_partial_payment_then_a_credit_note_when_measured_then_the_invoice_was_credited() -> (
@@ -738,7 +740,7 @@ def test_given_a_partial_payment_then_a_credit_note_when_measured_then_the_invoi
     # credit note clears what the payment left and the invoice leaves credited — it says
     # nothing about paying. The assessment's own rule applied credit notes first and counted
     # it paid by P-1, 10 days late.
-    assert state.paid == {}
+    assert state.paid == Settled()
     assert domain.payment_behaviour(state, date(2026, 3, 1), POLICY) == {}
 
 
@@ -754,7 +756,7 @@ def test_given_an_invoice_arriving_after_a_payment_when_measured_then_the_paymen
     # invoice open then (I-2); the assessment's own rule paid the oldest invoices from
     # scratch every time, so I-1 would have been paid (1 day late) and I-2 left open.
     assert list(state.ledger.invoices) == ["I-1"]
-    assert state.paid == {date(2026, 2, 1): PaidOn(count=1, days_to_pay=12, beyond=((0, 1),))}
+    assert state.paid.days == {date(2026, 2, 1): PaidOn(count=1, days_to_pay=12, beyond=((0, 1),))}
 
 
 def test_given_an_invoice_number_again_with_other_figures_when_folded_then_it_is_a_conflicting_duplicate() -> (
@@ -1126,6 +1128,31 @@ def test_property_incremental_folding_through_the_store_equals_a_replay(
     for body in replayed:  # and every published body is a valid contract event
         AssessmentCompleted.model_validate(body)
         assert 0 <= body["score"] <= 100
+
+
+@_PROPERTY
+@given(histories())
+def test_property_the_window_sums_are_the_sums_of_their_days(events: list[Event]) -> None:
+    state, _ = _fold(events)
+    paid, dunned = state.paid, state.dunned
+    summed = PaidOn()
+    for day in paid.days.values():
+        summed = summed.merged(day)
+    assert paid.total == summed
+    assert all(day.count > 0 for day in paid.days.values())
+    assert list(paid.days) == sorted(paid.days) and list(dunned.days) == sorted(dunned.days)
+    assert (paid.first, paid.last) == (
+        (min(paid.days), max(paid.days)) if paid.days else (None, None)
+    )
+    assert dunned.worsts == domain._counted((), ((d, 1) for d in dunned.days.values()))
+    assert (dunned.first, dunned.last) == (
+        (min(dunned.days), max(dunned.days)) if dunned.days else (None, None)
+    )
+    # and nothing the window has left behind stays
+    assert state.last_time is None or all(
+        day > domain.window_start(state.last_time.date(), POLICY)
+        for day in [*paid.days, *dunned.days]
+    )
 
 
 def test_the_domain_imports_no_infrastructure() -> None:
