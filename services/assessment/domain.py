@@ -1140,15 +1140,17 @@ def decide_assessment(
 
 class Refold:
     """A customer's events folded in memory, its ledger archive kept in a dict (replays of
-    one customer, answers about the past, tests): what the service does with a database."""
+    one customer, answers about the past, tests): what the service does with a database.
+    Events that cannot apply are skipped, as the service dead-lettered them (``rejected``)."""
 
     def __init__(self, state: CustomerState, policy: Policy) -> None:
         self.state = state
         self.policy = policy
         self.archive: dict[str, lg.Archived] = {}
+        self.rejected: list[DeadLetter] = []  # what the service dead-lettered, skipped here
 
     def evolve(self, event: Event) -> CustomerState:
-        """Fold one event's facts (``DeadLetter``: it cannot apply; the state stays)."""
+        """Fold one event's facts."""
         recall: dict[str, lg.Archived | None] = {}
         while True:
             try:
@@ -1156,6 +1158,9 @@ class Refold:
                 break
             except lg.NeedRecall as need:
                 recall.update({k: self.archive.get(k) for k in need.keys})
+            except DeadLetter as dl:
+                self.rejected.append(dl)
+                return self.state
         if nxt.step is not None:
             for key in nxt.step.restored:
                 self.archive.pop(key, None)
@@ -1166,8 +1171,10 @@ class Refold:
 
     def step(self, event: Event, trigger: Trigger) -> AssessmentCompleted | None:
         """Fold one event and, when it calls for it, assess and remember the assessment."""
-        prev = self.state
+        prev, skipped = self.state, len(self.rejected)
         nxt = self.evolve(event)
+        if len(self.rejected) > skipped:
+            return None
         body = decide_assessment(prev, nxt, event.type, trigger, self.policy)
         if body is not None:
             self.state = remember(nxt, body)
@@ -1182,10 +1189,7 @@ def replay(
     folding = Refold(new_customer(customer_id, policy), policy)
     published: list[AssessmentCompleted] = []
     for event_type, data, trigger, time in events:
-        try:
-            body = folding.step(Event(event_type, data, time), trigger)
-        except DeadLetter:
-            continue
+        body = folding.step(Event(event_type, data, time), trigger)
         if body is not None:
             published.append(body)
     return folding.state, published

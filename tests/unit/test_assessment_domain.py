@@ -157,7 +157,10 @@ class Customer:
     def send(self, event_type: str, data: Any, time: datetime) -> AssessmentCompleted | None:
         self.count += 1
         trigger = Trigger(f"evt-{self.count}", event_type, "/test")
+        skipped = len(self.folding.rejected)
         body = self.folding.step(domain.Event(event_type, data, time), trigger)
+        if len(self.folding.rejected) > skipped:
+            raise self.folding.rejected[-1]  # what the service would dead-letter
         if body is not None:
             self.published.append(body)
         return body
@@ -1092,10 +1095,7 @@ def _fold(
     for event_type, data, trigger, time in events:
         if through_store:  # the service reloads the state from its row before every batch
             folding.state = load_state(dump_state(folding.state))
-        try:
-            body = folding.step(domain.Event(event_type, data, time), trigger)
-        except DeadLetter:
-            continue
+        body = folding.step(domain.Event(event_type, data, time), trigger)
         if body is not None:
             published.append(body.model_dump(mode="json"))
     return folding.state, published

@@ -271,13 +271,12 @@ def fold_both_ways(events: list[tuple[Envelope, BaseModel]]) -> list[Folded]:
             old, old_body = step.state, step.assessment
         except DeadLetter as dl:
             old_rejected = dl.reason
-        try:
-            new_body = new.step(
-                domain.Event(env.type, model, env.time),
-                domain.Trigger(env.id, env.type, env.source),
-            )
-        except DeadLetter as dl:
-            new_rejected = dl.reason
+        skipped = len(new.rejected)
+        new_body = new.step(
+            domain.Event(env.type, model, env.time), domain.Trigger(env.id, env.type, env.source)
+        )
+        if len(new.rejected) > skipped:
+            new_rejected = new.rejected[-1].reason
         folded = Folded(env, old_body, new_body, old_rejected, new_rejected)
         if old.last_time is not None and new.state.last_time is not None:
             folded.old_inputs = v1.score_inputs(old, POLICY, old.last_time)
