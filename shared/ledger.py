@@ -37,12 +37,25 @@ once (``reexpress``). Pure functions over frozen values: no I/O, no clock.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import date, timedelta
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 ZERO = Decimal(0)
+T = TypeVar("T")
+
+
+def replace(obj: T, /, **changes: Any) -> T:
+    """``dataclasses.replace`` for the frozen, slotted values here (none has an __init__ or
+    __post_init__ of its own), at half its cost: the fold makes several per fact."""
+    cls = type(obj)
+    new = object.__new__(cls)
+    for name in cls.__slots__:  # type: ignore[attr-defined]
+        object.__setattr__(new, name, changes[name] if name in changes else getattr(obj, name))
+    return new
+
+
 BUCKETS = ("1-30", "31-60", "61-90", "90+")
 
 # One application of cash to an invoice: (the other side's key or id, amount in the ledger's

@@ -220,6 +220,10 @@ class BatchResult:
     skipped: int = 0
 
 
+# Events a replay folds between two writes of the customers' rows (see EventCore._refold).
+REPLAY_WINDOW = 100_000
+
+
 class EventCore:
     """Applies batches of records or local events to one service's store, atomically."""
 
@@ -538,6 +542,11 @@ class EventCore:
             await conn.execute(delete(table))
         total = await es.count_events(conn, self.service.core)
         done = 0
+        # A service with ``flush`` keeps its customers' states across pages and writes their
+        # rows once per window (the fold, not the rows, is what a replay must repeat).
+        flush = getattr(self.service, "flush", None)
+        uow = UnitOfWork(conn, self.clock(), replaying=True)
+        folded = 0
         async for page in es.read_events(conn, self.service.core):
             incoming: list[Incoming] = []
             for stored in page:
@@ -553,11 +562,19 @@ class EventCore:
                             stored.offset,
                         )
                     )
-            tx = UnitOfWork(conn, self.clock(), replaying=True)
-            await self.service.handle(tx, incoming)
+            if flush is None:
+                uow = UnitOfWork(conn, self.clock(), replaying=True)
+            await self.service.handle(uow, incoming)
+            folded += len(incoming)
+            if flush is not None and folded >= REPLAY_WINDOW:
+                await flush(uow)
+                uow.states.clear()
+                folded = 0
             done += len(page)
             if progress:
                 progress(done, total)
+        if flush is not None:
+            await flush(uow)
         return done
 
     async def replay(self, progress: Callable[[int, int], None] | None = None) -> int:

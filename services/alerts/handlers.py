@@ -129,6 +129,22 @@ class AlertsService:
                 )
                 if change.kind == "raised":
                     raised.append((alert.rule, alert.severity))
+        uow.touched.update(touched)
+        await store.save_alerts(uow.conn, list(alert_rows.values()))
+        await store.record_history(uow.conn, history)
+        if uow.replaying:
+            return  # the customers' rows are written once, by ``flush``
+        await self._save_customers(uow, touched)
+        if raised:
+            # Counted once committed: a rolled-back batch counts nothing.
+            uow.after_commit.append(lambda: count_raised(raised))
+
+    async def flush(self, uow: UnitOfWork) -> None:
+        """A replay's customers folded since the last flush: their rows, once each."""
+        await self._save_customers(uow, dict(uow.touched))
+        uow.touched.clear()
+
+    async def _save_customers(self, uow: UnitOfWork, touched: Mapping[str, int]) -> None:
         rows = []
         for n, (cid, seq) in enumerate(touched.items(), start=1):
             if n % ROW_SLICE == 0:
@@ -138,12 +154,6 @@ class AlertsService:
             loaded.stored = loaded.state
             rows.append(store.customer_row(loaded.state, seq))
         await store.save_customers(uow.conn, rows)
-        await store.save_alerts(uow.conn, list(alert_rows.values()))
-        await store.record_history(uow.conn, history)
-        if raised and not uow.replaying:
-            # Counted once committed: a rolled-back batch counts nothing.
-            uow.after_commit.append(lambda: count_raised(raised))
-        uow.touched.update(touched)
 
     # ---- time-driven events ---------------------------------------------------------------
     async def due_events(self, uow: UnitOfWork) -> list[Envelope]:

@@ -17,7 +17,7 @@ customer's history.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
@@ -26,6 +26,7 @@ import orjson
 
 from shared import ledger as lg
 from shared.events import DeadLetter
+from shared.ledger import replace
 from shared.money import MONEY_CONTEXT, convert, is_currency, quantize
 from shared.policy import Policy
 
@@ -335,7 +336,8 @@ def _convert(
 
 def evolve(state: CustomerState, event: Event, policy: Policy) -> CustomerState:
     """Fold one event into the customer's state. Raises ``DeadLetter`` when it cannot apply,
-    ``ledger.NeedRecall`` when it needs archived ledger items it was not given."""
+    ``ledger.NeedRecall`` when it needs archived ledger items it was not given. The new
+    state's ``step`` is this event's ledger step if it is not the old state's one."""
     handler = _HANDLERS.get(event.type)
     if handler is None:
         return state
@@ -343,8 +345,6 @@ def evolve(state: CustomerState, event: Event, policy: Policy) -> CustomerState:
     if time.utcoffset():
         # Business days are UTC days, here as in the stored rows (UTC).
         time = time.astimezone(UTC)
-    if state.step is not None:
-        state = replace(state, step=None)
     try:
         new: CustomerState = handler(state, event.data, time, policy, event.recall)
     except lg.LedgerConflict as conflict:
@@ -732,7 +732,7 @@ class Refold:
             except DeadLetter as dl:
                 self.rejected.append(dl)
                 return self.state
-        if nxt.step is not None:
+        if nxt.step is not None and nxt.step is not self.state.step:
             for key in nxt.step.restored:
                 self.archive.pop(key, None)
             for item in nxt.step.archived:

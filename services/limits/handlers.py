@@ -145,13 +145,25 @@ class LimitsService:
             for inc in events[start : start + FOLD_SLICE_EVENTS]:
                 await self._apply(uow, inc, recall, touched, writes)
             await asyncio.sleep(0)
+        uow.touched.update(touched)
+        if uow.replaying:
+            # The customers' rows are written once, by ``flush`` (their history rows now).
+            await self.write(uow, writes)
+            return
         items = list(touched.items())
         for start in range(0, len(items), FOLD_SLICE_CUSTOMERS):
             for cid, seq in items[start : start + FOLD_SLICE_CUSTOMERS]:
                 self._settle(uow, cid, uow.states[cid], seq, writes)
             await asyncio.sleep(0)
         await self.write(uow, writes)
-        uow.touched.update(touched)
+
+    async def flush(self, uow: UnitOfWork) -> None:
+        """A replay's customers folded since the last flush: their rows, once each."""
+        writes = Writes()
+        for cid, seq in uow.touched.items():
+            self._settle(uow, cid, uow.states[cid], seq, writes)
+        uow.touched.clear()
+        await self.write(uow, writes)
 
     async def _prefetch(
         self, uow: UnitOfWork, loaded: Mapping[str, LimitsLoaded], events: Sequence[Incoming]
@@ -187,7 +199,7 @@ class LimitsService:
         except DeadLetter as dl:
             uow.reject(inc, dl)
             return
-        if nxt.step is not None:
+        if nxt.step is not None and nxt.step is not prev.step:
             store.archive.note(uow, cid, nxt.step)
             # What the archive holds now is what later events of the batch must see.
             for item in nxt.step.archived:
