@@ -97,6 +97,16 @@ def serve(
         tokens = TokenRegistry.from_settings(settings)
         if migrate:
             registry.upgrade(settings, [name])
+        else:
+            from services.schema import pending
+
+            current, head = pending(settings.database_url_for(name), name)
+            if current != head:
+                raise ConfigError(
+                    f"its database is at revision {current or 'none'}, this version needs "
+                    f"{head}: run `creditwatch db upgrade` first (it rebuilds projections "
+                    "whose layout changed)"
+                )
         fastapi_app, _host = registry.build(
             name, settings, tokens=tokens, consume=consume, relay=relay
         )

@@ -108,3 +108,18 @@ def revision(service: str, url: str, message: str) -> None:
     """Autogenerate a migration for one service (developers: scripts/new-migration)."""
     cfg = alembic_config(service, url)
     command.revision(cfg, message=message, autogenerate=True)
+
+
+def pending(url: str, service: str) -> tuple[str | None, str]:
+    """(the database's revision, the newest) for the service: equal when up to date."""
+
+    async def _run() -> str | None:
+        engine = make_engine(url)
+        try:
+            async with engine.connect() as conn:
+                return await conn.run_sync(lambda c: _current(c, service))
+        finally:
+            await engine.dispose()
+
+    head = ScriptDirectory.from_config(alembic_config(service, "sqlite://")).get_current_head()
+    return asyncio.run(_run()), head or ""

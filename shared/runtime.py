@@ -31,7 +31,7 @@ from shared import eventstore as es
 from shared import metrics
 from shared.events import DeadLetter, Envelope, dead_letter_record, decode, parse
 from shared.transient import Backoff, OutageLog, is_conflict, is_transient
-from shared.unitofwork import UnitOfWork
+from shared.unitofwork import LayoutError, UnitOfWork
 
 log = logging.getLogger("creditwatch.runtime")
 
@@ -323,7 +323,7 @@ class EventCore:
         try:
             result = await self._apply(prepared)
         except Exception as exc:
-            if is_transient(exc):
+            if is_transient(exc) or isinstance(exc, LayoutError):
                 raise
             if len(records) == 1:
                 log.exception("event could not be processed; dead-lettering it")

@@ -36,6 +36,12 @@ if TYPE_CHECKING:
 S = TypeVar("S")
 
 
+class LayoutError(RuntimeError):
+    """A state document of an older layout: the projections must be rebuilt from the event
+    store (``creditwatch db upgrade`` does it). Never a reason to set an event aside: the
+    loop that meets it stops, and the process says why."""
+
+
 @dataclass(eq=False)
 class Loaded(Generic[S]):
     """A customer's state in a unit of work: as the fold leaves it, the row's version, and
@@ -306,6 +312,7 @@ async def with_recall(
 
 __all__ = [
     "CommittedStates",
+    "LayoutError",
     "LedgerArchive",
     "Loaded",
     "Repository",

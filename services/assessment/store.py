@@ -29,7 +29,7 @@ from services.assessment.domain import CustomerState
 from shared.db import BigId, UtcDateTime
 from shared.eventstore import core_tables
 from shared.projection import StateCodec, upsert
-from shared.unitofwork import LedgerArchive, archive_table
+from shared.unitofwork import LayoutError, LedgerArchive, archive_table
 
 metadata = MetaData()
 core = core_tables(metadata, "assessment")
@@ -78,11 +78,6 @@ archive = LedgerArchive(ledger_archive)
 PROJECTIONS: Sequence[Table] = (customers, assessments, ledger_archive)
 
 _STATE = StateCodec(CustomerState)
-
-
-class LayoutError(RuntimeError):
-    """A state document of an older layout: the projections must be rebuilt from the event
-    store (``creditwatch db upgrade`` does it)."""
 
 
 def dump_state(state: CustomerState) -> str:

@@ -35,7 +35,7 @@ from services.limits.domain import (
 from shared.db import BigId, ExactDecimal, UtcDateTime
 from shared.eventstore import core_tables
 from shared.projection import StateCodec, lock_rows, upsert
-from shared.unitofwork import LedgerArchive, archive_table
+from shared.unitofwork import LayoutError, LedgerArchive, archive_table
 
 metadata = MetaData()
 core = core_tables(metadata, "limits")
@@ -147,11 +147,6 @@ _DOCUMENT_FIELDS = tuple(
 )
 # In a written row: the document did not change, keep the stored one.
 UNCHANGED = ""
-
-
-class LayoutError(RuntimeError):
-    """A state document of an older layout: the projections must be rebuilt from the event
-    store (``creditwatch db upgrade`` does it)."""
 
 
 def dump_state(state: CustomerState) -> str:

@@ -450,7 +450,7 @@ async def test_given_a_paid_invoice_when_its_payment_is_reversed_in_a_later_batc
     assert await service.host.core.verify() == []
 
 
-async def test_given_a_state_document_of_the_old_layout_when_its_customer_is_touched_then_the_error_says_to_rebuild(
+async def test_given_a_state_document_of_the_old_layout_when_its_customer_is_touched_then_nothing_is_dead_lettered_and_the_error_says_to_rebuild(
     service: Service,
 ) -> None:
     # Given a row written before assessment_0003 (its whole history in the document)
@@ -465,9 +465,11 @@ async def test_given_a_state_document_of_the_old_layout_when_its_customer_is_tou
     # (never read as a customer with nothing in it)
     with pytest.raises(store.LayoutError, match="rebuild the projections: creditwatch db upgrade"):
         await service.client.post("/v1/customers/C-1/assessment/recompute", headers=auth())
-    await service.consume("crm.customers", "customer.updated", customer(name="Acme II"))
-    topic, _, dead = (await service.outbox())[-1]
-    assert topic == "credit.dlq" and "creditwatch db upgrade" in dead["data"]["error"]
+    # and a consumed event is not set aside for it: the batch fails, the loop stops and says
+    # why (a dead letter would lose the event)
+    with pytest.raises(store.LayoutError, match="creditwatch db upgrade"):
+        await service.consume("crm.customers", "customer.updated", customer(name="Acme II"))
+    assert all(topic != "credit.dlq" for topic, _, _ in await service.outbox())
     async with service.host.engine.connect() as conn:
         assert (await store.customer(conn, "C-1")).state == old
 
