@@ -502,6 +502,24 @@ def wanted(
     return keys
 
 
+def wanted_by(ledger: Ledger, event_type: str, data: Any) -> set[str]:
+    """The archive keys a contract event (its type and validated data) may need, looked up
+    before it is folded; the fold asks for any other with ``NeedRecall``."""
+    if event_type in ("invoice.issued", "invoice.cancelled", "invoice.overdue"):
+        return wanted(ledger, invoice_ids=[data.invoice_id])
+    if event_type == "credit_note.issued":
+        ids = [data.invoice_id] if data.invoice_id else []
+        return wanted(
+            ledger, invoice_ids=ids, credit_keys=[credit_key("credit_note", data.credit_note_id)]
+        )
+    if event_type == "payment.received":
+        ids = [a.invoice_id for a in (data.allocations or ())]
+        return wanted(ledger, invoice_ids=ids, credit_keys=[credit_key("payment", data.payment_id)])
+    if event_type == "payment.reversed":
+        return wanted(ledger, credit_keys=[credit_key("payment", data.payment_id)])
+    return set()
+
+
 def issue_invoice(
     ledger: Ledger,
     recall: Recall,
@@ -797,4 +815,5 @@ __all__ = [
     "reexpress",
     "reverse_payment",
     "wanted",
+    "wanted_by",
 ]

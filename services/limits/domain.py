@@ -688,26 +688,8 @@ HANDLED_TYPES = frozenset(_HANDLERS)
 
 
 def recall_wanted(state: CustomerState, event_type: str, data: Any) -> set[str]:
-    """The ledger archive keys an event may need, looked up before it is folded (the fold
-    asks for any other with ``NeedRecall``)."""
-    led = state.ledger
-    if event_type == "invoice.issued" or event_type == "invoice.cancelled":
-        return lg.wanted(led, invoice_ids=[data.invoice_id])
-    if event_type == "invoice.overdue":
-        return lg.wanted(led, invoice_ids=[data.invoice_id])
-    if event_type == "credit_note.issued":
-        ids = [data.invoice_id] if data.invoice_id else []
-        return lg.wanted(
-            led, invoice_ids=ids, credit_keys=[lg.credit_key("credit_note", data.credit_note_id)]
-        )
-    if event_type == "payment.received":
-        ids = [a.invoice_id for a in (data.allocations or ())]
-        return lg.wanted(
-            led, invoice_ids=ids, credit_keys=[lg.credit_key("payment", data.payment_id)]
-        )
-    if event_type == "payment.reversed":
-        return lg.wanted(led, credit_keys=[lg.credit_key("payment", data.payment_id)])
-    return set()
+    """The ledger archive keys an event may need (shared.ledger.wanted_by)."""
+    return lg.wanted_by(state.ledger, event_type, data)
 
 
 class Refold:
