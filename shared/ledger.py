@@ -194,6 +194,9 @@ class Archived:
     invoice: Invoice | None = None
     credit: Credit | None = None
     settled_on: date | None = None  # a settled invoice: the day the payment cleared it
+    # The ledger's currency when it left: a credit currency changed since converts it (from
+    # its amounts as received) when it comes back.
+    currency: str = ""
 
     @property
     def refs(self) -> tuple[str, ...]:
@@ -259,6 +262,8 @@ class Step:
 
 
 Recall = Mapping[str, Archived | None]  # None: looked up, not in the archive
+# An amount as received (amount, currency, what it is) in the ledger's currency.
+Converter = Callable[[Decimal, str, str], Decimal]
 
 
 def new_ledger(currency: str) -> Ledger:
@@ -344,9 +349,10 @@ def invoiced_on_order(ledger: Ledger, order_id: str) -> Decimal:
 class _Work:
     """A step under way: the ledger's items as mutable dicts, and what leaves or returns."""
 
-    def __init__(self, ledger: Ledger, recall: Recall) -> None:
+    def __init__(self, ledger: Ledger, recall: Recall, convert: Converter | None = None) -> None:
         self.ledger = ledger
         self.recall = recall
+        self.convert = convert
         self.invoices = dict(ledger.invoices)
         self.credits = dict(ledger.credits)
         self.archived: dict[str, Archived] = {}
@@ -378,26 +384,53 @@ class _Work:
         assert record.invoice is not None
         self.archived.pop(record.key, None)
         self.restored.append(record.key)
+        inv = record.invoice
         if record.status == "settled" and record.settled_on is not None:
-            inv = record.invoice
             self.unsettled.append(
                 Outcome(inv.invoice_id, inv.issue_date, inv.due_date, record.settled_on)
             )
-        return record.invoice
+        if self._foreign(record):
+            assert self.convert is not None
+            inv = _invoice_in(inv, self.convert)
+        return inv
 
     def bring_back_credit(self, record: Archived) -> Credit:
         assert record.credit is not None
         self.archived.pop(record.key, None)
         self.restored.append(record.key)
+        if self._foreign(record):
+            assert self.convert is not None
+            return _credit_in(record.credit, self.convert)
         return record.credit
+
+    def _foreign(self, record: Archived) -> bool:
+        """Archived in another currency than the ledger's (its credit currency changed)."""
+        if not record.currency or record.currency == self.ledger.currency:
+            return False
+        if self.convert is None:
+            raise ValueError(
+                f"{record.key} was archived in {record.currency}; the ledger is in "
+                f"{self.ledger.currency} and no converter was given"
+            )
+        return True
+
+    def archive(self, key: str, status: ArchivedStatus, **item: Any) -> None:
+        self.archived[key] = Archived(key, status, currency=self.ledger.currency, **item)
 
     def apply(self, credit: Credit, inv: Invoice, amount: Decimal) -> tuple[Credit, Invoice]:
         if amount <= 0:
             return credit, inv
         original, ccy = credit.share(amount)
-        credit = replace(credit, applied=(*credit.applied, (inv.invoice_id, amount, original, ccy)))
+        # One application per (credit, invoice): a credit that pays an invoice in two steps
+        # (its allocation, then the oldest-first rest) is one amount on it, converted once
+        # if the credit currency changes.
+        credit = replace(
+            credit, applied=_merged(credit.applied, inv.invoice_id, amount, original, ccy)
+        )
         inv = replace(
-            inv, applied=(*inv.applied, (credit.key, amount, original, ccy)), paid=inv.paid + amount
+            inv,
+            applied=_merged(inv.applied, credit.key, amount, original, ccy),
+            paid=inv.paid + amount,
         )
         return credit, inv
 
@@ -427,14 +460,14 @@ class _Work:
             key = invoice_key(invoice_id)
             if closing is not None and closing.kind == "payment":
                 settled_on = max(closing.on, inv.issue_date)
-                self.archived[key] = Archived(key, "settled", invoice=inv, settled_on=settled_on)
+                self.archive(key, "settled", invoice=inv, settled_on=settled_on)
                 self.settled.append(Outcome(invoice_id, inv.issue_date, inv.due_date, settled_on))
             else:
-                self.archived[key] = Archived(key, "credited", invoice=inv)
+                self.archive(key, "credited", invoice=inv)
         for key, credit in list(self.credits.items()):
             if credit.remaining <= 0 and not credit.held:
                 del self.credits[key]
-                self.archived[key] = Archived(key, "applied", credit=credit)
+                self.archive(key, "applied", credit=credit)
 
     def release_holds(self, invoice_id: str) -> dict[str, Credit]:
         """Cash held for an invoice that will never be open (it came, or comes, cancelled)
@@ -530,9 +563,10 @@ def issue_invoice(
     due_date: date,
     original: tuple[Decimal, str],
     order_id: str | None = None,
+    convert: Converter | None = None,
 ) -> Step:
     """An invoice arrives: it takes the cash held for it, then unapplied cash (oldest first)."""
-    work = _Work(ledger, recall)
+    work = _Work(ledger, recall, convert)
     key = invoice_key(invoice_id)
     figures = (original, issue_date, due_date, order_id)
     known = ledger.invoices.get(invoice_id)
@@ -552,7 +586,7 @@ def issue_invoice(
     inv = Invoice(invoice_id, amount, issue_date, due_date, original, order_id, dunning=dunning)
     if invoice_id in ledger.cancelled_early:
         # Its cancellation came first: it arrives cancelled.
-        work.archived[key] = Archived(key, "cancelled", invoice=inv)
+        work.archive(key, "cancelled", invoice=inv)
         work.close(work.release_holds(invoice_id))
         return work.step(
             cancelled_early=ledger.cancelled_early - {invoice_id}, unseen_dunning=unseen
@@ -578,10 +612,12 @@ def issue_invoice(
     return work.step(unseen_dunning=unseen)
 
 
-def cancel_invoice(ledger: Ledger, recall: Recall, *, invoice_id: str) -> Step:
+def cancel_invoice(
+    ledger: Ledger, recall: Recall, *, invoice_id: str, convert: Converter | None = None
+) -> Step:
     """An invoice is cancelled: the cash applied to it goes back to its credits, which
     apply it again (oldest invoices first, else unapplied)."""
-    work = _Work(ledger, recall)
+    work = _Work(ledger, recall, convert)
     key = invoice_key(invoice_id)
     inv = work.invoices.pop(invoice_id, None)
     if inv is None:
@@ -606,22 +642,32 @@ def cancel_invoice(ledger: Ledger, recall: Recall, *, invoice_id: str) -> Step:
         credit = replace(credit, applied=_without(credit.applied, invoice_id, amount))
         freed[ckey] = credit
         work.credits[ckey] = credit
-    work.archived[key] = Archived(key, "cancelled", invoice=inv.with_applied(()))
+    work.archive(key, "cancelled", invoice=inv.with_applied(()))
     for ckey in sorted(freed, key=lambda k: (freed[k].on, k)):
         freed[ckey] = work.credits[ckey] = work.fifo(work.credits[ckey])
     work.close(freed)
     return work.step()
 
 
+def _merged(
+    applications: tuple[Application, ...],
+    other: str,
+    amount: Decimal,
+    original: Decimal,
+    ccy: str,
+) -> tuple[Application, ...]:
+    for n, (key, have, have_original, have_ccy) in enumerate(applications):
+        if key == other:
+            merged = (key, have + amount, have_original + original, have_ccy)
+            return (*applications[:n], merged, *applications[n + 1 :])
+    return (*applications, (other, amount, original, ccy))
+
+
 def _without(
     applications: tuple[Application, ...], other: str, amount: Decimal
 ) -> tuple[Application, ...]:
-    out = list(applications)
-    for n, application in enumerate(out):
-        if application[0] == other and application[1] == amount:
-            del out[n]
-            break
-    return tuple(out)
+    """The applications but the one with ``other`` (one per pair: see ``_merged``)."""
+    return tuple(a for a in applications if a[0] != other)
 
 
 def receive_credit(
@@ -634,10 +680,11 @@ def receive_credit(
     on: date,
     original: tuple[Decimal, str],
     allocations: tuple[Application, ...] = (),
+    convert: Converter | None = None,
 ) -> Step:
     """A payment or credit note arrives: explicit allocations first (held for invoices not
     seen yet), the rest to the oldest open invoices, what is left unapplied."""
-    work = _Work(ledger, recall)
+    work = _Work(ledger, recall, convert)
     key = credit_key(kind, credit_id)
     figures = (original, on, tuple((a[0], a[2], a[3]) for a in allocations))
     known = ledger.credits.get(key)
@@ -656,7 +703,7 @@ def receive_credit(
     credit = Credit(key, kind, amount, on, original, allocations)
     if kind == "payment" and credit_id in ledger.reversed_early:
         # Its reversal came first: it arrives reversed.
-        work.archived[key] = Archived(key, "reversed", credit=credit)
+        work.archive(key, "reversed", credit=credit)
         return work.step(reversed_early=ledger.reversed_early - {credit_id})
     work.need(invoice_key(a[0]) for a in allocations if a[0] not in ledger.cancelled_early)
     for invoice_id, wanted_amount, wanted_original, wanted_ccy in allocations:
@@ -682,9 +729,11 @@ def receive_credit(
     return work.step()
 
 
-def reverse_payment(ledger: Ledger, recall: Recall, *, payment_id: str) -> Step:
+def reverse_payment(
+    ledger: Ledger, recall: Recall, *, payment_id: str, convert: Converter | None = None
+) -> Step:
     """A payment is reversed: every invoice it paid is open again by that much."""
-    work = _Work(ledger, recall)
+    work = _Work(ledger, recall, convert)
     key = credit_key("payment", payment_id)
     credit = work.credits.pop(key, None)
     if credit is None:
@@ -705,7 +754,7 @@ def reverse_payment(ledger: Ledger, recall: Recall, *, payment_id: str) -> Step:
             inv = work.bring_back_invoice(record)
         inv = inv.with_applied(_without(inv.applied, key, amount))
         work.invoices[invoice_id] = inv
-    work.archived[key] = Archived(key, "reversed", credit=replace(credit, applied=(), held=()))
+    work.archive(key, "reversed", credit=replace(credit, applied=(), held=()))
     # Invoices open again take what unapplied cash there is.
     work.close(work.apply_free_cash())
     return work.step()
@@ -741,48 +790,53 @@ def record_dunning(
 # ---- a change of currency -------------------------------------------------------------------
 
 
-def reexpress(
-    ledger: Ledger, currency: str, convert: Callable[[Decimal, str, str], Decimal]
-) -> Ledger:
+def _conv_all(
+    items: tuple[Application, ...], convert: Converter, what: str
+) -> tuple[Application, ...]:
+    return tuple((k, convert(o, ccy, what), o, ccy) for k, _, o, ccy in items)
+
+
+def _dunning_in(d: Dunning, convert: Converter, what: str) -> Dunning:
+    return replace(d, amount_overdue=convert(d.original[0], d.original[1], what))
+
+
+def _invoice_in(inv: Invoice, convert: Converter) -> Invoice:
+    """An invoice's amounts converted from what was received (itself and what paid it)."""
+    what = f"invoice {inv.invoice_id}"
+    return replace(
+        inv,
+        amount=convert(inv.original[0], inv.original[1], what),
+        dunning=_dunning_in(inv.dunning, convert, what) if inv.dunning is not None else None,
+    ).with_applied(_conv_all(inv.applied, convert, what))
+
+
+def _credit_in(credit: Credit, convert: Converter) -> Credit:
+    k = credit.key
+    return replace(
+        credit,
+        amount=convert(credit.original[0], credit.original[1], k),
+        allocations=_conv_all(credit.allocations, convert, k),
+        applied=_conv_all(credit.applied, convert, k),
+        held=_conv_all(credit.held, convert, k),
+    )
+
+
+def reexpress(ledger: Ledger, currency: str, convert: Converter) -> Ledger:
     """The ledger in another currency: every amount converted from the amount as received
-    (``convert(amount, from_currency, what)``), so none is converted twice."""
+    (``convert(amount, from_currency, what)``), so none is converted twice. Items in the
+    archive are converted when they come back (``Archived.currency``; give the ledger's
+    operations the converter). Each item is rounded on its own: totals may differ by a
+    minor unit from converting sums."""
     if currency == ledger.currency:
         return ledger
-
-    def conv_all(items: tuple[Application, ...], what: str) -> tuple[Application, ...]:
-        return tuple((k, convert(o, ccy, what), o, ccy) for k, _, o, ccy in items)
-
-    credits = {
-        k: replace(
-            c,
-            amount=convert(c.original[0], c.original[1], k),
-            allocations=conv_all(c.allocations, k),
-            applied=conv_all(c.applied, k),
-            held=conv_all(c.held, k),
-        )
-        for k, c in ledger.credits.items()
-    }
-
-    def dun(d: Dunning | None, what: str) -> Dunning | None:
-        if d is None:
-            return None
-        return replace(d, amount_overdue=convert(d.original[0], d.original[1], what))
-
-    invoices = {
-        k: replace(
-            inv,
-            amount=convert(inv.original[0], inv.original[1], f"invoice {k}"),
-            dunning=dun(inv.dunning, f"dunning {k}"),
-        ).with_applied(conv_all(inv.applied, f"invoice {k}"))
-        for k, inv in ledger.invoices.items()
-    }
-    unseen = {k: dun(d, f"dunning {k}") for k, d in ledger.unseen_dunning.items()}
     return replace(
         ledger,
         currency=currency,
-        invoices=invoices,
-        credits=credits,
-        unseen_dunning={k: d for k, d in unseen.items() if d is not None},
+        invoices={k: _invoice_in(inv, convert) for k, inv in ledger.invoices.items()},
+        credits={k: _credit_in(c, convert) for k, c in ledger.credits.items()},
+        unseen_dunning={
+            k: _dunning_in(d, convert, f"dunning {k}") for k, d in ledger.unseen_dunning.items()
+        },
     )
 
 
@@ -790,6 +844,7 @@ __all__ = [
     "BUCKETS",
     "Ageing",
     "Archived",
+    "Converter",
     "Credit",
     "Dunning",
     "Invoice",

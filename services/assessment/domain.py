@@ -779,6 +779,16 @@ def _to_credit_currency(
     return converted
 
 
+def _converter(state: CustomerState, policy: Policy) -> lg.Converter:
+    """Amounts as received into the customer's credit currency (for ledger items that come
+    back from the archive after the credit currency changed)."""
+
+    def convert(amount: Decimal, ccy: str, what: str) -> Decimal:
+        return _to_credit_currency(amount, ccy, state, policy, what)
+
+    return convert
+
+
 def statement_from(
     data: FinancialStatementPublished, state: CustomerState, policy: Policy, received_at: datetime
 ) -> Statement:
@@ -935,6 +945,7 @@ def _invoice_issued(
         due_date=d.due_date,
         original=(d.amount, d.currency),
         order_id=d.order_id,
+        convert=_converter(state, p),
     )
     return _with_step(state, step, p)
 
@@ -942,7 +953,13 @@ def _invoice_issued(
 def _invoice_cancelled(
     state: CustomerState, d: InvoiceCancelled, _t: datetime, p: Policy, recall: lg.Recall
 ) -> CustomerState:
-    return _with_step(state, lg.cancel_invoice(state.ledger, recall, invoice_id=d.invoice_id), p)
+    return _with_step(
+        state,
+        lg.cancel_invoice(
+            state.ledger, recall, invoice_id=d.invoice_id, convert=_converter(state, p)
+        ),
+        p,
+    )
 
 
 def _credit_note(
@@ -959,6 +976,7 @@ def _credit_note(
         on=d.issue_date,
         original=(d.amount, d.currency),
         allocations=alloc,
+        convert=_converter(state, p),
     )
     return _with_step(state, step, p)
 
@@ -985,6 +1003,7 @@ def _payment(
         on=d.received_date,
         original=(d.amount, d.currency),
         allocations=alloc,
+        convert=_converter(state, p),
     )
     return _with_step(state, step, p)
 
@@ -992,7 +1011,13 @@ def _payment(
 def _payment_reversed(
     state: CustomerState, d: PaymentReversed, _t: datetime, p: Policy, recall: lg.Recall
 ) -> CustomerState:
-    return _with_step(state, lg.reverse_payment(state.ledger, recall, payment_id=d.payment_id), p)
+    return _with_step(
+        state,
+        lg.reverse_payment(
+            state.ledger, recall, payment_id=d.payment_id, convert=_converter(state, p)
+        ),
+        p,
+    )
 
 
 def _overdue(

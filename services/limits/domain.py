@@ -334,6 +334,16 @@ def _convert(
     return converted
 
 
+def _converter(state: CustomerState, policy: Policy) -> lg.Converter:
+    """Amounts as received into the customer's credit currency (for ledger items that come
+    back from the archive after the credit currency changed)."""
+
+    def convert(amount: Decimal, ccy: str, what: str) -> Decimal:
+        return _convert(amount, ccy, state, policy, what)
+
+    return convert
+
+
 def evolve(state: CustomerState, event: Event, policy: Policy) -> CustomerState:
     """Fold one event into the customer's state. Raises ``DeadLetter`` when it cannot apply,
     ``ledger.NeedRecall`` when it needs archived ledger items it was not given. The new
@@ -468,14 +478,20 @@ def _invoice_issued(
         due_date=d.due_date,
         original=(d.amount, d.currency),
         order_id=d.order_id,
+        convert=_converter(state, p),
     )
     return _with_step(state, step)
 
 
 def _invoice_cancelled(
-    state: CustomerState, d: Any, _t: datetime, _p: Policy, recall: lg.Recall
+    state: CustomerState, d: Any, _t: datetime, p: Policy, recall: lg.Recall
 ) -> CustomerState:
-    return _with_step(state, lg.cancel_invoice(state.ledger, recall, invoice_id=d.invoice_id))
+    return _with_step(
+        state,
+        lg.cancel_invoice(
+            state.ledger, recall, invoice_id=d.invoice_id, convert=_converter(state, p)
+        ),
+    )
 
 
 def _credit_note(
@@ -492,6 +508,7 @@ def _credit_note(
         on=d.issue_date,
         original=(d.amount, d.currency),
         allocations=alloc,
+        convert=_converter(state, p),
     )
     return _with_step(state, step)
 
@@ -518,14 +535,20 @@ def _payment(
         on=d.received_date,
         original=(d.amount, d.currency),
         allocations=alloc,
+        convert=_converter(state, p),
     )
     return _with_step(state, step)
 
 
 def _payment_reversed(
-    state: CustomerState, d: Any, _t: datetime, _p: Policy, recall: lg.Recall
+    state: CustomerState, d: Any, _t: datetime, p: Policy, recall: lg.Recall
 ) -> CustomerState:
-    return _with_step(state, lg.reverse_payment(state.ledger, recall, payment_id=d.payment_id))
+    return _with_step(
+        state,
+        lg.reverse_payment(
+            state.ledger, recall, payment_id=d.payment_id, convert=_converter(state, p)
+        ),
+    )
 
 
 def _overdue(
