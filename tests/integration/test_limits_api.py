@@ -21,8 +21,8 @@ import pytest
 
 from services.limits import store
 from services.limits.app import build, refresh_portfolio_gauges
-from services.limits.handlers import LimitsService
 from services.limits.checks import CheckOrder, PostgresChecks, Verdict
+from services.limits.handlers import LimitsService
 from shared import eventstore as es
 from shared import metrics
 from shared.auth import Principal, TokenRegistry
