@@ -383,8 +383,6 @@ class Operators:
         self.answers: list[Answer] = []
         self.reserved: list[str] = []  # orders approved with a reservation
         self.pending: list[str] = []  # limit requests awaiting a decision
-        self.decided: dict[str, str] = {}  # request id -> "approved" | "rejected"
-        self.requests: dict[str, dict[str, Any]] = {}  # request id -> what was asked
         self.latest_expiry = datetime.now(UTC)  # of a temporary limit or override asked
         self.orders = 0
         # No keep-alive: a connection to a process killed since would fail on reuse.
@@ -477,25 +475,26 @@ class Operators:
         response = await self.call(
             "request", "POST", f"/v1/customers/{cid}/limit-requests", WRITE, body
         )
-        if response is not None and response.status_code == 201:
-            request_id = response.json()["request_id"]
-            self.pending.append(request_id)
-            self.requests[request_id] = {"customer_id": cid, **body}
+        # A decrease applies at once (201, approved): only an increase waits for a checker.
+        if (
+            response is not None
+            and response.status_code == 201
+            and response.json()["status"] == "pending"
+        ):
+            self.pending.append(response.json()["request_id"])
 
     async def _decide(self, cid: str) -> None:
         if not self.pending:
             return await self._request(cid)
         request_id = self.pending.pop(self.rng.randrange(len(self.pending)))
         verdict = "approve" if self.rng.random() < 0.7 else "reject"
-        response = await self.call(
+        await self.call(
             verdict,
             "POST",
             f"/v1/limit-requests/{request_id}/{verdict}",
             APPROVE,
             {"note": f"fault suite: {verdict}d"},
         )
-        if response is not None and response.status_code == 200:
-            self.decided[request_id] = response.json()["status"]
         return None
 
     async def _self_approve(self, cid: str) -> None:
@@ -603,6 +602,7 @@ def describe(
 @dataclass(frozen=True)
 class Probe:
     at: float
+    round: int  # the polling round: /healthz and /readyz of one round are asked together
     service: str
     path: str  # /healthz or /readyz
     status: int | None
@@ -621,10 +621,12 @@ class Monitor:
 
     async def run(self, stop: asyncio.Event, every: float = 0.5) -> None:
         try:
+            rounds = 0
             while not stop.is_set():
+                rounds += 1
                 await asyncio.gather(
                     *(
-                        self._probe(svc, path)
+                        self._probe(rounds, svc, path)
                         for svc in self.urls
                         for path in ("/healthz", "/readyz")
                     )
@@ -634,18 +636,37 @@ class Monitor:
         finally:
             await self._client.aclose()
 
-    async def _probe(self, service: str, path: str) -> None:
+    async def _probe(self, rounds: int, service: str, path: str) -> None:
         at = now_s()
         try:
             response = await self._client.get(self.urls[service] + path)
         except httpx.HTTPError:
-            self.probes.append(Probe(at, service, path, None, ()))
+            self.probes.append(Probe(at, rounds, service, path, None, ()))
             return
         failing: tuple[str, ...] = ()
         if response.status_code != 200:
             with contextlib.suppress(Exception):
                 failing = tuple(response.json().get("failing") or ())
-        self.probes.append(Probe(at, service, path, response.status_code, failing))
+        self.probes.append(Probe(at, rounds, service, path, response.status_code, failing))
+
+    def alive_while_dead(self, service: str) -> list[int]:
+        """Rounds in which /readyz said a background loop of ``service`` had ended while
+        /healthz still said it was alive: a process whose consumer died must be restarted,
+        and only a failing /healthz gets it restarted."""
+        dead = {
+            p.round
+            for p in self.probes
+            if p.service == service and p.path == "/readyz" and "loops" in p.failing
+        }
+        return sorted(
+            p.round
+            for p in self.probes
+            if p.service == service and p.path == "/healthz" and p.status == 200 and p.round in dead
+        )
+
+    def latest(self, path: str) -> dict[str, int | None]:
+        """What each service's ``path`` answered last (None: nothing answered)."""
+        return {p.service: p.status for p in self.probes if p.path == path}
 
     def of(
         self, service: str, path: str, start: float = 0.0, end: float = float("inf")
@@ -853,7 +874,26 @@ class FaultSystem:
         """Stop the case here, with every problem noted so far, unless ``ok`` (a service
         that never got ready again leaves nothing after this to judge)."""
         if not ok:
+            self._note_dishonest_liveness()
+            self._note_unexpected_answers()
             assert not self.problems, "\n\n".join(self.problems)
+
+    def _note_dishonest_liveness(self) -> None:
+        for svc in SERVICES:
+            lied = self.monitor.alive_while_dead(svc)
+            # One round may straddle the moment a loop ends; a dead loop stays dead.
+            self.expect(
+                len(lied) < 2,
+                f"{svc} /healthz said alive in {len(lied)} polling rounds while /readyz said "
+                f"its background loops had ended",
+            )
+
+    def _note_unexpected_answers(self) -> None:
+        wrong = self.unexpected()
+        self.expect(
+            not wrong,
+            f"unexpected HTTP answers:\n{describe(wrong, self.windows, since=self.started)}",
+        )
 
     async def verify(self, service: str, within: float = 180.0) -> subprocess.CompletedProcess[str]:
         return await cli(self.stack.env, "verify", service, within=within)
@@ -942,7 +982,10 @@ class FaultSystem:
         last: dict[str, dict[str, Any]] = {}
         for e in records["credit.exposure"]:
             last[e["subject"]] = e["data"]  # a customer's records share its partition: in order
-        strip = lambda d: {k: v for k, v in d.items() if k != "as_of"}  # noqa: E731
+
+        def strip(body: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in body.items() if k != "as_of"}  # as_of moves, figures not
+
         stale = sorted(c for c in published if strip(last.get(c, {})) != strip(published[c]))
         unknown = sorted(set(last) - set(published))
         if stale or unknown:
@@ -973,18 +1016,15 @@ class FaultSystem:
         verified = await asyncio.gather(*(self.verify(svc) for svc in SERVICES))
         for svc, done in zip(SERVICES, verified, strict=True):
             self.expect(
-                done.returncode == 0, f"verify {svc} exited {done.returncode}:\n{_tail(done)}"
+                done.returncode == 0, f"verify {svc} exited {done.returncode}:\n{output_tail(done)}"
             )
         self.mark(f"verified: {dict(zip(SERVICES, [d.returncode for d in verified], strict=True))}")
         try:
             await self.nothing_lost()
         except AssertionError as exc:
             self.problems.append(str(exc))
-        wrong = self.unexpected()
-        self.expect(
-            not wrong,
-            f"unexpected HTTP answers:\n{describe(wrong, self.windows, since=self.started)}",
-        )
+        self._note_dishonest_liveness()
+        self._note_unexpected_answers()
         self.mark(f"checked; operators: {self.operators.summary()}")
         assert not self.problems, "\n\n".join(self.problems)
 
@@ -1097,7 +1137,8 @@ async def cli(
         ) from exc
 
 
-def _tail(done: subprocess.CompletedProcess[str], lines: int = 25) -> str:
+def output_tail(done: subprocess.CompletedProcess[str], lines: int = 25) -> str:
+    """The last lines a command printed (stdout, then stderr)."""
     text = (done.stdout or "") + (done.stderr or "")
     return "\n".join(text.splitlines()[-lines:])
 
@@ -1197,7 +1238,11 @@ __all__ = [
     "Window",
     "Workload",
     "cli",
+    "describe",
+    "now_s",
+    "output_tail",
     "read_topics",
+    "rfc3339",
     "running_system",
     "unexpected_answers",
     "wait_until",

@@ -40,9 +40,10 @@ MAX_OUTAGE_LOG_LINES = 300
 
 def healthz_stayed_ok(system: FaultSystem) -> None:
     """Liveness: no service ever reported itself dead (or stopped answering) — an outage of
-    a dependency is no reason to be restarted. That /healthz is not simply always 200 is
-    what ``settled`` backs up: a service whose consumer had died would not reach lag 0,
-    and the failure names what /healthz said."""
+    a dependency is no reason to be restarted. That this 200 means something is checked at
+    the end of every case: /healthz may never say alive while /readyz says a background loop
+    has ended (``Monitor.alive_while_dead``), and a consumer stalled without ending keeps
+    the lag from reaching 0 (the failure then names what /healthz said)."""
     for svc in SERVICES:
         bad = [p for p in system.monitor.of(svc, "/healthz") if p.status != 200]
         system.expect(
