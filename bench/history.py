@@ -84,7 +84,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import asyncpg
 import orjson
@@ -95,7 +95,7 @@ from bench.common import RESULTS, Measure, save, table
 from services.schema import upgrade
 from shared import eventstore as es
 from shared.db import make_engine
-from shared.events import TOPIC_OF_TYPE, decode
+from shared.events import decode
 from shared.policy import load_policy
 from shared.runtime import BatchResult, EventCore, Pipeline, Record, tune_gc
 from shared.settings import Settings
@@ -172,7 +172,7 @@ def p99(values: Sequence[float]) -> float:
 
 
 def spread(values: Sequence[float]) -> str:
-    """How far a baseline's runs lie apart: (max − min) / median."""
+    """How far a baseline's runs lie apart: ± half their range, relative to their median."""
     if len(values) < 2:
         return "1 run"
     return f"±{(max(values) - min(values)) / statistics.median(values) / 2:.0%}"
@@ -196,7 +196,7 @@ def make_service(name: str, settings: Settings) -> Any:
 
 
 def service_tables(name: str) -> tuple[str, str]:
-    """The service's customers table and ledger archive table (none for alerts)."""
+    """The customers table and ledger archive table of limits or assessment."""
     if name == "limits":
         from services.limits import store as limits_store
 
@@ -222,9 +222,10 @@ class Feed:
 
     def __init__(self) -> None:
         self.offsets: dict[str, int] = {}
+        self.topics = Settings().topic_of_type()  # each type's topic, as configured
 
     def record(self, event: dict[str, Any]) -> Record:
-        topic = TOPIC_OF_TYPE[str(event["type"])]
+        topic = self.topics[str(event["type"])]
         offset = self.offsets.get(topic, 0)
         self.offsets[topic] = offset + 1
         return Record(topic, 0, offset, str(event["subject"]).encode(), f.raw(event))
@@ -784,16 +785,20 @@ _HEAD = struct.Struct("<HHI")
 
 
 def write_records(path: Path, items: Iterable[tuple[str, bytes | None, bytes]]) -> int:
-    n = 0
     with path.open("wb") as out:
-        for topic, key, value in items:
-            t = topic.encode()
-            k = key or b""
-            out.write(_HEAD.pack(len(t), len(k), len(value)))
-            out.write(t)
-            out.write(k)
-            out.write(value)
-            n += 1
+        return write_to(out, items)
+
+
+def write_to(out: BinaryIO, items: Iterable[tuple[str, bytes | None, bytes]]) -> int:
+    n = 0
+    for topic, key, value in items:
+        t = topic.encode()
+        k = key or b""
+        out.write(_HEAD.pack(len(t), len(k), len(value)))
+        out.write(t)
+        out.write(k)
+        out.write(value)
+        n += 1
     return n
 
 
@@ -839,8 +844,13 @@ def gen_stream(path: str, customers: int, events: int) -> dict[str, Any]:
     registrations, stream = ledger(
         customers=customers, total=events, duplicate_share=0.0, malformed_share=0.0, seed=11
     )
-    types = Counter(str(item.event["type"]) for item in registrations + stream if item.event)
-    n = write_records(Path(path), ((i.topic, i.key, i.value) for i in registrations + stream))
+    items = registrations + stream
+    types = Counter(str(item.event["type"]) for item in items if item.event)
+    topics = Settings().topic_of_type()  # each type's topic, as configured
+    n = write_records(
+        Path(path),
+        ((topics[str(i.event["type"])] if i.event else i.topic, i.key, i.value) for i in items),
+    )
     return {"records": n, "types": dict(types), "rss_mb": peak_rss_mb()}
 
 
@@ -954,12 +964,11 @@ def alerts_stream(source: str, outboxes: list[tuple[str, str]], out: str) -> dic
 
     work = Path(out).parent
 
-    async def dump(name: str, url: str, to: Path) -> None:
+    async def dump(name: str, url: str, to: BinaryIO) -> None:
         # The outbox in the order the service wrote it, page by page.
         conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
         try:
             last = 0
-            rows: list[tuple[str, bytes | None, bytes]] = []
             while True:
                 page = await conn.fetch(
                     f"SELECT seq, topic, key, value FROM {name}_outbox WHERE seq > $1 "
@@ -969,16 +978,16 @@ def alerts_stream(source: str, outboxes: list[tuple[str, str]], out: str) -> dic
                 if not page:
                     break
                 last = page[-1]["seq"]
-                rows += [(r["topic"], r["key"].encode(), r["value"].encode()) for r in page]
-            write_records(to, rows)
+                write_to(to, ((r["topic"], r["key"].encode(), r["value"].encode()) for r in page))
         finally:
             await conn.close()
 
     files = []
     for name, url in outboxes:
-        to = work / f"{name}_outbox.bin"
-        asyncio.run(dump(name, url, to))
-        files.append(to)
+        path = work / f"{name}_outbox.bin"
+        with path.open("wb") as to:
+            asyncio.run(dump(name, url, to))
+        files.append(path)
 
     def timed(
         items: Iterator[tuple[str, bytes, bytes]], only: frozenset[str] | None
