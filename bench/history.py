@@ -73,6 +73,7 @@ import multiprocessing
 import os
 import random
 import resource
+import shutil
 import statistics
 import struct
 import tempfile
@@ -722,7 +723,7 @@ def print_history(
     findings: list[str],
 ) -> None:
     fresh, heavy = customers[0], customers[-1]
-    head = ("measure (median of runs; ratio to fresh)",)
+    head: tuple[str, ...] = ("measure (median of runs; ratio to fresh)",)
     head += tuple(f"{c} ({sizes[c]:,} settled)" for c in customers)
     head += ("fresh: spread of runs", f"target {heavy}")
     rows: list[tuple[str, ...]] = [head]
@@ -1130,7 +1131,7 @@ async def portfolio_mode(args: argparse.Namespace) -> dict[str, Any]:
                         f"{got['dead_lettered']} dead-lettered, {got['duplicates']} duplicates",
                         flush=True,
                     )
-    source.unlink()
+    shutil.rmtree(work, ignore_errors=True)  # the stream's file
     print_portfolio(args, raw, raw_alerts, rates, replays, rss, skipped)
     return {
         "durability": durability_label(args.fsync == "on"),
@@ -1232,7 +1233,7 @@ def durable_servers(durable: bool) -> Iterator[None]:
         print(f"{durability_label(durable)}: {shown}", flush=True)
         return pg
 
-    servers.PostgresServer.start = staticmethod(start)  # type: ignore[method-assign,assignment]
+    servers.PostgresServer.start = staticmethod(start)  # type: ignore[method-assign]
     try:
         yield
     finally:
