@@ -40,7 +40,7 @@ archive rows, after the build. Every figure is a median over the runs of each ru
 and its ratio is the median of the runs' ratios to the fresh customer (H0) of the same run.
 Targets: the heaviest customer ≤ 1.3× the fresh one, per event and per check.
 
-Portfolio (``--portfolio``). ``tests.streams.ledger``'s stream (registrations, invoices,
+Portfolio (``--portfolio``). ``harness.streams.ledger``'s stream (registrations, invoices,
 payments with and without allocations, credit notes, cancellations, reversals, dunning; no
 duplicates, nothing malformed, as bench.ingest) for ``--customers`` customers and ``--events``
 events, written once to a file, then per run, each service in a process of its own (so that
@@ -93,6 +93,8 @@ from sqlalchemy import MetaData, insert, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bench.common import RESULTS, Measure, save, table
+from harness import factories as f
+from harness import servers
 from services.schema import upgrade
 from shared import eventstore as es
 from shared.db import make_engine
@@ -100,8 +102,6 @@ from shared.events import decode
 from shared.policy import load_policy
 from shared.runtime import BatchResult, EventCore, Pipeline, Record, tune_gc
 from shared.settings import Settings
-from tests import factories as f
-from tests.infra import servers
 
 TARGET_HISTORY = 1.3  # the heaviest customer against a fresh one, per event and per check
 TARGET_INGEST = 0.3  # limits ingest against the raw insert
@@ -840,7 +840,7 @@ def _child(work: Callable[..., Any], *args: Any) -> dict[str, Any]:
 
 
 def gen_stream(path: str, customers: int, events: int) -> dict[str, Any]:
-    from tests.streams import ledger
+    from harness.streams import ledger
 
     registrations, stream = ledger(
         customers=customers, total=events, duplicate_share=0.0, malformed_share=0.0, seed=11
@@ -1021,7 +1021,7 @@ async def portfolio_mode(args: argparse.Namespace) -> dict[str, Any]:
     source = work / "stream.bin"
     print(
         f"generating {args.events:,} events for {args.customers:,} customers "
-        "(tests.streams.ledger) …",
+        "(harness.streams.ledger) …",
         flush=True,
     )
     generated = _child(gen_stream, str(source), args.customers, args.events)

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from tests.e2e import support as s
-from tests.e2e.support import Publisher, Stack
+from harness import e2e as s
+from harness.e2e import Publisher, Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 

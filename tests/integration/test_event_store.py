@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from harness import factories as f
 from services.limits import store
 from services.limits.events import HoldPlaced
 from services.limits.handlers import LimitsService
@@ -20,7 +21,6 @@ from shared.events import new_event
 from shared.policy import load_policy
 from shared.runtime import EventCore
 from shared.settings import Settings
-from tests import factories as f
 
 pytestmark = pytest.mark.integration
 

@@ -19,15 +19,15 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sqlalchemy import func, select
 
+from harness import servers
+from harness.processes import ServiceProcess, service_env
+from harness.streams import Item, ledger
 from services.limits import domain, store
 from services.limits import events as ev
 from shared import eventstore as es
 from shared.db import make_engine
 from shared.events import decode
 from shared.policy import load_policy
-from tests.infra import servers
-from tests.processes import ServiceProcess, service_env
-from tests.streams import Item, ledger
 
 pytestmark = pytest.mark.integration
 TOPICS = (

@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from services import simulate
+from harness import streams
 from services.assessment import domain, store
 from services.assessment.domain import PAYMENT_BEHAVIOUR
 from shared.events import (
@@ -42,8 +42,8 @@ from shared.events import (
 )
 from shared.policy import load_policy
 from shared.projection import StateCodec
-from tests import streams
 from tests.unit import assessment_reference_v1 as v1
+from tools import simulate
 
 POLICY = load_policy()
 CID = "C-1"

@@ -19,10 +19,10 @@ import typer.main
 import yaml
 from prometheus_client import REGISTRY
 
-from services import cli, registry
 from shared import metrics
 from shared.auth import parse_tokens
 from shared.settings import Settings
+from tools import cli, registry
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

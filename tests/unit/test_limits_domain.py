@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness import streams
 from services.limits import domain
 from services.limits import events as ev
 from services.limits.domain import CustomerState, GroupView, decide_credit_check, figures
@@ -39,7 +40,6 @@ from shared.events import (
     parse,
 )
 from shared.policy import Policy, load_policy
-from tests import streams
 from tests.unit import limits_reference_v1 as v1
 
 POLICY = load_policy()

@@ -19,10 +19,10 @@ import typer
 import uvicorn
 from uvicorn.loops.auto import auto_loop_factory
 
-from services import devbroker, registry
 from shared.auth import TokenRegistry
 from shared.runtime import tune_gc
 from shared.settings import ConfigError, Settings, load_settings
+from tools import devbroker, registry
 
 app = typer.Typer(
     add_completion=False,
@@ -390,7 +390,7 @@ def simulate(
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same history)")] = 7,
 ) -> None:
     """Publish a realistic synthetic history to the input topics."""
-    from services import simulate as sim
+    from tools import simulate as sim
 
     settings = _settings()
     _setup_logging(settings)
@@ -457,8 +457,8 @@ def import_open_items(
     ] = False,
 ) -> None:
     """Initial load of an existing ledger (help: _IMPORT_HELP)."""
-    from services import importer
     from shared.policy import PolicyError, load_policy
+    from tools import importer
 
     settings = _settings()
     _setup_logging(settings)
@@ -539,8 +539,8 @@ def backtest(
     format_: Annotated[str, typer.Option("--format", help="text | json")] = "text",
 ) -> None:
     """Replay history under a candidate policy and report what would have differed."""
-    from services import backtest as bt
     from shared.policy import PolicyError, load_policy
+    from tools import backtest as bt
 
     if format_ not in ("text", "json"):
         typer.secho("--format must be text or json", fg="red", err=True)
@@ -668,7 +668,7 @@ def _sqlite_stores(settings: Settings) -> list[Path]:
 async def _dev(
     settings: Settings, tokens: TokenRegistry, *, demo: bool, demo_customers: int
 ) -> None:
-    from services import simulate as sim
+    from tools import simulate as sim
 
     await asyncio.to_thread(registry.upgrade, settings, list(registry.SERVICES))
     await registry.create_topics(settings)

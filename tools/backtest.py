@@ -58,7 +58,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from services import registry
 from services.alerts import store as alerts_store
 from services.assessment import store as assessment_store
 from services.limits import domain as limits_domain
@@ -69,6 +68,7 @@ from shared.events import DeadLetter, Envelope
 from shared.policy import Policy
 from shared.runtime import PROCESSING_ERROR, Incoming, Tx
 from shared.settings import Settings, redact_url
+from tools import registry
 
 ASSESSED = "assessment.completed"
 EXPOSURE = "exposure.updated"
