@@ -40,10 +40,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from decimal import Decimal
-from typing import Any, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 ZERO = Decimal(0)
 T = TypeVar("T")
+S = TypeVar("S")
 
 
 def replace(obj: T, /, **changes: Any) -> T:
@@ -787,6 +788,134 @@ def record_dunning(
     return Step(replace(ledger, unseen_dunning={**ledger.unseen_dunning, invoice_id: dunning}))
 
 
+# ---- the contract's receivables events ------------------------------------------------------
+
+# The events the ledger folds (contract §1: ar.invoices, ar.payments, ar.overdue).
+EVENT_TYPES = frozenset(
+    {
+        "invoice.issued",
+        "invoice.cancelled",
+        "credit_note.issued",
+        "payment.received",
+        "payment.reversed",
+        "invoice.overdue",
+    }
+)
+
+
+def record(ledger: Ledger, recall: Recall, event_type: str, data: Any, convert: Converter) -> Step:
+    """Fold one receivables event (its validated data) into the ledger. ``convert(amount,
+    currency, field)`` turns an amount as received into the ledger's currency (and raises
+    what the caller sets aside, e.g. a ``no_fx_rate`` dead letter); it also converts
+    archived items that come back after a change of currency."""
+    if event_type == "invoice.issued":
+        return issue_invoice(
+            ledger,
+            recall,
+            invoice_id=data.invoice_id,
+            amount=convert(data.amount, data.currency, "amount"),
+            issue_date=data.issue_date,
+            due_date=data.due_date,
+            original=(data.amount, data.currency),
+            order_id=data.order_id,
+            convert=convert,
+        )
+    if event_type == "invoice.cancelled":
+        return cancel_invoice(ledger, recall, invoice_id=data.invoice_id, convert=convert)
+    if event_type in ("credit_note.issued", "payment.received"):
+        if event_type == "payment.received":
+            kind: CreditKind = "payment"
+            credit_id, on = data.payment_id, data.received_date
+            wanted_allocations = [(a.invoice_id, a.amount) for a in (data.allocations or ())]
+        else:
+            kind = "credit_note"
+            credit_id, on = data.credit_note_id, data.issue_date
+            wanted_allocations = [(data.invoice_id, data.amount)] if data.invoice_id else []
+        allocations = tuple(
+            (
+                invoice_id,
+                convert(amount, data.currency, "allocations.amount"),
+                amount,
+                data.currency,
+            )
+            for invoice_id, amount in wanted_allocations
+        )
+        return receive_credit(
+            ledger,
+            recall,
+            kind=kind,
+            credit_id=credit_id,
+            amount=convert(data.amount, data.currency, "amount"),
+            on=on,
+            original=(data.amount, data.currency),
+            allocations=allocations,
+            convert=convert,
+        )
+    if event_type == "payment.reversed":
+        return reverse_payment(ledger, recall, payment_id=data.payment_id, convert=convert)
+    if event_type == "invoice.overdue":
+        dunning = Dunning(
+            data.as_of,
+            data.days_overdue,
+            convert(data.amount_overdue, data.currency, "amount_overdue"),
+            data.due_date,
+            (data.amount_overdue, data.currency),
+        )
+        return record_dunning(ledger, recall, invoice_id=data.invoice_id, dunning=dunning)
+    raise ValueError(f"not a receivables event: {event_type!r}")
+
+
+class MemoryArchive:
+    """A customer's ledger archive in a dict: for folds of stored events in memory (answers
+    about the past, backtests, tests) — what a service keeps in its archive table."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, Archived] = {}
+
+    def fold(self, evolve: Callable[[Recall], T]) -> T:
+        """``evolve(recall)``, with whatever archived items it asks for (``NeedRecall``)."""
+        recall: dict[str, Archived | None] = {}
+        while True:
+            try:
+                return evolve(recall)
+            except NeedRecall as need:
+                recall.update({k: self.items.get(k) for k in need.keys})
+
+    def keep(self, step: Step) -> None:
+        """What a step moved out of the hot state, and back into it."""
+        for key in step.restored:
+            self.items.pop(key, None)
+        for item in step.archived:
+            self.items[item.key] = item
+
+
+class Refold(Generic[S]):
+    """A customer's events folded in memory with an archive of its own (``MemoryArchive``):
+    answers about the past, backtests, tests — what a service does with its tables. Events
+    that raise ``skip`` (what the service dead-letters) are kept in ``rejected`` and change
+    nothing."""
+
+    def __init__(self, state: S) -> None:
+        self.state = state
+        self.memory = MemoryArchive()
+        self.rejected: list[Exception] = []
+
+    def apply(self, evolve: Callable[[S, Recall], S], skip: type[Exception]) -> S:
+        """``evolve(state, recall)`` with the archived items it asks for; what its step
+        moves is kept in the archive."""
+        before = self.state
+        try:
+            nxt = self.memory.fold(lambda recall: evolve(before, recall))
+        except skip as exc:
+            self.rejected.append(exc)
+            return before
+        step = getattr(nxt, "step", None)
+        if step is not None and step is not getattr(before, "step", None):
+            self.memory.keep(step)
+        self.state = nxt
+        return nxt
+
+
 # ---- a change of currency -------------------------------------------------------------------
 
 
@@ -842,6 +971,7 @@ def reexpress(ledger: Ledger, currency: str, convert: Converter) -> Ledger:
 
 __all__ = [
     "BUCKETS",
+    "EVENT_TYPES",
     "Ageing",
     "Archived",
     "Converter",
@@ -850,9 +980,11 @@ __all__ = [
     "Invoice",
     "Ledger",
     "LedgerConflict",
+    "MemoryArchive",
     "NeedRecall",
     "Outcome",
     "Recall",
+    "Refold",
     "Step",
     "ageing",
     "bucket_of",
@@ -866,6 +998,7 @@ __all__ = [
     "next_ageing_date",
     "open_receivables",
     "receive_credit",
+    "record",
     "record_dunning",
     "reexpress",
     "reverse_payment",

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, Self, TypeVar
 
 from pydantic import TypeAdapter
 from sqlalchemy import Column, MetaData, String, Table, Text, delete, select, tuple_
@@ -292,6 +292,50 @@ class LedgerArchive:
         uow.archive.clear()
 
 
+class Stepped(Protocol):
+    """A state that says what its last event did to the ledger."""
+
+    @property
+    def step(self) -> Step | None: ...
+
+
+St = TypeVar("St", bound=Stepped)
+
+
+async def fold_with_archive(
+    archive: LedgerArchive,
+    uow: UnitOfWork,
+    customer_id: str,
+    recall: dict[str, dict[str, Archived | None]],
+    before: Stepped,
+    fold: Callable[[Mapping[str, Archived | None]], St],
+) -> St:
+    """Fold one event of a batch (``fold(recall)`` returns the new state): fetch what the
+    ledger asks for, note what the event moved to or from the archive, and keep the batch's
+    view of the archive current for its later events (``recall``, by customer)."""
+    mine = recall.setdefault(customer_id, {})
+    state: St = await with_recall(archive, uow, customer_id, mine, fold)
+    step = state.step
+    if step is not None and step is not before.step:
+        archive.note(uow, customer_id, step)
+        for item in step.archived:
+            mine[item.key] = item
+        for key in step.restored:
+            mine[key] = None
+    return state
+
+
+async def prefetch(
+    archive: LedgerArchive, uow: UnitOfWork, wanted: Iterable[tuple[str, set[str]]]
+) -> dict[str, dict[str, Archived | None]]:
+    """The archived items a batch's events name, in one statement: (customer, keys) pairs."""
+    by_customer: dict[str, set[str]] = {}
+    for customer_id, keys in wanted:
+        if keys:
+            by_customer.setdefault(customer_id, set()).update(keys)
+    return await archive.recall(uow, by_customer) if by_customer else {}
+
+
 async def with_recall(
     archive: LedgerArchive,
     uow: UnitOfWork,
@@ -318,5 +362,7 @@ __all__ = [
     "Repository",
     "UnitOfWork",
     "archive_table",
+    "fold_with_archive",
+    "prefetch",
     "with_recall",
 ]

@@ -44,16 +44,10 @@ from services.assessment.events import (
 from shared import ledger as lg
 from shared.events import (
     AssessmentCompleted,
-    CreditNoteIssued,
     CreditReportReceived,
     CustomerData,
     DeadLetter,
     FinancialStatementPublished,
-    InvoiceCancelled,
-    InvoiceIssued,
-    InvoiceOverdue,
-    PaymentReceived,
-    PaymentReversed,
 )
 from shared.policy import Policy, RiskLevel, add_months
 
@@ -932,104 +926,21 @@ def _report(
     return replace(state, report=report)
 
 
-def _invoice_issued(
-    state: CustomerState, d: InvoiceIssued, _t: datetime, p: Policy, recall: lg.Recall
-) -> CustomerState:
-    amount = _to_credit_currency(d.amount, d.currency, state, p, "amount")
-    step = lg.issue_invoice(
-        state.ledger,
-        recall,
-        invoice_id=d.invoice_id,
-        amount=amount,
-        issue_date=d.issue_date,
-        due_date=d.due_date,
-        original=(d.amount, d.currency),
-        order_id=d.order_id,
-        convert=_converter(state, p),
-    )
-    return _with_step(state, step, p)
+def _receivables(event_type: str) -> Any:
+    """A receivables event: the shared ledger folds it (``ledger.record``); dunning also
+    counts in the window's worst days overdue, for paid invoices too."""
 
+    def fold(
+        state: CustomerState, d: Any, _t: datetime, p: Policy, recall: lg.Recall
+    ) -> CustomerState:
+        step = lg.record(state.ledger, recall, event_type, d, _converter(state, p))
+        state = _with_step(state, step, p)
+        if event_type != "invoice.overdue":
+            return state
+        dunned = state.dunned.reported(d.as_of, d.days_overdue, _since(state, p))
+        return state if dunned is state.dunned else replace(state, dunned=dunned)
 
-def _invoice_cancelled(
-    state: CustomerState, d: InvoiceCancelled, _t: datetime, p: Policy, recall: lg.Recall
-) -> CustomerState:
-    return _with_step(
-        state,
-        lg.cancel_invoice(
-            state.ledger, recall, invoice_id=d.invoice_id, convert=_converter(state, p)
-        ),
-        p,
-    )
-
-
-def _credit_note(
-    state: CustomerState, d: CreditNoteIssued, _t: datetime, p: Policy, recall: lg.Recall
-) -> CustomerState:
-    amount = _to_credit_currency(d.amount, d.currency, state, p, "amount")
-    alloc = ((d.invoice_id, amount, d.amount, d.currency),) if d.invoice_id else ()
-    step = lg.receive_credit(
-        state.ledger,
-        recall,
-        kind="credit_note",
-        credit_id=d.credit_note_id,
-        amount=amount,
-        on=d.issue_date,
-        original=(d.amount, d.currency),
-        allocations=alloc,
-        convert=_converter(state, p),
-    )
-    return _with_step(state, step, p)
-
-
-def _payment(
-    state: CustomerState, d: PaymentReceived, _t: datetime, p: Policy, recall: lg.Recall
-) -> CustomerState:
-    amount = _to_credit_currency(d.amount, d.currency, state, p, "amount")
-    alloc = tuple(
-        (
-            a.invoice_id,
-            _to_credit_currency(a.amount, d.currency, state, p, "allocations.amount"),
-            a.amount,
-            d.currency,
-        )
-        for a in (d.allocations or ())
-    )
-    step = lg.receive_credit(
-        state.ledger,
-        recall,
-        kind="payment",
-        credit_id=d.payment_id,
-        amount=amount,
-        on=d.received_date,
-        original=(d.amount, d.currency),
-        allocations=alloc,
-        convert=_converter(state, p),
-    )
-    return _with_step(state, step, p)
-
-
-def _payment_reversed(
-    state: CustomerState, d: PaymentReversed, _t: datetime, p: Policy, recall: lg.Recall
-) -> CustomerState:
-    return _with_step(
-        state,
-        lg.reverse_payment(
-            state.ledger, recall, payment_id=d.payment_id, convert=_converter(state, p)
-        ),
-        p,
-    )
-
-
-def _overdue(
-    state: CustomerState, d: InvoiceOverdue, _t: datetime, p: Policy, recall: lg.Recall
-) -> CustomerState:
-    amount = _to_credit_currency(d.amount_overdue, d.currency, state, p, "amount_overdue")
-    dun = lg.Dunning(d.as_of, d.days_overdue, amount, d.due_date, (d.amount_overdue, d.currency))
-    state = _with_step(
-        state, lg.record_dunning(state.ledger, recall, invoice_id=d.invoice_id, dunning=dun), p
-    )
-    dunned = state.dunned.reported(d.as_of, d.days_overdue, _since(state, p))
-    return state if dunned is state.dunned else replace(state, dunned=dunned)
+    return fold
 
 
 def _override_set(
@@ -1067,12 +978,7 @@ _HANDLERS: dict[str, _Handler] = {
     "customer.updated": _customer,
     "financial_statement.published": _statement,
     "credit_report.received": _report,
-    "invoice.issued": _invoice_issued,
-    "invoice.cancelled": _invoice_cancelled,
-    "credit_note.issued": _credit_note,
-    "payment.received": _payment,
-    "payment.reversed": _payment_reversed,
-    "invoice.overdue": _overdue,
+    **{t: _receivables(t) for t in lg.EVENT_TYPES},
     OverrideSet.TYPE: _override_set,
     OverrideExpired.TYPE: _override_ended,
     OverrideRemoved.TYPE: _override_ended,
@@ -1147,36 +1053,21 @@ def decide_assessment(
     return assess(nxt, policy, trigger, at, review_from=last.next_review_date, card=card)
 
 
-class Refold:
+class Refold(lg.Refold[CustomerState]):
     """A customer's events folded in memory, its ledger archive kept in a dict (replays of
     one customer, answers about the past, tests): what the service does with a database.
     Events that cannot apply are skipped, as the service dead-lettered them (``rejected``)."""
 
     def __init__(self, state: CustomerState, policy: Policy) -> None:
-        self.state = state
+        super().__init__(state)
         self.policy = policy
-        self.archive: dict[str, lg.Archived] = {}
-        self.rejected: list[DeadLetter] = []  # what the service dead-lettered, skipped here
 
     def evolve(self, event: Event) -> CustomerState:
         """Fold one event's facts."""
-        recall: dict[str, lg.Archived | None] = {}
-        while True:
-            try:
-                nxt = evolve(self.state, replace(event, recall=recall), self.policy)
-                break
-            except lg.NeedRecall as need:
-                recall.update({k: self.archive.get(k) for k in need.keys})
-            except DeadLetter as dl:
-                self.rejected.append(dl)
-                return self.state
-        if nxt.step is not None:
-            for key in nxt.step.restored:
-                self.archive.pop(key, None)
-            for item in nxt.step.archived:
-                self.archive[item.key] = item
-        self.state = nxt
-        return nxt
+        return self.apply(
+            lambda state, recall: evolve(state, replace(event, recall=recall), self.policy),
+            DeadLetter,
+        )
 
     def step(self, event: Event, trigger: Trigger) -> AssessmentCompleted | None:
         """Fold one event and, when it calls for it, assess and remember the assessment."""

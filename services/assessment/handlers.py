@@ -28,7 +28,13 @@ from shared.policy import Policy
 from shared.projection import as_json
 from shared.runtime import Incoming
 from shared.settings import Settings
-from shared.unitofwork import Loaded, Repository, UnitOfWork, with_recall
+from shared.unitofwork import (
+    Loaded,
+    Repository,
+    UnitOfWork,
+    fold_with_archive,
+    prefetch,
+)
 
 SOURCE = "/creditwatch/assessment"
 RECENT_STATES = 50_000
@@ -112,7 +118,19 @@ class AssessmentService:
     # ---- the fold -------------------------------------------------------------------------
     async def handle(self, uow: UnitOfWork, events: Sequence[Incoming]) -> None:
         loaded = await self.repository.load(uow, {e.envelope.subject for e in events})
-        recall = await self._prefetch(uow, loaded, events)
+        recall = await prefetch(
+            store.archive,
+            uow,
+            (
+                (
+                    e.envelope.subject,
+                    domain.recall_wanted(
+                        loaded[e.envelope.subject].state, e.envelope.type, e.event
+                    ),
+                )
+                for e in events
+            ),
+        )
         touched: dict[str, int] = {}
         history: list[dict[str, Any]] = []
         for start in range(0, len(events), FOLD_SLICE_EVENTS):
@@ -129,18 +147,6 @@ class AssessmentService:
         await store.record_assessments(uow.conn, history)
         await store.archive.flush(uow)
         uow.touched.update(touched)
-
-    async def _prefetch(
-        self, uow: UnitOfWork, loaded: Mapping[str, AssessmentLoaded], events: Sequence[Incoming]
-    ) -> dict[str, dict[str, Archived | None]]:
-        """The archived ledger items the batch's events name, in one statement."""
-        wanted: dict[str, set[str]] = {}
-        for inc in events:
-            cid = inc.envelope.subject
-            keys = domain.recall_wanted(loaded[cid].state, inc.envelope.type, inc.event)
-            if keys:
-                wanted.setdefault(cid, set()).update(keys)
-        return await store.archive.recall(uow, wanted) if wanted else {}
 
     async def _apply(
         self,
@@ -160,17 +166,10 @@ class AssessmentService:
             return domain.evolve(prev, event, self.policy)
 
         try:
-            nxt = await with_recall(store.archive, uow, cid, recall.setdefault(cid, {}), fold)
+            nxt = await fold_with_archive(store.archive, uow, cid, recall, prev, fold)
         except DeadLetter as dl:
             uow.reject(inc, dl)
             return
-        if nxt.step is not None:
-            store.archive.note(uow, cid, nxt.step)
-            # What the archive holds now is what later events of the batch must see.
-            for item in nxt.step.archived:
-                recall[cid][item.key] = item
-            for key in nxt.step.restored:
-                recall[cid][key] = None
         trigger = domain.Trigger(env.id, env.type, env.source)
         body = domain.decide_assessment(prev, nxt, env.type, trigger, self.policy)
         touched[cid] = inc.seq

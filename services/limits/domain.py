@@ -465,100 +465,21 @@ def _in_currency(state: CustomerState, ccy: str, p: Policy) -> CustomerState:
     )
 
 
-def _invoice_issued(
-    state: CustomerState, d: Any, _t: datetime, p: Policy, recall: lg.Recall
-) -> CustomerState:
-    amount = _convert(d.amount, d.currency, state, p, "amount")
-    step = lg.issue_invoice(
-        state.ledger,
-        recall,
-        invoice_id=d.invoice_id,
-        amount=amount,
-        issue_date=d.issue_date,
-        due_date=d.due_date,
-        original=(d.amount, d.currency),
-        order_id=d.order_id,
-        convert=_converter(state, p),
-    )
-    return _with_step(state, step)
+def _receivables(event_type: str) -> Any:
+    """A receivables event: the shared ledger folds it (``ledger.record``); dunning also
+    moves the business day the figures are aged as of."""
 
-
-def _invoice_cancelled(
-    state: CustomerState, d: Any, _t: datetime, p: Policy, recall: lg.Recall
-) -> CustomerState:
-    return _with_step(
-        state,
-        lg.cancel_invoice(
-            state.ledger, recall, invoice_id=d.invoice_id, convert=_converter(state, p)
-        ),
-    )
-
-
-def _credit_note(
-    state: CustomerState, d: Any, _t: datetime, p: Policy, recall: lg.Recall
-) -> CustomerState:
-    amount = _convert(d.amount, d.currency, state, p, "amount")
-    alloc = ((d.invoice_id, amount, d.amount, d.currency),) if d.invoice_id else ()
-    step = lg.receive_credit(
-        state.ledger,
-        recall,
-        kind="credit_note",
-        credit_id=d.credit_note_id,
-        amount=amount,
-        on=d.issue_date,
-        original=(d.amount, d.currency),
-        allocations=alloc,
-        convert=_converter(state, p),
-    )
-    return _with_step(state, step)
-
-
-def _payment(
-    state: CustomerState, d: Any, _t: datetime, p: Policy, recall: lg.Recall
-) -> CustomerState:
-    amount = _convert(d.amount, d.currency, state, p, "amount")
-    alloc = tuple(
-        (
-            a.invoice_id,
-            _convert(a.amount, d.currency, state, p, "allocations.amount"),
-            a.amount,
-            d.currency,
+    def fold(
+        state: CustomerState, d: Any, _t: datetime, p: Policy, recall: lg.Recall
+    ) -> CustomerState:
+        state = _with_step(
+            state, lg.record(state.ledger, recall, event_type, d, _converter(state, p))
         )
-        for a in (d.allocations or ())
-    )
-    step = lg.receive_credit(
-        state.ledger,
-        recall,
-        kind="payment",
-        credit_id=d.payment_id,
-        amount=amount,
-        on=d.received_date,
-        original=(d.amount, d.currency),
-        allocations=alloc,
-        convert=_converter(state, p),
-    )
-    return _with_step(state, step)
+        if event_type != "invoice.overdue":
+            return state
+        return replace(state, as_of=max(state.as_of, d.as_of) if state.as_of else d.as_of)
 
-
-def _payment_reversed(
-    state: CustomerState, d: Any, _t: datetime, p: Policy, recall: lg.Recall
-) -> CustomerState:
-    return _with_step(
-        state,
-        lg.reverse_payment(
-            state.ledger, recall, payment_id=d.payment_id, convert=_converter(state, p)
-        ),
-    )
-
-
-def _overdue(
-    state: CustomerState, d: Any, _t: datetime, p: Policy, recall: lg.Recall
-) -> CustomerState:
-    amount = _convert(d.amount_overdue, d.currency, state, p, "amount_overdue")
-    dun = lg.Dunning(d.as_of, d.days_overdue, amount, d.due_date, (d.amount_overdue, d.currency))
-    step = lg.record_dunning(state.ledger, recall, invoice_id=d.invoice_id, dunning=dun)
-    state = _with_step(state, step)
-    return replace(state, as_of=max(state.as_of, d.as_of) if state.as_of else d.as_of)
+    return fold
 
 
 def _assessed(
@@ -688,12 +609,7 @@ ALERT_TYPES = frozenset({"alert.raised", "alert.updated", "alert.resolved"})
 _HANDLERS: dict[str, Any] = {
     "customer.registered": _customer,
     "customer.updated": _customer,
-    "invoice.issued": _invoice_issued,
-    "invoice.cancelled": _invoice_cancelled,
-    "credit_note.issued": _credit_note,
-    "payment.received": _payment,
-    "payment.reversed": _payment_reversed,
-    "invoice.overdue": _overdue,
+    **{t: _receivables(t) for t in lg.EVENT_TYPES},
     "assessment.completed": _assessed,
     "ledger.aged": _aged,
     "credit_check.decided": _check_decided,
@@ -715,35 +631,21 @@ def recall_wanted(state: CustomerState, event_type: str, data: Any) -> set[str]:
     return lg.wanted_by(state.ledger, event_type, data)
 
 
-class Refold:
+class Refold(lg.Refold[CustomerState]):
     """A customer's events folded from the event store in memory, its ledger archive kept
     in a dict (``as_of`` answers, backtests): events that cannot apply are skipped, as the
     service dead-lettered them."""
 
     def __init__(self, state: CustomerState, policy: Policy) -> None:
-        self.state = state
+        super().__init__(state)
         self.policy = policy
-        self.archive: dict[str, lg.Archived] = {}
-        self.rejected: list[DeadLetter] = []  # what the service dead-lettered, skipped here
 
     def evolve(self, event: Event) -> CustomerState:
-        recall: dict[str, lg.Archived | None] = {}
-        while True:
-            try:
-                nxt = evolve(self.state, replace(event, recall=recall), self.policy)
-                break
-            except lg.NeedRecall as need:
-                recall.update({k: self.archive.get(k) for k in need.keys})
-            except DeadLetter as dl:
-                self.rejected.append(dl)
-                return self.state
-        if nxt.step is not None and nxt.step is not self.state.step:
-            for key in nxt.step.restored:
-                self.archive.pop(key, None)
-            for item in nxt.step.archived:
-                self.archive[item.key] = item
-        self.state = nxt
-        return nxt
+        """Fold one event's facts."""
+        return self.apply(
+            lambda state, recall: evolve(state, replace(event, recall=recall), self.policy),
+            DeadLetter,
+        )
 
 
 # ---- output events --------------------------------------------------------------------------

@@ -26,7 +26,13 @@ from shared.policy import Policy
 from shared.projection import as_json, plain_json
 from shared.runtime import Incoming
 from shared.settings import Settings
-from shared.unitofwork import Loaded, Repository, UnitOfWork, with_recall
+from shared.unitofwork import (
+    Loaded,
+    Repository,
+    UnitOfWork,
+    fold_with_archive,
+    prefetch,
+)
 
 SOURCE = "/creditwatch/limits"
 RECENT_STATES = 50_000
@@ -136,7 +142,19 @@ class LimitsService:
     # ---- the fold -------------------------------------------------------------------------
     async def handle(self, uow: UnitOfWork, events: Sequence[Incoming]) -> None:
         loaded = await self.repository.load(uow, {e.envelope.subject for e in events})
-        recall = await self._prefetch(uow, loaded, events)
+        recall = await prefetch(
+            store.archive,
+            uow,
+            (
+                (
+                    e.envelope.subject,
+                    domain.recall_wanted(
+                        loaded[e.envelope.subject].state, e.envelope.type, e.event
+                    ),
+                )
+                for e in events
+            ),
+        )
         # The fold, in slices with a yield between them: the relay and the consumer's
         # fetching share this event loop and would otherwise wait for the whole batch.
         writes = Writes()
@@ -165,18 +183,6 @@ class LimitsService:
         uow.touched.clear()
         await self.write(uow, writes)
 
-    async def _prefetch(
-        self, uow: UnitOfWork, loaded: Mapping[str, LimitsLoaded], events: Sequence[Incoming]
-    ) -> dict[str, dict[str, Archived | None]]:
-        """The archived ledger items the batch's events name, in one statement."""
-        wanted: dict[str, set[str]] = {}
-        for inc in events:
-            cid = inc.envelope.subject
-            keys = domain.recall_wanted(loaded[cid].state, inc.envelope.type, inc.event)
-            if keys:
-                wanted.setdefault(cid, set()).update(keys)
-        return await store.archive.recall(uow, wanted) if wanted else {}
-
     async def _apply(
         self,
         uow: UnitOfWork,
@@ -195,17 +201,10 @@ class LimitsService:
             return domain.evolve(prev, event, self.policy)
 
         try:
-            nxt = await with_recall(store.archive, uow, cid, recall.setdefault(cid, {}), fold)
+            nxt = await fold_with_archive(store.archive, uow, cid, recall, prev, fold)
         except DeadLetter as dl:
             uow.reject(inc, dl)
             return
-        if nxt.step is not None and nxt.step is not prev.step:
-            store.archive.note(uow, cid, nxt.step)
-            # What the archive holds now is what later events of the batch must see.
-            for item in nxt.step.archived:
-                recall[cid][item.key] = item
-            for key in nxt.step.restored:
-                recall[cid][key] = None
         entry.state = nxt
         touched[cid] = inc.seq
         if env.type in _RESERVATION_TYPES:

@@ -702,7 +702,7 @@ def test_given_payments_settled_long_ago_when_the_window_moves_on_then_the_state
     # Then the days the window has left behind are gone: nothing of the history stays
     assert (state.paid, state.dunned) == (Settled(), Dunned())
     assert dict(state.ledger.invoices) == {}
-    assert set(folding.archive) == {"invoice:I-1", "payment:P-1"}
+    assert set(folding.memory.items) == {"invoice:I-1", "payment:P-1"}
 
 
 def test_given_a_paid_invoice_when_cancelled_then_its_outcome_is_taken_back_and_the_cash_waits() -> (

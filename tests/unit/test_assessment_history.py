@@ -181,7 +181,7 @@ def test_given_5000_settled_invoices_when_the_state_is_dumped_then_it_is_about_a
         < sizes["5000 settled, up to today, previous layout"]
     )
     # What left the state is in the archive (a table in the service), read only when named
-    assert len(recent.archive) == 10_000
+    assert len(recent.memory.items) == 10_000
 
 
 def more_events(first: date, count: int = 200) -> list[Fact]:
@@ -199,7 +199,7 @@ def more_events(first: date, count: int = 200) -> list[Fact]:
 def timed(base: domain.Refold, events: list[Fact]) -> float:
     """Seconds to fold ``events`` (and decide each one's assessment) from ``base``."""
     folding = domain.Refold(base.state, POLICY)
-    folding.archive = dict(base.archive)
+    folding.memory.items = dict(base.memory.items)
     triggers = [domain.Trigger(f"t-{n}", e[0], "/test") for n, e in enumerate(events)]
     steps = [domain.Event(e[0], e[1], e[2]) for e in events]
     gc.collect()

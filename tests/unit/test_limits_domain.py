@@ -223,12 +223,12 @@ def fold(
     """The events folded in memory (``domain.Refold``) onto ``state`` and its archive. An
     event the service would dead-letter raises its ``DeadLetter`` here."""
     refold = domain.Refold(state if state is not None else domain.new_customer(CID, policy), policy)
-    refold.archive = archive_of(refold.state)
+    refold.memory.items = archive_of(refold.state)
     for event_type, data, time in events:
         refold.evolve(domain.Event(event_type, data, time))
         if refold.rejected:
             raise refold.rejected[0]
-    return keep(refold.state, refold.archive)
+    return keep(refold.state, refold.memory.items)
 
 
 def fold_v1(
