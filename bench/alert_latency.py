@@ -4,7 +4,7 @@ round trip (produce → consume) on the same broker, in the same run.
 
     .venv/bin/python -m bench.alert_latency [--rate 2000] [--seconds 30] [--runs 3]
 
-A real PostgreSQL and a real Apache Kafka (``tests/infra``) and the limits and alerts
+A real PostgreSQL and a real Apache Kafka (``harness``) and the limits and alerts
 services as ``creditwatch serve`` processes on them. The path measured is the whole chain:
 ``ar.invoices`` → limits (fold, exposure, outbox) → ``credit.exposure`` → alerts (fold,
 rules, outbox) → ``credit.alerts``.
@@ -39,13 +39,13 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from bench.common import Measure, save, table
+from harness import e2e as s
+from harness import servers
+from harness.processes import ServiceProcess, service_env
 from services.alerts import store as alerts_store
 from services.limits import store as limits_store
 from shared.db import make_engine
 from shared.eventstore import CoreTables
-from tests.e2e import support as s
-from tests.infra import servers
-from tests.processes import ServiceProcess, service_env
 
 LIMITS_IN = ("crm.customers", "ar.invoices", "ar.payments", "ar.overdue", "credit.assessments")
 ALERTS_IN = (

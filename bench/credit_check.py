@@ -41,15 +41,15 @@ import httpx
 from sqlalchemy import text
 
 from bench.common import Measure, ratio, save, table, tree_cpu
+from harness import factories as f
+from harness import servers
+from harness.processes import CHECK, ServiceProcess, service_env
 from services.limits.handlers import LimitsService
 from services.schema import upgrade
 from shared.db import make_engine
 from shared.policy import load_policy
 from shared.runtime import EventCore
 from shared.settings import Settings
-from tests import factories as f
-from tests.infra import servers
-from tests.processes import CHECK, ServiceProcess, service_env
 
 CUSTOMERS = 1000
 WHO = ("hello-world server", "check server", "PostgreSQL", "Kafka", "worker (relay)")
@@ -289,7 +289,7 @@ def start_uvicorn(
             "warning",
             "--workers",
             "1",
-            # The services' own keep-alive (services.cli.server_config): the same settings.
+            # The services' own keep-alive (tools.cli.server_config): the same settings.
             "--timeout-keep-alive",
             str(Settings().http_keep_alive_s),
         ],

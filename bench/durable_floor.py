@@ -57,7 +57,7 @@ from bench.credit_check import (
     wrk_run,
 )
 from bench.http_floor import ANSWERING
-from tests.infra import servers
+from harness import servers
 
 CUSTOMERS = 1000
 

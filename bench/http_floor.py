@@ -29,7 +29,7 @@ from pathlib import Path
 
 from bench.common import Measure, ratio, save, table
 from bench.credit_check import WRK_SCRIPT, Cpu, ensure_tools, start_uvicorn, vegeta_run, wrk_run
-from tests.infra import servers
+from harness import servers
 
 # A check's answer, for the servers here and bench/durable_floor's.
 ANSWERING = """

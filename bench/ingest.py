@@ -23,6 +23,8 @@ from datetime import UTC, datetime
 from sqlalchemy import MetaData, insert
 
 from bench.common import Measure, ratio, save, table
+from harness import servers
+from harness.streams import ledger
 from services.limits.handlers import LimitsService
 from services.schema import upgrade
 from shared import eventstore as es
@@ -31,8 +33,6 @@ from shared.events import decode
 from shared.policy import load_policy
 from shared.runtime import EventCore, Incoming, Pipeline, Record, Tx, tune_gc
 from shared.settings import Settings
-from tests.infra import servers
-from tests.streams import ledger
 
 
 def workload(events: int) -> list[Record]:

@@ -37,12 +37,26 @@ once (``reexpress``). Pure functions over frozen values: no I/O, no clock.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import date, timedelta
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Generic, Literal, TypeVar
 
 ZERO = Decimal(0)
+T = TypeVar("T")
+S = TypeVar("S")
+
+
+def replace(obj: T, /, **changes: Any) -> T:
+    """``dataclasses.replace`` for the frozen, slotted values here (none has an __init__ or
+    __post_init__ of its own), at half its cost: the fold makes several per fact."""
+    cls = type(obj)
+    new = object.__new__(cls)
+    for name in cls.__slots__:  # type: ignore[attr-defined]
+        object.__setattr__(new, name, changes[name] if name in changes else getattr(obj, name))
+    return new
+
+
 BUCKETS = ("1-30", "31-60", "61-90", "90+")
 
 # One application of cash to an invoice: (the other side's key or id, amount in the ledger's
@@ -113,14 +127,15 @@ class Invoice:
     order_id: str | None = None
     applied: tuple[Application, ...] = ()  # (credit key, amount, amount as the credit came)
     dunning: Dunning | None = None
-
-    @property
-    def paid(self) -> Decimal:
-        return sum((a[1] for a in self.applied), ZERO)
+    # The sum of ``applied`` (kept: the ledger asks for it on every fact and every ageing).
+    paid: Decimal = ZERO
 
     @property
     def open(self) -> Decimal:
         return self.amount - self.paid
+
+    def with_applied(self, applied: tuple[Application, ...]) -> Invoice:
+        return replace(self, applied=applied, paid=sum((a[1] for a in applied), ZERO))
 
     def fifo_key(self) -> tuple[date, date, str]:
         return (self.due_date, self.issue_date, self.invoice_id)
@@ -180,6 +195,9 @@ class Archived:
     invoice: Invoice | None = None
     credit: Credit | None = None
     settled_on: date | None = None  # a settled invoice: the day the payment cleared it
+    # The ledger's currency when it left: a credit currency changed since converts it (from
+    # its amounts as received) when it comes back.
+    currency: str = ""
 
     @property
     def refs(self) -> tuple[str, ...]:
@@ -245,6 +263,8 @@ class Step:
 
 
 Recall = Mapping[str, Archived | None]  # None: looked up, not in the archive
+# An amount as received (amount, currency, what it is) in the ledger's currency.
+Converter = Callable[[Decimal, str, str], Decimal]
 
 
 def new_ledger(currency: str) -> Ledger:
@@ -330,9 +350,10 @@ def invoiced_on_order(ledger: Ledger, order_id: str) -> Decimal:
 class _Work:
     """A step under way: the ledger's items as mutable dicts, and what leaves or returns."""
 
-    def __init__(self, ledger: Ledger, recall: Recall) -> None:
+    def __init__(self, ledger: Ledger, recall: Recall, convert: Converter | None = None) -> None:
         self.ledger = ledger
         self.recall = recall
+        self.convert = convert
         self.invoices = dict(ledger.invoices)
         self.credits = dict(ledger.credits)
         self.archived: dict[str, Archived] = {}
@@ -364,25 +385,54 @@ class _Work:
         assert record.invoice is not None
         self.archived.pop(record.key, None)
         self.restored.append(record.key)
+        inv = record.invoice
         if record.status == "settled" and record.settled_on is not None:
-            inv = record.invoice
             self.unsettled.append(
                 Outcome(inv.invoice_id, inv.issue_date, inv.due_date, record.settled_on)
             )
-        return record.invoice
+        if self._foreign(record):
+            assert self.convert is not None
+            inv = _invoice_in(inv, self.convert)
+        return inv
 
     def bring_back_credit(self, record: Archived) -> Credit:
         assert record.credit is not None
         self.archived.pop(record.key, None)
         self.restored.append(record.key)
+        if self._foreign(record):
+            assert self.convert is not None
+            return _credit_in(record.credit, self.convert)
         return record.credit
+
+    def _foreign(self, record: Archived) -> bool:
+        """Archived in another currency than the ledger's (its credit currency changed)."""
+        if not record.currency or record.currency == self.ledger.currency:
+            return False
+        if self.convert is None:
+            raise ValueError(
+                f"{record.key} was archived in {record.currency}; the ledger is in "
+                f"{self.ledger.currency} and no converter was given"
+            )
+        return True
+
+    def archive(self, key: str, status: ArchivedStatus, **item: Any) -> None:
+        self.archived[key] = Archived(key, status, currency=self.ledger.currency, **item)
 
     def apply(self, credit: Credit, inv: Invoice, amount: Decimal) -> tuple[Credit, Invoice]:
         if amount <= 0:
             return credit, inv
         original, ccy = credit.share(amount)
-        credit = replace(credit, applied=(*credit.applied, (inv.invoice_id, amount, original, ccy)))
-        inv = replace(inv, applied=(*inv.applied, (credit.key, amount, original, ccy)))
+        # One application per (credit, invoice): a credit that pays an invoice in two steps
+        # (its allocation, then the oldest-first rest) is one amount on it, converted once
+        # if the credit currency changes.
+        credit = replace(
+            credit, applied=_merged(credit.applied, inv.invoice_id, amount, original, ccy)
+        )
+        inv = replace(
+            inv,
+            applied=_merged(inv.applied, credit.key, amount, original, ccy),
+            paid=inv.paid + amount,
+        )
         return credit, inv
 
     def fifo(self, credit: Credit) -> Credit:
@@ -411,14 +461,14 @@ class _Work:
             key = invoice_key(invoice_id)
             if closing is not None and closing.kind == "payment":
                 settled_on = max(closing.on, inv.issue_date)
-                self.archived[key] = Archived(key, "settled", invoice=inv, settled_on=settled_on)
+                self.archive(key, "settled", invoice=inv, settled_on=settled_on)
                 self.settled.append(Outcome(invoice_id, inv.issue_date, inv.due_date, settled_on))
             else:
-                self.archived[key] = Archived(key, "credited", invoice=inv)
+                self.archive(key, "credited", invoice=inv)
         for key, credit in list(self.credits.items()):
             if credit.remaining <= 0 and not credit.held:
                 del self.credits[key]
-                self.archived[key] = Archived(key, "applied", credit=credit)
+                self.archive(key, "applied", credit=credit)
 
     def release_holds(self, invoice_id: str) -> dict[str, Credit]:
         """Cash held for an invoice that will never be open (it came, or comes, cancelled)
@@ -486,6 +536,24 @@ def wanted(
     return keys
 
 
+def wanted_by(ledger: Ledger, event_type: str, data: Any) -> set[str]:
+    """The archive keys a contract event (its type and validated data) may need, looked up
+    before it is folded; the fold asks for any other with ``NeedRecall``."""
+    if event_type in ("invoice.issued", "invoice.cancelled", "invoice.overdue"):
+        return wanted(ledger, invoice_ids=[data.invoice_id])
+    if event_type == "credit_note.issued":
+        ids = [data.invoice_id] if data.invoice_id else []
+        return wanted(
+            ledger, invoice_ids=ids, credit_keys=[credit_key("credit_note", data.credit_note_id)]
+        )
+    if event_type == "payment.received":
+        ids = [a.invoice_id for a in (data.allocations or ())]
+        return wanted(ledger, invoice_ids=ids, credit_keys=[credit_key("payment", data.payment_id)])
+    if event_type == "payment.reversed":
+        return wanted(ledger, credit_keys=[credit_key("payment", data.payment_id)])
+    return set()
+
+
 def issue_invoice(
     ledger: Ledger,
     recall: Recall,
@@ -496,9 +564,10 @@ def issue_invoice(
     due_date: date,
     original: tuple[Decimal, str],
     order_id: str | None = None,
+    convert: Converter | None = None,
 ) -> Step:
     """An invoice arrives: it takes the cash held for it, then unapplied cash (oldest first)."""
-    work = _Work(ledger, recall)
+    work = _Work(ledger, recall, convert)
     key = invoice_key(invoice_id)
     figures = (original, issue_date, due_date, order_id)
     known = ledger.invoices.get(invoice_id)
@@ -518,7 +587,7 @@ def issue_invoice(
     inv = Invoice(invoice_id, amount, issue_date, due_date, original, order_id, dunning=dunning)
     if invoice_id in ledger.cancelled_early:
         # Its cancellation came first: it arrives cancelled.
-        work.archived[key] = Archived(key, "cancelled", invoice=inv)
+        work.archive(key, "cancelled", invoice=inv)
         work.close(work.release_holds(invoice_id))
         return work.step(
             cancelled_early=ledger.cancelled_early - {invoice_id}, unseen_dunning=unseen
@@ -544,10 +613,12 @@ def issue_invoice(
     return work.step(unseen_dunning=unseen)
 
 
-def cancel_invoice(ledger: Ledger, recall: Recall, *, invoice_id: str) -> Step:
+def cancel_invoice(
+    ledger: Ledger, recall: Recall, *, invoice_id: str, convert: Converter | None = None
+) -> Step:
     """An invoice is cancelled: the cash applied to it goes back to its credits, which
     apply it again (oldest invoices first, else unapplied)."""
-    work = _Work(ledger, recall)
+    work = _Work(ledger, recall, convert)
     key = invoice_key(invoice_id)
     inv = work.invoices.pop(invoice_id, None)
     if inv is None:
@@ -572,22 +643,32 @@ def cancel_invoice(ledger: Ledger, recall: Recall, *, invoice_id: str) -> Step:
         credit = replace(credit, applied=_without(credit.applied, invoice_id, amount))
         freed[ckey] = credit
         work.credits[ckey] = credit
-    work.archived[key] = Archived(key, "cancelled", invoice=replace(inv, applied=()))
+    work.archive(key, "cancelled", invoice=inv.with_applied(()))
     for ckey in sorted(freed, key=lambda k: (freed[k].on, k)):
         freed[ckey] = work.credits[ckey] = work.fifo(work.credits[ckey])
     work.close(freed)
     return work.step()
 
 
+def _merged(
+    applications: tuple[Application, ...],
+    other: str,
+    amount: Decimal,
+    original: Decimal,
+    ccy: str,
+) -> tuple[Application, ...]:
+    for n, (key, have, have_original, have_ccy) in enumerate(applications):
+        if key == other:
+            merged = (key, have + amount, have_original + original, have_ccy)
+            return (*applications[:n], merged, *applications[n + 1 :])
+    return (*applications, (other, amount, original, ccy))
+
+
 def _without(
     applications: tuple[Application, ...], other: str, amount: Decimal
 ) -> tuple[Application, ...]:
-    out = list(applications)
-    for n, application in enumerate(out):
-        if application[0] == other and application[1] == amount:
-            del out[n]
-            break
-    return tuple(out)
+    """The applications but the one with ``other`` (one per pair: see ``_merged``)."""
+    return tuple(a for a in applications if a[0] != other)
 
 
 def receive_credit(
@@ -600,10 +681,11 @@ def receive_credit(
     on: date,
     original: tuple[Decimal, str],
     allocations: tuple[Application, ...] = (),
+    convert: Converter | None = None,
 ) -> Step:
     """A payment or credit note arrives: explicit allocations first (held for invoices not
     seen yet), the rest to the oldest open invoices, what is left unapplied."""
-    work = _Work(ledger, recall)
+    work = _Work(ledger, recall, convert)
     key = credit_key(kind, credit_id)
     figures = (original, on, tuple((a[0], a[2], a[3]) for a in allocations))
     known = ledger.credits.get(key)
@@ -622,7 +704,7 @@ def receive_credit(
     credit = Credit(key, kind, amount, on, original, allocations)
     if kind == "payment" and credit_id in ledger.reversed_early:
         # Its reversal came first: it arrives reversed.
-        work.archived[key] = Archived(key, "reversed", credit=credit)
+        work.archive(key, "reversed", credit=credit)
         return work.step(reversed_early=ledger.reversed_early - {credit_id})
     work.need(invoice_key(a[0]) for a in allocations if a[0] not in ledger.cancelled_early)
     for invoice_id, wanted_amount, wanted_original, wanted_ccy in allocations:
@@ -648,9 +730,11 @@ def receive_credit(
     return work.step()
 
 
-def reverse_payment(ledger: Ledger, recall: Recall, *, payment_id: str) -> Step:
+def reverse_payment(
+    ledger: Ledger, recall: Recall, *, payment_id: str, convert: Converter | None = None
+) -> Step:
     """A payment is reversed: every invoice it paid is open again by that much."""
-    work = _Work(ledger, recall)
+    work = _Work(ledger, recall, convert)
     key = credit_key("payment", payment_id)
     credit = work.credits.pop(key, None)
     if credit is None:
@@ -669,9 +753,9 @@ def reverse_payment(ledger: Ledger, recall: Recall, *, payment_id: str) -> Step:
             if record is None or record.invoice is None or record.status == "cancelled":
                 continue
             inv = work.bring_back_invoice(record)
-        inv = replace(inv, applied=_without(inv.applied, key, amount))
+        inv = inv.with_applied(_without(inv.applied, key, amount))
         work.invoices[invoice_id] = inv
-    work.archived[key] = Archived(key, "reversed", credit=replace(credit, applied=(), held=()))
+    work.archive(key, "reversed", credit=replace(credit, applied=(), held=()))
     # Invoices open again take what unapplied cash there is.
     work.close(work.apply_free_cash())
     return work.step()
@@ -704,67 +788,203 @@ def record_dunning(
     return Step(replace(ledger, unseen_dunning={**ledger.unseen_dunning, invoice_id: dunning}))
 
 
+# ---- the contract's receivables events ------------------------------------------------------
+
+# The events the ledger folds (contract §1: ar.invoices, ar.payments, ar.overdue).
+EVENT_TYPES = frozenset(
+    {
+        "invoice.issued",
+        "invoice.cancelled",
+        "credit_note.issued",
+        "payment.received",
+        "payment.reversed",
+        "invoice.overdue",
+    }
+)
+
+
+def record(ledger: Ledger, recall: Recall, event_type: str, data: Any, convert: Converter) -> Step:
+    """Fold one receivables event (its validated data) into the ledger. ``convert(amount,
+    currency, field)`` turns an amount as received into the ledger's currency (and raises
+    what the caller sets aside, e.g. a ``no_fx_rate`` dead letter); it also converts
+    archived items that come back after a change of currency."""
+    if event_type == "invoice.issued":
+        return issue_invoice(
+            ledger,
+            recall,
+            invoice_id=data.invoice_id,
+            amount=convert(data.amount, data.currency, "amount"),
+            issue_date=data.issue_date,
+            due_date=data.due_date,
+            original=(data.amount, data.currency),
+            order_id=data.order_id,
+            convert=convert,
+        )
+    if event_type == "invoice.cancelled":
+        return cancel_invoice(ledger, recall, invoice_id=data.invoice_id, convert=convert)
+    if event_type in ("credit_note.issued", "payment.received"):
+        if event_type == "payment.received":
+            kind: CreditKind = "payment"
+            credit_id, on = data.payment_id, data.received_date
+            wanted_allocations = [(a.invoice_id, a.amount) for a in (data.allocations or ())]
+        else:
+            kind = "credit_note"
+            credit_id, on = data.credit_note_id, data.issue_date
+            wanted_allocations = [(data.invoice_id, data.amount)] if data.invoice_id else []
+        allocations = tuple(
+            (
+                invoice_id,
+                convert(amount, data.currency, "allocations.amount"),
+                amount,
+                data.currency,
+            )
+            for invoice_id, amount in wanted_allocations
+        )
+        return receive_credit(
+            ledger,
+            recall,
+            kind=kind,
+            credit_id=credit_id,
+            amount=convert(data.amount, data.currency, "amount"),
+            on=on,
+            original=(data.amount, data.currency),
+            allocations=allocations,
+            convert=convert,
+        )
+    if event_type == "payment.reversed":
+        return reverse_payment(ledger, recall, payment_id=data.payment_id, convert=convert)
+    if event_type == "invoice.overdue":
+        dunning = Dunning(
+            data.as_of,
+            data.days_overdue,
+            convert(data.amount_overdue, data.currency, "amount_overdue"),
+            data.due_date,
+            (data.amount_overdue, data.currency),
+        )
+        return record_dunning(ledger, recall, invoice_id=data.invoice_id, dunning=dunning)
+    raise ValueError(f"not a receivables event: {event_type!r}")
+
+
+class MemoryArchive:
+    """A customer's ledger archive in a dict: for folds of stored events in memory (answers
+    about the past, backtests, tests) — what a service keeps in its archive table."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, Archived] = {}
+
+    def fold(self, evolve: Callable[[Recall], T]) -> T:
+        """``evolve(recall)``, with whatever archived items it asks for (``NeedRecall``)."""
+        recall: dict[str, Archived | None] = {}
+        while True:
+            try:
+                return evolve(recall)
+            except NeedRecall as need:
+                recall.update({k: self.items.get(k) for k in need.keys})
+
+    def keep(self, step: Step) -> None:
+        """What a step moved out of the hot state, and back into it."""
+        for key in step.restored:
+            self.items.pop(key, None)
+        for item in step.archived:
+            self.items[item.key] = item
+
+
+class Refold(Generic[S]):
+    """A customer's events folded in memory with an archive of its own (``MemoryArchive``):
+    answers about the past, backtests, tests — what a service does with its tables. Events
+    that raise ``skip`` (what the service dead-letters) are kept in ``rejected`` and change
+    nothing."""
+
+    def __init__(self, state: S) -> None:
+        self.state = state
+        self.memory = MemoryArchive()
+        self.rejected: list[Exception] = []
+
+    def apply(self, evolve: Callable[[S, Recall], S], skip: type[Exception]) -> S:
+        """``evolve(state, recall)`` with the archived items it asks for; what its step
+        moves is kept in the archive."""
+        before = self.state
+        try:
+            nxt = self.memory.fold(lambda recall: evolve(before, recall))
+        except skip as exc:
+            self.rejected.append(exc)
+            return before
+        step = getattr(nxt, "step", None)
+        if step is not None and step is not getattr(before, "step", None):
+            self.memory.keep(step)
+        self.state = nxt
+        return nxt
+
+
 # ---- a change of currency -------------------------------------------------------------------
 
 
-def reexpress(
-    ledger: Ledger, currency: str, convert: Callable[[Decimal, str, str], Decimal]
-) -> Ledger:
+def _conv_all(
+    items: tuple[Application, ...], convert: Converter, what: str
+) -> tuple[Application, ...]:
+    return tuple((k, convert(o, ccy, what), o, ccy) for k, _, o, ccy in items)
+
+
+def _dunning_in(d: Dunning, convert: Converter, what: str) -> Dunning:
+    return replace(d, amount_overdue=convert(d.original[0], d.original[1], what))
+
+
+def _invoice_in(inv: Invoice, convert: Converter) -> Invoice:
+    """An invoice's amounts converted from what was received (itself and what paid it)."""
+    what = f"invoice {inv.invoice_id}"
+    return replace(
+        inv,
+        amount=convert(inv.original[0], inv.original[1], what),
+        dunning=_dunning_in(inv.dunning, convert, what) if inv.dunning is not None else None,
+    ).with_applied(_conv_all(inv.applied, convert, what))
+
+
+def _credit_in(credit: Credit, convert: Converter) -> Credit:
+    k = credit.key
+    return replace(
+        credit,
+        amount=convert(credit.original[0], credit.original[1], k),
+        allocations=_conv_all(credit.allocations, convert, k),
+        applied=_conv_all(credit.applied, convert, k),
+        held=_conv_all(credit.held, convert, k),
+    )
+
+
+def reexpress(ledger: Ledger, currency: str, convert: Converter) -> Ledger:
     """The ledger in another currency: every amount converted from the amount as received
-    (``convert(amount, from_currency, what)``), so none is converted twice."""
+    (``convert(amount, from_currency, what)``), so none is converted twice. Items in the
+    archive are converted when they come back (``Archived.currency``; give the ledger's
+    operations the converter). Each item is rounded on its own: totals may differ by a
+    minor unit from converting sums."""
     if currency == ledger.currency:
         return ledger
-
-    def conv_all(items: tuple[Application, ...], what: str) -> tuple[Application, ...]:
-        return tuple((k, convert(o, ccy, what), o, ccy) for k, _, o, ccy in items)
-
-    credits = {
-        k: replace(
-            c,
-            amount=convert(c.original[0], c.original[1], k),
-            allocations=conv_all(c.allocations, k),
-            applied=conv_all(c.applied, k),
-            held=conv_all(c.held, k),
-        )
-        for k, c in ledger.credits.items()
-    }
-
-    def dun(d: Dunning | None, what: str) -> Dunning | None:
-        if d is None:
-            return None
-        return replace(d, amount_overdue=convert(d.original[0], d.original[1], what))
-
-    invoices = {
-        k: replace(
-            inv,
-            amount=convert(inv.original[0], inv.original[1], f"invoice {k}"),
-            applied=conv_all(inv.applied, f"invoice {k}"),
-            dunning=dun(inv.dunning, f"dunning {k}"),
-        )
-        for k, inv in ledger.invoices.items()
-    }
-    unseen = {k: dun(d, f"dunning {k}") for k, d in ledger.unseen_dunning.items()}
     return replace(
         ledger,
         currency=currency,
-        invoices=invoices,
-        credits=credits,
-        unseen_dunning={k: d for k, d in unseen.items() if d is not None},
+        invoices={k: _invoice_in(inv, convert) for k, inv in ledger.invoices.items()},
+        credits={k: _credit_in(c, convert) for k, c in ledger.credits.items()},
+        unseen_dunning={
+            k: _dunning_in(d, convert, f"dunning {k}") for k, d in ledger.unseen_dunning.items()
+        },
     )
 
 
 __all__ = [
     "BUCKETS",
+    "EVENT_TYPES",
     "Ageing",
     "Archived",
+    "Converter",
     "Credit",
     "Dunning",
     "Invoice",
     "Ledger",
     "LedgerConflict",
+    "MemoryArchive",
     "NeedRecall",
     "Outcome",
     "Recall",
+    "Refold",
     "Step",
     "ageing",
     "bucket_of",
@@ -778,8 +998,10 @@ __all__ = [
     "next_ageing_date",
     "open_receivables",
     "receive_credit",
+    "record",
     "record_dunning",
     "reexpress",
     "reverse_payment",
     "wanted",
+    "wanted_by",
 ]

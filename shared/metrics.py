@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, Info
 from prometheus_client import generate_latest as _generate_latest
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -18,6 +18,7 @@ __all__ = [
     "ALERTS_OPEN",
     "ALERTS_RAISED",
     "BATCHES",
+    "BUILD",
     "CONSUMER_LAG",
     "CREDIT_CHECKS",
     "CREDIT_CHECK_BATCH",
@@ -38,6 +39,7 @@ __all__ = [
     "OUTBOX_OLDEST_SECONDS",
     "OUTBOX_PENDING",
     "OUTBOX_PUBLISHED",
+    "POLICY",
     "PORTFOLIO_EXPOSURE",
     "PORTFOLIO_LIMIT",
     "RELAY_FAILURES",
@@ -114,6 +116,15 @@ OUTBOX_PUBLISHED = Counter(
     "creditwatch_outbox_published_total",
     "Outbox rows published to Kafka.",
     ["service", "topic"],
+)
+BUILD = Info(
+    "creditwatch_build",
+    "The running release: creditwatch's version and Python's.",
+)
+POLICY = Gauge(
+    "creditwatch_policy_info",
+    "The credit policy a service decides with (1 for its version).",
+    ["service", "version"],
 )
 OUTBOX_OLDEST_SECONDS = Gauge(
     "creditwatch_outbox_oldest_seconds",
@@ -312,3 +323,15 @@ class HttpMetrics:
             histogram = HTTP_REQUEST_SECONDS.labels(self.service, route)
             self._histograms[route] = histogram
         histogram.observe(seconds)
+
+
+def describe_build() -> None:
+    """Set ``creditwatch_build_info`` (once per process)."""
+    import platform
+    from importlib import metadata
+
+    try:
+        version = metadata.version("creditwatch")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    BUILD.info({"version": version, "python": platform.python_version()})

@@ -18,7 +18,7 @@ import math
 import resource
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -31,6 +31,7 @@ from shared import eventstore as es
 from shared import metrics
 from shared.events import DeadLetter, Envelope, dead_letter_record, decode, parse
 from shared.transient import Backoff, OutageLog, is_conflict, is_transient
+from shared.unitofwork import LayoutError, UnitOfWork
 
 log = logging.getLogger("creditwatch.runtime")
 
@@ -136,28 +137,8 @@ class Incoming:
     offset: int | None = None
 
 
-@dataclass(slots=True)
-class Tx:
-    """What a service's handler may do inside the batch transaction."""
-
-    conn: AsyncConnection
-    now: datetime
-    replaying: bool = False
-    outbox: list[tuple[str, Envelope]] = field(default_factory=list)
-    # Service-private scratch space, e.g. states an API command already loaded and locked.
-    scratch: dict[str, Any] = field(default_factory=dict)
-    # Run once the batch's transaction has committed (never for a rolled-back one).
-    after_commit: list[Callable[[], None]] = field(default_factory=list)
-    rejected: list[tuple[Incoming, DeadLetter]] = field(default_factory=list)
-
-    def emit(self, topic: str, envelope: Envelope) -> None:
-        """Queue a derived event; a replay rebuilds state but publishes nothing again."""
-        if not self.replaying:
-            self.outbox.append((topic, envelope))
-
-    def reject(self, incoming: Incoming, error: DeadLetter) -> None:
-        """Set an event aside (dead letter): the service could not apply it."""
-        self.rejected.append((incoming, error))
+# What a service's handler works in: one transaction (see shared.unitofwork).
+Tx = UnitOfWork
 
 
 class Service(Protocol):
@@ -178,11 +159,15 @@ class Service(Protocol):
         """Validate a stored or locally made event: the service's own types and the contract's."""
         ...
 
-    async def handle(self, tx: Tx, events: Sequence[Incoming]) -> None:
+    async def handle(self, tx: UnitOfWork, events: Sequence[Incoming]) -> None:
         """Fold new (never before seen) events into the projections, in order."""
 
-    async def due_events(self, conn: AsyncConnection, now: datetime) -> list[Envelope]:
-        """Time-driven events that are due at ``now`` (expiries, ageing, reviews)."""
+    # Optional: ``repository`` (a shared.unitofwork.Repository): after every commit the
+    # core tells it which customers' states the unit of work committed.
+
+    async def due_events(self, uow: UnitOfWork) -> list[Envelope]:
+        """Time-driven events that are due at ``uow.now`` (expiries, ageing, reviews), judged
+        on the customers' states under their locks (loaded through the unit of work)."""
         ...
 
 
@@ -233,6 +218,10 @@ class BatchResult:
     duplicates: int = 0
     dead_lettered: int = 0
     skipped: int = 0
+
+
+# Events a replay folds between two writes of the customers' rows (see EventCore._refold).
+REPLAY_WINDOW = 100_000
 
 
 class EventCore:
@@ -334,7 +323,7 @@ class EventCore:
         try:
             result = await self._apply(prepared)
         except Exception as exc:
-            if is_transient(exc):
+            if is_transient(exc) or isinstance(exc, LayoutError):
                 raise
             if len(records) == 1:
                 log.exception("event could not be processed; dead-lettering it")
@@ -364,9 +353,14 @@ class EventCore:
         skipped = Counter(prepared.skipped)
         dead = list(prepared.dead)
         async with self.engine.begin() as conn:
-            await self.lock_subjects(
-                conn, (env.subject for _, env, _ in prepared.candidates.values())
-            )
+            tx = UnitOfWork(conn, now)
+            subjects = {env.subject for _, env, _ in prepared.candidates.values()}
+            repository = getattr(self.service, "repository", None)
+            if repository is not None:
+                # Lock (id order) and load at once, before the events are numbered.
+                await repository.load(tx, subjects)
+            else:
+                await self.lock_subjects(conn, subjects)
             rows = [
                 es.envelope_row(
                     env,
@@ -387,7 +381,6 @@ class EventCore:
                     result.duplicates += 1
                     continue
                 fresh.append(Incoming(seq, env, model, rec.topic, rec.partition, rec.offset))
-            tx = Tx(conn, now)
             if fresh:
                 await self.service.handle(tx, fresh)
             rejected = {inc.seq for inc, _ in tx.rejected}
@@ -408,8 +401,7 @@ class EventCore:
             letters = [self._dead(rec, dl, now) for rec, dl in dead]
             await es.enqueue(conn, core, [*tx.outbox, *letters], now)
             await es.store_offsets(conn, core, prepared.positions, now, self.cluster_id)
-        for callback in tx.after_commit:
-            callback()
+        self._committed(tx)
 
         # Counted once committed, so a retried batch is not counted twice.
         consumed: Counter[tuple[str, str]] = Counter()
@@ -456,9 +448,21 @@ class EventCore:
                 )
         result.applied = sum(consumed.values())
         result.dead_lettered = len(dead)
-        if tx.outbox or dead:
+        if dead:
             self.outbox_ready.set()
         return result
+
+    def _committed(self, uow: UnitOfWork) -> None:
+        """Once a unit of work has committed (every path: batches, API commands, the
+        scheduler): the repository learns the committed states, the hooks run, and the relay
+        is woken for what was queued."""
+        repository = getattr(self.service, "repository", None)
+        if repository is not None and uow.touched:
+            repository.remember(uow, uow.touched)
+        for callback in uow.after_commit:
+            callback()
+        if uow.outbox:
+            self.outbox_ready.set()
 
     def _dead(self, rec: Record, dl: DeadLetter, now: datetime) -> tuple[str, Envelope]:
         env = dead_letter_record(
@@ -475,54 +479,59 @@ class EventCore:
         return self.dlq_topic, env
 
     # ---- local events (API commands, scheduler) ---------------------------------------
-    async def submit(
-        self,
-        conn: AsyncConnection,
-        envelopes: Sequence[Envelope],
-        scratch: dict[str, Any] | None = None,
-    ) -> Tx:
-        """Record and apply events made inside the service, in the caller's transaction.
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[UnitOfWork]:
+        """One unit of work for a command of the service's own (API, scheduler, credit
+        check): load customers with ``repository.load(uow, ids)``, record events with
+        ``record``; on leaving, the outbox is queued and the transaction commits, then the
+        committed states are remembered and the ``after_commit`` hooks run. An exception
+        rolls everything back and runs no hook."""
+        async with self.engine.begin() as conn:
+            uow = UnitOfWork(conn, self.clock())
+            yield uow
+            await es.enqueue(conn, self.service.core, uow.outbox, uow.now)
+        self._committed(uow)
 
-        Each must be valid: an invalid one is a programming error, not a dead letter. The
-        caller owns the transaction, so ``Tx.after_commit`` callbacks are not run here (a
-        service that caches committed state simply does not learn from this path).
-        """
-        now = self.clock()
-        tx = Tx(conn, now, scratch=scratch if scratch is not None else {})
+    async def record(self, uow: UnitOfWork, envelopes: Sequence[Envelope]) -> list[Incoming]:
+        """Record and apply events made inside the service, in the unit of work: the
+        customers are locked before the events are numbered, then folded like consumed ones.
+        Each must be valid: an invalid one is a programming error, not a dead letter.
+        Returns the events that were new (a stable id seen before changes nothing)."""
         parsed: list[tuple[Envelope, BaseModel]] = []
         for env in envelopes:
             model = self.service.parse_stored(env)
             if model is None:
                 raise ValueError(f"unknown event type {env.type!r}")
             parsed.append((env, model))
-        await self.lock_subjects(conn, (env.subject for env, _ in parsed))
+        subjects = {env.subject for env, _ in parsed}
+        repository = getattr(self.service, "repository", None)
+        if repository is not None:
+            await repository.load(uow, subjects)  # locked (id order), before the numbering
+        else:
+            await self.lock_subjects(uow.conn, subjects)
         rows = [
-            es.envelope_row(env, topic=None, partition=None, offset=None, recorded_at=now)
+            es.envelope_row(env, topic=None, partition=None, offset=None, recorded_at=uow.now)
             for env, _ in parsed
         ]
-        new = await es.append(conn, self.service.core, rows)
+        new = await es.append(uow.conn, self.service.core, rows)
         fresh = [
             Incoming(new[(env.source, env.id)], env, model)
             for env, model in parsed
             if (env.source, env.id) in new
         ]
         if fresh:
-            await self.service.handle(tx, fresh)
-        for inc, dl in tx.rejected:
+            await self.service.handle(uow, fresh)
+        for inc, dl in uow.rejected:
             raise ValueError(f"service rejected its own event {inc.envelope.id}: {dl.error}")
-        await es.enqueue(conn, self.service.core, tx.outbox, now)
-        if tx.outbox:
-            self.outbox_ready.set()
-        return tx
+        return fresh
 
     async def run_due(self) -> int:
         """Record the time-driven events due now; returns how many were new."""
-        now = self.clock()
-        async with self.engine.begin() as conn:
-            due = await self.service.due_events(conn, now)
+        async with self.transaction() as uow:
+            due = await self.service.due_events(uow)
             if not due:
                 return 0
-            await self.submit(conn, due)
+            await self.record(uow, due)
         return len(due)
 
     # ---- replay and verify ------------------------------------------------------------
@@ -533,6 +542,11 @@ class EventCore:
             await conn.execute(delete(table))
         total = await es.count_events(conn, self.service.core)
         done = 0
+        # A service with ``flush`` keeps its customers' states across pages and writes their
+        # rows once per window (the fold, not the rows, is what a replay must repeat).
+        flush = getattr(self.service, "flush", None)
+        uow = UnitOfWork(conn, self.clock(), replaying=True)
+        folded = 0
         async for page in es.read_events(conn, self.service.core):
             incoming: list[Incoming] = []
             for stored in page:
@@ -548,11 +562,19 @@ class EventCore:
                             stored.offset,
                         )
                     )
-            tx = Tx(conn, self.clock(), replaying=True)
-            await self.service.handle(tx, incoming)
+            if flush is None:
+                uow = UnitOfWork(conn, self.clock(), replaying=True)
+            await self.service.handle(uow, incoming)
+            folded += len(incoming)
+            if flush is not None and folded >= REPLAY_WINDOW:
+                await flush(uow)
+                uow.states.clear()
+                folded = 0
             done += len(page)
             if progress:
                 progress(done, total)
+        if flush is not None:
+            await flush(uow)
         return done
 
     async def replay(self, progress: Callable[[int, int], None] | None = None) -> int:

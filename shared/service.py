@@ -20,6 +20,7 @@ from fastapi import APIRouter, FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from shared import metrics
 from shared.auth import TokenRegistry
 from shared.db import make_engine
 from shared.http import create_app
@@ -110,6 +111,10 @@ class ServiceHost:
 
     async def start(self) -> None:
         silence_repeated_client_logs()
+        metrics.describe_build()
+        policy = getattr(self.service, "policy", None)
+        if policy is not None:
+            metrics.POLICY.labels(self.service.name, policy.version).set(1)
         jobs: list[Callable[[asyncio.Event], Any]] = []
         names: list[str] = []
         for name, loop in (

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from harness import servers
 from services.schema import upgrade
 from shared.db import make_engine
-from tests.infra import servers
 
 
 def fresh_url(kind: str, *, tmp_path: Path, pg_server_url: str | None, name: str = "cw") -> str:

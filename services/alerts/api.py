@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.alerts import domain, store
 from services.alerts import events as ev
-from services.alerts.handlers import SOURCE, STATES, AlertsService, _Loaded, load_states
+from services.alerts.handlers import SOURCE, AlertsService
 from shared.auth import Principal, require
 from shared.body import body_schema, json_body
 from shared.events import new_event
@@ -66,7 +66,6 @@ def build_router(service: AlertsService, core: EventCore) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["alerts"])
     engine = core.engine
     policy = service.policy
-    clock = core.clock
 
     @router.get("/alerts", summary="Alerts, newest first, filtered")
     async def list_alerts(
@@ -131,13 +130,12 @@ def build_router(service: AlertsService, core: EventCore) -> APIRouter:
         principal: Principal = Depends(require("alerts:write")),
     ) -> dict[str, Any]:
         note = (await json_body(request, AcknowledgeBody)).note if await request.body() else None
-        now = clock()
-        async with engine.begin() as conn:
-            row = await store.get_alert(conn, alert_id)
+        async with core.transaction() as uow:
+            now = uow.now
+            row = await store.get_alert(uow.conn, alert_id)
             if row is None:
                 raise NotFound(f"no alert {alert_id!r}", field="alert_id")
-            loaded: dict[str, _Loaded] = {}
-            await load_states(conn, loaded, {row.customer_id})
+            loaded = await service.repository.load(uow, [row.customer_id])
             state = loaded[row.customer_id].state
             alert = state.alert_by_id(alert_id)
             if alert is None or alert.status == "resolved":
@@ -155,7 +153,7 @@ def build_router(service: AlertsService, core: EventCore) -> APIRouter:
                 id=f"ack-{alert_id}-{alert.version}",
                 time=now,
             )
-            await core.submit(conn, [env], scratch={STATES: loaded})
+            await core.record(uow, [env])
             after = loaded[row.customer_id].state.alert_by_id(alert_id)
         assert after is not None
         return domain.alert_body(after)

@@ -7,7 +7,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.alerts import domain, store
 from services.alerts.api import build_router
-from services.alerts.handlers import AlertsService, count_raises_on_commit
+from services.alerts.handlers import AlertsService
 from shared import metrics
 from shared.auth import TokenRegistry
 from shared.policy import Policy, load_policy
@@ -40,7 +40,6 @@ def build(
         router=lambda core: build_router(service, core),
         gauges=[refresh_open_alert_gauges],
     )
-    count_raises_on_commit(host.engine)
     return app, host
 
 

@@ -27,6 +27,7 @@ from shared.events import (
     PaymentReceived,
     PaymentReversed,
 )
+from shared.ledger import bucket_of
 from shared.money import is_currency, quantize
 from shared.policy import Policy, add_months
 
@@ -222,7 +223,7 @@ class AlertChange:
 # ---- the fold: facts ------------------------------------------------------------------------
 
 
-def apply(state: CustomerState, event: Event, policy: Policy) -> CustomerState:
+def evolve(state: CustomerState, event: Event, policy: Policy) -> CustomerState:
     """Record the facts ``event`` carries (alerts are changed by ``apply_changes`` only)."""
     handler = _FACT_HANDLERS.get(event.type)
     new = handler(state, event, policy) if handler is not None else state
@@ -388,12 +389,18 @@ def apply_changes(state: CustomerState, changes: list[AlertChange]) -> CustomerS
     return replace(state, alerts=alerts)
 
 
+def decide_alerts(state: CustomerState, event: Event, policy: Policy) -> list[AlertChange]:
+    """The alerts ``event`` raises, updates or resolves, judged on the state with its facts
+    (``evolve`` first)."""
+    return evaluate_rules(state, event, policy, event.time)
+
+
 def step(
     state: CustomerState, event: Event, policy: Policy
 ) -> tuple[CustomerState, list[AlertChange]]:
-    """Fold one event: its facts, then the alerts it raises, updates or resolves."""
-    facts = apply(state, event, policy)
-    changes = evaluate_rules(facts, event, policy, event.time)
+    """Fold one event: ``evolve`` (its facts), ``decide_alerts``, then ``apply_changes``."""
+    facts = evolve(state, event, policy)
+    changes = decide_alerts(facts, event, policy)
     return apply_changes(facts, changes), changes
 
 
@@ -705,16 +712,8 @@ def _utilization_material(old: Alert, new: Finding, policy: Policy) -> bool:
 # ---- overdue --------------------------------------------------------------------------------
 
 
-def overdue_bucket(days: int) -> str | None:
-    if days <= 0:
-        return None
-    if days <= 30:
-        return "1-30"
-    if days <= 60:
-        return "31-60"
-    if days <= 90:
-        return "61-90"
-    return "90+"
+# The receivables ledger's buckets, the same for every service.
+overdue_bucket = bucket_of
 
 
 def _overdue(state: CustomerState, _e: Event, policy: Policy, _a: Alert | None) -> Outcome:

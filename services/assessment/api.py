@@ -14,11 +14,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from services.assessment import events as ev
 from services.assessment import store
 from services.assessment.handlers import (
-    PUBLISHED,
     SOURCE,
-    STATES,
+    AssessmentLoaded,
     AssessmentService,
-    _Loaded,
     internal_event,
 )
 from shared.auth import Principal, require
@@ -27,6 +25,7 @@ from shared.http import CursorParam, PathText
 from shared.pagination import MAX_PAGE, decode_cursor, encode_cursor, integer, text
 from shared.problems import NotFound, ValidationFailed
 from shared.runtime import EventCore
+from shared.unitofwork import UnitOfWork
 
 API_SOURCE = SOURCE + "/api"
 
@@ -58,26 +57,26 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
             )
         return row
 
-    async def _locked(conn: AsyncConnection, cid: str) -> dict[str, _Loaded]:
-        rows = await store.lock_customers(conn, [cid])
-        row = rows.get(cid)
-        if row is None:
+    async def _locked(uow: UnitOfWork, cid: str) -> AssessmentLoaded:
+        """Lock and load a customer the service knows (404 otherwise)."""
+        loaded: AssessmentLoaded = (await service.repository.load(uow, [cid]))[cid]
+        if loaded.last_seq == 0:  # no row: a state made up for the unknown
             raise NotFound(
                 f"customer {cid!r} is not known to the assessment service", field="customer_id"
             )
-        return {cid: _Loaded(store.load_state(row.state), row.last_seq)}
+        return loaded
 
     async def _command(
-        conn: AsyncConnection,
-        cid: str,
+        uow: UnitOfWork,
+        loaded: AssessmentLoaded,
         model: ev.InternalEvent,
-        loaded: dict[str, _Loaded],
         event_id: str,
-        now: datetime,
     ) -> dict[str, Any]:
-        env = internal_event(model, id=event_id, time=now, subject=cid, source=API_SOURCE)
-        tx = await core.submit(conn, [env], scratch={STATES: loaded})
-        body: dict[str, Any] | None = tx.scratch.get(PUBLISHED, {}).get(cid)
+        cid = model.customer_id
+        env = internal_event(model, id=event_id, time=uow.now, subject=cid, source=API_SOURCE)
+        loaded.published = None
+        await core.record(uow, [env])
+        body = loaded.published
         if body is None:  # every command this API records publishes an assessment
             raise RuntimeError(f"{model.__class__.__name__} published no assessment")
         return body
@@ -145,11 +144,10 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
                 f"(grades are {', '.join(names)})",
                 field="grade",
             )
-        now = clock()
-        if body.expires_at is not None and body.expires_at <= now:
-            raise ValidationFailed("expires_at: must be in the future", field="expires_at")
-        async with engine.begin() as conn:
-            loaded = await _locked(conn, customer_id)
+        async with core.transaction() as uow:
+            if body.expires_at is not None and body.expires_at <= uow.now:
+                raise ValidationFailed("expires_at: must be in the future", field="expires_at")
+            loaded = await _locked(uow, customer_id)
             override_id = str(uuid.uuid4())
             model = ev.OverrideSet(
                 customer_id=customer_id,
@@ -159,7 +157,7 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
                 by=principal.name,
                 expires_at=body.expires_at,
             )
-            return await _command(conn, customer_id, model, loaded, f"override-{override_id}", now)
+            return await _command(uow, loaded, model, f"override-{override_id}")
 
     @router.delete(
         "/customers/{customer_id}/assessment/override",
@@ -168,20 +166,17 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
     async def withdraw(
         customer_id: PathText, principal: Principal = Depends(require("credit:write"))
     ) -> dict[str, Any]:
-        now = clock()
-        async with engine.begin() as conn:
-            loaded = await _locked(conn, customer_id)
-            current = loaded[customer_id].state.override
-            if current is None or not current.active_at(now):
+        async with core.transaction() as uow:
+            loaded = await _locked(uow, customer_id)
+            current = loaded.state.override
+            if current is None or not current.active_at(uow.now):
                 raise NotFound(
                     f"customer {customer_id!r} has no override in force", field="customer_id"
                 )
             model = ev.OverrideRemoved(
                 customer_id=customer_id, override_id=current.override_id, by=principal.name
             )
-            return await _command(
-                conn, customer_id, model, loaded, f"override-removed-{current.override_id}", now
-            )
+            return await _command(uow, loaded, model, f"override-removed-{current.override_id}")
 
     @router.post(
         "/customers/{customer_id}/assessment/recompute",
@@ -190,13 +185,10 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
     async def recompute(
         customer_id: PathText, principal: Principal = Depends(require("credit:write"))
     ) -> dict[str, Any]:
-        now = clock()
-        async with engine.begin() as conn:
-            loaded = await _locked(conn, customer_id)
+        async with core.transaction() as uow:
+            loaded = await _locked(uow, customer_id)
             model = ev.RecomputeRequested(customer_id=customer_id, by=principal.name)
-            return await _command(
-                conn, customer_id, model, loaded, f"recompute-{uuid.uuid4()}", now
-            )
+            return await _command(uow, loaded, model, f"recompute-{uuid.uuid4()}")
 
     # ---- periodic reviews ---------------------------------------------------------------------
     @router.get("/reviews/due", summary="Customers whose periodic review date has passed")

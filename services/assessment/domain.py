@@ -1,10 +1,28 @@
 """Assessment domain: a customer's credit picture, its explainable score and risk grade.
 
-``apply`` folds one event into a ``CustomerState``; ``ratios``, ``payment_behaviour`` and
-``score_inputs`` derive the scorecard inputs from the facts; ``score`` and ``assess`` turn
-them into the ``assessment.completed`` body; ``process`` is the whole step the service takes
-for one event (fold, decide whether to reassess, record). No I/O and no clock: time always
-comes in as an argument, so a replay gives the very same assessments.
+``evolve(state, event, policy)`` folds one event into a ``CustomerState``; ``ratios``,
+``payment_behaviour`` and ``score_inputs`` derive the scorecard inputs from it; ``score`` and
+``assess`` turn them into the ``assessment.completed`` body; ``decide_assessment`` says
+whether an event calls for a (new) assessment and gives its body, which ``remember`` keeps
+for the next one to compare with. No I/O and no clock: time always comes in as an argument,
+so a replay gives the very same assessments.
+
+A customer's state is what is open plus compact rolling aggregates, so that the cost of its
+next event does not grow with its history:
+
+- the receivables ledger's open items (shared.ledger: one allocation rule for every
+  service); settled invoices and applied payments are in the ledger's archive, read back
+  only when an event names them (``Event.recall``);
+- payment behaviour as aggregates of the invoices settled per day within the policy's
+  window (``paid``) and the worst days overdue the dunning system reported per day
+  (``dunned``), each with its sum over the days, updated from the ledger's steps and pruned
+  as the window moves on;
+- of the financial statements, only those the ratios can choose from (``_kept``);
+- the latest credit report, the override and the last assessment.
+
+A policy whose ``payment_behaviour.window_months`` grows sees the longer window only once
+the projections are rebuilt (``creditwatch replay``): the aggregates keep the days of the
+window they were folded under.
 """
 
 from __future__ import annotations
@@ -14,7 +32,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Context, Decimal
-from typing import Any, Final, Literal
+from itertools import islice
+from typing import Any, ClassVar, Final, Literal
 
 from services.assessment.events import (
     OverrideExpired,
@@ -22,23 +41,21 @@ from services.assessment.events import (
     OverrideSet,
     RecomputeRequested,
 )
+from shared import ledger as lg
 from shared.events import (
     AssessmentCompleted,
-    CreditNoteIssued,
     CreditReportReceived,
     CustomerData,
     DeadLetter,
     FinancialStatementPublished,
-    InvoiceCancelled,
-    InvoiceIssued,
-    InvoiceOverdue,
-    PaymentReceived,
-    PaymentReversed,
 )
 from shared.policy import Policy, RiskLevel, add_months
 
 ZERO: Final = Decimal(0)
 NO_FX_RATE: Final = "no_fx_rate"
+# An invoice, payment or credit note number seen before, under another event id, with other
+# figures: a correction the ledger cannot tell from a mistake (the first one stands).
+CONFLICTING_DUPLICATE: Final = "conflicting_duplicate"
 
 # Ratios are exact quotients to 34 significant digits, then rounded once, to 4 places, for
 # both the published `ratios` and the scorecard, so a factor's value is the published one.
@@ -67,7 +84,7 @@ PAYMENT_BEHAVIOUR: Final = (
 Z2_COEFFICIENTS: Final = (Decimal("6.56"), Decimal("3.26"), Decimal("6.72"), Decimal("1.05"))
 
 
-# ---- facts ----------------------------------------------------------------------------------
+# ---- state ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,34 +132,162 @@ class CreditReport:
     legal_events: tuple[LegalEvent, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Invoice:
-    invoice_id: str
-    amount: Decimal  # in the customer's credit currency
-    issue_date: date
-    due_date: date
-    cancelled: bool = False
+# How many of something had each number of days: ((days, how many), …), by days.
+Counts = tuple[tuple[int, int], ...]
+
+
+def _counted(counts: Counts, changes: Iterable[tuple[int, int]]) -> Counts:
+    out = dict(counts)
+    for days, n in changes:
+        out[days] = out.get(days, 0) + n
+    return tuple(sorted((days, n) for days, n in out.items() if n))
 
 
 @dataclass(frozen=True, slots=True)
-class Credit:
-    """Money in the customer's favour: a payment or a credit note, with its allocations."""
+class PaidOn:
+    """Invoices payments settled (on one day, or over days): how many, their days to pay
+    summed, and how many were how many days beyond terms. Counts per number of days rather
+    than a sum and a maximum, so that an outcome taken back (a reversal, a cancellation)
+    leaves the exact worst behind, and the policy's ``late_after_days`` applies when
+    measured."""
 
-    credit_id: str
-    kind: Literal["payment", "credit_note"]
-    amount: Decimal  # in the customer's credit currency
-    on: date
-    allocations: tuple[tuple[str, Decimal], ...] = ()
-    reversed: bool = False
+    count: int = 0
+    days_to_pay: int = 0
+    beyond: Counts = ()
+
+    def merged(self, other: PaidOn, sign: int = 1) -> PaidOn:
+        return PaidOn(
+            self.count + sign * other.count,
+            self.days_to_pay + sign * other.days_to_pay,
+            _counted(self.beyond, ((days, sign * n) for days, n in other.beyond)),
+        )
+
+    def holds(self, other: PaidOn) -> bool:
+        mine = dict(self.beyond)
+        return all(mine.get(days, 0) >= n for days, n in other.beyond)
+
+
+def _paid_one(outcome: lg.Outcome) -> PaidOn:
+    return PaidOn(1, outcome.days_to_pay, ((outcome.days_beyond_terms, 1),))
+
+
+_NOTHING_PAID: Final = PaidOn()
 
 
 @dataclass(frozen=True, slots=True)
-class Dunning:
-    """The dunning system's latest word on one invoice (``invoice.overdue``)."""
+class Settled:
+    """The invoices payments settled within the payment-behaviour window: per settlement day
+    (in day order), summed over the days held, and the first and last day held — so that
+    neither measuring nor moving the window on walks the days (a window has up to 366)."""
 
-    as_of: date
-    days_overdue: int
-    due_date: date
+    days: Mapping[date, PaidOn] = field(default_factory=dict)
+    total: PaidOn = _NOTHING_PAID
+    first: date | None = None
+    last: date | None = None
+
+    def changed(
+        self, settled: Iterable[lg.Outcome], unsettled: Iterable[lg.Outcome], since: date
+    ) -> Settled:
+        """With outcomes taken back and added; days on or before ``since`` count no more
+        (and were pruned already)."""
+        days = dict(self.days)
+        total = self.total
+        in_order = True
+        for outcome in unsettled:
+            day, one = outcome.settled_on, _paid_one(outcome)
+            held = days.get(day)
+            if day <= since or held is None or not held.holds(one):
+                continue
+            total = total.merged(one, -1)
+            if held.count <= 1:
+                del days[day]
+            else:
+                days[day] = held.merged(one, -1)
+        for outcome in settled:
+            day, one = outcome.settled_on, _paid_one(outcome)
+            if day <= since:
+                continue
+            held = days.get(day)
+            if held is None and days and day < next(reversed(days)):
+                in_order = False  # a payment dated before the latest settlement day
+            days[day] = (held or _NOTHING_PAID).merged(one)
+            total = total.merged(one)
+        if not in_order:
+            days = dict(sorted(days.items()))
+        if not days:
+            return Settled()
+        return Settled(days, total, next(iter(days)), next(reversed(days)))
+
+    def after(self, since: date) -> Settled:
+        """Without the days on or before ``since`` (the first ones: they are in order)."""
+        if self.first is None or self.first > since:
+            return self
+        total, cut = self.total, 0
+        for day, paid in self.days.items():
+            if day > since:
+                break
+            total, cut = total.merged(paid, -1), cut + 1
+        kept = dict(islice(self.days.items(), cut, None))
+        if not kept:
+            return Settled()
+        return Settled(kept, total, next(iter(kept)), self.last)
+
+    def within(self, since: date, on: date) -> PaidOn:
+        """What was settled on the days after ``since`` up to ``on``."""
+        if self.first is None or self.last is None:
+            return _NOTHING_PAID
+        if self.first > since and self.last <= on:
+            return self.total  # the usual case: every day held is in the window
+        out = _NOTHING_PAID
+        for day, paid in self.days.items():
+            if since < day <= on:
+                out = out.merged(paid)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Dunned:
+    """The worst days overdue the dunning system reported, per ``as_of`` day within the
+    window (in day order; whether the invoice was paid since or not), and how many days had
+    each worst, so that the window's worst needs no walk through the days."""
+
+    days: Mapping[date, int] = field(default_factory=dict)
+    worsts: Counts = ()
+    first: date | None = None
+    last: date | None = None
+
+    def reported(self, on: date, days_overdue: int, since: date) -> Dunned:
+        known = self.days.get(on)
+        if on <= since or (known is not None and known >= days_overdue):
+            return self
+        change = [(days_overdue, 1)] if known is None else [(known, -1), (days_overdue, 1)]
+        days = {**self.days, on: days_overdue}
+        if known is None and self.last is not None and on < self.last:
+            days = dict(sorted(days.items()))  # a run dated before the latest one
+        first, last = next(iter(days)), next(reversed(days))
+        return Dunned(days, _counted(self.worsts, change), first, last)
+
+    def after(self, since: date) -> Dunned:
+        """Without the days on or before ``since`` (the first ones: they are in order)."""
+        if self.first is None or self.first > since:
+            return self
+        gone: list[tuple[int, int]] = []
+        for day, worst in self.days.items():
+            if day > since:
+                break
+            gone.append((worst, -1))
+        kept = dict(islice(self.days.items(), len(gone), None))
+        if not kept:
+            return Dunned()
+        return Dunned(kept, _counted(self.worsts, gone), next(iter(kept)), self.last)
+
+    def worst(self, since: date, on: date) -> int | None:
+        """The worst reported on the days after ``since`` up to ``on`` (None: none)."""
+        if self.first is None or self.last is None:
+            return None
+        if self.first > since and self.last <= on:
+            return self.worsts[-1][0] if self.worsts else None
+        return max((d for day, d in self.days.items() if since < day <= on), default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +318,11 @@ class LastAssessment:
 
 @dataclass(frozen=True, slots=True)
 class CustomerState:
+    # A stored document must have exactly this layout: one of an older layout (the whole
+    # history: invoices, credits, dunning) fails to load rather than reading as a customer
+    # with nothing in it (see store.LayoutError).
+    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
+
     customer_id: str
     currency: str
     registered: bool = False
@@ -181,19 +331,26 @@ class CustomerState:
     industry: str | None = None
     payment_terms_days: int = 30
     parent_id: str | None = None
+    # The statements the ratios can choose from (see ``_kept``), by statement id.
     statements: Mapping[str, Statement] = field(default_factory=dict)
     report: CreditReport | None = None
-    invoices: Mapping[str, Invoice] = field(default_factory=dict)
-    credits: Mapping[str, Credit] = field(default_factory=dict)
-    dunning: Mapping[str, Dunning] = field(default_factory=dict)
+    ledger: lg.Ledger = field(default_factory=lambda: lg.Ledger(""))
+    # Invoices settled by payments within the payment-behaviour window, per settlement day.
+    paid: Settled = field(default_factory=Settled)
+    # The worst days overdue the dunning system reported within the window, per day.
+    dunned: Dunned = field(default_factory=Dunned)
     override: Override | None = None
     last: LastAssessment | None = None
     last_time: datetime | None = None
+    # What the last event did to the ledger (its archive moves): read by the caller after
+    # ``evolve``, never stored.
+    step: lg.Step | None = None
 
 
 def new_customer(customer_id: str, policy: Policy) -> CustomerState:
     """A customer nothing is known about yet; its credit currency defaults to the base one."""
-    return CustomerState(customer_id=customer_id, currency=policy.base_currency)
+    ccy = policy.base_currency
+    return CustomerState(customer_id=customer_id, currency=ccy, ledger=lg.new_ledger(ccy))
 
 
 # ---- financial ratios -----------------------------------------------------------------------
@@ -292,6 +449,19 @@ def prior_statement(state: CustomerState, statement: Statement) -> Statement | N
     return max(earlier, key=_statement_key) if earlier else None
 
 
+def _kept(statements: Mapping[str, Statement]) -> dict[str, Statement]:
+    """The statements ``latest_statement`` and ``prior_statement`` can ever choose: per period
+    length, those of its two most recent period ends. The latest statement has the most recent
+    period end of its length and its prior one the next, so an older one is never chosen
+    again — unless a restatement moves a kept statement's period end back, when the one it
+    would fall back on is gone (a correction of that kind is not expected)."""
+    ends: dict[int, set[date]] = {}
+    for s in statements.values():
+        ends.setdefault(s.period_months, set()).add(s.period_end)
+    recent = {months: sorted(days)[-2:] for months, days in ends.items()}
+    return {k: s for k, s in statements.items() if s.period_end in recent[s.period_months]}
+
+
 def financial_ratios(state: CustomerState, policy: Policy) -> dict[str, Decimal]:
     latest = latest_statement(state)
     if latest is None:
@@ -302,112 +472,74 @@ def financial_ratios(state: CustomerState, policy: Policy) -> dict[str, Decimal]
 # ---- payment behaviour ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class InvoiceOutcome:
-    """How one invoice was paid, as known on the assessment date."""
-
-    invoice_id: str
-    issue_date: date
-    due_date: date
-    settled_on: date | None  # None: still open
-    days_beyond_terms: int  # settled: late days at settlement; open: days overdue now
+def window_start(on: date, policy: Policy) -> date:
+    """The payment-behaviour window ending on ``on`` is the days after this one."""
+    return add_months(on, -policy.payment_behaviour.window_months)
 
 
-def invoice_outcomes(state: CustomerState, on: date) -> list[InvoiceOutcome]:
-    """Settle the customer's invoices with its payments, as known on business date ``on``.
+def _since(state: CustomerState, policy: Policy) -> date:
+    """The start of the window of the latest business day seen: nothing on or before it can
+    count again, since assessments are made at the latest business time."""
+    if state.last_time is None:
+        return date.min
+    return window_start(state.last_time.date(), policy)
 
-    Credit notes reduce what is owed first (an invoice credited in full says nothing about
-    paying and is left out). Payments then settle invoices in date order: explicit
-    allocations first, the rest to the oldest open invoices (due date, issue date, id). An
-    invoice is settled on the date of the payment that clears it (never before its issue
-    date). Reversed payments, cancelled invoices and anything dated after ``on`` are ignored.
-    An open invoice's days overdue come from the dunning system when it has reported on it
-    since the due date (aged on from its ``as_of``), else from the due date.
-    """
-    invoices = {
-        i.invoice_id: i for i in state.invoices.values() if not i.cancelled and i.issue_date <= on
-    }
-    open_amount = {i: inv.amount for i, inv in invoices.items()}
-    fifo = sorted(invoices.values(), key=lambda i: (i.due_date, i.issue_date, i.invoice_id))
-    credits = sorted(
-        (c for c in state.credits.values() if not c.reversed and c.on <= on),
-        key=lambda c: (c.kind != "credit_note", c.on, c.credit_id),
-    )
-    settled_on: dict[str, date] = {}
-    oldest = 0
-    for credit in credits:
-        left = credit.amount
 
-        def take(invoice_id: str, most: Decimal, credit: Credit = credit) -> Decimal:
-            amount = min(most, open_amount[invoice_id])
-            if amount <= 0:
-                return ZERO
-            open_amount[invoice_id] -= amount
-            if credit.kind == "payment" and open_amount[invoice_id] <= 0:
-                settled_on[invoice_id] = max(credit.on, invoices[invoice_id].issue_date)
-            return amount
+def _pruned(state: CustomerState, policy: Policy) -> CustomerState:
+    """The aggregates without the days the window has left behind."""
+    since = _since(state, policy)
+    paid, dunned = state.paid.after(since), state.dunned.after(since)
+    if paid is state.paid and dunned is state.dunned:
+        return state
+    return replace(state, paid=paid, dunned=dunned)
 
-        for invoice_id, amount in credit.allocations:
-            if invoice_id in open_amount and left > 0:
-                left -= take(invoice_id, min(amount, left))
-        # Open amounts only ever fall, so everything before `oldest` stays settled: one pass
-        # over the invoices for all credits together.
-        while left > 0 and oldest < len(fifo):
-            invoice_id = fifo[oldest].invoice_id
-            left -= take(invoice_id, left)
-            if open_amount[invoice_id] <= 0:
-                oldest += 1
 
-    outcomes: list[InvoiceOutcome] = []
-    for inv in fifo:
-        iid = inv.invoice_id
-        if open_amount[iid] <= 0 and iid not in settled_on:
-            continue  # credited in full
-        settled = settled_on.get(iid)
-        if settled is not None:
-            days = max((settled - inv.due_date).days, 0)
-        else:
-            dun = state.dunning.get(iid)
-            if dun is not None and inv.due_date <= dun.as_of <= on:
-                days = dun.days_overdue + (on - dun.as_of).days
-            else:
-                days = max((on - inv.due_date).days, 0)
-        outcomes.append(InvoiceOutcome(iid, inv.issue_date, inv.due_date, settled, days))
-    return outcomes
+def overdue_open(state: CustomerState, on: date) -> list[int]:
+    """Days overdue on business date ``on`` of each open invoice past its due date: from the
+    dunning system once it has reported on the invoice since the due date (aged on from its
+    ``as_of``), else from the due date (``ledger.days_overdue``)."""
+    return [
+        max(lg.days_overdue(inv, on)[0], 0)
+        for inv in state.ledger.invoices.values()
+        if inv.due_date < on
+    ]
 
 
 def payment_behaviour(state: CustomerState, on: date, policy: Policy) -> dict[str, Decimal]:
     """The payment-behaviour keys over the policy's window ending on ``on``.
 
-    The population is every invoice settled within the window plus every invoice open and
-    past due on ``on``. ``avg_days_to_pay`` (issue → settlement) covers the settled ones;
-    ``avg_days_beyond_terms`` and ``late_payment_share_12m`` (late: more than
-    ``late_after_days`` beyond the due date) cover the whole population;
-    ``max_days_overdue_12m`` is the worst of it and of what the dunning system reported
-    within the window (0 when all were paid on time). Keys without data are absent: an
-    invoice that is neither paid nor due yet says nothing about how the customer pays.
+    The population is every invoice a payment settled within the window (the ``paid``
+    aggregates; one credited in full says nothing about paying and is not there) plus every
+    invoice open and past due on ``on`` (the ledger). ``avg_days_to_pay`` (issue →
+    settlement) covers the settled ones; ``avg_days_beyond_terms`` and
+    ``late_payment_share_12m`` (late: more than ``late_after_days`` beyond the due date)
+    cover the whole population; ``max_days_overdue_12m`` is the worst of it and of what the
+    dunning system reported within the window (0 when all were paid on time). Keys without
+    data are absent: an invoice that is neither paid nor due yet says nothing about how the
+    customer pays.
     """
     rules = policy.payment_behaviour
-    window_start = add_months(on, -rules.window_months)
-    outcomes = invoice_outcomes(state, on)
-    settled = [
-        o for o in outcomes if o.settled_on is not None and window_start < o.settled_on <= on
-    ]
-    overdue_open = [o for o in outcomes if o.settled_on is None and o.due_date < on]
-    population = settled + overdue_open
+    since = window_start(on, policy)
+    paid = state.paid.within(since, on)
+    open_days = overdue_open(state, on)
+    population = paid.count + len(open_days)
+    beyond = sum(days * n for days, n in paid.beyond) + sum(open_days)
+    late = sum(n for days, n in paid.beyond if days > rules.late_after_days)
+    late += sum(1 for days in open_days if days > rules.late_after_days)
     out: dict[str, Decimal] = {}
-    if settled:
-        to_pay = sum(((o.settled_on - o.issue_date).days for o in settled if o.settled_on), 0)
-        out["avg_days_to_pay"] = _round(_DIVISION.divide(Decimal(to_pay), len(settled)))
+    if paid.count:
+        out["avg_days_to_pay"] = _round(_DIVISION.divide(Decimal(paid.days_to_pay), paid.count))
     if population:
-        beyond = sum(o.days_beyond_terms for o in population)
-        late = sum(1 for o in population if o.days_beyond_terms > rules.late_after_days)
-        out["avg_days_beyond_terms"] = _round(_DIVISION.divide(Decimal(beyond), len(population)))
-        out["late_payment_share_12m"] = _round(_DIVISION.divide(Decimal(late), len(population)))
-    dunned = [d.days_overdue for d in state.dunning.values() if window_start < d.as_of <= on]
-    if population or dunned:
-        worst = max([o.days_beyond_terms for o in population] + dunned)
-        out["max_days_overdue_12m"] = Decimal(worst)
+        out["avg_days_beyond_terms"] = _round(_DIVISION.divide(Decimal(beyond), population))
+        out["late_payment_share_12m"] = _round(_DIVISION.divide(Decimal(late), population))
+    candidates = list(open_days)
+    if paid.beyond:
+        candidates.append(paid.beyond[-1][0])
+    dunned = state.dunned.worst(since, on)
+    if dunned is not None:
+        candidates.append(dunned)
+    if candidates:
+        out["max_days_overdue_12m"] = Decimal(max(candidates))
     return out
 
 
@@ -511,21 +643,24 @@ def assessment_id(customer_id: str, trigger: Trigger) -> str:
     return f"asm-{uuid.uuid5(uuid.NAMESPACE_URL, name)}"
 
 
-def assess(
-    state: CustomerState,
-    policy: Policy,
-    trigger: Trigger,
-    now: datetime,
-    *,
-    review_from: date | None = None,
-) -> AssessmentCompleted:
-    """The ``assessment.completed`` body for the customer as it stands at ``now``.
+@dataclass(frozen=True, slots=True)
+class Scorecard:
+    """The customer's scorecard at a time: its inputs, total, explained factors, the
+    computed grade, and the published one (an active override's)."""
 
-    With an active override the published grade is the override's (with its risk level);
-    ``computed_grade`` keeps the scorecard's. ``next_review_date`` is the policy cadence of
-    the published grade from ``now``, or, with ``review_from`` (re-scores that are no review),
-    the earlier of that and ``review_from``.
-    """
+    inputs: dict[str, Decimal]
+    total: int
+    factors: list[dict[str, Any]]
+    computed_grade: str
+    computed_risk: RiskLevel
+    grade: str
+    risk_level: str
+    override: Override | None
+
+
+def scorecard(state: CustomerState, policy: Policy, now: datetime) -> Scorecard:
+    """Score the customer as it stands at ``now``. With an active override the published
+    grade is the override's (with its risk level); ``computed_grade`` keeps the scorecard's."""
     inputs = score_inputs(state, policy, now)
     total, factors = score(inputs, policy)
     computed, computed_risk = grade_for(total, policy)
@@ -533,23 +668,43 @@ def assess(
     grade, risk_level = computed, computed_risk
     if override is not None:
         grade, risk_level = override.grade, policy.grade(override.grade).risk_level
-    next_review = policy.next_review_date(grade, now.date())
+    return Scorecard(inputs, total, factors, computed, computed_risk, grade, risk_level, override)
+
+
+def assess(
+    state: CustomerState,
+    policy: Policy,
+    trigger: Trigger,
+    now: datetime,
+    *,
+    review_from: date | None = None,
+    card: Scorecard | None = None,
+) -> AssessmentCompleted:
+    """The ``assessment.completed`` body for the customer as it stands at ``now`` (``card``:
+    its scorecard at ``now``, if already made).
+
+    ``next_review_date`` is the policy cadence of the published grade from ``now``, or, with
+    ``review_from`` (re-scores that are no review), the earlier of that and ``review_from``.
+    """
+    card = card or scorecard(state, policy, now)
+    override = card.override
+    next_review = policy.next_review_date(card.grade, now.date())
     if review_from is not None:
         next_review = min(next_review, review_from)
     published = {
         key: value
-        for key, value in inputs.items()
+        for key, value in card.inputs.items()
         if key in FINANCIAL_RATIOS or key in PAYMENT_BEHAVIOUR
     }
     return AssessmentCompleted.model_validate(
         {
             "assessment_id": assessment_id(state.customer_id, trigger),
             "customer_id": state.customer_id,
-            "score": total,
-            "grade": grade,
-            "risk_level": risk_level,
+            "score": card.total,
+            "grade": card.grade,
+            "risk_level": card.risk_level,
             "previous_grade": state.last.grade if state.last is not None else None,
-            "factors": factors,
+            "factors": card.factors,
             "ratios": published,
             "override": (
                 {
@@ -566,13 +721,13 @@ def assess(
             "next_review_date": next_review,
             "assessed_at": now,
             # Added fields: the scorecard's own grade, which an override hides.
-            "computed_grade": computed,
-            "computed_risk_level": computed_risk,
+            "computed_grade": card.computed_grade,
+            "computed_risk_level": card.computed_risk,
         }
     )
 
 
-def record(state: CustomerState, body: AssessmentCompleted) -> CustomerState:
+def remember(state: CustomerState, body: AssessmentCompleted) -> CustomerState:
     """Remember a published assessment: the next one compares with it."""
     assert body.next_review_date is not None
     extra = body.model_extra or {}
@@ -591,6 +746,17 @@ def record(state: CustomerState, body: AssessmentCompleted) -> CustomerState:
 # ---- the fold -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event as the fold sees it; ``recall``: the ledger items from the archive it names
+    (the caller looks them up; the ledger raises ``NeedRecall`` for any it lacks)."""
+
+    type: str
+    data: Any
+    time: datetime
+    recall: lg.Recall = field(default_factory=dict)
+
+
 def _to_credit_currency(
     amount: Decimal, currency: str, state: CustomerState, policy: Policy, field_name: str
 ) -> Decimal:
@@ -605,6 +771,16 @@ def _to_credit_currency(
             field_name,
         )
     return converted
+
+
+def _converter(state: CustomerState, policy: Policy) -> lg.Converter:
+    """Amounts as received into the customer's credit currency (for ledger items that come
+    back from the archive after the credit currency changed)."""
+
+    def convert(amount: Decimal, ccy: str, what: str) -> Decimal:
+        return _to_credit_currency(amount, ccy, state, policy, what)
+
+    return convert
 
 
 def statement_from(
@@ -649,7 +825,45 @@ def statement_from(
     )
 
 
-def _customer(state: CustomerState, d: CustomerData, _t: datetime, _p: Policy) -> CustomerState:
+def evolve(state: CustomerState, event: Event, policy: Policy) -> CustomerState:
+    """Fold one event into the customer's state. Raises ``DeadLetter`` when it cannot apply
+    (an amount in a currency the policy has no rate for, a fact's number again with other
+    figures), ``ledger.NeedRecall`` when it needs archived ledger items it was not given."""
+    handler = _HANDLERS.get(event.type)
+    if handler is None:
+        return state
+    if state.step is not None:
+        state = replace(state, step=None)
+    time = event.time
+    before = state.last_time
+    if before is None or time > before:
+        # First, so that the window the event is folded into is that of the latest day.
+        state = replace(state, last_time=time)
+    try:
+        new = handler(state, event.data, time, policy, event.recall)
+    except lg.LedgerConflict as conflict:
+        raise DeadLetter(
+            CONFLICTING_DUPLICATE, f"data.{conflict.field_name}: {conflict}", conflict.field_name
+        ) from None
+    if before is None or new.last_time is None or new.last_time.date() != before.date():
+        new = _pruned(new, policy)
+    return new
+
+
+def _with_step(state: CustomerState, step: lg.Step, policy: Policy) -> CustomerState:
+    """The state after a ledger step: what payments settled counts in the aggregates, what
+    a reversal or cancellation reopened counts no more."""
+    paid = state.paid
+    if step.settled or step.unsettled:
+        paid = paid.changed(step.settled, step.unsettled, _since(state, policy))
+    return replace(state, ledger=step.ledger, paid=paid, step=step)
+
+
+def _customer(
+    state: CustomerState, d: CustomerData, _t: datetime, p: Policy, _r: lg.Recall
+) -> CustomerState:
+    if d.currency != state.currency:
+        state = _in_currency(state, d.currency, p)
     return replace(
         state,
         registered=True,
@@ -662,16 +876,38 @@ def _customer(state: CustomerState, d: CustomerData, _t: datetime, _p: Policy) -
     )
 
 
+def _in_currency(state: CustomerState, ccy: str, p: Policy) -> CustomerState:
+    """The ledger re-expressed in a new credit currency, each fact converted from its amount
+    as received (so an invoice folded before its customer's registration ends up where it
+    would have, had the registration come first). Statements keep the currency they were
+    converted to; ``ratios`` converts a prior one when it differs."""
+
+    def conv(amount: Decimal, from_ccy: str, what: str) -> Decimal:
+        converted = p.convert(amount, from_ccy, ccy)
+        if converted is None:
+            raise DeadLetter(
+                NO_FX_RATE,
+                f"data.currency: {what} recorded in {from_ccy} cannot be converted "
+                f"to {ccy} with the rates of policy {p.version}",
+                "currency",
+            )
+        return converted
+
+    ledger = lg.reexpress(replace(state.ledger, currency=state.currency), ccy, conv)
+    return replace(state, ledger=ledger)
+
+
 def _statement(
-    state: CustomerState, d: FinancialStatementPublished, t: datetime, p: Policy
+    state: CustomerState, d: FinancialStatementPublished, t: datetime, p: Policy, _r: lg.Recall
 ) -> CustomerState:
     # The same statement id again is a restatement: it replaces the earlier figures.
     statement = statement_from(d, state, p, t)
-    return replace(state, statements={**state.statements, d.statement_id: statement})
+    others = {k: s for k, s in state.statements.items() if k != d.statement_id}
+    return replace(state, statements=_kept({**others, d.statement_id: statement}))
 
 
 def _report(
-    state: CustomerState, d: CreditReportReceived, _t: datetime, _p: Policy
+    state: CustomerState, d: CreditReportReceived, _t: datetime, _p: Policy, _r: lg.Recall
 ) -> CustomerState:
     report = CreditReport(
         report_id=d.report_id,
@@ -690,71 +926,26 @@ def _report(
     return replace(state, report=report)
 
 
-def _invoice_issued(
-    state: CustomerState, d: InvoiceIssued, _t: datetime, p: Policy
+def _receivables(event_type: str) -> Any:
+    """A receivables event: the shared ledger folds it (``ledger.record``); dunning also
+    counts in the window's worst days overdue, for paid invoices too."""
+
+    def fold(
+        state: CustomerState, d: Any, _t: datetime, p: Policy, recall: lg.Recall
+    ) -> CustomerState:
+        step = lg.record(state.ledger, recall, event_type, d, _converter(state, p))
+        state = _with_step(state, step, p)
+        if event_type != "invoice.overdue":
+            return state
+        dunned = state.dunned.reported(d.as_of, d.days_overdue, _since(state, p))
+        return state if dunned is state.dunned else replace(state, dunned=dunned)
+
+    return fold
+
+
+def _override_set(
+    state: CustomerState, d: OverrideSet, t: datetime, p: Policy, _r: lg.Recall
 ) -> CustomerState:
-    if d.invoice_id in state.invoices:
-        return state  # the same invoice number twice under another event id: keep the first
-    amount = _to_credit_currency(d.amount, d.currency, state, p, "amount")
-    invoice = Invoice(d.invoice_id, amount, d.issue_date, d.due_date)
-    return replace(state, invoices={**state.invoices, d.invoice_id: invoice})
-
-
-def _invoice_cancelled(
-    state: CustomerState, d: InvoiceCancelled, _t: datetime, _p: Policy
-) -> CustomerState:
-    invoice = state.invoices.get(d.invoice_id)
-    if invoice is None or invoice.cancelled:
-        return state
-    return replace(
-        state, invoices={**state.invoices, d.invoice_id: replace(invoice, cancelled=True)}
-    )
-
-
-def _credit_note(
-    state: CustomerState, d: CreditNoteIssued, _t: datetime, p: Policy
-) -> CustomerState:
-    key = f"credit_note:{d.credit_note_id}"
-    if key in state.credits:
-        return state
-    amount = _to_credit_currency(d.amount, d.currency, state, p, "amount")
-    allocations = ((d.invoice_id, amount),) if d.invoice_id else ()
-    credit = Credit(key, "credit_note", amount, d.issue_date, allocations)
-    return replace(state, credits={**state.credits, key: credit})
-
-
-def _payment(state: CustomerState, d: PaymentReceived, _t: datetime, p: Policy) -> CustomerState:
-    key = f"payment:{d.payment_id}"
-    if key in state.credits:
-        return state
-    amount = _to_credit_currency(d.amount, d.currency, state, p, "amount")
-    allocations = tuple(
-        (a.invoice_id, _to_credit_currency(a.amount, d.currency, state, p, "allocations.amount"))
-        for a in (d.allocations or ())
-    )
-    credit = Credit(key, "payment", amount, d.received_date, allocations)
-    return replace(state, credits={**state.credits, key: credit})
-
-
-def _payment_reversed(
-    state: CustomerState, d: PaymentReversed, _t: datetime, _p: Policy
-) -> CustomerState:
-    key = f"payment:{d.payment_id}"
-    credit = state.credits.get(key)
-    if credit is None or credit.reversed:
-        return state
-    return replace(state, credits={**state.credits, key: replace(credit, reversed=True)})
-
-
-def _overdue(state: CustomerState, d: InvoiceOverdue, _t: datetime, _p: Policy) -> CustomerState:
-    known = state.dunning.get(d.invoice_id)
-    if known is not None and known.as_of > d.as_of:
-        return state  # an older dunning run arriving late does not override a newer one
-    dunning = Dunning(d.as_of, d.days_overdue, d.due_date)
-    return replace(state, dunning={**state.dunning, d.invoice_id: dunning})
-
-
-def _override_set(state: CustomerState, d: OverrideSet, t: datetime, p: Policy) -> CustomerState:
     if d.grade not in {grade.name for grade in p.grades}:
         # The API only takes the policy's grades; a replay under a policy without this grade
         # keeps the scorecard's grade rather than failing.
@@ -764,7 +955,11 @@ def _override_set(state: CustomerState, d: OverrideSet, t: datetime, p: Policy) 
 
 
 def _override_ended(
-    state: CustomerState, d: OverrideExpired | OverrideRemoved, _t: datetime, _p: Policy
+    state: CustomerState,
+    d: OverrideExpired | OverrideRemoved,
+    _t: datetime,
+    _p: Policy,
+    _r: lg.Recall,
 ) -> CustomerState:
     if state.override is None or state.override.override_id != d.override_id:
         return state  # a stale expiry of an override replaced since
@@ -772,23 +967,18 @@ def _override_ended(
 
 
 def _recompute(
-    state: CustomerState, _d: RecomputeRequested, _t: datetime, _p: Policy
+    state: CustomerState, _d: RecomputeRequested, _t: datetime, _p: Policy, _r: lg.Recall
 ) -> CustomerState:
     return state
 
 
-_Handler = Callable[[CustomerState, Any, datetime, Policy], CustomerState]
+_Handler = Callable[[CustomerState, Any, datetime, Policy, lg.Recall], CustomerState]
 _HANDLERS: dict[str, _Handler] = {
     "customer.registered": _customer,
     "customer.updated": _customer,
     "financial_statement.published": _statement,
     "credit_report.received": _report,
-    "invoice.issued": _invoice_issued,
-    "invoice.cancelled": _invoice_cancelled,
-    "credit_note.issued": _credit_note,
-    "payment.received": _payment,
-    "payment.reversed": _payment_reversed,
-    "invoice.overdue": _overdue,
+    **{t: _receivables(t) for t in lg.EVENT_TYPES},
     OverrideSet.TYPE: _override_set,
     OverrideExpired.TYPE: _override_ended,
     OverrideRemoved.TYPE: _override_ended,
@@ -797,17 +987,9 @@ _HANDLERS: dict[str, _Handler] = {
 HANDLED_TYPES: Final = frozenset(_HANDLERS)
 
 
-def apply(
-    state: CustomerState, event_type: str, data: Any, time: datetime, policy: Policy
-) -> CustomerState:
-    """Fold one event into the customer's state. Raises ``DeadLetter`` when it cannot apply
-    (an amount in a currency the policy has no rate for)."""
-    handler = _HANDLERS.get(event_type)
-    if handler is None:
-        return state
-    new = handler(state, data, time, policy)
-    last = time if new.last_time is None or time > new.last_time else new.last_time
-    return replace(new, last_time=last)
+def recall_wanted(state: CustomerState, event_type: str, data: Any) -> set[str]:
+    """The ledger archive keys an event may need (shared.ledger.wanted_by)."""
+    return lg.wanted_by(state.ledger, event_type, data)
 
 
 # ---- when to (re)assess ---------------------------------------------------------------------
@@ -839,60 +1021,75 @@ RESCORE: Final = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Step:
-    """What one event did: the new state and the assessment it published, if any."""
-
-    state: CustomerState
-    assessment: AssessmentCompleted | None = None
-
-
-def process(
-    state: CustomerState,
-    event_type: str,
-    data: Any,
-    trigger: Trigger,
-    time: datetime,
-    policy: Policy,
-) -> Step:
-    """Fold one event and, when it calls for it, assess and record the assessment.
+def decide_assessment(
+    prev: CustomerState, nxt: CustomerState, event_type: str, trigger: Trigger, policy: Policy
+) -> AssessmentCompleted | None:
+    """The assessment an applied event calls for, or None (pure: ``prev`` and ``nxt`` are
+    the states before and after it; the caller ``remember``s what it publishes).
 
     The assessment is made at the latest business time seen for the customer, so a late
     event never yields an assessment older than the one before it.
     """
-    new = apply(state, event_type, data, time, policy)
-    at = new.last_time or time
+    at = nxt.last_time
+    if at is None or event_type not in HANDLED_TYPES:
+        return None
     if event_type in ALWAYS:
         if (
             event_type in (OverrideExpired.TYPE, OverrideRemoved.TYPE)
-            and new.override == state.override
+            and nxt.override == prev.override
         ):
-            return Step(new)
-        body = assess(new, policy, trigger, at)
-        return Step(record(new, body), body)
+            return None
+        return assess(nxt, policy, trigger, at)
     if event_type not in RESCORE:
-        return Step(new)
-    last = new.last
+        return None
+    last = nxt.last
     if last is None:
         if event_type != "customer.updated":
-            return Step(new)  # payments alone do not rate a customer nobody registered
-        body = assess(new, policy, trigger, at)
-        return Step(record(new, body), body)
-    body = assess(new, policy, trigger, at, review_from=last.next_review_date)
-    if body.score == last.score and body.grade == last.grade:
-        return Step(new)
-    return Step(record(new, body), body)
+            return None  # payments alone do not rate a customer nobody registered
+        return assess(nxt, policy, trigger, at)
+    card = scorecard(nxt, policy, at)
+    if card.total == last.score and card.grade == last.grade:
+        return None
+    return assess(nxt, policy, trigger, at, review_from=last.next_review_date, card=card)
+
+
+class Refold(lg.Refold[CustomerState]):
+    """A customer's events folded in memory, its ledger archive kept in a dict (replays of
+    one customer, answers about the past, tests): what the service does with a database.
+    Events that cannot apply are skipped, as the service dead-lettered them (``rejected``)."""
+
+    def __init__(self, state: CustomerState, policy: Policy) -> None:
+        super().__init__(state)
+        self.policy = policy
+
+    def evolve(self, event: Event) -> CustomerState:
+        """Fold one event's facts."""
+        return self.apply(
+            lambda state, recall: evolve(state, replace(event, recall=recall), self.policy),
+            DeadLetter,
+        )
+
+    def step(self, event: Event, trigger: Trigger) -> AssessmentCompleted | None:
+        """Fold one event and, when it calls for it, assess and remember the assessment."""
+        prev, skipped = self.state, len(self.rejected)
+        nxt = self.evolve(event)
+        if len(self.rejected) > skipped:
+            return None
+        body = decide_assessment(prev, nxt, event.type, trigger, self.policy)
+        if body is not None:
+            self.state = remember(nxt, body)
+        return body
 
 
 def replay(
     events: Iterable[tuple[str, Any, Trigger, datetime]], customer_id: str, policy: Policy
 ) -> tuple[CustomerState, list[AssessmentCompleted]]:
-    """Fold a customer's events from scratch: the state and every assessment published."""
-    state = new_customer(customer_id, policy)
+    """Fold a customer's events from scratch: the state and every assessment published
+    (events that cannot apply are skipped, as the service dead-letters them)."""
+    folding = Refold(new_customer(customer_id, policy), policy)
     published: list[AssessmentCompleted] = []
     for event_type, data, trigger, time in events:
-        step = process(state, event_type, data, trigger, time, policy)
-        state = step.state
-        if step.assessment is not None:
-            published.append(step.assessment)
-    return state, published
+        body = folding.step(Event(event_type, data, time), trigger)
+        if body is not None:
+            published.append(body)
+    return folding.state, published

@@ -1,14 +1,17 @@
 """Assessment handlers: a batch of events → per-customer folds → rows, history and
 ``assessment.completed`` events.
 
-States of the customers a batch touches are loaded (and locked) once, folded in memory with
-the pure domain, and written back once, so a batch costs a handful of statements whatever
-its size.
+The customers a batch touches are loaded (and locked) once through the repository, folded
+in memory with the pure domain, and written back once, so a batch costs a handful of
+statements whatever its size. The archived ledger items the batch's events name are read
+in one statement before the fold (and any other the ledger asks for on the way). The domain
+decides the assessments; this module writes them down.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -20,12 +23,24 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from services.assessment import domain, store
 from services.assessment import events as ev
 from shared.events import DeadLetter, Envelope, new_event
+from shared.ledger import Archived
 from shared.policy import Policy
 from shared.projection import as_json
-from shared.runtime import Incoming, Tx
+from shared.runtime import Incoming
 from shared.settings import Settings
+from shared.unitofwork import (
+    Loaded,
+    Repository,
+    UnitOfWork,
+    fold_with_archive,
+    prefetch,
+)
 
 SOURCE = "/creditwatch/assessment"
+RECENT_STATES = 50_000
+# A batch's fold yields to the event loop after this many events: the relay and the
+# consumer's fetching share the loop and would otherwise wait for the whole batch.
+FOLD_SLICE_EVENTS = 200
 CONTRACT_TYPES = frozenset(
     {
         "customer.registered",
@@ -40,14 +55,35 @@ CONTRACT_TYPES = frozenset(
         "invoice.overdue",
     }
 )
-STATES = "assessment.states"
-PUBLISHED = "assessment.published"
 
 
-@dataclass
-class _Loaded:
-    state: domain.CustomerState
-    last_seq: int
+@dataclass(eq=False)
+class AssessmentLoaded(Loaded[domain.CustomerState]):
+    """A customer in a unit of work, with the ``assessment.completed`` data this unit of
+    work published for it last (an API command answers with it)."""
+
+    published: dict[str, Any] | None = None
+
+    def committed(self) -> AssessmentLoaded:
+        return AssessmentLoaded(self.state, self.last_seq, self.state)
+
+
+class AssessmentRepository(Repository[AssessmentLoaded]):
+    def __init__(self, policy: Policy, capacity: int = RECENT_STATES) -> None:
+        super().__init__(store.customers, capacity=capacity)
+        self.policy = policy
+
+    def new(self, customer_id: str) -> AssessmentLoaded:
+        return AssessmentLoaded(domain.new_customer(customer_id, self.policy))
+
+    async def read(
+        self, conn: AsyncConnection, rows: Mapping[str, Any]
+    ) -> dict[str, AssessmentLoaded]:
+        out: dict[str, AssessmentLoaded] = {}
+        for cid, row in rows.items():
+            state = store.load_state(row.state)
+            out[cid] = AssessmentLoaded(state, row.last_seq, state)
+        return out
 
 
 class AssessmentService:
@@ -63,6 +99,7 @@ class AssessmentService:
     def __init__(self, settings: Settings, policy: Policy) -> None:
         self.settings = settings
         self.policy = policy
+        self.repository = AssessmentRepository(policy)
 
     def input_topics(self) -> list[str]:
         s = self.settings
@@ -79,75 +116,101 @@ class AssessmentService:
         return ev.parse_any(env)
 
     # ---- the fold -------------------------------------------------------------------------
-    async def handle(self, tx: Tx, events: Sequence[Incoming]) -> None:
-        cached: dict[str, _Loaded] = tx.scratch.setdefault(STATES, {})
-        # The assessments this transaction published, by customer (the API returns them).
-        published: dict[str, dict[str, Any]] = tx.scratch.setdefault(PUBLISHED, {})
-        missing = {e.envelope.subject for e in events} - cached.keys()
-        if missing:
-            rows = await store.lock_customers(tx.conn, missing)
-            for cid in missing:
-                row = rows.get(cid)
-                if row is None:
-                    cached[cid] = _Loaded(domain.new_customer(cid, self.policy), 0)
-                else:
-                    cached[cid] = _Loaded(store.load_state(row.state), row.last_seq)
+    async def handle(self, uow: UnitOfWork, events: Sequence[Incoming]) -> None:
+        loaded = await self.repository.load(uow, {e.envelope.subject for e in events})
+        recall = await prefetch(
+            store.archive,
+            uow,
+            (
+                (
+                    e.envelope.subject,
+                    domain.recall_wanted(
+                        loaded[e.envelope.subject].state, e.envelope.type, e.event
+                    ),
+                )
+                for e in events
+            ),
+        )
         touched: dict[str, int] = {}
         history: list[dict[str, Any]] = []
-        for inc in events:
-            env = inc.envelope
-            cid = env.subject
-            loaded = cached[cid]
-            trigger = domain.Trigger(env.id, env.type, env.source)
-            try:
-                step = domain.process(
-                    loaded.state, env.type, inc.event, trigger, env.time, self.policy
-                )
-            except DeadLetter as dl:
-                tx.reject(inc, dl)
-                continue
-            loaded.state = step.state
-            touched[cid] = inc.seq
-            body = step.assessment
-            if body is None:
-                continue
-            out = new_event(
-                body.TYPE,
-                source=SOURCE,
-                subject=cid,
-                data=body,
-                id=body.assessment_id,
-                time=body.assessed_at,
-            )
-            tx.emit(self.settings.topic_assessments, out)
-            published[cid] = out.data
-            history.append(
-                {
-                    "assessment_id": body.assessment_id,
-                    "customer_id": cid,
-                    "seq": inc.seq,
-                    "assessed_at": body.assessed_at,
-                    "grade": body.grade,
-                    "score": body.score,
-                    "body": as_json(out.data),
-                }
-            )
-
-        saved = []
+        for start in range(0, len(events), FOLD_SLICE_EVENTS):
+            for inc in events[start : start + FOLD_SLICE_EVENTS]:
+                await self._apply(uow, inc, recall, touched, history)
+            await asyncio.sleep(0)
+        rows = []
         for cid, seq in touched.items():
-            loaded = cached[cid]
-            loaded.last_seq = seq
-            saved.append(store.customer_row(loaded.state, seq))
-        await store.save_customers(tx.conn, saved)
-        await store.record_assessments(tx.conn, history)
+            entry: AssessmentLoaded = uow.states[cid]
+            rows.append(store.customer_row(entry.state, seq))
+            entry.stored = entry.state
+            entry.last_seq = seq
+        await store.save_customers(uow.conn, rows)
+        await store.record_assessments(uow.conn, history)
+        await store.archive.flush(uow)
+        uow.touched.update(touched)
+
+    async def _apply(
+        self,
+        uow: UnitOfWork,
+        inc: Incoming,
+        recall: dict[str, dict[str, Archived | None]],
+        touched: dict[str, int],
+        history: list[dict[str, Any]],
+    ) -> None:
+        env = inc.envelope
+        cid = env.subject
+        entry: AssessmentLoaded = uow.states[cid]
+        prev = entry.state
+
+        def fold(items: Mapping[str, Archived | None]) -> domain.CustomerState:
+            event = domain.Event(env.type, inc.event, env.time, items)
+            return domain.evolve(prev, event, self.policy)
+
+        try:
+            nxt = await fold_with_archive(store.archive, uow, cid, recall, prev, fold)
+        except DeadLetter as dl:
+            uow.reject(inc, dl)
+            return
+        trigger = domain.Trigger(env.id, env.type, env.source)
+        body = domain.decide_assessment(prev, nxt, env.type, trigger, self.policy)
+        touched[cid] = inc.seq
+        if body is None:
+            entry.state = nxt
+            return
+        entry.state = domain.remember(nxt, body)
+        out = new_event(
+            body.TYPE,
+            source=SOURCE,
+            subject=cid,
+            data=body,
+            id=body.assessment_id,
+            time=body.assessed_at,
+        )
+        uow.emit(self.settings.topic_assessments, out)
+        entry.published = out.data
+        history.append(
+            {
+                "assessment_id": body.assessment_id,
+                "customer_id": cid,
+                "seq": inc.seq,
+                "assessed_at": body.assessed_at,
+                "grade": body.grade,
+                "score": body.score,
+                "body": as_json(out.data),
+            }
+        )
 
     # ---- time-driven events ---------------------------------------------------------------
-    async def due_events(self, conn: AsyncConnection, now: datetime) -> list[Envelope]:
-        """Overrides whose ``expires_at`` has come. A review falling due changes no state
-        (``GET /v1/reviews/due`` reads ``next_review_date``), so it records nothing."""
+    async def due_events(self, uow: UnitOfWork) -> list[Envelope]:
+        """Overrides whose ``expires_at`` has come, judged on the customers' states under
+        their locks. A review falling due changes no state (``GET /v1/reviews/due`` reads
+        ``next_review_date``), so it records nothing."""
+        ids = await store.overrides_expiring(uow.conn, uow.now)
+        if not ids:
+            return []
+        loaded = await self.repository.load(uow, ids)
         out: list[Envelope] = []
-        for row in await store.overrides_expiring(conn, now):
-            out += due_for(store.load_state(row.state), now)
+        for _cid, entry in sorted(loaded.items()):
+            out += due_for(entry.state, uow.now)
         return out
 
 
@@ -175,4 +238,11 @@ def due_for(state: domain.CustomerState, now: datetime) -> list[Envelope]:
     ]
 
 
-__all__ = ["SOURCE", "AssessmentService", "due_for", "internal_event"]
+__all__ = [
+    "SOURCE",
+    "AssessmentLoaded",
+    "AssessmentRepository",
+    "AssessmentService",
+    "due_for",
+    "internal_event",
+]

@@ -1,13 +1,16 @@
 """Assessment projections: one row per customer (its state and the latest grade, score and
-review date the API and the scheduler read) and the history of published assessments."""
+review date the API and the scheduler read), the history of published assessments, and the
+ledger items that left the customers' states (settled invoices, applied payments)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from dataclasses import replace
 from datetime import date, datetime
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import (
     Column,
     Date,
@@ -25,7 +28,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from services.assessment.domain import CustomerState
 from shared.db import BigId, UtcDateTime
 from shared.eventstore import core_tables
-from shared.projection import StateCodec, lock_rows, upsert
+from shared.projection import StateCodec, upsert
+from shared.unitofwork import LayoutError, LedgerArchive, archive_table
 
 metadata = MetaData()
 core = core_tables(metadata, "assessment")
@@ -67,16 +71,32 @@ assessments = Table(
 )
 Index("ix_assessment_assessments_customer", assessments.c.customer_id, assessments.c.seq)
 
-PROJECTIONS: Sequence[Table] = (customers, assessments)
+# Ledger items that left a customer's hot state (settled invoices, applied payments).
+ledger_archive = archive_table(metadata, "assessment")
+archive = LedgerArchive(ledger_archive)
+
+PROJECTIONS: Sequence[Table] = (customers, assessments, ledger_archive)
 
 _STATE = StateCodec(CustomerState)
-dump_state = _STATE.dump
-load_state = _STATE.load
 
 
-async def lock_customers(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, Any]:
-    """Load (and on PostgreSQL lock, in id order) the rows of these customers."""
-    return await lock_rows(conn, customers, "customer_id", ids)
+def dump_state(state: CustomerState) -> str:
+    """The customer's state document (see ``customers.state``)."""
+    return _STATE.dump(replace(state, step=None) if state.step is not None else state)
+
+
+def load_state(document: str) -> CustomerState:
+    """A customer's state from its document; ``LayoutError`` for a document of another
+    layout (before assessment_0003 the whole history: invoices, credits, dunning)."""
+    try:
+        return _STATE.load(document)
+    except ValidationError as exc:
+        raise LayoutError(
+            "assessment: a customer's state document does not have this version's layout "
+            "(documents written before assessment_0003 hold the whole history); rebuild the "
+            f"projections: creditwatch db upgrade ({exc.error_count()} differences, first: "
+            f"{exc.errors()[0]['loc']})"
+        ) from exc
 
 
 def customer_row(state: CustomerState, last_seq: int) -> dict[str, Any]:
@@ -168,15 +188,16 @@ async def reviews_due(
     return list(await conn.execute(stmt))
 
 
-async def overrides_expiring(conn: AsyncConnection, now: datetime, limit: int = 1000) -> list[Any]:
+async def overrides_expiring(conn: AsyncConnection, now: datetime, limit: int = 1000) -> list[str]:
+    """The customers whose override's expiry has come (no lock: the caller locks them)."""
     c = customers
     stmt = (
-        select(c.c.customer_id, c.c.state)
+        select(c.c.customer_id)
         .where(c.c.override_expires_at.is_not(None), c.c.override_expires_at <= now)
         .order_by(c.c.override_expires_at, c.c.customer_id)
         .limit(limit)
     )
-    return list(await conn.execute(stmt))
+    return [row.customer_id for row in await conn.execute(stmt)]
 
 
 async def customers_by_grade(conn: AsyncConnection) -> dict[str | None, int]:

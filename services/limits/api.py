@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -26,8 +27,8 @@ from sqlalchemy import ColumnElement, Numeric, and_, case, func, literal, null, 
 
 from services.limits import domain, store
 from services.limits import events as ev
-from services.limits.checks import CheckOrder, CoreChecks, Verdict, for_dialect
-from services.limits.handlers import SOURCE, LimitsService, Loaded, exposure_body, money
+from services.limits.checks import CheckOrder, CreditChecks, Verdict, for_dialect, lock_customer
+from services.limits.handlers import SOURCE, LimitsLoaded, LimitsService, exposure_body, money
 from shared import eventstore as es
 from shared import metrics
 from shared.auth import Principal, require
@@ -47,6 +48,7 @@ from shared.money import (
 from shared.pagination import MAX_PAGE, decode_cursor, encode_cursor, integer, text
 from shared.problems import Conflict, Forbidden, NotFound, ValidationFailed
 from shared.runtime import EventCore
+from shared.unitofwork import UnitOfWork
 
 log = logging.getLogger("creditwatch.limits")
 
@@ -173,7 +175,7 @@ def answered(verdict: Verdict, order: CheckOrder, started: float) -> None:
 
 
 def build_router(
-    service: LimitsService, core: EventCore, checks: CoreChecks | None = None
+    service: LimitsService, core: EventCore, checks: CreditChecks | None = None
 ) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["limits"])
     engine = core.engine
@@ -192,11 +194,11 @@ def build_router(
 
     if checks is None:
         checks = for_dialect(engine.dialect.name, service, core)
-    _locked = checks.lock
+    _locked = functools.partial(lock_customer, service)
 
-    async def _locked_known(conn: Any, cid: str) -> dict[str, Loaded]:
+    async def _locked_known(uow: UnitOfWork, cid: str) -> dict[str, LimitsLoaded]:
         """Lock a customer the service knows (404 otherwise), in one read."""
-        loaded, _ = await _locked(conn, cid)
+        loaded, _ = await _locked(uow, cid)
         # Nothing stored (a state made up for the unknown), or only checks and alerts.
         if loaded[cid].last_seq == 0 or not domain.known(loaded[cid].state):
             raise NotFound(
@@ -236,12 +238,12 @@ def build_router(
     async def release(
         order_id: PathText, principal: Principal = Depends(require("credit:check"))
     ) -> Response:
-        now = clock()
-        async with engine.begin() as conn:
-            prior = await store.latest_check(conn, order_id)
+        async with core.transaction() as uow:
+            now = uow.now
+            prior = await store.latest_check(uow.conn, order_id)
             if prior is None:
                 raise NotFound(f"no reservation for order {order_id!r}", field="order_id")
-            loaded, _ = await _locked(conn, prior.customer_id)
+            loaded, _ = await _locked(uow, prior.customer_id)
             state = loaded[prior.customer_id].state
             res = state.reservations.get(order_id)
             if res is None or domain.reserved_for(state, order_id, now) <= 0:
@@ -259,7 +261,7 @@ def build_router(
                 id=f"release-{res.check_id}",
                 time=now,
             )
-            await core.submit(conn, [env], scratch={"limits.states": loaded})
+            await core.record(uow, [env])
         return Response(status_code=204)
 
     @router.get("/credit-checks/{check_id}", summary="A stored credit decision")
@@ -330,23 +332,23 @@ def build_router(
     async def _fold_until(
         conn: Any, cid: str, as_of: datetime, none_yet_is_empty: bool = False
     ) -> domain.CustomerState:
-        """The customer's state as of business time ``as_of``; with no event up to then, a
-        404 or (``none_yet_is_empty``) a state with nothing in it."""
-        state = domain.new_customer(cid, policy)
+        """The customer's state as of business time ``as_of``, folded from its stored events
+        (its settled history too: an answer about the past may cost what the past holds);
+        with no event up to then, a 404 or (``none_yet_is_empty``) a state with nothing."""
+        folding = domain.Refold(domain.new_customer(cid, policy), policy)
         seen = False
         async for page in es.read_events(conn, store.core, subject=cid, until=as_of):
             for stored in page:
                 seen = True
                 model = ev.parse_any(stored.envelope)
-                if model is None:
-                    continue
-                e = stored.envelope
-                state = domain.apply(state, e.type, model, e.time, policy)
+                if model is not None:
+                    e = stored.envelope
+                    folding.evolve(domain.Event(e.type, model, e.time))
         if not seen and not none_yet_is_empty:
             raise NotFound(
                 f"customer {cid!r} has no events up to {_iso(as_of)}", field="customer_id"
             )
-        return state
+        return folding.state
 
     @router.get("/customers/{customer_id}/limit", summary="The customer's credit limit")
     async def limit(
@@ -404,9 +406,9 @@ def build_router(
         principal: Principal = Depends(require("credit:write")),
     ) -> dict[str, Any]:
         body = await json_body(request, LimitRequestBody)
-        now = clock()
-        async with engine.begin() as conn:
-            loaded = await _locked_known(conn, customer_id)
+        async with core.transaction() as uow:
+            now = uow.now
+            loaded = await _locked_known(uow, customer_id)
             state = loaded[customer_id].state
             try:
                 amount = parse_amount(
@@ -444,8 +446,10 @@ def build_router(
                 id=f"request-{request_id}",
                 time=now,
             )
-            await core.submit(conn, [env], scratch={"limits.states": loaded})
-            status = loaded[customer_id].state.requests[request_id].status
+            await core.record(uow, [env])
+            # A decrease is granted at once; an increase waits for an approver.
+            pending = request_id in loaded[customer_id].state.requests
+            status = "pending" if pending else "approved"
         return {
             "request_id": request_id,
             "status": status,
@@ -460,10 +464,10 @@ def build_router(
         request_id: str, request: Request, principal: Principal, approve: bool
     ) -> dict[str, Any]:
         note = (await json_body(request, DecisionNote)).note if await request.body() else None
-        now = clock()
-        async with engine.begin() as conn:
+        async with core.transaction() as uow:
+            now = uow.now
             row = (
-                await conn.execute(
+                await uow.conn.execute(
                     select(store.requests).where(store.requests.c.request_id == request_id)
                 )
             ).first()
@@ -471,11 +475,11 @@ def build_router(
                 raise NotFound(f"no limit request {request_id!r}", field="request_id")
             if row.requested_by == principal.name:
                 raise Forbidden("the requester may not decide its own request", field="request_id")
-            loaded, _ = await _locked(conn, row.customer_id)
-            req = loaded[row.customer_id].state.requests[request_id]
-            if req.status != "pending":
+            loaded, _ = await _locked(uow, row.customer_id)
+            req = loaded[row.customer_id].state.requests.get(request_id)
+            if req is None:
                 raise Conflict(
-                    f"limit request {request_id!r} is already {req.status}", field="request_id"
+                    f"limit request {request_id!r} is already {row.status}", field="request_id"
                 )
             if approve and req.expires_at is not None and req.expires_at <= now:
                 # Approved now it would end before it began, replacing the limit in force.
@@ -501,17 +505,16 @@ def build_router(
                 id=f"decision-{request_id}",
                 time=now,
             )
-            await core.submit(conn, [env], scratch={"limits.states": loaded})
+            await core.record(uow, [env])
             state = loaded[row.customer_id].state
-        decided = state.requests[request_id]
         return {
             "request_id": request_id,
-            "status": decided.status,
+            "status": "approved" if approve else "rejected",
             "customer_id": row.customer_id,
             "decided_by": principal.name,
             "note": note,
-            "requested_by": decided.requested_by,
-            "requested_limit": money(decided.requested_limit, state.currency),
+            "requested_by": req.requested_by,
+            "requested_limit": money(req.requested_limit, state.currency),
             "currency": state.currency,
         }
 
@@ -533,9 +536,9 @@ def build_router(
 
     # ---- holds ------------------------------------------------------------------------------
     async def _hold(customer_id: str, model: ev.HoldPlaced | ev.HoldReleased) -> dict[str, Any]:
-        now = clock()
-        async with engine.begin() as conn:
-            loaded = await _locked_known(conn, customer_id)
+        async with core.transaction() as uow:
+            now = uow.now
+            loaded = await _locked_known(uow, customer_id)
             env = new_event(
                 model.TYPE,
                 source=SOURCE + "/api",
@@ -544,7 +547,7 @@ def build_router(
                 id=f"{model.TYPE}-{uuid.uuid4()}",
                 time=now,
             )
-            await core.submit(conn, [env], scratch={"limits.states": loaded})
+            await core.record(uow, [env])
             state = loaded[customer_id].state
         return {
             "customer_id": customer_id,

@@ -8,7 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.limits import store
 from services.limits.api import build_router
-from services.limits.checks import CoreChecks, for_dialect
+from services.limits.checks import CreditChecks, for_dialect
 from services.limits.fastpath import FastCreditCheck
 from services.limits.handlers import LimitsService
 from shared import metrics
@@ -32,7 +32,7 @@ def build(
     clock: Clock = utcnow,
 ) -> tuple[FastAPI, ServiceHost]:
     service = LimitsService(settings, policy or load_policy(settings.policy))
-    made: list[CoreChecks] = []
+    made: list[CreditChecks] = []
 
     def router(core: EventCore) -> APIRouter:
         made.append(for_dialect(core.engine.dialect.name, service, core))

@@ -1,9 +1,10 @@
 """The database side of a credit check: read what the decision needs, decide (the domain's
 rule), record the decision, reservation and exposure, with the customer's row locked.
 
-Two ways to do it, same effects:
-- ``CoreChecks`` (any database): SQLAlchemy statements and the event core's ``submit``,
-  one transaction per check, the customer locked first;
+Two implementations of one interface (``CreditChecks``), same effects, both over the
+service's repository (its cache of committed states):
+- ``CoreChecks`` (any database): one unit of work per check, the customer (and its group
+  parent) locked and loaded through the repository first;
 - ``PostgresChecks``: the checks that arrive while a batch is in flight wait and then go
   together, in arrival order, through two round trips — one statement reads every customer
   (and group parent), the orders' latest checks, the groups' figures and the event numbers;
@@ -26,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import orjson
@@ -35,20 +36,23 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.limits import domain, store
 from services.limits import events as ev
-from services.limits.handlers import SOURCE, LimitsService, Loaded, money
+from services.limits.handlers import SOURCE, LimitsLoaded, LimitsService, money
 from shared import eventstore as es
 from shared import metrics
 from shared.events import Envelope, trusted_event
 from shared.problems import Conflict
-from shared.projection import CommittedStates, kept_unless_marked
-from shared.runtime import EventCore, Incoming, Tx
+from shared.projection import kept_unless_marked
+from shared.runtime import EventCore, Incoming
 from shared.transient import is_transient
+from shared.unitofwork import UnitOfWork
+
+Loaded = LimitsLoaded
 
 log = logging.getLogger("creditwatch.limits")
 
 # The most checks one transaction takes; more wait for the next one.
 MAX_BATCH = 64
-# Customer states kept between checks, by customer (least recently used out).
+# Customers a batch may skip reading, kept (least recently used out).
 CACHED_STATES = 20_000
 # Orders whose latest check this process decided, kept for a retry (least recently used out;
 # about 1 kB each). A retry of one no longer kept is still answered right: the write finds
@@ -258,44 +262,51 @@ def evaluate(
     )
 
 
+async def lock_customer(
+    service: LimitsService, uow: UnitOfWork, cid: str
+) -> tuple[dict[str, Loaded], str | None]:
+    """Lock the customer and its group's parent, in id order; load their states."""
+    first = (
+        await uow.conn.execute(
+            select(store.customers.c.parent_id).where(store.customers.c.customer_id == cid)
+        )
+    ).first()
+    parent = first.parent_id if first is not None else None
+    repository = service.repository
+    loaded = await repository.load(uow, [cid, parent] if parent else [cid])
+    if loaded[cid].state.parent_id != parent:
+        # Re-parented between the two reads: lock the new parent as well.
+        parent = loaded[cid].state.parent_id
+        if parent:
+            loaded.update(await repository.load(uow, [parent]))
+    return loaded, parent
+
+
+class CreditChecks(Protocol):
+    """What the API asks of a credit-check engine."""
+
+    async def check(self, order: CheckOrder) -> Verdict: ...
+
+    async def close(self) -> None: ...
+
+
 class CoreChecks:
-    """Portable: a handful of SQLAlchemy statements and the event core, a check at a time."""
+    """Portable: one unit of work per check, through the repository."""
 
     def __init__(self, service: LimitsService, core: EventCore) -> None:
         self.service = service
         self.core = core
 
-    async def lock(self, conn: AsyncConnection, cid: str) -> tuple[dict[str, Loaded], Any]:
-        """Lock the customer and its group's parent, in id order; load their states."""
-        first = (
-            await conn.execute(
-                select(store.customers.c.parent_id).where(store.customers.c.customer_id == cid)
-            )
-        ).first()
-        parent = first.parent_id if first is not None else None
-        rows = await store.lock_customers(conn, [cid, parent] if parent else [cid])
-        row = rows.get(cid)
-        if row is not None and row.parent_id != parent:
-            # Re-parented between the two reads: lock the new parent as well.
-            parent = row.parent_id
-            if parent:
-                rows.update(await store.lock_customers(conn, [parent]))
-        states = await store.load_states(conn, rows)
-        loaded = {
-            key: Loaded.committed(states[key], r.published, r.last_seq) for key, r in rows.items()
-        }
-        if cid not in loaded:
-            loaded[cid] = Loaded(domain.new_customer(cid, self.service.policy), None, 0)
-        return loaded, parent
+    async def lock(self, uow: UnitOfWork, cid: str) -> tuple[dict[str, Loaded], str | None]:
+        return await lock_customer(self.service, uow, cid)
 
     async def close(self) -> None:
         """Release what the checks hold beyond the engine's pool (nothing, here)."""
 
     async def check(self, order: CheckOrder) -> Verdict:
-        now = self.core.clock()
-        async with self.core.engine.begin() as conn:
-            loaded, parent = await self.lock(conn, order.customer_id)
-            row = await store.latest_check(conn, order.order_id)
+        async with self.core.transaction() as uow:
+            loaded, parent = await self.lock(uow, order.customer_id)
+            row = await store.latest_check(uow.conn, order.order_id)
             prior = (
                 None
                 if row is None
@@ -310,14 +321,17 @@ class CoreChecks:
                 )
             )
             others, members = await store.group_exposure(
-                conn, parent or order.customer_id, order.customer_id
+                uow.conn, parent or order.customer_id, order.customer_id
             )
             result = evaluate(
-                self.service, order, CheckContext(loaded, parent, prior, others, members), now
+                self.service,
+                order,
+                CheckContext(loaded, parent, prior, others, members),
+                uow.now,
             )
             if isinstance(result, Verdict):
                 return result
-            await self.core.submit(conn, [result.envelope], scratch={"limits.states": loaded})
+            await self.core.record(uow, [result.envelope])
         return result.verdict
 
 
@@ -596,7 +610,7 @@ class _Read:
 class _Decided:
     results: dict[int, Verdict | Exception]
     loaded: dict[str, Loaded]
-    tx: Tx
+    tx: UnitOfWork
     params: tuple[str, ...] | None  # WRITE_SQL's; None: nothing to write
     exposure: dict[str, Decimal]  # each customer row's exposure after the batch
     priors: dict[str, Prior]  # each order's latest check after the batch
@@ -629,7 +643,8 @@ class PostgresChecks(CoreChecks):
         # One batch at a time (measured best: with more in flight, each one's round
         # trips wait for the others' CPU on the event loop).
         self._worker: asyncio.Task[None] | None = None
-        self._states: CommittedStates[Loaded] = CommittedStates(CACHED_STATES)
+        # The states: the service's repository's cache of committed states.
+        self._states = service.repository.cache
         # The batches' own connection, kept between them: one batch at a time needs one, and
         # taking it from the pool and giving it back cost as much as a round trip each time.
         # Dropped after any failure (the next batch connects afresh) and on close.
@@ -782,8 +797,7 @@ class PostgresChecks(CoreChecks):
         read = await self._held_read(raw, ids, orders, hits, len(batch))
         held = read is not None
         if read is not None:
-            with domain.remembering():
-                decided = self._decide(sa_conn, batch, now, read, hits)
+            decided = self._decide(sa_conn, batch, now, read, hits)
             if decided.params is None:
                 # Nothing to write (retries answered with their stored decision, a
                 # conflict), so nothing would check what the answers rest on: read.
@@ -792,8 +806,7 @@ class PostgresChecks(CoreChecks):
                 metrics.CREDIT_CHECK_READ_SKIPPED.inc()
         if read is None:
             read = _Read.of(await raw.fetch(READ_SQL, ids, *known, orders, len(batch)), ids, orders)
-            with domain.remembering():
-                decided = self._decide(sa_conn, batch, now, read, hits)
+            decided = self._decide(sa_conn, batch, now, read, hits)
         stale = decided.params is not None and not await raw.fetchval(
             GUARDED_WRITE_SQL, *decided.params, *read.expected
         )
@@ -802,8 +815,7 @@ class PostgresChecks(CoreChecks):
             now = core.clock()
             async with raw.transaction():
                 read = await self._read_locked(raw, ids, orders, known, len(batch))
-                with domain.remembering():
-                    decided = self._decide(sa_conn, batch, now, read, hits)
+                decided = self._decide(sa_conn, batch, now, read, hits)
                 if decided.params is not None:
                     await raw.execute(WRITE_SQL, *decided.params)
         self._remember(decided.loaded)
@@ -943,15 +955,15 @@ class PostgresChecks(CoreChecks):
         loaded: dict[str, Loaded] = {}
         for cid, stored in rows.items():
             if stored.state is None:  # the one we hold, at this version
-                hit = hits[cid]
-                loaded[cid] = Loaded.committed(hit.state, hit.published, hit.last_seq)
+                loaded[cid] = hits[cid].committed()
             else:
                 state = store.load_state(stored.state, stored.as_of, read.held.get(cid, ()))
-                loaded[cid] = Loaded.committed(state, stored.published, stored.last_seq)
+                loaded[cid] = Loaded(state, stored.last_seq, state, stored.published)
         exposure = {cid: stored.exposure for cid, stored in rows.items()}
         results: dict[int, Verdict | Exception] = {}
         out = _Batch()
-        tx = Tx(sa_conn, now)  # the fold only computes; it does not touch the connection
+        # The fold only computes; it does not touch the connection.
+        tx = UnitOfWork(sa_conn, now, states=loaded)
         for i, pending in enumerate(batch):
             order = pending.order
             cid = order.customer_id
@@ -959,7 +971,7 @@ class PostgresChecks(CoreChecks):
             parent = row.parent_id if row is not None else None
             root = parent or cid
             if cid not in loaded:
-                loaded[cid] = Loaded(domain.new_customer(cid, service.policy), None, 0)
+                loaded[cid] = service.repository.new(cid)
             counted = cid in exposure  # has a row, so it is in its group's figures
             mine = exposure.get(cid, Decimal(0))  # in the customer's currency, as its row
             ccy = loaded[cid].state.currency
@@ -1017,18 +1029,20 @@ class PostgresChecks(CoreChecks):
 
     def _remember(self, loaded: dict[str, Loaded]) -> None:
         """Keep the states just committed (the unknown customers' made-up ones aside)."""
-        self._states.remember((cid, item) for cid, item in loaded.items() if item.last_seq)
+        self._states.remember(
+            (cid, item.committed()) for cid, item in loaded.items() if item.last_seq
+        )
 
     def _fold(
         self,
-        tx: Tx,
+        tx: UnitOfWork,
         loaded: dict[str, Loaded],
         seq: int,
         decided: Decided,
         out: _Batch,
         now: datetime,
     ) -> None:
-        writes = self.service.fold(tx, loaded, [Incoming(seq, decided.envelope, decided.event)])
+        writes = self.service.fold(tx, [Incoming(seq, decided.envelope, decided.event)])
         if (
             tx.rejected
             or writes.history
@@ -1054,5 +1068,5 @@ class PostgresChecks(CoreChecks):
         out.customers[cid] = customer
 
 
-def for_dialect(name: str, service: LimitsService, core: EventCore) -> CoreChecks:
+def for_dialect(name: str, service: LimitsService, core: EventCore) -> CreditChecks:
     return PostgresChecks(service, core) if name == "postgresql" else CoreChecks(service, core)

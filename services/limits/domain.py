@@ -1,26 +1,37 @@
 """Limits domain: a customer's exposure, limit and credit decisions as pure functions.
 
-``apply(state, event, policy)`` folds one event into a ``CustomerState``; ``figures`` derives
-exposure, ageing and reservations from the facts; ``decide_credit_check`` judges an order.
-No I/O and no clock: time always comes in as an argument.
+``evolve(state, event, policy)`` folds one event into a ``CustomerState``; ``figures``
+derives exposure, ageing and reservations from it; ``decide_outputs`` says which output
+events an event calls for (``limit.changed``, the request's and check's records) and
+``decide_exposure`` whether the figures moved enough to publish ``exposure.updated``;
+``decide_credit_check`` judges an order. No I/O and no clock: time always comes in as an
+argument.
+
+A customer's state is what is open: the receivables ledger's open items (shared.ledger),
+the live reservations, the pending limit requests, the limit in force, the hold. Settled
+invoices and applied payments are in the ledger's archive, read back only when an event
+names them (``Event.recall``): the cost of the next event or check does not grow with the
+customer's history.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
+import orjson
+
+from shared import ledger as lg
 from shared.events import DeadLetter
-from shared.money import convert, quantize
+from shared.ledger import replace
+from shared.money import MONEY_CONTEXT, convert, is_currency, quantize
 from shared.policy import Policy
 
 ZERO = Decimal(0)
-BUCKETS = ("1-30", "31-60", "61-90", "90+")
+BUCKETS = lg.BUCKETS
 NO_FX_RATE = "no_fx_rate"
 # An invoice, payment or credit note number seen before, under another event id, with other
 # figures: a correction this service cannot tell from a mistake (the first one stands).
@@ -29,45 +40,7 @@ CONFLICTING_DUPLICATE = "conflicting_duplicate"
 LimitSource = Literal["policy", "manual", "temporary", "unrated"]
 
 
-# ---- facts ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Invoice:
-    invoice_id: str
-    amount: Decimal  # in the customer's credit currency
-    issue_date: date
-    due_date: date
-    order_id: str | None = None
-    cancelled: bool = False
-    # As invoiced, so that a later change of credit currency converts it exactly once.
-    original: tuple[Decimal, str] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Credit:
-    """Money in the customer's favour: a payment or a credit note, with its allocations."""
-
-    credit_id: str
-    kind: Literal["payment", "credit_note"]
-    amount: Decimal
-    on: date
-    allocations: tuple[tuple[str, Decimal], ...] = ()
-    reversed: bool = False
-    # Amount, allocations and currency as received (see Invoice.original).
-    original: tuple[Decimal, str] | None = None
-    original_allocations: tuple[tuple[str, Decimal], ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Dunning:
-    """The dunning system's view of one invoice (``invoice.overdue``)."""
-
-    as_of: date
-    days_overdue: int
-    amount_overdue: Decimal
-    due_date: date
-    original: tuple[Decimal, str] | None = None
+# ---- state ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,15 +64,14 @@ class ManualLimit:
 
 @dataclass(frozen=True, slots=True)
 class LimitRequest:
+    """A pending request (a decided one leaves the state: its record is a row of its own)."""
+
     request_id: str
     requested_limit: Decimal
     reason: str
     requested_by: str
     submitted_at: datetime
     expires_at: datetime | None = None
-    status: Literal["pending", "approved", "rejected"] = "pending"
-    decided_by: str | None = None
-    note: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +89,12 @@ class CustomerState:
     registered: bool = False
     payment_terms_days: int = 30
     parent_id: str | None = None
-    invoices: Mapping[str, Invoice] = field(default_factory=dict)
-    credits: Mapping[str, Credit] = field(default_factory=dict)
-    dunning: Mapping[str, Dunning] = field(default_factory=dict)
+    # Heard of from a business fact (see ``known``); it stays so.
+    heard_of: bool = False
+    ledger: lg.Ledger = field(default_factory=lambda: lg.Ledger(""))
+    # Per order with a live reservation: its invoices that left the ledger paid since (invoice
+    # id → amount). With its open invoices, what the reservation no longer holds.
+    consumed: Mapping[str, Mapping[str, Decimal]] = field(default_factory=dict)
     reservations: Mapping[str, Reservation] = field(default_factory=dict)
     requests: Mapping[str, LimitRequest] = field(default_factory=dict)
     grade: str | None = None
@@ -136,24 +111,27 @@ class CustomerState:
     open_alerts: Mapping[str, str] = field(default_factory=dict)
     as_of: date | None = None
     last_time: datetime | None = None
+    # What the last event did to the ledger (its archive moves): read by the caller after
+    # ``evolve``, never stored.
+    step: lg.Step | None = None
 
 
 def new_customer(customer_id: str, policy: Policy) -> CustomerState:
-    return CustomerState(customer_id=customer_id, currency=policy.base_currency)
+    ccy = policy.base_currency
+    return CustomerState(customer_id=customer_id, currency=ccy, ledger=lg.new_ledger(ccy))
 
 
 def known(state: CustomerState) -> bool:
     """Whether the service has heard of the customer from a business fact — registration,
-    receivables, an assessment, a limit request, a hold — rather than only from credit
+    receivables, an assessment, a limit request or a hold — rather than only from credit
     checks (order entry asking about an id, perhaps mistyped) or alerts. An unknown customer
     gets no credit (``no_credit_limit``, whatever the policy grants the unrated), is not in
     the portfolio, and its exposure is not published."""
     return (
-        state.registered
+        state.heard_of
+        or state.registered
         or state.grade is not None
-        or bool(state.invoices)
-        or bool(state.credits)
-        or bool(state.dunning)
+        or not state.ledger.empty
         or bool(state.requests)
         or state.manual is not None
         or state.temporary is not None
@@ -195,7 +173,8 @@ class Figures:
 def effective_limit(
     state: CustomerState, policy: Policy, at: datetime | None = None
 ) -> tuple[Decimal, LimitSource, datetime | None]:
-    """Manual limit while it stands; else the policy's limit for the grade (or unrated)."""
+    """The temporary limit while it lasts, else the standing manual limit, else the policy's
+    limit for the grade (or for the unrated)."""
     temporary = state.temporary
     if temporary is not None and (
         temporary.expires_at is None or at is None or temporary.expires_at > at
@@ -223,99 +202,33 @@ def _to_ccy(amount: Decimal, from_ccy: str, to_ccy: str, policy: Policy) -> Deci
     return converted if converted is not None else ZERO
 
 
-def open_items(state: CustomerState) -> dict[str, Decimal]:
-    """Open amount per active invoice after allocating credits deterministically.
-
-    Explicit allocations first (in arrival order), then the rest of every credit to the
-    oldest open invoices (due date, issue date, id). Cash allocated to an invoice that has
-    not arrived yet waits for it; it still lowers exposure (as unapplied cash) meanwhile.
-
-    The result is shared by every state with the same invoices and credits (a credit check
-    changes neither): read it, never change it.
-    """
-    items = _kept_items(state)
-    if items is not None:
-        return items
-    items = _walk_open_items(state)
-    if _remembering:
-        _LEDGER.put(state.invoices, (state.credits, items, _receivables(state)))
-    return items
-
-
 def open_receivables(state: CustomerState) -> Decimal:
-    """Invoices − credit notes − payments (cancelled and reversed ones excluded)."""
-    hit = _kept_ledger(state)
-    return hit[2] if hit is not None else _receivables(state)
+    """Open invoices less unapplied cash (negative: a credit balance)."""
+    return lg.open_receivables(state.ledger)
 
 
-def _receivables(state: CustomerState) -> Decimal:
-    invoiced = sum((i.amount for i in state.invoices.values() if not i.cancelled), ZERO)
-    credited = sum((c.amount for c in state.credits.values() if not c.reversed), ZERO)
-    return invoiced - credited
+def invoiced_on(state: CustomerState, order_id: str) -> Decimal:
+    """What the reservation of ``order_id`` no longer holds: its open invoices, and those
+    settled while it was live."""
+    settled = sum(state.consumed.get(order_id, {}).values(), ZERO)
+    return lg.invoiced_on_order(state.ledger, order_id) + settled
 
 
-def _kept_ledger(state: CustomerState) -> tuple[Any, dict[str, Decimal], Decimal] | None:
-    """(credits, open items, open receivables) kept for this state's ledger, if they are
-    (see ``remembering``)."""
-    hit: tuple[Any, dict[str, Decimal], Decimal] | None = _LEDGER.get(state.invoices)
-    return hit if hit is not None and hit[0] is state.credits else None
-
-
-def _kept_items(state: CustomerState) -> dict[str, Decimal] | None:
-    """The open items kept for this state's ledger, if they are."""
-    hit = _kept_ledger(state)
-    return hit[1] if hit is not None else None
-
-
-def _walk_open_items(state: CustomerState) -> dict[str, Decimal]:
-    open_amount = {
-        inv.invoice_id: inv.amount for inv in state.invoices.values() if not inv.cancelled
-    }
-    if not state.credits:
-        return open_amount
-    pool = ZERO
-    for credit in state.credits.values():
-        if credit.reversed:
-            continue
-        left = credit.amount
-        for invoice_id, amount in credit.allocations:
-            if invoice_id in open_amount:
-                take = min(amount, open_amount[invoice_id], left)
-                if take > 0:
-                    open_amount[invoice_id] -= take
-                    left -= take
-            elif invoice_id not in state.invoices:
-                # Cash for an invoice not here yet waits for it: it lowers the receivables
-                # (see _receivables) but pays off, and so hides the ageing of, nothing else.
-                left -= min(amount, left)
-        pool += left
-    if pool <= 0:
-        return open_amount
-    active = [inv for inv in state.invoices.values() if not inv.cancelled]
-    for inv in sorted(active, key=lambda i: (i.due_date, i.issue_date, i.invoice_id)):
-        if pool <= 0:
-            break
-        take = min(pool, open_amount[inv.invoice_id])
-        if take > 0:
-            open_amount[inv.invoice_id] -= take
-            pool -= take
-    return open_amount
+def _invoiced_by_order(state: CustomerState) -> dict[str, Decimal]:
+    out = {k: sum(v.values(), ZERO) for k, v in state.consumed.items()}
+    for inv in state.ledger.invoices.values():
+        if inv.order_id and inv.order_id in state.reservations:
+            out[inv.order_id] = out.get(inv.order_id, ZERO) + inv.amount
+    return out
 
 
 def reserved_amounts(state: CustomerState, at: datetime | None) -> dict[str, Decimal]:
     """What each live reservation still holds: its amount less what was invoiced on it."""
-    reservations = state.reservations
-    if not reservations:
+    if not state.reservations:
         return {}
-    invoiced = invoiced_on_orders(state.invoices)
-    if not invoiced:
-        return {
-            res.order_id: res.amount
-            for res in reservations.values()
-            if (at is None or res.expires_at > at) and res.amount > 0
-        }
+    invoiced = _invoiced_by_order(state)
     out: dict[str, Decimal] = {}
-    for res in reservations.values():
+    for res in state.reservations.values():
         if at is None or res.expires_at > at:
             left = res.amount - invoiced.get(res.order_id, ZERO)
             if left > 0:
@@ -324,17 +237,6 @@ def reserved_amounts(state: CustomerState, at: datetime | None) -> dict[str, Dec
 
 
 def reserved_total(state: CustomerState, at: datetime | None) -> Decimal:
-    """``sum(reserved_amounts(state, at).values())``, without walking the reservations
-    while none has lapsed by ``at`` and none is invoiced on (a credit check's case)."""
-    reservations = state.reservations
-    if not reservations:
-        return ZERO
-    held = _held(reservations)
-    invoiced = invoiced_on_orders(state.invoices)
-    if (at is None or (held.earliest is not None and held.earliest > at)) and (
-        not invoiced or reservations.keys().isdisjoint(invoiced)
-    ):
-        return held.total
     return sum(reserved_amounts(state, at).values(), ZERO)
 
 
@@ -343,228 +245,44 @@ def reserved_for(state: CustomerState, order_id: str, at: datetime | None) -> De
     res = state.reservations.get(order_id)
     if res is None or (at is not None and res.expires_at <= at):
         return ZERO
-    left = res.amount - invoiced_on_orders(state.invoices).get(order_id, ZERO)
+    left = res.amount - invoiced_on(state, order_id)
     return left if left > 0 else ZERO
 
 
 def earliest_expiry(state: CustomerState) -> datetime | None:
     """When the first of the live reservations lapses."""
-    return _held(state.reservations).earliest if state.reservations else None
+    return min((r.expires_at for r in state.reservations.values()), default=None)
 
 
-class _Derived:
-    """Values derived from the last few mappings of states. States are immutable and share
-    a mapping until an event replaces it, so what is derived from one is reused by every
-    state that has it. Entries hold their mapping, so its id is not reused meanwhile."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._items: OrderedDict[int, tuple[Mapping[str, Any], Any]] = OrderedDict()
-
-    def get(self, mapping: Mapping[str, Any]) -> Any:
-        hit = self._items.get(id(mapping))
-        return hit[1] if hit is not None and hit[0] is mapping else None
-
-    def put(self, mapping: Mapping[str, Any], value: Any) -> None:
-        self._items[id(mapping)] = (mapping, value)
-        if len(self._items) > self.size:
-            self._items.popitem(last=False)
-
-
-@dataclass(frozen=True, slots=True)
-class _Held:
-    """The reservations' summed amounts and earliest expiry."""
-
-    total: Decimal
-    earliest: datetime | None
-
-
-_INVOICED = _Derived(1024)  # invoices mapping → what is invoiced per order
-# The ledger's figures are kept only where they are read again: by credit checks, which
-# change no ledger mapping. A consumer's fold replaces the mapping with every ledger event,
-# so keeping them there only cost time (12-18 % per event, measured) and memory.
-_remembering = False
-
-
-@contextmanager
-def remembering() -> Iterator[None]:
-    """Keep the ledger figures derived meanwhile (synchronous code only: no awaits inside,
-    so that nothing else on the event loop runs with it)."""
-    global _remembering
-    before, _remembering = _remembering, True
-    try:
-        yield
-    finally:
-        _remembering = before
-
-
-# invoices mapping → (credits, open items, open receivables)
-_LEDGER = _Derived(4096)
-# invoices mapping → (credits, dunning, business date, (overdue, buckets, worst days))
-_AGED = _Derived(4096)
-# invoices mapping → (credits, dunning, as_of, next ageing date)
-_NEXT_AGEING = _Derived(4096)
-_HELD = _Derived(4096)  # reservations mapping → _Held
-_STEP = _Derived(4096)  # reservations mapping → (the mapping it was made from, order changed)
-
-
-def changed_reservation(
-    before: Mapping[str, Reservation], after: Mapping[str, Reservation]
-) -> str | None:
-    """The one order whose reservation differs, if ``after`` was made from ``before`` by one
-    event here; None: not known (compare them)."""
-    step: tuple[Mapping[str, Reservation], str] | None = _STEP.get(after)
-    return step[1] if step is not None and step[0] is before else None
-
-
-def invoiced_on_orders(invoices: Mapping[str, Invoice]) -> dict[str, Decimal]:
-    """What is invoiced (not cancelled) per order id. Do not change the result."""
-    if not invoices:
-        return {}
-    invoiced: dict[str, Decimal] | None = _INVOICED.get(invoices)
-    if invoiced is None:
-        invoiced = {}
-        for inv in invoices.values():
-            if inv.order_id and not inv.cancelled:
-                invoiced[inv.order_id] = invoiced.get(inv.order_id, ZERO) + inv.amount
-        _INVOICED.put(invoices, invoiced)
-    return invoiced
-
-
-def _held(reservations: Mapping[str, Reservation]) -> _Held:
-    held: _Held | None = _HELD.get(reservations)
-    if held is None:
-        held = _Held(
-            sum((r.amount for r in reservations.values()), ZERO),
-            min((r.expires_at for r in reservations.values()), default=None),
-        )
-        _HELD.put(reservations, held)
-    return held
-
-
-def _with_reservations(
-    state: CustomerState,
-    reservations: dict[str, Reservation],
-    added: Reservation | None,
-    removed: Reservation | None,
-) -> CustomerState:
-    """``state`` with ``reservations`` (``added`` and/or ``removed`` against the state's):
-    the summary follows from the state's own where that is known, without a walk."""
-    known: _Held | None = _HELD.get(state.reservations)
-    if known is not None and not (
-        removed is not None and known.earliest is not None and removed.expires_at <= known.earliest
-    ):
-        total, earliest = known.total, known.earliest
-        if removed is not None:
-            total -= removed.amount
-        if added is not None:
-            total += added.amount
-            earliest = added.expires_at if earliest is None else min(earliest, added.expires_at)
-        _HELD.put(reservations, _Held(total, earliest))
-    changed = added if added is not None else removed
-    if changed is not None:
-        _STEP.put(reservations, (state.reservations, changed.order_id))
-    return replace(state, reservations=reservations)
-
-
-def bucket_of(days: int) -> str | None:
-    if days <= 0:
-        return None
-    if days <= 30:
-        return "1-30"
-    if days <= 60:
-        return "31-60"
-    if days <= 90:
-        return "61-90"
-    return "90+"
-
-
-def ageing(
-    state: CustomerState, on: date | None, items: dict[str, Decimal] | None = None
-) -> tuple[Decimal, dict[str, Decimal], int]:
-    """Overdue amount, buckets and worst days overdue as of business date ``on``.
-
-    The service ages open invoices by due date (due today is not overdue); a dunning record
-    overrides an invoice's days and amount as of its own date and ages on from there.
-    """
-    if on is None:
-        return ZERO, dict.fromkeys(BUCKETS, ZERO), 0
-    items = open_items(state) if items is None else items
-    if items is _kept_items(state):
-        # Derived once per invoices, credits, dunning and date (a check changes none).
-        hit = _AGED.get(state.invoices)
-        if hit is not None and hit[0] is state.credits and hit[1] is state.dunning and hit[2] == on:
-            overdue, buckets, worst = hit[3]
-            return overdue, dict(buckets), worst
-        aged = _age(state, on, items)
-        if _remembering:
-            _AGED.put(state.invoices, (state.credits, state.dunning, on, aged))
-        return aged[0], dict(aged[1]), aged[2]
-    return _age(state, on, items)
-
-
-def _age(
-    state: CustomerState, on: date, items: dict[str, Decimal]
-) -> tuple[Decimal, dict[str, Decimal], int]:
-    buckets = dict.fromkeys(BUCKETS, ZERO)
-    worst = 0
-    invoices = state.invoices
-    dunning = state.dunning
-    for invoice_id, left in items.items():
-        dun = dunning.get(invoice_id) if dunning else None
-        if dun is not None and dun.as_of >= invoices[invoice_id].due_date:
-            days = dun.days_overdue + max((on - dun.as_of).days, 0)
-            amount = min(dun.amount_overdue, left)
-        else:
-            days = (on - invoices[invoice_id].due_date).days
-            amount = left
-        # Most open items are not due yet: nothing to add for them.
-        if days > 0 and amount > 0:
-            _add(buckets, days, amount)
-            if days > worst:
-                worst = days
-    # Dunning for invoices we never saw: counted, conservatively, as overdue.
-    for invoice_id, dun in dunning.items():
-        if invoice_id in items or invoice_id in invoices:
-            continue
-        days = dun.days_overdue + max((on - dun.as_of).days, 0)
-        _add(buckets, days, dun.amount_overdue)
-        worst = max(worst, days)
-    return sum(buckets.values(), ZERO), buckets, worst
-
-
-def _add(buckets: dict[str, Decimal], days: int, amount: Decimal) -> None:
-    name = bucket_of(days)
-    if name is not None and amount > 0:
-        buckets[name] += amount
+def ageing_day(state: CustomerState, at: datetime | None, *, today: bool = False) -> date | None:
+    """The business day figures are aged as of: ``at``'s UTC day, or the latest business day
+    the state has seen if later (unless ``today``: a credit check's "today", which an event
+    stamped in the future must not move ahead)."""
+    at = at or state.last_time
+    on = (at.astimezone(UTC) if at.utcoffset() else at).date() if at is not None else state.as_of
+    if state.as_of is not None and (on is None or (state.as_of > on and not today)):
+        on = state.as_of
+    return on
 
 
 def figures(
     state: CustomerState,
     policy: Policy,
     at: datetime | None = None,
-    items: dict[str, Decimal] | None = None,
     reserved: Decimal | None = None,
     *,
     today: bool = False,
 ) -> Figures:
-    """The exposure picture as of business time ``at`` (default: the last event's time),
-    aged as of the later of its day and the latest business day the state has seen — or,
-    with ``today``, as of ``at``'s own day (a credit check's "today": an event stamped in
-    the future must not age the ledger ahead of it); ``items``/``reserved``:
-    ``open_items(state)``/``reserved_total(state, at)`` if known."""
+    """The exposure picture as of business time ``at`` (default: the last event's time)."""
     at = at or state.last_time
-    on = (at.astimezone(UTC) if at.utcoffset() else at).date() if at is not None else state.as_of
-    if state.as_of is not None and (on is None or (state.as_of > on and not today)):
-        on = state.as_of
-    overdue, buckets, worst = ageing(state, on, items)
+    aged = lg.ageing(state.ledger, ageing_day(state, at, today=today))
     limit, source, expires = effective_limit(state, policy, at)
     return Figures(
         currency=state.currency,
         open_receivables=open_receivables(state),
-        overdue_amount=overdue,
-        overdue_buckets=buckets,
-        max_days_overdue=worst,
+        overdue_amount=aged.overdue,
+        overdue_buckets=aged.buckets,
+        max_days_overdue=aged.worst_days,
         reserved=reserved_total(state, at) if reserved is None else reserved,
         limit=limit,
         limit_source=source,
@@ -573,54 +291,32 @@ def figures(
     )
 
 
-def next_ageing_date(state: CustomerState, items: dict[str, Decimal] | None = None) -> date | None:
+def next_ageing_date(state: CustomerState) -> date | None:
     """The next business date on which the ageing figures change (None: nothing open)."""
-    items = open_items(state) if items is None else items
-    if items is _kept_items(state):
-        hit = _NEXT_AGEING.get(state.invoices)
-        if (
-            hit is not None
-            and hit[0] is state.credits
-            and hit[1] is state.dunning
-            and hit[2] == state.as_of
-        ):
-            known: date | None = hit[3]
-            return known
-        first = _next_ageing_date(state, items)
-        if _remembering:
-            _NEXT_AGEING.put(state.invoices, (state.credits, state.dunning, state.as_of, first))
-        return first
-    return _next_ageing_date(state, items)
+    return lg.next_ageing_date(state.ledger, state.as_of)
 
 
-def _next_ageing_date(state: CustomerState, items: dict[str, Decimal]) -> date | None:
-    invoices = state.invoices
-    # Each open item and dunning record changes the figures the day after its date; only
-    # the earliest of those days matters.
-    first: date | None = None
-    for invoice_id, left in items.items():
-        if left > 0:
-            due = invoices[invoice_id].due_date
-            if first is None or due < first:
-                first = due
-    for invoice_id, dun in state.dunning.items():
-        # Dunning ages only what is still open, or an invoice never seen (see _age); for an
-        # invoice paid or cancelled since, it changes nothing: no day to age it on.
-        if invoice_id in invoices and items.get(invoice_id, ZERO) <= 0:
-            continue
-        if first is None or dun.as_of < first:
-            first = dun.as_of
-    if first is None:
-        return None
-    earliest = first + timedelta(days=1)
-    base = state.as_of if state.as_of is not None else earliest
-    # While anything is overdue, days overdue move every day.
-    if earliest <= base:
-        return base + timedelta(days=1)
-    return earliest
+def next_expiry(state: CustomerState) -> datetime | None:
+    """When the scheduler next has something to record: a reservation or temporary limit
+    ending."""
+    times = [r.expires_at for r in state.reservations.values()]
+    if state.temporary is not None and state.temporary.expires_at is not None:
+        times.append(state.temporary.expires_at)
+    return min(times) if times else None
 
 
 # ---- the fold -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event as the fold sees it; ``recall``: the ledger items from the archive it names
+    (the caller looks them up; the ledger raises ``NeedRecall`` for any it lacks)."""
+
+    type: str
+    data: Any
+    time: datetime
+    recall: lg.Recall = field(default_factory=dict)
 
 
 def _convert(
@@ -638,19 +334,34 @@ def _convert(
     return converted
 
 
-def apply(
-    state: CustomerState, event_type: str, data: Any, time: datetime, policy: Policy
-) -> CustomerState:
-    """Fold one event into the customer's state. Raises ``DeadLetter`` when it cannot apply."""
-    handler = _HANDLERS.get(event_type)
+def _converter(state: CustomerState, policy: Policy) -> lg.Converter:
+    """Amounts as received into the customer's credit currency (for ledger items that come
+    back from the archive after the credit currency changed)."""
+
+    def convert(amount: Decimal, ccy: str, what: str) -> Decimal:
+        return _convert(amount, ccy, state, policy, what)
+
+    return convert
+
+
+def evolve(state: CustomerState, event: Event, policy: Policy) -> CustomerState:
+    """Fold one event into the customer's state. Raises ``DeadLetter`` when it cannot apply,
+    ``ledger.NeedRecall`` when it needs archived ledger items it was not given. The new
+    state's ``step`` is this event's ledger step if it is not the old state's one."""
+    handler = _HANDLERS.get(event.type)
     if handler is None:
         return state
+    time = event.time
     if time.utcoffset():
-        # Business days are UTC days, here as in the stored rows (UTC): an event stamped
-        # 22:00-05:00 happened the next day, in memory and after a reload alike.
+        # Business days are UTC days, here as in the stored rows (UTC).
         time = time.astimezone(UTC)
-    new: CustomerState = handler(state, data, time, policy)
-    if event_type in ALERT_TYPES:
+    try:
+        new: CustomerState = handler(state, event.data, time, policy, event.recall)
+    except lg.LedgerConflict as conflict:
+        raise DeadLetter(
+            CONFLICTING_DUPLICATE, f"data.{conflict.field_name}: {conflict}", conflict.field_name
+        ) from None
+    if event.type in ALERT_TYPES:
         return new  # our alerts service's view, not a business fact: it ages nothing
     stamp = time.date()
     if (
@@ -665,7 +376,32 @@ def apply(
     return replace(new, as_of=as_of, last_time=last)
 
 
-def _customer(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerState:
+def _with_step(state: CustomerState, step: lg.Step) -> CustomerState:
+    """The state after a ledger step. An invoice on an order with a live reservation that
+    leaves the hot ledger paid (or credited) stays consumed from the reservation; one that
+    comes back open, or is cancelled, no longer is."""
+    consumed = state.consumed
+    if step.archived or step.restored:
+        changed = {k: dict(v) for k, v in consumed.items()}
+        for item in step.archived:
+            inv = item.invoice
+            if inv is None or not inv.order_id:
+                continue
+            if item.status in ("settled", "credited") and inv.order_id in state.reservations:
+                changed.setdefault(inv.order_id, {})[inv.invoice_id] = inv.amount
+            elif item.status == "cancelled":
+                changed.get(inv.order_id, {}).pop(inv.invoice_id, None)
+        for key in step.restored:
+            if key.startswith("invoice:"):
+                for invoices in changed.values():
+                    invoices.pop(key[len("invoice:") :], None)
+        consumed = {k: v for k, v in changed.items() if v}
+    return replace(state, ledger=step.ledger, consumed=consumed, heard_of=True, step=step)
+
+
+def _customer(
+    state: CustomerState, d: Any, _t: datetime, p: Policy, _r: lg.Recall
+) -> CustomerState:
     if d.currency != state.currency:
         state = _in_currency(state, d.currency, p)
     return replace(
@@ -681,16 +417,15 @@ def _customer(state: CustomerState, d: Any, _t: datetime, p: Policy) -> Customer
 def _in_currency(state: CustomerState, ccy: str, p: Policy) -> CustomerState:
     """The state re-expressed in a new credit currency.
 
-    Facts from the ledger are converted from the amounts as received, so that an invoice
-    folded before its customer's registration (in the base currency meanwhile) ends up
-    exactly where it would have, had the registration come first. What the service decided
-    itself (reservations, manual limits) was in the old credit currency and converts from it.
-    """
+    The ledger converts its facts from the amounts as received, so that an invoice folded
+    before its customer's registration (in the base currency meanwhile) ends up exactly where
+    it would have, had the registration come first. What the service decided itself
+    (reservations, manual limits, requests) was in the old credit currency and converts
+    from it."""
     rates = p.fx_rates()
 
-    def conv(amount: Decimal, original: tuple[Decimal, str] | None, what: str) -> Decimal:
-        source, from_ccy = original if original is not None else (amount, state.currency)
-        converted = convert(source, from_ccy, ccy, rates)
+    def conv(amount: Decimal, from_ccy: str, what: str) -> Decimal:
+        converted = convert(amount, from_ccy, ccy, rates)
         if converted is None:
             raise DeadLetter(
                 NO_FX_RATE,
@@ -700,233 +435,99 @@ def _in_currency(state: CustomerState, ccy: str, p: Policy) -> CustomerState:
             )
         return converted
 
-    invoices = {
-        k: replace(i, amount=conv(i.amount, i.original, f"invoice {k}"))
-        for k, i in state.invoices.items()
-    }
-    credits = {}
-    for k, c in state.credits.items():
-        if c.original is not None:
-            alloc = tuple(
-                (inv, conv(a, (a, c.original[1]), k)) for inv, a in c.original_allocations
-            )
-        else:
-            alloc = tuple((inv, conv(a, None, k)) for inv, a in c.allocations)
-        credits[k] = replace(c, amount=conv(c.amount, c.original, k), allocations=alloc)
-    dunning = {
-        k: replace(d, amount_overdue=conv(d.amount_overdue, d.original, f"dunning {k}"))
-        for k, d in state.dunning.items()
-    }
+    old = state.currency
+    ledger = lg.reexpress(replace(state.ledger, currency=old), ccy, conv)
     reservations = {
-        k: replace(r, amount=conv(r.amount, None, f"reservation {k}"))
+        k: replace(r, amount=conv(r.amount, old, f"reservation {k}"))
         for k, r in state.reservations.items()
     }
     requests = {
-        k: replace(r, requested_limit=conv(r.requested_limit, None, f"request {k}"))
+        k: replace(r, requested_limit=conv(r.requested_limit, old, f"request {k}"))
         for k, r in state.requests.items()
+    }
+    consumed = {
+        k: {i: conv(a, old, f"order {k}") for i, a in v.items()} for k, v in state.consumed.items()
     }
     manual = state.manual
     if manual is not None:
-        manual = replace(manual, amount=conv(manual.amount, None, "the manual limit"))
+        manual = replace(manual, amount=conv(manual.amount, old, "the manual limit"))
     temporary = state.temporary
     if temporary is not None:
-        temporary = replace(temporary, amount=conv(temporary.amount, None, "the temporary limit"))
+        temporary = replace(temporary, amount=conv(temporary.amount, old, "the temporary limit"))
     return replace(
         state,
-        invoices=invoices,
-        credits=credits,
-        dunning=dunning,
+        ledger=ledger,
         reservations=reservations,
         requests=requests,
+        consumed=consumed,
         manual=manual,
         temporary=temporary,
     )
 
 
-# A cancellation (reversal) that came before its invoice (payment) is kept as a cancelled
-# (reversed) entry of amount zero, which the invoice (payment) takes the place of when it
-# arrives, cancelled (reversed): whatever their order, the two leave the same state, and
-# neither is lost. Real amounts are never zero (validated), so zero marks the stand-in.
-def _stand_in(amount: Decimal, done: bool) -> bool:
-    return done and amount == ZERO
+def _receivables(event_type: str) -> Any:
+    """A receivables event: the shared ledger folds it (``ledger.record``); dunning also
+    moves the business day the figures are aged as of."""
 
-
-def _same_or_conflict(
-    kept: tuple[Any, ...] | None, again: tuple[Any, ...], what: str, field_name: str
-) -> None:
-    """A fact's number seen again under another event id: the same fact sent twice changes
-    nothing; other figures under that number are set aside, not silently dropped."""
-    if kept is not None and kept != again:
-        raise DeadLetter(
-            CONFLICTING_DUPLICATE,
-            f"data.{field_name}: {what} was already received with other figures; the first stands",
-            field_name,
+    def fold(
+        state: CustomerState, d: Any, _t: datetime, p: Policy, recall: lg.Recall
+    ) -> CustomerState:
+        state = _with_step(
+            state, lg.record(state.ledger, recall, event_type, d, _converter(state, p))
         )
+        if event_type != "invoice.overdue":
+            return state
+        return replace(state, as_of=max(state.as_of, d.as_of) if state.as_of else d.as_of)
+
+    return fold
 
 
-def _invoice_issued(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerState:
-    known = state.invoices.get(d.invoice_id)
-    if known is not None and not _stand_in(known.amount, known.cancelled):
-        # The same invoice number twice under another event id: keep the first.
-        _same_or_conflict(
-            None
-            if known.original is None
-            else (known.original, known.issue_date, known.due_date, known.order_id),
-            ((d.amount, d.currency), d.issue_date, d.due_date, d.order_id),
-            f"invoice {d.invoice_id!r}",
-            "invoice_id",
-        )
-        return state
-    amount = _convert(d.amount, d.currency, state, p, "amount")
-    inv = Invoice(
-        d.invoice_id,
-        amount,
-        d.issue_date,
-        d.due_date,
-        d.order_id,
-        cancelled=known is not None,
-        original=(d.amount, d.currency),
-    )
-    return replace(state, invoices={**state.invoices, d.invoice_id: inv})
-
-
-def _invoice_cancelled(state: CustomerState, d: Any, t: datetime, _p: Policy) -> CustomerState:
-    inv = state.invoices.get(d.invoice_id)
-    if inv is None:
-        day = t.date()
-        inv = Invoice(d.invoice_id, ZERO, day, day, cancelled=True)  # the invoice is to come
-    elif inv.cancelled:
-        return state
-    return replace(state, invoices={**state.invoices, d.invoice_id: replace(inv, cancelled=True)})
-
-
-def _credit_note(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerState:
-    key = f"credit_note:{d.credit_note_id}"
-    known = state.credits.get(key)
-    if known is not None:
-        _same_or_conflict(
-            None
-            if known.original is None
-            else (known.original, known.on, known.original_allocations),
-            (
-                (d.amount, d.currency),
-                d.issue_date,
-                ((d.invoice_id, d.amount),) if d.invoice_id else (),
-            ),
-            f"credit note {d.credit_note_id!r}",
-            "credit_note_id",
-        )
-        return state
-    amount = _convert(d.amount, d.currency, state, p, "amount")
-    alloc = ((d.invoice_id, amount),) if d.invoice_id else ()
-    credit = Credit(
-        key,
-        "credit_note",
-        amount,
-        d.issue_date,
-        alloc,
-        original=(d.amount, d.currency),
-        original_allocations=((d.invoice_id, d.amount),) if d.invoice_id else (),
-    )
-    return replace(state, credits={**state.credits, key: credit})
-
-
-def _payment(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerState:
-    key = f"payment:{d.payment_id}"
-    known = state.credits.get(key)
-    if known is not None and not _stand_in(known.amount, known.reversed):
-        _same_or_conflict(
-            None
-            if known.original is None
-            else (known.original, known.on, known.original_allocations),
-            (
-                (d.amount, d.currency),
-                d.received_date,
-                tuple((a.invoice_id, a.amount) for a in (d.allocations or ())),
-            ),
-            f"payment {d.payment_id!r}",
-            "payment_id",
-        )
-        return state
-    amount = _convert(d.amount, d.currency, state, p, "amount")
-    alloc = tuple(
-        (a.invoice_id, _convert(a.amount, d.currency, state, p, "allocations.amount"))
-        for a in (d.allocations or ())
-    )
-    credit = Credit(
-        key,
-        "payment",
-        amount,
-        d.received_date,
-        alloc,
-        reversed=known is not None,
-        original=(d.amount, d.currency),
-        original_allocations=tuple((a.invoice_id, a.amount) for a in (d.allocations or ())),
-    )
-    return replace(state, credits={**state.credits, key: credit})
-
-
-def _payment_reversed(state: CustomerState, d: Any, t: datetime, _p: Policy) -> CustomerState:
-    key = f"payment:{d.payment_id}"
-    credit = state.credits.get(key)
-    if credit is None:
-        credit = Credit(key, "payment", ZERO, t.date(), reversed=True)  # the payment to come
-    elif credit.reversed:
-        return state
-    return replace(state, credits={**state.credits, key: replace(credit, reversed=True)})
-
-
-def _overdue(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerState:
-    known = state.dunning.get(d.invoice_id)
-    if known is not None and known.as_of > d.as_of:
-        return state  # an older dunning run arriving late does not override a newer one
-    amount = _convert(d.amount_overdue, d.currency, state, p, "amount_overdue")
-    dun = Dunning(
-        d.as_of, d.days_overdue, amount, d.due_date, original=(d.amount_overdue, d.currency)
-    )
-    return replace(
-        state,
-        dunning={**state.dunning, d.invoice_id: dun},
-        as_of=max(state.as_of, d.as_of) if state.as_of else d.as_of,
-    )
-
-
-def _assessed(state: CustomerState, d: Any, _t: datetime, p: Policy) -> CustomerState:
+def _assessed(
+    state: CustomerState, d: Any, _t: datetime, p: Policy, _r: lg.Recall
+) -> CustomerState:
     # The grade always follows the assessments (eligibility, answers, the portfolio); with
     # dynamic_adjustment off, the policy limit stays that of the first grade.
     follows = state.grade is None or p.limits.dynamic_adjustment
     return replace(
-        state, grade=d.grade, limit_grade=d.grade if follows else (state.limit_grade or state.grade)
+        state,
+        grade=d.grade,
+        limit_grade=d.grade if follows else (state.limit_grade or state.grade),
     )
 
 
-def _aged(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> CustomerState:
+def _aged(state: CustomerState, d: Any, _t: datetime, _p: Policy, _r: lg.Recall) -> CustomerState:
     on: date = d.as_of
     return replace(state, as_of=on if state.as_of is None or on > state.as_of else state.as_of)
 
 
-def _check_decided(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> CustomerState:
+def _check_decided(
+    state: CustomerState, d: Any, _t: datetime, _p: Policy, _r: lg.Recall
+) -> CustomerState:
     if d.decision != "approved" or not d.reserve:
         return state
     res = Reservation(d.order_id, d.check_id, d.amount_in_credit_currency, d.expires_at)
-    return _with_reservations(
-        state, {**state.reservations, d.order_id: res}, res, state.reservations.get(d.order_id)
-    )
+    return replace(state, reservations={**state.reservations, d.order_id: res})
 
 
-def _reservation_ended(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> CustomerState:
+def _reservation_ended(
+    state: CustomerState, d: Any, _t: datetime, _p: Policy, _r: lg.Recall
+) -> CustomerState:
     """Released or expired: the reservation goes (one made since for the order stays)."""
     res = state.reservations.get(d.order_id)
     if res is None or res.check_id != d.check_id:
         return state
-    return _with_reservations(
-        state, {k: r for k, r in state.reservations.items() if k != d.order_id}, None, res
+    return replace(
+        state,
+        reservations={k: r for k, r in state.reservations.items() if k != d.order_id},
+        consumed={k: v for k, v in state.consumed.items() if k != d.order_id},
     )
 
 
-def _request_submitted(state: CustomerState, d: Any, t: datetime, p: Policy) -> CustomerState:
+def _request_submitted(
+    state: CustomerState, d: Any, t: datetime, p: Policy, _r: lg.Recall
+) -> CustomerState:
     req = LimitRequest(d.request_id, d.requested_limit, d.reason, d.requested_by, t, d.expires_at)
-    state = replace(state, requests={**state.requests, d.request_id: req})
+    state = replace(state, requests={**state.requests, d.request_id: req}, heard_of=True)
     current, _, _ = effective_limit(state, p, t)
     temporary = state.temporary
     if (
@@ -941,38 +542,40 @@ def _request_submitted(state: CustomerState, d: Any, t: datetime, p: Policy) -> 
         current = min(current, effective_limit(replace(state, temporary=None), p, t)[0])
     if d.requested_limit < current:
         # A decrease needs nobody's approval: less credit is always the safe side.
-        return _grant(state, req, d.requested_by, None, t)
+        return _grant(state, req, d.requested_by)
     return state
 
 
 def _request_decided(approved: bool) -> Any:
-    def _decide(state: CustomerState, d: Any, t: datetime, _p: Policy) -> CustomerState:
+    def _decide(
+        state: CustomerState, d: Any, _t: datetime, _p: Policy, _r: lg.Recall
+    ) -> CustomerState:
         req = state.requests.get(d.request_id)
-        if req is None or req.status != "pending":
+        if req is None:
             return state
         if approved:
-            return _grant(state, req, d.by, d.note, t)
-        decided = replace(req, status="rejected", decided_by=d.by, note=d.note)
-        return replace(state, requests={**state.requests, req.request_id: decided})
+            return _grant(state, req, d.by)
+        return replace(
+            state, requests={k: v for k, v in state.requests.items() if k != req.request_id}
+        )
 
     return _decide
 
 
-def _grant(
-    state: CustomerState, req: LimitRequest, by: str, note: str | None, _t: datetime
-) -> CustomerState:
+def _grant(state: CustomerState, req: LimitRequest, by: str) -> CustomerState:
     """A temporary limit overlays what stands (which stands again when it ends); a standing
     one replaces the standing limit and ends any temporary overlay (the latest decision
     governs)."""
     granted = ManualLimit(req.requested_limit, req.request_id, by, req.requested_by, req.expires_at)
-    decided = replace(req, status="approved", decided_by=by, note=note)
-    requests = {**state.requests, req.request_id: decided}
+    requests = {k: v for k, v in state.requests.items() if k != req.request_id}
     if req.expires_at is not None:
         return replace(state, temporary=granted, limit_lapsed=False, requests=requests)
     return replace(state, manual=granted, temporary=None, limit_lapsed=False, requests=requests)
 
 
-def _manual_expired(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> CustomerState:
+def _manual_expired(
+    state: CustomerState, d: Any, _t: datetime, _p: Policy, _r: lg.Recall
+) -> CustomerState:
     """A temporary limit ended: what stood before it stands again (the standing manual limit,
     or the policy's; ``limit_lapsed`` says the latter, for ``limit_expired``)."""
     if state.temporary is None or state.temporary.request_id != d.request_id:
@@ -980,15 +583,19 @@ def _manual_expired(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> C
     return replace(state, temporary=None, limit_lapsed=state.manual is None)
 
 
-def _hold_placed(state: CustomerState, d: Any, t: datetime, _p: Policy) -> CustomerState:
-    return replace(state, hold=Hold(d.reason, d.by, t))
+def _hold_placed(
+    state: CustomerState, d: Any, t: datetime, _p: Policy, _r: lg.Recall
+) -> CustomerState:
+    return replace(state, hold=Hold(d.reason, d.by, t), heard_of=True)
 
 
-def _hold_released(state: CustomerState, _d: Any, _t: datetime, _p: Policy) -> CustomerState:
+def _hold_released(
+    state: CustomerState, _d: Any, _t: datetime, _p: Policy, _r: lg.Recall
+) -> CustomerState:
     return replace(state, hold=None)
 
 
-def _alert(state: CustomerState, d: Any, _t: datetime, _p: Policy) -> CustomerState:
+def _alert(state: CustomerState, d: Any, _t: datetime, _p: Policy, _r: lg.Recall) -> CustomerState:
     alerts = dict(state.open_alerts)
     if d.status == "resolved":
         alerts.pop(d.alert_id, None)
@@ -1002,12 +609,7 @@ ALERT_TYPES = frozenset({"alert.raised", "alert.updated", "alert.resolved"})
 _HANDLERS: dict[str, Any] = {
     "customer.registered": _customer,
     "customer.updated": _customer,
-    "invoice.issued": _invoice_issued,
-    "invoice.cancelled": _invoice_cancelled,
-    "credit_note.issued": _credit_note,
-    "payment.received": _payment,
-    "payment.reversed": _payment_reversed,
-    "invoice.overdue": _overdue,
+    **{t: _receivables(t) for t in lg.EVENT_TYPES},
     "assessment.completed": _assessed,
     "ledger.aged": _aged,
     "credit_check.decided": _check_decided,
@@ -1022,6 +624,187 @@ _HANDLERS: dict[str, Any] = {
     **dict.fromkeys(ALERT_TYPES, _alert),
 }
 HANDLED_TYPES = frozenset(_HANDLERS)
+
+
+def recall_wanted(state: CustomerState, event_type: str, data: Any) -> set[str]:
+    """The ledger archive keys an event may need (shared.ledger.wanted_by)."""
+    return lg.wanted_by(state.ledger, event_type, data)
+
+
+class Refold(lg.Refold[CustomerState]):
+    """A customer's events folded from the event store in memory, its ledger archive kept
+    in a dict (``as_of`` answers, backtests): events that cannot apply are skipped, as the
+    service dead-lettered them."""
+
+    def __init__(self, state: CustomerState, policy: Policy) -> None:
+        super().__init__(state)
+        self.policy = policy
+
+    def evolve(self, event: Event) -> CustomerState:
+        """Fold one event's facts."""
+        return self.apply(
+            lambda state, recall: evolve(state, replace(event, recall=recall), self.policy),
+            DeadLetter,
+        )
+
+
+# ---- output events --------------------------------------------------------------------------
+
+LIMIT_REASON = {
+    "assessment.completed": "policy",
+    "customer.registered": "policy",
+    "customer.updated": "policy",
+    "limit.expired": "expired",
+    "hold.placed": "hold",
+    "hold.released": "release",
+}
+
+
+def money(amount: Decimal, currency: str) -> str:
+    """An amount as the API and events show it: the currency's minor units, no exponent."""
+    if not is_currency(currency):
+        # An ISO code without minor units (an order in XAU): shown as it was given.
+        return format(amount, "f")
+    key = (amount, currency, amount.is_signed())  # equal amounts, one spelling ("-0.00")
+    text = _SHOWN.get(key)
+    if text is None:
+        quantum = _QUANTA.get(currency)
+        if quantum is None:
+            quantum = _QUANTA[currency] = quantize(Decimal(1), currency)
+        text = format(amount.quantize(quantum, context=MONEY_CONTEXT), "f")
+        if len(_SHOWN) >= _SHOWN_MAX:
+            _SHOWN.clear()
+        _SHOWN[key] = text
+    return text
+
+
+_QUANTA: dict[str, Decimal] = {}
+# The amounts shown lately (a pure memo of a pure function): a credit check shows two dozen,
+# most of them unchanged since the customer's last.
+_SHOWN: dict[tuple[Decimal, str, bool], str] = {}
+_SHOWN_MAX = 4096
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.isoformat().replace("+00:00", "Z") if t is not None else None
+
+
+def exposure_body(state: CustomerState, fig: Figures) -> dict[str, Any]:
+    """The ``exposure.updated`` body (contract §1)."""
+    ccy = fig.currency
+    util = fig.utilization
+    return {
+        "customer_id": state.customer_id,
+        "currency": ccy,
+        "open_receivables": money(fig.open_receivables, ccy),
+        "overdue_amount": money(fig.overdue_amount, ccy),
+        "overdue_buckets": {k: money(v, ccy) for k, v in fig.overdue_buckets.items()},
+        "max_days_overdue": fig.max_days_overdue,
+        "reserved": money(fig.reserved, ccy),
+        "exposure": money(fig.exposure, ccy),
+        "limit": money(fig.limit, ccy),
+        "available": money(fig.available, ccy),
+        "utilization": format(util, "f") if util is not None else None,
+        "on_hold": fig.on_hold,
+        "as_of": _iso(state.last_time),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """A limit request's record (a row of its own): pending, approved or rejected."""
+
+    request_id: str
+    status: Literal["pending", "approved", "rejected"]
+    requested_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class Outputs:
+    """What one event calls for besides the state: the ``limit.changed`` body, the limit
+    request's record."""
+
+    limit_changed: dict[str, Any] | None = None
+    request: RequestRecord | None = None
+
+
+def decide_outputs(
+    prev: CustomerState, nxt: CustomerState, event: Event, policy: Policy
+) -> Outputs:
+    """The output an applied event calls for (pure: ``prev`` and ``nxt`` are the states
+    before and after it)."""
+    data = event.data
+    request: RequestRecord | None = None
+    if event.type in (
+        "limit_request.submitted",
+        "limit_request.approved",
+        "limit_request.rejected",
+    ):
+        req = prev.requests.get(data.request_id)
+        if event.type == "limit_request.submitted":
+            status: Any = "pending" if data.request_id in nxt.requests else "approved"
+            request = RequestRecord(data.request_id, status, data.requested_by)
+        elif req is not None:
+            status = "approved" if event.type == "limit_request.approved" else "rejected"
+            request = RequestRecord(data.request_id, status, req.requested_by)
+    # A temporary limit stands until its expiry is recorded: judged at the expiry time
+    # itself it would already have lapsed, and the change would go unpublished.
+    before = effective_limit(prev, policy, None if event.type == "limit.expired" else event.time)
+    after = effective_limit(nxt, policy, event.time)
+    hold_changed = (prev.hold is None) != (nxt.hold is None)
+    if (
+        before[0] == after[0]
+        and before[1] == after[1]
+        and not hold_changed
+        and prev.currency == nxt.currency
+    ):
+        return Outputs(request=request)
+    reason = LIMIT_REASON.get(event.type) or (
+        "temporary" if after[1] == "temporary" else "manual" if after[1] == "manual" else "policy"
+    )
+    request_id = changed_by = requested_by = None
+    granted = {"manual": nxt.manual, "temporary": nxt.temporary}.get(after[1])
+    if granted is not None:
+        request_id = granted.request_id
+        changed_by = granted.changed_by
+        requested_by = granted.requested_by
+    if event.type in ("hold.placed", "hold.released"):
+        changed_by = data.by
+    ccy = nxt.currency
+    body = {
+        "customer_id": nxt.customer_id,
+        "previous_limit": money(before[0], prev.currency),
+        "limit": money(after[0], ccy),
+        "currency": ccy,
+        "reason": reason,
+        "grade": nxt.grade,
+        "request_id": request_id,
+        "changed_by": changed_by or "policy",
+        "requested_by": requested_by,
+        "effective_at": _iso(event.time),
+        "expires_at": _iso(after[2]),
+        "source": after[1],
+        "on_hold": nxt.hold is not None,
+        "policy_version": policy.version,
+    }
+    return Outputs(limit_changed=body, request=request)
+
+
+def decide_exposure(
+    state: CustomerState, fig: Figures, published: str | None
+) -> dict[str, Any] | None:
+    """The ``exposure.updated`` body to publish, or None: nothing for a customer only credit
+    checks or alerts spoke of, and nothing when only ``as_of`` moved (``published`` is the
+    last body published, without it, as ``exposure_key`` makes it)."""
+    if not known(state):
+        return None
+    body = exposure_body(state, fig)
+    return body if exposure_key(body) != published else None
+
+
+def exposure_key(body: Mapping[str, Any]) -> str:
+    """The body but for ``as_of``, as text: what must change for a publication."""
+    return orjson.dumps({**body, "as_of": None}, option=orjson.OPT_SORT_KEYS).decode()
 
 
 # ---- credit checks --------------------------------------------------------------------------
@@ -1096,7 +879,7 @@ def decide_credit_check(
         converted = ZERO
     # What is already invoiced on the order is in the receivables; the reservation only
     # ever holds the rest (see reserved_amounts), so only the rest is judged.
-    invoiced = invoiced_on_orders(state.invoices).get(order_id, ZERO)
+    invoiced = invoiced_on(state, order_id)
     needed = max(ZERO, converted - invoiced)
     reserved = reserved_total(state, now)
     fig = figures(state, policy, now, reserved=reserved, today=True)

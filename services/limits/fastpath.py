@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.limits.api import CheckRequest, answered
-from services.limits.checks import CheckOrder, CoreChecks, Verdict
+from services.limits.checks import CheckOrder, CreditChecks, Verdict
 from shared import metrics
 from shared.auth import Principal, TokenRegistry, parse_bearer
 from shared.body import loads_exact
@@ -38,7 +38,7 @@ class FastCreditCheck:
         self,
         app: ASGIApp,
         *,
-        checks: CoreChecks,
+        checks: CreditChecks,
         tokens: TokenRegistry,
         service: str,
         max_body_bytes: int,

@@ -1,17 +1,17 @@
 """Limits handlers: a batch of events → per-customer folds → rows, history and output events.
 
-States of the customers a batch touches are loaded (and locked) once, folded in memory with
-the pure domain, and written back once, so a batch costs a handful of statements whatever
-its size.
+The customers a batch touches are loaded (and locked) once through the repository, folded
+in memory with the pure domain, and written back once, so a batch costs a handful of
+statements whatever its size. The domain decides the output events; this module writes
+them down.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time, timedelta
-from decimal import Decimal
+from datetime import UTC, date, datetime, time
 from typing import Any
 
 from pydantic import BaseModel
@@ -21,11 +21,18 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from services.limits import domain, store
 from services.limits import events as ev
 from shared.events import DeadLetter, Envelope, new_event, trusted_event
-from shared.money import MONEY_CONTEXT, is_currency, quantize
+from shared.ledger import Archived
 from shared.policy import Policy
-from shared.projection import CommittedStates, as_json, plain_json
-from shared.runtime import Incoming, Tx
+from shared.projection import as_json, plain_json
+from shared.runtime import Incoming
 from shared.settings import Settings
+from shared.unitofwork import (
+    Loaded,
+    Repository,
+    UnitOfWork,
+    fold_with_archive,
+    prefetch,
+)
 
 SOURCE = "/creditwatch/limits"
 RECENT_STATES = 50_000
@@ -48,59 +55,47 @@ CONTRACT_TYPES = frozenset(
         "alert.resolved",
     }
 )
-LIMIT_REASON = {
-    "assessment.completed": "policy",
-    "customer.registered": "policy",
-    "customer.updated": "policy",
-    "limit.expired": "expired",
-    "hold.placed": "hold",
-    "hold.released": "release",
-}
+# Events that change a reservation (by its order id); a change of credit currency changes
+# them all.
+_RESERVATION_TYPES = frozenset(
+    {"credit_check.decided", "reservation.released", "reservation.expired"}
+)
+
+money = domain.money
+exposure_body = domain.exposure_body
 
 
-def money(amount: Decimal, currency: str) -> str:
-    """An amount as the API and events show it: the currency's minor units, no exponent."""
-    key = (amount, currency, amount.is_signed())  # equal amounts, one spelling ("-0.00")
-    text = _SHOWN.get(key)
-    if text is None and not is_currency(currency):
-        # An ISO code without minor units (an order in XAU): shown as it was given.
-        return format(amount, "f")
-    if text is None:
-        quantum = _QUANTA.get(currency)
-        if quantum is None:
-            quantum = _QUANTA[currency] = quantize(Decimal(1), currency)
-        text = format(amount.quantize(quantum, context=MONEY_CONTEXT), "f")
-        if len(_SHOWN) >= _SHOWN_MAX:
-            _SHOWN.clear()
-        _SHOWN[key] = text
-    return text
+@dataclass(eq=False)
+class LimitsLoaded(Loaded[domain.CustomerState]):
+    """A customer in a unit of work, with the key of the exposure body last published."""
+
+    published: str | None = None
+    # Orders whose reservation this unit of work changed (their rows to write).
+    orders: set[str] = field(default_factory=set)
+
+    def committed(self) -> LimitsLoaded:
+        return LimitsLoaded(self.state, self.last_seq, self.state, self.published)
 
 
-_QUANTA: dict[str, Decimal] = {}
-# The amounts shown lately: a credit check shows two dozen, most of them unchanged since the
-# customer's last (the limit, the overdue buckets, zeros, the order's amount).
-_SHOWN: dict[tuple[Decimal, str, bool], str] = {}
-_SHOWN_MAX = 4096
+class LimitsRepository(Repository[LimitsLoaded]):
+    version_columns = ("customer_id", "last_seq", "published")
 
+    def __init__(self, policy: Policy, capacity: int = RECENT_STATES) -> None:
+        super().__init__(store.customers, capacity=capacity)
+        self.policy = policy
 
-def exposure_body(state: domain.CustomerState, fig: domain.Figures) -> dict[str, Any]:
-    ccy = fig.currency
-    util = fig.utilization
-    return {
-        "customer_id": state.customer_id,
-        "currency": ccy,
-        "open_receivables": money(fig.open_receivables, ccy),
-        "overdue_amount": money(fig.overdue_amount, ccy),
-        "overdue_buckets": {k: money(v, ccy) for k, v in fig.overdue_buckets.items()},
-        "max_days_overdue": fig.max_days_overdue,
-        "reserved": money(fig.reserved, ccy),
-        "exposure": money(fig.exposure, ccy),
-        "limit": money(fig.limit, ccy),
-        "available": money(fig.available, ccy),
-        "utilization": format(util, "f") if util is not None else None,
-        "on_hold": fig.on_hold,
-        "as_of": state.last_time.isoformat().replace("+00:00", "Z") if state.last_time else None,
-    }
+    def new(self, customer_id: str) -> LimitsLoaded:
+        return LimitsLoaded(domain.new_customer(customer_id, self.policy))
+
+    async def read(self, conn: AsyncConnection, rows: Mapping[str, Any]) -> dict[str, LimitsLoaded]:
+        states = await store.load_states(conn, rows)
+        return {
+            cid: LimitsLoaded(states[cid], row.last_seq, states[cid], row.published)
+            for cid, row in rows.items()
+        }
+
+    def from_cache(self, hit: LimitsLoaded, row: Any) -> LimitsLoaded:
+        return LimitsLoaded(hit.state, hit.last_seq, hit.state, row.published)
 
 
 @dataclass
@@ -113,19 +108,6 @@ class Writes:
     checks: list[dict[str, Any]] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
-class Loaded:
-    state: domain.CustomerState
-    published: str | None  # the exposure.updated body last published (JSON)
-    last_seq: int
-    # The state as its row holds it (None: no row yet), to write only what changed.
-    stored: domain.CustomerState | None = None
-
-    @classmethod
-    def committed(cls, state: domain.CustomerState, published: str | None, last_seq: int) -> Loaded:
-        return cls(state, published, last_seq, state)
 
 
 class LimitsService:
@@ -141,8 +123,7 @@ class LimitsService:
     def __init__(self, settings: Settings, policy: Policy) -> None:
         self.settings = settings
         self.policy = policy
-        # States this process committed, by customer (bounded, least recently used out).
-        self._recent: CommittedStates[Loaded] = CommittedStates(RECENT_STATES)
+        self.repository = LimitsRepository(policy)
 
     def input_topics(self) -> list[str]:
         s = self.settings
@@ -159,124 +140,109 @@ class LimitsService:
         return ev.parse_any(env)
 
     # ---- the fold -------------------------------------------------------------------------
-    async def handle(self, tx: Tx, events: Sequence[Incoming]) -> None:
-        cached: dict[str, Loaded] = tx.scratch.setdefault("limits.states", {})
-        ids = {e.envelope.subject for e in events}
-        if tx.replaying:
-            self._recent.clear()
-            await self.load(tx.conn, cached, ids)
-        else:
-            await self._load_recent(tx.conn, cached, ids)
+    async def handle(self, uow: UnitOfWork, events: Sequence[Incoming]) -> None:
+        loaded = await self.repository.load(uow, {e.envelope.subject for e in events})
+        recall = await prefetch(
+            store.archive,
+            uow,
+            (
+                (
+                    e.envelope.subject,
+                    domain.recall_wanted(
+                        loaded[e.envelope.subject].state, e.envelope.type, e.event
+                    ),
+                )
+                for e in events
+            ),
+        )
         # The fold, in slices with a yield between them: the relay and the consumer's
         # fetching share this event loop and would otherwise wait for the whole batch.
         writes = Writes()
         touched: dict[str, int] = {}
         for start in range(0, len(events), FOLD_SLICE_EVENTS):
-            self._apply_events(
-                tx, cached, events[start : start + FOLD_SLICE_EVENTS], touched, writes
-            )
+            for inc in events[start : start + FOLD_SLICE_EVENTS]:
+                await self._apply(uow, inc, recall, touched, writes)
             await asyncio.sleep(0)
+        uow.touched.update(touched)
+        if uow.replaying:
+            # The customers' rows are written once, by ``flush`` (their history rows now).
+            await self.write(uow, writes)
+            return
         items = list(touched.items())
         for start in range(0, len(items), FOLD_SLICE_CUSTOMERS):
             for cid, seq in items[start : start + FOLD_SLICE_CUSTOMERS]:
-                self._settle(tx, cid, cached[cid], seq, writes)
+                self._settle(uow, cid, uow.states[cid], seq, writes)
             await asyncio.sleep(0)
-        await self.write(tx.conn, writes)
-        if not tx.replaying:
-            settled = set(touched)
-            tx.after_commit.append(lambda: self._remember(cached, settled))
+        await self.write(uow, writes)
 
-    async def _load_recent(
-        self, conn: AsyncConnection, cached: dict[str, Loaded], ids: set[str]
-    ) -> None:
-        """Like ``load``, but reuse a state this process committed when the row's version
-        (``last_seq``) says nobody has written it since: the JSON document is the costliest
-        part of a batch, and a consumer owns its customers' partitions."""
-        missing = ids - cached.keys()
-        if not missing:
-            return
-        versions = await store.lock_versions(conn, missing)
-        hits = {
-            cid: hit
-            for cid, row in versions.items()
-            if (hit := self._recent.current(cid, row.last_seq)) is not None
-        }
-        states = await store.read_states(conn, versions.keys() - hits.keys())
-        for cid in missing:
-            row = versions.get(cid)
-            if row is None:
-                cached[cid] = Loaded(domain.new_customer(cid, self.policy), None, 0)
-            elif (hit := hits.get(cid)) is not None:
-                cached[cid] = Loaded.committed(hit.state, hit.published, hit.last_seq)
-            else:
-                cached[cid] = Loaded.committed(states[cid], row.published, row.last_seq)
-
-    def _remember(self, cached: dict[str, Loaded], touched: set[str]) -> None:
-        # Copies: the transaction's own entries change with its next events.
-        self._recent.remember(
-            (cid, Loaded.committed(cached[cid].state, cached[cid].published, cached[cid].last_seq))
-            for cid in touched
-        )
-
-    async def load(self, conn: AsyncConnection, cached: dict[str, Loaded], ids: set[str]) -> None:
-        """Lock and load the states not loaded yet (an API command may have them already)."""
-        missing = ids - cached.keys()
-        if not missing:
-            return
-        locked = await store.lock_customers(conn, missing)
-        states = await store.load_states(conn, locked)
-        for cid in missing:
-            row = locked.get(cid)
-            cached[cid] = (
-                Loaded(domain.new_customer(cid, self.policy), None, 0)
-                if row is None
-                else Loaded.committed(states[cid], row.published, row.last_seq)
-            )
-
-    def fold(self, tx: Tx, cached: dict[str, Loaded], events: Sequence[Incoming]) -> Writes:
-        """Apply the events to the loaded states (CPU only): the rows to write and, through
-        ``tx``, the output events and the events that could not be applied."""
+    async def flush(self, uow: UnitOfWork) -> None:
+        """A replay's customers folded since the last flush: their rows, once each."""
         writes = Writes()
-        touched: dict[str, int] = {}
-        self._apply_events(tx, cached, events, touched, writes)
-        for cid, seq in touched.items():
-            self._settle(tx, cid, cached[cid], seq, writes)
-        return writes
+        for cid, seq in uow.touched.items():
+            self._settle(uow, cid, uow.states[cid], seq, writes)
+        uow.touched.clear()
+        await self.write(uow, writes)
 
-    def _apply_events(
+    async def _apply(
         self,
-        tx: Tx,
-        cached: dict[str, Loaded],
-        events: Sequence[Incoming],
+        uow: UnitOfWork,
+        inc: Incoming,
+        recall: dict[str, dict[str, Archived | None]],
         touched: dict[str, int],
         writes: Writes,
     ) -> None:
-        """Fold each event into its customer's state; ``touched``: customer → last seq."""
+        env = inc.envelope
+        cid = env.subject
+        entry: LimitsLoaded = uow.states[cid]
+        prev = entry.state
+
+        def fold(items: Mapping[str, Archived | None]) -> domain.CustomerState:
+            event = domain.Event(env.type, inc.event, env.time, items)
+            return domain.evolve(prev, event, self.policy)
+
+        try:
+            nxt = await fold_with_archive(store.archive, uow, cid, recall, prev, fold)
+        except DeadLetter as dl:
+            uow.reject(inc, dl)
+            return
+        entry.state = nxt
+        touched[cid] = inc.seq
+        if env.type in _RESERVATION_TYPES:
+            entry.orders.add(inc.event.order_id)  # type: ignore[attr-defined]
+        elif prev.currency != nxt.currency:
+            entry.orders.update(prev.reservations)
+        self._record(uow, inc, prev, nxt, writes)
+
+    def fold(self, uow: UnitOfWork, events: Sequence[Incoming]) -> Writes:
+        """Apply events whose customers are loaded and whose ledger is untouched (credit
+        checks) — CPU only: the rows to write and, through ``uow``, the output events."""
+        writes = Writes()
+        touched: dict[str, int] = {}
         for inc in events:
             env = inc.envelope
             cid = env.subject
-            loaded = cached[cid]
-            prev = loaded.state
-            try:
-                nxt = domain.apply(prev, env.type, inc.event, env.time, self.policy)
-            except DeadLetter as dl:
-                tx.reject(inc, dl)
-                continue
-            loaded.state = nxt
+            entry: LimitsLoaded = uow.states[cid]
+            prev = entry.state
+            nxt = domain.evolve(prev, domain.Event(env.type, inc.event, env.time), self.policy)
+            entry.state = nxt
             touched[cid] = inc.seq
-            self._record(tx, inc, prev, nxt, writes.checks, writes.history, writes.requests)
+            if env.type in _RESERVATION_TYPES:
+                entry.orders.add(inc.event.order_id)  # type: ignore[attr-defined]
+            self._record(uow, inc, prev, nxt, writes)
+        for cid, seq in touched.items():
+            self._settle(uow, cid, uow.states[cid], seq, writes)
+        uow.touched.update(touched)
+        return writes
 
-    def _settle(self, tx: Tx, cid: str, loaded: Loaded, seq: int, writes: Writes) -> None:
+    def _settle(
+        self, uow: UnitOfWork, cid: str, loaded: LimitsLoaded, seq: int, writes: Writes
+    ) -> None:
         """A touched customer's figures: its row, and ``exposure.updated`` when they moved."""
         st = loaded.state
-        items = domain.open_items(st)
-        fig = domain.figures(st, self.policy, items=items)
-        body = exposure_body(st, fig)
-        # as_of moves with every event; a change worth publishing is in the figures.
-        text = plain_json({**body, "as_of": None})
-        # Nothing is published for a customer only credit checks or alerts spoke of.
-        if text != loaded.published and domain.known(st):
-            tx.emit(
+        fig = domain.figures(st, self.policy)
+        body = domain.decide_exposure(st, fig, loaded.published)
+        if body is not None:
+            uow.emit(
                 self.settings.topic_exposure,
                 trusted_event(
                     "exposure.updated",
@@ -284,10 +250,10 @@ class LimitsService:
                     subject=cid,
                     data=body,
                     id=f"exposure-{cid}-{seq}",
-                    time=st.last_time or tx.now,
+                    time=st.last_time or uow.now,
                 ),
             )
-            loaded.published = text
+            loaded.published = domain.exposure_key(body)
         stored = loaded.stored
         document = (
             store.UNCHANGED
@@ -295,8 +261,9 @@ class LimitsService:
             else store.dump_state(st)
         )
         held, ended = store.reservation_changes(
-            cid, stored.reservations if stored is not None else {}, st.reservations
+            cid, stored.reservations if stored is not None else {}, st.reservations, loaded.orders
         )
+        loaded.orders.clear()
         writes.reservations += held
         writes.ended += ended
         writes.customers.append(
@@ -304,8 +271,8 @@ class LimitsService:
                 st,
                 fig,
                 seq,
-                domain.next_ageing_date(st, items),
-                _next_expiry(st),
+                domain.next_ageing_date(st),
+                domain.next_expiry(st),
                 loaded.published,
                 document,
             )
@@ -313,28 +280,27 @@ class LimitsService:
         loaded.stored = st
         loaded.last_seq = seq
 
-    @staticmethod
-    async def write(conn: AsyncConnection, writes: Writes) -> None:
+    async def write(self, uow: UnitOfWork, writes: Writes) -> None:
+        conn = uow.conn
         await store.save_customers(conn, writes.customers)
         await store.save_reservations(conn, writes.reservations, writes.ended)
         await store.record_checks(conn, writes.checks)
         await store.record_limit_changes(conn, writes.history)
         await store.record_requests(conn, writes.requests)
+        await store.archive.flush(uow)
 
     def _record(
         self,
-        tx: Tx,
+        uow: UnitOfWork,
         inc: Incoming,
         prev: domain.CustomerState,
         nxt: domain.CustomerState,
-        checks: list[dict[str, Any]],
-        history: list[dict[str, Any]],
-        reqs: list[dict[str, Any]],
+        writes: Writes,
     ) -> None:
         """The side tables and output events one applied event calls for."""
         env, data = inc.envelope, inc.event
         if isinstance(data, ev.CreditCheckDecided):
-            checks.append(
+            writes.checks.append(
                 {
                     "check_id": data.check_id,
                     "order_id": data.order_id,
@@ -348,65 +314,22 @@ class LimitsService:
                 }
             )
             return
-        if isinstance(
-            data, ev.LimitRequestSubmitted | ev.LimitRequestApproved | ev.LimitRequestRejected
-        ):
-            req = nxt.requests[data.request_id]
-            reqs.append(
+        outputs = domain.decide_outputs(
+            prev, nxt, domain.Event(env.type, data, env.time), self.policy
+        )
+        if outputs.request is not None:
+            writes.requests.append(
                 {
-                    "request_id": req.request_id,
+                    "request_id": outputs.request.request_id,
                     "customer_id": nxt.customer_id,
-                    "status": req.status,
-                    "requested_by": req.requested_by,
+                    "status": outputs.request.status,
+                    "requested_by": outputs.request.requested_by,
                 }
             )
-        # A manual limit stands until its expiry is recorded: judged at the expiry time
-        # itself it would already have lapsed, and the change would go unpublished.
-        before = domain.effective_limit(
-            prev, self.policy, None if isinstance(data, ev.LimitExpired) else env.time
-        )
-        after = domain.effective_limit(nxt, self.policy, env.time)
-        hold_changed = (prev.hold is None) != (nxt.hold is None)
-        if (
-            before[0] == after[0]
-            and before[1] == after[1]
-            and not hold_changed
-            and prev.currency == nxt.currency
-        ):
+        body = outputs.limit_changed
+        if body is None:
             return
-        reason = LIMIT_REASON.get(env.type) or (
-            "temporary"
-            if after[1] == "temporary"
-            else "manual"
-            if after[1] == "manual"
-            else "policy"
-        )
-        request_id = changed_by = requested_by = None
-        granted = {"manual": nxt.manual, "temporary": nxt.temporary}.get(after[1])
-        if granted is not None:
-            request_id = granted.request_id
-            changed_by = granted.changed_by
-            requested_by = granted.requested_by
-        if isinstance(data, ev.HoldPlaced | ev.HoldReleased):
-            changed_by = data.by
-        ccy = nxt.currency
-        body = {
-            "customer_id": nxt.customer_id,
-            "previous_limit": money(before[0], prev.currency),
-            "limit": money(after[0], ccy),
-            "currency": ccy,
-            "reason": reason,
-            "grade": nxt.grade,
-            "request_id": request_id,
-            "changed_by": changed_by or "policy",
-            "requested_by": requested_by,
-            "effective_at": env.time.isoformat().replace("+00:00", "Z"),
-            "expires_at": (after[2].isoformat().replace("+00:00", "Z") if after[2] else None),
-            "source": after[1],
-            "on_hold": nxt.hold is not None,
-            "policy_version": self.policy.version,
-        }
-        history.append(
+        writes.history.append(
             {
                 "seq": inc.seq,
                 "customer_id": nxt.customer_id,
@@ -414,7 +337,7 @@ class LimitsService:
                 "body": as_json(body),
             }
         )
-        tx.emit(
+        uow.emit(
             self.settings.topic_limits,
             new_event(
                 "limit.changed",
@@ -427,11 +350,13 @@ class LimitsService:
         )
 
     # ---- time-driven events ---------------------------------------------------------------
-    async def due_events(self, conn: AsyncConnection, now: datetime) -> list[Envelope]:
+    async def due_events(self, uow: UnitOfWork) -> list[Envelope]:
+        """Expiries and ageing due now, judged on the customers' states under their locks."""
+        now = uow.now
         today = now.date()
         c = store.customers.c
         stmt = (
-            select(c.customer_id, c.state, c.as_of, c.next_ageing_on, c.next_expiry_at)
+            select(c.customer_id, c.next_ageing_on)
             .where(
                 or_(
                     and_(c.next_ageing_on.is_not(None), c.next_ageing_on <= today),
@@ -441,20 +366,14 @@ class LimitsService:
             .order_by(c.customer_id)
             .limit(1000)
         )
-        rows = {row.customer_id: row for row in await conn.execute(stmt)}
-        states = await store.load_states(conn, rows)
+        rows = {row.customer_id: row for row in await uow.conn.execute(stmt)}
+        if not rows:
+            return []
+        loaded = await self.repository.load(uow, rows)
         out: list[Envelope] = []
-        for cid, row in rows.items():
-            out += due_for(states[cid], now, row.next_ageing_on)
+        for _cid, entry in sorted(loaded.items()):
+            out += due_for(entry.state, now, domain.next_ageing_date(entry.state))
         return out
-
-
-def _next_expiry(st: domain.CustomerState) -> datetime | None:
-    first = domain.earliest_expiry(st)
-    times = [first] if first is not None else []
-    if st.temporary is not None and st.temporary.expires_at is not None:
-        times.append(st.temporary.expires_at)
-    return min(times) if times else None
 
 
 def _internal(model: ev.Internal, *, id: str, time: datetime, subject: str) -> Envelope:
@@ -502,4 +421,4 @@ def due_for(st: domain.CustomerState, now: datetime, ageing_on: date | None) -> 
     return sorted(out, key=lambda e: e.time)
 
 
-__all__ = ["LimitsService", "due_for", "exposure_body", "timedelta"]
+__all__ = ["LimitsLoaded", "LimitsRepository", "LimitsService", "due_for", "exposure_body", "money"]

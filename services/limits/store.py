@@ -30,12 +30,12 @@ from services.limits.domain import (
     CustomerState,
     Figures,
     Reservation,
-    changed_reservation,
     known,
 )
 from shared.db import BigId, ExactDecimal, UtcDateTime
 from shared.eventstore import core_tables
 from shared.projection import StateCodec, lock_rows, upsert
+from shared.unitofwork import LayoutError, LedgerArchive, archive_table
 
 metadata = MetaData()
 core = core_tables(metadata, "limits")
@@ -127,12 +127,23 @@ requests = Table(
     Column("requested_by", String(1000), nullable=False),
 )
 
-PROJECTIONS: Sequence[Table] = (customers, reservations, checks, limit_history, requests)
+# Ledger items that left a customer's hot state (settled invoices, applied payments).
+ledger_archive = archive_table(metadata, "limits")
+archive = LedgerArchive(ledger_archive)
+
+PROJECTIONS: Sequence[Table] = (
+    customers,
+    reservations,
+    checks,
+    limit_history,
+    requests,
+    ledger_archive,
+)
 
 _STATE = StateCodec(CustomerState)
 # What the document holds: everything but the reservations and the latest event's time.
 _DOCUMENT_FIELDS = tuple(
-    f.name for f in fields(CustomerState) if f.name not in ("reservations", "last_time")
+    f.name for f in fields(CustomerState) if f.name not in ("reservations", "last_time", "step")
 )
 # In a written row: the document did not change, keep the stored one.
 UNCHANGED = ""
@@ -140,18 +151,20 @@ UNCHANGED = ""
 
 def dump_state(state: CustomerState) -> str:
     """The customer's state document (see ``customers.state``)."""
-    return _STATE.dump(replace(state, reservations={}, last_time=None))
+    return _STATE.dump(replace(state, reservations={}, last_time=None, step=None))
 
 
 def load_state(
     document: str, last_time: datetime | None, held: Iterable[Reservation] = ()
 ) -> CustomerState:
     """A customer's state from its document, its row's ``as_of`` and its reservations."""
+    # The new layout's documents have "heard_of" among their first keys; the old had not.
+    if '"heard_of":' not in document[:3000]:
+        raise LayoutError(
+            "limits: a state document of the layout before limits_0007 (whole history); "
+            "rebuild the projections: creditwatch db upgrade"
+        )
     state = _STATE.load(document)
-    if state.manual is not None and state.manual.expires_at is not None and state.temporary is None:
-        # Written before temporary limits overlaid the standing one (limits_0006): a manual
-        # limit with an end is the temporary one.
-        state = replace(state, manual=None, temporary=state.manual)
     return replace(state, reservations={r.order_id: r for r in held}, last_time=last_time)
 
 
@@ -166,20 +179,19 @@ def reservation_changes(
     cid: str,
     before: Mapping[str, Reservation],
     after: Mapping[str, Reservation],
+    orders: Iterable[str],
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """The reservation rows to write and the (customer, order) keys to delete."""
-    if before is after:
-        return [], []
-    order_id = changed_reservation(before, after)
-    if order_id is not None:  # one event's change (a credit check's): no walk
+    """The reservation rows to write and the (customer, order) keys to delete, among the
+    orders whose reservation the fold may have changed (``before``: as the rows hold them)."""
+    rows: list[dict[str, Any]] = []
+    gone: list[tuple[str, str]] = []
+    for order_id in orders:
         res = after.get(order_id)
-        return ([reservation_row(cid, res)], []) if res is not None else ([], [(cid, order_id)])
-    rows = [
-        reservation_row(cid, res)
-        for order_id, res in after.items()
-        if before.get(order_id) is not res
-    ]
-    gone = [(cid, order_id) for order_id in before if order_id not in after]
+        if res is None:
+            if order_id in before:
+                gone.append((cid, order_id))
+        elif before.get(order_id) is not res:
+            rows.append(reservation_row(cid, res))
     return rows, gone
 
 

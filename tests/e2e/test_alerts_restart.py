@@ -29,12 +29,12 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from harness import e2e as s
+from harness.e2e import Publisher, Stack, Tap
 from services.alerts import domain, store
 from shared import eventstore as es
 from shared.events import TOPIC_OF_TYPE, decode, parse
 from shared.policy import load_policy
-from tests.e2e import support as s
-from tests.e2e.support import Publisher, Stack, Tap
 
 pytestmark = pytest.mark.e2e
 

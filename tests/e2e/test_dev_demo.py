@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.infra.servers import free_ports
+from harness.servers import free_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -77,7 +77,7 @@ def test_dev_demo_comes_alive_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> Non
     log = tmp_path / "dev.log"
     started = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "dev", "--demo"],
+        [sys.executable, "-m", "tools.cli", "dev", "--demo"],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,

@@ -24,8 +24,8 @@ import httpx
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from tests.e2e.support import new_prefix, topic_env
-from tests.infra.servers import free_ports
+from harness.e2e import new_prefix, topic_env
+from harness.servers import free_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -103,7 +103,7 @@ def run_dev(env: dict[str, str], cwd: Path) -> tuple[int, str, float]:
     started = time.monotonic()
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "services.cli", "dev"],
+            [sys.executable, "-m", "tools.cli", "dev"],
             cwd=cwd,
             env=env,
             stdout=subprocess.PIPE,
@@ -258,7 +258,7 @@ def test_a_kafka_broker_named_by_the_bootstrap_variable_is_used(
     ports = [int(env[var]) for var in SERVICE_PORT_ENV.values()]
     # When dev starts
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "dev"],
+        [sys.executable, "-m", "tools.cli", "dev"],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,

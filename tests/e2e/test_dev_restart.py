@@ -33,12 +33,12 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 from sqlalchemy import select
 
-from services import registry
+from harness.e2e import invoice, registered
+from harness.servers import free_ports
 from shared import eventstore as es
 from shared.events import TOPIC_OF_TYPE
 from shared.settings import load_settings
-from tests.e2e.support import invoice, registered
-from tests.infra.servers import free_ports
+from tools import registry
 
 pytestmark = pytest.mark.e2e
 
@@ -59,7 +59,7 @@ class Dev:
 
     def __init__(self, cwd: Path, env: dict[str, str], log: Path) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "dev"],
+            [sys.executable, "-m", "tools.cli", "dev"],
             cwd=cwd,
             env=env,
             stdout=subprocess.PIPE,
@@ -218,7 +218,7 @@ async def _publish(bootstrap: str, events: list[dict[str, Any]]) -> None:
 
 def _simulate(env: dict[str, str], cwd: Path, bootstrap: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "services.cli", "simulate", "--customers", "5", "--months", "2"],
+        [sys.executable, "-m", "tools.cli", "simulate", "--customers", "5", "--months", "2"],
         cwd=cwd,
         env={**env, "CREDITWATCH_KAFKA_BOOTSTRAP": bootstrap},
         capture_output=True,
@@ -361,7 +361,7 @@ def test_events_published_after_a_restart_without_reset_are_all_applied(tmp_path
     # and each service's projections match a replay of its event store
     for name in SERVICES:
         done = subprocess.run(
-            [sys.executable, "-m", "services.cli", "verify", name],
+            [sys.executable, "-m", "tools.cli", "verify", name],
             cwd=tmp_path,
             env={**env, "CREDITWATCH_DATABASE_URL": database_url},
             capture_output=True,

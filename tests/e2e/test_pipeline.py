@@ -26,9 +26,9 @@ from typing import Any
 import httpx
 import pytest
 
+from harness import e2e as s
+from harness.e2e import Publisher, Stack, Tap
 from shared.policy import add_months, load_policy
-from tests.e2e import support as s
-from tests.e2e.support import Publisher, Stack, Tap
 
 pytestmark = pytest.mark.e2e
 
@@ -712,7 +712,7 @@ async def test_rules_metrics_and_projections_match_a_replay(system: System) -> N
     for service in ("assessment", "limits", "alerts"):
         done = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "services.cli", "verify", service],
+            [sys.executable, "-m", "tools.cli", "verify", service],
             env=system.stack.env,
             cwd=ROOT,
             capture_output=True,

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.infra import servers
+from harness import servers
 
 
 @pytest.fixture(scope="module")

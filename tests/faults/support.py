@@ -9,7 +9,7 @@ waited for, so a hang fails the case with a reason and never blocks CI.
 
 The parts, each usable on its own:
 
-* ``Workload``: the simulator's history for a seed (``services.simulate.history``), as the
+* ``Workload``: the simulator's history for a seed (``tools.simulate.history``), as the
   upstream systems publish it, and what each service must end up storing from it.
 * ``Stream``: publishes that history paced over some seconds, as upstream producers do
   (retrying a chunk while the broker is away: ids are stable, so a repeat is harmless).
@@ -17,7 +17,7 @@ The parts, each usable on its own:
   requests by an analyst decided by an approver (approved and rejected, permanent and
   temporary), holds, grade overrides, alert acknowledgements — every answer recorded.
 * ``Monitor``: polls every service's ``/healthz`` and ``/readyz`` throughout.
-* ``FaultSystem``: all of the above around a ``tests.e2e.support.Stack``, with the end
+* ``FaultSystem``: all of the above around a ``harness.e2e.Stack``, with the end
   conditions: lag 0 on every input partition, every outbox empty, ``/readyz`` 200,
   ``creditwatch verify`` clean for each service, and no output event lost.
 """
@@ -43,13 +43,13 @@ import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sqlalchemy import func, select
 
-from services import registry
-from services.simulate import history
+from harness import e2e as e2e
+from harness.e2e import Stack
+from harness.processes import ALL, APPROVE, CHECK, READ, WRITE, ServiceProcess
 from shared import eventstore as es
 from shared.policy import load_policy
-from tests.e2e import support as e2e
-from tests.e2e.support import Stack
-from tests.processes import ALL, APPROVE, CHECK, READ, WRITE, ServiceProcess
+from tools import registry
+from tools.simulate import history
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("assessment", "limits", "alerts")
@@ -1118,7 +1118,7 @@ async def cli(
     env: dict[str, str], *args: str, within: float = 180.0
 ) -> subprocess.CompletedProcess[str]:
     """``creditwatch <args>`` as a process with the case's environment."""
-    argv = [sys.executable, "-m", "services.cli", *args]
+    argv = [sys.executable, "-m", "tools.cli", *args]
     try:
         return await asyncio.to_thread(
             subprocess.run,

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.infra import servers
+from harness import servers
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,7 @@ KAFKA_PREFIX = "creditwatch-kafka-"
 # restart it, report its dir and wait to be SIGKILLed.
 RUN_B = """
 import json, sys
-from tests.infra import servers
+from harness import servers
 pg = servers.PostgresServer.start()
 if sys.argv[1] == "stop":
     kafka = servers.KafkaServer.start()
@@ -50,7 +50,7 @@ else:
 # A detached server, as `scripts/test-infra start` leaves one: its harness exits at once.
 DETACHED = """
 import json
-from tests.infra import servers
+from harness import servers
 pg = servers.PostgresServer.start(die_with_parent=False)
 print(json.dumps(pg.detach()), flush=True)
 """

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
+from harness.processes import APPROVE, READ, WRITE
 from tests.faults.support import (
     MAKER_CHECKER_MIX,
     SERVICES,
@@ -34,7 +35,6 @@ from tests.faults.support import (
     running_system,
     workload,
 )
-from tests.processes import APPROVE, READ, WRITE
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.servers import KafkaServer, PostgresServer
 from tests.faults.support import (
     SERVICES,
     FaultSystem,
@@ -27,7 +28,6 @@ from tests.faults.support import (
     running_system,
     workload,
 )
-from tests.infra.servers import KafkaServer, PostgresServer
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 

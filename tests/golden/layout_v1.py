@@ -17,9 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from harness import servers
 from tests.golden import runner
 from tests.golden import streams as st
-from tests.infra import servers
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "layout_v1"
 SEED = 11  # the golden stream the stores hold (tests/golden/data/11 is what they answer)

@@ -53,7 +53,6 @@ from urllib.parse import quote
 
 import httpx
 
-from services import registry
 from services.schema import upgrade
 from shared.auth import Principal, TokenRegistry
 from shared.policy import Policy, load_policy
@@ -61,6 +60,7 @@ from shared.runtime import OutboxRelay, Record
 from shared.service import ServiceHost
 from shared.settings import Settings
 from tests.golden import streams as st
+from tools import registry
 
 ORDER = ("assessment", "limits", "alerts")  # the fixed order of every round
 CONSUMED_BATCH_MAX = 500  # records per consumed batch (the consumer's default max_records)

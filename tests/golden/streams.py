@@ -7,7 +7,7 @@ plays one through the three services and captures what they publish and answer.
 
 The stream is made here from a seeded ``random.Random`` and integer arithmetic only (amounts
 are ``Decimal`` built from whole cents, never through float), and depends on no product
-module: a change to the product (or to ``services/simulate.py``) must never change the
+module: a change to the product (or to ``tools/simulate.py``) must never change the
 stream it is judged on. ``fingerprint`` names a stream's exact content; the golden files
 record it, so an edit here shows up as "the stream changed", not as a wrong output.
 

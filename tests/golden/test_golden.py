@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from harness import servers
 from tests.golden import files, runner
 from tests.golden import streams as st
-from tests.infra import servers
 
 
 def _sqlite(tmp_path: Path) -> str:

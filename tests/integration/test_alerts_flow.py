@@ -15,6 +15,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from sqlalchemy import func, select
 
+from harness.servers import create_topics_async
 from services.alerts import store
 from services.alerts.app import build
 from shared.auth import Principal, TokenRegistry
@@ -24,7 +25,6 @@ from shared.policy import load_policy
 from shared.service import ServiceHost
 from shared.settings import Settings
 from tests.databases import reset
-from tests.infra.servers import create_topics_async
 
 pytestmark = pytest.mark.integration
 

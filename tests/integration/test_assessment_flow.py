@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from harness.servers import create_topics_async
 from services.assessment.app import build
 from shared.auth import Principal, TokenRegistry
 from shared.service import ServiceHost
 from shared.settings import Settings
 from tests.databases import reset
-from tests.infra.servers import create_topics_async
 
 pytestmark = pytest.mark.integration
 

@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
+from harness import factories as f
 from services.limits import store
 from services.limits.handlers import LimitsService
 from shared.db import make_engine
 from shared.policy import load_policy
 from shared.runtime import EventCore
 from shared.settings import Settings
-from tests import factories as f
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +28,7 @@ def creditwatch(*args: str, url: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITWATCH_")}
     env["CREDITWATCH_DATABASE_URL"] = url
     return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
+        [sys.executable, "-m", "tools.cli", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -74,7 +74,7 @@ def test_upgrade_replay_and_verify_from_the_command_line(kind, tmp_path, request
         url = f"sqlite+aiosqlite:///{tmp_path}/{{service}}.db"
         limits_url = url.format(service="limits")
     else:
-        from tests.infra import servers
+        from harness import servers
 
         url = limits_url = servers.create_database(request.getfixturevalue("postgres_server_url"))
     # Given a migrated database with some consumed events
@@ -108,8 +108,8 @@ def test_an_unknown_service_is_refused_with_the_choices(tmp_path):
 
 
 def test_serve_stops_gracefully_on_sigterm_and_exits_zero(tmp_path, request):
-    from tests.infra import servers
-    from tests.processes import ServiceProcess, service_env
+    from harness import servers
+    from harness.processes import ServiceProcess, service_env
 
     # Given a running limits service on real PostgreSQL and Kafka
     url = servers.create_database(request.getfixturevalue("postgres_server_url"))
@@ -128,9 +128,9 @@ def test_given_offsets_of_another_log_when_shown_and_reset_then_the_operator_see
     broker's log, and move them (only with --yes)."""
     import uuid
 
+    from harness import e2e as e2e
+    from harness.servers import create_database
     from shared import eventstore as es
-    from tests.e2e import support as e2e
-    from tests.infra.servers import create_database
 
     url = create_database(postgres_server_url)
     assert creditwatch("db", "upgrade", url=url).returncode == 0
@@ -150,7 +150,7 @@ def test_given_offsets_of_another_log_when_shown_and_reset_then_the_operator_see
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         clean = {k: v for k, v in os.environ.items() if not k.startswith("CREDITWATCH_")}
         return subprocess.run(
-            [sys.executable, "-m", "services.cli", *args],
+            [sys.executable, "-m", "tools.cli", *args],
             env={**clean, **env, "CREDITWATCH_DATABASE_URL": url},
             cwd=ROOT,
             capture_output=True,

@@ -18,11 +18,13 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from harness import factories as f
+from harness import servers
+from harness.processes import ServiceProcess, service_env
+from harness.streams import Item
 from services.limits import store
 from shared import eventstore as es
 from shared.db import make_engine
-from tests import factories as f
-from tests.infra import servers
 from tests.integration.test_ingestion import (
     create,
     end_offsets,
@@ -30,8 +32,6 @@ from tests.integration.test_ingestion import (
     topic_env,
     wait_caught_up,
 )
-from tests.processes import ServiceProcess, service_env
-from tests.streams import Item
 
 pytestmark = pytest.mark.integration
 

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from harness import factories as f
 from services.limits import store
 from services.limits.events import HoldPlaced
 from services.limits.handlers import LimitsService
@@ -20,7 +21,6 @@ from shared.events import new_event
 from shared.policy import load_policy
 from shared.runtime import EventCore
 from shared.settings import Settings
-from tests import factories as f
 
 pytestmark = pytest.mark.integration
 
@@ -231,8 +231,8 @@ async def test_a_batch_rolled_back_after_its_fold_leaves_no_trace_in_later_batch
         id="hold-1",
         time=f.T0,
     )
-    async with engine.begin() as conn:
-        await core.submit(conn, [hold])
+    async with core.transaction() as uow:
+        await core.record(uow, [hold])
     # …then the consumer's next batch must not build on the rolled-back fold
     await core.process_records(f.records([f.payment("C1", "P1", "11.00")]))
     assert await exposure_of(engine, "C1") == "89.00"

@@ -17,13 +17,13 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from services.registry import SERVICES, build
+from harness import servers
 from services.schema import upgrade
 from shared.auth import SCOPES, Principal, TokenRegistry
 from shared.problems import PROBLEM_CONTENT_TYPE
 from shared.service import ServiceHost
 from shared.settings import Settings
-from tests.infra import servers
+from tools.registry import SERVICES, build
 
 pytestmark = pytest.mark.integration
 

@@ -23,10 +23,10 @@ from typing import Any
 import httpx
 import pytest
 
+from harness import servers
 from services.limits import checks as limits_checks
 from services.limits.checks import CheckOrder, PostgresChecks, Verdict
 from services.limits.handlers import LimitsService
-from services.registry import SERVICES, build
 from services.schema import upgrade
 from shared.auth import SCOPES, Principal, TokenRegistry
 from shared.db import make_engine
@@ -35,7 +35,7 @@ from shared.problems import PROBLEM_CONTENT_TYPE
 from shared.runtime import EventCore, Record
 from shared.settings import Settings
 from shared.transient import is_transient
-from tests.infra import servers
+from tools.registry import SERVICES, build
 
 pytestmark = pytest.mark.integration
 

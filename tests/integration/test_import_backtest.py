@@ -29,8 +29,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from sqlalchemy import select
 
-from services import registry
-from services import simulate as sim
+from harness import servers
+from harness.processes import READ, ServiceProcess, service_env
 from services.assessment import store as assessment_store
 from services.limits import store as limits_store
 from services.limits.app import build as build_limits
@@ -41,8 +41,8 @@ from shared.db import make_engine
 from shared.policy import Policy, load_policy, parse_policy
 from shared.runtime import EventCore, Record
 from shared.settings import Settings
-from tests.infra import servers
-from tests.processes import READ, ServiceProcess, service_env
+from tools import registry
+from tools import simulate as sim
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,7 +64,7 @@ INPUTS = ("crm.customers", "ar.invoices", "ar.payments")
 
 def cli(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
+        [sys.executable, "-m", "tools.cli", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -523,8 +523,8 @@ async def test_a_backtest_reports_what_a_stricter_policy_implies_and_changes_not
 
 
 def test_derived_events_are_slotted_in_after_the_events_of_their_instant() -> None:
-    from services.backtest import BacktestError, Window, make_window, merge, parse_bound
     from shared.events import Envelope
+    from tools.backtest import BacktestError, Window, make_window, merge, parse_bound
 
     def env(n: int, minute: int, type_: str = "invoice.issued") -> tuple[Envelope, Any]:
         return Envelope.model_construct(

@@ -1,4 +1,4 @@
-"""Smoke tests for the real-infrastructure harness (tests/infra).
+"""Smoke tests for the real-infrastructure harness (harness/).
 
 They prove the session fixtures hand out a real PostgreSQL (reached through SQLAlchemy's
 asyncpg driver, as the services do) and a real Apache Kafka (topics, keyed produce and a
@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from tests.infra.servers import create_topics_async
+from harness.servers import create_topics_async
 
 pytestmark = pytest.mark.integration
 

@@ -22,6 +22,7 @@ import pytest
 from services.limits import store
 from services.limits.app import build, refresh_portfolio_gauges
 from services.limits.checks import CheckOrder, PostgresChecks, Verdict
+from services.limits.handlers import LimitsService
 from shared import eventstore as es
 from shared import metrics
 from shared.auth import Principal, TokenRegistry
@@ -1765,10 +1766,10 @@ async def test_given_one_check_that_fails_in_a_batch_then_only_it_fails(
     service: Any = svc.host.core.service
     fold = service.fold
 
-    def failing_fold(tx: Any, loaded: Any, events: Any) -> Any:
+    def failing_fold(uow: Any, events: Any) -> Any:
         if any(getattr(e.event, "order_id", None) == "SO-BAD" for e in events):
             raise RuntimeError("a fault in one check")
-        return fold(tx, loaded, events)
+        return fold(uow, events)
 
     monkeypatch.setattr(service, "fold", failing_fold)
     tx_before = _batch_histogram()[1]
@@ -1869,7 +1870,10 @@ def _skipped() -> float:
 
 
 def _replica(svc: Service) -> PostgresChecks:
-    checks = PostgresChecks(svc.host.core.service, svc.host.core)  # type: ignore[arg-type]
+    """The checks of another process: a service of its own (its own repository, so its own
+    cache of committed states) on the same database."""
+    own = LimitsService(Settings(), svc.host.core.service.policy)  # type: ignore[attr-defined]
+    checks = PostgresChecks(own, svc.host.core)
     svc.host.closers.append(checks.close)
     return checks
 

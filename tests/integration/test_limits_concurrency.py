@@ -13,15 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness import factories as f
+from harness import servers
+from harness.processes import CHECK, READ, ServiceProcess, service_env
 from services.limits.handlers import LimitsService
 from services.schema import upgrade
 from shared.db import make_engine
 from shared.policy import load_policy
 from shared.runtime import EventCore
 from shared.settings import Settings
-from tests import factories as f
-from tests.infra import servers
-from tests.processes import CHECK, READ, ServiceProcess, service_env
 
 pytestmark = pytest.mark.integration
 

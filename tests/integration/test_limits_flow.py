@@ -19,6 +19,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.servers import create_topics_async
 from services.limits.app import build
 from shared.auth import Principal, TokenRegistry
 from shared.db import make_engine
@@ -26,7 +27,6 @@ from shared.events import ExposureUpdated, LimitChanged
 from shared.service import ServiceHost
 from shared.settings import Settings
 from tests.databases import reset
-from tests.infra.servers import create_topics_async
 
 pytestmark = pytest.mark.integration
 

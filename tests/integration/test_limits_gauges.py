@@ -8,13 +8,13 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bench.credit_check import assessed
+from harness import factories as f
 from services.limits.app import refresh_portfolio_gauges
 from services.limits.handlers import LimitsService
 from shared import metrics
 from shared.policy import load_policy
 from shared.runtime import EventCore
 from shared.settings import Settings
-from tests import factories as f
 
 pytestmark = pytest.mark.integration
 

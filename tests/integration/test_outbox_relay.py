@@ -245,8 +245,8 @@ async def test_an_unreachable_database_is_retried_not_fatal(
 ) -> None:
     """Leading needs the database; while it is away the relay keeps trying (the consumer
     does the same), instead of ending the service's loops."""
+    from harness.servers import free_port
     from shared.db import make_engine
-    from tests.infra.servers import free_port
 
     monkeypatch.setattr("aiokafka.AIOKafkaProducer", FakeKafka)
     engine = make_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/nothing")

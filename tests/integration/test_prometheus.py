@@ -24,11 +24,10 @@ import pytest
 import yaml
 from aiokafka import AIOKafkaProducer
 
-from services.registry import SERVICES, all_topics
+from harness import factories, servers
+from harness.processes import CHECK, ServiceProcess, service_env
 from shared.settings import Settings
-from tests import factories
-from tests.infra import servers
-from tests.processes import CHECK, ServiceProcess, service_env
+from tools.registry import SERVICES, all_topics
 
 pytestmark = pytest.mark.integration
 
@@ -456,7 +455,7 @@ def running(
         **topics,
     )
     migrated = subprocess.run(
-        [sys.executable, "-m", "services.cli", "db", "upgrade"],
+        [sys.executable, "-m", "tools.cli", "db", "upgrade"],
         env=env,
         cwd=REPO,
         capture_output=True,

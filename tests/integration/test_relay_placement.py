@@ -11,13 +11,13 @@ import httpx
 import pytest
 from sqlalchemy import text
 
+from harness import factories as f
+from harness import servers
+from harness.e2e import Tap, create_topics, new_prefix, topic_env
+from harness.processes import CHECK, ServiceProcess, service_env
 from services.limits import store
 from shared.db import make_engine
-from tests import factories as f
-from tests.e2e.support import Tap, create_topics, new_prefix, topic_env
-from tests.infra import servers
 from tests.integration.test_limits_concurrency import assessed, seed
-from tests.processes import CHECK, ServiceProcess, service_env
 
 pytestmark = pytest.mark.integration
 

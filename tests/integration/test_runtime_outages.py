@@ -19,7 +19,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
-from services import registry
+from harness import e2e as e2e
+from harness.servers import KafkaServer, PostgresServer, create_database
 from services.limits import store
 from shared import eventstore as es
 from shared import metrics
@@ -27,8 +28,7 @@ from shared.auth import Principal, TokenRegistry
 from shared.runtime import ConsumerLoop, EventCore, NewLogError
 from shared.service import ServiceHost
 from shared.settings import Settings
-from tests.e2e import support as e2e
-from tests.infra.servers import KafkaServer, PostgresServer, create_database
+from tools import registry
 
 pytestmark = pytest.mark.integration
 

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import make_url
 
+from harness import servers
 from tests.golden import files, runner
 from tests.golden import streams as st
-from tests.infra import servers
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,7 @@ def creditwatch(*args: str, url: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITWATCH_")}
     env["CREDITWATCH_DATABASE_URL"] = url
     return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
+        [sys.executable, "-m", "tools.cli", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,

@@ -418,16 +418,17 @@ async def test_the_consumer_reuses_the_states_it_committed_without_reading_them_
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     read: list[list[str]] = []
-    real = store.read_states
+    repository = world.core.service.repository  # type: ignore[attr-defined]
+    real = repository.read
 
-    async def counting(conn: Any, ids: Any) -> dict[str, str]:
-        read.append(sorted(ids))
-        return await real(conn, ids)
+    async def counting(conn: Any, rows: Any) -> Any:
+        read.append(sorted(rows))
+        return await real(conn, rows)
 
-    monkeypatch.setattr(store, "read_states", counting)
+    monkeypatch.setattr(repository, "read", counting)
     await world.consume(world.record(exposure_event("C-1", "95000.00", n=1), "credit.exposure"))
     await world.consume(world.record(exposure_event("C-1", "96000.00", n=2), "credit.exposure"))
-    assert read == [[], []]  # new, then known and unchanged since: no document read
+    assert read == []  # new, then known and unchanged since: no document read
     assert await world.core.verify() == []
 
 

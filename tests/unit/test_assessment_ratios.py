@@ -254,13 +254,16 @@ def test_given_a_prior_in_another_currency_when_growth_is_computed_then_it_is_co
 # ---- from the event ---------------------------------------------------------------------------
 
 
+def evolve(state: domain.CustomerState, data: Any) -> domain.CustomerState:
+    event = domain.Event("financial_statement.published", data, RECEIVED)
+    return domain.evolve(state, event, POLICY)
+
+
 def test_given_a_statement_in_another_currency_when_folded_then_it_is_converted_and_ratios_hold() -> (
     None
 ):
     state = domain.new_customer("C-1", POLICY)  # credit currency EUR
-    folded = domain.apply(
-        state, "financial_statement.published", published(currency="USD"), RECEIVED, POLICY
-    )
+    folded = evolve(state, published(currency="USD"))
     converted = folded.statements["S-2025"]
     assert converted.currency == "EUR"
     assert converted.total_assets == D("920.00")  # 1000 USD at 0.92
@@ -272,17 +275,15 @@ def test_given_a_statement_in_a_currency_without_rate_when_folded_then_it_is_a_n
 ):
     state = domain.new_customer("C-1", POLICY)
     with pytest.raises(DeadLetter) as caught:
-        domain.apply(
-            state, "financial_statement.published", published(currency="KRW"), RECEIVED, POLICY
-        )
+        evolve(state, published(currency="KRW"))
     assert caught.value.reason == "no_fx_rate"
     assert "KRW" in caught.value.error
 
 
 def test_given_a_restated_statement_when_folded_then_it_replaces_the_earlier_figures() -> None:
     state = domain.new_customer("C-1", POLICY)
-    state = domain.apply(state, "financial_statement.published", published(), RECEIVED, POLICY)
+    state = evolve(state, published())
     restated = published(income_statement={"revenue": "1200.00", "net_income": "-60.00"})
-    state = domain.apply(state, "financial_statement.published", restated, RECEIVED, POLICY)
+    state = evolve(state, restated)
     assert len(state.statements) == 1
     assert domain.financial_ratios(state, POLICY)["net_margin"] == D("-0.0500")

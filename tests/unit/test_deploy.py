@@ -5,7 +5,7 @@ the ports, and the metric names shared/metrics.py registers.
 
 The Kubernetes checks run on what `kustomize build` renders for each overlay, and the rendered
 manifests and docker-compose.yml go through schema validators (kubernetes-validate and
-check-jsonschema, with the schemas those packages ship): tests/infra/servers.py installs the
+check-jsonschema, with the schemas those packages ship): harness/servers.py installs the
 three tools into the cache when missing (scripts/test-infra fetch does it up front)."""
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ import typer.main
 import yaml
 from prometheus_client import REGISTRY
 
-from services import cli, registry
 from shared import metrics
 from shared.auth import parse_tokens
 from shared.settings import Settings
-from tests.infra import servers
+from harness import servers
+from tools import cli, registry
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -455,7 +455,7 @@ Docs = list[dict[str, Any]]
 
 
 def tool_or_fail(install: Any) -> Path:
-    """A validator from tests/infra/servers.py (installed when missing): a machine that cannot
+    """A validator from harness/servers.py (installed when missing): a machine that cannot
     have it fails the test, as a missing server does."""
     try:
         path: Path = install()

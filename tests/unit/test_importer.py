@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from services import importer
-from services.cli import app
-from services.importer import ImportFileError, Message, plan_import, run_import
 from shared.events import decode, parse
 from shared.policy import load_policy
 from shared.settings import Settings
+from tools import importer
+from tools.cli import app
+from tools.importer import ImportFileError, Message, plan_import, run_import
 
 SETTINGS = Settings()
 POLICY = load_policy()

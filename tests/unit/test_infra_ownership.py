@@ -1,4 +1,4 @@
-"""The test harness's rule for which server temp dirs a sweep may delete (tests/infra/servers.py).
+"""The test harness's rule for which server temp dirs a sweep may delete (harness/servers.py).
 
 Several harness runs share a machine; each sweeps the dirs that SIGKILLed runs left behind.
 The rule must never pick a dir that a live run owns - whose server may have been restarted
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.infra.servers import (
+from harness.servers import (
     DirFacts,
     OwnerRecord,
     ProcessIdentity,
@@ -21,8 +21,8 @@ from tests.infra.servers import (
     process_identity,
     sweep_decision,
 )
-from tests.infra.servers import _names_dir as names_dir
-from tests.infra.servers import _read_owner_record as read_owner_record
+from harness.servers import _names_dir as names_dir
+from harness.servers import _read_owner_record as read_owner_record
 
 BOOT = "3f1c2a4e-boot"
 HARNESS = ProcessIdentity(pid=4100, start_ticks=90_000)

@@ -10,7 +10,7 @@ import pytest
 
 from services.limits import checks
 from services.limits import events as ev
-from services.limits.handlers import LimitsService, Loaded
+from services.limits.handlers import LimitsLoaded, LimitsService
 from shared.events import new_event
 from shared.settings import Settings
 from tests.unit.test_limits_domain import CID, POLICY, T0, rated
@@ -34,7 +34,7 @@ def test_the_decision_event_is_what_validation_would_build(
     state = rated(grade) if grade else checks.domain.new_customer(CID, POLICY)  # no limit
     service = LimitsService(Settings(), POLICY)
     context = checks.CheckContext(
-        {CID: Loaded.committed(state, None, 1)}, None, None, Decimal(0), 0
+        {CID: LimitsLoaded(state, 1, state, None)}, None, None, Decimal(0), 0
     )
     order = checks.CheckOrder("SO-1", CID, Decimal(amount), "EUR", reserve, "orders")
 

@@ -170,3 +170,18 @@ async def test_an_arbitrary_method_does_not_mint_a_new_series(
         "status": "405",
     }
     assert _sample("creditwatch_http_requests_total", labels) == 1
+
+
+def test_the_build_info_names_the_release_and_python() -> None:
+    import platform
+    from importlib import metadata
+
+    from prometheus_client import generate_latest
+
+    from shared.metrics import describe_build
+
+    describe_build()
+    text = generate_latest().decode()
+    line = next(x for x in text.splitlines() if x.startswith("creditwatch_build_info{"))
+    assert f'version="{metadata.version("creditwatch")}"' in line
+    assert f'python="{platform.python_version()}"' in line

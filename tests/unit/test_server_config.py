@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from services.cli import server_config
 from shared.settings import Settings
+from tools.cli import server_config
 
 
 def test_idle_connections_outlive_those_of_the_usual_clients() -> None:

@@ -3,7 +3,7 @@
 Why a plugin: the servers are expensive compared to a unit test, so they are session-scoped
 and started lazily - a run that selects only unit tests never pays for them - and torn down
 at session end. Enable it from tests/conftest.py with
-``pytest_plugins = ["tests.infra.plugin"]``.
+``pytest_plugins = ["harness.plugin"]``.
 
 Fixtures:
 
@@ -38,8 +38,8 @@ from typing import TypeVar
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.infra import servers
-from tests.infra.servers import DATABASE_URL_ENV, KAFKA_BOOTSTRAP_ENV
+from harness import servers
+from harness.servers import DATABASE_URL_ENV, KAFKA_BOOTSTRAP_ENV
 
 _T = TypeVar("_T")
 _startup_notes = pytest.StashKey[list[str]]()

@@ -22,11 +22,11 @@ import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from harness import servers
+from harness.processes import ALL, ServiceProcess, service_env
 from shared import eventstore as es
 from shared.db import make_engine
 from shared.events import TOPIC_OF_TYPE
-from tests.infra import servers
-from tests.processes import ALL, ServiceProcess, service_env
 
 # Contract topic → the settings' environment suffix (CREDITWATCH_TOPIC_<suffix>).
 TOPIC_ENV = {

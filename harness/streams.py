@@ -10,7 +10,7 @@ from datetime import date, timedelta
 from decimal import Decimal
 from typing import Any
 
-from tests import factories as f
+from harness import factories as f
 
 MALFORMED_KINDS = (
     "invalid_json",

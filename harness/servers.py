@@ -98,7 +98,7 @@ __all__ = [
 DATABASE_URL_ENV = "CREDITWATCH_TEST_DATABASE_URL"
 KAFKA_BOOTSTRAP_ENV = "CREDITWATCH_TEST_KAFKA_BOOTSTRAP"
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 KAFKA_POM = REPO_ROOT / "deploy" / "kafka" / "pom.xml"
 
 LOOPBACK = "127.0.0.1"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
@@ -61,17 +64,36 @@ def core_for(
     return core, engine
 
 
-def upgrade(settings: Settings, names: list[str]) -> list[str]:
-    """Migrate each distinct database the named services use; returns the URLs done."""
+def upgrade(
+    settings: Settings,
+    names: list[str],
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[str]:
+    """Migrate each service's database; where a migration changed the layout of its
+    projections, rebuild them from its event store (a replay). Returns what was done."""
     from services.schema import upgrade_url
     from shared.settings import redact_url
 
     done: list[str] = []
     for name in names:
         url = settings.database_url_for(name)
-        upgrade_url(url, name)
+        rebuild = upgrade_url(url, name)
         done.append(f"{name}: {redact_url(url)}")
+        if rebuild:
+            count = asyncio.run(_rebuild(name, settings, progress))
+            done.append(f"{name}: projections rebuilt from {count} stored events")
     return done
+
+
+async def _rebuild(
+    name: str, settings: Settings, progress: Callable[[str, int, int], None] | None
+) -> int:
+    core, engine = core_for(name, settings)
+    try:
+        step = None if progress is None else functools.partial(progress, name)
+        return await core.replay(step)
+    finally:
+        await engine.dispose()
 
 
 def all_topics(settings: Settings) -> list[str]:

@@ -21,10 +21,10 @@ import typer
 import uvicorn
 from uvicorn.loops.auto import auto_loop_factory
 
-from services import devbroker, registry
 from shared.auth import TokenRegistry
 from shared.runtime import tune_gc
 from shared.settings import ConfigError, Settings, load_settings
+from tools import devbroker, registry
 
 app = typer.Typer(
     add_completion=False,
@@ -117,6 +117,16 @@ def serve(
         tokens = TokenRegistry.from_settings(settings)
         if migrate:
             registry.upgrade(settings, [name])
+        else:
+            from services.schema import pending
+
+            current, head = pending(settings.database_url_for(name), name)
+            if current != head:
+                raise ConfigError(
+                    f"its database is at revision {current or 'none'}, this version needs "
+                    f"{head}: run `creditwatch db upgrade` first (it rebuilds projections "
+                    "whose layout changed)"
+                )
         fastapi_app, _host = registry.build(
             name, settings, tokens=tokens, consume=consume, relay=relay
         )
@@ -400,7 +410,7 @@ def simulate(
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same history)")] = 7,
 ) -> None:
     """Publish a realistic synthetic history to the input topics."""
-    from services import simulate as sim
+    from tools import simulate as sim
 
     settings = _settings()
     _setup_logging(settings)
@@ -467,8 +477,8 @@ def import_open_items(
     ] = False,
 ) -> None:
     """Initial load of an existing ledger (help: _IMPORT_HELP)."""
-    from services import importer
     from shared.policy import PolicyError, load_policy
+    from tools import importer
 
     settings = _settings()
     _setup_logging(settings)
@@ -549,8 +559,8 @@ def backtest(
     format_: Annotated[str, typer.Option("--format", help="text | json")] = "text",
 ) -> None:
     """Replay history under a candidate policy and report what would have differed."""
-    from services import backtest as bt
     from shared.policy import PolicyError, load_policy
+    from tools import backtest as bt
 
     if format_ not in ("text", "json"):
         typer.secho("--format must be text or json", fg="red", err=True)
@@ -687,7 +697,7 @@ def _sqlite_stores(settings: Settings) -> list[Path]:
 async def _dev(
     settings: Settings, tokens: TokenRegistry, *, demo: bool, demo_customers: int
 ) -> None:
-    from services import simulate as sim
+    from tools import simulate as sim
 
     await asyncio.to_thread(registry.upgrade, settings, list(registry.SERVICES))
     await registry.create_topics(settings)

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from tests.infra.servers import free_port
+from harness.servers import free_port
 
 CHECK = "tok-order-entry"
 READ = "tok-reader"
@@ -76,7 +76,7 @@ class ServiceProcess:
             [
                 sys.executable,
                 "-m",
-                "services.cli",
+                "tools.cli",
                 "serve",
                 self.service,
                 "--port",

@@ -58,7 +58,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from services import registry
 from services.alerts import store as alerts_store
 from services.assessment import store as assessment_store
 from services.limits import domain as limits_domain
@@ -69,6 +68,7 @@ from shared.events import DeadLetter, Envelope
 from shared.policy import Policy
 from shared.runtime import PROCESSING_ERROR, Incoming, Tx
 from shared.settings import Settings, redact_url
+from tools import registry
 
 ASSESSED = "assessment.completed"
 EXPOSURE = "exposure.updated"
@@ -281,9 +281,12 @@ async def fold(
     cache: dict[str, Any] = {}
 
     async def handle(events: list[Incoming]) -> None:
-        tx = Tx(conn, now, replaying=not collect, scratch=cache)
+        tx = Tx(conn, now, replaying=not collect, states=cache)
         async with conn.begin_nested():
             await service.handle(tx, events)
+            flush = getattr(service, "flush", None)
+            if tx.replaying and flush is not None:
+                await flush(tx)  # its rows now: the judging reads them
         result.outputs += [env for _, env in tx.outbox]
         for _, dl in tx.rejected:
             result.rejected[dl.reason] += 1
@@ -535,7 +538,7 @@ async def simulate(
         # detections are kept, but they only count where the review date is the same).
         seq = len(al_stream) + 1
         for _ in range(100):
-            due = _reparse(al_svc, await al_svc.due_events(conn, now), al_fold.rejected)
+            due = _reparse(al_svc, await al_svc.due_events(Tx(conn, now)), al_fold.rejected)
             if not due:
                 break
             more = await fold(conn, al_svc, due, now=now, collect=False, first_seq=seq)

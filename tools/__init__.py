@@ -1,0 +1,1 @@
+"""The creditwatch command and the tools it drives (dev, simulate, import, backtest)."""
