@@ -27,10 +27,10 @@ import typer.main
 import yaml
 from prometheus_client import REGISTRY
 
+from harness import servers
 from shared import metrics
 from shared.auth import parse_tokens
 from shared.settings import Settings
-from harness import servers
 from tools import cli, registry
 
 REPO = Path(__file__).resolve().parents[2]
