@@ -25,8 +25,8 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 from typer.testing import CliRunner
 
-from services import cli, devbroker, simulate
 from shared.settings import Settings
+from tools import cli, devbroker, simulate
 
 REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
@@ -233,18 +233,18 @@ def test_no_module_of_the_runtime_needs_the_dev_extra_or_the_test_tools() -> Non
         "import importlib, pkgutil, sys\n"
         f"for name in {blocked!r}:\n"
         "    sys.modules[name] = None\n"
-        "import shared, services\n"
-        "for package in (shared, services):\n"
+        "import shared, services, tools\n"
+        "for package in (shared, services, tools):\n"
         "    for module in pkgutil.walk_packages(package.__path__, package.__name__ + '.'):\n"
         "        if not module.name.startswith('services.migrations'):  # alembic loads them\n"
         "            importlib.import_module(module.name)\n"
-        "from services.cli import app\n"
+        "from tools.cli import app\n"
         "from typer.testing import CliRunner\n"
         "result = CliRunner().invoke(app, ['--help'])\n"
         "assert result.exit_code == 0, result.output\n"
         "print('imported')\n"
     )
-    # When every module of shared/ and services/ is imported and the CLI asked for --help
+    # When every module of shared/, services/ and tools/ is imported and the CLI asked for --help
     done = subprocess.run(
         [sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True, timeout=120
     )
