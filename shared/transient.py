@@ -71,6 +71,13 @@ def _one_is_transient(exc: BaseException) -> bool:
         # ("connection is closed"); its other InterfaceErrors are misuse, i.e. bugs.
         if isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc):
             return True
+        # A connection lost in the middle of an operation is left in that operation's state,
+        # and its next use says "cannot switch to state …; another operation is in progress"
+        # (seen on the relay's connection when PostgreSQL shut down): a dead connection too.
+        if isinstance(exc, asyncpg.exceptions._base.InternalClientError) and (
+            "another operation" in str(exc) and "in progress" in str(exc)
+        ):
+            return True
     if module.startswith("aiokafka"):
         from aiokafka import errors as kafka_errors
 
