@@ -29,6 +29,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     ValidationInfo,
+    WithJsonSchema,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -218,25 +219,61 @@ def _plain_decimal(value: Decimal) -> str:
 
 _AS_PLAIN_STRING: Final = PlainSerializer(_plain_decimal, return_type=str, when_used="json")
 
+# What the published JSON Schemas say of the types below (tools/schemas.py): the
+# validators accept more Python values than JSON can carry, so their own schemas are vague.
+_MAX_AMOUNT_NUMBER: Final = 10**15
+
+
+def _decimal_schema(
+    pattern: str, *, minimum: int | None = None, exclusive: bool = False, maximum: bool = True
+) -> tuple[WithJsonSchema, WithJsonSchema]:
+    """Decimal fields: written as decimal strings; read from strings or exact JSON numbers."""
+    written: dict[str, Any] = {"type": "string", "pattern": pattern}
+    number: dict[str, Any] = {"type": "number"}
+    if minimum is not None:
+        number["exclusiveMinimum" if exclusive else "minimum"] = minimum
+    if maximum:
+        number["maximum"] = _MAX_AMOUNT_NUMBER
+        if minimum is None:
+            number["minimum"] = -_MAX_AMOUNT_NUMBER
+    return (
+        WithJsonSchema(written, mode="serialization"),
+        WithJsonSchema({"anyOf": [written, number]}, mode="validation"),
+    )
+
+
+_POSITIVE_PATTERN: Final = r"^(?=.*[1-9])[0-9]{1,40}(\.[0-9]{1,40})?$"
+_UNSIGNED_PATTERN: Final = r"^[0-9]{1,40}(\.[0-9]{1,40})?$"
+_SIGNED_PATTERN: Final = r"^-?[0-9]{1,40}(\.[0-9]{1,40})?$"
+
 NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
 StrictInt = Annotated[int, Strict()]
 StrictBool = Annotated[bool, Strict()]
-CurrencyCode = Annotated[str, BeforeValidator(_currency)]
+CurrencyCode = Annotated[
+    str,
+    BeforeValidator(_currency),
+    WithJsonSchema({"type": "string", "pattern": "^[A-Z]{3}$", "description": "ISO 4217"}),
+]
 IsoDate = Annotated[dt.date, BeforeValidator(_iso_date)]
 EventTimestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339_parser(INVALID_DATE))]
 Amount = Annotated[
     Decimal,
     BeforeValidator(_amount_parser(allow_zero=False, allow_negative=False)),
     _AS_PLAIN_STRING,
+    *_decimal_schema(_POSITIVE_PATTERN, minimum=0, exclusive=True),
 ]
 """A money amount > 0, exact, in the event's currency's minor units."""
 NonNegativeAmount = Annotated[
     Decimal,
     BeforeValidator(_amount_parser(allow_zero=True, allow_negative=False)),
     _AS_PLAIN_STRING,
+    *_decimal_schema(_UNSIGNED_PATTERN, minimum=0),
 ]
 SignedAmount = Annotated[
-    Decimal, BeforeValidator(_amount_parser(allow_zero=True, allow_negative=True)), _AS_PLAIN_STRING
+    Decimal,
+    BeforeValidator(_amount_parser(allow_zero=True, allow_negative=True)),
+    _AS_PLAIN_STRING,
+    *_decimal_schema(_SIGNED_PATTERN),
 ]
 
 _PLAIN_DECIMAL: Final = re.compile(r"-?[0-9]{1,40}(?:\.[0-9]{1,40})?", re.ASCII)
@@ -258,7 +295,12 @@ def _exact_decimal(value: object) -> Decimal:
     raise _custom_error(INVALID_FIELD, f"expected an exact decimal number, got {_short(value)}")
 
 
-ExactDecimal = Annotated[Decimal, BeforeValidator(_exact_decimal), _AS_PLAIN_STRING]
+ExactDecimal = Annotated[
+    Decimal,
+    BeforeValidator(_exact_decimal),
+    _AS_PLAIN_STRING,
+    *_decimal_schema(r"^-?[0-9]+(\.[0-9]+)?$", maximum=False),
+]
 """Any finite decimal (int, Decimal or numeric string; never float): scores, ratios, and
 the lenient figures of output events."""
 
@@ -274,10 +316,66 @@ def _json_content_type(value: object) -> object:
     return value
 
 
-class Envelope(BaseModel):
-    """A CloudEvents 1.0 event in structured JSON mode. Extension attributes are ignored."""
+# The CloudEvents Kafka protocol binding (structured content mode): the record's
+# content-type header names the event format. A reader that follows the binding takes a
+# record without it for binary mode, where the attributes are in ce_* headers: it would not
+# find them and would read the whole event as its data.
+STRUCTURED_CONTENT_TYPE: Final = "application/cloudevents+json; charset=UTF-8"
+KAFKA_HEADERS: Final[list[tuple[str, bytes]]] = [
+    ("content-type", STRUCTURED_CONTENT_TYPE.encode("ascii"))
+]
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+# W3C Trace Context, as the CloudEvents distributed-tracing extension carries it.
+TRACE_EXTENSIONS: Final = ("traceparent", "tracestate")
+_TRACEPARENT: Final = re.compile(
+    r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-[^\s]*)?", re.ASCII
+)
+_TRACESTATE: Final = re.compile(r"[\x20-\x7e]{1,512}", re.ASCII)
+
+
+def valid_traceparent(value: object) -> bool:
+    """A W3C ``traceparent`` a receiver may continue (Trace Context §3.2): lower-case hex,
+    version not ff, trace id and parent id not all zeros, and version 00 exactly 55
+    characters (a later version may carry more fields, behind a dash)."""
+    if not isinstance(value, str):
+        return False
+    match = _TRACEPARENT.fullmatch(value)
+    if match is None:
+        return False
+    version, trace_id, parent_id, rest = match.groups()
+    if version == "ff" or (version == "00" and rest):
+        return False
+    return trace_id != "0" * 32 and parent_id != "0" * 16
+
+
+def trace_context(extensions: Mapping[str, Any] | None) -> dict[str, str]:
+    """The trace context an output event derived from an event with these extension
+    attributes carries on: its ``traceparent`` (and ``tracestate``) as they came, or nothing
+    when it has none or an invalid one (W3C: an invalid traceparent is ignored, and its
+    tracestate with it). creditwatch records no spans of its own, so it passes the context on
+    unchanged: what consumes the output joins the upstream producer's trace."""
+    if not extensions:
+        return {}
+    parent = extensions.get("traceparent")
+    if not valid_traceparent(parent):
+        return {}
+    assert isinstance(parent, str)
+    out = {"traceparent": parent}
+    state = extensions.get("tracestate")
+    if isinstance(state, str) and _TRACESTATE.fullmatch(state):
+        out["tracestate"] = state
+    return out
+
+
+class Envelope(BaseModel):
+    """A CloudEvents 1.0 event in structured JSON mode.
+
+    Extension attributes (any member besides the context attributes below and ``data``)
+    are kept as they came, in ``extensions``, and written back by ``to_json``; the event
+    store holds them with the event. Which of them output events carry on: ``trace_context``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow")
 
     specversion: Literal["1.0"]
     id: NonEmptyStr
@@ -294,6 +392,16 @@ class Envelope(BaseModel):
     datacontenttype: Annotated[str, BeforeValidator(_json_content_type)] = "application/json"
     data: dict[str, Any]
 
+    @property
+    def extensions(self) -> dict[str, Any]:
+        """The extension attributes, as they came (empty for most events)."""
+        return dict(self.__pydantic_extra__ or {})
+
+    @property
+    def trace(self) -> dict[str, str]:
+        """The W3C trace context that events derived from this one carry on."""
+        return trace_context(self.__pydantic_extra__)
+
     def to_json(self) -> bytes:
         """UTF-8 JSON: Decimals as strings, datetimes RFC 3339 ("Z" for UTC), dates ISO.
 
@@ -301,21 +409,23 @@ class Envelope(BaseModel):
         plain JSON the services build (strings, numbers, booleans, lists, dicts, datetimes)
         in about a third of the time; what it refuses (a Decimal, a lone surrogate, an int
         beyond 64 bits, a key that is not a string) goes through pydantic. A property test
-        holds the two to the same bytes."""
+        holds the two to the same bytes. Extension attributes follow ``data``, where pydantic
+        writes them."""
+        document = {
+            "specversion": self.specversion,
+            "id": self.id,
+            "source": self.source,
+            "type": self.type,
+            "subject": self.subject,
+            "time": self.time,
+            "datacontenttype": self.datacontenttype,
+            "data": self.data,
+        }
+        extra = self.__pydantic_extra__
+        if extra:
+            document.update(extra)
         try:
-            return orjson.dumps(
-                {
-                    "specversion": self.specversion,
-                    "id": self.id,
-                    "source": self.source,
-                    "type": self.type,
-                    "subject": self.subject,
-                    "time": self.time,
-                    "datacontenttype": self.datacontenttype,
-                    "data": self.data,
-                },
-                option=orjson.OPT_UTC_Z,
-            )
+            return orjson.dumps(document, option=orjson.OPT_UTC_Z)
         except TypeError:
             return self.model_dump_json().encode("utf-8")
 
@@ -326,21 +436,43 @@ class Envelope(BaseModel):
 
 
 def trusted_event(
-    type: str, *, source: str, subject: str, data: dict[str, Any], id: str, time: dt.datetime
+    type: str,
+    *,
+    source: str,
+    subject: str,
+    data: dict[str, Any],
+    id: str,
+    time: dt.datetime,
+    extensions: Mapping[str, str] | None = None,
 ) -> Envelope:
     """An output event whose ``data`` the service built itself in JSON form (strings for
     money), skipping validation on the hot path. The shapes are pinned by unit tests that
-    validate them against the contract models; use ``new_event`` everywhere else."""
-    return Envelope.model_construct(
-        specversion="1.0",
-        id=id,
-        source=source,
-        type=type,
-        subject=subject,
-        time=time,
-        datacontenttype="application/json",
-        data=data,
-    )
+    validate them against the contract models; use ``new_event`` everywhere else.
+    ``extensions``: the extension attributes it carries (``trace_context`` of its cause)."""
+    fields: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": id,
+        "source": source,
+        "type": type,
+        "subject": subject,
+        "time": time,
+        "datacontenttype": "application/json",
+        "data": data,
+        **_extensions(extensions),
+    }
+    return Envelope.model_construct(**fields)
+
+
+_ENVELOPE_FIELDS: Final = frozenset(Envelope.model_fields)
+
+
+def _extensions(extensions: Mapping[str, str] | None) -> dict[str, str]:
+    if not extensions:
+        return {}
+    clash = _ENVELOPE_FIELDS.intersection(extensions)
+    if clash:
+        raise ValueError(f"not extension attributes: {sorted(clash)}")
+    return dict(extensions)
 
 
 def _reject_json_constant(name: str) -> object:
@@ -1002,6 +1134,7 @@ def new_event(
     data: BaseModel | Mapping[str, Any],
     id: str,
     time: dt.datetime,
+    extensions: Mapping[str, str] | None = None,
 ) -> Envelope:
     """Build an output event (Decimals become strings, datetimes RFC 3339).
 
@@ -1009,6 +1142,7 @@ def new_event(
     with the same fields (an `AlertRaised` published as `alert.updated`). Raises
     pydantic's ValidationError for data that does not fit, and ValueError when the data's
     customer_id is not the subject: both are bugs in the producer, not dead letters.
+    ``extensions``: the extension attributes it carries (``trace_context`` of its cause).
     """
     model = MODEL_OF_TYPE.get(type)
     if isinstance(data, BaseModel) and (model is None or isinstance(data, model)):
@@ -1029,6 +1163,7 @@ def new_event(
         subject=subject,
         time=time,
         data=payload,
+        **_extensions(extensions),
     )
 
 
@@ -1061,7 +1196,9 @@ def dead_letter_record(
     Its id is stable per (service, topic, partition, offset), so a re-publish after a crash
     is the same event. A value over MAX_RECORD_BYTES keeps its first 64 KiB and is marked
     `value_truncated`; a value or key that is not UTF-8 is carried as base64 and marked
-    `value_encoding` / `key_encoding` "base64".
+    `value_encoding` / `key_encoding` "base64". It carries the record's trace context on
+    (``trace_context``) when the record is a JSON object with a valid ``traceparent``, so a
+    trace shows where its event was set aside.
     """
     data: dict[str, Any] = {
         "error": error,
@@ -1104,4 +1241,16 @@ def dead_letter_record(
         data=data,
         id=f"dlq-{service}-{topic}-{partition}-{offset}",
         time=failed_at,
+        extensions=_trace_of_record(value),
     )
+
+
+def _trace_of_record(value: bytes | None) -> dict[str, str]:
+    # Dead letters are rare, and most records carry no trace: parsed again only then.
+    if not value or len(value) > MAX_RECORD_BYTES or b'"traceparent"' not in value:
+        return {}
+    try:
+        document = json.loads(value, parse_float=Decimal, parse_constant=_reject_json_constant)
+    except (ValueError, RecursionError):
+        return {}
+    return trace_context(document) if isinstance(document, dict) else {}

@@ -29,7 +29,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared import eventstore as es
 from shared import metrics
-from shared.events import DeadLetter, Envelope, dead_letter_record, decode, parse
+from shared.events import (
+    KAFKA_HEADERS,
+    DeadLetter,
+    Envelope,
+    dead_letter_record,
+    decode,
+    parse,
+)
 from shared.transient import Backoff, OutageLog, is_conflict, is_transient
 from shared.unitofwork import LayoutError, UnitOfWork
 
@@ -1311,8 +1318,10 @@ class OutboxRelay:
             bootstrap_servers=self.bootstrap,
             acks="all",
             linger_ms=0,
-            # Off where the broker lacks idempotent producers (the embedded dev broker);
-            # output event ids are stable, so consumers drop re-publications either way.
+            # On unless the broker lacks idempotent producers (the embedded dev broker;
+            # CREDITWATCH_KAFKA_IDEMPOTENT): a send retried after a lost acknowledgement is
+            # then written once. Output event ids are stable, so consumers would drop a
+            # re-publication anyway; idempotence also keeps a partition's order on retries.
             enable_idempotence=self.idempotent,
             **self.client_kwargs,
         )
@@ -1462,8 +1471,9 @@ class OutboxRelay:
         return len(rows)
 
 
-# The CloudEvents Kafka binding (structured mode): the record says what its value is.
-HEADERS = [("content-type", b"application/cloudevents+json; charset=UTF-8")]
+# The CloudEvents Kafka binding (structured mode): the record says what its value is. Every
+# record the relay publishes carries it: output events and dead letters alike.
+HEADERS = KAFKA_HEADERS
 
 
 async def report_outbox(core: EventCore, stop: asyncio.Event, every: float = 5.0) -> None:

@@ -107,6 +107,7 @@ class ServiceHost:
                 linger=s.outbox_linger_ms / 1000,
                 interval=s.outbox_interval_ms / 1000,
                 takeover=s.outbox_takeover_s,
+                idempotent=s.idempotent_producer,
             )
 
     async def start(self) -> None:

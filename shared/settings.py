@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     kafka_ssl_password: SecretStr | None = Field(
         default=None, description="Password of an encrypted kafka_ssl_keyfile."
     )
+    # Idempotent producing (the relay, simulate, import): the broker drops a batch a retry
+    # sends again, so a record is written once and in order even across lost acknowledgements.
+    # Default: on, except in dev mode, whose embedded broker (Tansu) does not offer it.
+    kafka_idempotent: bool | None = None
 
     # --- policy and access ---------------------------------------------------------------
     policy: Path | None = Field(
@@ -247,6 +251,13 @@ class Settings(BaseSettings):
         return {type_: by_default[topic] for type_, topic in TOPIC_OF_TYPE.items()}
 
     @property
+    def idempotent_producer(self) -> bool:
+        """Whether producers ask the broker for idempotence (``kafka_idempotent``)."""
+        if self.kafka_idempotent is not None:
+            return self.kafka_idempotent
+        return not self.dev_mode
+
+    @property
     def on_new_log(self) -> Literal["fail", "restart"]:
         if self.consumer_on_new_log is not None:
             return self.consumer_on_new_log
@@ -283,6 +294,21 @@ class Settings(BaseSettings):
             kwargs["sasl_plain_username"] = self.kafka_sasl_username
             kwargs["sasl_plain_password"] = self.kafka_sasl_password.get_secret_value()
         return kwargs
+
+    def kafka_producer_kwargs(self) -> dict[str, Any]:
+        """``kafka_client_kwargs`` plus the producer's idempotence (``idempotent_producer``)."""
+        return {**self.kafka_client_kwargs(), "enable_idempotence": self.idempotent_producer}
+
+    def producer_failure_hint(self) -> str:
+        """What to add to a producer's failure: an idempotent producer fails against a broker
+        that lacks idempotence (the embedded dev broker answers InitProducerId with an
+        unknown error), which its error does not say."""
+        if not self.idempotent_producer:
+            return ""
+        return (
+            " (the producer is idempotent: a broker without idempotent producers, such as "
+            "the embedded dev broker, needs CREDITWATCH_KAFKA_IDEMPOTENT=false)"
+        )
 
     def _ssl_context(self) -> ssl.SSLContext:
         from aiokafka.helpers import create_ssl_context

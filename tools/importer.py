@@ -33,6 +33,7 @@ from typing import Any, NamedTuple, Protocol
 from pydantic import BaseModel, ValidationError
 
 from shared.events import (
+    KAFKA_HEADERS,
     CustomerRegistered,
     DeadLetter,
     EventData,
@@ -145,13 +146,21 @@ class KafkaPublisher:
             bootstrap_servers=s.kafka_bootstrap,
             acks="all",
             linger_ms=10,
-            enable_idempotence=False,
-            **s.kafka_client_kwargs(),
+            **s.kafka_producer_kwargs(),
         )
         try:
             await producer.start()
-            futures = [await producer.send(m.topic, key=m.key, value=m.value) for m in messages]
+            futures = [
+                # Structured-mode CloudEvents, as the services' own records say.
+                await producer.send(m.topic, key=m.key, value=m.value, headers=KAFKA_HEADERS)
+                for m in messages
+            ]
             await asyncio.gather(*futures)
+        except Exception as exc:
+            hint = s.producer_failure_hint()
+            if not hint:
+                raise
+            raise RuntimeError(f"{type(exc).__name__}: {exc}{hint}") from exc
         finally:
             await producer.stop()
 

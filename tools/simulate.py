@@ -19,6 +19,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
+from shared.events import KAFKA_HEADERS
 from shared.settings import Settings
 
 log = logging.getLogger("creditwatch.simulate")
@@ -353,18 +354,26 @@ async def _send_all(settings: Settings, sims: list[Sim]) -> int:
         bootstrap_servers=settings.kafka_bootstrap,
         acks="all",
         linger_ms=10,
-        enable_idempotence=False,
-        **settings.kafka_client_kwargs(),
+        **settings.kafka_producer_kwargs(),
     )
-    await producer.start()
     try:
+        await producer.start()
         futures = [
             await producer.send(
-                names[s.topic], key=s.event["subject"].encode(), value=json.dumps(s.event).encode()
+                names[s.topic],
+                key=s.event["subject"].encode(),
+                value=json.dumps(s.event).encode(),
+                # Structured-mode CloudEvents, as the services' own records say.
+                headers=KAFKA_HEADERS,
             )
             for s in sims
         ]
         await asyncio.gather(*futures)
+    except Exception as exc:
+        hint = settings.producer_failure_hint()
+        if not hint:
+            raise
+        raise RuntimeError(f"publishing failed: {type(exc).__name__}: {exc}{hint}") from exc
     finally:
         await producer.stop()
     return len(sims)

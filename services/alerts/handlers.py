@@ -125,6 +125,7 @@ class AlertsService:
                         data=domain.alert_body(alert),
                         id=f"{alert.alert_id}-{alert.version}",
                         time=alert.updated_at,
+                        extensions=env.trace,  # the triggering event's trace goes on
                     ),
                 )
                 if change.kind == "raised":

@@ -184,6 +184,7 @@ class AssessmentService:
             data=body,
             id=body.assessment_id,
             time=body.assessed_at,
+            extensions=env.trace,  # the trace of the event that caused it goes on
         )
         uow.emit(self.settings.topic_assessments, out)
         entry.published = out.data

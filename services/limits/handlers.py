@@ -168,10 +168,17 @@ class LimitsService:
             # The customers' rows are written once, by ``flush`` (their history rows now).
             await self.write(uow, writes)
             return
+        # A customer's exposure.updated is named after the last event folded for it (its
+        # seq), and carries that event's trace on.
+        traces = {
+            inc.envelope.subject: inc.envelope.trace
+            for inc in events
+            if touched.get(inc.envelope.subject) == inc.seq
+        }
         items = list(touched.items())
         for start in range(0, len(items), FOLD_SLICE_CUSTOMERS):
             for cid, seq in items[start : start + FOLD_SLICE_CUSTOMERS]:
-                self._settle(uow, cid, uow.states[cid], seq, writes)
+                self._settle(uow, cid, uow.states[cid], seq, writes, traces.get(cid))
             await asyncio.sleep(0)
         await self.write(uow, writes)
 
@@ -235,7 +242,13 @@ class LimitsService:
         return writes
 
     def _settle(
-        self, uow: UnitOfWork, cid: str, loaded: LimitsLoaded, seq: int, writes: Writes
+        self,
+        uow: UnitOfWork,
+        cid: str,
+        loaded: LimitsLoaded,
+        seq: int,
+        writes: Writes,
+        trace: Mapping[str, str] | None = None,
     ) -> None:
         """A touched customer's figures: its row, and ``exposure.updated`` when they moved."""
         st = loaded.state
@@ -251,6 +264,7 @@ class LimitsService:
                     data=body,
                     id=f"exposure-{cid}-{seq}",
                     time=st.last_time or uow.now,
+                    extensions=trace,
                 ),
             )
             loaded.published = domain.exposure_key(body)
@@ -346,6 +360,7 @@ class LimitsService:
                 data=body,
                 id=f"limit-{nxt.customer_id}-{inc.seq}",
                 time=env.time,
+                extensions=env.trace,  # the trace of the event that changed it goes on
             ),
         )
 
