@@ -16,8 +16,27 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ValidationError
 
 from shared.events import JsonPath, nul_path
+from shared.openapi import AMOUNT_PATTERN, LIMIT_PATTERN
 
 M = TypeVar("M", bound=BaseModel)
+
+# The rule on a body's text, for the OpenAPI document: no U+0000 (`loads_exact` refuses it;
+# PostgreSQL's text cannot store it). Other control characters are data in a body.
+BODY_TEXT: dict[str, Any] = {"pattern": "^[^\\u0000]*$"}
+
+
+def amount_schema(description: str, *, zero: bool = False) -> dict[str, Any]:
+    """The JSON Schema of an amount a body carries: a plain decimal string (what the services
+    write, and what a client should send) or an exact JSON number, read without float."""
+    return {
+        "description": description
+        + ". At most as many decimals as the currency has minor units; up to 10^15.",
+        "anyOf": [
+            {"type": "string", "pattern": AMOUNT_PATTERN if not zero else LIMIT_PATTERN},
+            {"type": "number", "minimum" if zero else "exclusiveMinimum": 0, "maximum": 10**15},
+        ],
+        "examples": ["1250.00"],
+    }
 
 
 def _in_utc(moment: datetime) -> datetime:
@@ -94,11 +113,30 @@ async def json_body(request: Request, model: type[M]) -> M:
         raise RequestValidationError(errors) from None
 
 
-def body_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """``openapi_extra`` documenting a body read with ``json_body``."""
+def body_schema(model: type[BaseModel], *, required: bool = True) -> dict[str, Any]:
+    """``openapi_extra`` documenting a body read with ``json_body`` (``required=False``: a
+    body the route reads only when one is sent)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    # Inline: the body's own definitions (enums, nested models) stay with it.
+    definitions = schema.pop("$defs", {})
+    if definitions:
+        schema = _inlined(schema, definitions)
     return {
         "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": model.model_json_schema()}},
+            "required": required,
+            "content": {"application/json": {"schema": schema}},
         }
     }
+
+
+def _inlined(node: Any, definitions: dict[str, Any]) -> Any:
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/components/schemas/"):
+            name = ref.rsplit("/", 1)[1]
+            rest = {k: v for k, v in node.items() if k != "$ref"}
+            return {**_inlined(definitions[name], definitions), **rest}
+        return {k: _inlined(v, definitions) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_inlined(v, definitions) for v in node]
+    return node

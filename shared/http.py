@@ -14,19 +14,26 @@ import re
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from importlib.metadata import PackageNotFoundError, version
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Path, Query
-from pydantic import AfterValidator
+from fastapi.routing import APIRoute
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import AfterValidator, BaseModel, Field
 from starlette.responses import JSONResponse, Response
 
+from shared import openapi
 from shared.auth import TokenRegistry
 from shared.metrics import HttpMetrics, metrics_response
+from shared.openapi import TEXT_PATTERN
+from shared.pagination import MAX_PAGE
+from shared.policy import Policy
 from shared.problems import (
     DEFAULT_MAX_BODY_BYTES,
     BodySizeLimit,
     ServiceUnavailable,
     Unavailable,
+    ValidationFailed,
     install,
     problem_response,
 )
@@ -34,14 +41,19 @@ from shared.settings import ConfigError, Settings
 
 __all__ = [
     "MAX_CURSOR_CHARS",
+    "MAX_ORDER_ID_CHARS",
     "MAX_PARAM_CHARS",
     "READINESS_TIMEOUT_S",
     "CursorParam",
+    "OrderIdPath",
+    "PageLimit",
     "PathText",
     "Printable",
     "QueryText",
     "Readiness",
+    "check_grade",
     "create_app",
+    "grade_query",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,13 +93,81 @@ def _printable(value: str | None) -> str | None:
 # reaches the database. `Printable` adds the control-character rule to a parameter with a
 # constraint of its own: ``Annotated[str | None, Query(max_length=255), Printable]``.
 Printable = AfterValidator(_printable)
-PathText = Annotated[str, Path(max_length=MAX_PARAM_CHARS), Printable]
-QueryText = Annotated[str | None, Query(max_length=MAX_PARAM_CHARS), Printable]
-CursorParam = Annotated[
-    str | None,
-    Query(max_length=MAX_CURSOR_CHARS, description="next_cursor of the previous page"),
+# The rule in the OpenAPI document; the check itself is `Printable`'s, whose message names
+# the character (a pattern's would only quote the pattern).
+_TEXT = {"pattern": TEXT_PATTERN}
+PathText = Annotated[
+    str, Path(min_length=1, max_length=MAX_PARAM_CHARS, json_schema_extra=_TEXT), Printable
+]
+QueryText = Annotated[
+    str | None, Query(max_length=MAX_PARAM_CHARS, json_schema_extra=_TEXT), Printable
+]
+# An order id is at most 255 characters wherever it is given (CheckRequest.order_id).
+MAX_ORDER_ID_CHARS = 255
+OrderIdPath = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=MAX_ORDER_ID_CHARS,
+        description="The order id the credit check was made for",
+        json_schema_extra=_TEXT,
+    ),
     Printable,
 ]
+CursorParam = Annotated[
+    str | None,
+    Query(
+        min_length=1,
+        max_length=MAX_CURSOR_CHARS,
+        description="Opaque: the next_cursor of the previous page of the same list (same "
+        "filters and sort); any other value is refused (422, field cursor)",
+        json_schema_extra={"pattern": "^[A-Za-z0-9_=-]+$"},
+    ),
+    Printable,
+]
+PageLimit = Annotated[
+    int, Query(ge=1, le=MAX_PAGE, description=f"Items per page, at most {MAX_PAGE}")
+]
+
+
+OPS = openapi.tag("operations", "Probes and metrics; no token needed")
+
+
+class Alive(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+    checks: dict[str, bool] = Field(description="Every readiness check (all true here)")
+
+
+def grade_query(policy: Policy) -> Any:
+    """The default of a ``grade`` query parameter, ``grade: str | None = grade_query(p)``:
+    one of the policy's grades (`check_grade` checks it; the route's own annotation could not
+    name a policy, which is the route builder's)."""
+    names = [g.name for g in policy.grades]
+    return Query(
+        default=None,
+        max_length=MAX_PARAM_CHARS,
+        description=f"A grade of the policy ({', '.join(names)})",
+        json_schema_extra={"enum": names},
+    )
+
+
+def check_grade(policy: Policy, grade: str | None, field: str = "grade") -> None:
+    """422 naming ``field`` unless ``grade`` is absent or one of the policy's grades."""
+    names = [g.name for g in policy.grades]
+    if grade is not None and grade not in names:
+        raise ValidationFailed(
+            f"{field}: {grade[:20]!r} is not a grade of policy {policy.version} "
+            f"(grades are {', '.join(names)})",
+            field=field,
+        )
+
+
+def _operation_id(route: APIRoute) -> str:
+    return route.name
 
 
 def _package_version() -> str:
@@ -125,15 +205,20 @@ def create_app(
             "'Authorization: Bearer <token>'; errors are application/problem+json (RFC 9457)."
         ),
         openapi_url="/openapi.json",
-        docs_url="/docs",
+        # Served by shared.openapi from vendored files, not from a CDN.
+        docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
+        # Operation ids are the routes' function names (credit_check, portfolio, ...):
+        # what a generated client calls them.
+        generate_unique_id_function=_operation_id,
     )
     app.state.service = service
     app.state.settings = settings
     app.state.tokens = tokens
 
     install(app)
+    openapi.install(app)
     # Innermost: a route that finds its database away answers 503, which metrics then count.
     app.add_middleware(Unavailable, service=service)
     # Added last = outermost: metrics also see the 413s the size limit answers.
@@ -142,9 +227,11 @@ def create_app(
 
     @app.get(
         "/healthz",
-        tags=["ops"],
-        summary="Liveness: the process answers and its background loops have not died",
-        responses={503: {"description": "Restart me"}},
+        tags=[OPS],
+        summary="Liveness",
+        description="The process answers and its background loops (consumer, relay, "
+        "scheduler) have not stopped for good; 503 once one has (restart the process).",
+        **openapi.ok(Alive, "Alive", errors={503: "Not alive: a background loop stopped"}),
     )
     async def healthz() -> Response:
         fatal = liveness() if liveness is not None else None
@@ -155,9 +242,12 @@ def create_app(
 
     @app.get(
         "/readyz",
-        tags=["ops"],
-        summary="Readiness: database and broker reachable, consumers assigned",
-        responses={503: {"description": "Not ready; the failing checks are listed"}},
+        tags=[OPS],
+        summary="Readiness",
+        description="The database and the broker are reachable, the consumer has its "
+        "partitions and the relay publishes; 503 with the failing checks (and Retry-After) "
+        "otherwise.",
+        **openapi.ok(Ready, "Ready", errors={503: "Not ready: checks and failing name why"}),
     )
     async def readyz() -> Response:
         try:
@@ -180,7 +270,19 @@ def create_app(
         )
         return problem_response(problem.to_problem("/readyz"), headers={"Retry-After": "1"})
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response)
+    @app.get(
+        "/metrics",
+        tags=[OPS],
+        summary="Prometheus metrics",
+        description="The service's metrics in the Prometheus text exposition format.",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "The metrics",
+                "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+            }
+        },
+    )
     def metrics() -> Response:
         # Sync on purpose: FastAPI runs it in the threadpool, so rendering many series does
         # not stall the event loop that serves the credit checks.

@@ -4,29 +4,35 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.alerts import domain, store
 from services.alerts import events as ev
+from services.alerts import responses as out
 from services.alerts.handlers import SOURCE, AlertsService
+from shared import openapi
 from shared.auth import Principal, require
-from shared.body import body_schema, json_body
+from shared.body import BODY_TEXT, body_schema, json_body
 from shared.events import new_event
-from shared.http import CursorParam, PathText, Printable, QueryText
-from shared.pagination import MAX_PAGE, decode_cursor, encode_cursor, text
+from shared.http import MAX_PARAM_CHARS, CursorParam, PageLimit, PathText, Printable
+from shared.openapi import TEXT_PATTERN
+from shared.pagination import decode_cursor, encode_cursor, text
 from shared.problems import Conflict, NotFound, ValidationFailed
 from shared.runtime import EventCore
-
-STATUS_FILTER = "^(open|acknowledged|resolved|active)$"
-SEVERITY_FILTER = "^(info|warning|critical)$"
 
 
 class AcknowledgeBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    note: str | None = Field(default=None, max_length=1000)
+    note: str | None = Field(default=None, max_length=1000, json_schema_extra=BODY_TEXT)
+
+
+ALERTS = openapi.tag("alerts", "Early warnings: list, read, acknowledge")
+RULES = openapi.tag("rules", "The alert rules in force and their thresholds")
+StatusFilter = Literal["open", "acknowledged", "resolved", "active"]
+SeverityFilter = Literal["info", "warning", "critical"]
 
 
 def encode_alert_cursor(raised_at: datetime, alert_id: str) -> str:
@@ -63,23 +69,37 @@ def _history_item(row: Any) -> dict[str, Any]:
 
 
 def build_router(service: AlertsService, core: EventCore) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["alerts"])
+    router = APIRouter(prefix="/v1")
     engine = core.engine
     policy = service.policy
 
-    @router.get("/alerts", summary="Alerts, newest first, filtered")
+    @router.get(
+        "/alerts",
+        tags=[ALERTS],
+        summary="Alerts",
+        description="Alerts, newest first, filtered by status, customer, rule and severity.",
+        **openapi.ok(out.AlertPage, "A page of alerts"),
+    )
     async def list_alerts(
         status: Annotated[
+            StatusFilter | None,
+            Query(description="open, acknowledged, resolved, or active (open or acknowledged)"),
+        ] = None,
+        customer_id: Annotated[
+            str | None,
+            Query(max_length=255, json_schema_extra={"pattern": TEXT_PATTERN}),
+            Printable,
+        ] = None,
+        rule: Annotated[
             str | None,
             Query(
-                pattern=STATUS_FILTER,
-                description="open, acknowledged, resolved, or active (open or acknowledged)",
+                max_length=MAX_PARAM_CHARS,
+                description="A rule's name",
+                json_schema_extra={"enum": list(domain.RULES)},
             ),
         ] = None,
-        customer_id: Annotated[str | None, Query(max_length=255), Printable] = None,
-        rule: QueryText = None,
-        severity: Annotated[str | None, Query(pattern=SEVERITY_FILTER)] = None,
-        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+        severity: SeverityFilter | None = None,
+        limit: PageLimit = 100,
         cursor: CursorParam = None,
         _p: Principal = Depends(require("credit:read")),
     ) -> dict[str, Any]:
@@ -106,7 +126,13 @@ def build_router(service: AlertsService, core: EventCore) -> APIRouter:
             nxt = encode_alert_cursor(last.raised_at, last.alert_id)
         return {"items": items, "next_cursor": nxt}
 
-    @router.get("/alerts/{alert_id}", summary="One alert with its history")
+    @router.get(
+        "/alerts/{alert_id}",
+        tags=[ALERTS],
+        summary="An alert",
+        description="One alert with its history (raised, updated, acknowledged, resolved).",
+        **openapi.ok(out.AlertWithHistory, "The alert", errors={404: "No such alert"}),
+    )
     async def get_alert(
         alert_id: PathText, _p: Principal = Depends(require("credit:read"))
     ) -> dict[str, Any]:
@@ -121,8 +147,16 @@ def build_router(service: AlertsService, core: EventCore) -> APIRouter:
 
     @router.post(
         "/alerts/{alert_id}/acknowledge",
-        openapi_extra=body_schema(AcknowledgeBody),
-        summary="Take the alert in hand: status acknowledged",
+        tags=[ALERTS],
+        openapi_extra=body_schema(AcknowledgeBody, required=False),
+        summary="Acknowledge an alert",
+        description="Take the alert in hand: status acknowledged (publishes alert.updated); "
+        "acknowledging it again changes nothing.",
+        **openapi.ok(
+            out.Alert,
+            "The acknowledged alert",
+            errors={404: "No such alert", 409: "The alert is resolved"},
+        ),
     )
     async def acknowledge(
         alert_id: PathText,
@@ -158,7 +192,13 @@ def build_router(service: AlertsService, core: EventCore) -> APIRouter:
         assert after is not None
         return domain.alert_body(after)
 
-    @router.get("/rules", summary="The active rules and their thresholds")
+    @router.get(
+        "/rules",
+        tags=[RULES],
+        summary="Alert rules",
+        description="The rules in force, their severities and thresholds (from the policy).",
+        **openapi.ok(out.Rules, "The rules"),
+    )
     async def rules(_p: Principal = Depends(require("credit:read"))) -> dict[str, Any]:
         return {"policy_version": policy.version, "rules": domain.rules_overview(policy)}
 

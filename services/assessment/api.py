@@ -6,12 +6,14 @@ from __future__ import annotations
 import uuid
 from datetime import date, datetime
 from typing import Annotated, Any
+from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.assessment import events as ev
+from services.assessment import responses as out
 from services.assessment import store
 from services.assessment.handlers import (
     SOURCE,
@@ -19,10 +21,12 @@ from services.assessment.handlers import (
     AssessmentService,
     internal_event,
 )
+from shared import openapi
 from shared.auth import Principal, require
-from shared.body import UtcTimestamp, body_schema, json_body
-from shared.http import CursorParam, PathText
-from shared.pagination import MAX_PAGE, decode_cursor, encode_cursor, integer, text
+from shared.body import BODY_TEXT, UtcTimestamp, body_schema, json_body
+from shared.http import CursorParam, PageLimit, PathText, check_grade
+from shared.pagination import decode_cursor, encode_cursor, integer, text
+from shared.policy import Policy
 from shared.problems import NotFound, ValidationFailed
 from shared.runtime import EventCore
 from shared.unitofwork import UnitOfWork
@@ -37,14 +41,32 @@ def _iso(t: datetime | None) -> str | None:
 class OverrideBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
     grade: str = Field(min_length=1, max_length=20, description="A grade of the policy")
-    reason: str = Field(min_length=1, max_length=1000)
+    reason: str = Field(min_length=1, max_length=1000, json_schema_extra=BODY_TEXT)
     expires_at: AwareDatetime | None = Field(
         default=None, description="RFC 3339, in the future; absent: until withdrawn"
     )
 
 
+def override_schema(policy: Policy) -> dict[str, Any]:
+    """The override body's schema, its grade one of ``policy``'s."""
+    extra = body_schema(OverrideBody)
+    schema = extra["requestBody"]["content"]["application/json"]["schema"]
+    names = [g.name for g in policy.grades]
+    schema["properties"]["grade"]["enum"] = names
+    schema["properties"]["grade"]["description"] = f"A grade of the policy ({', '.join(names)})"
+    return extra
+
+
+ASSESSMENTS = openapi.tag("assessments", "A customer's assessments: the latest and its history")
+OVERRIDES = openapi.tag(
+    "overrides", "Analysts' commands: override the grade, withdraw it, reassess now"
+)
+REVIEWS = openapi.tag("reviews", "Periodic reviews that are due")
+_UNKNOWN = "The customer is not known to the assessment service"
+
+
 def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["assessment"])
+    router = APIRouter(prefix="/v1")
     engine = core.engine
     policy = service.policy
     clock = core.clock
@@ -83,7 +105,15 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
 
     # ---- reading ----------------------------------------------------------------------------
     @router.get(
-        "/customers/{customer_id}/assessment", summary="The latest assessment.completed body"
+        "/customers/{customer_id}/assessment",
+        tags=[ASSESSMENTS],
+        summary="The latest assessment",
+        description="The customer's latest assessment.completed body.",
+        **openapi.ok(
+            out.Assessment,
+            "The assessment",
+            errors={404: _UNKNOWN + ", or has not been assessed yet"},
+        ),
     )
     async def latest(
         customer_id: PathText, _p: Principal = Depends(require("credit:read"))
@@ -99,7 +129,11 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
 
     @router.get(
         "/customers/{customer_id}/assessments",
-        summary="Assessment history, newest first (as of a business time)",
+        tags=[ASSESSMENTS],
+        summary="Assessment history",
+        description="The customer's assessments, newest first; with as_of, those made at or "
+        "before that business time.",
+        **openapi.ok(out.AssessmentHistory, "A page of assessments", errors={404: _UNKNOWN}),
     )
     async def assessments(
         customer_id: PathText,
@@ -107,7 +141,7 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
             UtcTimestamp | None,
             Query(description="RFC 3339: only assessments made at or before this business time"),
         ] = None,
-        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+        limit: PageLimit = 100,
         cursor: CursorParam = None,
         _p: Principal = Depends(require("credit:read")),
     ) -> dict[str, Any]:
@@ -127,23 +161,29 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
     # ---- analyst commands ---------------------------------------------------------------------
     @router.post(
         "/customers/{customer_id}/assessment/override",
-        status_code=201,
-        openapi_extra=body_schema(OverrideBody),
-        summary="Override the grade (expert judgement) with a reason and an expiry",
+        tags=[OVERRIDES],
+        openapi_extra=override_schema(policy),
+        summary="Override the grade",
+        description="Expert judgement: the grade given replaces the scorecard's, with a "
+        "reason, until withdrawn or until expires_at. Publishes a new assessment carrying "
+        "the override, which is answered.",
+        **openapi.ok(
+            out.Assessment,
+            "The assessment carrying the override",
+            status=201,
+            location="The customer's latest assessment, which this one is: "
+            "/v1/customers/{customer_id}/assessment",
+            errors={404: _UNKNOWN},
+        ),
     )
     async def override(
         customer_id: PathText,
         request: Request,
+        response: Response,
         principal: Principal = Depends(require("credit:write")),
     ) -> dict[str, Any]:
         body = await json_body(request, OverrideBody)
-        names = [g.name for g in policy.grades]
-        if body.grade not in names:
-            raise ValidationFailed(
-                f"grade: {body.grade[:20]!r} is not a grade of policy {policy.version} "
-                f"(grades are {', '.join(names)})",
-                field="grade",
-            )
+        check_grade(policy, body.grade)
         async with core.transaction() as uow:
             if body.expires_at is not None and body.expires_at <= uow.now:
                 raise ValidationFailed("expires_at: must be in the future", field="expires_at")
@@ -157,11 +197,24 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
                 by=principal.name,
                 expires_at=body.expires_at,
             )
-            return await _command(uow, loaded, model, f"override-{override_id}")
+            published = await _command(uow, loaded, model, f"override-{override_id}")
+        root = request.scope.get("root_path", "").rstrip("/")
+        response.headers["Location"] = (
+            f"{root}/v1/customers/{quote(customer_id, safe='')}/assessment"
+        )
+        return published
 
     @router.delete(
         "/customers/{customer_id}/assessment/override",
-        summary="Withdraw the override; the scorecard's grade applies again",
+        tags=[OVERRIDES],
+        summary="Withdraw the override",
+        description="The scorecard's grade applies again; publishes (and answers) a new "
+        "assessment.",
+        **openapi.ok(
+            out.Assessment,
+            "The assessment without the override",
+            errors={404: _UNKNOWN + ", or has no override in force"},
+        ),
     )
     async def withdraw(
         customer_id: PathText, principal: Principal = Depends(require("credit:write"))
@@ -180,7 +233,11 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
 
     @router.post(
         "/customers/{customer_id}/assessment/recompute",
-        summary="Reassess now under the current policy (completes a periodic review)",
+        tags=[OVERRIDES],
+        summary="Reassess now",
+        description="Under the current policy; completes a periodic review. Publishes (and "
+        "answers) a new assessment.",
+        **openapi.ok(out.Assessment, "The new assessment", errors={404: _UNKNOWN}),
     )
     async def recompute(
         customer_id: PathText, principal: Principal = Depends(require("credit:write"))
@@ -191,13 +248,19 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
             return await _command(uow, loaded, model, f"recompute-{uuid.uuid4()}")
 
     # ---- periodic reviews ---------------------------------------------------------------------
-    @router.get("/reviews/due", summary="Customers whose periodic review date has passed")
+    @router.get(
+        "/reviews/due",
+        tags=[REVIEWS],
+        summary="Reviews due",
+        description="Customers whose periodic review date has passed, the longest overdue first.",
+        **openapi.ok(out.ReviewsDue, "A page of reviews"),
+    )
     async def reviews_due(
         before: Annotated[
             date | None,
             Query(description="ISO date; reviews dated before it are listed (default: today)"),
         ] = None,
-        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+        limit: PageLimit = 100,
         cursor: CursorParam = None,
         _p: Principal = Depends(require("credit:read")),
     ) -> dict[str, Any]:

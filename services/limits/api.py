@@ -11,7 +11,8 @@ import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import (
@@ -21,20 +22,30 @@ from pydantic import (
     Field,
     StrictBool,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
 )
 from sqlalchemy import ColumnElement, Numeric, and_, case, func, literal, null, or_, select
 
 from services.limits import domain, store
 from services.limits import events as ev
+from services.limits import responses as out
 from services.limits.checks import CheckOrder, CreditChecks, Verdict, for_dialect, lock_customer
 from services.limits.handlers import SOURCE, LimitsLoaded, LimitsService, exposure_body, money
 from shared import eventstore as es
-from shared import metrics
+from shared import metrics, openapi
 from shared.auth import Principal, require
-from shared.body import UtcTimestamp, body_schema, json_body
+from shared.body import BODY_TEXT, UtcTimestamp, amount_schema, body_schema, json_body
 from shared.events import new_event
-from shared.http import CursorParam, PathText, QueryText
+from shared.http import (
+    MAX_ORDER_ID_CHARS,
+    CursorParam,
+    OrderIdPath,
+    PageLimit,
+    PathText,
+    check_grade,
+    grade_query,
+)
 from shared.money import (
     MAX_MINOR_UNITS,
     AmountError,
@@ -45,12 +56,14 @@ from shared.money import (
     parse_decimal,
     rate_between,
 )
-from shared.pagination import MAX_PAGE, decode_cursor, encode_cursor, integer, text
+from shared.openapi import CURRENCY_SCHEMA
+from shared.pagination import decode_cursor, encode_cursor, integer, text
 from shared.problems import Conflict, Forbidden, NotFound, ValidationFailed
 from shared.runtime import EventCore
 from shared.unitofwork import UnitOfWork
 
 log = logging.getLogger("creditwatch.limits")
+_TEXT = BODY_TEXT
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -98,12 +111,15 @@ def _currency(value: object) -> str:
 
 class CheckRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    order_id: str = Field(min_length=1, max_length=255)
-    customer_id: str = Field(min_length=1, max_length=255)
-    currency: str
-    amount: Decimal = Field(json_schema_extra={"type": "string", "example": "1250.00"})
+    order_id: str = Field(min_length=1, max_length=MAX_ORDER_ID_CHARS, json_schema_extra=_TEXT)
+    customer_id: str = Field(min_length=1, max_length=255, json_schema_extra=_TEXT)
+    currency: Annotated[str, WithJsonSchema(CURRENCY_SCHEMA)]
+    amount: Annotated[Decimal, WithJsonSchema(amount_schema("The order's amount"))]
     # A JSON true or false only: "no" or 0 read as false would silently reserve nothing.
-    reserve: StrictBool = True
+    reserve: StrictBool = Field(
+        default=True,
+        description="Reserve the amount for the order when approved (false: a quote)",
+    )
 
     @field_validator("currency", mode="before")
     @classmethod
@@ -126,9 +142,21 @@ class CheckRequest(BaseModel):
 
 class LimitRequestBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    requested_limit: Decimal = Field(json_schema_extra={"type": "string", "example": "50000.00"})
-    reason: str = Field(min_length=1, max_length=1000)
-    expires_at: AwareDatetime | None = None
+    requested_limit: Annotated[
+        Decimal,
+        WithJsonSchema(
+            amount_schema(
+                "The limit asked for, in the customer's credit currency (its minor units)",
+                zero=True,
+            )
+        ),
+    ]
+    reason: str = Field(min_length=1, max_length=1000, json_schema_extra=_TEXT)
+    expires_at: AwareDatetime | None = Field(
+        default=None,
+        description="A temporary limit's end: in the future, within the policy's "
+        "temporary_limit_max_days; absent: a standing limit",
+    )
 
     @field_validator("requested_limit", mode="before")
     @classmethod
@@ -144,12 +172,22 @@ class LimitRequestBody(BaseModel):
 
 class DecisionNote(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    note: str | None = Field(default=None, max_length=1000)
+    note: str | None = Field(default=None, max_length=1000, json_schema_extra=_TEXT)
 
 
 class HoldBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    reason: str = Field(min_length=1, max_length=1000)
+    reason: str = Field(min_length=1, max_length=1000, json_schema_extra=_TEXT)
+
+
+CHECKS = openapi.tag("credit checks", "Order entry: may this order go out on credit?")
+EXPOSURE = openapi.tag("exposure and limits", "A customer's exposure, limit and its history")
+REQUESTS = openapi.tag(
+    "limit requests", "Maker–checker: a limit asked for by one principal, decided by another"
+)
+HOLDS = openapi.tag("holds", "A hold rejects every new credit check of the customer")
+PORTFOLIO = openapi.tag("portfolio", "Every customer with its figures, filtered and sorted")
+_UNKNOWN_CUSTOMER = "The customer is not known to the limits service"
 
 
 def answered(verdict: Verdict, order: CheckOrder, started: float) -> None:
@@ -174,12 +212,35 @@ def answered(verdict: Verdict, order: CheckOrder, started: float) -> None:
         )
 
 
+PortfolioStatus = Literal["over_limit", "on_hold", "overdue"]
+PortfolioSort = Literal[
+    "utilization",
+    "-utilization",
+    "exposure",
+    "-exposure",
+    "available",
+    "-available",
+    "limit",
+    "-limit",
+    "overdue_amount",
+    "-overdue_amount",
+    "customer_id",
+    "-customer_id",
+]
+_DECISION_ERRORS = {
+    403: "The requester may not decide its own request, or the token lacks credit:approve",
+    404: "No such limit request",
+    409: "The request is decided already, or (approving) its temporary limit has ended",
+}
+
+
 def build_router(
     service: LimitsService, core: EventCore, checks: CreditChecks | None = None
 ) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["limits"])
+    router = APIRouter(prefix="/v1")
     engine = core.engine
     policy = service.policy
+    grade_filter = grade_query(policy)
     clock = core.clock
 
     async def _customer_row(conn: Any, cid: str) -> Any:
@@ -209,8 +270,20 @@ def build_router(
     # ---- credit checks --------------------------------------------------------------------
     @router.post(
         "/credit-checks",
+        tags=[CHECKS],
         openapi_extra=body_schema(CheckRequest),
         summary="May this order go out on credit?",
+        description="Decides the order against the customer's available credit (and its "
+        "group's), every applicable reason listed; approved with reserve, the amount is "
+        "reserved for the order until invoiced, released or expired. The same order_id and "
+        "amount again get the same decision (nothing reserved twice); another amount is an "
+        "amendment. An unknown customer or one without a limit is rejected "
+        "(no_credit_limit), not a 404.",
+        **openapi.ok(
+            out.CreditCheck,
+            "The decision",
+            errors={409: "The order id was checked for another customer"},
+        ),
     )
     async def credit_check(
         request: Request, principal: Principal = Depends(require("credit:check"))
@@ -232,11 +305,18 @@ def build_router(
 
     @router.delete(
         "/credit-checks/{order_id}",
-        status_code=204,
+        tags=[CHECKS],
         summary="Release the order's reservation (order cancelled)",
+        description="What the order still holds reserved is freed at once.",
+        **openapi.ok(
+            None,
+            "Released",
+            status=204,
+            errors={404: "No open reservation for the order"},
+        ),
     )
     async def release(
-        order_id: PathText, principal: Principal = Depends(require("credit:check"))
+        order_id: OrderIdPath, principal: Principal = Depends(require("credit:check"))
     ) -> Response:
         async with core.transaction() as uow:
             now = uow.now
@@ -264,7 +344,13 @@ def build_router(
             await core.record(uow, [env])
         return Response(status_code=204)
 
-    @router.get("/credit-checks/{check_id}", summary="A stored credit decision")
+    @router.get(
+        "/credit-checks/{check_id}",
+        tags=[CHECKS],
+        summary="A stored credit decision",
+        description="The decision as it was answered, with its inputs.",
+        **openapi.ok(out.CreditCheck, "The decision", errors={404: "No such credit check"}),
+    )
     async def get_check(
         check_id: PathText, _p: Principal = Depends(require("credit:read"))
     ) -> dict[str, Any]:
@@ -278,10 +364,20 @@ def build_router(
         return body
 
     # ---- exposure and limits --------------------------------------------------------------
-    @router.get("/customers/{customer_id}/exposure", summary="Exposure now or as of a time")
+    @router.get(
+        "/customers/{customer_id}/exposure",
+        tags=[EXPOSURE],
+        summary="Exposure now or as of a time",
+        description="The exposure.updated body now, or rebuilt from the stored events as of "
+        "a business time; a group's parent also gets the group's figures.",
+        **openapi.ok(out.Exposure, "The exposure", errors={404: _UNKNOWN_CUSTOMER}),
+    )
     async def exposure(
         customer_id: PathText,
-        as_of: UtcTimestamp | None = None,
+        as_of: Annotated[
+            UtcTimestamp | None,
+            Query(description="RFC 3339: the exposure as it stood at this business time"),
+        ] = None,
         _p: Principal = Depends(require("credit:read")),
     ) -> dict[str, Any]:
         async with engine.connect() as conn:
@@ -350,7 +446,14 @@ def build_router(
             )
         return folding.state
 
-    @router.get("/customers/{customer_id}/limit", summary="The customer's credit limit")
+    @router.get(
+        "/customers/{customer_id}/limit",
+        tags=[EXPOSURE],
+        summary="The customer's credit limit",
+        description="The limit in force and where it comes from (the policy's for the "
+        "grade, a manual or temporary one), and the hold if any.",
+        **openapi.ok(out.Limit, "The limit", errors={404: _UNKNOWN_CUSTOMER}),
+    )
     async def limit(
         customer_id: PathText, _p: Principal = Depends(require("credit:read"))
     ) -> dict[str, Any]:
@@ -370,10 +473,16 @@ def build_router(
             "policy_version": policy.version,
         }
 
-    @router.get("/customers/{customer_id}/limit/history", summary="limit.changed, newest first")
+    @router.get(
+        "/customers/{customer_id}/limit/history",
+        tags=[EXPOSURE],
+        summary="The limit's history",
+        description="The customer's limit.changed bodies, newest first.",
+        **openapi.ok(out.LimitHistory, "A page of changes", errors={404: _UNKNOWN_CUSTOMER}),
+    )
     async def limit_history(
         customer_id: PathText,
-        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+        limit: PageLimit = 100,
         cursor: CursorParam = None,
         _p: Principal = Depends(require("credit:read")),
     ) -> dict[str, Any]:
@@ -396,13 +505,23 @@ def build_router(
     # ---- limit requests (maker–checker) ---------------------------------------------------
     @router.post(
         "/customers/{customer_id}/limit-requests",
-        status_code=201,
+        tags=[REQUESTS],
         openapi_extra=body_schema(LimitRequestBody),
         summary="Request a limit",
+        description="An increase waits for another principal's approval (status pending); "
+        "a decrease applies at once (status approved). With expires_at, a temporary limit.",
+        **openapi.ok(
+            out.LimitRequestSubmitted,
+            "Submitted",
+            status=201,
+            location="The request: /v1/limit-requests/{request_id}",
+            errors={404: _UNKNOWN_CUSTOMER},
+        ),
     )
     async def request_limit(
         customer_id: PathText,
         request: Request,
+        response: Response,
         principal: Principal = Depends(require("credit:write")),
     ) -> dict[str, Any]:
         body = await json_body(request, LimitRequestBody)
@@ -450,6 +569,8 @@ def build_router(
             # A decrease is granted at once; an increase waits for an approver.
             pending = request_id in loaded[customer_id].state.requests
             status = "pending" if pending else "approved"
+        root = request.scope.get("root_path", "").rstrip("/")
+        response.headers["Location"] = f"{root}/v1/limit-requests/{quote(request_id, safe='')}"
         return {
             "request_id": request_id,
             "status": status,
@@ -458,6 +579,62 @@ def build_router(
             "currency": state.currency,
             "requested_by": principal.name,
             "applied": status == "approved",
+        }
+
+    @router.get(
+        "/limit-requests/{request_id}",
+        tags=[REQUESTS],
+        summary="A limit request",
+        description="The request as submitted and what became of it (pending, approved, "
+        "rejected; by whom, when, with what note).",
+        **openapi.ok(out.LimitRequest, "The request", errors={404: "No such limit request"}),
+    )
+    async def get_request(
+        request_id: PathText, _p: Principal = Depends(require("credit:read"))
+    ) -> dict[str, Any]:
+        async with engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(store.requests).where(store.requests.c.request_id == request_id)
+                )
+            ).first()
+            if row is None:
+                raise NotFound(f"no limit request {request_id!r}", field="request_id")
+            # The record's details are in the events the API recorded for it (their ids
+            # are the request's), exactly as submitted and decided.
+            events = store.core.events
+            found = {
+                r.event_id: (r.time, json.loads(r.event)["data"])
+                for r in await conn.execute(
+                    select(events.c.event_id, events.c.time, events.c.event).where(
+                        events.c.source == SOURCE + "/api",
+                        events.c.event_id.in_([f"request-{request_id}", f"decision-{request_id}"]),
+                    )
+                )
+            }
+        if f"request-{request_id}" not in found:
+            raise RuntimeError(f"limit request {request_id!r} has a record but no event")
+        submitted_at, submitted = found[f"request-{request_id}"]
+        decided_at, decision = found.get(f"decision-{request_id}", (None, None))
+        decided_by = decision["by"] if decision is not None else None
+        if decision is None and row.status == "approved":
+            # A decrease: granted at once, by its requester.
+            decided_by, decided_at = submitted["requested_by"], submitted_at
+        ccy = submitted["currency"]
+        expires_at = submitted.get("expires_at")
+        return {
+            "request_id": request_id,
+            "customer_id": row.customer_id,
+            "status": row.status,
+            "requested_limit": money(Decimal(str(submitted["requested_limit"])), ccy),
+            "currency": ccy,
+            "reason": submitted["reason"],
+            "requested_by": submitted["requested_by"],
+            "submitted_at": _iso(submitted_at),
+            "expires_at": _iso(datetime.fromisoformat(expires_at)) if expires_at else None,
+            "decided_by": decided_by,
+            "decided_at": _iso(decided_at),
+            "note": decision.get("note") if decision is not None else None,
         }
 
     async def _decide(
@@ -518,7 +695,14 @@ def build_router(
             "currency": state.currency,
         }
 
-    @router.post("/limit-requests/{request_id}/approve", summary="Approve (not your own)")
+    @router.post(
+        "/limit-requests/{request_id}/approve",
+        tags=[REQUESTS],
+        openapi_extra=body_schema(DecisionNote, required=False),
+        summary="Approve a limit request",
+        description="By another principal than the requester; the limit applies at once.",
+        **openapi.ok(out.LimitRequestDecided, "Approved", errors=_DECISION_ERRORS),
+    )
     async def approve(
         request_id: PathText,
         request: Request,
@@ -526,7 +710,14 @@ def build_router(
     ) -> dict[str, Any]:
         return await _decide(request_id, request, principal, True)
 
-    @router.post("/limit-requests/{request_id}/reject", summary="Reject (not your own)")
+    @router.post(
+        "/limit-requests/{request_id}/reject",
+        tags=[REQUESTS],
+        openapi_extra=body_schema(DecisionNote, required=False),
+        summary="Reject a limit request",
+        description="By another principal than the requester.",
+        **openapi.ok(out.LimitRequestDecided, "Rejected", errors=_DECISION_ERRORS),
+    )
     async def reject(
         request_id: PathText,
         request: Request,
@@ -557,8 +748,12 @@ def build_router(
 
     @router.post(
         "/customers/{customer_id}/hold",
+        tags=[HOLDS],
         openapi_extra=body_schema(HoldBody),
-        summary="Put the customer on hold: every new check is rejected",
+        summary="Put the customer on hold",
+        description="Every new credit check of the customer is rejected (credit_hold) until "
+        "the hold is released.",
+        **openapi.ok(out.Hold, "On hold", errors={404: _UNKNOWN_CUSTOMER}),
     )
     async def hold(
         customer_id: PathText,
@@ -571,25 +766,43 @@ def build_router(
             ev.HoldPlaced(customer_id=customer_id, reason=body.reason, by=principal.name),
         )
 
-    @router.delete("/customers/{customer_id}/hold", summary="Release the hold")
+    @router.delete(
+        "/customers/{customer_id}/hold",
+        tags=[HOLDS],
+        summary="Release the hold",
+        description="Credit checks are judged on the figures again.",
+        **openapi.ok(out.Hold, "Released", errors={404: _UNKNOWN_CUSTOMER}),
+    )
     async def unhold(
         customer_id: PathText, principal: Principal = Depends(require("credit:write"))
     ) -> dict[str, Any]:
         return await _hold(customer_id, ev.HoldReleased(customer_id=customer_id, by=principal.name))
 
     # ---- portfolio --------------------------------------------------------------------------
-    @router.get("/portfolio", summary="Customers with their figures, filtered and sorted")
+    @router.get(
+        "/portfolio",
+        tags=[PORTFOLIO],
+        summary="The portfolio",
+        description="Every customer with its figures, filtered and sorted, with the totals "
+        "of the selection (in one currency: the customers' own, or the policy's base "
+        "currency at the policy's rates).",
+        **openapi.ok(out.Portfolio, "A page of customers"),
+    )
     async def portfolio(
-        grade: QueryText = None,
-        status: Annotated[str | None, Query(pattern="^(over_limit|on_hold|overdue)$")] = None,
+        grade: str | None = grade_filter,
+        status: Annotated[
+            PortfolioStatus | None,
+            Query(description="over_limit, on_hold, or overdue (days overdue > 0)"),
+        ] = None,
         sort: Annotated[
-            str,
-            Query(pattern="^-?(utilization|exposure|available|limit|overdue_amount|customer_id)$"),
+            PortfolioSort,
+            Query(description="The sort key; a leading - sorts descending"),
         ] = "customer_id",
-        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+        limit: PageLimit = 100,
         cursor: CursorParam = None,
         _p: Principal = Depends(require("credit:read")),
     ) -> dict[str, Any]:
+        check_grade(policy, grade)
         c = store.customers
         where: list[ColumnElement[bool]] = [c.c.known.is_(True)]
         if grade:
