@@ -847,7 +847,18 @@ class CreditReportReceived(EventData):
     defaults: Annotated[int, Strict(), Field(ge=0)] | None = None
     legal_events: tuple[LegalEvent, ...] = ()
     reported_at: Annotated[
-        AwareDatetime, BeforeValidator(_rfc3339_parser(INVALID_DATE, allow_date=True))
+        AwareDatetime,
+        BeforeValidator(_rfc3339_parser(INVALID_DATE, allow_date=True)),
+        # A bare date is taken as its midnight UTC.
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string", "format": "date-time"},
+                    {"type": "string", "format": "date"},
+                ]
+            },
+            mode="validation",
+        ),
     ]
 
     @model_validator(mode="after")
