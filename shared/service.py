@@ -14,16 +14,19 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
-from sqlalchemy import text
+from sqlalchemy import Table, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import metrics
 from shared.auth import TokenRegistry
 from shared.db import make_engine
 from shared.http import create_app
+from shared.idempotency import IdempotencyStore, install_idempotency
+from shared.problems import DEFAULT_MAX_BODY_BYTES
 from shared.runtime import (
     BrokerWatch,
     Clock,
@@ -39,7 +42,7 @@ from shared.runtime import (
     wait_or_stop,
 )
 from shared.settings import Settings
-from shared.transient import silence_repeated_client_logs
+from shared.transient import is_transient, silence_repeated_client_logs
 
 log = logging.getLogger("creditwatch.service")
 
@@ -48,6 +51,10 @@ Refresh = Callable[[AsyncEngine], Awaitable[None]]
 GAUGE_INTERVAL_S = 5.0
 # A relay that has not managed a cycle for this long makes its process not ready.
 RELAY_READY_GRACE_S = 10.0
+# Expired idempotency keys are deleted this often; keys whose row could not be settled while
+# the database was away are tried again every second.
+IDEMPOTENCY_PURGE_INTERVAL_S = 60.0
+IDEMPOTENCY_RETRY_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -67,6 +74,8 @@ class ServiceHost:
     scheduler: Scheduler | None = None
     broker: BrokerWatch | None = None
     gauges: Sequence[Refresh] = ()
+    # The service's Idempotency-Key store (its table), kept tidy by a loop of its own.
+    idempotency: IdempotencyStore | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     # Run on close, before the engine is disposed: whatever holds a connection of its own.
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
@@ -130,6 +139,9 @@ class ServiceHost:
         for n, refresh in enumerate(self.gauges):
             jobs.append(functools.partial(self._refresh_every, refresh))
             names.append(f"gauges-{n}")
+        if self.idempotency is not None:
+            jobs.append(functools.partial(self._tidy_idempotency, self.idempotency))
+            names.append("idempotency")
         jobs.append(functools.partial(report_outbox, self.core))
         names.append("outbox-gauges")
         jobs.append(collect_garbage)
@@ -146,6 +158,30 @@ class ServiceHost:
             except Exception as exc:
                 log.debug("%s: gauges not refreshed: %s", self.service.name, exc)
             if await wait_or_stop(stop, GAUGE_INTERVAL_S):
+                return
+
+    async def _tidy_idempotency(self, store: IdempotencyStore, stop: asyncio.Event) -> None:
+        """Expired keys deleted, keys left unsettled by an outage settled; every replica does
+        it (deleting what another already deleted costs nothing). Never ends on an error: a
+        key table that is not tidied only grows, and the next round tries again."""
+        next_purge = time.monotonic()
+        while not stop.is_set():
+            try:
+                if store.pending:
+                    await store.retry_pending(self.clock())
+                if time.monotonic() >= next_purge:
+                    next_purge = time.monotonic() + IDEMPOTENCY_PURGE_INTERVAL_S
+                    purged = await store.purge(self.clock())
+                    if purged:
+                        log.debug(
+                            "%s: %d expired idempotency keys deleted", self.service.name, purged
+                        )
+            except Exception as exc:
+                if is_transient(exc):
+                    log.debug("%s: idempotency keys not tidied: %s", self.service.name, exc)
+                else:
+                    log.exception("%s: idempotency keys not tidied", self.service.name)
+            if await wait_or_stop(stop, IDEMPOTENCY_RETRY_INTERVAL_S):
                 return
 
     async def close(self) -> None:
@@ -238,8 +274,21 @@ def build_service_app(
         clock=clock,
         topic_of_type=settings.topic_of_type(),
     )
+    keys = IdempotencyStore(
+        engine,
+        idempotency_table_of(service),
+        ttl=timedelta(hours=settings.idempotency_ttl_h),
+    )
     host = ServiceHost(
-        service, settings, engine, core, consume=consume, publish=relay, clock=clock, gauges=gauges
+        service,
+        settings,
+        engine,
+        core,
+        consume=consume,
+        publish=relay,
+        clock=clock,
+        gauges=gauges,
+        idempotency=keys,
     )
     app = create_app(
         name,
@@ -250,5 +299,28 @@ def build_service_app(
         liveness=host.fatal,
     )
     app.include_router(router(core))
+    # Outermost, in front of what the service adds later (the credit-check fast path).
+    install_idempotency(
+        app,
+        store=keys,
+        tokens=tokens,
+        service=name,
+        clock=clock,
+        max_body_bytes=DEFAULT_MAX_BODY_BYTES,
+    )
+    # A completion or release still waiting for the database gets one more try on the way out.
+    host.closers.append(lambda: keys.retry_pending(clock()))
     app.state.host = host
     return app, host
+
+
+def idempotency_table_of(service: Service) -> Table:
+    """The service's ``<name>_idempotency`` table, declared in its store's metadata."""
+    name = f"{service.name}_idempotency"
+    table = service.metadata.tables.get(name)
+    if table is None:
+        raise RuntimeError(
+            f"{service.name}: its metadata declares no {name} table "
+            "(shared.idempotency.idempotency_table)"
+        )
+    return table

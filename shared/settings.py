@@ -124,6 +124,9 @@ class Settings(BaseSettings):
     # give up on idle connections sooner (a request sent as the server closes one fails):
     # 120 s is above Go's 90 s and the usual 60 s of load balancers.
     http_keep_alive_s: int = Field(default=120, ge=1, le=3600)
+    # How long an Idempotency-Key is remembered (shared.idempotency): a retry within this
+    # gets the stored answer; later, the key is free and the request runs again.
+    idempotency_ttl_h: float = Field(default=24.0, gt=0, le=24 * 365)
 
     # --- processing loop -----------------------------------------------------------------
     consumer_max_records: int = Field(default=500, ge=1)

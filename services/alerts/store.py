@@ -28,6 +28,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from services.alerts.domain import Alert, AlertChange, CustomerState, alert_body, review_due_on
 from shared.db import BigId, UtcDateTime
 from shared.eventstore import core_tables
+from shared.idempotency import idempotency_table
 from shared.projection import StateCodec, as_json, lock_rows, read_values, upsert
 
 metadata = MetaData()
@@ -80,6 +81,9 @@ history = Table(
     Column("body", Text, nullable=False),
     PrimaryKeyConstraint("alert_id", "seq", name="pk_alerts_history"),
 )
+
+# Idempotency-Key answers of the API (shared.idempotency); no projection: kept by replays.
+idempotency = idempotency_table(metadata, "alerts")
 
 PROJECTIONS: Sequence[Table] = (customers, alerts, history)
 ACTIVE = ("open", "acknowledged")

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from services.assessment.domain import CustomerState
 from shared.db import BigId, UtcDateTime
 from shared.eventstore import core_tables
+from shared.idempotency import idempotency_table
 from shared.projection import StateCodec, upsert
 from shared.unitofwork import LayoutError, LedgerArchive, archive_table
 
@@ -74,6 +75,9 @@ Index("ix_assessment_assessments_customer", assessments.c.customer_id, assessmen
 # Ledger items that left a customer's hot state (settled invoices, applied payments).
 ledger_archive = archive_table(metadata, "assessment")
 archive = LedgerArchive(ledger_archive)
+
+# Idempotency-Key answers of the API (shared.idempotency); no projection: kept by replays.
+idempotency = idempotency_table(metadata, "assessment")
 
 PROJECTIONS: Sequence[Table] = (customers, assessments, ledger_archive)
 

@@ -34,6 +34,7 @@ from services.limits.domain import (
 )
 from shared.db import BigId, ExactDecimal, UtcDateTime
 from shared.eventstore import core_tables
+from shared.idempotency import idempotency_table
 from shared.projection import StateCodec, lock_rows, upsert
 from shared.unitofwork import LayoutError, LedgerArchive, archive_table
 
@@ -130,6 +131,9 @@ requests = Table(
 # Ledger items that left a customer's hot state (settled invoices, applied payments).
 ledger_archive = archive_table(metadata, "limits")
 archive = LedgerArchive(ledger_archive)
+
+# Idempotency-Key answers of the API (shared.idempotency); no projection: kept by replays.
+idempotency = idempotency_table(metadata, "limits")
 
 PROJECTIONS: Sequence[Table] = (
     customers,
