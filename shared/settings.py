@@ -302,11 +302,13 @@ class Settings(BaseSettings):
         """``kafka_client_kwargs`` plus the producer's idempotence (``idempotent_producer``)."""
         return {**self.kafka_client_kwargs(), "enable_idempotence": self.idempotent_producer}
 
-    def producer_failure_hint(self) -> str:
+    def producer_failure_hint(self, error: BaseException) -> str:
         """What to add to a producer's failure: an idempotent producer fails against a broker
         that lacks idempotence (the embedded dev broker answers InitProducerId with an
-        unknown error), which its error does not say."""
-        if not self.idempotent_producer:
+        unknown error), which its error does not say. Nothing for a broker not reached."""
+        from aiokafka.errors import KafkaConnectionError
+
+        if not self.idempotent_producer or isinstance(error, KafkaConnectionError | OSError):
             return ""
         return (
             " (the producer is idempotent: a broker without idempotent producers, such as "

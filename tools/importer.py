@@ -157,7 +157,7 @@ class KafkaPublisher:
             ]
             await asyncio.gather(*futures)
         except Exception as exc:
-            hint = s.producer_failure_hint()
+            hint = s.producer_failure_hint(exc)
             if not hint:
                 raise
             raise RuntimeError(f"{type(exc).__name__}: {exc}{hint}") from exc

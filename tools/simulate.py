@@ -370,7 +370,7 @@ async def _send_all(settings: Settings, sims: list[Sim]) -> int:
         ]
         await asyncio.gather(*futures)
     except Exception as exc:
-        hint = settings.producer_failure_hint()
+        hint = settings.producer_failure_hint(exc)
         if not hint:
             raise
         raise RuntimeError(f"publishing failed: {type(exc).__name__}: {exc}{hint}") from exc
