@@ -7,22 +7,19 @@ amount like 999999999999999.99; routes that take money read their body with ``js
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+import re
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ValidationError
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ValidationError
 
 from shared.events import JsonPath, nul_path
-from shared.openapi import AMOUNT_PATTERN, LIMIT_PATTERN
+from shared.openapi import AMOUNT_PATTERN, BODY_TEXT, LIMIT_PATTERN, NUL_FREE_JSON
 
 M = TypeVar("M", bound=BaseModel)
-
-# The rule on a body's text, for the OpenAPI document: no U+0000 (`loads_exact` refuses it;
-# PostgreSQL's text cannot store it). Other control characters are data in a body.
-BODY_TEXT: dict[str, Any] = {"pattern": "^[^\\u0000]*$"}
 
 
 def amount_schema(description: str, *, zero: bool = False) -> dict[str, Any]:
@@ -46,9 +43,35 @@ def _in_utc(moment: datetime) -> datetime:
         raise ValueError("out of the range of dates (in UTC)") from None
 
 
-# A timestamp with its offset, in UTC: an offset that pushes it past year 9999 (or before
-# year 1) is a 422 naming the field, not an OverflowError's 500 where it is stored or read.
-UtcTimestamp = Annotated[AwareDatetime, AfterValidator(_in_utc)]
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})",
+    re.ASCII,
+)
+
+
+def _rfc3339(value: object) -> object:
+    # Pydantic alone also takes a number of seconds since 1970 ("0.5", 1893456000) and a
+    # date without a time: neither is the RFC 3339 date-time the contract documents.
+    if isinstance(value, datetime) or (isinstance(value, str) and _RFC3339.fullmatch(value)):
+        return value
+    raise ValueError("expected an RFC 3339 date-time with its offset, e.g. 2026-03-01T09:00:00Z")
+
+
+def _iso_day(value: object) -> object:
+    # Pydantic alone also reads "0" or 1893456000 as a day (seconds since 1970).
+    if isinstance(value, date) or (isinstance(value, str) and _DAY.fullmatch(value)):
+        return value
+    raise ValueError("expected an ISO 8601 date, e.g. 2026-03-01")
+
+
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", re.ASCII)
+# A day as ISO 8601 writes it.
+Day = Annotated[date, BeforeValidator(_iso_day)]
+# A date-time as RFC 3339 writes it, with its offset.
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
+# The same in UTC: an offset that pushes it past year 9999 (or before year 1) is a 422
+# naming the field, not an OverflowError's 500 where it is stored or read.
+UtcTimestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339), AfterValidator(_in_utc)]
 
 
 def _no_constants(name: str) -> Any:
@@ -121,6 +144,9 @@ def body_schema(model: type[BaseModel], *, required: bool = True) -> dict[str, A
     definitions = schema.pop("$defs", {})
     if definitions:
         schema = _inlined(schema, definitions)
+    # Other members are ignored, but read like the rest: no U+0000 anywhere (`loads_exact`).
+    schema["propertyNames"] = dict(BODY_TEXT)
+    schema["additionalProperties"] = {"$ref": "#/components/schemas/" + NUL_FREE_JSON}
     return {
         "requestBody": {
             "required": required,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import html
 import json
+import re
 from collections.abc import Callable, Mapping
 from datetime import date, datetime
 from pathlib import Path
@@ -36,9 +37,11 @@ from shared.problems import PROBLEM_BASE, PROBLEM_CONTENT_TYPE, RETRY_AFTER_S
 
 __all__ = [
     "AMOUNT_PATTERN",
+    "BODY_TEXT",
     "CURRENCY_CODES",
     "CURRENCY_PATTERN",
     "MONEY_PATTERN",
+    "NUL_FREE_JSON",
     "TEXT_PATTERN",
     "Currency",
     "Day",
@@ -53,6 +56,7 @@ __all__ = [
 
 STATIC = Path(__file__).parent / "static"
 STATIC_URL = "/static/docs"
+_REF = "#/components/schemas/"
 
 # Text without C0/C1 control characters (shared.http's rule for parameters and the bodies'
 # NUL rule), in the ECMA-262 syntax JSON Schema uses.
@@ -76,6 +80,29 @@ CURRENCY_SCHEMA: dict[str, Any] = {
     "description": "An active ISO 4217 code",
     "examples": ["EUR"],
 }
+
+# The rule on a body's text: no U+0000 (shared.body.loads_exact refuses it; PostgreSQL's text
+# cannot store it). Other control characters are data in a body.
+BODY_TEXT: dict[str, Any] = {"pattern": "^[^\\u0000]*$"}
+NUL_FREE_JSON = "JsonWithoutNul"
+
+
+def _nul_free_json_schema() -> dict[str, Any]:
+    """Any JSON value whose strings and keys hold no U+0000: what a body's members that no
+    route reads may be (they are ignored, but the body is read whole)."""
+    ref = {"$ref": _REF + NUL_FREE_JSON}
+    return {
+        "description": "Any JSON value without U+0000 in its strings or keys",
+        "anyOf": [
+            {"type": "string", **BODY_TEXT},
+            {"type": "number"},
+            {"type": "boolean"},
+            {"type": "null"},
+            {"type": "array", "items": ref},
+            {"type": "object", "propertyNames": dict(BODY_TEXT), "additionalProperties": ref},
+        ],
+    }
+
 
 Money = Annotated[
     str,
@@ -135,7 +162,6 @@ class Problem(BaseModel):
     )
 
 
-_REF = "#/components/schemas/"
 _RETRY_AFTER = {
     "description": f"Seconds to wait before sending the request again (about {RETRY_AFTER_S})",
     "schema": {"type": "integer", "minimum": 0},
@@ -248,8 +274,52 @@ def _hoisted(model: type[BaseModel]) -> dict[str, dict[str, Any]]:
     return {**found, model.__name__: schema}
 
 
+_PARAMETER = re.compile(r"\{[^}]+\}")
+
+
+def _merge_same_templates(paths: dict[str, Any]) -> dict[str, Any]:
+    """Paths that differ only in their parameters' names as one path (OpenAPI: such paths
+    are the same and must not both exist): ``GET /v1/credit-checks/{check_id}`` and ``DELETE
+    /v1/credit-checks/{order_id}`` are ``/v1/credit-checks/{id}``, each operation saying
+    which id it takes."""
+    by_shape: dict[str, list[str]] = {}
+    for path in paths:
+        by_shape.setdefault(_PARAMETER.sub("{}", path), []).append(path)
+    merged: dict[str, Any] = {}
+    for path, item in paths.items():
+        shape = _PARAMETER.sub("{}", path)
+        same = by_shape[shape]
+        if len(same) == 1:
+            merged[path] = item
+            continue
+        names = [_PARAMETER.findall(p) for p in same]
+        generic = shape
+        for position in range(len(names[0])):
+            if len({n[position] for n in names}) > 1:
+                generic = generic.replace("{}", "{id}" if position == 0 else f"{{id{position}}}", 1)
+            else:
+                generic = generic.replace("{}", names[0][position], 1)
+        own = _PARAMETER.findall(path)
+        renamed = {
+            old[1:-1]: new[1:-1]
+            for old, new in zip(own, _PARAMETER.findall(generic), strict=True)
+            if old != new
+        }
+        target = merged.setdefault(generic, {})
+        for method, operation in item.items():
+            for parameter in operation.get("parameters", []):
+                if parameter["in"] == "path" and parameter["name"] in renamed:
+                    was = parameter["name"]
+                    parameter["name"] = renamed[was]
+                    parameter.setdefault("description", f"The {was.replace('_', ' ')}")
+                    parameter["schema"].pop("title", None)
+            target[method] = operation
+    return merged
+
+
 def finish(document: dict[str, Any]) -> dict[str, Any]:
     """FastAPI's document with the services' error format and parameter rules."""
+    document["paths"] = _merge_same_templates(document.get("paths", {}))
     for item in document.get("paths", {}).values():
         for operation in item.values():
             _finish_operation(operation)
@@ -257,6 +327,8 @@ def finish(document: dict[str, Any]) -> dict[str, Any]:
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
     schemas.update(_hoisted(Problem))
+    if NUL_FREE_JSON in json.dumps(document["paths"]):
+        schemas[NUL_FREE_JSON] = _nul_free_json_schema()
     document["components"]["schemas"] = dict(sorted(schemas.items()))
     return document
 

@@ -23,8 +23,10 @@ from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.transient import is_transient
@@ -312,13 +314,33 @@ async def _handle_validation_error(request: Request, exc: Exception) -> Response
     return problem_response(validation_problem(exc, request.url.path))
 
 
+def _allowed_methods(request: Request) -> str | None:
+    """Every method some route serves the request's path with (Starlette's 405 names only
+    those of the first route that matched the path: POST, where DELETE is served too)."""
+    methods: set[str] = set()
+    path = request.scope.get("path", "")
+    root = request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    for route in iter_route_contexts(request.app.routes):
+        template = route.path_format
+        if route.methods and template and compile_path(template)[0].fullmatch(path):
+            methods |= route.methods
+    return ", ".join(sorted(methods)) if methods else None
+
+
 async def _handle_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else None
     body = _status_problem(exc.status_code, detail, request.url.path)
     if exc.status_code in (204, 304):
         return Response(status_code=exc.status_code, headers=exc.headers)
-    return problem_response(body, headers=exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        allowed = _allowed_methods(request)
+        if allowed is not None:
+            headers["Allow"] = allowed
+    return problem_response(body, headers=headers)
 
 
 async def _handle_unexpected(request: Request, exc: Exception) -> Response:

@@ -15,10 +15,10 @@ from services.alerts import responses as out
 from services.alerts.handlers import SOURCE, AlertsService
 from shared import openapi
 from shared.auth import Principal, require
-from shared.body import BODY_TEXT, body_schema, json_body
+from shared.body import body_schema, json_body
 from shared.events import new_event
 from shared.http import MAX_PARAM_CHARS, CursorParam, PageLimit, PathText, Printable
-from shared.openapi import TEXT_PATTERN
+from shared.openapi import BODY_TEXT, TEXT_PATTERN
 from shared.pagination import decode_cursor, encode_cursor, text
 from shared.problems import Conflict, NotFound, ValidationFailed
 from shared.runtime import EventCore

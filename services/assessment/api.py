@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.assessment import events as ev
@@ -23,8 +23,9 @@ from services.assessment.handlers import (
 )
 from shared import openapi
 from shared.auth import Principal, require
-from shared.body import BODY_TEXT, UtcTimestamp, body_schema, json_body
+from shared.body import Day, Timestamp, UtcTimestamp, body_schema, json_body
 from shared.http import CursorParam, PageLimit, PathText, check_grade
+from shared.openapi import BODY_TEXT
 from shared.pagination import decode_cursor, encode_cursor, integer, text
 from shared.policy import Policy
 from shared.problems import NotFound, ValidationFailed
@@ -42,7 +43,7 @@ class OverrideBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
     grade: str = Field(min_length=1, max_length=20, description="A grade of the policy")
     reason: str = Field(min_length=1, max_length=1000, json_schema_extra=BODY_TEXT)
-    expires_at: AwareDatetime | None = Field(
+    expires_at: Timestamp | None = Field(
         default=None, description="RFC 3339, in the future; absent: until withdrawn"
     )
 
@@ -257,7 +258,7 @@ def build_router(service: AssessmentService, core: EventCore) -> APIRouter:
     )
     async def reviews_due(
         before: Annotated[
-            date | None,
+            Day | None,
             Query(description="ISO date; reviews dated before it are listed (default: today)"),
         ] = None,
         limit: PageLimit = 100,

@@ -16,7 +16,6 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import (
-    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -35,7 +34,7 @@ from services.limits.handlers import SOURCE, LimitsLoaded, LimitsService, exposu
 from shared import eventstore as es
 from shared import metrics, openapi
 from shared.auth import Principal, require
-from shared.body import BODY_TEXT, UtcTimestamp, amount_schema, body_schema, json_body
+from shared.body import Timestamp, UtcTimestamp, amount_schema, body_schema, json_body
 from shared.events import new_event
 from shared.http import (
     MAX_ORDER_ID_CHARS,
@@ -43,6 +42,7 @@ from shared.http import (
     OrderIdPath,
     PageLimit,
     PathText,
+    Printable,
     check_grade,
     grade_query,
 )
@@ -56,7 +56,7 @@ from shared.money import (
     parse_decimal,
     rate_between,
 )
-from shared.openapi import CURRENCY_SCHEMA
+from shared.openapi import BODY_TEXT, CURRENCY_SCHEMA, TEXT_PATTERN
 from shared.pagination import decode_cursor, encode_cursor, integer, text
 from shared.problems import Conflict, Forbidden, NotFound, ValidationFailed
 from shared.runtime import EventCore
@@ -64,6 +64,7 @@ from shared.unitofwork import UnitOfWork
 
 log = logging.getLogger("creditwatch.limits")
 _TEXT = BODY_TEXT
+_ID: dict[str, Any] = {"pattern": TEXT_PATTERN}
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -111,8 +112,16 @@ def _currency(value: object) -> str:
 
 class CheckRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    order_id: str = Field(min_length=1, max_length=MAX_ORDER_ID_CHARS, json_schema_extra=_TEXT)
-    customer_id: str = Field(min_length=1, max_length=255, json_schema_extra=_TEXT)
+    # Ids, as in the paths that name them again (DELETE /v1/credit-checks/{order_id}): no
+    # control characters.
+    order_id: Annotated[
+        str,
+        Field(min_length=1, max_length=MAX_ORDER_ID_CHARS, json_schema_extra=_ID),
+        Printable,
+    ]
+    customer_id: Annotated[
+        str, Field(min_length=1, max_length=255, json_schema_extra=_ID), Printable
+    ]
     currency: Annotated[str, WithJsonSchema(CURRENCY_SCHEMA)]
     amount: Annotated[Decimal, WithJsonSchema(amount_schema("The order's amount"))]
     # A JSON true or false only: "no" or 0 read as false would silently reserve nothing.
@@ -152,7 +161,7 @@ class LimitRequestBody(BaseModel):
         ),
     ]
     reason: str = Field(min_length=1, max_length=1000, json_schema_extra=_TEXT)
-    expires_at: AwareDatetime | None = Field(
+    expires_at: Timestamp | None = Field(
         default=None,
         description="A temporary limit's end: in the future, within the policy's "
         "temporary_limit_max_days; absent: a standing limit",
