@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ValidationError
 
 from shared.events import JsonPath, nul_path
-from shared.openapi import AMOUNT_PATTERN, BODY_TEXT, LIMIT_PATTERN, NUL_FREE_JSON
+from shared.openapi import AMOUNT_PATTERN, BODY_TEXT, LIMIT_PATTERN
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -145,8 +145,14 @@ def body_schema(model: type[BaseModel], *, required: bool = True) -> dict[str, A
     if definitions:
         schema = _inlined(schema, definitions)
     # Other members are ignored, but read like the rest: no U+0000 anywhere (`loads_exact`).
+    # Said in words: the JSON Schema of "any JSON without U+0000" is recursive, and client
+    # generators (openapi-python-client) then drop every operation with a body.
     schema["propertyNames"] = dict(BODY_TEXT)
-    schema["additionalProperties"] = {"$ref": "#/components/schemas/" + NUL_FREE_JSON}
+    schema["description"] = (
+        (schema.get("description", "") + " ").lstrip()
+        + "Members not named here are ignored, but the body is read whole: U+0000 is refused "
+        "anywhere in it, in their text too."
+    )
     return {
         "requestBody": {
             "required": required,

@@ -41,7 +41,6 @@ __all__ = [
     "CURRENCY_CODES",
     "CURRENCY_PATTERN",
     "MONEY_PATTERN",
-    "NUL_FREE_JSON",
     "TEXT_PATTERN",
     "Currency",
     "Day",
@@ -84,26 +83,6 @@ CURRENCY_SCHEMA: dict[str, Any] = {
 # The rule on a body's text: no U+0000 (shared.body.loads_exact refuses it; PostgreSQL's text
 # cannot store it). Other control characters are data in a body.
 BODY_TEXT: dict[str, Any] = {"pattern": "^[^\\u0000]*$"}
-NUL_FREE_JSON = "JsonWithoutNul"
-
-
-def _nul_free_json_schema() -> dict[str, Any]:
-    """Any JSON value whose strings and keys hold no U+0000: what a body's members that no
-    route reads may be (they are ignored, but the body is read whole)."""
-    ref = {"$ref": _REF + NUL_FREE_JSON}
-    return {
-        "description": "Any JSON value without U+0000 in its strings or keys",
-        "anyOf": [
-            {"type": "string", **BODY_TEXT},
-            {"type": "number"},
-            {"type": "boolean"},
-            {"type": "null"},
-            {"type": "array", "items": ref},
-            {"type": "object", "propertyNames": dict(BODY_TEXT), "additionalProperties": ref},
-        ],
-    }
-
-
 Money = Annotated[
     str,
     Field(
@@ -327,8 +306,6 @@ def finish(document: dict[str, Any]) -> dict[str, Any]:
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
     schemas.update(_hoisted(Problem))
-    if NUL_FREE_JSON in json.dumps(document["paths"]):
-        schemas[NUL_FREE_JSON] = _nul_free_json_schema()
     document["components"]["schemas"] = dict(sorted(schemas.items()))
     return document
 
