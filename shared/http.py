@@ -201,8 +201,9 @@ def create_app(
         title=f"creditwatch {service}",
         version=_package_version(),
         description=(
-            f"The creditwatch {service} service. Calls under /v1 need "
-            "'Authorization: Bearer <token>'; errors are application/problem+json (RFC 9457)."
+            f"The creditwatch {service} service. Calls under `/v1` need "
+            "`Authorization: Bearer <token>`; errors are `application/problem+json` "
+            "(RFC 9457). See docs/contract.md for the contract in words."
         ),
         openapi_url="/openapi.json",
         # Served by shared.openapi from vendored files, not from a CDN.

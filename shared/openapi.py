@@ -136,6 +136,11 @@ class Problem(BaseModel):
     failing: list[str] | SkipJsonSchema[None] = Field(
         default=None, description="/readyz: the checks that fail"
     )
+    reason: Literal["other_request", "in_flight"] | SkipJsonSchema[None] = Field(
+        default=None,
+        description="409 for an Idempotency-Key: used for another request, or its request "
+        "still runs",
+    )
     error_id: str | SkipJsonSchema[None] = Field(
         default=None, description="500: quote it to the operators; the log line has it"
     )
@@ -223,7 +228,44 @@ def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _finish_operation(operation: dict[str, Any]) -> None:
+# shared.idempotency's header, on every POST (its middleware wraps every service's app).
+IDEMPOTENCY_KEY = "Idempotency-Key"
+IDEMPOTENT_REPLAYED = "Idempotent-Replayed"
+# 1 to 255 printable ASCII characters, bare or as a Structured Field String ("...", with \"
+# and \\ the only escapes); white space around it is no part of it.
+IDEMPOTENCY_KEY_PATTERN = r'^[ \t]*(?:"(?:[ !#-\[\]-~]|\\["\\]){1,255}"|[!#-~][ -~]{0,254})[ \t]*$'
+
+
+def _idempotent(operation: dict[str, Any]) -> None:
+    """What ``Idempotency-Key`` adds to a POST: the header, its 409, the replay's mark."""
+    operation.setdefault("parameters", []).append(
+        {
+            "name": IDEMPOTENCY_KEY,
+            "in": "header",
+            "required": False,
+            "description": "Makes a retry safe: the same key (per principal and path) with the "
+            "same body within 24 h gets the first answer again, marked Idempotent-Replayed; "
+            "with another body, or while the first is still running, 409.",
+            "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
+        }
+    )
+    responses: dict[str, Any] = operation.setdefault("responses", {})
+    conflict = "The Idempotency-Key was used for another body, or its request is still running"
+    if "409" in responses:
+        responses["409"]["description"] += "; or: " + conflict[0].lower() + conflict[1:]
+    else:
+        responses["409"] = problem_response(409, conflict)
+    for code, response in responses.items():
+        if code.startswith("2"):
+            response.setdefault("headers", {})[IDEMPOTENT_REPLAYED] = {
+                "description": "true on an answer replayed for a repeated Idempotency-Key",
+                "schema": {"type": "string", "enum": ["true"]},
+            }
+
+
+def _finish_operation(operation: dict[str, Any], method: str) -> None:
+    if method == "post":
+        _idempotent(operation)
     responses: dict[str, Any] = operation.setdefault("responses", {})
     for parameter in operation.get("parameters", []):
         parameter["schema"] = _without_null(parameter.get("schema", {}))
@@ -300,8 +342,8 @@ def finish(document: dict[str, Any]) -> dict[str, Any]:
     """FastAPI's document with the services' error format and parameter rules."""
     document["paths"] = _merge_same_templates(document.get("paths", {}))
     for item in document.get("paths", {}).values():
-        for operation in item.values():
-            _finish_operation(operation)
+        for method, operation in item.items():
+            _finish_operation(operation, method)
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)

@@ -9,6 +9,9 @@ touched, so the refusals are all tested as generated.
 - ``expires_at`` must be in the future (and a temporary limit at most the policy's days away):
   it is set to a day from now.
 - A ``cursor`` is only what the API returned for the same list: a generated one is dropped.
+- An ``Idempotency-Key`` is new for each request, as a client makes one: schemathesis would
+  otherwise send one key with several requests, whose answers are then replays of the first
+  (tests/integration/test_idempotency.py holds the replays to their contract).
 - A body's members that no route reads are ignored but read: U+0000 in their text is refused
   (the document says so in words; its JSON Schema would be recursive, which client generators
   cannot read): removed from them.
@@ -23,6 +26,8 @@ test_limits_api holds the release of a reservation to its contract.
 
 from __future__ import annotations
 
+import re
+import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -30,6 +35,7 @@ from typing import Any
 import schemathesis
 
 from shared.money import CURRENCY_MINOR_UNITS, MAX_MINOR_UNITS
+from shared.openapi import IDEMPOTENCY_KEY_PATTERN
 
 
 def _positive(case: Any) -> bool:
@@ -91,6 +97,16 @@ def map_case(context: Any, case: Any) -> Any:
         if body.get("expires_at") is not None:
             body["expires_at"] = (datetime.now(UTC) + timedelta(days=1)).isoformat()
     return case
+
+
+@schemathesis.hook
+def map_headers(context: Any, headers: dict[str, Any] | None) -> dict[str, Any] | None:
+    # Any phase, stateful included; a key made invalid on purpose stays as it is.
+    key = (headers or {}).get("Idempotency-Key")
+    if isinstance(key, str) and re.fullmatch(IDEMPOTENCY_KEY_PATTERN, key):
+        assert headers is not None
+        headers["Idempotency-Key"] = uuid.uuid4().hex
+    return headers
 
 
 @schemathesis.hook

@@ -34,7 +34,7 @@ from tests.databases import reset
 
 pytestmark = pytest.mark.integration
 
-EXAMPLES = int(os.environ.get("CREDITWATCH_SCHEMATHESIS_EXAMPLES", "50"))
+EXAMPLES = int(os.environ.get("CREDITWATCH_SCHEMATHESIS_EXAMPLES", "100"))
 SEED = 2121
 # The harness's principals (processes.TOKENS), for the seeding done in this process too.
 TOKENS = TokenRegistry(

@@ -139,6 +139,20 @@ def test_given_a_document_when_its_responses_are_read_then_every_success_is_type
                 assert "404" in operation["responses"] or path.startswith("/v1/reviews"), path
 
 
+@pytest.mark.parametrize("service", SERVICES)
+def test_given_a_document_when_its_posts_are_read_then_each_documents_the_idempotency_key(
+    service: str, documents: dict[str, dict[str, Any]]
+) -> None:
+    posts = [(p, op) for m, p, op in operations(documents[service]) if m == "POST"]
+    assert posts
+    for path, operation in posts:
+        (header,) = [p for p in operation["parameters"] if p["in"] == "header"]
+        assert (header["name"], header["required"]) == ("Idempotency-Key", False), path
+        assert "409" in operation["responses"], path
+        (success,) = [r for c, r in operation["responses"].items() if c.startswith("2")]
+        assert "Idempotent-Replayed" in success["headers"], path
+
+
 def test_given_the_limits_document_when_the_credit_check_is_read_then_it_is_typed_in_full(
     documents: dict[str, dict[str, Any]],
 ) -> None:
