@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import html
 import json
-import re
 from collections.abc import Callable, Mapping
 from datetime import date, datetime
 from pathlib import Path
@@ -295,52 +294,8 @@ def _hoisted(model: type[BaseModel]) -> dict[str, dict[str, Any]]:
     return {**found, model.__name__: schema}
 
 
-_PARAMETER = re.compile(r"\{[^}]+\}")
-
-
-def _merge_same_templates(paths: dict[str, Any]) -> dict[str, Any]:
-    """Paths that differ only in their parameters' names as one path (OpenAPI: such paths
-    are the same and must not both exist): ``GET /v1/credit-checks/{check_id}`` and ``DELETE
-    /v1/credit-checks/{order_id}`` are ``/v1/credit-checks/{id}``, each operation saying
-    which id it takes."""
-    by_shape: dict[str, list[str]] = {}
-    for path in paths:
-        by_shape.setdefault(_PARAMETER.sub("{}", path), []).append(path)
-    merged: dict[str, Any] = {}
-    for path, item in paths.items():
-        shape = _PARAMETER.sub("{}", path)
-        same = by_shape[shape]
-        if len(same) == 1:
-            merged[path] = item
-            continue
-        names = [_PARAMETER.findall(p) for p in same]
-        generic = shape
-        for position in range(len(names[0])):
-            if len({n[position] for n in names}) > 1:
-                generic = generic.replace("{}", "{id}" if position == 0 else f"{{id{position}}}", 1)
-            else:
-                generic = generic.replace("{}", names[0][position], 1)
-        own = _PARAMETER.findall(path)
-        renamed = {
-            old[1:-1]: new[1:-1]
-            for old, new in zip(own, _PARAMETER.findall(generic), strict=True)
-            if old != new
-        }
-        target = merged.setdefault(generic, {})
-        for method, operation in item.items():
-            for parameter in operation.get("parameters", []):
-                if parameter["in"] == "path" and parameter["name"] in renamed:
-                    was = parameter["name"]
-                    parameter["name"] = renamed[was]
-                    parameter.setdefault("description", f"The {was.replace('_', ' ')}")
-                    parameter["schema"].pop("title", None)
-            target[method] = operation
-    return merged
-
-
 def finish(document: dict[str, Any]) -> dict[str, Any]:
     """FastAPI's document with the services' error format and parameter rules."""
-    document["paths"] = _merge_same_templates(document.get("paths", {}))
     for item in document.get("paths", {}).values():
         for method, operation in item.items():
             _finish_operation(operation, method)

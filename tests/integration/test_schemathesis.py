@@ -89,7 +89,7 @@ async def _seed_limits(url: str) -> Seeded:
             ]
         )
     )
-    ids: Seeded = {"customer_id": "C-1", "release.id": "SO-1"}
+    ids: Seeded = {"customer_id": "C-1", "order_id": "SO-1"}
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://limits") as client:
         check = await client.post(
@@ -98,7 +98,7 @@ async def _seed_limits(url: str) -> Seeded:
             json={"order_id": "SO-1", "customer_id": "C-1", "amount": "100.00", "currency": "EUR"},
         )
         assert check.status_code == 200, check.text
-        ids["get_check.id"] = check.json()["check_id"]
+        ids["check_id"] = check.json()["check_id"]
         for limit in ("250000.00", "1000.00"):  # an increase (pending), a decrease (applied)
             made = await client.post(
                 "/v1/customers/C-1/limit-requests",

@@ -223,7 +223,7 @@ def test_given_the_documents_when_their_parameters_are_read_then_the_rules_are_i
     assert "-utilization" in sort["schema"]["enum"]
     ((_, status),) = _parameters(limits, "status")
     assert status["schema"]["enum"] == ["over_limit", "on_hold", "overdue"]
-    ((_, order_id),) = [p for p in _parameters(limits, "id") if p[0].startswith("DELETE")]
+    ((_, order_id),) = _parameters(limits, "order_id")
     assert order_id["schema"]["maxLength"] == MAX_ORDER_ID_CHARS
     alerts = documents["alerts"]
     ((_, status),) = _parameters(alerts, "status")
