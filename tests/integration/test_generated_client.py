@@ -153,6 +153,6 @@ async def test_given_a_generated_client_when_it_checks_an_order_then_the_answer_
     assert isinstance(detailed.parsed, models.Problem)
     assert detailed.parsed.field == "amount"
     # And the token without credit:read is told so, in the same typed way
-    refused = await get_check.asyncio_detailed(id=answer.check_id, client=client)
+    refused = await get_check.asyncio_detailed(check_id=answer.check_id, client=client)
     assert refused.status_code == 403 and isinstance(refused.parsed, models.Problem)
     await client.get_async_httpx_client().aclose()
