@@ -18,7 +18,6 @@ customers:  ``customer_id,name,currency[,country][,industry][,payment_terms_days
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
@@ -33,7 +32,6 @@ from typing import Any, NamedTuple, Protocol
 from pydantic import BaseModel, ValidationError
 
 from shared.events import (
-    KAFKA_HEADERS,
     CustomerRegistered,
     DeadLetter,
     EventData,
@@ -139,30 +137,9 @@ class KafkaPublisher:
         self.settings = settings
 
     async def publish(self, messages: Sequence[Message]) -> None:
-        from aiokafka import AIOKafkaProducer
+        from shared.producing import Record, publish
 
-        s = self.settings
-        producer = AIOKafkaProducer(
-            bootstrap_servers=s.kafka_bootstrap,
-            acks="all",
-            linger_ms=10,
-            **s.kafka_producer_kwargs(),
-        )
-        try:
-            await producer.start()
-            futures = [
-                # Structured-mode CloudEvents, as the services' own records say.
-                await producer.send(m.topic, key=m.key, value=m.value, headers=KAFKA_HEADERS)
-                for m in messages
-            ]
-            await asyncio.gather(*futures)
-        except Exception as exc:
-            hint = s.producer_failure_hint(exc)
-            if not hint:
-                raise
-            raise RuntimeError(f"{type(exc).__name__}: {exc}{hint}") from exc
-        finally:
-            await producer.stop()
+        await publish(self.settings, [Record(m.topic, m.key, m.value) for m in messages])
 
 
 # ---- reading the files ------------------------------------------------------------------------

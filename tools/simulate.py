@@ -19,7 +19,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
-from shared.events import KAFKA_HEADERS
+from shared import producing
 from shared.settings import Settings
 
 log = logging.getLogger("creditwatch.simulate")
@@ -347,36 +347,15 @@ def topic_names(settings: Settings) -> dict[str, str]:
 
 
 async def _send_all(settings: Settings, sims: list[Sim]) -> int:
-    from aiokafka import AIOKafkaProducer
-
     names = topic_names(settings)
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        acks="all",
-        linger_ms=10,
-        **settings.kafka_producer_kwargs(),
-    )
+    records = [
+        producing.Record(names[s.topic], s.event["subject"].encode(), json.dumps(s.event).encode())
+        for s in sims
+    ]
     try:
-        await producer.start()
-        futures = [
-            await producer.send(
-                names[s.topic],
-                key=s.event["subject"].encode(),
-                value=json.dumps(s.event).encode(),
-                # Structured-mode CloudEvents, as the services' own records say.
-                headers=KAFKA_HEADERS,
-            )
-            for s in sims
-        ]
-        await asyncio.gather(*futures)
-    except Exception as exc:
-        hint = settings.producer_failure_hint(exc)
-        if not hint:
-            raise
-        raise RuntimeError(f"publishing failed: {type(exc).__name__}: {exc}{hint}") from exc
-    finally:
-        await producer.stop()
-    return len(sims)
+        return await producing.publish(settings, records)
+    except producing.PublishError as exc:
+        raise RuntimeError(f"publishing failed: {exc}") from exc
 
 
 async def publish(settings: Settings, *, customers: int, months: int, seed: int = 7) -> int:

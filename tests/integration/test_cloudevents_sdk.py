@@ -44,7 +44,7 @@ def settings_for(bootstrap: str, **overrides: Any) -> Settings:
     this test's own."""
     run = uuid.uuid4().hex[:8]
     topics = {f"topic_{name}": f"t{run}.{name}" for name in (*TOPICS, *OUTPUTS)}
-    return Settings(kafka_bootstrap=bootstrap, dev_mode=False, **topics, **overrides)
+    return Settings(**{"kafka_bootstrap": bootstrap, "dev_mode": False, **topics, **overrides})
 
 
 def all_topics(settings: Settings) -> list[str]:
@@ -69,6 +69,9 @@ async def read_all(bootstrap: str, topics: list[str], expected: int) -> list[Any
             batch = await consumer.getmany(timeout_ms=500)
             for messages in batch.values():
                 records.extend(messages)
+        # A moment more, so that a record published twice shows as one too many
+        for messages in (await consumer.getmany(timeout_ms=300)).values():
+            records.extend(messages)
         return records
     finally:
         await consumer.stop()
@@ -269,23 +272,45 @@ def free_port() -> int:
         return port
 
 
-def test_the_dev_broker_lacks_idempotence_so_dev_mode_produces_without_it() -> None:
-    """The embedded broker (Tansu) answers InitProducerId with an unknown error: outside dev
-    mode the producer is idempotent and fails naming the setting; in dev mode (or with
-    CREDITWATCH_KAFKA_IDEMPOTENT=false) it publishes, with the content-type header."""
+def test_the_dev_broker_lacks_idempotence_so_dev_mode_produces_without_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The embedded broker (Tansu) answers InitProducerId with an unknown error. Idempotence
+    asked for explicitly (CREDITWATCH_KAFKA_IDEMPOTENT=true) fails naming the setting; as the
+    default outside dev mode it is dropped with a warning and the batch is published once
+    (the idempotent attempt delivered nothing); in dev mode or with the setting false the
+    producer never asks. Each publishes with the content-type header."""
     port = free_port()
     bootstrap = f"127.0.0.1:{port}"
     with devbroker.embedded_broker(port, devbroker.new_cluster_id()):
-        production = Settings(kafka_bootstrap=bootstrap, dev_mode=False)
+        explicit = settings_for(bootstrap, kafka_idempotent=True)
         with pytest.raises(RuntimeError, match="CREDITWATCH_KAFKA_IDEMPOTENT=false"):
-            asyncio.run(simulate.publish(production, customers=1, months=1))
+            asyncio.run(simulate.publish(explicit, customers=1, months=1))
+        default = settings_for(bootstrap)
+        inputs = [getattr(default, f"topic_{name}") for name in TOPICS]
+        asyncio.run(create_topics_async(bootstrap, inputs, partitions=PARTITIONS))
+        assert default.kafka_idempotent is None and default.idempotent_producer
+        with caplog.at_level("WARNING", logger="creditwatch.producing"):
+            count = asyncio.run(simulate.publish(default, customers=1, months=1))
+        assert count > 0
+        assert "refused an idempotent producer (UnknownError)" in caplog.text
+        assert "CREDITWATCH_KAFKA_IDEMPOTENT" in caplog.text
+        records = asyncio.run(read_all(bootstrap, inputs, count))
+        # Published once: the refused attempt sent nothing
+        assert len(records) == count
+        assert len({json.loads(r.value)["id"] for r in records}) == count
+        for record in records:
+            assert_structured_header(record)
         for settings in (
-            Settings(kafka_bootstrap=bootstrap, dev_mode=True),
-            Settings(kafka_bootstrap=bootstrap, dev_mode=False, kafka_idempotent=False),
+            settings_for(bootstrap, dev_mode=True),
+            settings_for(bootstrap, kafka_idempotent=False),
         ):
             assert not settings.idempotent_producer
-            count = asyncio.run(simulate.publish(settings, customers=1, months=1))
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="creditwatch.producing"):
+                count = asyncio.run(simulate.publish(settings, customers=1, months=1))
             assert count > 0
+            assert "refused" not in caplog.text
 
 
 async def test_an_unreachable_broker_is_not_blamed_on_idempotence() -> None:
