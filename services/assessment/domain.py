@@ -1008,17 +1008,7 @@ ALWAYS: Final = frozenset(
 )
 # Re-scored, published only when the score or the grade moves (a registered customer's
 # first assessment aside); such a re-score is no review, so it never pushes the review out.
-RESCORE: Final = frozenset(
-    {
-        "customer.updated",
-        "invoice.issued",
-        "invoice.cancelled",
-        "credit_note.issued",
-        "payment.received",
-        "payment.reversed",
-        "invoice.overdue",
-    }
-)
+RESCORE: Final = lg.EVENT_TYPES | {"customer.updated"}
 
 
 def decide_assessment(

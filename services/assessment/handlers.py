@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from services.assessment import domain, store
 from services.assessment import events as ev
 from shared.events import DeadLetter, Envelope, new_event
+from shared.ledger import EVENT_TYPES as LEDGER_TYPES
 from shared.ledger import Archived
 from shared.policy import Policy
 from shared.projection import as_json
@@ -41,20 +42,12 @@ RECENT_STATES = 50_000
 # A batch's fold yields to the event loop after this many events: the relay and the
 # consumer's fetching share the loop and would otherwise wait for the whole batch.
 FOLD_SLICE_EVENTS = 200
-CONTRACT_TYPES = frozenset(
-    {
-        "customer.registered",
-        "customer.updated",
-        "financial_statement.published",
-        "credit_report.received",
-        "invoice.issued",
-        "invoice.cancelled",
-        "credit_note.issued",
-        "payment.received",
-        "payment.reversed",
-        "invoice.overdue",
-    }
-)
+CONTRACT_TYPES = LEDGER_TYPES | {
+    "customer.registered",
+    "customer.updated",
+    "financial_statement.published",
+    "credit_report.received",
+}
 
 
 @dataclass(eq=False)

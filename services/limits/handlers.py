@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from services.limits import domain, store
 from services.limits import events as ev
 from shared.events import DeadLetter, Envelope, new_event, trusted_event
+from shared.ledger import EVENT_TYPES as LEDGER_TYPES
 from shared.ledger import Archived
 from shared.policy import Policy
 from shared.projection import as_json, plain_json
@@ -39,22 +40,14 @@ RECENT_STATES = 50_000
 # A batch's fold yields to the event loop after this many events / settled customers.
 FOLD_SLICE_EVENTS = 200
 FOLD_SLICE_CUSTOMERS = 40
-CONTRACT_TYPES = frozenset(
-    {
-        "customer.registered",
-        "customer.updated",
-        "invoice.issued",
-        "invoice.cancelled",
-        "credit_note.issued",
-        "payment.received",
-        "payment.reversed",
-        "invoice.overdue",
-        "assessment.completed",
-        "alert.raised",
-        "alert.updated",
-        "alert.resolved",
-    }
-)
+CONTRACT_TYPES = LEDGER_TYPES | {
+    "customer.registered",
+    "customer.updated",
+    "assessment.completed",
+    "alert.raised",
+    "alert.updated",
+    "alert.resolved",
+}
 # Events that change a reservation (by its order id); a change of credit currency changes
 # them all.
 _RESERVATION_TYPES = frozenset(
