@@ -404,20 +404,28 @@ async def apply_each(
     return out
 
 
-async def state_sizes(stage: Stage, ids: Sequence[str]) -> dict[str, tuple[int, int, int]]:
-    """Per customer: the state document's length in bytes, as stored (compressed), and the
-    number of its archive rows."""
+async def state_sizes(stage: Stage, ids: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Per customer: the state document's length in bytes, as stored (compressed), the
+    number of its archive rows, and (assessment) its payment-behaviour month rows and their
+    bytes (the window's settled days, assessment_paid_months)."""
     customers, archive = service_tables(stage.name)
+    months = (
+        "(SELECT count(*) FROM assessment_paid_months m WHERE m.customer_id = c.customer_id), "
+        "(SELECT coalesce(sum(octet_length(m.days)), 0) FROM assessment_paid_months m "
+        "WHERE m.customer_id = c.customer_id)"
+        if stage.name == "assessment"
+        else "0, 0"
+    )
     async with stage.engine.connect() as conn:
         rows = await conn.execute(
             text(
                 f"SELECT c.customer_id, octet_length(c.state), pg_column_size(c.state), "
-                f"(SELECT count(*) FROM {archive} a WHERE a.customer_id = c.customer_id) "
-                f"FROM {customers} c WHERE c.customer_id = ANY(:ids)"
+                f"(SELECT count(*) FROM {archive} a WHERE a.customer_id = c.customer_id), "
+                f"{months} FROM {customers} c WHERE c.customer_id = ANY(:ids)"
             ),
             {"ids": list(ids)},
         )
-        return {r[0]: (int(r[1]), int(r[2]), int(r[3])) for r in rows}
+        return {r[0]: tuple(int(v) for v in r[1:]) for r in rows}
 
 
 # ---- history mode: the checks ------------------------------------------------------------------
@@ -534,8 +542,8 @@ async def history_mode(args: argparse.Namespace) -> dict[str, Any]:
         "check_p99": PerCustomer("credit check p99 (sequential)", "ms", 1e3),
         "first_check": PerCustomer("first check after a restart, median", "ms", 1e3),
     }
-    sizes_of: dict[str, dict[str, tuple[int, int, int]]] = {}
-    sizes_after: dict[str, dict[str, tuple[int, int, int]]] = {}
+    sizes_of: dict[str, dict[str, tuple[int, ...]]] = {}
+    sizes_after: dict[str, dict[str, tuple[int, ...]]] = {}
     build_rate: dict[str, float] = {}
     skipped: str | None = None
     with servers.PostgresServer.start() as pg:
@@ -671,8 +679,8 @@ def run_line(measures: dict[str, PerCustomer], customers: list[str]) -> str:
 
 def check_archive(
     sizes: dict[str, int],
-    before: dict[str, dict[str, tuple[int, int, int]]],
-    after: dict[str, dict[str, tuple[int, int, int]]],
+    before: dict[str, dict[str, tuple[int, ...]]],
+    after: dict[str, dict[str, tuple[int, ...]]],
     args: argparse.Namespace,
 ) -> list[str]:
     """What the services should hold: every settled invoice and its payment archived (2 rows
@@ -717,7 +725,7 @@ def print_history(
     customers: list[str],
     sizes: dict[str, int],
     measures: dict[str, PerCustomer],
-    state: dict[str, dict[str, tuple[int, int, int]]],
+    state: dict[str, dict[str, tuple[int, ...]]],
     args: argparse.Namespace,
     skipped: str | None,
     findings: list[str],
@@ -766,6 +774,15 @@ def print_history(
                 "",
             )
         )
+        if svc == "assessment":
+            rows.append(
+                (
+                    "assessment: payment-behaviour month rows (rows; bytes)",
+                    *(f"{found[c][3]:,}; {found[c][4]:,}" for c in customers),
+                    "",
+                    "",
+                )
+            )
     print()
     print(
         f"History ({durability_label(args.fsync == 'on')}; {args.runs} run(s); "

@@ -73,8 +73,9 @@ class AssessmentRepository(Repository[AssessmentLoaded]):
         self, conn: AsyncConnection, rows: Mapping[str, Any]
     ) -> dict[str, AssessmentLoaded]:
         out: dict[str, AssessmentLoaded] = {}
+        days = await store.read_days(conn, rows) if rows else {}
         for cid, row in rows.items():
-            state = store.load_state(row.state)
+            state = store.load_state(row.state, days.get(cid))
             out[cid] = AssessmentLoaded(state, row.last_seq, state)
         return out
 
@@ -131,12 +132,18 @@ class AssessmentService:
                 await self._apply(uow, inc, recall, touched, history)
             await asyncio.sleep(0)
         rows = []
+        months: list[dict[str, Any]] = []
+        gone: list[tuple[str, str]] = []
         for cid, seq in touched.items():
             entry: AssessmentLoaded = uow.states[cid]
             rows.append(store.customer_row(entry.state, seq))
+            written, emptied = store.month_rows(cid, entry.stored, entry.state)
+            months += written
+            gone += emptied
             entry.stored = entry.state
             entry.last_seq = seq
         await store.save_customers(uow.conn, rows)
+        await store.save_months(uow.conn, months, gone)
         await store.record_assessments(uow.conn, history)
         await store.archive.flush(uow)
         uow.touched.update(touched)

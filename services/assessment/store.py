@@ -5,12 +5,12 @@ ledger items that left the customers' states (settled invoices, applied payments
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import date, datetime
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import (
     Column,
     Date,
@@ -20,12 +20,14 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    delete,
     func,
     select,
+    tuple_,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.assessment.domain import CustomerState
+from services.assessment.domain import CustomerState, PaidOn
 from shared.db import BigId, UtcDateTime
 from shared.eventstore import core_tables
 from shared.idempotency import idempotency_table
@@ -72,6 +74,18 @@ assessments = Table(
 )
 Index("ix_assessment_assessments_customer", assessments.c.customer_id, assessments.c.seq)
 
+# The payment-behaviour window's settled days (``CustomerState.paid.days``), a row per
+# customer and month: an event rewrites the month it settles in, not the whole window, so
+# that a customer settling many invoices a day costs what a quiet one does (assessment_0005).
+# The state document keeps the window's sums and first and last day.
+paid_months = Table(
+    "assessment_paid_months",
+    metadata,
+    Column("customer_id", String(1000), primary_key=True),
+    Column("month", String(7), primary_key=True),  # YYYY-MM
+    Column("days", Text, nullable=False),
+)
+
 # Ledger items that left a customer's hot state (settled invoices, applied payments).
 ledger_archive = archive_table(metadata, "assessment")
 archive = LedgerArchive(ledger_archive)
@@ -79,21 +93,26 @@ archive = LedgerArchive(ledger_archive)
 # Idempotency-Key answers of the API (shared.idempotency); no projection: kept by replays.
 idempotency = idempotency_table(metadata, "assessment")
 
-PROJECTIONS: Sequence[Table] = (customers, assessments, ledger_archive)
+PROJECTIONS: Sequence[Table] = (customers, assessments, paid_months, ledger_archive)
 
 _STATE = StateCodec(CustomerState)
+_DAYS: TypeAdapter[dict[date, PaidOn]] = TypeAdapter(dict[date, PaidOn])
 
 
 def dump_state(state: CustomerState) -> str:
-    """The customer's state document (see ``customers.state``)."""
-    return _STATE.dump(replace(state, step=None) if state.step is not None else state)
+    """The customer's state document (see ``customers.state``): the state without the
+    settled days, which are rows of ``assessment_paid_months`` (``month_rows``)."""
+    if state.step is not None or state.paid.days:
+        state = replace(state, step=None, paid=replace(state.paid, days={}))
+    return _STATE.dump(state)
 
 
-def load_state(document: str) -> CustomerState:
-    """A customer's state from its document; ``LayoutError`` for a document of another
-    layout (before assessment_0003 the whole history: invoices, credits, dunning)."""
+def load_state(document: str, days: Mapping[date, PaidOn] | None = None) -> CustomerState:
+    """A customer's state from its document and its settled days (``read_days``, in day
+    order); ``LayoutError`` for a document of another layout (before assessment_0003 the
+    whole history: invoices, credits, dunning; before assessment_0005 the days in it)."""
     try:
-        return _STATE.load(document)
+        state = _STATE.load(document)
     except ValidationError as exc:
         raise LayoutError(
             "assessment: a customer's state document does not have this version's layout "
@@ -101,6 +120,94 @@ def load_state(document: str) -> CustomerState:
             f"projections: creditwatch db upgrade ({exc.error_count()} differences, first: "
             f"{exc.errors()[0]['loc']})"
         ) from exc
+    if state.paid.days:
+        raise LayoutError(
+            "assessment: a customer's state document holds its settled days (written before "
+            "assessment_0005); rebuild the projections: creditwatch db upgrade"
+        )
+    if state.paid.first is None:
+        return state
+    return replace(state, paid=replace(state.paid, days=dict(days or {})))
+
+
+def _month(day: date) -> str:
+    return f"{day.year:04d}-{day.month:02d}"
+
+
+def month_rows(
+    customer_id: str, stored: CustomerState | None, state: CustomerState
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """The months of the settled days that changed since ``stored`` (what the row holds):
+    rows to write, and (customer, month) keys of months now empty. Days are immutable
+    values that an event replaces, never mutates, so a day that is the same object is the
+    same day: finding the changes walks the window (up to 366 days) without comparing."""
+    new = state.paid.days
+    old = stored.paid.days if stored is not None else {}
+    if new is old:
+        return [], []
+    changed = {_month(day) for day, paid in new.items() if old.get(day) is not paid}
+    changed.update(_month(day) for day in old if day not in new)
+    if not changed:
+        return [], []
+    by_month: dict[str, dict[date, PaidOn]] = {m: {} for m in changed}
+    for day, paid in new.items():
+        held = by_month.get(_month(day))
+        if held is not None:
+            held[day] = paid
+    rows = [
+        {"customer_id": customer_id, "month": m, "days": _DAYS.dump_json(days).decode()}
+        for m, days in sorted(by_month.items())
+        if days
+    ]
+    gone = [(customer_id, m) for m, days in sorted(by_month.items()) if not days]
+    return rows, gone
+
+
+async def read_days(
+    conn: AsyncConnection, customer_ids: Iterable[str]
+) -> dict[str, dict[date, PaidOn]]:
+    """The settled days of each customer (those with any), in day order."""
+    ids = sorted(set(customer_ids))
+    out: dict[str, list[str]] = {}
+    c = paid_months.c
+    for start in range(0, len(ids), 500):
+        rows = await conn.execute(
+            select(c.customer_id, c.days)
+            .where(c.customer_id.in_(ids[start : start + 500]))
+            .order_by(c.customer_id, c.month)
+        )
+        for row in rows:
+            out.setdefault(row.customer_id, []).append(row.days)
+    return {cid: days_of(months) for cid, months in out.items()}
+
+
+def days_of(months: Iterable[str]) -> dict[date, PaidOn]:
+    """The settled days that month rows (their ``days``) hold, in day order (as the state
+    keeps them: Settled.after relies on it)."""
+    days: dict[date, PaidOn] = {}
+    for text in months:
+        days.update(_DAYS.validate_json(text))
+    return dict(sorted(days.items()))
+
+
+def round_trip(state: CustomerState) -> CustomerState:
+    """The state as a service reads it back after writing it (document and month rows)."""
+    rows, _ = month_rows(state.customer_id, None, state)
+    return load_state(dump_state(state), days_of(r["days"] for r in rows))
+
+
+async def save_months(
+    conn: AsyncConnection, rows: Sequence[dict[str, Any]], gone: Sequence[tuple[str, str]]
+) -> None:
+    if gone:
+        c = paid_months.c
+        for start in range(0, len(gone), 500):
+            await conn.execute(
+                delete(paid_months).where(
+                    tuple_(c.customer_id, c.month).in_(gone[start : start + 500])
+                )
+            )
+    await upsert(conn, paid_months, ["customer_id", "month"], rows)
 
 
 def customer_row(state: CustomerState, last_seq: int) -> dict[str, Any]:
