@@ -404,6 +404,10 @@ async def apply_each(
     return out
 
 
+# What state_sizes gives per customer, in order.
+SIZE_FIELDS = ("bytes", "stored_bytes", "archive_rows", "month_rows", "month_bytes")
+
+
 async def state_sizes(stage: Stage, ids: Sequence[str]) -> dict[str, tuple[int, ...]]:
     """Per customer: the state document's length in bytes, as stored (compressed), the
     number of its archive rows, and (assessment) its payment-behaviour month rows and their
@@ -643,17 +647,11 @@ async def history_mode(args: argparse.Namespace) -> dict[str, Any]:
             if m.values
         },
         "state_after_build": {
-            svc: {
-                c: dict(zip(("bytes", "stored_bytes", "archive_rows"), v, strict=True))
-                for c, v in found.items()
-            }
+            svc: {c: dict(zip(SIZE_FIELDS, v, strict=True)) for c, v in found.items()}
             for svc, found in sizes_of.items()
         },
         "state_after_runs": {
-            svc: {
-                c: dict(zip(("bytes", "stored_bytes", "archive_rows"), v, strict=True))
-                for c, v in found.items()
-            }
+            svc: {c: dict(zip(SIZE_FIELDS, v, strict=True)) for c, v in found.items()}
             for svc, found in sizes_after.items()
         },
         "findings": findings,
