@@ -512,7 +512,7 @@ class Idempotency:
         if not complete:
             # Over the size limit (or the client went away): the app answers 413 (or nothing)
             # and stores nothing; there is no request to remember.
-            await self.app(scope, _replay(body, complete, receive), send)
+            await self.app(scope, replay_receive(body, complete, receive), send)
             return
         claim = Claim(
             principal=principal.name,
@@ -529,7 +529,7 @@ class Idempotency:
         if seen is not None:
             await self._answer(scope, send, _answer_seen(claim, seen, path), started)
             return
-        await self._run(claim, scope, _replay(body, True, receive), send)
+        await self._run(claim, scope, replay_receive(body, True, receive), send)
 
     async def _run(self, claim: Claim, scope: Scope, receive: Receive, send: Send) -> None:
         captured = _Captured()
@@ -590,7 +590,7 @@ class Idempotency:
         return problem_response(body)
 
     async def _answer(self, scope: Scope, send: Send, response: Response, started: float) -> None:
-        await response(scope, _no_receive, send)
+        await response(scope, no_receive, send)
         # Counted as the app counts what it answers (shared.metrics.HttpMetrics).
         route = self._route(scope)
         status = str(response.status_code)
@@ -682,8 +682,9 @@ def replayed(stored: StoredResponse) -> Response:
     return response
 
 
-def _replay(body: bytes, complete: bool, receive: Receive) -> Receive:
-    """``receive`` for the app: what was read already, then the rest of the stream."""
+def replay_receive(body: bytes, complete: bool, receive: Receive) -> Receive:
+    """``receive`` for an app behind a middleware that read the body first: what was read
+    already, then the rest of the stream (also the limits service's check fast path)."""
     sent = False
 
     async def replay() -> Message:
@@ -696,7 +697,8 @@ def _replay(body: bytes, complete: bool, receive: Receive) -> Receive:
     return replay
 
 
-async def _no_receive() -> Message:
+async def no_receive() -> Message:
+    """``receive`` for a response sent without reading the request."""
     return {"type": "http.disconnect"}
 
 

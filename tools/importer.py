@@ -43,6 +43,7 @@ from shared.events import (
 from shared.money import MAX_MINOR_UNITS, AmountError, is_currency, parse_amount, parse_decimal
 from shared.policy import Policy
 from shared.settings import Settings
+from tools.simulate import cloudevent
 
 DEFAULT_SOURCE = "/import/ledger"
 
@@ -215,21 +216,6 @@ def _check_header(
 # ---- validation -------------------------------------------------------------------------------
 
 
-def _cloudevent(
-    type_: str, subject: str, data: dict[str, Any], *, id: str, at: datetime, source: str
-) -> dict[str, Any]:
-    return {
-        "specversion": "1.0",
-        "id": id,
-        "source": source,
-        "type": type_,
-        "subject": subject,
-        "time": at.isoformat().replace("+00:00", "Z"),
-        "datacontenttype": "application/json",
-        "data": data,
-    }
-
-
 def _midnight(value: object) -> datetime:
     """Business time of a dated fact: that day, 00:00 UTC (today for an unusable date; the
     row is rejected then anyway)."""
@@ -348,7 +334,7 @@ def plan_import(
             data: dict[str, Any] = dict(row)
             if "payment_terms_days" in data:
                 data["payment_terms_days"] = _int_or_text(data["payment_terms_days"])
-            event = _cloudevent(
+            event = cloudevent(
                 "customer.registered",
                 cid or "-",
                 data,
@@ -385,7 +371,7 @@ def plan_import(
             invoice_row[inv] = n
         data = {k: v for k, v in row.items() if k != "open_amount"}
         at = _midnight(row.get("issue_date"))
-        invoice = _cloudevent(
+        invoice = cloudevent(
             "invoice.issued", cid or "-", data, id=f"import-invoice-{inv}", at=at, source=source
         )
         model, faults = check_event(
@@ -413,7 +399,7 @@ def plan_import(
                 )
             elif open_amount is not None and open_amount < model.amount:
                 paid = format(model.amount - open_amount, "f")
-                payment = _cloudevent(
+                payment = cloudevent(
                     "payment.received",
                     model.customer_id,
                     {

@@ -43,7 +43,7 @@ class Company:
     industry: str
 
 
-def _ev(
+def cloudevent(
     type_: str, subject: str, data: dict[str, Any], *, id: str, at: datetime, source: str
 ) -> dict[str, Any]:
     return {
@@ -104,7 +104,7 @@ def history(count: int, months: int, *, seed: int = 7, today: date | None = None
         cid = co.customer_id
         yield Sim(
             "crm.customers",
-            _ev(
+            cloudevent(
                 "customer.registered",
                 cid,
                 {
@@ -146,7 +146,7 @@ def _statements(
         ebit = revenue * (Decimal("-0.04") if decline else Decimal(str(rng.uniform(0.04, 0.12))))
         yield Sim(
             "crm.financials",
-            _ev(
+            cloudevent(
                 "financial_statement.published",
                 co.customer_id,
                 {
@@ -205,7 +205,7 @@ def _ledger(
             due = issued + timedelta(days=co.terms)
             yield Sim(
                 "ar.invoices",
-                _ev(
+                cloudevent(
                     "invoice.issued",
                     cid,
                     {
@@ -229,7 +229,7 @@ def _ledger(
                 if dun <= today:
                     yield Sim(
                         "ar.overdue",
-                        _ev(
+                        cloudevent(
                             "invoice.overdue",
                             cid,
                             {
@@ -253,7 +253,7 @@ def _ledger(
             pay = f"SIM-PAY-{cid[-4:]}-{n:04d}"
             yield Sim(
                 "ar.payments",
-                _ev(
+                cloudevent(
                     "payment.received",
                     cid,
                     {
@@ -272,7 +272,7 @@ def _ledger(
             if co.profile == "late" and rng.random() < 0.04:
                 yield Sim(
                     "ar.payments",
-                    _ev(
+                    cloudevent(
                         "payment.reversed",
                         cid,
                         {"payment_id": pay, "customer_id": cid, "reason": "returned direct debit"},
@@ -313,7 +313,7 @@ def _bureau(co: Company, start: date, today: date, rng: random.Random) -> Iterat
             )
         yield Sim(
             "crm.credit-reports",
-            _ev(
+            cloudevent(
                 "credit_report.received",
                 cid,
                 {
@@ -421,7 +421,7 @@ async def run_demo(
                 live.append(
                     Sim(
                         "ar.invoices",
-                        _ev(
+                        cloudevent(
                             "invoice.issued",
                             co.customer_id,
                             {

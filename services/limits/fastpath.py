@@ -18,13 +18,14 @@ import time
 
 import orjson
 from pydantic import ValidationError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.limits.api import CheckRequest, answered
 from services.limits.checks import CheckOrder, CreditChecks, Verdict
 from shared import metrics
 from shared.auth import Principal, TokenRegistry, parse_bearer
 from shared.body import loads_exact
+from shared.idempotency import no_receive, replay_receive
 from shared.problems import outage_response
 from shared.transient import is_transient
 
@@ -73,7 +74,7 @@ class FastCreditCheck:
                     return
                 verdict = None  # nothing was stored; the full app tries again and answers
         if order is None or verdict is None:
-            await self.app(scope, _replay(body, complete, receive), send)
+            await self.app(scope, replay_receive(body, complete, receive), send)
             return
         answered(verdict, order, started)
         payload = orjson.dumps(verdict.body)
@@ -90,7 +91,7 @@ class FastCreditCheck:
 
     async def _unavailable(self, exc: Exception, scope: Scope, send: Send, started: float) -> None:
         response = outage_response(exc, self.service, "POST", PATH)
-        await response(scope, _no_receive, send)
+        await response(scope, no_receive, send)
         self._unavailable_requests.inc()
         self._seconds.observe(time.perf_counter() - started)
 
@@ -138,21 +139,3 @@ class FastCreditCheck:
             reserve=req.reserve,
             requested_by=principal.name,
         )
-
-
-def _replay(body: bytes, complete: bool, receive: Receive) -> Receive:
-    """``receive`` for the full app: what was read already, then the rest of the stream."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": not complete}
-        return await receive()
-
-    return replay
-
-
-async def _no_receive() -> Message:
-    return {"type": "http.disconnect"}

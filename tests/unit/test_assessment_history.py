@@ -307,7 +307,7 @@ def fifo_stream(customers: int, seed: int) -> list[dict[str, Any]]:
         cid = f"F-{c}"
         day = date(2024, 1, 1)
         out.append(
-            simulate._ev(
+            simulate.cloudevent(
                 "customer.registered",
                 cid,
                 {"customer_id": cid, "name": cid, "currency": "EUR", "industry": "G"},
@@ -335,7 +335,7 @@ def fifo_stream(customers: int, seed: int) -> list[dict[str, Any]]:
                     "due_date": (day + timedelta(days=terms)).isoformat(),
                 }
                 out.append(
-                    simulate._ev(
+                    simulate.cloudevent(
                         "invoice.issued", cid, data, id=f"i-{iid}", at=at(day), source="/fifo"
                     )
                 )
@@ -350,7 +350,7 @@ def fifo_stream(customers: int, seed: int) -> list[dict[str, Any]]:
                     "received_date": day.isoformat(),
                 }
                 out.append(
-                    simulate._ev(
+                    simulate.cloudevent(
                         "payment.received",
                         cid,
                         data,
@@ -382,7 +382,7 @@ def fifo_stream(customers: int, seed: int) -> list[dict[str, Any]]:
                         "as_of": day.isoformat(),
                     }
                     out.append(
-                        simulate._ev(
+                        simulate.cloudevent(
                             "invoice.overdue",
                             cid,
                             data,
