@@ -242,6 +242,10 @@ class Band(_PolicyModel):
     points: NonNegativeDecimal
 
 
+# Factor scores memoized per factor (see ScoreFactor.score), at most this many values each.
+_SCORE_MEMO_MAX = 4096
+
+
 class FactorScore(NamedTuple):
     points: Decimal
     reason: str
@@ -269,6 +273,7 @@ class ScoreFactor(_PolicyModel):
     missing_reason: Text
     reason: Text = DEFAULT_REASON
     value_labels: dict[ExactDecimal, str] = Field(default_factory=dict)
+    _memo: dict[Decimal | None, FactorScore] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _check_bands_and_templates(self) -> ScoreFactor:
@@ -332,7 +337,25 @@ class ScoreFactor(_PolicyModel):
         return self.label or self.input.replace("_", " ")
 
     def score(self, value: Decimal | None) -> FactorScore:
-        """Points for `value` (None: the input is absent) and the plain-language reason."""
+        """Points for `value` (None: the input is absent) and the plain-language reason.
+
+        A pure function of the value's number (equal Decimals score and read alike: the
+        reason shows values normalized or rounded), so the answers are memoized per factor:
+        an assessment scores every factor with every event, and most inputs have not moved
+        since the customer's last one."""
+        if value is not None and not value.is_finite():
+            return self._score(value)  # refused there, and a signalling NaN has no hash
+        memo = self._memo
+        hit = memo.get(value)
+        if hit is not None:
+            return hit
+        scored = self._score(value)
+        if len(memo) >= _SCORE_MEMO_MAX:
+            memo.clear()
+        memo[value] = scored
+        return scored
+
+    def _score(self, value: Decimal | None) -> FactorScore:
         if value is None:
             return FactorScore(
                 self.missing_points,

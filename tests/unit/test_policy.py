@@ -572,3 +572,20 @@ def test_digest_ignores_formatting_but_not_content() -> None:
 def test_the_policy_is_immutable() -> None:
     with pytest.raises(ValueError, match="frozen"):
         DEFAULT.version = "2099.1"  # type: ignore[misc]
+
+
+def test_a_factor_scores_a_value_once_and_equal_numbers_alike() -> None:
+    """The scorecard's answers are memoized per factor: the same number (whatever its
+    exponent) gets the very answer computed the first time, and the same answer a fresh
+    computation gives; values that are not finite are refused every time, never kept."""
+    policy = load_policy()
+    for factor in policy.scorecard:
+        for value in (Decimal("1.5"), Decimal("0.123456"), Decimal("-3"), Decimal("250"), None):
+            first = factor.score(value)
+            again = factor.score(value if value is None else value * Decimal("1.00"))
+            assert again is first
+            assert first == factor._score(value)
+        for bad in (Decimal("NaN"), Decimal("sNaN"), Decimal("Infinity")):
+            with pytest.raises(ValueError, match="cannot score"):
+                factor.score(bad)
+        assert all(v is None or v.is_finite() for v in factor._memo)
