@@ -345,7 +345,8 @@ class ScoreFactor(_PolicyModel):
         since the customer's last one."""
         if value is not None and not value.is_finite():
             return self._score(value)  # refused there, and a signalling NaN has no hash
-        memo = self._memo
+        # Straight from the private store: ``self._memo`` goes through pydantic's __getattr__.
+        memo: dict[Decimal | None, FactorScore] = self.__pydantic_private__["_memo"]  # type: ignore[index]
         hit = memo.get(value)
         if hit is not None:
             return hit

@@ -131,6 +131,23 @@ class AssessmentService:
             for inc in events[start : start + FOLD_SLICE_EVENTS]:
                 await self._apply(uow, inc, recall, touched, history)
             await asyncio.sleep(0)
+        await store.record_assessments(uow.conn, history)
+        await store.archive.flush(uow)
+        uow.touched.update(touched)
+        if uow.replaying:
+            # The customers' rows and month rows are written once per window, by ``flush``:
+            # a replay keeps its states across pages instead of reading back what it wrote.
+            return
+        await self._save(uow, touched)
+
+    async def flush(self, uow: UnitOfWork) -> None:
+        """A replay's customers folded since the last flush: their rows, once each."""
+        await self._save(uow, uow.touched)
+        uow.touched.clear()
+
+    async def _save(self, uow: UnitOfWork, touched: Mapping[str, int]) -> None:
+        """The touched customers' rows and the month rows that changed since they were
+        last written."""
         rows = []
         months: list[dict[str, Any]] = []
         gone: list[tuple[str, str]] = []
@@ -144,9 +161,6 @@ class AssessmentService:
             entry.last_seq = seq
         await store.save_customers(uow.conn, rows)
         await store.save_months(uow.conn, months, gone)
-        await store.record_assessments(uow.conn, history)
-        await store.archive.flush(uow)
-        uow.touched.update(touched)
 
     async def _apply(
         self,

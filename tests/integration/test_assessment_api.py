@@ -517,3 +517,75 @@ async def test_given_a_history_when_replayed_then_the_projections_are_reproduced
             await conn.execute(select(store.assessments.c.body).order_by(store.assessments.c.seq))
         )
     assert before == after and len(after) == 4
+
+
+@pytest.mark.parametrize("window", [100_000, 3])
+async def test_given_a_replay_over_many_pages_then_states_are_kept_across_pages_and_rows_written_once_per_window(
+    service: Service, monkeypatch: pytest.MonkeyPatch, window: int
+) -> None:
+    """A replay keeps its customers' states from page to page and writes their rows once per
+    window (``flush``), instead of writing them with every page and reading them back."""
+    from shared import runtime
+
+    # Given a customer whose invoices, payments and statement span many replay pages
+    await registered_and_rated(service)
+    for n in range(1, 7):
+        await service.consume(
+            "ar.invoices",
+            "invoice.issued",
+            {
+                "invoice_id": f"I-{n}",
+                "customer_id": "C-1",
+                "amount": "100.00",
+                "currency": "EUR",
+                "issue_date": f"2026-0{n}-01",
+                "due_date": f"2026-0{n}-28",
+            },
+            time=f"2026-0{n}-01T00:00:00Z",
+        )
+        await service.consume(
+            "ar.payments",
+            "payment.received",
+            {
+                "payment_id": f"P-{n}",
+                "customer_id": "C-1",
+                "amount": "100.00",
+                "currency": "EUR",
+                "received_date": f"2026-0{n}-20",
+                "allocations": [{"invoice_id": f"I-{n}", "amount": "100.00"}],
+            },
+            time=f"2026-0{n}-20T00:00:00Z",
+        )
+    paged = es.read_events
+
+    def small_pages(*args: Any, **kwargs: Any) -> Any:
+        return paged(*args, **{**kwargs, "batch": 2})
+
+    monkeypatch.setattr(es, "read_events", small_pages)
+    monkeypatch.setattr(runtime, "REPLAY_WINDOW", window)
+    repository = service.host.core.service.repository
+    read = repository.read
+    reads: list[int] = []
+
+    async def counted(conn: Any, rows: Any) -> Any:
+        reads.append(len(rows))
+        return await read(conn, rows)
+
+    monkeypatch.setattr(repository, "read", counted)
+    saved: list[int] = []
+    save = store.save_customers
+
+    async def counted_save(conn: Any, rows: Any) -> None:
+        saved.append(len(rows))
+        await save(conn, rows)
+
+    monkeypatch.setattr(store, "save_customers", counted_save)
+    # When the projections are rebuilt (7 pages of 2 events), and verified
+    assert await service.host.core.replay() == 14
+    # Then the customer's state is read back only after a window was flushed, and its row
+    # is written once per window
+    pages_per_window = -(-window // 2)  # a window is flushed at the end of a page
+    windows = -(-7 // pages_per_window)
+    assert sum(reads) == windows - 1
+    assert [n for n in saved if n] == [1] * windows
+    assert await service.host.core.verify() == []
