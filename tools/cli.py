@@ -211,6 +211,8 @@ def replay(service: ServiceName) -> None:
     settings = _settings()
     _setup_logging(settings)
 
+    tune_gc()  # as a service runs: the replay collects its garbage once per window
+
     async def run() -> int:
         core, engine = registry.core_for(name, settings)
         try:
@@ -239,6 +241,8 @@ def verify(service: ServiceName) -> None:
     name = _check_service(service)
     settings = _settings()
     _setup_logging(settings)
+
+    tune_gc()
 
     async def run() -> list[str]:
         core, engine = registry.core_for(name, settings)
