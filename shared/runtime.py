@@ -229,6 +229,10 @@ class BatchResult:
 
 # Events a replay folds between two writes of the customers' rows (see EventCore._refold).
 REPLAY_WINDOW = 100_000
+# …and the customers whose states it holds at most meanwhile: a replay's memory is that of
+# its window's states (about 20 KB of Python objects a customer with a dozen open items), so
+# a large portfolio is written out before it would hold more of them.
+REPLAY_CUSTOMERS = 25_000
 
 
 class EventCore:
@@ -573,7 +577,9 @@ class EventCore:
                 uow = UnitOfWork(conn, self.clock(), replaying=True)
             await self.service.handle(uow, incoming)
             folded += len(incoming)
-            if flush is not None and folded >= REPLAY_WINDOW:
+            if flush is not None and (
+                folded >= REPLAY_WINDOW or len(uow.states) >= REPLAY_CUSTOMERS
+            ):
                 await flush(uow)
                 uow.states.clear()
                 folded = 0

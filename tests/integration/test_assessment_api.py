@@ -582,6 +582,16 @@ async def test_given_a_replay_over_many_pages_then_states_are_kept_across_pages_
     monkeypatch.setattr(store, "save_customers", counted_save)
     # When the projections are rebuilt (7 pages of 2 events), and verified
     assert await service.host.core.replay() == 14
+    # (a window also ends at REPLAY_CUSTOMERS customers: with one customer, at every page)
+    monkeypatch.setattr(runtime, "REPLAY_CUSTOMERS", 1)
+    reads.clear()
+    saved.clear()
+    assert await service.host.core.replay() == 14
+    assert sum(reads) == 6 and [n for n in saved if n] == [1] * 7
+    monkeypatch.setattr(runtime, "REPLAY_CUSTOMERS", 25_000)
+    reads.clear()
+    saved.clear()
+    assert await service.host.core.replay() == 14
     # Then the customer's state is read back only after a window was flushed, and its row
     # is written once per window
     pages_per_window = -(-window // 2)  # a window is flushed at the end of a page
