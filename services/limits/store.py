@@ -4,7 +4,7 @@ stored credit decisions, limit history and limit requests."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import fields, replace
+from dataclasses import fields
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
@@ -32,6 +32,7 @@ from services.limits.domain import (
     Reservation,
     known,
 )
+from shared import ledger as lg
 from shared.db import BigId, ExactDecimal, UtcDateTime
 from shared.eventstore import core_tables
 from shared.idempotency import idempotency_table
@@ -155,7 +156,7 @@ UNCHANGED = ""
 
 def dump_state(state: CustomerState) -> str:
     """The customer's state document (see ``customers.state``)."""
-    return _STATE.dump(replace(state, reservations={}, last_time=None, step=None))
+    return _STATE.dump(lg.replace(state, reservations={}, last_time=None, step=None))
 
 
 def load_state(
@@ -169,7 +170,7 @@ def load_state(
             "rebuild the projections: creditwatch db upgrade"
         )
     state = _STATE.load(document)
-    return replace(state, reservations={r.order_id: r for r in held}, last_time=last_time)
+    return lg.replace(state, reservations={r.order_id: r for r in held}, last_time=last_time)
 
 
 def same_document(before: CustomerState, after: CustomerState) -> bool:
