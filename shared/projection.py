@@ -11,9 +11,10 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 from pydantic import TypeAdapter
-from sqlalchemy import Table, case, select
+from sqlalchemy import ColumnElement, Table, any_, bindparam, case, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.schema import Column
 
 S = TypeVar("S")
 
@@ -201,6 +202,16 @@ async def _upsert_unnest(
     await conn.exec_driver_sql(sql, tuple([row[n] for row in rows] for n in names))
 
 
+def key_in(conn: AsyncConnection, column: Column[Any], ids: Sequence[str]) -> ColumnElement[bool]:
+    """``column IN ids``. On PostgreSQL as ``= ANY($1)`` with one array parameter: an IN list
+    is one parameter per key, so each batch's number of customers made a statement text of
+    its own, prepared and planned again (the cost of a batch's lock in `bench.ingest`)."""
+    if conn.dialect.name == "postgresql":
+        array = bindparam("keys", list(ids), type_=postgresql.ARRAY(column.type))
+        return column == any_(array)
+    return column.in_(list(ids))
+
+
 async def lock_rows(
     conn: AsyncConnection,
     table: Table,
@@ -216,7 +227,7 @@ async def lock_rows(
         return {}
     column = table.c[key]
     what = [table.c[c] for c in columns] if columns is not None else [table]
-    stmt = select(*what).where(column.in_(wanted)).order_by(column)
+    stmt = select(*what).where(key_in(conn, column, wanted)).order_by(column)
     if conn.dialect.name == "postgresql":
         stmt = stmt.with_for_update()
     return {getattr(r, key): r for r in await conn.execute(stmt)}

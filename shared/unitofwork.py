@@ -28,7 +28,7 @@ from sqlalchemy import Column, MetaData, String, Table, Text, delete, select, tu
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.ledger import Archived, NeedRecall, Step
-from shared.projection import lock_rows, upsert
+from shared.projection import key_in, lock_rows, upsert
 
 if TYPE_CHECKING:
     from shared.events import DeadLetter, Envelope
@@ -177,7 +177,9 @@ class Repository(Generic[L]):
                 unread[cid] = row
         if unread:
             c = self.table.c
-            rows = await conn.execute(select(self.table).where(c.customer_id.in_(sorted(unread))))
+            rows = await conn.execute(
+                select(self.table).where(key_in(conn, c.customer_id, sorted(unread)))
+            )
             out.update(await self.read(conn, {r.customer_id: r for r in rows}))
         return out
 
