@@ -207,7 +207,7 @@ def key_in(conn: AsyncConnection, column: Column[Any], ids: Sequence[str]) -> Co
     is one parameter per key, so each batch's number of customers made a statement text of
     its own, prepared and planned again (the cost of a batch's lock in `bench.ingest`)."""
     if conn.dialect.name == "postgresql":
-        array = bindparam("keys", list(ids), type_=postgresql.ARRAY(column.type))
+        array = bindparam("keys", list(ids), type_=postgresql.ARRAY(column.type), unique=True)
         return column == any_(array)
     return column.in_(list(ids))
 
