@@ -241,4 +241,4 @@ async def read_values(
     if not wanted:
         return {}
     k, c = table.c[key], table.c[column]
-    return {r[0]: r[1] for r in await conn.execute(select(k, c).where(k.in_(wanted)))}
+    return {r[0]: r[1] for r in await conn.execute(select(k, c).where(key_in(conn, k, wanted)))}

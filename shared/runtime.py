@@ -37,6 +37,7 @@ from shared.events import (
     decode,
     parse,
 )
+from shared.projection import lock_rows
 from shared.transient import Backoff, OutageLog, is_conflict, is_transient
 from shared.unitofwork import LayoutError, UnitOfWork
 
@@ -271,14 +272,7 @@ class EventCore:
         table = getattr(self.service, "customers", None)
         if table is None or conn.dialect.name != "postgresql":
             return
-        ids = sorted(set(subjects))
-        if ids:
-            await conn.execute(
-                select(table.c.customer_id)
-                .where(table.c.customer_id.in_(ids))
-                .order_by(table.c.customer_id)
-                .with_for_update()
-            )
+        await lock_rows(conn, table, "customer_id", subjects, ["customer_id"])
 
     # ---- consumed records -------------------------------------------------------------
     def prepare(self, records: Sequence[Record], poison: BaseException | None = None) -> Prepared:

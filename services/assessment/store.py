@@ -31,7 +31,7 @@ from services.assessment.domain import CustomerState, PaidOn
 from shared.db import BigId, UtcDateTime
 from shared.eventstore import core_tables
 from shared.idempotency import idempotency_table
-from shared.projection import StateCodec, upsert
+from shared.projection import StateCodec, key_in, upsert
 from shared.unitofwork import LayoutError, LedgerArchive, archive_table
 
 metadata = MetaData()
@@ -173,7 +173,7 @@ async def read_days(
     for start in range(0, len(ids), 500):
         rows = await conn.execute(
             select(c.customer_id, c.days)
-            .where(c.customer_id.in_(ids[start : start + 500]))
+            .where(key_in(conn, c.customer_id, ids[start : start + 500]))
             .order_by(c.customer_id, c.month)
         )
         for row in rows:

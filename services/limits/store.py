@@ -36,7 +36,7 @@ from shared import ledger as lg
 from shared.db import BigId, ExactDecimal, UtcDateTime
 from shared.eventstore import core_tables
 from shared.idempotency import idempotency_table
-from shared.projection import StateCodec, lock_rows, upsert
+from shared.projection import StateCodec, key_in, lock_rows, upsert
 from shared.unitofwork import LayoutError, LedgerArchive, archive_table
 
 metadata = MetaData()
@@ -218,7 +218,11 @@ async def read_reservations(
     if not wanted:
         return out
     r = reservations.c
-    stmt = select(reservations).where(r.customer_id.in_(wanted)).order_by(r.customer_id, r.order_id)
+    stmt = (
+        select(reservations)
+        .where(key_in(conn, r.customer_id, wanted))
+        .order_by(r.customer_id, r.order_id)
+    )
     for row in await conn.execute(stmt):
         out.setdefault(row.customer_id, []).append(
             Reservation(row.order_id, row.check_id, row.amount, row.expires_at)
@@ -262,7 +266,7 @@ async def read_states(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, Cu
         return {}
     c = customers.c
     rows = await conn.execute(
-        select(c.customer_id, c.state, c.as_of).where(c.customer_id.in_(wanted))
+        select(c.customer_id, c.state, c.as_of).where(key_in(conn, c.customer_id, wanted))
     )
     return await load_states(conn, {r.customer_id: r for r in rows})
 
