@@ -67,6 +67,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import heapq
 import json
 import multiprocessing
@@ -953,15 +954,18 @@ def ingest(name: str, url: str, path: str, batch: int) -> dict[str, Any]:
     return out
 
 
-def replay(name: str, url: str) -> dict[str, Any]:
+def replay(name: str, url: str, jobs: int = 1) -> dict[str, Any]:
     async def go() -> dict[str, Any]:
         engine = make_engine(url)
         settings = Settings()
         core = EventCore(
-            make_service(name, settings), engine, topic_of_type=settings.topic_of_type()
+            make_service(name, settings),
+            engine,
+            topic_of_type=settings.topic_of_type(),
+            service_factory=functools.partial(make_service, name, settings),
         )
         started = time.perf_counter()
-        n = await core.replay()
+        n = await core.replay(jobs=jobs)
         elapsed = time.perf_counter() - started
         await engine.dispose()
         return {"rate": n / elapsed, "events": n, "seconds": elapsed}
@@ -969,6 +973,8 @@ def replay(name: str, url: str) -> dict[str, Any]:
     tune_gc()
     out = asyncio.run(go())
     out["rss_mb"] = peak_rss_mb()
+    # A parallel replay's largest worker (each holds its share's states).
+    out["worker_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return out
 
 

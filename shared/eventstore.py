@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     Index,
     Integer,
@@ -23,6 +24,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    cast,
     delete,
     func,
     select,
@@ -388,14 +390,20 @@ async def read_events(
     batch: int = 2000,
     subject: str | None = None,
     until: datetime | None = None,
+    share: tuple[int, int] | None = None,
 ) -> AsyncIterator[list[StoredEvent]]:
-    """Stream stored events in store order (the order they were applied), in pages."""
+    """Stream stored events in store order (the order they were applied), in pages.
+
+    ``share=(i, n)`` (PostgreSQL) keeps the customers of the i-th of n disjoint shares, by
+    a hash of the customer id: a parallel replay's worker reads its own customers only."""
     ev = core.events
     last = after_seq
     while True:
         stmt = select(ev).where(ev.c.seq > last).order_by(ev.c.seq).limit(batch)
         if subject is not None:
             stmt = stmt.where(ev.c.subject == subject)
+        if share is not None:
+            stmt = stmt.where(share_of(ev.c.subject, share[1]) == share[0])
         if until is not None:
             stmt = stmt.where(ev.c.time <= until)
         rows = list(await conn.execute(stmt))
@@ -403,6 +411,12 @@ async def read_events(
             return
         last = rows[-1].seq
         yield [row_to_stored(r) for r in rows]
+
+
+def share_of(subject: Any, shares: int) -> Any:
+    """The share (0 … shares-1) a customer id falls in: PostgreSQL's ``hashtext``, stable for
+    a server, so every page of a worker's reads agrees."""
+    return func.mod(func.abs(cast(func.hashtext(subject), BigInteger)), shares)
 
 
 async def count_events(conn: AsyncConnection, core: CoreTables) -> int:
@@ -430,6 +444,7 @@ __all__ = [
     "read_events",
     "reset_offsets",
     "row_to_stored",
+    "share_of",
     "store_offsets",
     "take_outbox",
 ]

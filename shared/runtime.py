@@ -247,8 +247,11 @@ class EventCore:
         dlq_topic: str = "credit.dlq",
         clock: Clock = utcnow,
         topic_of_type: Mapping[str, str] | None = None,
+        service_factory: Callable[[], Service] | None = None,
     ) -> None:
         self.service = service
+        # Builds the same service in another process (picklable): a parallel replay's workers.
+        self.service_factory = service_factory
         self.engine = engine
         self.dlq_topic = dlq_topic
         self.clock = clock
@@ -541,18 +544,26 @@ class EventCore:
 
     # ---- replay and verify ------------------------------------------------------------
     async def _refold(
-        self, conn: AsyncConnection, progress: Callable[[int, int], None] | None = None
+        self,
+        conn: AsyncConnection,
+        progress: Callable[[int, int], None] | None = None,
+        *,
+        share: tuple[int, int] | None = None,
+        now: datetime | None = None,
     ) -> int:
+        """Truncate the projections and fold the stored events into them (``share``: only
+        the customers of that share, for a parallel replay's worker)."""
         for table in reversed(self.service.projection_tables):
             await conn.execute(delete(table))
-        total = await es.count_events(conn, self.service.core)
+        total = await es.count_events(conn, self.service.core) if share is None else 0
         done = 0
+        now = self.clock() if now is None else now
         # A service with ``flush`` keeps its customers' states across pages and writes their
         # rows once per window (the fold, not the rows, is what a replay must repeat).
         flush = getattr(self.service, "flush", None)
-        uow = UnitOfWork(conn, self.clock(), replaying=True)
+        uow = UnitOfWork(conn, now, replaying=True)
         folded = 0
-        async for page in es.read_events(conn, self.service.core):
+        async for page in es.read_events(conn, self.service.core, share=share):
             incoming: list[Incoming] = []
             for stored in page:
                 model = self.service.parse_stored(stored.envelope)
@@ -568,7 +579,7 @@ class EventCore:
                         )
                     )
             if flush is None:
-                uow = UnitOfWork(conn, self.clock(), replaying=True)
+                uow = UnitOfWork(conn, now, replaying=True)
             await self.service.handle(uow, incoming)
             folded += len(incoming)
             if flush is not None and (
@@ -585,17 +596,39 @@ class EventCore:
             await flush(uow)
         return done
 
-    async def replay(self, progress: Callable[[int, int], None] | None = None) -> int:
-        """Truncate the projections and refold every stored event, in one transaction."""
+    async def replay(
+        self, progress: Callable[[int, int], None] | None = None, *, jobs: int = 1
+    ) -> int:
+        """Truncate the projections and refold every stored event, in one transaction.
+
+        ``jobs`` > 1 on PostgreSQL folds the customers in that many processes, each its own
+        share, into shadow tables that then replace the projections in one transaction
+        (``shared.parallel``); it needs ``service_factory``."""
+        if self._parallel(jobs):
+            from shared import parallel
+
+            return await parallel.replay(self, jobs, progress)
         async with self.engine.begin() as conn:
             return await self._refold(conn, progress)
 
-    async def verify(self) -> list[str]:
+    def _parallel(self, jobs: int) -> bool:
+        return (
+            jobs > 1
+            and self.service_factory is not None
+            and self.engine.dialect.name == "postgresql"
+        )
+
+    async def verify(self, *, jobs: int = 1) -> list[str]:
         """Compare the projections with a replay (rolled back); returns the differences.
 
         On PostgreSQL it reads one snapshot (REPEATABLE READ): a batch that commits while
         it runs is neither half in what it compares nor reported as a difference; if such a
-        batch touches what the replay rewrites, the verification is retried."""
+        batch touches what the replay rewrites, the verification is retried. ``jobs`` > 1
+        folds in parallel, as ``replay`` does, into shadow tables that are then dropped."""
+        if self._parallel(jobs):
+            from shared import parallel
+
+            return await parallel.verify(self, jobs)
         for attempt in range(5):
             try:
                 return await self._verify()
@@ -611,18 +644,24 @@ class EventCore:
                 await conn.execution_options(isolation_level="REPEATABLE READ")
             trans = await conn.begin()
             try:
-                before = await _dump(conn, self.service.projection_tables)
+                before = await dump_rows(conn, self.service.projection_tables)
                 await self._refold(conn)
-                after = await _dump(conn, self.service.projection_tables)
+                after = await dump_rows(conn, self.service.projection_tables)
             finally:
                 await trans.rollback()
-        diffs: list[str] = []
-        for name in before:
-            missing = before[name] - after[name]
-            extra = after[name] - before[name]
-            diffs += [f"{name}: stored row not reproduced by replay: {r}" for r in sorted(missing)]
-            diffs += [f"{name}: replay produced a row not stored: {r}" for r in sorted(extra)]
-        return diffs
+        return differences(before, after)
+
+
+def differences(before: Mapping[str, set[str]], after: Mapping[str, set[str]]) -> list[str]:
+    """Every row of the projections (``before``) a replay (``after``) did not reproduce,
+    and every row it made that is not stored."""
+    diffs: list[str] = []
+    for name in before:
+        missing = before[name] - after[name]
+        extra = after[name] - before[name]
+        diffs += [f"{name}: stored row not reproduced by replay: {r}" for r in sorted(missing)]
+        diffs += [f"{name}: replay produced a row not stored: {r}" for r in sorted(extra)]
+    return diffs
 
 
 def _collect_window() -> None:
@@ -635,7 +674,7 @@ def _collect_window() -> None:
     gc.collect()
 
 
-async def _dump(conn: AsyncConnection, tables: Sequence[Table]) -> dict[str, set[str]]:
+async def dump_rows(conn: AsyncConnection, tables: Sequence[Table]) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for table in tables:
         rows = await conn.execute(select(table))

@@ -194,7 +194,7 @@ def db_upgrade() -> None:
     """Apply the Alembic migrations to every service's database."""
     settings = _settings()
     _setup_logging(settings)
-    done = registry.upgrade(settings, list(registry.SERVICES))
+    done = registry.upgrade(settings, list(registry.SERVICES), jobs=_default_jobs())
     for url in done:
         typer.echo(f"upgraded {url}")
 
@@ -202,8 +202,21 @@ def db_upgrade() -> None:
 # ---- replay / verify ------------------------------------------------------------------------
 
 
+def _default_jobs() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+JOBS_HELP = (
+    "Processes folding at once, each a share of the customers (PostgreSQL; SQLite folds in "
+    "one). Default: the machine's cores, at most 8."
+)
+
+
 @app.command()
-def replay(service: ServiceName) -> None:
+def replay(
+    service: ServiceName,
+    jobs: Annotated[int | None, typer.Option(min=1, max=64, help=JOBS_HELP)] = None,
+) -> None:
     """Rebuild a service's projections from its event store."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
@@ -227,7 +240,7 @@ def replay(service: ServiceName) -> None:
                 def step(done: int, total: int) -> None:
                     progress.update(task, completed=done, total=total)
 
-                return await core.replay(step)
+                return await core.replay(step, jobs=jobs or _default_jobs())
         finally:
             await engine.dispose()
 
@@ -236,7 +249,10 @@ def replay(service: ServiceName) -> None:
 
 
 @app.command()
-def verify(service: ServiceName) -> None:
+def verify(
+    service: ServiceName,
+    jobs: Annotated[int | None, typer.Option(min=1, max=64, help=JOBS_HELP)] = None,
+) -> None:
     """Compare a service's projections with a replay of its event store (read-only)."""
     name = _check_service(service)
     settings = _settings()
@@ -247,7 +263,7 @@ def verify(service: ServiceName) -> None:
     async def run() -> list[str]:
         core, engine = registry.core_for(name, settings)
         try:
-            return await core.verify()
+            return await core.verify(jobs=jobs or _default_jobs())
         finally:
             await engine.dispose()
 

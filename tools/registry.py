@@ -60,6 +60,8 @@ def core_for(
         engine,
         dlq_topic=settings.topic_dlq,
         topic_of_type=settings.topic_of_type(),
+        # A parallel replay's workers build the same service in their own processes.
+        service_factory=functools.partial(service_for, name, settings, policy),
     )
     return core, engine
 
@@ -68,9 +70,11 @@ def upgrade(
     settings: Settings,
     names: list[str],
     progress: Callable[[str, int, int], None] | None = None,
+    jobs: int = 1,
 ) -> list[str]:
     """Migrate each service's database; where a migration changed the layout of its
-    projections, rebuild them from its event store (a replay). Returns what was done."""
+    projections, rebuild them from its event store (a replay, folded by ``jobs`` processes
+    on PostgreSQL). Returns what was done."""
     from services.schema import upgrade_url
     from shared.settings import redact_url
 
@@ -80,18 +84,21 @@ def upgrade(
         rebuild = upgrade_url(url, name)
         done.append(f"{name}: {redact_url(url)}")
         if rebuild:
-            count = asyncio.run(_rebuild(name, settings, progress))
+            count = asyncio.run(_rebuild(name, settings, progress, jobs))
             done.append(f"{name}: projections rebuilt from {count} stored events")
     return done
 
 
 async def _rebuild(
-    name: str, settings: Settings, progress: Callable[[str, int, int], None] | None
+    name: str,
+    settings: Settings,
+    progress: Callable[[str, int, int], None] | None,
+    jobs: int = 1,
 ) -> int:
     core, engine = core_for(name, settings)
     try:
         step = None if progress is None else functools.partial(progress, name)
-        return await core.replay(step)
+        return await core.replay(step, jobs=jobs)
     finally:
         await engine.dispose()
 

@@ -48,10 +48,11 @@ def upgrade_and_rebuild(url: str) -> None:
     done = creditwatch("db", "upgrade", url=url)
     assert done.returncode == 0, done.stdout + done.stderr
     for service in runner.ORDER:
-        replayed = creditwatch("replay", service, url=url)
+        # Two processes on PostgreSQL (shared.parallel); SQLite folds in one.
+        replayed = creditwatch("replay", service, "--jobs", "2", url=url)
         assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     for service in runner.ORDER:
-        verified = creditwatch("verify", service, url=url)
+        verified = creditwatch("verify", service, "--jobs", "2", url=url)
         assert verified.returncode == 0, verified.stdout + verified.stderr
         assert "match a replay" in verified.stdout
 
