@@ -10,7 +10,8 @@ from dataclasses import replace
 from datetime import date, datetime
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
+import msgspec
+from pydantic import TypeAdapter
 from sqlalchemy import (
     Column,
     Date,
@@ -113,12 +114,11 @@ def load_state(document: str, days: Mapping[date, PaidOn] | None = None) -> Cust
     whole history: invoices, credits, dunning; before assessment_0005 the days in it)."""
     try:
         state = _STATE.load(document)
-    except ValidationError as exc:
+    except msgspec.ValidationError as exc:
         raise LayoutError(
             "assessment: a customer's state document does not have this version's layout "
             "(documents written before assessment_0003 hold the whole history); rebuild the "
-            f"projections: creditwatch db upgrade ({exc.error_count()} differences, first: "
-            f"{exc.errors()[0]['loc']})"
+            f"projections: creditwatch db upgrade (first difference: {exc})"
         ) from exc
     if state.paid.days:
         raise LayoutError(
