@@ -36,6 +36,7 @@ import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 from sqlalchemy import text
@@ -99,7 +100,7 @@ def ensure_tools() -> tuple[str, str]:
     return wrk, str(vegeta)
 
 
-def assessed(cid: str) -> dict:
+def assessed(cid: str) -> dict[str, Any]:
     return f.cloudevent(
         "assessment.completed",
         cid,

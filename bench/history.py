@@ -80,6 +80,7 @@ import struct
 import tempfile
 import time
 import traceback
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -826,14 +827,19 @@ def read_records(path: Path) -> Iterator[tuple[str, bytes, bytes]]:
             yield src.read(lt).decode(), src.read(lk), src.read(lv)
 
 
-def batches(path: Path, size: int) -> Iterator[list[Record]]:
-    """The file's records in batches, at consecutive offsets per topic."""
+def batches(path: Path, size: int, share: tuple[int, int] | None = None) -> Iterator[list[Record]]:
+    """The file's records in batches, at consecutive offsets per topic. ``share=(i, n)``:
+    only the records whose key falls in partition i of n (as Kafka's partitioner spreads a
+    topic's keys), at that partition's offsets: what one of n consumers is handed."""
     offsets: dict[str, int] = {}
     batch: list[Record] = []
+    partition = 0 if share is None else share[0]
     for topic, key, value in read_records(path):
+        if share is not None and zlib.crc32(key or b"") % share[1] != share[0]:
+            continue
         offset = offsets.get(topic, 0)
         offsets[topic] = offset + 1
-        batch.append(Record(topic, 0, offset, key or None, value))
+        batch.append(Record(topic, partition, offset, key or None, value))
         if len(batch) == size:
             yield batch
             batch = []
@@ -871,19 +877,22 @@ def gen_stream(path: str, customers: int, events: int) -> dict[str, Any]:
     return {"records": n, "types": dict(types), "rss_mb": peak_rss_mb()}
 
 
-def raw_insert(url: str, path: str, batch: int) -> dict[str, Any]:
+def raw_insert(
+    url: str, path: str, batch: int, share: tuple[int, int] | None = None
+) -> dict[str, Any]:
     """bench.ingest's baseline: the same event rows, built before the clock runs for each
-    batch, inserted with SQLAlchemy Core executemany, one transaction per batch."""
+    batch, inserted with SQLAlchemy Core executemany, one transaction per batch (``share``:
+    one of several writers side by side, its partition of the keys, tables made already)."""
 
     async def go() -> dict[str, Any]:
         engine = make_engine(url)
         metadata = MetaData()
         core = es.core_tables(metadata, "raw")
         async with engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
+            await conn.run_sync(functools.partial(metadata.create_all, checkfirst=True))
         now = datetime.now(UTC)
         elapsed, n = 0.0, 0
-        for records in batches(Path(path), batch):
+        for records in batches(Path(path), batch, share):
             rows = [
                 es.envelope_row(
                     decode(r.value),
@@ -909,12 +918,28 @@ def raw_insert(url: str, path: str, batch: int) -> dict[str, Any]:
     return out
 
 
-def ingest(name: str, url: str, path: str, batch: int) -> dict[str, Any]:
-    """The service's event core fed the file in batches through the Pipeline."""
+def migrate(name: str, url: str) -> dict[str, Any]:
+    """The service's tables on a fresh database (before consumers run side by side)."""
+
+    async def go() -> None:
+        engine = make_engine(url)
+        await upgrade(engine, name)
+        await engine.dispose()
+
+    asyncio.run(go())
+    return {}
+
+
+def ingest(
+    name: str, url: str, path: str, batch: int, share: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """The service's event core fed the file in batches through the Pipeline (``share``:
+    one of several consumers, each its partition of the keys, on a migrated database)."""
 
     async def go() -> dict[str, Any]:
         engine = make_engine(url)
-        await upgrade(engine, name)
+        if share is None:
+            await upgrade(engine, name)
         settings = Settings()
         core = EventCore(
             make_service(name, settings), engine, topic_of_type=settings.topic_of_type()
@@ -922,12 +947,14 @@ def ingest(name: str, url: str, path: str, batch: int) -> dict[str, Any]:
         pipeline = Pipeline(core)
         total = BatchResult()
         n = 0
+        wall_started = time.time()
         started = time.perf_counter()
-        for records in batches(Path(path), batch):
+        for records in batches(Path(path), batch, share):
             n += len(records)
             tally(total, await pipeline.feed(records))
         tally(total, await pipeline.drain())
         elapsed = time.perf_counter() - started
+        wall_ended = time.time()
         async with engine.connect() as conn:
             stored = (
                 await conn.execute(text(f"SELECT count(*) FROM {core.service.core.events.name}"))
@@ -940,6 +967,8 @@ def ingest(name: str, url: str, path: str, batch: int) -> dict[str, Any]:
             "rate": n / elapsed,
             "records": n,
             "seconds": elapsed,
+            "started": wall_started,
+            "ended": wall_ended,
             "applied": total.applied,
             "skipped": total.skipped,
             "duplicates": total.duplicates,
@@ -951,6 +980,62 @@ def ingest(name: str, url: str, path: str, batch: int) -> dict[str, Any]:
     tune_gc()
     out = asyncio.run(go())
     out["rss_mb"] = peak_rss_mb()
+    return out
+
+
+def raw_tables(url: str) -> dict[str, Any]:
+    """The raw insert's table on a fresh database (before writers run side by side)."""
+
+    async def go() -> None:
+        engine = make_engine(url)
+        metadata = MetaData()
+        es.core_tables(metadata, "raw")
+        async with engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+        await engine.dispose()
+
+    asyncio.run(go())
+    return {}
+
+
+def raw_insert_side_by_side(url: str, path: str, batch: int, jobs: int) -> dict[str, Any]:
+    """The raw insert by ``jobs`` writers side by side, a partition of the keys each: the
+    baseline of as many consumers. Each writer's clock runs only while it inserts, as the
+    single raw insert's does; the rate is all rows over the longest writer's time."""
+    import bench.history  # by its name: run as ``-m``, this module is ``__main__``
+
+    _child(raw_tables, url)
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=spawn) as pool:
+        parts = [
+            pool.submit(bench.history.raw_insert, url, path, batch, (i, jobs)) for i in range(jobs)
+        ]
+        results = [p.result() for p in parts]
+    n = sum(r["records"] for r in results)
+    seconds = max(r["seconds"] for r in results)
+    return {"rate": n / seconds, "records": n, "seconds": seconds, "jobs": jobs}
+
+
+def ingest_side_by_side(name: str, url: str, path: str, batch: int, jobs: int) -> dict[str, Any]:
+    """``jobs`` consumers of one service, each its partition of the customers, side by side
+    on one database (as replicas of a service share a topic's partitions); the rate is all
+    records over the time from the first one's start to the last one's end."""
+    import bench.history  # by its name: run as ``-m``, this module is ``__main__``
+
+    _child(migrate, name, url)
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=spawn) as pool:
+        parts = [
+            pool.submit(bench.history.ingest, name, url, path, batch, (i, jobs))
+            for i in range(jobs)
+        ]
+        results = [p.result() for p in parts]
+    seconds = max(r["ended"] for r in results) - min(r["started"] for r in results)
+    n = sum(r["records"] for r in results)
+    out: dict[str, Any] = {"rate": n / seconds, "records": n, "seconds": seconds, "jobs": jobs}
+    for key in ("applied", "skipped", "duplicates", "dead_lettered"):
+        out[key] = sum(r[key] for r in results)
+    out["rss_mb"] = max(r["rss_mb"] for r in results)
     return out
 
 
@@ -1061,6 +1146,15 @@ async def portfolio_mode(args: argparse.Namespace) -> dict[str, Any]:
         name: Measure(f"{name} replay (EventCore.replay)", "events/s")
         for name in ("limits", "assessment", "alerts")
     }
+    jobs = args.jobs
+    side_by_side = Measure(
+        f"limits event core ingest, {jobs} consumers side by side (a partition each)", "events/s"
+    )
+    raw_side = Measure(f"raw batched insert, {jobs} writers side by side (baseline)", "rows/s")
+    replays_par = {
+        name: Measure(f"{name} replay, {jobs} processes (replay --jobs {jobs})", "events/s")
+        for name in ("limits", "assessment", "alerts")
+    }
     rss: dict[str, Measure] = {}
     skipped: dict[str, str] = {}
     details: list[dict[str, Any]] = []
@@ -1099,6 +1193,15 @@ async def portfolio_mode(args: argparse.Namespace) -> dict[str, Any]:
                     continue
                 rates[name].runs.append(step[name]["rate"])
                 keep_rss(f"{name} ingest", step[name])
+                if name == "limits" and jobs > 1:
+                    step["raw_side_by_side"] = raw_insert_side_by_side(
+                        database(), str(source), args.batch, jobs
+                    )
+                    raw_side.runs.append(step["raw_side_by_side"]["rate"])
+                    step["limits_side_by_side"] = ingest_side_by_side(
+                        name, database(), str(source), args.batch, jobs
+                    )
+                    side_by_side.runs.append(step["limits_side_by_side"]["rate"])
             alerts_input = work / "alerts.bin"
             step["alerts_stream"] = _child(
                 alerts_stream,
@@ -1123,6 +1226,13 @@ async def portfolio_mode(args: argparse.Namespace) -> dict[str, Any]:
                     continue
                 replays[name].runs.append(step[f"{name}_replay"]["rate"])
                 keep_rss(f"{name} replay", step[f"{name}_replay"])
+                if jobs > 1:
+                    par = step[f"{name}_replay_jobs"] = _child(replay, name, url, jobs)
+                    replays_par[name].runs.append(par["rate"])
+                    rss.setdefault(
+                        f"{name} replay, {jobs} processes: the largest worker",
+                        Measure(f"peak RSS: {name} replay, largest of {jobs} workers", "MB"),
+                    ).runs.append(par["worker_rss_mb"])
             for url in made:
                 await drop_database(pg.url, url)
             made.clear()
@@ -1141,6 +1251,17 @@ async def portfolio_mode(args: argparse.Namespace) -> dict[str, Any]:
                     f"{n} {step[n + '_replay']['rate']:,.0f}/s"
                     for n in ("limits", "assessment", "alerts")
                     if n + "_replay" in step
+                )
+                + (
+                    f"; with {jobs} processes: limits ingest "
+                    f"{step['limits_side_by_side']['rate']:,.0f}/s, replay "
+                    + ", ".join(
+                        f"{n} {step[n + '_replay_jobs']['rate']:,.0f}/s"
+                        for n in ("limits", "assessment", "alerts")
+                        if n + "_replay_jobs" in step
+                    )
+                    if jobs > 1 and "limits_side_by_side" in step
+                    else ""
                 ),
                 flush=True,
             )
@@ -1153,7 +1274,9 @@ async def portfolio_mode(args: argparse.Namespace) -> dict[str, Any]:
                         flush=True,
                     )
     shutil.rmtree(work, ignore_errors=True)  # the stream's file
-    print_portfolio(args, raw, raw_alerts, rates, replays, rss, skipped)
+    print_portfolio(
+        args, raw, raw_alerts, rates, replays, rss, skipped, side_by_side, raw_side, replays_par
+    )
     return {
         "durability": durability_label(args.fsync == "on"),
         "customers": args.customers,
@@ -1175,6 +1298,18 @@ async def portfolio_mode(args: argparse.Namespace) -> dict[str, Any]:
             for name, m in replays.items()
             if m.runs
         },
+        "jobs": jobs,
+        "ingest_side_by_side": side_by_side,
+        "baseline_side_by_side": raw_side,
+        "ingest_side_by_side_ratio": (
+            side_by_side.median / raw_side.median if side_by_side.runs else None
+        ),
+        "replay_jobs": replays_par,
+        "replay_jobs_speedup": {
+            name: m.median / replays[name].median
+            for name, m in replays_par.items()
+            if m.runs and replays[name].runs
+        },
         "peak_rss_mb": rss,
         "skipped": skipped,
         "details": details,
@@ -1189,6 +1324,9 @@ def print_portfolio(
     replays: dict[str, Measure],
     rss: dict[str, Measure],
     skipped: dict[str, str],
+    side_by_side: Measure | None = None,
+    raw_side: Measure | None = None,
+    replays_par: dict[str, Measure] | None = None,
 ) -> None:
     rows: list[tuple[str, ...]] = [("measure", "median", "runs", "ratio to baseline", "target")]
 
@@ -1213,6 +1351,16 @@ def print_portfolio(
             met = rates[name].median / raw.median >= TARGET_INGEST
             target = f"≥ {TARGET_INGEST}×: {'met' if met else 'NOT met'}"
         line(rates[name], raw, target)
+        if name == "limits" and side_by_side and raw_side and side_by_side.runs and raw_side.runs:
+            # Like for like: as many writers of the raw rows as consumers.
+            line(raw_side, raw_side, f"{raw_side.median / raw.median:.2f}× one writer")
+            met = side_by_side.median / raw_side.median >= TARGET_INGEST
+            line(
+                side_by_side,
+                raw_side,
+                f"{side_by_side.median / rates[name].median:.2f}× one consumer; "
+                f"≥ {TARGET_INGEST}×: {'met' if met else 'NOT met'}",
+            )
     line(raw_alerts, raw_alerts, f"noise: {spread(raw_alerts.runs)}")
     line(rates["alerts"], raw_alerts)
     for name, m in replays.items():
@@ -1221,6 +1369,11 @@ def print_portfolio(
             met = m.median >= TARGET_REPLAY
             target = f"≥ {TARGET_REPLAY:,.0f}/s: {'met' if met else 'NOT met'}"
         line(m, raw_alerts if name == "alerts" else raw, target)
+        par = (replays_par or {}).get(name)
+        if par is not None and par.runs:
+            met = par.median >= TARGET_REPLAY
+            speedup = f"{par.median / m.median:.2f}× one process" if m.runs else ""
+            line(par, None, f"{speedup}; ≥ {TARGET_REPLAY:,.0f}/s: {'met' if met else 'NOT met'}")
     base_rss = rss.get("raw insert process (baseline)")
     for m in rss.values():
         line(m, base_rss, digits=0)
@@ -1457,6 +1610,13 @@ def parser() -> argparse.ArgumentParser:
     pf = p.add_argument_group("portfolio mode (--portfolio)")
     pf.add_argument(
         "--customers", type=positive, default=20_000, help="customers (default: %(default)s)"
+    )
+    pf.add_argument(
+        "--jobs",
+        type=positive,
+        default=2,
+        help="besides one process: limits ingest by this many consumers side by side, and each "
+        "replay by this many processes (1: neither; default: %(default)s)",
     )
     pf.add_argument(
         "--events",

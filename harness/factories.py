@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -109,7 +110,7 @@ def payment(
 
 
 def records(
-    events: list[dict[str, Any] | bytes],
+    events: Sequence[dict[str, Any] | bytes],
     topic: str | None = None,
     partition: int = 0,
     start: int = 0,

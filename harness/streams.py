@@ -234,4 +234,5 @@ def decimal_of(value: str) -> Decimal:
 
 
 def as_json(item: Item) -> dict[str, Any]:
-    return json.loads(item.value)
+    value: dict[str, Any] = json.loads(item.value)
+    return value
