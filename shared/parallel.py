@@ -22,19 +22,27 @@ events stored while it ran, leave them as they were, with an error that says so.
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
+import os
 import queue
 import secrets
+import threading
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import MetaData, Table, delete, func, insert, select, text
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 if TYPE_CHECKING:
     from shared.runtime import EventCore
+
+
+log = logging.getLogger("creditwatch.replay")
 
 
 class ReplayError(RuntimeError):
@@ -60,7 +68,7 @@ async def verify(core: EventCore, jobs: int) -> list[str]:
         await run.fold(None)
         assert run.snapshot_conn is not None
         before = await dump_rows(run.snapshot_conn, run.tables)
-        async with core.engine.connect() as conn:
+        async with run.engine.connect() as conn:
             after = await dump_rows(conn, run.shadows)  # the same names, in another schema
         return differences(before, after)
 
@@ -73,9 +81,14 @@ class _Run:
             raise ValueError("a parallel replay needs the service's factory")
         self.core = core
         self.jobs = jobs
-        self.engine: AsyncEngine = core.engine
+        # Connections of its own, without the services' statement timeout: copying a large
+        # store's rows into the projections is one statement that may take minutes.
+        self.engine: AsyncEngine = _engine(core.engine.url)
         self.tables: Sequence[Table] = core.service.projection_tables
-        self.schema = f"creditwatch_replay_{secrets.token_hex(6)}"
+        # One service's shadow schemas are named alike: a run finds what a killed one left.
+        self.prefix = f"creditwatch_replay_{core.service.name}_"
+        self.schema = f"{self.prefix}{secrets.token_hex(6)}"
+        self.lock_conn: AsyncConnection | None = None
         meta = MetaData()
         self.shadows = [t.to_metadata(meta, schema=self.schema) for t in self.tables]
         self.live_schema = ""
@@ -85,6 +98,31 @@ class _Run:
 
     async def __aenter__(self) -> _Run:
         quote = self.engine.dialect.identifier_preparer.quote
+        # One parallel replay or verify of a service at a time: it holds a session lock.
+        self.lock_conn = lock = await self.engine.connect()
+        key = f"creditwatch-replay:{self.core.service.name}"
+        got = (
+            await lock.execute(text("SELECT pg_try_advisory_lock(hashtext(:k))"), {"k": key})
+        ).scalar_one()
+        await lock.commit()
+        if not got:
+            await self._release()
+            raise ReplayError(
+                f"another replay or verify of {self.core.service.name} is running on this "
+                "database; the projections are unchanged"
+            )
+        # Shadow tables a killed run left behind (its workers stop with it).
+        left = [
+            r[0]
+            for r in await lock.execute(
+                text("SELECT nspname FROM pg_namespace WHERE starts_with(nspname, :p)"),
+                {"p": self.prefix},
+            )
+        ]
+        for name in left:
+            await lock.execute(text(f"DROP SCHEMA {quote(name)} CASCADE"))
+            log.warning("dropped the shadow tables %s a replay that was stopped left", name)
+        await lock.commit()
         async with self.engine.begin() as conn:
             self.live_schema = (await conn.execute(text("SELECT current_schema()"))).scalar_one()
             await conn.execute(text(f"CREATE SCHEMA {quote(self.schema)}"))
@@ -103,8 +141,17 @@ class _Run:
             await self.snapshot_conn.close()
             self.snapshot_conn = None
         quote = self.engine.dialect.identifier_preparer.quote
-        async with self.engine.begin() as conn:
-            await conn.execute(text(f"DROP SCHEMA IF EXISTS {quote(self.schema)} CASCADE"))
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(text(f"DROP SCHEMA IF EXISTS {quote(self.schema)} CASCADE"))
+        finally:
+            await self._release()
+
+    async def _release(self) -> None:
+        if self.lock_conn is not None:
+            await self.lock_conn.close()  # its session lock goes with it
+            self.lock_conn = None
+        await self.engine.dispose()
 
     async def fold(self, progress: Callable[[int, int], None] | None) -> int:
         """Export a snapshot, fold each share in a worker process; returns events folded."""
@@ -215,6 +262,16 @@ def _work(
     from shared.runtime import tune_gc
 
     tune_gc()
+    # A worker stops with its coordinator: killed, it reads no result and swaps nothing in.
+    coordinator = os.getppid()
+
+    def orphaned() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != coordinator:
+                os._exit(70)
+
+    threading.Thread(target=orphaned, name="replay-orphan-watch", daemon=True).start()
     try:
         folded = asyncio.run(
             _fold_share(factory, url, schema, live_schema, snapshot, share, now, counts)
@@ -239,18 +296,9 @@ async def _fold_share(
 ) -> int:
     from shared.runtime import EventCore
 
-    engine = create_async_engine(
-        url,
-        poolclass=NullPool,
-        connect_args={
-            "server_settings": {
-                "application_name": "creditwatch-replay",
-                # The service's statements name its tables unqualified: the projections
-                # resolve to the shadow tables, the event store to the live schema.
-                "search_path": f'"{schema}", "{live_schema}"',
-            }
-        },
-    )
+    # The service's statements name its tables unqualified: the projections resolve to the
+    # shadow tables, the event store to the live schema.
+    engine = _engine(url, search_path=f'"{schema}", "{live_schema}"')
     try:
         core = EventCore(factory(), engine)
         async with engine.connect() as conn:
@@ -264,6 +312,15 @@ async def _fold_share(
                 return await core._refold(conn, step, share=share, now=now)
     finally:
         await engine.dispose()
+
+
+def _engine(url: str | URL, search_path: str | None = None) -> AsyncEngine:
+    settings = {"application_name": "creditwatch-replay"}
+    if search_path is not None:
+        settings["search_path"] = search_path
+    return create_async_engine(
+        url, poolclass=NullPool, connect_args={"server_settings": settings, "timeout": 10}
+    )
 
 
 __all__ = ["ReplayError", "replay", "verify"]

@@ -14,7 +14,11 @@ import functools
 import multiprocessing
 import os
 import signal
+import sys
+import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
@@ -22,10 +26,11 @@ from sqlalchemy import func, select, text
 
 from harness import servers
 from shared import eventstore as es
+from shared import parallel
 from shared.parallel import ReplayError
 from shared.runtime import EventCore, Record, dump_rows
 from shared.settings import Settings
-from tests.integration.test_upgrade_from_v1 import FIXTURES, restore
+from tests.integration.test_upgrade_from_v1 import FIXTURES, ROOT, restore
 from tools import registry
 
 pytestmark = pytest.mark.integration
@@ -167,3 +172,134 @@ async def test_given_a_parallel_replay_when_events_are_stored_while_it_runs_then
     # Run again, it converges: the late invoice is folded like any other.
     await core.replay(jobs=2)
     assert await core.verify() == []
+
+
+async def replay_sessions(core: EventCore) -> int:
+    async with core.engine.connect() as conn:
+        return int(
+            (
+                await conn.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE application_name = 'creditwatch-replay'"
+                    )
+                )
+            ).scalar_one()
+        )
+
+
+async def test_given_a_parallel_replay_when_its_coordinator_is_killed_then_its_workers_stop_nothing_is_swapped_in_and_the_next_replay_cleans_up(
+    store: str, cores: dict[str, EventCore]
+) -> None:
+    core = cores["limits"]
+    table = core.service.customers
+    # A row the replay would bring back: still missing after the kill, nothing was swapped.
+    async with core.engine.begin() as conn:
+        victim = (await conn.execute(select(table.c.customer_id).limit(1))).scalar_one()
+        await conn.execute(table.delete().where(table.c.customer_id == victim))
+    before = await projections(core)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITWATCH_")}
+    env["CREDITWATCH_DATABASE_URL"] = store
+    cli = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "tools.cli", "replay", "limits", "--jobs", "2"],
+        env=env,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        # Killed once a worker has connected (the lock and the snapshot are two sessions).
+        for _ in range(3000):
+            if await replay_sessions(core) >= 3 or cli.returncode is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert cli.returncode is None, await cli.stderr.read() if cli.stderr else ""
+        cli.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(cli.wait(), 10)
+    finally:
+        if cli.returncode is None:
+            cli.kill()
+            await cli.wait()
+    for _ in range(200):  # its workers see their coordinator gone and stop
+        if await replay_sessions(core) == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert await replay_sessions(core) == 0
+    assert await projections(core) == before
+    assert len(await leftover_schemas(core)) == 1  # what the killed run made
+
+    await core.replay(jobs=2)  # drops it, and brings the row back
+    assert await leftover_schemas(core) == []
+    assert await core.verify() == []
+
+
+async def test_given_a_parallel_replay_running_when_another_starts_then_it_is_refused(
+    cores: dict[str, EventCore], store: str
+) -> None:
+    core = cores["alerts"]
+    other, engine = registry.core_for("alerts", Settings(database_url=store))
+    try:
+        first = asyncio.create_task(core.replay(jobs=2))
+        await first_worker()
+        with pytest.raises(ReplayError, match="another replay or verify of alerts is running"):
+            await other.verify(jobs=2)
+        await first
+    finally:
+        await engine.dispose()
+    assert await core.verify(jobs=2) == []
+
+
+def _never_built() -> None:
+    time.sleep(120)  # a worker still starting when its coordinator dies
+
+
+def _coordinator(pipe: Connection) -> None:
+    """Start one worker, say its pid, and wait to be killed."""
+    ctx = multiprocessing.get_context("spawn")
+    counts, results = ctx.Array("q", 1, lock=False), ctx.Queue()  # held while it starts
+    worker = ctx.Process(
+        target=parallel._work,
+        args=(
+            _never_built,
+            "postgresql+asyncpg://nobody@127.0.0.1:1/none",
+            "creditwatch_replay_x_0",
+            "public",
+            "snapshot",
+            (0, 1),
+            datetime.now(UTC),
+            counts,
+            results,
+        ),
+    )
+    worker.start()
+    pipe.send(worker.pid)
+    time.sleep(120)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def test_given_a_replay_worker_when_its_coordinator_is_killed_then_it_stops_within_a_second() -> (
+    None
+):
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    coordinator = ctx.Process(target=_coordinator, args=(theirs,))
+    coordinator.start()
+    try:
+        assert ours.poll(60), "the coordinator said nothing"
+        worker = ours.recv()
+        time.sleep(3)  # the worker has started and waits in its service's factory
+        assert _running(worker)
+    finally:
+        os.kill(coordinator.pid or 0, signal.SIGKILL)
+        coordinator.join(10)
+    deadline = time.monotonic() + 5
+    while _running(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(worker), "an orphaned replay worker kept running"
