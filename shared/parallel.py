@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import MetaData, Table, delete, func, insert, select, text
@@ -314,6 +315,34 @@ async def _fold_share(
         await engine.dispose()
 
 
+def default_jobs(cgroup: Path = Path("/sys/fs/cgroup"), most: int = 8) -> int:
+    """The processes a replay uses by default: the cores this process may run on (its CPU
+    affinity, and a container's CPU limit: the cgroup's quota, v2 or v1), at most ``most``.
+    ``os.cpu_count()`` is the host's: a pod limited to one core on a 32-core node would
+    start 8 workers, each with its own memory."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = cpus or 1
+    quota = _cpu_quota(cgroup)
+    if quota is not None:
+        cpus = min(cpus, max(1, int(quota)))
+    return max(1, min(cpus, most))
+
+
+def _cpu_quota(cgroup: Path) -> float | None:
+    """Cores the cgroup's CPU quota allows (None: no quota, or none to read)."""
+    try:
+        v2 = cgroup / "cpu.max"
+        if v2.exists():
+            quota, period = v2.read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        v1 = cgroup / "cpu"
+        quota_us = int((v1 / "cpu.cfs_quota_us").read_text())
+        period_us = int((v1 / "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+
+
 def _engine(url: str | URL, search_path: str | None = None) -> AsyncEngine:
     settings = {"application_name": "creditwatch-replay"}
     if search_path is not None:
@@ -323,4 +352,4 @@ def _engine(url: str | URL, search_path: str | None = None) -> AsyncEngine:
     )
 
 
-__all__ = ["ReplayError", "replay", "verify"]
+__all__ = ["ReplayError", "default_jobs", "replay", "verify"]

@@ -186,30 +186,36 @@ async def _serve_until_signalled(servers: list[_Server]) -> None:
     await asyncio.gather(*(server.serve() for server in servers))
 
 
+def _default_jobs() -> int:
+    from shared.parallel import default_jobs
+
+    return default_jobs()
+
+
+JOBS_HELP = (
+    "Processes folding at once, each a share of the customers (PostgreSQL; SQLite folds in "
+    "one). Default: the cores this process may use (its CPU affinity and a container's CPU "
+    "limit), at most 8."
+)
+
+
 # ---- db -----------------------------------------------------------------------------------------
 
 
 @db_app.command("upgrade")
-def db_upgrade() -> None:
-    """Apply the Alembic migrations to every service's database."""
+def db_upgrade(
+    jobs: Annotated[int | None, typer.Option(min=1, max=64, help=JOBS_HELP)] = None,
+) -> None:
+    """Apply the Alembic migrations to every service's database (and rebuild what a
+    migration's new layout needs, with --jobs processes)."""
     settings = _settings()
     _setup_logging(settings)
-    done = registry.upgrade(settings, list(registry.SERVICES), jobs=_default_jobs())
+    done = registry.upgrade(settings, list(registry.SERVICES), jobs=jobs or _default_jobs())
     for url in done:
         typer.echo(f"upgraded {url}")
 
 
 # ---- replay / verify ------------------------------------------------------------------------
-
-
-def _default_jobs() -> int:
-    return max(1, min(os.cpu_count() or 1, 8))
-
-
-JOBS_HELP = (
-    "Processes folding at once, each a share of the customers (PostgreSQL; SQLite folds in "
-    "one). Default: the machine's cores, at most 8."
-)
 
 
 @app.command()
