@@ -98,7 +98,6 @@ class _Run:
         self.last_seq = 0
 
     async def __aenter__(self) -> _Run:
-        quote = self.engine.dialect.identifier_preparer.quote
         # One parallel replay or verify of a service at a time: it holds a session lock.
         self.lock_conn = lock = await self.engine.connect()
         key = f"creditwatch-replay:{self.core.service.name}"
@@ -112,6 +111,16 @@ class _Run:
                 f"another replay or verify of {self.core.service.name} is running on this "
                 "database; the projections are unchanged"
             )
+        try:
+            await self._prepare(lock)
+        except BaseException:
+            await self._release()
+            raise
+        return self
+
+    async def _prepare(self, lock: AsyncConnection) -> None:
+        """Drop what a killed run left; make this run's shadow tables."""
+        quote = self.engine.dialect.identifier_preparer.quote
         # Shadow tables a killed run left behind (its workers stop with it).
         left = [
             r[0]
@@ -135,7 +144,6 @@ class _Run:
                         "INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES)"
                     )
                 )
-        return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self.snapshot_conn is not None:
