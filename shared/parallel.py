@@ -30,6 +30,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -175,22 +176,20 @@ class _Run:
         ctx = multiprocessing.get_context("spawn")
         counts = ctx.Array("q", self.jobs, lock=False)
         results: Any = ctx.Queue()
-        url = self.engine.url.render_as_string(hide_password=False)
-        now = self.core.clock()
+        assert self.core.service_factory is not None
+        task = Task(
+            factory=self.core.service_factory,
+            url=self.engine.url.render_as_string(hide_password=False),
+            schema=self.schema,
+            live_schema=self.live_schema,
+            snapshot=snapshot,
+            share=(0, self.jobs),
+            now=self.core.clock(),
+        )
         workers = [
             ctx.Process(
                 target=_work,
-                args=(
-                    self.core.service_factory,
-                    url,
-                    self.schema,
-                    self.live_schema,
-                    snapshot,
-                    (share, self.jobs),
-                    now,
-                    counts,
-                    results,
-                ),
+                args=(replace(task, share=(share, self.jobs)), counts, results),
                 name=f"creditwatch-replay-{share}",
                 daemon=True,
             )
@@ -256,17 +255,21 @@ class _Run:
                 await conn.execute(insert(table).from_select(list(table.c), select(shadow)))
 
 
-def _work(
-    factory: Callable[[], Any],
-    url: str,
-    schema: str,
-    live_schema: str,
-    snapshot: str,
-    share: tuple[int, int],
-    now: datetime,
-    counts: Any,
-    results: Any,
-) -> None:
+@dataclass(frozen=True)
+class Task:
+    """What one worker folds: its share of the customers, from the coordinator's snapshot
+    into the shadow schema (picklable: it crosses to a spawned process)."""
+
+    factory: Callable[[], Any]  # builds the service
+    url: str
+    schema: str  # the shadow tables'
+    live_schema: str  # the event store's
+    snapshot: str  # pg_export_snapshot()
+    share: tuple[int, int]  # (i, n)
+    now: datetime  # the replay's clock, one for all workers
+
+
+def _work(task: Task, counts: Any, results: Any) -> None:
     """A worker process: fold one share into the shadow tables; report (share, n, error)."""
     from shared.runtime import tune_gc
 
@@ -282,43 +285,32 @@ def _work(
 
     threading.Thread(target=orphaned, name="replay-orphan-watch", daemon=True).start()
     try:
-        folded = asyncio.run(
-            _fold_share(factory, url, schema, live_schema, snapshot, share, now, counts)
-        )
+        folded = asyncio.run(_fold_share(task, counts))
     except BaseException as exc:  # reported to the coordinator, which says so and stops
         from shared.runtime import _describe
 
-        results.put((share[0], 0, _describe(exc)))
+        results.put((task.share[0], 0, _describe(exc)))
         return
-    results.put((share[0], folded, None))
+    results.put((task.share[0], folded, None))
 
 
-async def _fold_share(
-    factory: Callable[[], Any],
-    url: str,
-    schema: str,
-    live_schema: str,
-    snapshot: str,
-    share: tuple[int, int],
-    now: datetime,
-    counts: Any,
-) -> int:
+async def _fold_share(task: Task, counts: Any) -> int:
     from shared.runtime import EventCore
 
     # The service's statements name its tables unqualified: the projections resolve to the
     # shadow tables, the event store to the live schema.
-    engine = _engine(url, search_path=f'"{schema}", "{live_schema}"')
+    engine = _engine(task.url, search_path=f'"{task.schema}", "{task.live_schema}"')
     try:
-        core = EventCore(factory(), engine)
+        core = EventCore(task.factory(), engine)
         async with engine.connect() as conn:
             await conn.execution_options(isolation_level="REPEATABLE READ")
             async with conn.begin():
-                await conn.exec_driver_sql(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+                await conn.exec_driver_sql(f"SET TRANSACTION SNAPSHOT '{task.snapshot}'")
 
                 def step(done: int, _total: int) -> None:
-                    counts[share[0]] = done
+                    counts[task.share[0]] = done
 
-                return await core._refold(conn, step, share=share, now=now)
+                return await core._refold(conn, step, share=task.share, now=task.now)
     finally:
         await engine.dispose()
 

@@ -260,13 +260,15 @@ def _coordinator(pipe: Connection) -> None:
     worker = ctx.Process(
         target=parallel._work,
         args=(
-            _never_built,
-            "postgresql+asyncpg://nobody@127.0.0.1:1/none",
-            "creditwatch_replay_x_0",
-            "public",
-            "snapshot",
-            (0, 1),
-            datetime.now(UTC),
+            parallel.Task(
+                factory=_never_built,
+                url="postgresql+asyncpg://nobody@127.0.0.1:1/none",
+                schema="creditwatch_replay_x_0",
+                live_schema="public",
+                snapshot="snapshot",
+                share=(0, 1),
+                now=datetime.now(UTC),
+            ),
             counts,
             results,
         ),
